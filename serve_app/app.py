@@ -1,0 +1,33 @@
+"""The application builder named by ``serve_config.yaml`` (``import_path: serve_app.app:build_app``).
+
+``serve run serve_config.yaml`` validates the ``args`` mapping against
+``AppArgs`` and calls ``build_app``, which reads the registry once and binds
+the two deployments: the HTTP ingress and the model workers it dispatches to.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.model_worker import ModelWorker
+from serve_app.config import AppArgs
+from serve_app.ingress import Ingress
+from serve_app.registry import Registry
+
+
+def build_app(args: AppArgs) -> Application:
+    if not isinstance(args, AppArgs):  # called from Python with a plain mapping
+        args = AppArgs.model_validate(args or {})
+    registry = Registry.from_file(args.registry_path)
+    w = args.worker
+    worker = ModelWorker.options(
+        num_replicas=w.num_replicas,
+        max_ongoing_requests=w.max_ongoing_requests,
+        ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
+    ).bind(registry, w.torch_threads)
+    i = args.ingress
+    return Ingress.options(
+        num_replicas=i.num_replicas,
+        max_ongoing_requests=i.max_ongoing_requests,
+        ray_actor_options={"num_cpus": i.num_cpus},
+    ).bind(worker, registry, args)

@@ -1,0 +1,118 @@
+"""Turn ``input_data`` into what a model runtime takes: strings for text, encoded image bytes for images.
+
+Images arrive in one of three forms:
+
+* a data URI: ``data:image/png;base64,....``
+* bare base64 of the encoded file;
+* a file path (the seed's form). A relative path is taken from the project
+  root, and the file must lie under the configured image root (symlinks are
+  resolved first), so no other file on the machine can be read.
+
+The bytes are checked here, in the ingress, so that a bad image is refused
+before it reaches a worker replica.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from serve_app.errors import BadImage, ForbiddenPath, InvalidInput
+from serve_app.paths import resolve_project_path
+from serve_app.registry import Modality
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL)
+_BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
+
+
+class InputDecoder:
+    def __init__(self, image_root: str | Path, max_image_bytes: int, max_image_pixels: int, max_items: int) -> None:
+        self.image_root = resolve_project_path(image_root).resolve()
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_items = max_items
+
+    def decode(self, modality: Modality, input_data: str | list[str]) -> list[str] | list[bytes]:
+        items = [input_data] if isinstance(input_data, str) else list(input_data)
+        if len(items) > self.max_items:
+            raise InvalidInput(
+                f"input_data: a list of {len(items)} inputs is longer than the limit of {self.max_items}",
+                field="input_data",
+            )
+        if modality is Modality.TEXT:
+            return [self._text(i, item) for i, item in enumerate(items)]
+        return [self._image(i, item) for i, item in enumerate(items)]
+
+    @staticmethod
+    def _where(i: int) -> str:
+        return f"input_data[{i}]"
+
+    def _text(self, i: int, item: str) -> str:
+        if item.startswith("data:") and _DATA_URI.match(item[:256]):
+            raise InvalidInput(
+                f"{self._where(i)}: this model takes text, and was sent a data URI (an image or file)",
+                field="input_data",
+            )
+        return item
+
+    def _image(self, i: int, item: str) -> bytes:
+        where = self._where(i)
+        m = _DATA_URI.match(item) if item.startswith("data:") else None
+        if m:
+            if not m.group("b64"):
+                raise InvalidInput(f"{where}: a data URI must be base64-encoded (data:image/png;base64,...)", field="input_data")
+            data = self._b64(where, m.group("data"))
+        elif self._looks_like_path(item):
+            data = self._read_path(where, item)
+        elif len(item) >= 16 and _BASE64.match(item):
+            data = self._b64(where, item)
+        else:
+            raise InvalidInput(
+                f"{where}: this model takes an image: a path to an image file "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}), base64 of the image, or a data URI",
+                field="input_data",
+            )
+        self._check_image(where, data)
+        return data
+
+    @staticmethod
+    def _looks_like_path(item: str) -> bool:
+        return len(item) < 4096 and "\n" not in item and Path(item).suffix.lower() in IMAGE_SUFFIXES
+
+    def _b64(self, where: str, text: str) -> bytes:
+        if len(text) * 3 // 4 > self.max_image_bytes:
+            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
+        try:
+            return base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadImage(f"{where}: not valid base64") from None
+
+    def _read_path(self, where: str, item: str) -> bytes:
+        path = resolve_project_path(item).resolve()
+        if not path.is_relative_to(self.image_root):
+            raise ForbiddenPath(f"{where}: image paths must lie under the image root {self.image_root}")
+        if not path.is_file():
+            raise InvalidInput(f"{where}: no image file at {item!r}", field="input_data")
+        if path.stat().st_size > self.max_image_bytes:
+            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
+        return path.read_bytes()
+
+    def _check_image(self, where: str, data: bytes) -> None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > self.max_image_pixels:
+                    raise BadImage(
+                        f"{where}: {width}x{height} pixels is more than the limit of {self.max_image_pixels}"
+                    )
+                img.verify()
+        except BadImage:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadImage(f"{where}: not a readable image ({type(e).__name__}: {e})") from None

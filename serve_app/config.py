@@ -1,0 +1,45 @@
+"""Typed application arguments: the ``args`` of the application in ``serve_config.yaml``.
+
+Ray Serve validates the ``args`` mapping against ``AppArgs`` before it calls
+the builder (``serve_app.app:build_app``), so a typo or a wrong type stops
+``serve run`` with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerArgs(_Strict):
+    """The model-worker deployment (each replica holds at most two models)."""
+
+    num_replicas: int = Field(2, ge=1, description="worker replicas")
+    num_cpus: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per worker replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs per worker replica (models go to CUDA when one is visible)")
+    max_ongoing_requests: int = Field(4, ge=1, description="requests a worker replica takes at once")
+    torch_threads: int | None = Field(1, ge=1, description="torch intra-op threads per replica; null keeps torch's default")
+
+
+class IngressArgs(_Strict):
+    """The HTTP ingress deployment."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0, description="Ray logical CPUs reserved per ingress replica")
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class AppArgs(_Strict):
+    registry_path: str = Field("config/models.json", description="the model registry; relative to the project root")
+    image_root: str = Field(
+        "samples/images", description="image paths in requests must lie under this folder; relative to the project root"
+    )
+    max_list_items: int = Field(32, ge=1, description="most inputs in one request's input_data list")
+    max_image_bytes: int = Field(5 * 1024 * 1024, ge=1, description="largest encoded image accepted")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) accepted")
+    request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
+    worker: WorkerArgs = Field(default_factory=WorkerArgs)
+    ingress: IngressArgs = Field(default_factory=IngressArgs)

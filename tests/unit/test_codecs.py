@@ -1,0 +1,91 @@
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from serve_app.codecs import InputDecoder
+from serve_app.errors import BadImage, ForbiddenPath, InvalidInput
+from serve_app.registry import Modality
+
+SAMPLE = "samples/images/image.jpg"
+
+
+def _png(size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (255, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def decoder() -> InputDecoder:
+    return InputDecoder(image_root="samples/images", max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4)
+
+
+def test_text_passes_through_as_a_list(decoder):
+    assert decoder.decode(Modality.TEXT, "hello") == ["hello"]
+    assert decoder.decode(Modality.TEXT, ["a", "b"]) == ["a", "b"]
+
+
+def test_image_from_path_base64_and_data_uri_give_the_same_bytes(decoder, tmp_path):
+    from serve_app.paths import PROJECT_ROOT
+
+    raw = (PROJECT_ROOT / SAMPLE).read_bytes()
+    b64 = base64.b64encode(raw).decode()
+    assert decoder.decode(Modality.IMAGE, SAMPLE) == [raw]
+    assert decoder.decode(Modality.IMAGE, str(PROJECT_ROOT / SAMPLE)) == [raw]
+    assert decoder.decode(Modality.IMAGE, b64) == [raw]
+    assert decoder.decode(Modality.IMAGE, f"data:image/jpeg;base64,{b64}") == [raw]
+
+
+@pytest.mark.parametrize("path", ["samples/images/../../pyproject.png", "/etc/passwd.png", "../secret.jpg"])
+def test_paths_outside_the_image_root_are_forbidden(decoder, path):
+    with pytest.raises(ForbiddenPath):
+        decoder.decode(Modality.IMAGE, path)
+
+
+def test_symlink_out_of_the_root_is_forbidden(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(_png())
+    (root / "link.png").symlink_to(outside)
+    (root / "inside.png").write_bytes(_png())
+    dec = InputDecoder(image_root=root, max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4)
+    assert dec.decode(Modality.IMAGE, str(root / "inside.png")) == [_png()]
+    with pytest.raises(ForbiddenPath):
+        dec.decode(Modality.IMAGE, str(root / "link.png"))
+
+
+def test_text_sent_to_an_image_model_is_invalid_input(decoder):
+    with pytest.raises(InvalidInput) as e:
+        decoder.decode(Modality.IMAGE, "This movie was great!")
+    assert e.value.status_code == 422
+
+
+def test_image_sent_to_a_text_model_is_invalid_input(decoder):
+    with pytest.raises(InvalidInput):
+        decoder.decode(Modality.TEXT, "data:image/png;base64," + base64.b64encode(_png()).decode())
+
+
+def test_bytes_that_are_not_an_image_are_a_bad_image(decoder):
+    with pytest.raises(BadImage) as e:
+        decoder.decode(Modality.IMAGE, base64.b64encode(b"definitely not an image at all").decode())
+    assert e.value.status_code == 400
+    with pytest.raises(BadImage):
+        decoder.decode(Modality.IMAGE, "data:image/png;base64," + base64.b64encode(_png()[:40]).decode())
+
+
+def test_too_many_pixels_is_a_bad_image(decoder):
+    with pytest.raises(BadImage, match="pixels"):
+        decoder.decode(Modality.IMAGE, base64.b64encode(_png((400, 400))).decode())
+
+
+def test_missing_file_is_invalid_input(decoder):
+    with pytest.raises(InvalidInput, match="no image file"):
+        decoder.decode(Modality.IMAGE, "samples/images/nope.jpg")
+
+
+def test_list_longer_than_the_limit_is_rejected(decoder):
+    with pytest.raises(InvalidInput, match="limit of 4"):
+        decoder.decode(Modality.TEXT, ["x"] * 5)

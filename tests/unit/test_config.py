@@ -1,0 +1,49 @@
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.config import AppArgs
+from serve_app.paths import PROJECT_ROOT
+
+
+def _serve_config() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+
+
+def test_serve_config_names_the_builder_and_its_args_validate():
+    app = _serve_config()["applications"][0]
+    assert app["import_path"] == "serve_app.app:build_app"
+    args = AppArgs.model_validate(app["args"])
+    assert args.worker.num_replicas >= 1
+    # every field in the file is a field of AppArgs (extra fields are rejected)
+    assert set(app["args"]) <= set(AppArgs.model_fields)
+
+
+def test_builder_is_importable_and_typed():
+    import importlib
+    import inspect
+
+    module, name = _serve_config()["applications"][0]["import_path"].split(":")
+    build = getattr(importlib.import_module(module), name)
+    assert inspect.signature(build).parameters["args"].annotation in (AppArgs, "AppArgs")
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ({"worker": {"num_replicas": 0}}, "worker.num_replicas"),
+        ({"worker": {"replicas": 2}}, "worker.replicas"),
+        ({"request_timeout_s": -1}, "request_timeout_s"),
+        ({"registry": "x.json"}, "registry"),
+    ],
+)
+def test_bad_args_name_the_field(args, field):
+    with pytest.raises(ValidationError) as e:
+        AppArgs.model_validate(args)
+    assert field in {".".join(map(str, err["loc"])) for err in e.value.errors()}
+
+
+def test_defaults_fit_a_two_core_machine():
+    args = AppArgs()
+    total = args.worker.num_replicas * args.worker.num_cpus + args.ingress.num_replicas * args.ingress.num_cpus
+    assert total <= 2

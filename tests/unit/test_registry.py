@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from serve_app.errors import ModelNotFound
+from serve_app.registry import HubSource, LocalSource, Modality, Registry, RegistryError, Task
+
+GOOD = {
+    "models": [
+        {"id": "sentiment", "task": "text-classification", "source": {"path": "models/sentiment"},
+         "description": "d", "labels": ["negative", "positive"]},
+        {"id": "vit", "task": "image-classification",
+         "source": {"hub_id": "google/vit-base-patch16-224", "revision": "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3"}},
+    ]
+}
+
+
+def _with(index: int, **changes):
+    data = json.loads(json.dumps(GOOD))
+    data["models"][index].update(changes)
+    return data
+
+
+def test_valid_registry_loads_with_both_source_kinds():
+    reg = Registry.from_dict(GOOD)
+    assert reg.ids == ["sentiment", "vit"]
+    assert isinstance(reg.get("sentiment").source, LocalSource)
+    assert isinstance(reg.get("vit").source, HubSource)
+    assert reg.get("vit").modality is Modality.IMAGE
+    assert reg.get("sentiment").task is Task.TEXT_CLASSIFICATION
+
+
+def test_shipped_registry_is_valid():
+    reg = Registry.from_file("config/models.json")
+    assert set(reg.ids) == {"sentiment", "spam", "image"}
+
+
+def test_unknown_model_lists_known_ids():
+    with pytest.raises(ModelNotFound) as e:
+        Registry.from_dict(GOOD).get("nope")
+    assert e.value.status_code == 404
+    assert e.value.details["known_models"] == ["sentiment", "vit"]
+    assert "sentiment" in e.value.message and "vit" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        (_with(0, task="translation"), "models.0.task"),
+        (_with(0, id=""), "models.0.id"),
+        (_with(0, id="has space"), "models.0.id"),
+        (_with(1, source={"hub_id": "google/vit-base-patch16-224"}), "models.1.source"),
+        (_with(1, source={"hub_id": "google/vit", "revision": "main"}), "revision"),
+        (_with(0, trust_remote_code=True), "models.0.trust_remote_code"),
+        (_with(0, labels="positive"), "models.0.labels"),
+        ({"models": []}, "models"),
+        ({}, "models"),
+    ],
+)
+def test_bad_registry_is_rejected_naming_the_field(data, field):
+    with pytest.raises(RegistryError) as e:
+        Registry.from_dict(data, origin="models.json")
+    assert field in str(e.value)
+    assert str(e.value).startswith("models.json: ")
+
+
+def test_missing_source_is_named():
+    data = _with(0)
+    del data["models"][0]["source"]
+    with pytest.raises(RegistryError, match=r"models\.0\.source: Field required"):
+        Registry.from_dict(data)
+
+
+def test_duplicate_ids_rejected():
+    data = {"models": [GOOD["models"][0], GOOD["models"][0]]}
+    with pytest.raises(RegistryError, match="duplicate model id 'sentiment'"):
+        Registry.from_dict(data)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(RegistryError, match="registry file not found"):
+        Registry.from_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(RegistryError, match=f"{bad}: not valid JSON"):
+        Registry.from_file(bad)
+
+
+def test_relative_local_path_resolves_from_project_root():
+    from serve_app.paths import PROJECT_ROOT
+
+    ref, revision = Registry.from_dict(GOOD).get("sentiment").source.reference()
+    assert ref == str(PROJECT_ROOT / "models/sentiment") and revision is None
+    assert Registry.from_dict(GOOD).get("vit").source.reference() == (
+        "google/vit-base-patch16-224", "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3")

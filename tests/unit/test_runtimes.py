@@ -1,0 +1,91 @@
+import gc
+import pickle
+import weakref
+
+import pytest
+
+from deployments.runtimes import RUNTIMES, runtime_for
+from deployments.runtimes.image_classification import ImageClassificationRuntime
+from deployments.runtimes.text_classification import TextClassificationRuntime
+from serve_app.errors import BadImage, ModelNotFound, ModelUnavailable
+from serve_app.paths import PROJECT_ROOT
+from serve_app.registry import ModelSpec, Task
+
+
+def _spec(model_id, task, folder) -> ModelSpec:
+    return ModelSpec(id=model_id, task=task, source={"path": str(folder)})
+
+
+def test_every_task_has_a_runtime():
+    assert set(RUNTIMES) == set(Task)
+    for task, cls in RUNTIMES.items():
+        assert cls.task is task
+
+
+def test_text_runtime_loads_predicts_and_describes(tiny_dir):
+    rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu")
+    assert isinstance(rt, TextClassificationRuntime) and not rt.loaded
+    rt.load()
+    out = rt.predict(["hello world", "win a free iphone now"])
+    assert len(out) == 2
+    for scores in out:
+        assert {s["label"] for s in scores} == {"alpha-0", "alpha-1"}
+        assert scores[0]["score"] >= scores[1]["score"]
+        assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-4)
+    meta = rt.metadata()
+    assert meta["id"] == "alpha" and meta["loaded"] and meta["load_seconds"] > 0
+
+
+def test_overlong_text_is_truncated_not_a_crash(tiny_dir):
+    rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
+    (scores,) = rt.predict(["this movie was great " * 500])  # far beyond the 32-token maximum
+    assert scores[0]["label"].startswith("alpha-")
+
+
+def test_image_runtime_takes_encoded_bytes(tiny_dir):
+    rt = runtime_for(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"), device="cpu").load()
+    assert isinstance(rt, ImageClassificationRuntime)
+    (scores,) = rt.predict([(PROJECT_ROOT / "samples/images/square.jpg").read_bytes()])
+    assert {s["label"] for s in scores} == {"pixels-0", "pixels-1", "pixels-2"}
+    with pytest.raises(BadImage):
+        rt.predict([b"not an image"])
+
+
+def test_unload_releases_the_model(tiny_dir):
+    rt = runtime_for(_spec("beta", Task.TEXT_CLASSIFICATION, tiny_dir / "beta"), device="cpu").load()
+    model_ref = weakref.ref(rt._pipeline.model)
+    rt.__del__()  # what Ray Serve's LRU calls on eviction
+    gc.collect()
+    assert not rt.loaded
+    assert model_ref() is None, "the weights are still referenced after unload"
+    with pytest.raises(RuntimeError, match="not loaded"):
+        rt.predict(["hello"])
+
+
+def test_missing_model_files_fail_to_load(tmp_path):
+    rt = runtime_for(_spec("ghost", Task.TEXT_CLASSIFICATION, tmp_path / "nothing-here"), device="cpu")
+    with pytest.raises(Exception):
+        rt.load()
+    assert not rt.loaded
+
+
+def test_runtime_refuses_a_spec_of_another_task(tiny_dir):
+    with pytest.raises(ValueError, match="serves text-classification"):
+        TextClassificationRuntime(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"))
+
+
+@pytest.mark.parametrize("err", [ModelNotFound("x", ["a", "b"]), ModelUnavailable("boom", model_id="x"), BadImage("bad")])
+def test_errors_survive_pickling_with_their_details(err):
+    # Errors raised in a worker replica cross a process boundary through pickle.
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err)
+    assert back.body() == err.body() and back.status_code == err.status_code
+
+
+def test_unload_during_a_request_waits_for_it(tiny_dir):
+    rt = runtime_for(_spec("gamma", Task.TEXT_CLASSIFICATION, tiny_dir / "gamma"), device="cpu").load()
+    with rt.in_use():
+        rt.unload()  # the LRU evicts it while a request holds it
+        assert rt.loaded
+        assert rt.predict(["still answered"])[0][0]["label"].startswith("gamma-")
+    assert not rt.loaded  # released when the request finished

@@ -1,0 +1,38 @@
+import pytest
+from pydantic import ValidationError
+
+from serve_app.schemas import PredictRequest, PredictResponse
+
+
+@pytest.mark.parametrize("input_data", ["This movie was great!", ["a", "b"], "samples/images/image.jpg"])
+def test_predict_request_accepts_string_or_list(input_data):
+    assert PredictRequest(model_id="m", input_data=input_data).input_data == input_data
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"input_data": "x"}, "model_id"),
+        ({"model_id": "", "input_data": "x"}, "model_id"),
+        ({"model_id": "m"}, "input_data"),
+        ({"model_id": "m", "input_data": ""}, "input_data"),
+        ({"model_id": "m", "input_data": []}, "input_data"),
+        ({"model_id": "m", "input_data": 42}, "input_data"),
+        ({"model_id": 7, "input_data": "x"}, "model_id"),
+        ({"model_id": "m", "input_data": ["ok", ""]}, "input_data"),
+    ],
+)
+def test_predict_request_rejects_bad_bodies_naming_the_field(body, field):
+    with pytest.raises(ValidationError) as e:
+        PredictRequest.model_validate(body)
+    assert any(err["loc"][0] == field for err in e.value.errors())
+
+
+def test_predict_response_shape():
+    r = PredictResponse.model_validate(
+        {"model_id": "m", "task": "text-classification",
+         "predictions": [{"label": "a", "score": 0.9, "scores": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}]}]}
+    )
+    assert r.predictions[0].scores[1].label == "b"
+    with pytest.raises(ValidationError):
+        PredictResponse.model_validate({"model_id": "m", "task": "summarization", "predictions": []})
