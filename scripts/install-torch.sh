@@ -17,8 +17,8 @@ fi
 
 # 1. A CPU wheel already on this machine, in pip's configured --find-links folders (no index, no download).
 if "${pip[@]}" --no-index --no-deps --only-binary=:all: "torch>=2.2" 2>/dev/null \
-    && "$py" -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then
-    ver=$("$py" -c "import torch; print(torch.__version__)")
+    && ver=$("$py" -c "from importlib.metadata import version; print(version('torch'))") \
+    && [[ "$ver" == *+cpu ]]; then
     echo "installed local CPU build torch $ver; now its dependencies"
     exec "${pip[@]}" "torch==$ver"
 fi
