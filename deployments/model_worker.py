@@ -5,6 +5,11 @@ model multiplexing routes a request to a replica that already holds its
 model (the ``multiplexed_model_id`` set by the ingress), loads it on a miss,
 and unloads the least recently used model when the replica is full; the
 runtime's ``__del__`` then drops the weights.
+
+Each replica keeps the status of the models it has seen (state, loads,
+times, last error) and answers ``record_routing_stats`` with it: Serve's
+controller polls that method, and the ingress asks every replica directly
+for ``GET /models``.
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 from ray import serve
 
+from deployments.metrics import WorkerMetrics
 from deployments.runtimes import ModelRuntime, runtime_for
 from serve_app.errors import ModelUnavailable, ServeAppError
 from serve_app.registry import Registry
+from serve_app.schemas import ModelState, ReplicaModelStatus
 
 logger = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 2
+# Where @serve.multiplexed keeps its per-replica cache on the instance (ray/serve/api.py).
+_MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 
 
 def configure_torch(num_threads: int | None) -> None:
@@ -39,27 +49,59 @@ def configure_torch(num_threads: int | None) -> None:
 
 @serve.deployment
 class ModelWorker:
-    def __init__(self, registry: Registry, torch_threads: int | None = None) -> None:
+    async def __init__(self, registry: Registry, torch_threads: int | None = None) -> None:
         configure_torch(torch_threads)
         self._registry = registry
+        self._status: dict[str, ReplicaModelStatus] = {}
+        self._metrics = WorkerMetrics()
+        for spec in [m for m in registry.models if m.preload][:MAX_MODELS_PER_REPLICA]:
+            try:
+                await self.get_model(spec.id)
+            except ServeAppError as e:  # a broken preload must not keep the replica from starting
+                logger.error("preloading %r failed: %s", spec.id, e.message)
+
+    def _model_status(self, model_id: str) -> ReplicaModelStatus:
+        return self._status.setdefault(model_id, ReplicaModelStatus())
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> ModelRuntime:
         spec = self._registry.get(model_id)
+        status = self._model_status(model_id)
+        status.state = ModelState.LOADING
+        status.last_load_started_at = time.time()
         runtime = runtime_for(spec)
         try:
             # Loading reads files and builds tensors: keep it off the event loop.
             await asyncio.to_thread(runtime.load)
         except Exception as e:
-            logger.exception("loading model %r failed", model_id)
-            raise ModelUnavailable(
-                f"Model {model_id!r} could not be loaded: {type(e).__name__}: {e}",
-                model_id=model_id,
-            ) from None
+            reason = f"{type(e).__name__}: {e}"
+            logger.error("loading model %r failed: %s", model_id, reason)
+            status.state = ModelState.FAILED
+            status.last_error, status.last_error_at = reason, time.time()
+            self._metrics.load_failed(model_id)
+            raise ModelUnavailable(f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id) from None
+        status.state = ModelState.LOADED
+        status.load_count += 1
+        status.last_loaded_at = time.time()
+        status.last_load_seconds = runtime.load_seconds
+        self._metrics.loaded(model_id, runtime.load_seconds or 0.0)
+        runtime.on_unload = lambda: self._unloaded(model_id)
         return runtime
+
+    def _unloaded(self, model_id: str) -> None:
+        status = self._model_status(model_id)
+        status.state = ModelState.NOT_LOADED
+        status.unload_count += 1
+        self._metrics.unloaded(model_id)
+
+    def _cache(self) -> dict[str, ModelRuntime]:
+        wrapper = getattr(self, _MULTIPLEX_ATTR, None)
+        return wrapper.models if wrapper is not None else {}
 
     async def predict(self, inputs: list[Any]) -> dict[str, Any]:
         model_id = serve.get_multiplexed_model_id()
+        if model_id in self._cache():
+            self._metrics.cache_hit(model_id)
         runtime = await self.get_model(model_id)
         try:
             # Entered with no await in between: an LRU eviction cannot slip in before it.
@@ -72,4 +114,29 @@ class ModelWorker:
             raise ModelUnavailable(
                 f"Model {model_id!r} failed on this input: {type(e).__name__}: {e}", model_id=model_id
             ) from None
+        self._model_status(model_id).last_used_at = time.time()
         return {"model_id": runtime.spec.id, "task": runtime.spec.task.value, "predictions": predictions}
+
+    async def load(self) -> dict[str, Any]:
+        """Load the request's model on this replica (the LRU cap still applies)."""
+        model_id = serve.get_multiplexed_model_id()
+        await self.get_model(model_id)
+        return self._model_status(model_id).model_dump()
+
+    async def unload(self) -> bool:
+        """Unload the request's model from this replica; False if it did not hold it."""
+        model_id = serve.get_multiplexed_model_id()
+        wrapper = getattr(self, _MULTIPLEX_ATTR, None)
+        if wrapper is None:
+            return False
+        async with wrapper._model_cache_lock:
+            runtime = wrapper.models.pop(model_id, None)
+            if runtime is None:
+                return False
+            wrapper._push_multiplexed_replica_info = True  # tell the router at its next push
+        await asyncio.to_thread(runtime.unload)
+        return True
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """This replica's view of its models; polled by Serve's controller and read by the ingress."""
+        return {"models": {model_id: s.model_dump(mode="json") for model_id, s in self._status.items()}}

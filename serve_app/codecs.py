@@ -6,7 +6,9 @@ Images arrive in one of three forms:
 * bare base64 of the encoded file;
 * a file path (the seed's form). A relative path is taken from the project
   root, and the file must lie under the configured image root (symlinks are
-  resolved first), so no other file on the machine can be read.
+  resolved first), so no other file on the machine can be read;
+* an http(s) URL, only when ``url_fetch.enabled`` is set, and then only with
+  an allowed scheme and host, within a time and a size limit.
 
 The bytes are checked here, in the ingress, so that a bad image is refused
 before it reaches a worker replica.
@@ -20,8 +22,12 @@ import io
 import re
 from pathlib import Path
 
+from urllib.parse import urlsplit
+
+import httpx
 from PIL import Image, UnidentifiedImageError
 
+from serve_app.config import UrlFetchArgs
 from serve_app.errors import BadImage, ForbiddenPath, InvalidInput
 from serve_app.paths import resolve_project_path
 from serve_app.registry import Modality
@@ -31,14 +37,26 @@ _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 class InputDecoder:
-    def __init__(self, image_root: str | Path, max_image_bytes: int, max_image_pixels: int, max_items: int) -> None:
+    def __init__(
+        self,
+        image_root: str | Path,
+        max_image_bytes: int,
+        max_image_pixels: int,
+        max_items: int,
+        url_fetch: UrlFetchArgs | None = None,
+    ) -> None:
         self.image_root = resolve_project_path(image_root).resolve()
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_items = max_items
+        self.url_fetch = url_fetch or UrlFetchArgs()
 
-    def decode(self, modality: Modality, input_data: str | list[str]) -> list[str] | list[bytes]:
+    async def decode(self, modality: Modality, input_data: str | list[str | bytes]) -> list[str] | list[bytes]:
+        """Strings in any of the forms above; raw bytes (the v2 binary tensor form) are taken as they are."""
         items = [input_data] if isinstance(input_data, str) else list(input_data)
         if len(items) > self.max_items:
             raise InvalidInput(
@@ -47,13 +65,18 @@ class InputDecoder:
             )
         if modality is Modality.TEXT:
             return [self._text(i, item) for i, item in enumerate(items)]
-        return [self._image(i, item) for i, item in enumerate(items)]
+        return [await self._image(i, item) for i, item in enumerate(items)]
 
     @staticmethod
     def _where(i: int) -> str:
         return f"input_data[{i}]"
 
-    def _text(self, i: int, item: str) -> str:
+    def _text(self, i: int, item: str | bytes) -> str:
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"{self._where(i)}: text must be UTF-8", field="input_data") from None
         if item.startswith("data:") and _DATA_URI.match(item[:256]):
             raise InvalidInput(
                 f"{self._where(i)}: this model takes text, and was sent a data URI (an image or file)",
@@ -61,10 +84,15 @@ class InputDecoder:
             )
         return item
 
-    def _image(self, i: int, item: str) -> bytes:
+    async def _image(self, i: int, item: str | bytes) -> bytes:
         where = self._where(i)
+        if isinstance(item, bytes):
+            self._check_image(where, item)
+            return item
         m = _DATA_URI.match(item) if item.startswith("data:") else None
-        if m:
+        if _URL.match(item):
+            data = await self._fetch(where, item)
+        elif m:
             if not m.group("b64"):
                 raise InvalidInput(f"{where}: a data URI must be base64-encoded (data:image/png;base64,...)", field="input_data")
             data = self._b64(where, m.group("data"))
@@ -103,6 +131,34 @@ class InputDecoder:
             raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
         return path.read_bytes()
 
+    async def _fetch(self, where: str, url: str) -> bytes:
+        cfg = self.url_fetch
+        if not cfg.enabled:
+            raise ForbiddenPath(f"{where}: fetching image URLs is disabled (url_fetch.enabled)")
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in {s.lower() for s in cfg.allowed_schemes}:
+            raise ForbiddenPath(f"{where}: URL scheme {parts.scheme!r} is not allowed")
+        if (parts.hostname or "").lower() not in {h.lower() for h in cfg.allowed_hosts}:
+            raise ForbiddenPath(f"{where}: host {parts.hostname!r} is not in url_fetch.allowed_hosts")
+        try:
+            async with httpx.AsyncClient(timeout=cfg.timeout_s, follow_redirects=False) as client:
+                async with client.stream("GET", url) as r:
+                    if r.status_code != 200:
+                        raise BadImage(f"{where}: fetching the URL gave HTTP {r.status_code}")
+                    chunks, size = [], 0
+                    async for chunk in r.aiter_bytes():
+                        size += len(chunk)
+                        if size > self.max_image_bytes:
+                            raise InvalidInput(
+                                f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data"
+                            )
+                        chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise BadImage(f"{where}: fetching the URL took longer than {cfg.timeout_s:g}s") from None
+        except httpx.HTTPError as e:
+            raise BadImage(f"{where}: fetching the URL failed: {type(e).__name__}") from None
+        return b"".join(chunks)
+
     def _check_image(self, where: str, data: bytes) -> None:
         try:
             with Image.open(io.BytesIO(data)) as img:
@@ -111,7 +167,8 @@ class InputDecoder:
                     raise BadImage(
                         f"{where}: {width}x{height} pixels is more than the limit of {self.max_image_pixels}"
                     )
-                img.verify()
+                img.draft("RGB", (512, 512))  # JPEG: decode at reduced size, cheaply
+                img.load()  # a truncated or corrupt image fails here
         except BadImage:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

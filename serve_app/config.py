@@ -7,7 +7,12 @@ the builder (``serve_app.app:build_app``), so a typo or a wrong type stops
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve_app.paths import resolve_project_path
 
 
 class _Strict(BaseModel):
@@ -32,6 +37,22 @@ class IngressArgs(_Strict):
     max_ongoing_requests: int = Field(64, ge=1)
 
 
+class UrlFetchArgs(_Strict):
+    """Image inputs given as URLs. Off unless enabled, and then only to the listed hosts."""
+
+    enabled: bool = False
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["https"])
+    allowed_hosts: list[str] = Field(default_factory=list, description="exact host names (or IPs) that may be fetched")
+    timeout_s: float = Field(5.0, gt=0, description="total time for one fetch")
+
+
+class EnvSettings(BaseSettings):
+    """Settings read from the environment of the ingress replicas."""
+
+    model_config = SettingsConfigDict(env_prefix="MMS_")
+    api_key: SecretStr | None = None
+
+
 class AppArgs(_Strict):
     registry_path: str = Field("config/models.json", description="the model registry; relative to the project root")
     image_root: str = Field(
@@ -41,5 +62,21 @@ class AppArgs(_Strict):
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1, description="largest encoded image accepted")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) accepted")
     request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413 unread")
+    api_key_file: str | None = Field(
+        None, description="a file holding the API key (or set MMS_API_KEY); the key itself never goes in this file"
+    )
+    url_fetch: UrlFetchArgs = Field(default_factory=UrlFetchArgs)
     worker: WorkerArgs = Field(default_factory=WorkerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+
+def resolve_api_key(args: AppArgs) -> str | None:
+    """The API key from MMS_API_KEY, else from ``api_key_file``; None when neither is set."""
+    env = EnvSettings().api_key
+    if env is not None and env.get_secret_value():
+        return env.get_secret_value()
+    if args.api_key_file:
+        key = Path(resolve_project_path(args.api_key_file)).read_text(encoding="utf-8").strip()
+        return key or None
+    return None

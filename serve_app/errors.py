@@ -97,8 +97,15 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _json(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body)
+_HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def _json(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    """The native shape, or the Open Inference Protocol's ``{"error": message}`` under /v2."""
+    path = request.url.path[len(request.scope.get("root_path", "")):]
+    if path.startswith("/v2"):
+        body = {"error": body.get("message", body.get("error", "error"))}
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -110,26 +117,27 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map every error to the JSON shape above, in one place."""
 
     @app.exception_handler(ServeAppError)
-    async def _app_error(_: Request, exc: ServeAppError) -> JSONResponse:
-        return _json(exc.status_code, exc.body())
+    async def _app_error(request: Request, exc: ServeAppError) -> JSONResponse:
+        return _json(request, exc.status_code, exc.body())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
             {"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
             for e in exc.errors()
         ]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        return _json(422, {"error": "invalid_request", "message": message, "problems": problems})
+        return _json(request, 422, {"error": "invalid_request", "message": message, "problems": problems})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json(exc.status_code, {"error": "http_error", "message": str(exc.detail)})
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = _HTTP_ERRORS.get(exc.status_code, "http_error")
+        return _json(request, exc.status_code, {"error": error, "message": str(exc.detail)}, exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         inner = unwrap(exc)
         if isinstance(inner, ServeAppError):
-            return _json(inner.status_code, inner.body())
+            return _json(request, inner.status_code, inner.body())
         logger.exception("unhandled error: %s", exc)
-        return _json(500, {"error": "internal_error", "message": f"{type(inner).__name__}: {inner}"})
+        return _json(request, 500, {"error": "internal_error", "message": f"{type(inner).__name__}: {inner}"})

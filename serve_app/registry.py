@@ -84,6 +84,7 @@ class ModelSpec(BaseModel):
     source: Annotated[Union[LocalSource, HubSource], Field(union_mode="left_to_right")]
     description: str = ""
     labels: list[str] = Field(default_factory=list)
+    preload: bool = Field(False, description="load when a worker replica starts (at most two per replica)")
 
     @property
     def modality(self) -> Modality:

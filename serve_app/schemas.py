@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -53,10 +54,41 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one prediction per input, in input order")
 
 
+class ModelState(str, Enum):
+    NOT_LOADED = "not_loaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+class ReplicaModelStatus(BaseModel):
+    """One model as one worker replica sees it. Times are Unix seconds."""
+
+    state: ModelState = ModelState.NOT_LOADED
+    load_count: int = 0
+    unload_count: int = 0
+    last_load_started_at: float | None = None
+    last_loaded_at: float | None = None
+    last_load_seconds: float | None = None
+    last_used_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class ReplicaStatus(BaseModel):
+    replica_id: str
+    node_id: str | None = None
+    models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)
+
+    @property
+    def held(self) -> list[str]:
+        return sorted(m for m, s in self.models.items() if s.state in (ModelState.LOADED, ModelState.LOADING))
+
+
 class ReplicaModels(BaseModel):
     replica_id: str
     node_id: str | None = None
-    models: list[str]
+    models: list[str] = Field(description="models this replica holds or is loading now")
 
 
 class ModelInfo(BaseModel):
@@ -66,8 +98,15 @@ class ModelInfo(BaseModel):
     description: str
     labels: list[str]
     source: str
-    loaded: bool = Field(description="held (or being loaded) by at least one worker replica now")
+    preload: bool
+    state: ModelState = Field(description="not_loaded, loading, loaded or failed (its last load failed)")
+    loaded: bool = Field(description="held by at least one worker replica now")
     replicas: list[str] = Field(description="ids of the worker replicas that hold it")
+    load_count: int = Field(description="loads so far, over the replicas running now")
+    last_loaded_at: float | None = Field(None, description="Unix time of the last successful load")
+    last_load_seconds: float | None = Field(None, description="how long that load took")
+    last_used_at: float | None = Field(None, description="Unix time of the last prediction")
+    last_error: str | None = Field(None, description="the last load error, if any")
 
 
 class ModelList(BaseModel):

@@ -1,13 +1,15 @@
-"""Which worker replica holds which model, read from Ray Serve's own record.
+"""Which worker replica holds which model, asked of the replicas themselves.
 
-Each worker replica reports the ids of the models it holds (or is loading)
-to the Serve controller as soon as the set changes; the controller routes
-requests by that record. Reading the same record here means ``GET /models``
-shows what the replicas hold, not a guess kept in the ingress.
+Ray Serve's controller knows the running worker replicas (and the model ids
+each one reported for routing). For ``GET /models`` the ingress asks every
+running replica for its own record of its models (``record_routing_stats``
+of ``ModelWorker``, the method Serve's controller polls too), so the answer
+is what the replicas hold now, not a guess kept in the ingress.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import ray
@@ -15,9 +17,11 @@ from ray.serve._private.common import DeploymentID
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.schemas import ReplicaModels
+from serve_app.schemas import ReplicaModelStatus, ReplicaStatus
 
 logger = logging.getLogger("ray.serve")
+
+ASK_TIMEOUT_S = 5.0
 
 
 class ReplicaModelRecord:
@@ -25,15 +29,26 @@ class ReplicaModelRecord:
         self._deployment_id = DeploymentID(name=worker.deployment_name, app_name=worker.app_name)
         self._controller = None
 
-    async def replicas(self) -> list[ReplicaModels]:
+    async def _running(self) -> list:
         if self._controller is None:
             self._controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
         running = await self._controller._all_running_replicas.remote()
-        return [
-            ReplicaModels(
-                replica_id=info.replica_id.unique_id,
-                node_id=info.node_id,
-                models=sorted(info.multiplexed_model_ids),
-            )
-            for info in running.get(self._deployment_id, [])
-        ]
+        return running.get(self._deployment_id, [])
+
+    async def _ask(self, info) -> ReplicaStatus:
+        status = ReplicaStatus(replica_id=info.replica_id.unique_id, node_id=info.node_id)
+        try:
+            actor = ray.get_actor(info.actor_name, namespace=SERVE_NAMESPACE)
+            stats = await asyncio.wait_for(actor.record_routing_stats.remote(), ASK_TIMEOUT_S)
+            status.models = {m: ReplicaModelStatus.model_validate(s) for m, s in stats.get("models", {}).items()}
+        except Exception as e:  # a replica that is starting or dying: fall back to its routing record
+            logger.warning("replica %s did not report its models: %s", status.replica_id, e)
+            status.models = {m: ReplicaModelStatus(state="loaded") for m in info.multiplexed_model_ids}
+        return status
+
+    async def running_count(self) -> int:
+        return len(await self._running())
+
+    async def replicas(self) -> list[ReplicaStatus]:
+        infos = await self._running()
+        return list(await asyncio.gather(*(self._ask(info) for info in infos)))

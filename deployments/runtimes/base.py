@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ class ModelRuntime(ABC):
         self._state_lock = threading.Lock()
         self._in_use = 0
         self._unload_pending = False
+        self.on_unload: Callable[[], None] | None = None  # told once, when the model is unloaded
 
     @property
     @abstractmethod
@@ -83,6 +84,9 @@ class ModelRuntime(ABC):
                 self._free()
 
     def unload(self) -> None:
+        callback, self.on_unload = self.on_unload, None
+        if callback is not None:
+            callback()
         with self._state_lock:
             if self._in_use:
                 self._unload_pending = True

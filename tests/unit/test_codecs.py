@@ -1,3 +1,4 @@
+import asyncio
 import base64
 import io
 
@@ -17,9 +18,19 @@ def _png(size=(8, 8)) -> bytes:
     return buf.getvalue()
 
 
+class _Sync:
+    """Runs the async decoder to completion, for tests."""
+
+    def __init__(self, decoder: InputDecoder) -> None:
+        self._decoder = decoder
+
+    def decode(self, *args):
+        return asyncio.run(self._decoder.decode(*args))
+
+
 @pytest.fixture
-def decoder() -> InputDecoder:
-    return InputDecoder(image_root="samples/images", max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4)
+def decoder() -> _Sync:
+    return _Sync(InputDecoder(image_root="samples/images", max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4))
 
 
 def test_text_passes_through_as_a_list(decoder):
@@ -51,7 +62,7 @@ def test_symlink_out_of_the_root_is_forbidden(tmp_path):
     outside.write_bytes(_png())
     (root / "link.png").symlink_to(outside)
     (root / "inside.png").write_bytes(_png())
-    dec = InputDecoder(image_root=root, max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4)
+    dec = _Sync(InputDecoder(image_root=root, max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4))
     assert dec.decode(Modality.IMAGE, str(root / "inside.png")) == [_png()]
     with pytest.raises(ForbiddenPath):
         dec.decode(Modality.IMAGE, str(root / "link.png"))
@@ -89,3 +100,32 @@ def test_missing_file_is_invalid_input(decoder):
 def test_list_longer_than_the_limit_is_rejected(decoder):
     with pytest.raises(InvalidInput, match="limit of 4"):
         decoder.decode(Modality.TEXT, ["x"] * 5)
+
+
+def test_raw_bytes_are_taken_as_they_are(decoder):
+    assert decoder.decode(Modality.IMAGE, [_png()]) == [_png()]
+    assert decoder.decode(Modality.TEXT, ["héllo".encode()]) == ["héllo"]
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        decoder.decode(Modality.TEXT, [b"\xff\xfe"])
+
+
+def test_truncated_jpeg_is_a_bad_image(decoder):
+    from serve_app.paths import PROJECT_ROOT
+
+    raw = (PROJECT_ROOT / SAMPLE).read_bytes()
+    with pytest.raises(BadImage):
+        decoder.decode(Modality.IMAGE, base64.b64encode(raw[: len(raw) // 2]).decode())
+
+
+def test_urls_are_refused_unless_enabled_and_allowed():
+    from serve_app.config import UrlFetchArgs
+
+    off = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4))
+    with pytest.raises(ForbiddenPath, match="disabled"):
+        off.decode(Modality.IMAGE, "https://example.com/cat.jpg")
+    on = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4,
+                            UrlFetchArgs(enabled=True, allowed_schemes=["https"], allowed_hosts=["images.example.com"])))
+    with pytest.raises(ForbiddenPath, match="scheme"):
+        on.decode(Modality.IMAGE, "http://images.example.com/cat.jpg")
+    with pytest.raises(ForbiddenPath, match="allowed_hosts"):
+        on.decode(Modality.IMAGE, "https://evil.example.com/cat.jpg")

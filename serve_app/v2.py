@@ -1,0 +1,165 @@
+"""The Open Inference Protocol (KServe v2), REST: bodies and tensor codecs.
+
+Text models take a BYTES input tensor of UTF-8 strings; image models a BYTES
+tensor whose elements are encoded images (in JSON, base64 strings; with the
+binary tensor extension, raw bytes). The answer has two output tensors per
+request: ``label`` (BYTES, the top label of each input) and ``score`` (FP32,
+its probability).
+
+Both JSON tensors and the binary tensor data extension (the
+``Inference-Header-Content-Length`` header, used by default by Triton's
+``tritonclient``) are accepted.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from serve_app.errors import InvalidInput
+from serve_app.registry import ModelSpec
+
+PROTOCOL_VERSION = "2"
+MODEL_VERSION = "1"
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str = MODEL_VERSION
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str = MODEL_VERSION
+    state: str = Field(description="READY, LOADING, UNAVAILABLE (not loaded) or FAILED")
+    reason: str = ""
+
+
+def model_metadata(spec: ModelSpec) -> ModelMetadata:
+    return ModelMetadata(
+        name=spec.id,
+        versions=[MODEL_VERSION],
+        platform=f"transformers/{spec.task.value}",
+        inputs=[TensorMetadata(name=spec.modality.value, datatype="BYTES", shape=[-1])],
+        outputs=[TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+                 TensorMetadata(name="score", datatype="FP32", shape=[-1])],
+    )
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item) if isinstance(item, list) else [item])
+    return out
+
+
+def _bytes_elements(buffer: bytes) -> list[bytes]:
+    """BYTES tensor data in binary form: each element is a 4-byte little-endian length, then the bytes."""
+    items, offset = [], 0
+    while offset < len(buffer):
+        if offset + 4 > len(buffer):
+            raise InvalidInput("binary BYTES tensor data is truncated", field="inputs")
+        (n,) = struct.unpack_from("<I", buffer, offset)
+        offset += 4
+        if offset + n > len(buffer):
+            raise InvalidInput("binary BYTES tensor data is truncated", field="inputs")
+        items.append(buffer[offset : offset + n])
+        offset += n
+    return items
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[str | bytes]]:
+    """The request and the elements of its (single) input tensor."""
+    try:
+        json_end = int(header_length) if header_length is not None else len(body)
+    except ValueError:
+        raise InvalidInput("Inference-Header-Content-Length is not a number", field="headers") from None
+    if not 0 < json_end <= len(body):
+        raise InvalidInput("Inference-Header-Content-Length does not fit the body", field="headers")
+    try:
+        request = InferRequest.model_validate_json(body[:json_end])
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"this model takes one input tensor, got {len(request.inputs)}", field="inputs")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {tensor.name!r} must be BYTES, not {tensor.datatype}", field="inputs")
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None:
+        elements: list[str | bytes] = list(_bytes_elements(body[json_end : json_end + int(binary_size)]))
+    elif tensor.data is not None:
+        elements = [e if isinstance(e, str) else str(e) for e in _flatten(tensor.data)]
+    else:
+        raise InvalidInput(f"input {tensor.name!r} has no data", field="inputs")
+    if not elements:
+        raise InvalidInput(f"input {tensor.name!r} is empty", field="inputs")
+    return request, elements
+
+
+def infer_response(request: InferRequest, model_name: str, predictions: list[list[dict[str, Any]]]) -> InferResponse:
+    outputs = [
+        ResponseOutput(name="label", shape=[len(predictions)], datatype="BYTES", data=[p[0]["label"] for p in predictions]),
+        ResponseOutput(name="score", shape=[len(predictions)], datatype="FP32", data=[p[0]["score"] for p in predictions]),
+    ]
+    if request.outputs:
+        wanted = {o.name for o in request.outputs}
+        unknown = wanted - {o.name for o in outputs}
+        if unknown:
+            raise InvalidInput(f"unknown output(s): {', '.join(sorted(unknown))}; this model has label and score",
+                               field="outputs")
+        outputs = [o for o in outputs if o.name in wanted]
+    return InferResponse(model_name=model_name, id=request.id, outputs=outputs)
