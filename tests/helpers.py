@@ -4,6 +4,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+API_KEY = "test-key-4f9c2a"  # the key of the 'limits' test app
+
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float = 0.1) -> bool:
     """Poll until predicate() is true (the replicas report model changes asynchronously)."""
@@ -19,3 +21,23 @@ def tiny_args(registry: Path, replicas: int, **extra) -> dict:
     return {"registry_path": str(registry),
             "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
             **extra}
+
+
+def replica_pids(app: str, deployment: str = "ModelWorker") -> dict[str, int]:
+    """Replica id -> PID of the running replicas of a deployment, from Serve's controller."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = ray.get(controller.get_serve_instance_details.remote())
+    replicas = details["applications"][app]["deployments"][deployment]["replicas"]
+    return {r["replica_id"]: r["pid"] for r in replicas if r["state"] == "RUNNING"}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")

@@ -51,11 +51,11 @@ def build_image_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     return folder
 
 
-def write_registry(path: Path, models: dict[str, tuple[str, Path]]) -> Path:
-    """models: id -> (task, folder)."""
+def write_registry(path: Path, models: dict[str, tuple[str, Path]], preload: list[str] = ()) -> Path:
+    """models: id -> (task, folder); preload: ids marked to load when a replica starts."""
     entries = [
         {"id": mid, "task": task, "source": {"path": str(folder)},
-         "labels": labels_for(mid, 3 if task == "image-classification" else 2)}
+         "labels": labels_for(mid, 3 if task == "image-classification" else 2), "preload": mid in preload}
         for mid, (task, folder) in models.items()
     ]
     path.write_text(json.dumps({"models": entries}, indent=1))

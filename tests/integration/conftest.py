@@ -17,6 +17,7 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.paths import PROJECT_ROOT
+from helpers import API_KEY
 from tiny_models import write_registry
 
 pytestmark = pytest.mark.integration
@@ -28,11 +29,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = _free_port()
+
+
+@pytest.fixture(scope="session")
+def metrics_url() -> str:
+    """Ray's Prometheus export endpoint of this node."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
+
+
 @pytest.fixture(scope="session")
 def serve_url() -> Iterator[str]:
     port = _free_port()
     # Logical CPUs, not cores: several small apps share the machine during the session.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                                        "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
     try:
@@ -44,18 +56,16 @@ def serve_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def deploy(serve_url) -> Iterator[Callable[[str, dict], str]]:
-    """Deploy an application under /<name> with the given args; returns its base URL."""
-    names: list[str] = []
+def deploy(serve_url) -> Callable[..., str]:
+    """Deploy an application under /<name> (or the given route prefix) with the given args; returns its base URL.
+    (Apps are deleted by the fixtures that deploy them, or with Serve at the end of the session.)"""
 
-    def _deploy(name: str, args: dict) -> str:
-        serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix=f"/{name}")
-        names.append(name)
-        return f"{serve_url}/{name}"
+    def _deploy(name: str, args: dict, route_prefix: str | None = None) -> str:
+        prefix = route_prefix or f"/{name}"
+        serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix=prefix)
+        return serve_url + prefix.rstrip("/")
 
-    yield _deploy
-    for name in names:
-        serve.delete(name)
+    return _deploy
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +78,9 @@ def demo_models() -> None:
 
 @pytest.fixture(scope="session")
 def demo_url(deploy, demo_models) -> str:
-    """The application exactly as serve_config.yaml configures it."""
-    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    return deploy("demo", config["applications"][0]["args"])
+    """The application exactly as serve_config.yaml configures it, at the root path."""
+    app = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())["applications"][0]
+    return deploy("demo", app["args"], route_prefix=app["route_prefix"])
 
 
 @pytest.fixture(scope="session")
@@ -83,4 +93,74 @@ def tiny_registry(tiny_dir) -> Path:
 @pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=120) as c:
+        yield c
+
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory) -> Iterator[str]:
+    """A local HTTP server with images, for the URL-fetch cases (bounded: serves until the session ends)."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    folder = tmp_path_factory.mktemp("served-images")
+    shutil.copy(PROJECT_ROOT / "samples/images/square.jpg", folder / "square.jpg")
+    (folder / "big.bin").write_bytes(b"\0" * (1536 * 1024))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def limits_env(tiny_dir, tmp_path_factory):
+    """Folders and registry of the 'limits' app: an image root with a symlink out of it, a broken model."""
+    import shutil
+
+    from PIL import Image
+
+    from tiny_models import write_registry
+
+    base = tmp_path_factory.mktemp("limits")
+    root = base / "images"
+    root.mkdir()
+    for name in ["square.jpg", "circle.jpg"]:
+        shutil.copy(PROJECT_ROOT / "samples/images" / name, root / name)
+    Image.new("RGB", (6000, 4000), (20, 120, 200)).save(root / "huge.jpg", quality=60)  # 24 megapixels
+    (base / "secret.png").write_bytes((PROJECT_ROOT / "samples/images/square.jpg").read_bytes())
+    (root / "escape.png").symlink_to(base / "secret.png")
+    broken = base / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ this is not json")
+    models = {name: ("text-classification", tiny_dir / name) for name in ["alpha", "beta", "gamma", "delta"]}
+    models["pixels"] = ("image-classification", tiny_dir / "pixels")
+    models["broken"] = ("text-classification", broken)
+    registry = write_registry(base / "registry.json", models, preload=["beta"])
+    key_file = base / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    return {"base": base, "root": root, "broken": broken, "registry": registry, "key_file": key_file}
+
+
+@pytest.fixture(scope="session")
+def limits_url(deploy, limits_env, image_server) -> str:
+    """One worker replica, small limits, an API key, URL fetching on for the local image server only."""
+    return deploy("limits", {
+        "registry_path": str(limits_env["registry"]),
+        "image_root": str(limits_env["root"]),
+        "max_body_bytes": 64 * 1024,
+        "max_image_bytes": 1024 * 1024,
+        "max_list_items": 8,
+        "api_key_file": str(limits_env["key_file"]),
+        "url_fetch": {"enabled": True, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"], "timeout_s": 5},
+        "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
+    })
+
+
+@pytest.fixture
+def authed() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         yield c

@@ -1,0 +1,89 @@
+"""The Open Inference Protocol (KServe v2) on the same ingress, driven by Triton's standard client."""
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from helpers import wait_for
+from serve_app.paths import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def v2(demo_url):
+    host = demo_url.removeprefix("http://")
+    assert "/" not in host, "the v2 client needs the app at the root path"
+    c = triton.InferenceServerClient(url=host, connection_timeout=120, network_timeout=120)
+    yield c
+    c.close()
+
+
+def _labels(result, name="label"):
+    return [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy(name).tolist()]
+
+
+def test_server_health_and_metadata(v2):
+    assert v2.is_server_live()
+    assert v2.is_server_ready()
+    meta = v2.get_server_metadata()
+    assert meta["name"] == "multimodel-serve" and "model_repository" in meta["extensions"]
+
+
+def test_model_metadata(v2):
+    meta = v2.get_model_metadata("sentiment")
+    assert meta["name"] == "sentiment"
+    assert meta["inputs"][0]["datatype"] == "BYTES"
+    assert {o["name"] for o in meta["outputs"]} == {"label", "score"}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_text_inference_with_the_standard_client(v2, binary):
+    texts = np.array([b"This movie was great!", b"Dreadful film, a total waste of time."], dtype=np.object_)
+    inp = triton.InferInput("text", [2], "BYTES")
+    inp.set_data_from_numpy(texts, binary_data=binary)
+    result = v2.infer("sentiment", [inp], request_id="req-42",
+                      outputs=[triton.InferRequestedOutput("label", binary_data=False),
+                               triton.InferRequestedOutput("score", binary_data=False)])
+    assert _labels(result) == ["positive", "negative"]
+    scores = result.as_numpy("score")
+    assert scores.shape == (2,) and (scores > 0.5).all()
+    response = result.get_response()
+    assert response["model_name"] == "sentiment" and response["id"] == "req-42"
+
+
+def test_image_inference_with_encoded_bytes(v2):
+    raw = (PROJECT_ROOT / "samples/images/triangle.jpg").read_bytes()
+    inp = triton.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([raw], dtype=np.object_))
+    result = v2.infer("image", [inp], outputs=[triton.InferRequestedOutput("label", binary_data=False)])
+    assert _labels(result) == ["triangle"]
+
+
+def test_errors_have_the_protocol_shape(v2, demo_url, client):
+    inp = triton.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="Unknown model 'nope'"):
+        v2.infer("nope", [inp])
+    r = client.post(f"{demo_url}/v2/models/sentiment/infer",
+                    json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+    assert r.status_code == 422 and set(r.json()) == {"error"} and "BYTES" in r.json()["error"]
+    r = client.post(f"{demo_url}/v2/models/sentiment/infer", json={"inputs": []})
+    assert r.status_code == 422 and set(r.json()) == {"error"}
+
+
+def test_model_repository_extension(v2, demo_url, client):
+    index = {m["name"]: m for m in v2.get_model_repository_index()}
+    assert set(index) == {"sentiment", "spam", "image"}
+    assert all(m["state"] in {"READY", "UNAVAILABLE", "LOADING", "FAILED"} for m in index.values())
+
+    v2.load_model("spam")
+    assert v2.is_model_ready("spam")
+    replicas = client.get(f"{demo_url}/models").json()["replicas"]
+    assert all(len(r["models"]) <= 2 for r in replicas)
+
+    v2.unload_model("spam")
+    assert wait_for(lambda: not v2.is_model_ready("spam"))
+    assert {m["name"]: m for m in v2.get_model_repository_index()}["spam"]["state"] == "UNAVAILABLE"
+    assert wait_for(lambda: all("spam" not in r["models"] for r in client.get(f"{demo_url}/models").json()["replicas"]))
