@@ -5,6 +5,7 @@ of the session, which stops every Ray process it started.
 """
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,7 +109,17 @@ def image_server(tmp_path_factory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("served-images")
     shutil.copy(PROJECT_ROOT / "samples/images/square.jpg", folder / "square.jpg")
     (folder / "big.bin").write_bytes(b"\0" * (1536 * 1024))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.jpg":  # answers after the app's 5 s fetch timeout
+                time.sleep(7)
+            return super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    shutil.copy(PROJECT_ROOT / "samples/images/square.jpg", folder / "slow.jpg")
+    handler = functools.partial(Handler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

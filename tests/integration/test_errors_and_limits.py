@@ -144,6 +144,7 @@ def test_urls_are_fetched_only_from_allowed_hosts_within_limits(authed, limits_u
                  "scheme")
     assert_error(post(authed, limits_url, "pixels", f"{image_server}/big.bin"), 422, "invalid_input", "larger than")
     assert_error(post(authed, limits_url, "pixels", f"{image_server}/missing.jpg"), 400, "bad_image", "404")
+    assert_error(post(authed, limits_url, "pixels", f"{image_server}/slow.jpg"), 400, "bad_image", "longer than 5s")
 
 
 def test_a_list_longer_than_the_limit_is_422(authed, limits_url):

@@ -21,10 +21,13 @@ def test_health_and_readiness(limits_url):
 
 
 def test_a_preloaded_model_is_loaded_before_any_request(authed, limits_url):
+    # No request in the session names 'beta' on this app; it was loaded when the replica started
+    # (other tests may have evicted it since).
     info = authed.get(f"{limits_url}/models/beta").json()
     assert info["preload"] is True
-    assert info["state"] == "loaded" and info["load_count"] >= 1
-    assert info["last_used_at"] is None or info["last_used_at"] >= info["last_loaded_at"]
+    assert info["load_count"] >= 1 and info["last_loaded_at"] is not None
+    assert info["last_used_at"] is None
+    assert authed.get(f"{limits_url}/models/alpha").json()["preload"] is False
 
 
 def test_model_status_comes_from_the_replicas(authed, limits_url):
