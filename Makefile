@@ -9,19 +9,25 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: run test install models unit integration clean
+.PHONY: run test install models unit integration cluster clean
 
 run: install models
 	$(VENV)/bin/serve run serve_config.yaml
 
+# Two pytest sessions, each starting Ray once: one node for unit and integration tests,
+# then a three-node cluster (ray.cluster_utils) for the cluster tests.
 test: install models
-	$(PY) -m pytest
+	$(PY) -m pytest tests/unit tests/integration
+	$(PY) -m pytest tests/cluster
 
 unit: install
 	$(PY) -m pytest tests/unit
 
 integration: install models
 	$(PY) -m pytest tests/integration
+
+cluster: install
+	$(PY) -m pytest tests/cluster
 
 install: $(STAMP)
 

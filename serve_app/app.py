@@ -20,10 +20,15 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs.model_validate(args or {})
     registry = Registry.from_file(args.registry_path)
     w = args.worker
+    scaling: dict = {"num_replicas": w.num_replicas}
+    if w.autoscaling is not None:
+        scaling = {"autoscaling_config": w.autoscaling.model_dump()}
+    if w.max_replicas_per_node is not None:
+        scaling["max_replicas_per_node"] = w.max_replicas_per_node
     worker = ModelWorker.options(
-        num_replicas=w.num_replicas,
         max_ongoing_requests=w.max_ongoing_requests,
         ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
+        **scaling,
     ).bind(registry, w.torch_threads)
     i = args.ingress
     return Ingress.options(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve_app.paths import resolve_project_path
@@ -19,10 +19,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AutoscalingArgs(_Strict):
+    """Ray Serve autoscaling of the worker deployment (replaces ``num_replicas`` when set)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2, gt=0, description="ongoing requests per replica that autoscaling aims at")
+    upscale_delay_s: float = Field(5.0, ge=0, description="how long load must stay high before adding a replica")
+    downscale_delay_s: float = Field(60.0, ge=0, description="how long load must stay low before removing one")
+    look_back_period_s: float = Field(30.0, gt=0, description="window over which ongoing requests are averaged")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingArgs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
 class WorkerArgs(_Strict):
     """The model-worker deployment (each replica holds at most two models)."""
 
-    num_replicas: int = Field(2, ge=1, description="worker replicas")
+    num_replicas: int = Field(2, ge=1, description="worker replicas (without autoscaling)")
+    autoscaling: AutoscalingArgs | None = Field(None, description="scale between min and max replicas with load")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="spread replicas: at most this many per node")
     num_cpus: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per worker replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker replica (models go to CUDA when one is visible)")
     max_ongoing_requests: int = Field(4, ge=1, description="requests a worker replica takes at once")

@@ -43,7 +43,17 @@ def test_bad_args_name_the_field(args, field):
     assert field in {".".join(map(str, err["loc"])) for err in e.value.errors()}
 
 
-def test_defaults_fit_a_two_core_machine():
-    args = AppArgs()
-    total = args.worker.num_replicas * args.worker.num_cpus + args.ingress.num_replicas * args.ingress.num_cpus
-    assert total <= 2
+def _cpus(args: AppArgs) -> float:
+    w, i = args.worker, args.ingress
+    most = w.autoscaling.max_replicas if w.autoscaling else w.num_replicas
+    return most * w.num_cpus + i.num_replicas * i.num_cpus
+
+
+def test_defaults_and_serve_config_fit_a_two_core_machine():
+    assert _cpus(AppArgs()) <= 2
+    assert _cpus(AppArgs.model_validate(_serve_config()["applications"][0]["args"])) <= 2
+
+
+def test_autoscaling_bounds_are_checked():
+    with pytest.raises(ValidationError, match="max_replicas must be at least min_replicas"):
+        AppArgs.model_validate({"worker": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})

@@ -1,0 +1,67 @@
+"""A three-node Ray cluster on this machine (ray.cluster_utils.Cluster), started once for this session.
+
+The head node has 1 CPU; two more nodes have 2 CPUs each. Every node is a
+real raylet with its own node id, so Serve places and routes replicas across
+nodes as it would on separate machines.
+"""
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from serve_app.app import build_app
+from serve_app.config import AppArgs
+from tiny_models import write_registry
+
+pytestmark = pytest.mark.cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        port = _free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy(cluster_url) -> Callable[[str, dict], str]:
+    def _deploy(name: str, args: dict) -> str:
+        serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix=f"/{name}")
+        return f"{cluster_url}/{name}"
+
+    return _deploy
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_dir) -> Path:
+    models = {name: ("text-classification", tiny_dir / name) for name in ["alpha", "beta", "gamma", "delta"]}
+    return write_registry(tiny_dir / "registry.json", models)
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=120) as c:
+        yield c

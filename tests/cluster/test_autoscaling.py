@@ -1,0 +1,61 @@
+"""Autoscaling of the worker deployment: replicas go up under load and back down after it, no request fails."""
+
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from helpers import replica_pids, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def autoscale_url(deploy, tiny_registry):
+    from ray import serve
+
+    yield deploy("autoscale", {
+        "registry_path": str(tiny_registry),
+        "worker": {
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                            "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
+            "num_cpus": 0.5, "max_ongoing_requests": 4, "torch_threads": 1,
+        },
+    })
+    serve.delete("autoscale")
+
+
+def test_replicas_scale_up_under_load_and_down_after(client, autoscale_url):
+    assert len(replica_pids("autoscale")) == 1
+    statuses: Counter = Counter()
+    stop = threading.Event()
+
+    def load(i: int) -> None:
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                body = {"model_id": ["alpha", "beta"][i % 2], "input_data": ["hello world"] * 8}
+                statuses[c.post(f"{autoscale_url}/predict", json=body).status_code] += 1
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(12)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        scaled_up = wait_for(lambda: len(replica_pids("autoscale")) == 2, timeout=120, interval=0.5)
+        up_s = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert scaled_up, "no second replica under load"
+    t1 = time.monotonic()
+    scaled_down = wait_for(lambda: len(replica_pids("autoscale")) == 1, timeout=120, interval=0.5)
+    down_s = time.monotonic() - t1
+    print(f"\nscaled 1 -> 2 replicas after {up_s:.1f}s of load, 2 -> 1 after {down_s:.1f}s idle; "
+          f"requests: {dict(statuses)}")
+    assert scaled_down, "the extra replica stayed after the load stopped"
+    assert set(statuses) == {200}, statuses
+    # And it still answers.
+    assert client.post(f"{autoscale_url}/predict", json={"model_id": "gamma", "input_data": "hi"}).status_code == 200

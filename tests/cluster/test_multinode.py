@@ -1,0 +1,68 @@
+"""The same application on a multi-node cluster: replicas on different nodes, routing by model, the cap per replica."""
+
+import asyncio
+import random
+from collections import Counter
+
+import httpx
+import pytest
+
+from helpers import wait_for
+
+pytestmark = pytest.mark.cluster
+
+MODELS = ["alpha", "beta", "gamma", "delta"]
+
+
+@pytest.fixture(scope="module")
+def spread_url(deploy, tiny_registry):
+    from ray import serve
+
+    yield deploy("spread", {
+        "registry_path": str(tiny_registry),
+        "worker": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.5, "torch_threads": 1},
+    })
+    serve.delete("spread")
+
+
+def _listing(client, url):
+    return client.get(f"{url}/models").json()
+
+
+def test_worker_replicas_land_on_different_nodes(client, spread_url):
+    replicas = _listing(client, spread_url)["replicas"]
+    assert len(replicas) == 2
+    assert len({r["node_id"] for r in replicas}) == 2, replicas
+
+
+def test_mixed_traffic_across_nodes_keeps_the_cap_and_the_models_straight(client, spread_url):
+    async def traffic():
+        rng = random.Random(5)
+        sem = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def one(model_id):
+                async with sem:
+                    return model_id, await c.post(f"{spread_url}/predict",
+                                                  json={"model_id": model_id, "input_data": "hello world"})
+
+            return await asyncio.gather(*(one(rng.choice(MODELS)) for _ in range(200)))
+
+    results = asyncio.run(traffic())
+    assert Counter(r.status_code for _, r in results) == {200: 200}
+    for model_id, r in results:
+        assert r.json()["model_id"] == model_id
+        assert r.json()["predictions"][0]["label"].startswith(f"{model_id}-")
+    assert wait_for(lambda: all(len(r["models"]) <= 2 for r in _listing(client, spread_url)["replicas"]))
+
+
+def test_requests_for_a_model_go_to_the_node_that_holds_it(client, spread_url):
+    assert client.post(f"{spread_url}/predict", json={"model_id": "alpha", "input_data": "hi"}).status_code == 200
+    assert wait_for(lambda: client.get(f"{spread_url}/models/alpha").json()["loaded"])
+    before = client.get(f"{spread_url}/models/alpha").json()
+    node_of = {r["replica_id"]: r["node_id"] for r in _listing(client, spread_url)["replicas"]}
+    for _ in range(30):
+        assert client.post(f"{spread_url}/predict", json={"model_id": "alpha", "input_data": "hi"}).status_code == 200
+    after = client.get(f"{spread_url}/models/alpha").json()
+    assert after["replicas"] == before["replicas"]
+    assert after["load_count"] == before["load_count"]  # no other replica loaded it: every request went to a holder
+    assert {node_of[r] for r in after["replicas"]} <= set(node_of.values())
