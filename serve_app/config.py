@@ -28,11 +28,14 @@ class AutoscalingArgs(_Strict):
     upscale_delay_s: float = Field(5.0, ge=0, description="how long load must stay high before adding a replica")
     downscale_delay_s: float = Field(60.0, ge=0, description="how long load must stay low before removing one")
     look_back_period_s: float = Field(30.0, gt=0, description="window over which ongoing requests are averaged")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report their load")
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingArgs":
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be at least min_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
         return self
 
 

@@ -20,7 +20,8 @@ def autoscale_url(deploy, tiny_registry):
         "registry_path": str(tiny_registry),
         "worker": {
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                            "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
+                            "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
+                            "metrics_interval_s": 0.5},
             "num_cpus": 0.5, "max_ongoing_requests": 4, "torch_threads": 1,
         },
     })
