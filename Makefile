@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: run test install models unit integration cluster clean
+.PHONY: run test install models unit integration cluster bench clean
 
 run: install models
 	$(VENV)/bin/serve run serve_config.yaml
@@ -23,6 +23,11 @@ test: install models
 unit: install
 	$(PY) -m pytest tests/unit
 
+# Every benchmark scenario against the running app, side by side with its peers (several minutes):
+# writes docs/benchmarks.md and docs/bench/*.png.
+bench: install models
+	$(PY) bench/run.py --out docs
+
 integration: install models
 	$(PY) -m pytest tests/integration
 
@@ -35,7 +40,7 @@ $(STAMP): pyproject.toml scripts/install-torch.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	bash scripts/install-torch.sh $(PY)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test,bench]"
 	touch $@
 
 # Trains the demo models into models/ (git-ignored); skipped when up to date.

@@ -24,6 +24,7 @@ from ray import serve
 
 from deployments.metrics import WorkerMetrics
 from deployments.runtimes import ModelRuntime, runtime_for
+from serve_app.config import BatchingArgs
 from serve_app.errors import ModelUnavailable, ServeAppError
 from serve_app.registry import Registry
 from serve_app.schemas import ModelState, ReplicaModelStatus
@@ -49,8 +50,13 @@ def configure_torch(num_threads: int | None) -> None:
 
 @serve.deployment
 class ModelWorker:
-    async def __init__(self, registry: Registry, torch_threads: int | None = None) -> None:
+    async def __init__(
+        self, registry: Registry, torch_threads: int | None = None, batching: BatchingArgs | None = None
+    ) -> None:
         configure_torch(torch_threads)
+        batching = batching or BatchingArgs()
+        self._run_batch.set_max_batch_size(batching.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._registry = registry
         self._status: dict[str, ReplicaModelStatus] = {}
         self._metrics = WorkerMetrics()
@@ -99,23 +105,55 @@ class ModelWorker:
         return wrapper.models if wrapper is not None else {}
 
     async def predict(self, inputs: list[Any]) -> dict[str, Any]:
+        """Answer one request's inputs; concurrent requests for the same model are batched together."""
+        model_id = serve.get_multiplexed_model_id()
+        predictions = await self._run_batch(inputs)
+        if isinstance(predictions, Exception):
+            raise predictions
+        self._model_status(model_id).last_used_at = time.time()
+        spec = self._registry.get(model_id)
+        return {"model_id": spec.id, "task": spec.task.value, "predictions": predictions}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both set from BatchingArgs in __init__
+    async def _run_batch(self, requests: list[list[Any]]) -> list[list[Any] | Exception]:
+        """One model call for the inputs of several requests; Serve never mixes models in a batch.
+        If the call fails, each request is run alone, so that only the request at fault gets the error."""
         model_id = serve.get_multiplexed_model_id()
         if model_id in self._cache():
-            self._metrics.cache_hit(model_id)
+            self._metrics.cache_hit(model_id, len(requests))
         runtime = await self.get_model(model_id)
+        # Entered with no await in between: an LRU eviction cannot slip in before it.
+        with runtime.in_use():
+            flat = [item for inputs in requests for item in inputs]
+            try:
+                predictions = await self._infer(runtime, flat)
+            except Exception as e:
+                if len(requests) == 1:
+                    return [e]
+                return [await self._infer_or_error(runtime, inputs) for inputs in requests]
+        out, start = [], 0
+        for inputs in requests:
+            out.append(predictions[start : start + len(inputs)])
+            start += len(inputs)
+        return out
+
+    async def _infer(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Any]:
         try:
-            # Entered with no await in between: an LRU eviction cannot slip in before it.
-            with runtime.in_use():
-                predictions = await asyncio.to_thread(runtime.predict, inputs)
+            # The model runs in a worker thread: the replica's event loop stays free.
+            return await asyncio.to_thread(runtime.predict, inputs)
         except ServeAppError:
             raise
         except Exception as e:
-            logger.exception("model %r failed on a request", model_id)
+            logger.exception("model %r failed on a request", runtime.spec.id)
             raise ModelUnavailable(
-                f"Model {model_id!r} failed on this input: {type(e).__name__}: {e}", model_id=model_id
+                f"Model {runtime.spec.id!r} failed on this input: {type(e).__name__}: {e}", model_id=runtime.spec.id
             ) from None
-        self._model_status(model_id).last_used_at = time.time()
-        return {"model_id": runtime.spec.id, "task": runtime.spec.task.value, "predictions": predictions}
+
+    async def _infer_or_error(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Any] | Exception:
+        try:
+            return await self._infer(runtime, inputs)
+        except Exception as e:
+            return e
 
     async def load(self) -> dict[str, Any]:
         """Load the request's model on this replica (the LRU cap still applies)."""

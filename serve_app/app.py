@@ -29,7 +29,7 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=w.max_ongoing_requests,
         ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
         **scaling,
-    ).bind(registry, w.torch_threads)
+    ).bind(registry, w.torch_threads, w.batching)
     i = args.ingress
     return Ingress.options(
         num_replicas=i.num_replicas,

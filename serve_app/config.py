@@ -39,6 +39,16 @@ class AutoscalingArgs(_Strict):
         return self
 
 
+class BatchingArgs(_Strict):
+    """Dynamic batching per model (``@serve.batch``): concurrent requests for one model run as one call.
+    A batch never mixes models: Ray Serve splits batches by multiplexed model id."""
+
+    max_batch_size: int = Field(8, ge=1, description="most requests in one batch (1 turns batching off)")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="how long a batch waits to fill up; 0: take what is queued (batches still form under load)"
+    )
+
+
 class WorkerArgs(_Strict):
     """The model-worker deployment (each replica holds at most two models)."""
 
@@ -49,6 +59,7 @@ class WorkerArgs(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per worker replica (models go to CUDA when one is visible)")
     max_ongoing_requests: int = Field(4, ge=1, description="requests a worker replica takes at once")
     torch_threads: int | None = Field(1, ge=1, description="torch intra-op threads per replica; null keeps torch's default")
+    batching: BatchingArgs = Field(default_factory=BatchingArgs)
 
 
 class IngressArgs(_Strict):

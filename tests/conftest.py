@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
+sys.path.insert(0, str(ROOT))  # demo/
 
 # Nothing is ever fetched from a model hub in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from tiny_models import build_image_model, build_text_model  # noqa: E402
+from demo.tiny_models import build_image_model, build_text_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 
 from serve_app.app import build_app
 from serve_app.config import AppArgs
-from tiny_models import write_registry
+from demo.tiny_models import write_registry
 
 pytestmark = pytest.mark.cluster
 

@@ -19,7 +19,7 @@ from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.paths import PROJECT_ROOT
 from helpers import API_KEY
-from tiny_models import write_registry
+from demo.tiny_models import write_registry
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,7 @@ def limits_env(tiny_dir, tmp_path_factory):
 
     from PIL import Image
 
-    from tiny_models import write_registry
+    from demo.tiny_models import write_registry
 
     base = tmp_path_factory.mktemp("limits")
     root = base / "images"

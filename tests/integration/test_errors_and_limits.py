@@ -14,7 +14,7 @@ import httpx
 import pytest
 from helpers import API_KEY, wait_for
 from serve_app.paths import PROJECT_ROOT
-from tiny_models import build_text_model
+from demo.tiny_models import build_text_model
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised transformers models for tests, built in well under a second each.
+"""Tiny, randomly initialised transformers models for tests and the benchmark smoke run, built in well under a second each.
 
 Each tiny model has its own label names (``<model id>-0``, ``<model id>-1``, ...),
 so a response shows which model produced it.

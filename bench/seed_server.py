@@ -1,0 +1,72 @@
+"""The benchmark's baseline: the single-process design of the seed demo.
+
+FastAPI on uvicorn in one process, an in-process LRU of two models, and
+synchronous routes (FastAPI runs them in its thread pool), as the seed's
+``app/server.py`` + ``manager.py`` + ``worker.py`` did. It uses the same
+runtimes and transformers pipelines as the app, so the comparison is about
+the serving design, not the model code.
+
+    SEED_REGISTRY=config/models.json uvicorn bench.seed_server:app --port 8001
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+
+from deployments.runtimes import ModelRuntime, runtime_for
+from serve_app.errors import ModelNotFound
+from serve_app.paths import resolve_project_path
+from serve_app.registry import Modality, Registry
+
+CAPACITY = 2
+
+registry = Registry.from_file(os.environ.get("SEED_REGISTRY", "config/models.json"))
+app = FastAPI(title="seed-style baseline")
+_cache: OrderedDict[str, ModelRuntime] = OrderedDict()
+_lock = threading.Lock()
+loads = 0
+
+
+class Body(BaseModel):
+    model_id: str
+    input_data: str | list[str]
+
+
+def _model(model_id: str) -> ModelRuntime:
+    global loads
+    with _lock:
+        if model_id in _cache:
+            _cache.move_to_end(model_id)
+            return _cache[model_id]
+        if len(_cache) >= CAPACITY:
+            _, old = _cache.popitem(last=False)
+            old.unload()
+        runtime = runtime_for(registry.get(model_id)).load()
+        loads += 1
+        _cache[model_id] = runtime
+        return runtime
+
+
+@app.get("/models")
+def models() -> dict:
+    return {"models": registry.ids, "loaded": list(_cache), "loads": loads}
+
+
+@app.post("/predict")
+def predict(body: Body) -> dict:
+    try:
+        spec = registry.get(body.model_id)
+    except ModelNotFound as e:
+        raise HTTPException(404, e.message) from None
+    items = [body.input_data] if isinstance(body.input_data, str) else body.input_data
+    if spec.modality is Modality.IMAGE:
+        items = [resolve_project_path(p).read_bytes() for p in items]
+    runtime = _model(spec.id)
+    with runtime.in_use():
+        predictions = runtime.predict(items)
+    return {"model_id": spec.id, "predictions": predictions}
