@@ -134,6 +134,10 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "",
         f"![hot path]({plots[0]})",
         "",
+        "The fixed cost of each serving path, measured on a route that runs no model:",
+        "",
+        _table(["route", "p50 (ms)", "p99 (ms)"], [[k, v["p50_ms"], v["p99_ms"]] for k, v in r.overhead.items()]),
+        "",
         "## 2. Throughput",
         "",
         "Closed loop: each client sends its next request when the last is answered. *one model*: `sentiment`; "
@@ -189,9 +193,10 @@ def render(r: Any, out: Path, smoke: bool) -> str:
                   "", _table(["app variant", "hot p50 (ms)", "16 clients req/s", "16 clients p99 (ms)"], rows), ""]
     if r.profile:
         parts += ["## Profile of the hot path", "",
-                  "py-spy samples (100 Hz, 10 s, idle threads excluded) of the app's processes while one client "
-                  "sends back-to-back requests: *busy* is the share of the time the process had a running "
-                  "(not idle) Python thread; the top frames are the innermost functions by share of samples.", ""]
+                  "py-spy samples (100 Hz, 10 s) of the app's processes while one client sends back-to-back "
+                  "requests. Samples of threads parked in an event loop or a thread pool are left out; *busy* is "
+                  "the share of the 10 s in which the process was working (it can pass 100 % with several "
+                  "threads); the frames are the innermost functions of that work, by share.", ""]
         for proc, prof in r.profile.items():
             parts += [f"**{proc}**: busy {100 * prof['busy']:.0f} % ({prof['samples']} samples)", "",
                       _table(["frame", "share"], [[f"`{frame}`", f"{100 * share:.0f} %"] for frame, share in prof["top"]]),

@@ -69,6 +69,7 @@ class Report:
     startup: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
+    overhead: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -203,6 +204,17 @@ def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
     return run, load_times
 
 
+def trivial_route(url: str, path: str, n: int) -> Run:
+    """Latency of a route that runs no model: the fixed cost of the serving path."""
+    run = Run()
+    with httpx.Client(timeout=60) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.get(f"{url}{path}").raise_for_status()
+            run.latencies.append(time.perf_counter() - t0)
+    return run
+
+
 def hot(url: str, n: int) -> Run:
     asyncio.run(closed_loop(url, ["sentiment"], 1, 5))  # warm
     return asyncio.run(closed_loop(url, ["sentiment"], 1, n))
@@ -225,8 +237,8 @@ def app_loads(url: str) -> int:
 
 def churn(url: str, n: int, replicas: int = 2) -> dict:
     trace = zipf_trace(8, n, s=1.0, seed=1)
-    for k in range(8):  # start cold
-        httpx.post(f"{url}/models/c{k}/unload", timeout=120)
+    for model in httpx.get(f"{url}/models", timeout=60).json()["models"]:  # every slot free, as in the simulation
+        httpx.post(f"{url}/models/{model['id']}/unload", timeout=120)
     before = app_loads(url)
     with httpx.Client(timeout=120) as c:
         for item in trace:
@@ -239,6 +251,12 @@ def churn(url: str, n: int, replicas: int = 2) -> dict:
             "app": {"loads_per_1000": 1000 * loads / n, "hit_ratio": 1 - loads / n},
             "lru": {"loads_per_1000": 1000 * lru / n, "hit_ratio": 1 - lru / n},
             "belady": {"loads_per_1000": 1000 * opt / n, "hit_ratio": 1 - opt / n}}
+
+
+# Innermost frames of threads that wait in C (select, futex) with no deeper Python frame.
+WAITING_FRAMES = ("Thread.run", "Worker.main_loop", "_run_router_event_loop", "_run_user_code_event_loop",
+                  "_worker (concurrent/futures/thread.py", "_WorkItem.run", "BaseEventLoop.run_forever",
+                  "Thread._bootstrap_inner")
 
 
 def profile_hot(url: str, seconds: float = 10.0) -> dict:
@@ -278,17 +296,19 @@ def profile_hot(url: str, seconds: float = 10.0) -> dict:
     result = {}
     for name, path in outputs.items():
         counts: dict[str, int] = {}
-        total = 0
+        busy = 0
         for line in path.read_text().splitlines():
             stack, _, n = line.rpartition(" ")
             if not stack or not n.isdigit():
                 continue
             leaf = stack.split(";")[-1]
+            if any(w in leaf for w in WAITING_FRAMES):
+                continue  # a thread parked in its event loop or pool: waiting, not working
             counts[leaf] = counts.get(leaf, 0) + int(n)
-            total += int(n)
+            busy += int(n)
         top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
-        result[name] = {"busy": total / (rate * seconds), "samples": total,
-                        "top": [(frame, n / total if total else 0.0) for frame, n in top]}
+        result[name] = {"busy": busy / (rate * seconds), "samples": busy,
+                        "top": [(frame, n / busy if busy else 0.0) for frame, n in top]}
     return result
 
 
@@ -325,6 +345,7 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
         seed, seed_url = start_seed(registry, logs)
         servers.append(seed)
         report.hot["seed"] = hot(seed_url, p.hot_requests).summary()
+        report.overhead["seed: GET /models (no model run)"] = trivial_route(seed_url, "/models", p.hot_requests).summary()
         report.throughput["seed"] = throughput(seed_url, p)
         seed.stop()
         servers.remove(seed)
@@ -336,6 +357,8 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
             app, url, report.startup["app_s"] = start_app(registry, logs, "app")
             servers.append(app)
         report.hot["app"] = hot(url, p.hot_requests).summary()
+        report.overhead["app: GET /healthz (proxy + ingress, no model run)"] = trivial_route(
+            url, "/healthz", p.hot_requests).summary()
         report.throughput["app"] = throughput(url, p)
         report.churn = churn(url, p.churn_requests)
         report.cold["app_s"] = median(cold(url, p.cold_repeats))

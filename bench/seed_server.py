@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
@@ -37,19 +39,25 @@ class Body(BaseModel):
     input_data: str | list[str]
 
 
-def _model(model_id: str) -> ModelRuntime:
+@contextmanager
+def _model(model_id: str) -> Iterator[ModelRuntime]:
+    """The model, held for one request (taken under the lock, so an eviction cannot free it first)."""
     global loads
     with _lock:
         if model_id in _cache:
             _cache.move_to_end(model_id)
-            return _cache[model_id]
-        if len(_cache) >= CAPACITY:
-            _, old = _cache.popitem(last=False)
-            old.unload()
-        runtime = runtime_for(registry.get(model_id)).load()
-        loads += 1
-        _cache[model_id] = runtime
-        return runtime
+        else:
+            if len(_cache) >= CAPACITY:
+                _, old = _cache.popitem(last=False)
+                old.unload()
+            _cache[model_id] = runtime_for(registry.get(model_id)).load()
+            loads += 1
+        held = _cache[model_id].in_use()
+        runtime = held.__enter__()
+    try:
+        yield runtime
+    finally:
+        held.__exit__(None, None, None)
 
 
 @app.get("/models")
@@ -66,7 +74,6 @@ def predict(body: Body) -> dict:
     items = [body.input_data] if isinstance(body.input_data, str) else body.input_data
     if spec.modality is Modality.IMAGE:
         items = [resolve_project_path(p).read_bytes() for p in items]
-    runtime = _model(spec.id)
-    with runtime.in_use():
+    with _model(spec.id) as runtime:
         predictions = runtime.predict(items)
     return {"model_id": spec.id, "predictions": predictions}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+from serve_app.metrics import LATENCY_BOUNDARIES_MS
 
 
 class WorkerMetrics:
@@ -27,8 +27,8 @@ class WorkerMetrics:
             "mms_model_load_latency_ms", description="Time to load a model, in milliseconds.",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=tags)
 
-    def cache_hit(self, model_id: str, requests: int = 1) -> None:
-        self._hits.inc(requests, tags={"model": model_id})
+    def cache_hit(self, model_id: str) -> None:
+        self._hits.inc(tags={"model": model_id})
 
     def loaded(self, model_id: str, seconds: float) -> None:
         self._loads.inc(tags={"model": model_id, "outcome": "ok"})

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
@@ -43,7 +42,6 @@ def configure_torch(num_threads: int | None) -> None:
 
     if num_threads:
         torch.set_num_threads(num_threads)
-        os.environ["OMP_NUM_THREADS"] = str(num_threads)
     logger.info("torch %s on %s with %d threads", torch.__version__,
                 "cuda" if torch.cuda.is_available() else "cpu", torch.get_num_threads())
 
@@ -74,7 +72,6 @@ class ModelWorker:
         spec = self._registry.get(model_id)
         status = self._model_status(model_id)
         status.state = ModelState.LOADING
-        status.last_load_started_at = time.time()
         runtime = runtime_for(spec)
         try:
             # Loading reads files and builds tensors: keep it off the event loop.
@@ -107,6 +104,11 @@ class ModelWorker:
     async def predict(self, inputs: list[Any]) -> dict[str, Any]:
         """Answer one request's inputs; concurrent requests for the same model are batched together."""
         model_id = serve.get_multiplexed_model_id()
+        if model_id in self._cache():
+            self._metrics.cache_hit(model_id)
+        # Load (or find) the model before joining the batch queue: a cold load of one model does not hold
+        # up the batches of the other.
+        await self.get_model(model_id)
         predictions = await self._run_batch(inputs)
         if isinstance(predictions, Exception):
             raise predictions
@@ -114,13 +116,12 @@ class ModelWorker:
         spec = self._registry.get(model_id)
         return {"model_id": spec.id, "task": spec.task.value, "predictions": predictions}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both set from BatchingArgs in __init__
+    # Size and wait are set from BatchingArgs in __init__; one batch at a time per model slot.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_MODELS_PER_REPLICA)
     async def _run_batch(self, requests: list[list[Any]]) -> list[list[Any] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
         model_id = serve.get_multiplexed_model_id()
-        if model_id in self._cache():
-            self._metrics.cache_hit(model_id, len(requests))
         runtime = await self.get_model(model_id)
         # Entered with no await in between: an LRU eviction cannot slip in before it.
         with runtime.in_use():

@@ -16,6 +16,7 @@ before it reaches a worker replica.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -25,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from serve_app.config import UrlFetchArgs
 from serve_app.errors import BadImage, ForbiddenPath, InvalidInput
@@ -87,7 +88,8 @@ class InputDecoder:
     async def _image(self, i: int, item: str | bytes) -> bytes:
         where = self._where(i)
         if isinstance(item, bytes):
-            self._check_image(where, item)
+            self._check_size(where, len(item))
+            await asyncio.to_thread(self._check_image, where, item)
             return item
         m = _DATA_URI.match(item) if item.startswith("data:") else None
         if _URL.match(item):
@@ -97,7 +99,7 @@ class InputDecoder:
                 raise InvalidInput(f"{where}: a data URI must be base64-encoded (data:image/png;base64,...)", field="input_data")
             data = self._b64(where, m.group("data"))
         elif self._looks_like_path(item):
-            data = self._read_path(where, item)
+            data = await asyncio.to_thread(self._read_path, where, item)
         elif len(item) >= 16 and _BASE64.match(item):
             data = self._b64(where, item)
         else:
@@ -106,57 +108,67 @@ class InputDecoder:
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}), base64 of the image, or a data URI",
                 field="input_data",
             )
-        self._check_image(where, data)
+        # Decoding an image is CPU work: keep it off the ingress event loop.
+        await asyncio.to_thread(self._check_image, where, data)
         return data
+
+    def _check_size(self, where: str, size: int) -> None:
+        if size > self.max_image_bytes:
+            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
 
     @staticmethod
     def _looks_like_path(item: str) -> bool:
         return len(item) < 4096 and "\n" not in item and Path(item).suffix.lower() in IMAGE_SUFFIXES
 
     def _b64(self, where: str, text: str) -> bytes:
-        if len(text) * 3 // 4 > self.max_image_bytes:
-            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
+        self._check_size(where, len(text) * 3 // 4)
         try:
             return base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
             raise BadImage(f"{where}: not valid base64") from None
 
     def _read_path(self, where: str, item: str) -> bytes:
+        if "\0" in item:
+            raise InvalidInput(f"{where}: a path cannot contain a NUL character", field="input_data")
         path = resolve_project_path(item).resolve()
         if not path.is_relative_to(self.image_root):
             raise ForbiddenPath(f"{where}: image paths must lie under the image root {self.image_root}")
         if not path.is_file():
             raise InvalidInput(f"{where}: no image file at {item!r}", field="input_data")
-        if path.stat().st_size > self.max_image_bytes:
-            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
+        self._check_size(where, path.stat().st_size)
         return path.read_bytes()
 
     async def _fetch(self, where: str, url: str) -> bytes:
         cfg = self.url_fetch
         if not cfg.enabled:
             raise ForbiddenPath(f"{where}: fetching image URLs is disabled (url_fetch.enabled)")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+        except ValueError:
+            raise InvalidInput(f"{where}: not a valid URL", field="input_data") from None
         if parts.scheme.lower() not in {s.lower() for s in cfg.allowed_schemes}:
             raise ForbiddenPath(f"{where}: URL scheme {parts.scheme!r} is not allowed")
-        if (parts.hostname or "").lower() not in {h.lower() for h in cfg.allowed_hosts}:
+        if host not in {h.lower() for h in cfg.allowed_hosts}:
             raise ForbiddenPath(f"{where}: host {parts.hostname!r} is not in url_fetch.allowed_hosts")
         try:
-            async with httpx.AsyncClient(timeout=cfg.timeout_s, follow_redirects=False) as client:
-                async with client.stream("GET", url) as r:
-                    if r.status_code != 200:
-                        raise BadImage(f"{where}: fetching the URL gave HTTP {r.status_code}")
-                    chunks, size = [], 0
-                    async for chunk in r.aiter_bytes():
-                        size += len(chunk)
-                        if size > self.max_image_bytes:
-                            raise InvalidInput(
-                                f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data"
-                            )
-                        chunks.append(chunk)
-        except httpx.TimeoutException:
+            # The timeout bounds the whole fetch, not each read.
+            return await asyncio.wait_for(self._download(where, url), timeout=cfg.timeout_s)
+        except asyncio.TimeoutError:
             raise BadImage(f"{where}: fetching the URL took longer than {cfg.timeout_s:g}s") from None
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise BadImage(f"{where}: fetching the URL failed: {type(e).__name__}") from None
+
+    async def _download(self, where: str, url: str) -> bytes:
+        async with httpx.AsyncClient(timeout=self.url_fetch.timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise BadImage(f"{where}: fetching the URL gave HTTP {r.status_code}")
+                chunks, size = [], 0
+                async for chunk in r.aiter_bytes():
+                    size += len(chunk)
+                    self._check_size(where, size)
+                    chunks.append(chunk)
         return b"".join(chunks)
 
     def _check_image(self, where: str, data: bytes) -> None:
@@ -171,5 +183,5 @@ class InputDecoder:
                 img.load()  # a truncated or corrupt image fails here
         except BadImage:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Exception as e:  # whatever the decoder raises on bad bytes is the client's bad image
             raise BadImage(f"{where}: not a readable image ({type(e).__name__}: {e})") from None

@@ -57,9 +57,17 @@ class WorkerArgs(_Strict):
     max_replicas_per_node: int | None = Field(None, ge=1, description="spread replicas: at most this many per node")
     num_cpus: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per worker replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker replica (models go to CUDA when one is visible)")
-    max_ongoing_requests: int = Field(4, ge=1, description="requests a worker replica takes at once")
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="requests a worker replica takes at once (at least batching.max_batch_size)"
+    )
     torch_threads: int | None = Field(1, ge=1, description="torch intra-op threads per replica; null keeps torch's default")
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> "WorkerArgs":
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, or batches never fill")
+        return self
 
 
 class IngressArgs(_Strict):
@@ -110,6 +118,9 @@ def resolve_api_key(args: AppArgs) -> str | None:
     if env is not None and env.get_secret_value():
         return env.get_secret_value()
     if args.api_key_file:
-        key = Path(resolve_project_path(args.api_key_file)).read_text(encoding="utf-8").strip()
-        return key or None
+        path = resolve_project_path(args.api_key_file)
+        key = Path(path).read_text(encoding="utf-8").strip()
+        if not key:  # an unfilled secret must not leave the API open
+            raise ValueError(f"api_key_file {path} is empty")
+        return key
     return None

@@ -101,11 +101,9 @@ _HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"
 
 
 def _json(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    """The native shape, or the Open Inference Protocol's ``{"error": message}`` under /v2."""
-    path = request.url.path[len(request.scope.get("root_path", "")):]
-    if path.startswith("/v2"):
-        body = {"error": body.get("message", body.get("error", "error"))}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    from serve_app.middleware import error_body
+
+    return JSONResponse(status_code=status, content=error_body(request.scope, body), headers=headers)
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -139,5 +137,5 @@ def install_error_handlers(app: FastAPI) -> None:
         inner = unwrap(exc)
         if isinstance(inner, ServeAppError):
             return _json(request, inner.status_code, inner.body())
-        logger.exception("unhandled error: %s", exc)
-        return _json(request, 500, {"error": "internal_error", "message": f"{type(inner).__name__}: {inner}"})
+        logger.exception("unhandled error: %s", exc)  # the details go to the log, not to the client
+        return _json(request, 500, {"error": "internal_error", "message": f"internal error ({type(inner).__name__})"})

@@ -138,21 +138,18 @@ class ModelHandler:
         views = [r.models[spec.id] for r in replicas if spec.id in r.models]
         holders = [r.replica_id for r in replicas if r.models.get(spec.id) and r.models[spec.id].state is ModelState.LOADED]
 
-        def latest(attr: str) -> Any:
-            values = [getattr(v, attr) for v in views if getattr(v, attr) is not None]
-            return max(values) if values else None
-
-        last_loaded, last_failed = latest("last_loaded_at"), latest("last_error_at")
+        newest_load = max((v for v in views if v.last_loaded_at), key=lambda v: v.last_loaded_at, default=None)
+        newest_error = max((v for v in views if v.last_error_at), key=lambda v: v.last_error_at, default=None)
+        last_loaded = newest_load.last_loaded_at if newest_load else None
         if holders:
             state = ModelState.LOADED
         elif any(v.state is ModelState.LOADING for v in views):
             state = ModelState.LOADING
-        elif last_failed is not None and (last_loaded is None or last_failed > last_loaded):
+        elif newest_error and (last_loaded is None or newest_error.last_error_at > last_loaded):
             state = ModelState.FAILED
         else:
             state = ModelState.NOT_LOADED
-        newest_load = max((v for v in views if v.last_loaded_at), key=lambda v: v.last_loaded_at, default=None)
-        newest_error = max((v for v in views if v.last_error_at), key=lambda v: v.last_error_at, default=None)
+        used = [v.last_used_at for v in views if v.last_used_at is not None]
         return ModelInfo(
             id=spec.id,
             task=spec.task,
@@ -165,8 +162,9 @@ class ModelHandler:
             loaded=bool(holders),
             replicas=holders,
             load_count=sum(v.load_count for v in views),
+            unload_count=sum(v.unload_count for v in views),
             last_loaded_at=last_loaded,
             last_load_seconds=newest_load.last_load_seconds if newest_load else None,
-            last_used_at=latest("last_used_at"),
+            last_used_at=max(used, default=None),
             last_error=newest_error.last_error if newest_error else None,
         )

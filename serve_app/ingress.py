@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -62,7 +63,7 @@ class Ingress:
             result = await call()
             status = 200
             return result
-        except ServeAppError as e:
+        except (ServeAppError, HTTPException) as e:
             status = e.status_code
             raise
         finally:

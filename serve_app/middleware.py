@@ -17,8 +17,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
-    payload = json.dumps(body).encode()
+def route_path(scope: Scope) -> str:
+    """The request path inside the application (its route prefix removed)."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def error_body(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
+    """The native error shape, or the Open Inference Protocol's ``{"error": message}`` under /v2."""
+    if route_path(scope).startswith("/v2"):
+        return {"error": body.get("message", body.get("error", "error"))}
+    return body
+
+
+async def _send_json(send: Send, scope: Scope, status: int, body: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(error_body(scope, body)).encode()
     await send({
         "type": "http.response.start",
         "status": status,
@@ -26,12 +41,6 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
                     *headers],
     })
     await send({"type": "http.response.body", "body": payload})
-
-
-def _route_path(scope: Scope) -> str:
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 class ApiKeyMiddleware:
@@ -42,13 +51,13 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key: bytes | None = getattr(scope["app"].state, "api_key", None) if scope["type"] == "http" else None
-        if key is None or _route_path(scope).rstrip("/") in OPEN_PATHS:
+        if key is None or route_path(scope).rstrip("/") in OPEN_PATHS:
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key):
             return await self.app(scope, receive, send)
-        await _send_json(send, 401, {"error": "unauthorized", "message": "missing or wrong API key: "
+        await _send_json(send, scope, 401, {"error": "unauthorized", "message": "missing or wrong API key: "
                                      "send 'Authorization: Bearer <key>'"},
                          [(b"www-authenticate", b"Bearer")])
 
@@ -72,7 +81,7 @@ class BodyLimitMiddleware:
                    "limit": limit}
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_json(send, 413, message)
+            return await _send_json(send, scope, 413, message)
 
         received = 0
         started = False
@@ -95,4 +104,4 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _send_json(send, 413, message)
+                await _send_json(send, scope, 413, message)

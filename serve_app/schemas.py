@@ -67,7 +67,6 @@ class ReplicaModelStatus(BaseModel):
     state: ModelState = ModelState.NOT_LOADED
     load_count: int = 0
     unload_count: int = 0
-    last_load_started_at: float | None = None
     last_loaded_at: float | None = None
     last_load_seconds: float | None = None
     last_used_at: float | None = None
@@ -103,6 +102,7 @@ class ModelInfo(BaseModel):
     loaded: bool = Field(description="held by at least one worker replica now")
     replicas: list[str] = Field(description="ids of the worker replicas that hold it")
     load_count: int = Field(description="loads so far, over the replicas running now")
+    unload_count: int = Field(description="unloads so far (LRU evictions and explicit unloads), likewise")
     last_loaded_at: float | None = Field(None, description="Unix time of the last successful load")
     last_load_seconds: float | None = Field(None, description="how long that load took")
     last_used_at: float | None = Field(None, description="Unix time of the last prediction")

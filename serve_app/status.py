@@ -28,6 +28,7 @@ class ReplicaModelRecord:
     def __init__(self, worker: DeploymentHandle) -> None:
         self._deployment_id = DeploymentID(name=worker.deployment_name, app_name=worker.app_name)
         self._controller = None
+        self._actors: dict[str, ray.actor.ActorHandle] = {}
 
     async def _running(self) -> list:
         if self._controller is None:
@@ -38,7 +39,9 @@ class ReplicaModelRecord:
     async def _ask(self, info) -> ReplicaStatus:
         status = ReplicaStatus(replica_id=info.replica_id.unique_id, node_id=info.node_id)
         try:
-            actor = ray.get_actor(info.actor_name, namespace=SERVE_NAMESPACE)
+            actor = self._actors.get(info.actor_name)
+            if actor is None:
+                actor = self._actors[info.actor_name] = ray.get_actor(info.actor_name, namespace=SERVE_NAMESPACE)
             stats = await asyncio.wait_for(actor.record_routing_stats.remote(), ASK_TIMEOUT_S)
             status.models = {m: ReplicaModelStatus.model_validate(s) for m, s in stats.get("models", {}).items()}
         except Exception as e:  # a replica that is starting or dying: fall back to its routing record
@@ -51,4 +54,6 @@ class ReplicaModelRecord:
 
     async def replicas(self) -> list[ReplicaStatus]:
         infos = await self._running()
+        live = {info.actor_name for info in infos}
+        self._actors = {name: a for name, a in self._actors.items() if name in live}
         return list(await asyncio.gather(*(self._ask(info) for info in infos)))

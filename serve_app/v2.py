@@ -140,7 +140,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
         raise InvalidInput(f"input {tensor.name!r} must be BYTES, not {tensor.datatype}", field="inputs")
     binary_size = (tensor.parameters or {}).get("binary_data_size")
     if binary_size is not None:
-        elements: list[str | bytes] = list(_bytes_elements(body[json_end : json_end + int(binary_size)]))
+        if not isinstance(binary_size, int) or not 0 <= binary_size <= len(body) - json_end:
+            raise InvalidInput("binary_data_size does not fit the binary data sent", field="inputs")
+        elements: list[str | bytes] = list(_bytes_elements(body[json_end : json_end + binary_size]))
     elif tensor.data is not None:
         elements = [e if isinstance(e, str) else str(e) for e in _flatten(tensor.data)]
     else:

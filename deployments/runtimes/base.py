@@ -11,6 +11,7 @@ when the last of them finishes (``in_use``), so those requests complete.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -81,7 +82,7 @@ class ModelRuntime(ABC):
                 self._in_use -= 1
                 release = self._unload_pending and self._in_use == 0
             if release:
-                self._free()
+                self._free_soon()
 
     def unload(self) -> None:
         callback, self.on_unload = self.on_unload, None
@@ -92,6 +93,13 @@ class ModelRuntime(ABC):
                 self._unload_pending = True
                 return
         self._free()
+
+    def _free_soon(self) -> None:
+        """Free in a worker thread when called on an event loop (gc.collect can take a while)."""
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self._free)
+        except RuntimeError:  # no event loop here
+            self._free()
 
     def _free(self) -> None:
         if not self.loaded:

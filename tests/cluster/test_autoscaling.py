@@ -22,7 +22,7 @@ def autoscale_url(deploy, tiny_registry):
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                             "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
                             "metrics_interval_s": 0.5},
-            "num_cpus": 0.5, "max_ongoing_requests": 4, "torch_threads": 1,
+            "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1,
         },
     })
     serve.delete("autoscale")

@@ -129,3 +129,20 @@ def test_urls_are_refused_unless_enabled_and_allowed():
         on.decode(Modality.IMAGE, "http://images.example.com/cat.jpg")
     with pytest.raises(ForbiddenPath, match="allowed_hosts"):
         on.decode(Modality.IMAGE, "https://evil.example.com/cat.jpg")
+
+
+def test_odd_paths_and_urls_are_client_errors_not_crashes():
+    from serve_app.config import UrlFetchArgs
+
+    dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4,
+                             UrlFetchArgs(enabled=True, allowed_schemes=["https"], allowed_hosts=["h.example"])))
+    with pytest.raises(InvalidInput, match="NUL"):
+        dec.decode(Modality.IMAGE, "samples/images/x\0.png")
+    with pytest.raises(InvalidInput, match="not a valid URL"):
+        dec.decode(Modality.IMAGE, "https://[::1")
+
+
+def test_raw_bytes_over_the_byte_limit_are_refused():
+    dec = _Sync(InputDecoder("samples/images", 100, 100_000, 4))
+    with pytest.raises(InvalidInput, match="larger than 100 bytes"):
+        dec.decode(Modality.IMAGE, [_png((64, 64)) + b"\0" * 200])

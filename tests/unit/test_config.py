@@ -57,3 +57,24 @@ def test_defaults_and_serve_config_fit_a_two_core_machine():
 def test_autoscaling_bounds_are_checked():
     with pytest.raises(ValidationError, match="max_replicas must be at least min_replicas"):
         AppArgs.model_validate({"worker": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+
+
+def test_batches_must_fit_in_the_ongoing_requests():
+    with pytest.raises(ValidationError, match="max_ongoing_requests must be at least batching.max_batch_size"):
+        AppArgs.model_validate({"worker": {"max_ongoing_requests": 4, "batching": {"max_batch_size": 8}}})
+
+
+def test_api_key_from_env_or_file_and_an_empty_file_is_refused(tmp_path, monkeypatch):
+    from serve_app.config import resolve_api_key
+
+    monkeypatch.delenv("MMS_API_KEY", raising=False)
+    assert resolve_api_key(AppArgs()) is None
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert resolve_api_key(AppArgs(api_key_file=str(key_file))) == "s3cret"
+    monkeypatch.setenv("MMS_API_KEY", "from-env")
+    assert resolve_api_key(AppArgs(api_key_file=str(key_file))) == "from-env"
+    monkeypatch.delenv("MMS_API_KEY")
+    key_file.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        resolve_api_key(AppArgs(api_key_file=str(key_file)))
