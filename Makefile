@@ -11,8 +11,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: run test install models unit integration cluster bench clean
 
+# RAY_SERVE_THROUGHPUT_OPTIMIZED: Ray Serve's throughput-optimized mode (direct ingress, gRPC between
+# replicas, buffered request logs); docs/benchmarks.md measures it against the standard mode.
 run: install models
-	$(VENV)/bin/serve run serve_config.yaml
+	RAY_SERVE_THROUGHPUT_OPTIMIZED=$${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1} $(VENV)/bin/serve run serve_config.yaml
 
 # Two pytest sessions, each starting Ray once: one node for unit and integration tests,
 # then a three-node cluster (ray.cluster_utils) for the cluster tests.

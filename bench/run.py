@@ -40,6 +40,8 @@ from demo.tiny_models import build_image_model, build_text_model, write_registry
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
        "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+# The app runs as `make run` starts it: Ray Serve's throughput-optimized mode.
+APP_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 @dataclass
@@ -173,7 +175,8 @@ def start_app(registry: Path, logs: Path, name: str, batching: bool = True, env:
         args["worker"]["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
     path = logs / f"serve-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    server = Server([str(Path(sys.executable).parent / "serve"), "run", str(path)], env or {}, logs / f"{name}.log")
+    server = Server([str(Path(sys.executable).parent / "serve"), "run", str(path)], APP_ENV if env is None else env,
+                    logs / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     startup = wait_first_prediction(url, "sentiment") - server.started
     return server, url, startup
@@ -259,9 +262,9 @@ WAITING_FRAMES = ("Thread.run", "Worker.main_loop", "_run_router_event_loop", "_
                   "Thread._bootstrap_inner")
 
 
-def profile_hot(url: str, seconds: float = 10.0) -> dict:
-    """py-spy samples of the proxy, ingress and worker processes while one client runs the hot path:
-    how busy each process is and where its time goes (top functions by samples, idle excluded)."""
+def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
+    """py-spy samples of the proxy, ingress and worker processes while `clients` clients send requests for
+    one model: how busy each process is and where its time goes (top functions by samples, idle excluded)."""
     import shutil
     import threading
 
@@ -271,8 +274,8 @@ def profile_hot(url: str, seconds: float = 10.0) -> dict:
     pids = {}
     for name, title in procs.items():
         found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
-        if found:
-            pids[name] = found[0]
+        for k, pid in enumerate(found):
+            pids[f"{name} {k + 1}" if len(found) > 1 else name] = pid
     stop = threading.Event()
 
     def load():
@@ -281,8 +284,9 @@ def profile_hot(url: str, seconds: float = 10.0) -> dict:
                 c.post(f"{url}/predict", json={"model_id": "sentiment", "input_data": "This movie was great!"})
 
     rate = 100
-    loader = threading.Thread(target=load)
-    loader.start()
+    loaders = [threading.Thread(target=load) for _ in range(clients)]
+    for loader in loaders:
+        loader.start()
     outputs, recorders = {}, []
     for name, pid in pids.items():
         outputs[name] = Path(tempfile.mkstemp(suffix=".txt")[1])
@@ -292,7 +296,8 @@ def profile_hot(url: str, seconds: float = 10.0) -> dict:
     for r in recorders:
         r.wait(timeout=seconds + 60)
     stop.set()
-    loader.join()
+    for loader in loaders:
+        loader.join()
     result = {}
     for name, path in outputs.items():
         counts: dict[str, int] = {}
@@ -363,14 +368,14 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
         report.churn = churn(url, p.churn_requests)
         report.cold["app_s"] = median(cold(url, p.cold_repeats))
         if not smoke and not app_url:
-            print("profile of the hot path", flush=True)
-            report.profile = profile_hot(url)
+            print("profile at 16 clients", flush=True)
+            report.profile = profile_load(url)
 
         if p.variants and not app_url:
             app.stop()
             servers.remove(app)
             for name, kwargs in (("batching off", {"batching": False}),
-                                 ("throughput-optimized Ray Serve", {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}})):
+                                 ("standard Ray Serve mode (proxy actor)", {"env": {}})):
                 print(f"app variant: {name}", flush=True)
                 variant, vurl, startup = start_app(registry, logs, name.split()[0], **kwargs)
                 servers.append(variant)
@@ -401,7 +406,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--smoke", action="store_true", help="a few requests per scenario, tiny models")
     ap.add_argument("--app-url", help="measure an app already running there instead of starting one")
+    ap.add_argument("--render", type=Path, help="only render the report again from this benchmarks.json")
     args = ap.parse_args()
+    if args.render:
+        data = json.loads(args.render.read_text())
+        for scenario in ("throughput",):  # JSON turned the client counts into strings
+            for peer in data[scenario].values():
+                for workload, series in peer.items():
+                    peer[workload] = {int(k): v for k, v in series.items()}
+        write_report(Report(**data), args.out, smoke=False)
+        return
     run(args.out, args.smoke, args.app_url)
 
 
