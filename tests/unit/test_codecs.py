@@ -117,14 +117,18 @@ def test_truncated_jpeg_is_a_bad_image(decoder):
         decoder.decode(Modality.IMAGE, base64.b64encode(raw[: len(raw) // 2]).decode())
 
 
-def test_urls_are_refused_unless_enabled_and_allowed():
+def _url_decoder(host: str) -> _Sync:
     from serve_app.config import UrlFetchArgs
 
+    fetch = UrlFetchArgs(enabled=True, allowed_schemes=["https"], allowed_hosts=[host])
+    return _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, fetch))
+
+
+def test_urls_are_refused_unless_enabled_and_allowed():
     off = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4))
     with pytest.raises(ForbiddenPath, match="disabled"):
         off.decode(Modality.IMAGE, "https://example.com/cat.jpg")
-    on = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4,
-                            UrlFetchArgs(enabled=True, allowed_schemes=["https"], allowed_hosts=["images.example.com"])))
+    on = _url_decoder("images.example.com")
     with pytest.raises(ForbiddenPath, match="scheme"):
         on.decode(Modality.IMAGE, "http://images.example.com/cat.jpg")
     with pytest.raises(ForbiddenPath, match="allowed_hosts"):
@@ -132,10 +136,7 @@ def test_urls_are_refused_unless_enabled_and_allowed():
 
 
 def test_odd_paths_and_urls_are_client_errors_not_crashes():
-    from serve_app.config import UrlFetchArgs
-
-    dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4,
-                             UrlFetchArgs(enabled=True, allowed_schemes=["https"], allowed_hosts=["h.example"])))
+    dec = _url_decoder("h.example")
     with pytest.raises(InvalidInput, match="NUL"):
         dec.decode(Modality.IMAGE, "samples/images/x\0.png")
     with pytest.raises(InvalidInput, match="not a valid URL"):
