@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from serve_app.errors import InvalidInput
-from serve_app.v2 import InferRequest, infer_response, parse_infer_request
+from serve_app.v2 import InferRequest, RequestOutput, infer_response, parse_infer_request
 
 
 def _binary(elements: list[bytes]) -> bytes:
@@ -56,6 +56,6 @@ def test_response_tensors_and_requested_outputs():
     response = infer_response(request, "spam", predictions)
     assert response.id == "7" and [o.name for o in response.outputs] == ["label"]
     assert response.outputs[0].data == ["spam"] and response.outputs[0].shape == [1]
-    request.outputs = [{"name": "probabilities"}]
+    unknown = request.model_copy(update={"outputs": [RequestOutput(name="probabilities")]})
     with pytest.raises(InvalidInput, match="unknown output"):
-        infer_response(InferRequest.model_validate(request.model_dump()), "spam", predictions)
+        infer_response(unknown, "spam", predictions)
