@@ -18,9 +18,11 @@ TARGETS = {
 }
 
 
-def _f(x: Any, digits: int = 1) -> str:
+def _f(x: Any) -> str:
     if isinstance(x, float):
-        return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+        if math.isnan(x):
+            return "n/a"
+        return f"{x:.3f}" if abs(x) < 1 else f"{x:.1f}"  # seconds of a load need more than one decimal
     return str(x)
 
 
