@@ -163,7 +163,7 @@ def render(r: Any, out: Path, smoke: bool) -> str:
             "## 3. Model churn",
             "",
             f"A Zipf (s = 1) trace of {c['requests']} requests over 8 tiny models, sent one at a time to the app "
-            f"with 2 worker replicas of 2 slots each, against simulations of the same trace on one LRU cache of "
+            f"with {c['slots'] // 2} worker replicas of 2 slots each, against simulations of the same trace on one LRU cache of "
             f"{c['slots']} slots and on Belady's optimal policy. The app's loads are the replicas' own load "
             "counts (`GET /models`).",
             "",
@@ -219,7 +219,7 @@ def _analysis(r: Any) -> list[str]:
     if "app" in overhead and "seed" in overhead and "app" in r.hot:
         out.append(
             f"- **Fixed cost of the serving path.** A route that runs no model takes {overhead['app']:.1f} ms "
-            f"(p50) through the app (HTTP ingress replica, plus Ray's proxy in standard mode) against "
+            f"(p50) through the app's HTTP path (Serve's HTTP proxy and the ingress replica) against "
             f"{overhead['seed']:.1f} ms in the single process; the prediction then crosses one more process "
             f"boundary (ingress to worker replica) and the batch queue. On the hot path that is "
             f"{r.hot['app']['p50_ms'] - r.hot['direct']['p50_ms']:.1f} ms over the in-process floor "
@@ -234,19 +234,19 @@ def _analysis(r: Any) -> list[str]:
             f"- **One hot model runs on one replica.** At 16 clients on one model the worker replicas were busy "
             f"{shares} of the time: Ray routes requests for a model to the replica that holds it, and that "
             f"replica runs the model with its one torch thread (batches of up to `max_batch_size`), while the "
-            f"seed-style server gives the one model both cores. The ingress and proxy took another "
-            f"{serving:.0f} % of a core. Mixed traffic is where the design pays: with three models the app "
-            f"served {_mix_ratio(r)} the seed-style server's requests per second, which reloads models on a "
-            f"third of its requests.")
+            f"seed-style server gives the one model all {r.machine['cpus']} CPUs. The ingress and proxy took "
+            f"another {serving:.0f} % of a CPU. With three models mixed the app served {_mix_ratio(r)} the "
+            f"seed-style server's requests per second (the seed-style server reloads a model on about a "
+            f"third of them).")
     if r.churn:
         c = r.churn
         out.append(
-            f"- **Two caches of two, not one of four.** The app's replicas are two LRU caches of 2 slots; a model "
+            f"- **{c['slots'] // 2} caches of 2, not one of {c['slots']}.** Each of the app's {c['slots'] // 2} "
+            f"worker replicas is an LRU cache of 2 slots; a model "
             f"that misses is loaded on the replica Ray's router picks, and evicts that replica's least recently "
-            f"used model even when the other replica holds an older one. The single-LRU simulation evicts the "
-            f"globally oldest of 4, so it keeps more of the popular models: {100 * c['lru']['hit_ratio']:.1f} % "
-            f"hits against the app's {100 * c['app']['hit_ratio']:.1f} % (Belady: "
-            f"{100 * c['belady']['hit_ratio']:.1f} %).")
+            f"used model even when the other replica holds an older one; the single-LRU simulation evicts the "
+            f"globally oldest of {c['slots']}. Hit ratios: app {100 * c['app']['hit_ratio']:.1f} %, one LRU "
+            f"{100 * c['lru']['hit_ratio']:.1f} %, Belady {100 * c['belady']['hit_ratio']:.1f} %.")
     return out
 
 

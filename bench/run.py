@@ -238,8 +238,9 @@ def app_loads(url: str) -> int:
     return sum(m["load_count"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"])
 
 
-def churn(url: str, n: int, replicas: int = 2) -> dict:
+def churn(url: str, n: int) -> dict:
     trace = zipf_trace(8, n, s=1.0, seed=1)
+    replicas = len(httpx.get(f"{url}/models", timeout=60).json()["replicas"])
     for model in httpx.get(f"{url}/models", timeout=60).json()["models"]:  # every slot free, as in the simulation
         httpx.post(f"{url}/models/{model['id']}/unload", timeout=120)
     before = app_loads(url)

@@ -106,32 +106,31 @@ class ModelWorker:
         model_id = serve.get_multiplexed_model_id()
         if model_id in self._cache():
             self._metrics.cache_hit(model_id)
-        # Load (or find) the model before joining the batch queue: a cold load of one model does not hold
-        # up the batches of the other.
-        await self.get_model(model_id)
-        predictions = await self._run_batch(inputs)
+        # Load (or find) the model before joining the batch queue, so that a cold load does not hold up the
+        # batch queue, and hold it (no await in between), so that an LRU eviction cannot free it meanwhile.
+        runtime = await self.get_model(model_id)
+        with runtime.in_use():
+            predictions = await self._run_batch(inputs, runtime)
         if isinstance(predictions, Exception):
             raise predictions
         self._model_status(model_id).last_used_at = time.time()
         spec = self._registry.get(model_id)
         return {"model_id": spec.id, "task": spec.task.value, "predictions": predictions}
 
-    # Size and wait are set from BatchingArgs in __init__; one batch at a time per model slot.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_MODELS_PER_REPLICA)
-    async def _run_batch(self, requests: list[list[Any]]) -> list[list[Any] | Exception]:
+    # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
+    # on one torch thread, so a second concurrent batch would add no compute.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _run_batch(self, requests: list[list[Any]], runtimes: list[ModelRuntime]) -> list[list[Any] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
-        model_id = serve.get_multiplexed_model_id()
-        runtime = await self.get_model(model_id)
-        # Entered with no await in between: an LRU eviction cannot slip in before it.
-        with runtime.in_use():
-            flat = [item for inputs in requests for item in inputs]
-            try:
-                predictions = await self._infer(runtime, flat)
-            except Exception as e:
-                if len(requests) == 1:
-                    return [e]
-                return [await self._infer_or_error(runtime, inputs) for inputs in requests]
+        runtime = runtimes[0]  # every request of the batch holds its runtime (in_use), so this one stays loaded
+        flat = [item for inputs in requests for item in inputs]
+        try:
+            predictions = await self._infer(runtime, flat)
+        except Exception as e:
+            if len(requests) == 1:
+                return [e]
+            return [await self._infer_or_error(runtime, inputs) for inputs in requests]
         out, start = [], 0
         for inputs in requests:
             out.append(predictions[start : start + len(inputs)])
@@ -173,6 +172,8 @@ class ModelWorker:
             if runtime is None:
                 return False
             wrapper._push_multiplexed_replica_info = True  # tell the router at its next push
+            runtime.on_unload = None
+            self._unloaded(model_id)  # recorded under the lock: a reload right after is recorded after it
         await asyncio.to_thread(runtime.unload)
         return True
 

@@ -154,7 +154,7 @@ class InputDecoder:
         try:
             # The timeout bounds the whole fetch, not each read.
             return await asyncio.wait_for(self._download(where, url), timeout=cfg.timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, httpx.TimeoutException):
             raise BadImage(f"{where}: fetching the URL took longer than {cfg.timeout_s:g}s") from None
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise BadImage(f"{where}: fetching the URL failed: {type(e).__name__}") from None

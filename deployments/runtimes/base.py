@@ -25,6 +25,9 @@ from serve_app.registry import ModelSpec, Task
 
 logger = logging.getLogger("ray.serve")
 
+# Most inputs in one forward pass (a batch of requests times their list inputs can be larger).
+MAX_FORWARD_BATCH = 32
+
 # One prediction: every label with its probability, most likely first.
 Scores = list[dict[str, Any]]
 
@@ -97,9 +100,12 @@ class ModelRuntime(ABC):
     def _free_soon(self) -> None:
         """Free in a worker thread when called on an event loop (gc.collect can take a while)."""
         try:
-            asyncio.get_running_loop().run_in_executor(None, self._free)
+            future = asyncio.get_running_loop().run_in_executor(None, self._free)
         except RuntimeError:  # no event loop here
             self._free()
+            return
+        future.add_done_callback(
+            lambda f: f.exception() and logger.error("freeing model %r failed: %r", self.spec.id, f.exception()))
 
     def _free(self) -> None:
         if not self.loaded:
@@ -161,9 +167,13 @@ class PipelineRuntime(ModelRuntime):
         if pipe is None:
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
         with self._lock:  # a pipeline is not safe to call from several threads at once
-            # batch_size: one forward pass for all the inputs (a pipeline's default runs them one by one,
-            # 2.7x slower per sentence for the demo text models on one CPU thread).
-            out = pipe(inputs, top_k=None, batch_size=len(inputs), **kwargs)
+            # batch_size: one forward pass for the inputs (a pipeline's default runs them one by one,
+            # 2.7x slower per sentence for the demo text models on one CPU thread). A tokenizer without a
+            # pad token cannot pad a batch: such a model runs one input at a time.
+            tokenizer = getattr(pipe, "tokenizer", None)
+            can_pad = tokenizer is None or tokenizer.pad_token_id is not None
+            batch_size = min(len(inputs), MAX_FORWARD_BATCH) if can_pad else 1
+            out = pipe(inputs, top_k=None, batch_size=batch_size, **kwargs)
         # A single input gives a flat list of {label, score}; normalise to one list per input.
         if out and isinstance(out[0], dict):
             out = [out]
