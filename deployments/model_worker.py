@@ -97,8 +97,12 @@ class ModelWorker:
         status.unload_count += 1
         self._metrics.unloaded(model_id)
 
+    def _multiplexer(self) -> Any:
+        """Serve's per-replica model cache, created on the first get_model (None before)."""
+        return getattr(self, _MULTIPLEX_ATTR, None)
+
     def _cache(self) -> dict[str, ModelRuntime]:
-        wrapper = getattr(self, _MULTIPLEX_ATTR, None)
+        wrapper = self._multiplexer()
         return wrapper.models if wrapper is not None else {}
 
     async def predict(self, inputs: list[Any]) -> dict[str, Any]:
@@ -114,8 +118,7 @@ class ModelWorker:
         if isinstance(predictions, Exception):
             raise predictions
         self._model_status(model_id).last_used_at = time.time()
-        spec = self._registry.get(model_id)
-        return {"model_id": spec.id, "task": spec.task.value, "predictions": predictions}
+        return {"model_id": runtime.spec.id, "task": runtime.spec.task.value, "predictions": predictions}
 
     # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
     # on one torch thread, so a second concurrent batch would add no compute.
@@ -155,16 +158,14 @@ class ModelWorker:
         except Exception as e:
             return e
 
-    async def load(self) -> dict[str, Any]:
+    async def load(self) -> None:
         """Load the request's model on this replica (the LRU cap still applies)."""
-        model_id = serve.get_multiplexed_model_id()
-        await self.get_model(model_id)
-        return self._model_status(model_id).model_dump()
+        await self.get_model(serve.get_multiplexed_model_id())
 
     async def unload(self) -> bool:
         """Unload the request's model from this replica; False if it did not hold it."""
         model_id = serve.get_multiplexed_model_id()
-        wrapper = getattr(self, _MULTIPLEX_ATTR, None)
+        wrapper = self._multiplexer()
         if wrapper is None:
             return False
         async with wrapper._model_cache_lock:
