@@ -189,7 +189,7 @@ def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
     import torch
 
     from deployments.runtimes import runtime_for
-    from serve_app.registry import Registry
+    from serve_app.core.registry import Registry
 
     torch.set_num_threads(1)  # as a worker replica runs it
     spec = Registry.from_file(registry).get("sentiment")

@@ -21,9 +21,9 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from deployments.runtimes import ModelRuntime, runtime_for
-from serve_app.errors import ModelNotFound
-from serve_app.paths import resolve_project_path
-from serve_app.registry import Modality, Registry
+from serve_app.core.errors import ModelNotFound
+from serve_app.core.paths import resolve_project_path
+from serve_app.core.registry import Modality, Registry
 
 CAPACITY = 2
 

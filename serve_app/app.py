@@ -1,23 +1,25 @@
 """The application builder named by ``serve_config.yaml`` (``import_path: serve_app.app:build_app``).
 
-``serve run serve_config.yaml`` validates the ``args`` mapping against
-``AppArgs`` and calls ``build_app``, which reads the registry once and binds
-the two deployments: the HTTP ingress and the model workers it dispatches to.
+``serve run serve_config.yaml`` validates the ``args`` mapping against ``AppArgs`` and calls
+``build_app``, which reads the registry once and binds the two deployments: the HTTP ingress and the
+model workers it dispatches to. This is the only module that imports both deployments.
 """
 
 from __future__ import annotations
 
 from ray.serve import Application
 
-from deployments.model_worker import ModelWorker
-from serve_app.config import AppArgs
-from serve_app.ingress import Ingress
-from serve_app.registry import Registry
+from deployments.ingress.deployment import Ingress
+from deployments.worker.deployment import ModelWorker
+from serve_app.core import ray_internals
+from serve_app.core.config import AppArgs
+from serve_app.core.registry import Registry
 
 
 def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):  # called from Python with a plain mapping
         args = AppArgs.model_validate(args or {})
+    ray_internals.check()
     registry = Registry.from_file(args.registry_path)
     w = args.worker
     scaling: dict = {"num_replicas": w.num_replicas}

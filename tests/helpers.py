@@ -25,12 +25,9 @@ def tiny_args(registry: Path, replicas: int, **extra) -> dict:
 
 def replica_pids(app: str, deployment: str = "ModelWorker") -> dict[str, int]:
     """Replica id -> PID of the running replicas of a deployment, from Serve's controller."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from serve_app.core import ray_internals
 
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    details = ray.get(controller.get_serve_instance_details.remote())
-    replicas = details["applications"][app]["deployments"][deployment]["replicas"]
+    replicas = ray_internals.serve_instance_details()["applications"][app]["deployments"][deployment]["replicas"]
     return {r["replica_id"]: r["pid"] for r in replicas if r["state"] == "RUNNING"}
 
 

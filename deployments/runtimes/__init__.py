@@ -5,7 +5,7 @@ from __future__ import annotations
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.image_classification import ImageClassificationRuntime
 from deployments.runtimes.text_classification import TextClassificationRuntime
-from serve_app.registry import ModelSpec, Task
+from serve_app.core.registry import ModelSpec, Task
 
 RUNTIMES: dict[Task, type[ModelRuntime]] = {
     runtime.task: runtime for runtime in (TextClassificationRuntime, ImageClassificationRuntime)

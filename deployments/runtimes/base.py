@@ -2,8 +2,7 @@
 
 A runtime is created for one registry entry, then ``load`` reads the model
 (the same code for a local folder and for a pinned hub revision),
-``predict`` answers a batch of inputs, ``metadata`` describes it, and
-``unload`` drops every reference to the weights so that their memory is
+``predict`` answers a batch of inputs, and ``unload`` drops every reference to the weights so that their memory is
 freed. Ray Serve's multiplexing LRU calls ``__del__`` on eviction, which is
 ``unload`` here. A model evicted while requests still run on it is released
 when the last of them finishes (``in_use``), so those requests complete.
@@ -21,15 +20,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from serve_app.registry import ModelSpec, Task
+from serve_app.core.registry import ModelSpec, Task
+from serve_app.core.schemas import LabelScore, Scores
 
 logger = logging.getLogger("ray.serve")
 
 # Most inputs in one forward pass (a batch of requests times their list inputs can be larger).
 MAX_FORWARD_BATCH = 32
-
-# One prediction: every label with its probability, most likely first.
-Scores = list[dict[str, Any]]
 
 
 def default_device() -> str:
@@ -124,16 +121,6 @@ class ModelRuntime(ABC):
         except Exception:  # never raise from a finaliser
             pass
 
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "id": self.spec.id,
-            "task": self.spec.task.value,
-            "source": self.spec.source.describe(),
-            "device": self.device,
-            "loaded": self.loaded,
-            "load_seconds": self.load_seconds,
-        }
-
 
 class PipelineRuntime(ModelRuntime):
     """A runtime backed by ``transformers.pipeline`` for its task."""
@@ -177,4 +164,7 @@ class PipelineRuntime(ModelRuntime):
         # A single input gives a flat list of {label, score}; normalise to one list per input.
         if out and isinstance(out[0], dict):
             out = [out]
-        return [sorted(({"label": d["label"], "score": float(d["score"])} for d in row), key=lambda d: -d["score"]) for row in out]
+        return [
+            sorted((LabelScore(label=d["label"], score=float(d["score"])) for d in row), key=lambda s: -s.score)
+            for row in out
+        ]

@@ -5,8 +5,8 @@ import io
 from PIL import Image
 
 from deployments.runtimes.base import PipelineRuntime, Scores
-from serve_app.errors import BadImage
-from serve_app.registry import Task
+from serve_app.core.errors import BadImage
+from serve_app.core.registry import Task
 
 # A larger image is shrunk (keeping its aspect ratio) before preprocessing:
 # every image classifier resizes to a few hundred pixels anyway.

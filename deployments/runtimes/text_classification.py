@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from deployments.runtimes.base import PipelineRuntime, Scores
-from serve_app.registry import Task
+from serve_app.core.registry import Task
 
 
 class TextClassificationRuntime(PipelineRuntime):

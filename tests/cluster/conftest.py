@@ -16,7 +16,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from serve_app.app import build_app
-from serve_app.config import AppArgs
+from serve_app.core.config import AppArgs
 from demo.tiny_models import write_registry
 
 pytestmark = pytest.mark.cluster

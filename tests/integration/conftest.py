@@ -16,8 +16,8 @@ import yaml
 from ray import serve
 
 from serve_app.app import build_app
-from serve_app.config import AppArgs
-from serve_app.paths import PROJECT_ROOT
+from serve_app.core.config import AppArgs
+from serve_app.core.paths import PROJECT_ROOT
 from helpers import API_KEY
 from demo.tiny_models import write_registry
 

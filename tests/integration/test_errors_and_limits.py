@@ -13,7 +13,7 @@ import zlib
 import httpx
 import pytest
 from helpers import API_KEY, wait_for
-from serve_app.paths import PROJECT_ROOT
+from serve_app.core.paths import PROJECT_ROOT
 from demo.tiny_models import build_text_model
 
 pytestmark = pytest.mark.integration
@@ -195,10 +195,10 @@ def test_every_endpoint_but_health_needs_the_api_key(limits_url):
 def test_the_api_key_is_never_logged(authed, limits_url):
     import glob
 
-    import ray
+    from serve_app.core import ray_internals
 
     assert authed.get(f"{limits_url}/models").status_code == 200
-    logs = ray._private.worker._global_node.get_logs_dir_path()
+    logs = ray_internals.logs_dir()
     leaked = []
     for path in glob.glob(f"{logs}/**/*", recursive=True):
         try:

@@ -60,7 +60,7 @@ def test_explicit_load_and_unload(authed, limits_url):
 def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, limits_url):
     import glob
 
-    import ray
+    from serve_app.core import ray_internals
 
     r = authed.post(f"{limits_url}/predict", json={"model_id": "alpha", "input_data": "hi"},
                     headers={"X-Request-ID": "trace-me-7f3a"})
@@ -69,7 +69,7 @@ def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, l
     generated = authed.post(f"{limits_url}/predict", json={"model_id": "alpha", "input_data": "hi"})
     assert generated.headers.get("x-request-id")
 
-    logs = ray._private.worker._global_node.get_logs_dir_path()
+    logs = ray_internals.logs_dir()
 
     def logged_by() -> set[str]:
         found = set()

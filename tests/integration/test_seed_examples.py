@@ -5,7 +5,7 @@ import base64
 import pytest
 
 from helpers import wait_for
-from serve_app.paths import PROJECT_ROOT
+from serve_app.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from helpers import wait_for
-from serve_app.paths import PROJECT_ROOT
+from serve_app.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

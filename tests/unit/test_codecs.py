@@ -5,9 +5,9 @@ import io
 import pytest
 from PIL import Image
 
-from serve_app.codecs import InputDecoder
-from serve_app.errors import BadImage, ForbiddenPath, InvalidInput
-from serve_app.registry import Modality
+from deployments.ingress.codecs import InputDecoder
+from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
+from serve_app.core.registry import Modality
 
 SAMPLE = "samples/images/image.jpg"
 
@@ -39,7 +39,7 @@ def test_text_passes_through_as_a_list(decoder):
 
 
 def test_image_from_path_base64_and_data_uri_give_the_same_bytes(decoder, tmp_path):
-    from serve_app.paths import PROJECT_ROOT
+    from serve_app.core.paths import PROJECT_ROOT
 
     raw = (PROJECT_ROOT / SAMPLE).read_bytes()
     b64 = base64.b64encode(raw).decode()
@@ -110,7 +110,7 @@ def test_raw_bytes_are_taken_as_they_are(decoder):
 
 
 def test_truncated_jpeg_is_a_bad_image(decoder):
-    from serve_app.paths import PROJECT_ROOT
+    from serve_app.core.paths import PROJECT_ROOT
 
     raw = (PROJECT_ROOT / SAMPLE).read_bytes()
     with pytest.raises(BadImage):
@@ -118,7 +118,7 @@ def test_truncated_jpeg_is_a_bad_image(decoder):
 
 
 def _url_decoder(host: str) -> _Sync:
-    from serve_app.config import UrlFetchArgs
+    from serve_app.core.config import UrlFetchArgs
 
     fetch = UrlFetchArgs(enabled=True, allowed_schemes=["https"], allowed_hosts=[host])
     return _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, fetch))

@@ -2,8 +2,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import AppArgs
-from serve_app.paths import PROJECT_ROOT
+from serve_app.core.config import AppArgs
+from serve_app.core.paths import PROJECT_ROOT
 
 
 def _serve_config() -> dict:
@@ -65,7 +65,7 @@ def test_batches_must_fit_in_the_ongoing_requests():
 
 
 def test_api_key_from_env_or_file_and_an_empty_file_is_refused(tmp_path, monkeypatch):
-    from serve_app.config import resolve_api_key
+    from serve_app.core.config import resolve_api_key
 
     monkeypatch.delenv("MMS_API_KEY", raising=False)
     assert resolve_api_key(AppArgs()) is None

@@ -6,8 +6,8 @@ import re
 import pytest
 import yaml
 
-from serve_app.config import AppArgs
-from serve_app.paths import PROJECT_ROOT
+from serve_app.core.config import AppArgs
+from serve_app.core.paths import PROJECT_ROOT
 
 DEPLOY = PROJECT_ROOT / "deploy"
 

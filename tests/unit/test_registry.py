@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from serve_app.errors import ModelNotFound
-from serve_app.registry import HubSource, LocalSource, Modality, Registry, RegistryError, Task
+from serve_app.core.errors import ModelNotFound
+from serve_app.core.registry import HubSource, LocalSource, Modality, Registry, RegistryError, Task
 
 GOOD = {
     "models": [
@@ -87,7 +87,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_relative_local_path_resolves_from_project_root():
-    from serve_app.paths import PROJECT_ROOT
+    from serve_app.core.paths import PROJECT_ROOT
 
     ref, revision = Registry.from_dict(GOOD).get("sentiment").source.reference()
     assert ref == str(PROJECT_ROOT / "models/sentiment") and revision is None

@@ -7,9 +7,9 @@ import pytest
 from deployments.runtimes import RUNTIMES, runtime_for
 from deployments.runtimes.image_classification import ImageClassificationRuntime
 from deployments.runtimes.text_classification import TextClassificationRuntime
-from serve_app.errors import BadImage, ModelNotFound, ModelUnavailable
-from serve_app.paths import PROJECT_ROOT
-from serve_app.registry import ModelSpec, Task
+from serve_app.core.errors import BadImage, ModelNotFound, ModelUnavailable
+from serve_app.core.paths import PROJECT_ROOT
+from serve_app.core.registry import ModelSpec, Task
 
 
 def _spec(model_id, task, folder) -> ModelSpec:
@@ -29,24 +29,23 @@ def test_text_runtime_loads_predicts_and_describes(tiny_dir):
     out = rt.predict(["hello world", "win a free iphone now"])
     assert len(out) == 2
     for scores in out:
-        assert {s["label"] for s in scores} == {"alpha-0", "alpha-1"}
-        assert scores[0]["score"] >= scores[1]["score"]
-        assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-4)
-    meta = rt.metadata()
-    assert meta["id"] == "alpha" and meta["loaded"] and meta["load_seconds"] > 0
+        assert {s.label for s in scores} == {"alpha-0", "alpha-1"}
+        assert scores[0].score >= scores[1].score
+        assert sum(s.score for s in scores) == pytest.approx(1.0, abs=1e-4)
+    assert rt.spec.id == "alpha" and rt.loaded and rt.load_seconds > 0
 
 
 def test_overlong_text_is_truncated_not_a_crash(tiny_dir):
     rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
     (scores,) = rt.predict(["this movie was great " * 500])  # far beyond the 32-token maximum
-    assert scores[0]["label"].startswith("alpha-")
+    assert scores[0].label.startswith("alpha-")
 
 
 def test_image_runtime_takes_encoded_bytes(tiny_dir):
     rt = runtime_for(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"), device="cpu").load()
     assert isinstance(rt, ImageClassificationRuntime)
     (scores,) = rt.predict([(PROJECT_ROOT / "samples/images/square.jpg").read_bytes()])
-    assert {s["label"] for s in scores} == {"pixels-0", "pixels-1", "pixels-2"}
+    assert {s.label for s in scores} == {"pixels-0", "pixels-1", "pixels-2"}
     with pytest.raises(BadImage):
         rt.predict([b"not an image"])
 
@@ -87,5 +86,5 @@ def test_unload_during_a_request_waits_for_it(tiny_dir):
     with rt.in_use():
         rt.unload()  # the LRU evicts it while a request holds it
         assert rt.loaded
-        assert rt.predict(["still answered"])[0][0]["label"].startswith("gamma-")
+        assert rt.predict(["still answered"])[0][0].label.startswith("gamma-")
     assert not rt.loaded  # released when the request finished

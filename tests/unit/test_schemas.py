@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.schemas import PredictRequest, PredictResponse
+from deployments.ingress.protocols.native import PredictRequest, PredictResponse
 
 
 @pytest.mark.parametrize("input_data", ["This movie was great!", ["a", "b"], "samples/images/image.jpg"])

@@ -5,8 +5,11 @@ import struct
 
 import pytest
 
-from serve_app.errors import InvalidInput
-from serve_app.v2 import InferRequest, RequestOutput, infer_response, parse_infer_request
+from serve_app.core.errors import InvalidInput
+from deployments.ingress.dataplane import InferenceResult
+from serve_app.core.registry import ModelSpec
+from serve_app.core.schemas import LabelScore
+from deployments.ingress.protocols.v2 import InferRequest, RequestOutput, infer_response, parse_infer_request
 
 
 def _binary(elements: list[bytes]) -> bytes:
@@ -52,10 +55,11 @@ def test_bad_requests_are_invalid_input(body, header, match):
 def test_response_tensors_and_requested_outputs():
     request = InferRequest.model_validate({"id": "7", "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES",
                                                                   "data": ["x"]}], "outputs": [{"name": "label"}]})
-    predictions = [[{"label": "spam", "score": 0.9}, {"label": "ham", "score": 0.1}]]
-    response = infer_response(request, "spam", predictions)
+    spec = ModelSpec(id="spam", task="text-classification", source={"path": "models/spam"})
+    predictions = InferenceResult(spec, [[LabelScore(label="spam", score=0.9), LabelScore(label="ham", score=0.1)]])
+    response = infer_response(request, predictions)
     assert response.id == "7" and [o.name for o in response.outputs] == ["label"]
     assert response.outputs[0].data == ["spam"] and response.outputs[0].shape == [1]
     unknown = request.model_copy(update={"outputs": [RequestOutput(name="probabilities")]})
     with pytest.raises(InvalidInput, match="unknown output"):
-        infer_response(unknown, "spam", predictions)
+        infer_response(unknown, predictions)

@@ -18,11 +18,22 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from serve_app.errors import InvalidInput
-from serve_app.registry import ModelSpec
+from deployments.ingress.dataplane import InferenceResult, ModelListing
+from serve_app.core.errors import InvalidInput, field_path
+from serve_app.core.registry import ModelSpec
+from serve_app.core.schemas import ModelState
 
-PROTOCOL_VERSION = "2"
+SERVER_NAME = "multimodel-serve"
 MODEL_VERSION = "1"
+EXTENSIONS = ["model_repository"]
+
+# The protocol's model states, from the data plane's.
+STATE = {
+    ModelState.LOADED: "READY",
+    ModelState.LOADING: "LOADING",
+    ModelState.FAILED: "FAILED",
+    ModelState.NOT_LOADED: "UNAVAILABLE",
+}
 
 
 class TensorMetadata(BaseModel):
@@ -131,7 +142,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
         request = InferRequest.model_validate_json(body[:json_end])
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = field_path(first["loc"])
         raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
     if len(request.inputs) != 1:
         raise InvalidInput(f"this model takes one input tensor, got {len(request.inputs)}", field="inputs")
@@ -152,16 +163,40 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     return request, elements
 
 
-def infer_response(request: InferRequest, model_name: str, predictions: list[list[dict[str, Any]]]) -> InferResponse:
+class BodyParser:
+    """Parses an infer request's body when the data plane asks (``elements``); ``request`` is then the
+    parsed request, for shaping the answer."""
+
+    def __init__(self, body: bytes, header_length: str | None) -> None:
+        self._body, self._header_length = body, header_length
+        self.request: InferRequest | None = None
+
+    def elements(self) -> list[str | bytes]:
+        self.request, elements = parse_infer_request(self._body, self._header_length)
+        return elements
+
+
+def server_metadata(version: str) -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=version, extensions=EXTENSIONS)
+
+
+def infer_response(request: InferRequest, result: InferenceResult) -> InferResponse:
+    labels = [scores[0].label for scores in result.predictions]
+    probabilities = [scores[0].score for scores in result.predictions]
     outputs = [
-        ResponseOutput(name="label", shape=[len(predictions)], datatype="BYTES", data=[p[0]["label"] for p in predictions]),
-        ResponseOutput(name="score", shape=[len(predictions)], datatype="FP32", data=[p[0]["score"] for p in predictions]),
+        ResponseOutput(name="label", shape=[len(labels)], datatype="BYTES", data=labels),
+        ResponseOutput(name="score", shape=[len(labels)], datatype="FP32", data=probabilities),
     ]
     if request.outputs:
         wanted = {o.name for o in request.outputs}
         unknown = wanted - {o.name for o in outputs}
         if unknown:
-            raise InvalidInput(f"unknown output(s): {', '.join(sorted(unknown))}; this model has label and score",
-                               field="outputs")
+            raise InvalidInput(
+                f"unknown output(s): {', '.join(sorted(unknown))}; this model has label and score", field="outputs"
+            )
         outputs = [o for o in outputs if o.name in wanted]
-    return InferResponse(model_name=model_name, id=request.id, outputs=outputs)
+    return InferResponse(model_name=result.spec.id, id=request.id, outputs=outputs)
+
+
+def repository_index(listing: ModelListing) -> list[RepositoryModel]:
+    return [RepositoryModel(name=m.spec.id, state=STATE[m.state], reason=m.last_error or "") for m in listing.models]

@@ -13,22 +13,10 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.ingress.http_errors import error_body, route_path
+
 # Routes that answer without an API key: liveness and readiness probes.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-
-
-def route_path(scope: Scope) -> str:
-    """The request path inside the application (its route prefix removed)."""
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
-
-
-def error_body(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
-    """The native error shape, or the Open Inference Protocol's ``{"error": message}`` under /v2."""
-    if route_path(scope).startswith("/v2"):
-        return {"error": body.get("message", body.get("error", "error"))}
-    return body
 
 
 async def _send_json(send: Send, scope: Scope, status: int, body: dict[str, Any],

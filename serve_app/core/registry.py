@@ -21,10 +21,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from serve_app.errors import ModelNotFound
-from serve_app.paths import resolve_project_path
+from serve_app.core.errors import ModelNotFound, field_path
+from serve_app.core.paths import resolve_project_path
 
 
 class Task(str, Enum):
@@ -96,17 +96,17 @@ class RegistryError(ValueError):
 
 
 def _format_validation_error(origin: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(part) for part in e["loc"]) or "(root)"
-        lines.append(f"{origin}: {loc}: {e['msg']}")
-    return "\n".join(lines)
+    return "\n".join(f"{origin}: {field_path(e['loc']) if e['loc'] else '(root)'}: {e['msg']}" for e in err.errors())
 
 
 class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: list[ModelSpec] = Field(min_length=1)
+    _by_id: dict[str, ModelSpec] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: object) -> None:
+        self._by_id = {spec.id: spec for spec in self.models}
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "Registry":
@@ -139,8 +139,11 @@ class Registry(BaseModel):
     def ids(self) -> list[str]:
         return [m.id for m in self.models]
 
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._by_id
+
     def get(self, model_id: str) -> ModelSpec:
-        for spec in self.models:
-            if spec.id == model_id:
-                return spec
-        raise ModelNotFound(model_id, self.ids)
+        spec = self._by_id.get(model_id)
+        if spec is None:
+            raise ModelNotFound(model_id, self.ids)
+        return spec

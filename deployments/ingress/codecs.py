@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
-from serve_app.config import UrlFetchArgs
-from serve_app.errors import BadImage, ForbiddenPath, InvalidInput
-from serve_app.paths import resolve_project_path
-from serve_app.registry import Modality
+from serve_app.core.config import UrlFetchArgs
+from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
+from serve_app.core.paths import resolve_project_path
+from serve_app.core.registry import Modality
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL)

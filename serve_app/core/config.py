@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serve_app.paths import resolve_project_path
+from serve_app.core.paths import resolve_project_path
 
 
 class _Strict(BaseModel):

@@ -1,14 +1,11 @@
 """The model-worker deployment: loads registry models on demand and runs them.
 
-Each replica holds at most ``MAX_MODELS_PER_REPLICA`` models. Ray Serve's
-model multiplexing routes a request to a replica that already holds its
-model (the ``multiplexed_model_id`` set by the ingress), loads it on a miss,
-and unloads the least recently used model when the replica is full; the
-runtime's ``__del__`` then drops the weights.
+Each replica holds at most ``MAX_MODELS_PER_REPLICA`` models. Ray Serve's model multiplexing loads a
+request's model (the ``multiplexed_model_id`` set by the ingress) on a miss and unloads the least
+recently used model when the replica is full; the runtime's ``__del__`` then drops the weights.
 
-Each replica keeps the status of the models it has seen (state, loads,
-times, last error) and answers ``record_routing_stats`` with it: Serve's
-controller polls that method, and the ingress asks every replica directly
+Each replica keeps the status of the models it has seen (state, loads, times, last error) and answers
+``record_routing_stats`` with it: Serve's controller polls that method, and the ingress asks every replica
 for ``GET /models``.
 """
 
@@ -21,18 +18,17 @@ from typing import Any
 
 from ray import serve
 
-from deployments.metrics import WorkerMetrics
 from deployments.runtimes import ModelRuntime, runtime_for
-from serve_app.config import BatchingArgs
-from serve_app.errors import ModelUnavailable, ServeAppError
-from serve_app.registry import Registry
-from serve_app.schemas import ModelState, ReplicaModelStatus
+from serve_app.core import ray_internals
+from serve_app.core.config import BatchingArgs
+from serve_app.core.errors import ModelUnavailable, ServeAppError
+from serve_app.core.metrics import WorkerMetrics
+from serve_app.core.registry import Registry
+from serve_app.core.schemas import ModelState, ReplicaModelStatus, Scores, WorkerResult
 
 logger = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 2
-# Where @serve.multiplexed keeps its per-replica cache on the instance (ray/serve/api.py).
-_MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 
 
 def configure_torch(num_threads: int | None) -> None:
@@ -42,8 +38,12 @@ def configure_torch(num_threads: int | None) -> None:
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    logger.info("torch %s on %s with %d threads", torch.__version__,
-                "cuda" if torch.cuda.is_available() else "cpu", torch.get_num_threads())
+    logger.info(
+        "torch %s on %s with %d threads",
+        torch.__version__,
+        "cuda" if torch.cuda.is_available() else "cpu",
+        torch.get_num_threads(),
+    )
 
 
 @serve.deployment
@@ -57,6 +57,7 @@ class ModelWorker:
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._registry = registry
         self._status: dict[str, ReplicaModelStatus] = {}
+        self._held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
         self._metrics = WorkerMetrics()
         for spec in [m for m in registry.models if m.preload][:MAX_MODELS_PER_REPLICA]:
             try:
@@ -88,27 +89,21 @@ class ModelWorker:
         status.last_loaded_at = time.time()
         status.last_load_seconds = runtime.load_seconds
         self._metrics.loaded(model_id, runtime.load_seconds or 0.0)
+        self._held.add(model_id)
         runtime.on_unload = lambda: self._unloaded(model_id)
         return runtime
 
     def _unloaded(self, model_id: str) -> None:
+        self._held.discard(model_id)
         status = self._model_status(model_id)
         status.state = ModelState.NOT_LOADED
         status.unload_count += 1
         self._metrics.unloaded(model_id)
 
-    def _multiplexer(self) -> Any:
-        """Serve's per-replica model cache, created on the first get_model (None before)."""
-        return getattr(self, _MULTIPLEX_ATTR, None)
-
-    def _cache(self) -> dict[str, ModelRuntime]:
-        wrapper = self._multiplexer()
-        return wrapper.models if wrapper is not None else {}
-
-    async def predict(self, inputs: list[Any]) -> dict[str, Any]:
+    async def predict(self, inputs: list[Any]) -> WorkerResult:
         """Answer one request's inputs; concurrent requests for the same model are batched together."""
         model_id = serve.get_multiplexed_model_id()
-        if model_id in self._cache():
+        if model_id in self._held:
             self._metrics.cache_hit(model_id)
         # Load (or find) the model before joining the batch queue, so that a cold load does not hold up the
         # batch queue, and hold it (no await in between), so that an LRU eviction cannot free it meanwhile.
@@ -118,12 +113,12 @@ class ModelWorker:
         if isinstance(predictions, Exception):
             raise predictions
         self._model_status(model_id).last_used_at = time.time()
-        return {"model_id": runtime.spec.id, "task": runtime.spec.task.value, "predictions": predictions}
+        return WorkerResult(predictions=predictions)
 
     # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
     # on one torch thread, so a second concurrent batch would add no compute.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _run_batch(self, requests: list[list[Any]], runtimes: list[ModelRuntime]) -> list[list[Any] | Exception]:
+    async def _run_batch(self, requests: list[list[Any]], runtimes: list[ModelRuntime]) -> list[list[Scores] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
         runtime = runtimes[0]  # every request of the batch holds its runtime (in_use), so this one stays loaded
@@ -140,7 +135,7 @@ class ModelWorker:
             start += len(inputs)
         return out
 
-    async def _infer(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Any]:
+    async def _infer(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Scores]:
         try:
             # The model runs in a worker thread: the replica's event loop stays free.
             return await asyncio.to_thread(runtime.predict, inputs)
@@ -152,7 +147,7 @@ class ModelWorker:
                 f"Model {runtime.spec.id!r} failed on this input: {type(e).__name__}: {e}", model_id=runtime.spec.id
             ) from None
 
-    async def _infer_or_error(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Any] | Exception:
+    async def _infer_or_error(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Scores] | Exception:
         try:
             return await self._infer(runtime, inputs)
         except Exception as e:
@@ -165,16 +160,14 @@ class ModelWorker:
     async def unload(self) -> bool:
         """Unload the request's model from this replica; False if it did not hold it."""
         model_id = serve.get_multiplexed_model_id()
-        wrapper = self._multiplexer()
-        if wrapper is None:
-            return False
-        async with wrapper._model_cache_lock:
-            runtime = wrapper.models.pop(model_id, None)
-            if runtime is None:
-                return False
-            wrapper._push_multiplexed_replica_info = True  # tell the router at its next push
+
+        def evicted(runtime: ModelRuntime) -> None:  # under Serve's cache lock: a reload is recorded after it
             runtime.on_unload = None
-            self._unloaded(model_id)  # recorded under the lock: a reload right after is recorded after it
+            self._unloaded(model_id)
+
+        runtime = await ray_internals.evict_multiplexed_model(self, model_id, evicted)
+        if runtime is None:
+            return False
         await asyncio.to_thread(runtime.unload)
         return True
 

@@ -1,13 +1,18 @@
-"""Request and response bodies of the HTTP API."""
+"""The native protocol (the seed's API): its request and response bodies, and how answers are shaped.
+
+``POST /predict`` takes ``{"model_id", "input_data"}`` and answers one prediction per input;
+``GET /models`` lists every registered model with its state on the worker replicas.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from serve_app.registry import Modality, Task
+from deployments.ingress.dataplane import InferenceResult, ModelListing, ModelStatus, Readiness
+from serve_app.core.registry import Modality, Task
+from serve_app.core.schemas import LabelScore, ModelState
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -31,10 +36,8 @@ class PredictRequest(BaseModel):
         )
     )
 
-
-class LabelScore(BaseModel):
-    label: str
-    score: float
+    def inputs(self) -> list[str]:
+        return [self.input_data] if isinstance(self.input_data, str) else list(self.input_data)
 
 
 class Prediction(BaseModel):
@@ -42,46 +45,11 @@ class Prediction(BaseModel):
     score: float = Field(description="its probability")
     scores: list[LabelScore] = Field(description="every label with its probability, most likely first")
 
-    @classmethod
-    def from_scores(cls, scores: list[dict]) -> "Prediction":
-        """From a runtime's output for one input: label scores, most likely first."""
-        return cls(label=scores[0]["label"], score=scores[0]["score"], scores=scores)
-
 
 class PredictResponse(BaseModel):
     model_id: str = Field(description="the model that answered")
     task: Task
     predictions: list[Prediction] = Field(description="one prediction per input, in input order")
-
-
-class ModelState(str, Enum):
-    NOT_LOADED = "not_loaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    FAILED = "failed"
-
-
-class ReplicaModelStatus(BaseModel):
-    """One model as one worker replica sees it. Times are Unix seconds."""
-
-    state: ModelState = ModelState.NOT_LOADED
-    load_count: int = 0
-    unload_count: int = 0
-    last_loaded_at: float | None = None
-    last_load_seconds: float | None = None
-    last_used_at: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-
-class ReplicaStatus(BaseModel):
-    replica_id: str
-    node_id: str | None = None
-    models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)
-
-    @property
-    def held(self) -> list[str]:
-        return sorted(m for m, s in self.models.items() if s.state in (ModelState.LOADED, ModelState.LOADING))
 
 
 class ReplicaModels(BaseModel):
@@ -117,3 +85,43 @@ class ModelList(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     message: str
+
+
+class ReadinessResponse(BaseModel):
+    ready: bool
+    models: int
+    worker_replicas: int
+
+
+def predict_response(result: InferenceResult) -> PredictResponse:
+    return PredictResponse(
+        model_id=result.spec.id,
+        task=result.spec.task,
+        predictions=[Prediction(label=s[0].label, score=s[0].score, scores=s) for s in result.predictions],
+    )
+
+
+def model_info(status: ModelStatus) -> ModelInfo:
+    spec = status.spec
+    return ModelInfo(
+        id=spec.id,
+        task=spec.task,
+        input_modality=spec.modality,
+        description=spec.description,
+        labels=spec.labels,
+        source=spec.source.describe(),
+        preload=spec.preload,
+        loaded=status.loaded,
+        **status.model_dump(exclude={"spec"}),
+    )
+
+
+def model_list(listing: ModelListing) -> ModelList:
+    return ModelList(
+        models=[model_info(m) for m in listing.models],
+        replicas=[ReplicaModels(replica_id=r.replica_id, node_id=r.node_id, models=r.held) for r in listing.replicas],
+    )
+
+
+def readiness(ready: Readiness, models: int) -> ReadinessResponse:
+    return ReadinessResponse(ready=ready.ready, models=models, worker_replicas=ready.replicas)

@@ -1,0 +1,217 @@
+"""The data plane: what every protocol adapter calls, apart from any protocol.
+
+``infer(model_id, inputs, api)`` looks the model up, decodes its inputs for the model's modality,
+dispatches them to a worker replica (with the request timeout, and one retry if the replica dies),
+records the request's metrics and returns a typed result. The status calls merge what the worker
+replicas report into one state per model. Protocol adapters (``protocols/``) shape the answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.ingress.codecs import InputDecoder
+from deployments.ingress.replicas import ReplicaDirectory
+from serve_app.core.config import AppArgs
+from serve_app.core.errors import ModelUnavailable, RequestTimeout, ServeAppError, unwrap
+from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
+from serve_app.core.registry import ModelSpec, Registry
+from serve_app.core.schemas import ModelState, ReplicaStatus, Scores, WorkerResult
+
+logger = logging.getLogger("ray.serve")
+
+_REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+CLIENT_CLOSED = 499
+"""The status recorded for a request whose client went away before the answer (nginx's convention)."""
+
+
+Inputs = Sequence[str | bytes]
+InputSource = Inputs | Callable[[], Inputs]
+"""A request's inputs, or a function that parses them out of its body (run off the event loop, once the
+model is known, so that an unknown model is a 404 whatever the body holds)."""
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    spec: ModelSpec
+    predictions: list[Scores]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    replicas: int
+
+
+class ModelStatus(BaseModel):
+    """One model's state over all worker replicas."""
+
+    spec: ModelSpec
+    state: ModelState
+    replicas: list[str] = Field(description="the worker replicas that hold it")
+    load_count: int
+    unload_count: int
+    last_loaded_at: float | None = None
+    last_load_seconds: float | None = None
+    last_used_at: float | None = None
+    last_error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.replicas)
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    models: list[ModelStatus]
+    replicas: list[ReplicaStatus]
+
+
+def merge_model_status(spec: ModelSpec, replicas: Sequence[ReplicaStatus]) -> ModelStatus:
+    """One model's state from what each replica reports: loaded if any replica holds it, else loading if
+    any is loading it, else failed if its newest event is a failed load, else not loaded."""
+    views = [r.models[spec.id] for r in replicas if spec.id in r.models]
+    holders = [r.replica_id for r in replicas if spec.id in r.models and r.models[spec.id].state is ModelState.LOADED]
+    newest_load = max((v for v in views if v.last_loaded_at), key=lambda v: v.last_loaded_at, default=None)
+    newest_error = max((v for v in views if v.last_error_at), key=lambda v: v.last_error_at, default=None)
+    last_loaded = newest_load.last_loaded_at if newest_load else None
+    if holders:
+        state = ModelState.LOADED
+    elif any(v.state is ModelState.LOADING for v in views):
+        state = ModelState.LOADING
+    elif newest_error and (last_loaded is None or newest_error.last_error_at > last_loaded):
+        state = ModelState.FAILED
+    else:
+        state = ModelState.NOT_LOADED
+    return ModelStatus(
+        spec=spec,
+        state=state,
+        replicas=holders,
+        load_count=sum(v.load_count for v in views),
+        unload_count=sum(v.unload_count for v in views),
+        last_loaded_at=last_loaded,
+        last_load_seconds=newest_load.last_load_seconds if newest_load else None,
+        last_used_at=max((v.last_used_at for v in views if v.last_used_at is not None), default=None),
+        last_error=newest_error.last_error if newest_error else None,
+    )
+
+
+def status_of(exc: BaseException) -> int:
+    """The status a failed request is recorded with."""
+    if isinstance(exc, asyncio.CancelledError):
+        return CLIENT_CLOSED
+    inner = unwrap(exc)
+    return inner.status_code if isinstance(inner, ServeAppError) else getattr(inner, "status_code", 500)
+
+
+class DataPlane:
+    def __init__(self, registry: Registry, worker: DeploymentHandle, args: AppArgs) -> None:
+        self.registry = registry
+        self.worker = worker
+        self.timeout_s = args.request_timeout_s
+        self.decoder = InputDecoder(
+            image_root=args.image_root,
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_items=args.max_list_items,
+            url_fetch=args.url_fetch,
+        )
+        self.replicas = ReplicaDirectory(worker.app_name, worker.deployment_name)
+        self.metrics = IngressMetrics()
+
+    # -- inference ----------------------------------------------------------------------------------
+
+    async def infer(self, model_id: str, inputs: InputSource, api: str) -> InferenceResult:
+        """One request's inputs through the named model; its metrics are recorded here, for every API."""
+        tag = model_id if model_id in self.registry else UNKNOWN_MODEL  # never a tag value from the request
+        start, status = time.perf_counter(), 200
+        try:
+            spec = self.registry.get(model_id)
+            if callable(inputs):
+                inputs = await asyncio.to_thread(inputs)
+            decoded = await self.decoder.decode(spec.modality, inputs)
+            result: WorkerResult = await self._with_timeout(model_id, self._call("predict", model_id, decoded))
+            return InferenceResult(spec=spec, predictions=result.predictions)
+        except BaseException as e:
+            status = status_of(e)
+            raise
+        finally:
+            self.metrics.observe(tag, api, status, time.perf_counter() - start)
+
+    async def _call_once(self, method: str, model_id: str, *args: Any) -> Any:
+        response = getattr(self.worker.options(multiplexed_model_id=model_id), method).remote(*args)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the timeout fired or the client left: cancel the work on the replica too
+            raise
+
+    async def _call(self, method: str, model_id: str, *args: Any) -> Any:
+        """Call a worker method for a model; retry once if the replica died under the request."""
+        for attempt in (1, 2):
+            try:
+                return await self._call_once(method, model_id, *args)
+            except Exception as e:
+                inner = unwrap(e)
+                if isinstance(inner, ServeAppError):
+                    raise inner from None
+                if not isinstance(e, _REPLICA_GONE):
+                    raise
+                if attempt == 2:
+                    raise ModelUnavailable(
+                        f"The worker replica serving {model_id!r} died; retry the request", model_id=model_id
+                    ) from None
+                logger.warning(
+                    "worker replica died during a %s of %r (%s); retrying once", method, model_id, type(e).__name__
+                )
+
+    async def _with_timeout(self, model_id: str, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, timeout=self.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"Model {model_id!r} did not answer within {self.timeout_s:g}s", model_id=model_id
+            ) from None
+
+    # -- explicit load and unload -------------------------------------------------------------------
+
+    async def load(self, model_id: str) -> ModelStatus:
+        self.registry.get(model_id)
+        await self._with_timeout(model_id, self._call("load", model_id))
+        return await self.model(model_id)
+
+    async def unload(self, model_id: str, rounds: int = 20) -> ModelStatus:
+        """Unload a model from every replica that holds it."""
+        self.registry.get(model_id)
+        for _ in range(rounds):
+            holders = [r.replica_id for r in await self.replicas.statuses() if model_id in r.held]
+            if not holders:
+                break
+            # Ray routes each call to a replica that holds the model, while its routing record says so.
+            await asyncio.gather(*(self._call("unload", model_id) for _ in holders))
+            await asyncio.sleep(0.2)  # replicas push their model ids to the router every 0.1 s
+        return await self.model(model_id)
+
+    # -- status -------------------------------------------------------------------------------------
+
+    async def ready(self) -> Readiness:
+        replicas = await self.replicas.running_count()
+        return Readiness(ready=replicas > 0, replicas=replicas)
+
+    async def models(self) -> ModelListing:
+        replicas = await self.replicas.statuses()
+        return ModelListing(models=[merge_model_status(spec, replicas) for spec in self.registry.models], replicas=replicas)
+
+    async def model(self, model_id: str) -> ModelStatus:
+        spec = self.registry.get(model_id)
+        return merge_model_status(spec, await self.replicas.statuses())

@@ -1,0 +1,136 @@
+"""The HTTP ingress deployment: FastAPI routes, each a protocol adapter's parsing and shaping around one
+data-plane call. Two APIs on one ingress, the native one (``/predict``, ``/models``) and the Open
+Inference Protocol v2 (``/v2/...``), with health probes beside them.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the route annotations as types.)
+"""
+
+
+import logging
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.ingress.dataplane import DataPlane
+from deployments.ingress.http_errors import install_error_handlers
+from deployments.ingress.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from deployments.ingress.protocols import native, v2
+from serve_app.core.config import AppArgs, resolve_api_key
+from serve_app.core.registry import Registry
+
+logger = logging.getLogger("ray.serve")
+
+VERSION = "0.1.0"
+
+api = FastAPI(
+    title="Multi-model serving on Ray Serve",
+    description="Many Hugging Face models from a small pool of Ray Serve replicas, loaded on demand. "
+    "Native API (/predict, /models) and the Open Inference Protocol v2 (/v2).",
+    version=VERSION,
+)
+install_error_handlers(api)
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(ApiKeyMiddleware)  # added last, so it runs first
+
+_errors = {code: {"model": native.ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503, 504)}
+_v2_infer_body = {
+    "requestBody": {"content": {"application/json": {"schema": v2.InferRequest.model_json_schema()}}, "required": True}
+}
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, worker: DeploymentHandle, registry: Registry, args: AppArgs) -> None:
+        self.registry = registry
+        self.plane = DataPlane(registry, worker, args)
+        key = resolve_api_key(args)
+        api.state.api_key = key.encode() if key else None
+        api.state.max_body_bytes = args.max_body_bytes
+        logger.info("ingress ready: %d models, API key %s", len(registry.models), "on" if key else "off")
+
+    # -- health -------------------------------------------------------------------------------------
+
+    @api.get("/healthz", tags=["health"])
+    async def healthz(self) -> dict[str, str]:
+        """Live: the ingress answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["health"], response_model=native.ReadinessResponse)
+    async def readyz(self) -> JSONResponse:
+        """Ready: the registry is loaded and at least one worker replica is running."""
+        body = native.readiness(await self.plane.ready(), len(self.registry.models))
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    # -- native API ---------------------------------------------------------------------------------
+
+    @api.get("/models", response_model=native.ModelList, tags=["models"])
+    async def list_models(self) -> native.ModelList:
+        return native.model_list(await self.plane.models())
+
+    @api.get("/models/{model_id}", response_model=native.ModelInfo, responses=_errors, tags=["models"])
+    async def get_model(self, model_id: str) -> native.ModelInfo:
+        return native.model_info(await self.plane.model(model_id))
+
+    @api.post("/models/{model_id}/load", response_model=native.ModelInfo, responses=_errors, tags=["models"])
+    async def load_model(self, model_id: str) -> native.ModelInfo:
+        """Load a model on one worker replica now (the two-per-replica cap still holds)."""
+        return native.model_info(await self.plane.load(model_id))
+
+    @api.post("/models/{model_id}/unload", response_model=native.ModelInfo, responses=_errors, tags=["models"])
+    async def unload_model(self, model_id: str) -> native.ModelInfo:
+        """Unload a model from every worker replica that holds it."""
+        return native.model_info(await self.plane.unload(model_id))
+
+    @api.post("/predict", response_model=native.PredictResponse, responses=_errors, tags=["predict"])
+    async def predict(self, request: native.PredictRequest) -> native.PredictResponse:
+        return native.predict_response(await self.plane.infer(request.model_id, request.inputs(), api="native"))
+
+    # -- Open Inference Protocol v2 -----------------------------------------------------------------
+
+    @api.get("/v2", response_model=v2.ServerMetadata, tags=["v2"])
+    async def v2_server(self) -> v2.ServerMetadata:
+        return v2.server_metadata(VERSION)
+
+    @api.get("/v2/health/live", tags=["v2"])
+    async def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", tags=["v2"])
+    async def v2_ready(self) -> JSONResponse:
+        ready = (await self.plane.ready()).ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+    @api.get("/v2/models/{name}", response_model=v2.ModelMetadata, tags=["v2"])
+    @api.get("/v2/models/{name}/versions/{version}", response_model=v2.ModelMetadata, include_in_schema=False)
+    async def v2_model(self, name: str, version: str | None = None) -> v2.ModelMetadata:
+        return v2.model_metadata(self.registry.get(name))
+
+    @api.get("/v2/models/{name}/ready", tags=["v2"])
+    @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+    async def v2_model_ready(self, name: str, version: str | None = None) -> JSONResponse:
+        loaded = (await self.plane.model(name)).loaded
+        return JSONResponse({"name": name, "ready": loaded}, status_code=200 if loaded else 400)
+
+    @api.post("/v2/models/{name}/infer", response_model=v2.InferResponse, tags=["v2"], openapi_extra=_v2_infer_body)
+    @api.post("/v2/models/{name}/versions/{version}/infer", response_model=v2.InferResponse, include_in_schema=False)
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> v2.InferResponse:
+        parser = v2.BodyParser(await request.body(), request.headers.get("inference-header-content-length"))
+        result = await self.plane.infer(name, parser.elements, api="v2")
+        return v2.infer_response(parser.request, result)
+
+    @api.post("/v2/repository/index", response_model=list[v2.RepositoryModel], tags=["v2 repository"])
+    async def v2_repository_index(self) -> list[v2.RepositoryModel]:
+        return v2.repository_index(await self.plane.models())
+
+    @api.post("/v2/repository/models/{name}/load", tags=["v2 repository"])
+    async def v2_repository_load(self, name: str) -> Response:
+        await self.plane.load(name)
+        return Response(status_code=200)
+
+    @api.post("/v2/repository/models/{name}/unload", tags=["v2 repository"])
+    async def v2_repository_unload(self, name: str) -> Response:
+        await self.plane.unload(name)
+        return Response(status_code=200)

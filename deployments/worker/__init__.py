@@ -1,0 +1,1 @@
+"""The model-worker deployment."""

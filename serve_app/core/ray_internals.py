@@ -1,0 +1,170 @@
+"""Every use of Ray Serve's private internals, behind small named functions.
+
+Public APIs are used wherever Ray has one; what is left has no public equivalent in Ray 2.60:
+
+* ``evict_multiplexed_model``: explicit unload takes a model out of ``@serve.multiplexed``'s LRU cache;
+* ``running_replicas`` / ``replica_actor``: the worker replicas of a deployment and their actors, for the
+  per-replica model status of ``GET /models``;
+* ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
+* ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance.
+
+``check()`` verifies that the installed Ray still has each of them; the application builder calls it at
+start, and a unit test calls it too, so that a Ray upgrade fails loudly instead of silently (an unload
+that never unloads). ``pyproject.toml`` pins Ray to the minor version tested here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+logger = logging.getLogger("ray.serve")
+
+TESTED_RAY_VERSION = "2.60"
+
+# Where @serve.multiplexed keeps its per-replica cache on the instance (ray/serve/api.py).
+_MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
+
+# (module, attribute): what this module reaches; instance attributes are looked for in the class's source.
+_REQUIRED: list[tuple[str, str]] = [
+    ("ray.serve._private.common", "DeploymentID"),
+    ("ray.serve._private.constants", "SERVE_CONTROLLER_NAME"),
+    ("ray.serve._private.constants", "SERVE_NAMESPACE"),
+    ("ray.serve._private.constants", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"),
+    ("ray.serve._private.constants", "RAY_SERVE_USE_GRPC_BY_DEFAULT"),
+    ("ray.serve._private.controller", "ServeController._all_running_replicas"),
+    ("ray.serve._private.controller", "ServeController.get_serve_instance_details"),
+    ("ray.serve.multiplex", "_ModelMultiplexWrapper.models"),
+    ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
+    ("ray.serve.multiplex", "_ModelMultiplexWrapper._push_multiplexed_replica_info"),
+    ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
+    ("ray._private.worker", "_global_node"),
+]
+
+
+def _has(module_name: str, path: str) -> bool:
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    if ":" in path:  # a string literal the function's source must contain
+        func, literal = path.split(":", 1)
+        return hasattr(obj, func) and literal in inspect.getsource(getattr(obj, func))
+    head, _, attr = path.rpartition(".")
+    for part in filter(None, head.split(".")):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    if hasattr(obj, attr):
+        return True
+    # An instance attribute: set as ``self.<attr>`` in the class's __init__.
+    return inspect.isclass(obj) and f"self.{attr}" in inspect.getsource(obj.__init__)
+
+
+def missing() -> list[str]:
+    """The internals this module uses that the installed Ray does not have."""
+    return [f"{module}.{path}" for module, path in _REQUIRED if not _has(module, path)]
+
+
+def check() -> None:
+    """Fail with a clear message if the installed Ray lacks an internal this app uses."""
+    gone = missing()
+    if gone:
+        raise RuntimeError(
+            f"Ray {ray.__version__} lacks internals this application uses (tested with Ray "
+            f"{TESTED_RAY_VERSION}.x): {', '.join(gone)}. Install ray[serve]=={TESTED_RAY_VERSION}.* "
+            "or update serve_app/core/ray_internals.py."
+        )
+    if not ray.__version__.startswith(TESTED_RAY_VERSION + "."):
+        logger.warning("Ray %s: this application was tested with Ray %s.x", ray.__version__, TESTED_RAY_VERSION)
+
+
+# -- the worker's multiplexed model cache ----------------------------------------------------------
+
+
+async def evict_multiplexed_model(
+    instance: object, model_id: str, on_evicted: Callable[[Any], None] | None = None
+) -> Any | None:
+    """Take a model out of ``@serve.multiplexed``'s LRU cache on this replica and tell the router at its
+    next push; returns the evicted model, or None if the replica does not hold it. ``on_evicted`` runs
+    under the cache's lock, so that a load of the same model right after is ordered after it. Ray has no
+    public API for an explicit unload. The caller frees the model."""
+    wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
+    if wrapper is None:  # created lazily on the first load: nothing is held yet
+        return None
+    async with wrapper._model_cache_lock:
+        model = wrapper.models.pop(model_id, None)
+        if model is not None:
+            wrapper._push_multiplexed_replica_info = True
+            if on_evicted is not None:
+                on_evicted(model)
+    return model
+
+
+# -- the replicas of a deployment -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaRef:
+    replica_id: str
+    node_id: str | None
+    actor_name: str
+    model_ids: tuple[str, ...]
+
+
+def _controller() -> Any:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+async def running_replicas(app_name: str, deployment_name: str) -> list[ReplicaRef]:
+    """The running replicas of a deployment, from Serve's controller."""
+    from ray.serve._private.common import DeploymentID
+
+    controller = await asyncio.to_thread(_controller)  # ray.get_actor blocks: not on the event loop
+    running = await controller._all_running_replicas.remote()
+    infos = running.get(DeploymentID(name=deployment_name, app_name=app_name), [])
+    return [
+        ReplicaRef(i.replica_id.unique_id, i.node_id, i.actor_name, tuple(i.multiplexed_model_ids)) for i in infos
+    ]
+
+
+async def replica_actor(actor_name: str) -> Any:
+    """The actor handle of a replica (to call its methods directly, not through the router)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    return await asyncio.to_thread(ray.get_actor, actor_name, namespace=SERVE_NAMESPACE)
+
+
+# -- messages between replicas ----------------------------------------------------------------------
+
+
+def replica_grpc_max_message_bytes() -> int | None:
+    """The largest message between replicas when Serve sends them over gRPC (throughput-optimized mode),
+    or None when it uses Ray's object transfer, which has no such cap. Read in this process: the
+    environment of the whole Ray cluster must agree (config/serve.env sets it for `make run`)."""
+    from ray.serve._private import constants
+
+    return constants.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH if constants.RAY_SERVE_USE_GRPC_BY_DEFAULT else None
+
+
+# -- what the tests read -----------------------------------------------------------------------------
+
+
+def serve_instance_details() -> dict:
+    """Serve's full record of applications, deployments and replicas (the data of `serve status`)."""
+    return ray.get(_controller().get_serve_instance_details.remote())
+
+
+def logs_dir() -> Path:
+    """This Ray session's log folder (replica logs are under ``serve/``)."""
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
