@@ -5,16 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-export HF_HUB_OFFLINE ?= 1
-export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
-export RAY_USAGE_STATS_ENABLED ?= 0
+# config/serve.env: the environment Ray Serve runs in, for `make run` as for the tests and the benchmark.
+# A variable already set in your environment (or on make's command line) wins.
+SERVE_ENV := $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$$/\1=\2/p' config/serve.env)
+$(foreach kv,$(SERVE_ENV),$(eval $(firstword $(subst =, ,$(kv))) ?= $(patsubst $(firstword $(subst =, ,$(kv)))=%,%,$(kv))))
+export $(foreach kv,$(SERVE_ENV),$(firstword $(subst =, ,$(kv))))
 
 .PHONY: run test install models unit integration cluster bench clean
 
-# RAY_SERVE_THROUGHPUT_OPTIMIZED: Ray Serve's throughput-optimized mode (direct ingress, gRPC between
-# replicas, buffered request logs); docs/benchmarks.md measures it against the standard mode.
 run: install models
-	RAY_SERVE_THROUGHPUT_OPTIMIZED=$${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1} $(VENV)/bin/serve run serve_config.yaml
+	$(VENV)/bin/serve run serve_config.yaml
 
 # Two pytest sessions, each starting Ray once: one node for unit and integration tests,
 # then a three-node cluster (ray.cluster_utils) for the cluster tests.
@@ -28,7 +28,7 @@ unit: install
 # Every benchmark scenario against the running app, side by side with its peers (several minutes):
 # writes docs/benchmarks.md and docs/bench/*.png.
 bench: install models
-	$(PY) bench/run.py --out docs
+	$(PY) -m bench.run --out docs
 
 integration: install models
 	$(PY) -m pytest tests/integration
@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml scripts/install-torch.sh
 
 # Trains the demo models into models/ (git-ignored); skipped when up to date.
 models: install
-	$(PY) demo/build_models.py
+	$(PY) -m demo.build_models
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

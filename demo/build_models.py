@@ -8,7 +8,7 @@
 * ``image``: a small ResNet trained from scratch on procedurally drawn shapes
   (circle, square, triangle); see ``demo/shapes.py``.
 
-Usage: ``python demo/build_models.py [--out models] [--force]``. A model whose
+Usage: ``python -m demo.build_models [--out models] [--force]``. A model whose
 inputs (data, this script) did not change since the last build is skipped.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 
 from demo.shapes import SAMPLES, SHAPES, draw, random_params  # noqa: E402
 

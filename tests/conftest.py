@@ -1,18 +1,14 @@
-import os
-import sys
+"""Every test session runs in the environment `make run` starts Ray Serve with (config/serve.env): the
+same Serve mode, and nothing fetched from a model hub. It is set here, before any test starts Ray, so
+that every Ray process inherits it."""
+
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
-sys.path.insert(0, str(ROOT))  # demo/
+from serve_app.devtools import apply_serve_env
 
-# Nothing is ever fetched from a model hub in tests.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+apply_serve_env()
 
 from demo.tiny_models import build_image_model, build_text_model  # noqa: E402
 

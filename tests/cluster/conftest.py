@@ -5,7 +5,6 @@ real raylet with its own node id, so Serve places and routes replicas across
 nodes as it would on separate machines.
 """
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,29 +14,24 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
+from demo.tiny_models import write_registry
 from serve_app.app import build_app
 from serve_app.core.config import AppArgs
-from demo.tiny_models import write_registry
+from serve_app.devtools import free_port
 
 pytestmark = pytest.mark.cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def cluster_url() -> Iterator[str]:
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    # The environment of `make run` (config/serve.env, set by tests/conftest.py) reaches every node from here.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
-        port = _free_port()
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:

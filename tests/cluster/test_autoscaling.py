@@ -7,7 +7,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import replica_pids, wait_for
+from tests.helpers import replica_pids, wait_for
 
 pytestmark = pytest.mark.cluster
 

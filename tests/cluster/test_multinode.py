@@ -7,7 +7,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
 

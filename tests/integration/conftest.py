@@ -4,7 +4,6 @@ Ray starts once (about 25 s on a 2-core machine) and is shut down at the end
 of the session, which stops every Ray process it started.
 """
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,22 +14,16 @@ import ray
 import yaml
 from ray import serve
 
+from demo.tiny_models import write_registry
 from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
-from helpers import API_KEY
-from demo.tiny_models import write_registry
+from serve_app.devtools import free_port
+from tests.helpers import API_KEY
 
 pytestmark = pytest.mark.integration
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-METRICS_PORT = _free_port()
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +34,12 @@ def metrics_url() -> str:
 
 @pytest.fixture(scope="session")
 def serve_url() -> Iterator[str]:
-    port = _free_port()
-    # Logical CPUs, not cores: several small apps share the machine during the session.
+    port = free_port()
+    # Logical CPUs, not cores: several small apps share the machine during the session. The environment
+    # (config/serve.env, set by tests/conftest.py) reaches every Ray process from this one.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=METRICS_PORT,
-             _system_config={"metrics_report_interval_ms": 1000},
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
+             _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
@@ -133,8 +125,6 @@ def limits_env(tiny_dir, tmp_path_factory):
     import shutil
 
     from PIL import Image
-
-    from demo.tiny_models import write_registry
 
     base = tmp_path_factory.mktemp("limits")
     root = base / "images"

@@ -9,7 +9,8 @@ pytestmark = pytest.mark.integration
 def test_benchmark_smoke_run(deploy, tmp_path):
     from ray import serve
 
-    from bench.run import bench_registry, run
+    from bench.peers import bench_registry
+    from bench.run import run
 
     registry = bench_registry(tmp_path / "models", smoke=True)
     url = deploy("bench", {"registry_path": str(registry),

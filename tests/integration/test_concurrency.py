@@ -7,7 +7,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import tiny_args, wait_for
+from tests.helpers import tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ def test_a_killed_worker_replica_is_replaced_and_traffic_recovers(client, mixed_
     import threading
     import time
 
-    from helpers import replica_pids
+    from tests.helpers import replica_pids
 
     before = replica_pids("mixed")
     assert len(before) == 2

@@ -12,7 +12,7 @@ import zlib
 
 import httpx
 import pytest
-from helpers import API_KEY, wait_for
+from tests.helpers import API_KEY, wait_for
 from serve_app.core.paths import PROJECT_ROOT
 from demo.tiny_models import build_text_model
 

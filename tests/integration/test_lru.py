@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from helpers import tiny_args, wait_for
+from tests.helpers import tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_concurrent_first_requests_load_a_cold_model_once(client, lru_url):
 
 def test_memory_is_stable_over_300_load_unload_cycles(client, lru_url):
     """RSS of the worker replica after 300 load/unload cycles stays within 15% of its RSS after 10."""
-    from helpers import replica_pids, rss_bytes
+    from tests.helpers import replica_pids, rss_bytes
 
     (pid,) = replica_pids("lru").values()
     models = ["alpha", "beta", "gamma"]  # round-robin over 3 models with 2 slots: every request loads and unloads

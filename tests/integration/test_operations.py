@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from helpers import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 

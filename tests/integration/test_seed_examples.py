@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from helpers import wait_for
+from tests.helpers import wait_for
 from serve_app.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import tiny_args
+from tests.helpers import tiny_args
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from helpers import wait_for
+from tests.helpers import wait_for
 from serve_app.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration

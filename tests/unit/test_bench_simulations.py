@@ -2,7 +2,8 @@
 
 import random
 
-from bench.scenarios import Run, belady_misses, lru_misses, zipf_trace
+from bench.scenarios import Run
+from bench.simulate import belady_misses, lru_misses, zipf_trace
 
 
 def test_lru_and_belady_on_a_worked_example():

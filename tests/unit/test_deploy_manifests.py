@@ -75,7 +75,7 @@ def test_dockerfile_builds_what_the_manifest_runs(service):
     ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M).group(1)
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
     assert "scripts/install-torch.sh" in dockerfile  # CPU torch on a CPU build machine
-    assert "RUN python demo/build_models.py" in dockerfile  # the demo models are in the image
+    assert "RUN python -m demo.build_models" in dockerfile  # the demo models are in the image
     assert 'pip install -e ".[demo]"' in dockerfile  # editable: relative paths resolve from /app
     for path in ("serve_app", "deployments", "config", "samples", "serve_config.yaml"):
         assert re.search(rf"^COPY {re.escape(path)}\b", dockerfile, re.M), path
