@@ -1,0 +1,146 @@
+"""The peers the benchmark measures, each serving the same model files:
+
+* direct: the transformers pipeline called in this process (the floor);
+* seed:   a single-process FastAPI + uvicorn server with an in-process LRU of two models
+          (``bench/seed_server.py``);
+* app:    this application, started with ``serve run`` in the environment ``make run`` uses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from bench.scenarios import Run
+from demo.tiny_models import build_image_model, build_text_model, write_registry
+from serve_app.core.paths import PROJECT_ROOT
+from serve_app.devtools import free_port, serve_env
+
+
+def bench_registry(folder: Path, smoke: bool) -> Path:
+    """The demo models (sentiment, spam, image) plus eight churn models c0..c7.
+    In a smoke run all of them are tiny models, built in seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    models: dict[str, tuple[str, Path]] = {}
+    if smoke:
+        for name in ("sentiment", "spam"):
+            models[name] = ("text-classification", build_text_model(folder / name, name))
+        models["image"] = ("image-classification", build_image_model(folder / "image", "image"))
+    else:
+        for name, task in (
+            ("sentiment", "text-classification"),
+            ("spam", "text-classification"),
+            ("image", "image-classification"),
+        ):
+            models[name] = (task, PROJECT_ROOT / "models" / name)
+    for k in range(8):
+        models[f"c{k}"] = ("text-classification", build_text_model(folder / f"c{k}", f"c{k}", seed=k))
+    return write_registry(folder / "registry.json", models)
+
+
+class Server:
+    """A server process this run started; stopped (its whole process group) at the end."""
+
+    def __init__(self, cmd: list[str], env: dict, log: Path) -> None:
+        self.log = log.open("w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def wait_first_prediction(url: str, model_id: str, timeout: float = 300) -> float:
+    """The perf_counter time at which `url` first answers a prediction."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=60) as c:
+        while time.monotonic() < deadline:
+            try:
+                r = c.post(f"{url}/predict", json={"model_id": model_id, "input_data": "warm up"})
+                if r.status_code == 200:
+                    return time.perf_counter()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def start_seed(registry: Path, logs: Path) -> tuple[Server, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bench.seed_server:app", "--port", str(port), "--log-level", "warning"]
+    server = Server(cmd, {**serve_env(), "SEED_REGISTRY": str(registry)}, logs / "seed.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_first_prediction(url, "sentiment")
+    return server, url
+
+
+STANDARD_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+"""Ray Serve's standard mode (proxy actor, Ray object transfer between replicas), for comparison."""
+
+
+def start_app(
+    registry: Path, logs: Path, name: str, batching: bool = True, env: dict | None = None
+) -> tuple[Server, str, float]:
+    """`serve run` on serve_config.yaml with the bench registry and 2 fixed worker replicas, in the
+    environment of `make run` (config/serve.env) updated by `env`. Returns the server, its URL and the
+    seconds from the process start to the first answered prediction."""
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["registry_path"] = str(registry)
+    args["worker"].pop("autoscaling", None)
+    args["worker"]["num_replicas"] = 2
+    if not batching:
+        args["worker"]["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+    path = logs / f"serve-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = str(Path(sys.executable).parent / "serve")
+    server = Server([serve, "run", str(path)], {**serve_env(), **(env or {})}, logs / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    startup = wait_first_prediction(url, "sentiment") - server.started
+    return server, url, startup
+
+
+def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
+    """The floor: the pipeline in this process. Also returns its from_pretrained (load) times."""
+    import torch
+
+    from deployments.runtimes import runtime_for
+    from serve_app.core.registry import Registry
+
+    torch.set_num_threads(1)  # as a worker replica runs it
+    spec = Registry.from_file(registry).get("sentiment")
+    runtime = runtime_for(spec, device="cpu").load()
+    load_times = [runtime.load_seconds]
+    run = Run()
+    runtime.predict(["warm up"])
+    start = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        runtime.predict(["This movie was great!"])
+        run.latencies.append(time.perf_counter() - t0)
+    run.elapsed = time.perf_counter() - start
+    runtime.unload()
+    return run, load_times

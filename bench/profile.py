@@ -1,0 +1,70 @@
+"""Where the app's time goes under load: py-spy samples of its proxy, ingress and worker processes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import httpx
+
+# Innermost frames of threads that wait in C (select, futex) with no deeper Python frame.
+WAITING_FRAMES = ("Thread.run", "Worker.main_loop", "_run_router_event_loop", "_run_user_code_event_loop",
+                  "_worker (concurrent/futures/thread.py", "_WorkItem.run", "BaseEventLoop.run_forever",
+                  "Thread._bootstrap_inner")
+
+
+def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
+    """py-spy samples of the proxy, ingress and worker processes while `clients` clients send requests for
+    one model: how busy each process is and where its time goes (top functions by samples, idle excluded)."""
+
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    procs = {"proxy": "ray::ProxyActor", "ingress": "ray::ServeReplica:multimodel:Ingress",
+             "worker": "ray::ServeReplica:multimodel:ModelWorker"}
+    pids = {}
+    for name, title in procs.items():
+        found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
+        for k, pid in enumerate(found):
+            pids[f"{name} {k + 1}" if len(found) > 1 else name] = pid
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                c.post(f"{url}/predict", json={"model_id": "sentiment", "input_data": "This movie was great!"})
+
+    rate = 100
+    loaders = [threading.Thread(target=load) for _ in range(clients)]
+    for loader in loaders:
+        loader.start()
+    outputs, recorders = {}, []
+    for name, pid in pids.items():
+        outputs[name] = Path(tempfile.mkstemp(suffix=".txt")[1])
+        recorders.append(subprocess.Popen([pyspy, "record", "-p", pid, "-d", str(int(seconds)), "-r", str(rate),
+                                           "-f", "raw", "-o", str(outputs[name]), "--nonblocking"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for r in recorders:
+        r.wait(timeout=seconds + 60)
+    stop.set()
+    for loader in loaders:
+        loader.join()
+    result = {}
+    for name, path in outputs.items():
+        counts: dict[str, int] = {}
+        busy = 0
+        for line in path.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            leaf = stack.split(";")[-1]
+            if any(w in leaf for w in WAITING_FRAMES):
+                continue  # a thread parked in its event loop or pool: waiting, not working
+            counts[leaf] = counts.get(leaf, 0) + int(n)
+            busy += int(n)
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
+        result[name] = {"busy": busy / (rate * seconds), "samples": busy,
+                        "top": [(frame, n / busy if busy else 0.0) for frame, n in top]}
+    return result

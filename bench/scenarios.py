@@ -1,0 +1,167 @@
+"""Benchmark scenarios: the load each peer gets, over HTTP.
+
+Every scenario measures its peers side by side in the same run; figures are percentiles and ratios,
+never a single wall-clock number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from bench.simulate import belady_misses, lru_misses, zipf_trace
+
+IMAGES = {"image": "samples/images/square.jpg"}
+"""Image inputs of the image models, by model id."""
+
+
+@dataclass
+class Run:
+    """Latencies (seconds) and outcome counts of one load run."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    elapsed: float = 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "n": len(self.latencies),
+            "errors": self.errors,
+            "p50_ms": self.pct(50) * 1000,
+            "p99_ms": self.pct(99) * 1000,
+            "rps": self.rps,
+        }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def body_for(model_id: str, images: dict[str, str], i: int) -> dict:
+    if model_id in images:
+        return {"model_id": model_id, "input_data": images[model_id]}
+    texts = [
+        "This movie was great!",
+        "Win a free iPhone now!",
+        "See you at lunch tomorrow.",
+        "The service was slow and the food was cold.",
+    ]
+    return {"model_id": model_id, "input_data": texts[i % len(texts)]}
+
+
+async def closed_loop(
+    url: str, models: list[str], clients: int, requests: int, images: dict[str, str] | None = None, seed: int = 0
+) -> Run:
+    """`clients` concurrent clients, each sending its next request when the last one is answered."""
+    images = IMAGES if images is None else images
+    rng = random.Random(seed)
+    plan = [rng.choice(models) for _ in range(requests)]
+    run = Run()
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, m in enumerate(plan):
+        queue.put_nowait((i, m))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker():
+            while True:
+                try:
+                    i, m = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/predict", json=body_for(m, images, i))
+                if r.status_code == 200 and r.json()["model_id"] == m:
+                    run.latencies.append(time.perf_counter() - t0)
+                else:
+                    run.errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        run.elapsed = time.perf_counter() - start
+    return run
+
+
+def hot(url: str, n: int, model: str = "sentiment") -> Run:
+    """One client, one loaded model: the latency of the serving path."""
+    asyncio.run(closed_loop(url, [model], 1, 5))  # warm
+    return asyncio.run(closed_loop(url, [model], 1, n))
+
+
+def trivial_route(url: str, path: str, n: int) -> Run:
+    """Latency of a route that runs no model: the fixed cost of the serving path."""
+    run = Run()
+    with httpx.Client(timeout=60) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.get(f"{url}{path}").raise_for_status()
+            run.latencies.append(time.perf_counter() - t0)
+    return run
+
+
+WORKLOADS = {"one model": ["sentiment"], "mix of 3": ["sentiment", "spam", "image"]}
+
+
+def throughput(url: str, clients: tuple[int, ...], requests_per_client: int, max_requests: int) -> dict:
+    """Closed-loop throughput of each workload at each client count: workload -> clients -> summary."""
+    out: dict = {}
+    for workload, models in WORKLOADS.items():
+        out[workload] = {}
+        for c in clients:
+            n = min(max(c * requests_per_client, 20), max_requests)
+            out[workload][c] = asyncio.run(closed_loop(url, models, c, n, seed=c)).summary()
+    return out
+
+
+def app_loads(url: str) -> int:
+    return sum(m["load_count"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"])
+
+
+def churn(url: str, n: int) -> dict:
+    """A Zipf trace over the churn models c0..c7, one request at a time, against the simulations of one
+    LRU cache of the same total slots and of Belady's optimum."""
+    trace = zipf_trace(8, n, s=1.0, seed=1)
+    listing = httpx.get(f"{url}/models", timeout=60).json()
+    for model in listing["models"]:  # every slot free, as in the simulation
+        httpx.post(f"{url}/models/{model['id']}/unload", timeout=120)
+    before = app_loads(url)
+    with httpx.Client(timeout=120) as c:
+        for item in trace:
+            c.post(f"{url}/predict", json={"model_id": f"c{item}", "input_data": "hello"}).raise_for_status()
+    loads = app_loads(url) - before
+    slots = 2 * len(listing["replicas"])
+    lru, opt = lru_misses(trace, slots), belady_misses(trace, slots)
+    return {
+        "requests": n,
+        "slots": slots,
+        "app": {"loads_per_1000": 1000 * loads / n, "hit_ratio": 1 - loads / n},
+        "lru": {"loads_per_1000": 1000 * lru / n, "hit_ratio": 1 - lru / n},
+        "belady": {"loads_per_1000": 1000 * opt / n, "hit_ratio": 1 - opt / n},
+    }
+
+
+def cold(url: str, repeats: int, model: str = "sentiment") -> list[float]:
+    """Request-to-answer times for a model unloaded everywhere just before."""
+    times = []
+    with httpx.Client(timeout=300) as c:
+        for _ in range(repeats):
+            c.post(f"{url}/models/{model}/unload")
+            t0 = time.perf_counter()
+            c.post(f"{url}/predict", json={"model_id": model, "input_data": "cold"}).raise_for_status()
+            times.append(time.perf_counter() - t0)
+    return times
