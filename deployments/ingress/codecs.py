@@ -1,6 +1,6 @@
 """Turn ``input_data`` into what a model runtime takes: strings for text, encoded image bytes for images.
 
-Images arrive in one of three forms:
+Images arrive in one of four forms:
 
 * a data URI: ``data:image/png;base64,....``
 * bare base64 of the encoded file;
@@ -10,8 +10,9 @@ Images arrive in one of three forms:
 * an http(s) URL, only when ``url_fetch.enabled`` is set, and then only with
   an allowed scheme and host, within a time and a size limit.
 
-The bytes are checked here, in the ingress, so that a bad image is refused
-before it reaches a worker replica.
+The ingress checks each image's header here (a readable image, its size within
+the limits) without decoding its pixels, so that a bad image is refused before
+it reaches a worker replica; the worker decodes it, once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import binascii
 import io
 import re
 from pathlib import Path
-
 from urllib.parse import urlsplit
 
 import httpx
@@ -96,7 +96,9 @@ class InputDecoder:
             data = await self._fetch(where, item)
         elif m:
             if not m.group("b64"):
-                raise InvalidInput(f"{where}: a data URI must be base64-encoded (data:image/png;base64,...)", field="input_data")
+                raise InvalidInput(
+                    f"{where}: a data URI must be base64-encoded (data:image/png;base64,...)", field="input_data"
+                )
             data = self._b64(where, m.group("data"))
         elif self._looks_like_path(item):
             data = await asyncio.to_thread(self._read_path, where, item)
@@ -160,18 +162,21 @@ class InputDecoder:
             raise BadImage(f"{where}: fetching the URL failed: {type(e).__name__}") from None
 
     async def _download(self, where: str, url: str) -> bytes:
-        async with httpx.AsyncClient(timeout=self.url_fetch.timeout_s, follow_redirects=False) as client:
-            async with client.stream("GET", url) as r:
-                if r.status_code != 200:
-                    raise BadImage(f"{where}: fetching the URL gave HTTP {r.status_code}")
-                chunks, size = [], 0
-                async for chunk in r.aiter_bytes():
-                    size += len(chunk)
-                    self._check_size(where, size)
-                    chunks.append(chunk)
+        async with (
+            httpx.AsyncClient(timeout=self.url_fetch.timeout_s, follow_redirects=False) as client,
+            client.stream("GET", url) as r,
+        ):
+            if r.status_code != 200:
+                raise BadImage(f"{where}: fetching the URL gave HTTP {r.status_code}")
+            chunks, size = [], 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                self._check_size(where, size)
+                chunks.append(chunk)
         return b"".join(chunks)
 
     def _check_image(self, where: str, data: bytes) -> None:
+        """The header only: the pixels are decoded once, by the worker (a truncated image fails there)."""
         try:
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
@@ -179,8 +184,7 @@ class InputDecoder:
                     raise BadImage(
                         f"{where}: {width}x{height} pixels is more than the limit of {self.max_image_pixels}"
                     )
-                img.draft("RGB", (512, 512))  # JPEG: decode at reduced size, cheaply
-                img.load()  # a truncated or corrupt image fails here
+                img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
         except BadImage:
             raise
         except Exception as e:  # whatever the decoder raises on bad bytes is the client's bad image

@@ -16,4 +16,4 @@ def runtime_for(spec: ModelSpec, device: str | None = None) -> ModelRuntime:
     return RUNTIMES[spec.task](spec, device)
 
 
-__all__ = ["ModelRuntime", "RUNTIMES", "runtime_for"]
+__all__ = ["RUNTIMES", "ModelRuntime", "runtime_for"]

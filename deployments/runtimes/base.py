@@ -11,6 +11,7 @@ when the last of them finishes (``in_use``), so those requests complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
@@ -63,7 +64,13 @@ class ModelRuntime(ABC):
     def predict(self, inputs: list[Any]) -> list[Scores]:
         """One list of label scores per input, in input order."""
 
-    def load(self) -> "ModelRuntime":
+    def prepare(self, inputs: list[Any]) -> list[Any]:
+        """One request's inputs as the model takes them, before they join a batch (the worker calls it in
+        a thread when a runtime overrides it). An input the model cannot take raises a ServeAppError here,
+        which fails its own request and no other."""
+        return inputs
+
+    def load(self) -> ModelRuntime:
         t0 = time.perf_counter()
         self._load()
         self.load_seconds = time.perf_counter() - t0
@@ -71,7 +78,7 @@ class ModelRuntime(ABC):
         return self
 
     @contextmanager
-    def in_use(self) -> Iterator["ModelRuntime"]:
+    def in_use(self) -> Iterator[ModelRuntime]:
         """Hold the model for one request: an unload asked for meanwhile waits until it is done."""
         with self._state_lock:
             self._in_use += 1
@@ -102,7 +109,8 @@ class ModelRuntime(ABC):
             self._free()
             return
         future.add_done_callback(
-            lambda f: f.exception() and logger.error("freeing model %r failed: %r", self.spec.id, f.exception()))
+            lambda f: f.exception() and logger.error("freeing model %r failed: %r", self.spec.id, f.exception())
+        )
 
     def _free(self) -> None:
         if not self.loaded:
@@ -116,10 +124,8 @@ class ModelRuntime(ABC):
         logger.info("unloaded model %r", self.spec.id)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never raise from a finaliser
             self.unload()
-        except Exception:  # never raise from a finaliser
-            pass
 
 
 class PipelineRuntime(ModelRuntime):

@@ -17,7 +17,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # cheap downscale while decoding a JPEG
-        img = img.convert("RGB")
+        img = img.convert("RGB")  # a truncated or corrupt image fails here
     except Exception as e:
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
     if max(img.size) > MAX_SIDE:
@@ -26,9 +26,12 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class ImageClassificationRuntime(PipelineRuntime):
-    """Encoded image bytes in, labels out."""
+    """Encoded image bytes in, labels out. Each image is decoded once, in ``prepare``."""
 
     task = Task.IMAGE_CLASSIFICATION
 
-    def predict(self, inputs: list[bytes]) -> list[Scores]:
-        return self._run([decode_image(b) for b in inputs])
+    def prepare(self, inputs: list[bytes | Image.Image]) -> list[Image.Image]:
+        return [i if isinstance(i, Image.Image) else decode_image(i) for i in inputs]
+
+    def predict(self, inputs: list[bytes | Image.Image]) -> list[Scores]:
+        return self._run(self.prepare(inputs))

@@ -109,6 +109,8 @@ class ModelWorker:
         # batch queue, and hold it (no await in between), so that an LRU eviction cannot free it meanwhile.
         runtime = await self.get_model(model_id)
         with runtime.in_use():
+            if type(runtime).prepare is not ModelRuntime.prepare:  # e.g. decoding images: CPU work, in a thread
+                inputs = await asyncio.to_thread(runtime.prepare, inputs)
             predictions = await self._run_batch(inputs, runtime)
         if isinstance(predictions, Exception):
             raise predictions
@@ -118,7 +120,9 @@ class ModelWorker:
     # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
     # on one torch thread, so a second concurrent batch would add no compute.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _run_batch(self, requests: list[list[Any]], runtimes: list[ModelRuntime]) -> list[list[Scores] | Exception]:
+    async def _run_batch(
+        self, requests: list[list[Any]], runtimes: list[ModelRuntime]
+    ) -> list[list[Scores] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
         runtime = runtimes[0]  # every request of the batch holds its runtime (in_use), so this one stays loaded

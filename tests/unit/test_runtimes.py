@@ -50,6 +50,16 @@ def test_image_runtime_takes_encoded_bytes(tiny_dir):
         rt.predict([b"not an image"])
 
 
+def test_a_truncated_image_is_a_bad_image_when_the_worker_decodes_it(tiny_dir):
+    # The ingress checks image headers only; the worker decodes each image once, in prepare.
+    rt = runtime_for(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"), device="cpu")
+    raw = (PROJECT_ROOT / "samples/images/image.jpg").read_bytes()
+    (image,) = rt.prepare([raw])
+    assert image.size == (224, 224)
+    with pytest.raises(BadImage):
+        rt.prepare([raw[: len(raw) // 2]])
+
+
 def test_unload_releases_the_model(tiny_dir):
     rt = runtime_for(_spec("beta", Task.TEXT_CLASSIFICATION, tiny_dir / "beta"), device="cpu").load()
     model_ref = weakref.ref(rt._pipeline.model)
@@ -63,7 +73,7 @@ def test_unload_releases_the_model(tiny_dir):
 
 def test_missing_model_files_fail_to_load(tmp_path):
     rt = runtime_for(_spec("ghost", Task.TEXT_CLASSIFICATION, tmp_path / "nothing-here"), device="cpu")
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):
         rt.load()
     assert not rt.loaded
 
@@ -73,7 +83,9 @@ def test_runtime_refuses_a_spec_of_another_task(tiny_dir):
         TextClassificationRuntime(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"))
 
 
-@pytest.mark.parametrize("err", [ModelNotFound("x", ["a", "b"]), ModelUnavailable("boom", model_id="x"), BadImage("bad")])
+@pytest.mark.parametrize(
+    "err", [ModelNotFound("x", ["a", "b"]), ModelUnavailable("boom", model_id="x"), BadImage("bad")]
+)
 def test_errors_survive_pickling_with_their_details(err):
     # Errors raised in a worker replica cross a process boundary through pickle.
     back = pickle.loads(pickle.dumps(err))
