@@ -115,7 +115,14 @@ def status_of(exc: BaseException) -> int:
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, worker: DeploymentHandle, args: AppArgs) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        worker: DeploymentHandle,
+        args: AppArgs,
+        metrics: IngressMetrics | None = None,
+        replicas: ReplicaDirectory | None = None,
+    ) -> None:
         self.registry = registry
         self.worker = worker
         self.timeout_s = args.request_timeout_s
@@ -126,8 +133,8 @@ class DataPlane:
             max_items=args.max_list_items,
             url_fetch=args.url_fetch,
         )
-        self.replicas = ReplicaDirectory(worker.app_name, worker.deployment_name)
-        self.metrics = IngressMetrics()
+        self.replicas = replicas or ReplicaDirectory(worker.app_name, worker.deployment_name)
+        self.metrics = metrics or IngressMetrics()
 
     # -- inference ----------------------------------------------------------------------------------
 
@@ -210,7 +217,9 @@ class DataPlane:
 
     async def models(self) -> ModelListing:
         replicas = await self.replicas.statuses()
-        return ModelListing(models=[merge_model_status(spec, replicas) for spec in self.registry.models], replicas=replicas)
+        return ModelListing(
+            models=[merge_model_status(spec, replicas) for spec in self.registry.models], replicas=replicas
+        )
 
     async def model(self, model_id: str) -> ModelStatus:
         spec = self.registry.get(model_id)

@@ -25,6 +25,18 @@ logger = logging.getLogger("ray.serve")
 _HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
+class PayloadTooLarge(StarletteHTTPException):
+    """A body over ``max_body_bytes``: answered before it is read when its Content-Length says so, else
+    raised while it streams in (FastAPI lets HTTP exceptions through its body parsing)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+    def body(self) -> dict[str, Any]:
+        return {"error": "payload_too_large", "message": self.detail, "limit": self.limit}
+
+
 def route_path(scope: Scope) -> str:
     """The request path inside the application (its route prefix removed)."""
     path = scope.get("path", "")
@@ -60,6 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, PayloadTooLarge):
+            return _json(request, 413, exc.body())
         error = _HTTP_ERRORS.get(exc.status_code, "http_error")
         return _json(request, exc.status_code, {"error": error, "message": str(exc.detail)}, exc.headers)
 

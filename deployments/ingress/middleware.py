@@ -10,24 +10,29 @@ import hmac
 import json
 from typing import Any
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.ingress.http_errors import error_body, route_path
+from deployments.ingress.http_errors import PayloadTooLarge, error_body, route_path
 
 # Routes that answer without an API key: liveness and readiness probes.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
-async def _send_json(send: Send, scope: Scope, status: int, body: dict[str, Any],
-                     headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(
+    send: Send, scope: Scope, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()
+) -> None:
     payload = json.dumps(error_body(scope, body)).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -45,13 +50,13 @@ class ApiKeyMiddleware:
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key):
             return await self.app(scope, receive, send)
-        await _send_json(send, scope, 401, {"error": "unauthorized", "message": "missing or wrong API key: "
-                                     "send 'Authorization: Bearer <key>'"},
-                         [(b"www-authenticate", b"Bearer")])
-
-
-class _TooLarge(HTTPException):
-    """Raised from ``receive``; FastAPI passes HTTPExceptions through its body parsing."""
+        await _send_json(
+            send,
+            scope,
+            401,
+            {"error": "unauthorized", "message": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+            [(b"www-authenticate", b"Bearer")],
+        )
 
 
 class BodyLimitMiddleware:
@@ -65,11 +70,10 @@ class BodyLimitMiddleware:
         limit: int | None = getattr(scope["app"].state, "max_body_bytes", None) if scope["type"] == "http" else None
         if limit is None:
             return await self.app(scope, receive, send)
-        message = {"error": "payload_too_large", "message": f"the request body is larger than {limit} bytes",
-                   "limit": limit}
+        too_large = PayloadTooLarge(limit)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_json(send, scope, 413, message)
+            return await _send_json(send, scope, 413, too_large.body())
 
         received = 0
         started = False
@@ -80,7 +84,7 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > limit:
-                    raise _TooLarge(413, message["message"])
+                    raise too_large
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -90,6 +94,6 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except PayloadTooLarge:  # where no exception handler of the app caught it
             if not started:
-                await _send_json(send, scope, 413, message)
+                await _send_json(send, scope, 413, too_large.body())

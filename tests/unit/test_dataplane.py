@@ -1,0 +1,228 @@
+"""The data plane's pure logic: one state per model from what the replicas report, and the status a
+failed request is recorded with."""
+
+import asyncio
+
+import pytest
+from ray.exceptions import RayTaskError
+
+from deployments.ingress.dataplane import CLIENT_CLOSED, merge_model_status, status_of
+from serve_app.core.errors import ModelNotFound, RequestTimeout
+from serve_app.core.registry import ModelSpec
+from serve_app.core.schemas import LabelScore, ModelState, ReplicaModelStatus, ReplicaStatus, WorkerResult
+
+SPEC = ModelSpec(id="m", task="text-classification", source={"path": "models/m"})
+
+
+def replica(replica_id: str, **status) -> ReplicaStatus:
+    return ReplicaStatus(replica_id=replica_id, models={"m": ReplicaModelStatus(**status)} if status else {})
+
+
+def test_a_model_no_replica_has_seen_is_not_loaded():
+    status = merge_model_status(SPEC, [replica("r1"), replica("r2")])
+    assert status.state is ModelState.NOT_LOADED and not status.loaded
+    assert status.replicas == [] and status.load_count == 0 and status.last_error is None
+
+
+def test_loaded_on_any_replica_is_loaded_and_counts_add_up():
+    status = merge_model_status(
+        SPEC,
+        [
+            replica(
+                "r1",
+                state="loaded",
+                load_count=2,
+                unload_count=1,
+                last_loaded_at=20,
+                last_load_seconds=0.5,
+                last_used_at=30,
+            ),
+            replica(
+                "r2",
+                state="not_loaded",
+                load_count=1,
+                unload_count=1,
+                last_loaded_at=10,
+                last_load_seconds=0.9,
+                last_used_at=35,
+            ),
+        ],
+    )
+    assert status.state is ModelState.LOADED and status.loaded and status.replicas == ["r1"]
+    assert (status.load_count, status.unload_count) == (3, 2)
+    assert status.last_loaded_at == 20 and status.last_load_seconds == 0.5  # the newest load's
+    assert status.last_used_at == 35
+
+
+def test_loading_anywhere_is_loading_when_no_replica_holds_it():
+    status = merge_model_status(SPEC, [replica("r1", state="loading"), replica("r2", state="not_loaded")])
+    assert status.state is ModelState.LOADING and status.replicas == []
+
+
+def test_a_failed_load_newer_than_the_last_success_is_failed():
+    failed = merge_model_status(
+        SPEC, [replica("r1", state="failed", last_error="OSError: gone", last_error_at=50, last_loaded_at=40)]
+    )
+    assert failed.state is ModelState.FAILED and failed.last_error == "OSError: gone"
+    recovered = merge_model_status(
+        SPEC,
+        [
+            replica("r1", state="failed", last_error="x", last_error_at=50),
+            replica("r2", state="not_loaded", last_loaded_at=60),
+        ],
+    )
+    assert recovered.state is ModelState.NOT_LOADED
+
+
+def test_the_status_a_failed_request_is_recorded_with():
+    assert status_of(ModelNotFound("x", ["m"])) == 404
+    assert status_of(RequestTimeout("slow")) == 504
+    assert status_of(asyncio.CancelledError()) == CLIENT_CLOSED == 499  # the client went away: not a 500
+    wrapped = RayTaskError("predict", "traceback", ModelNotFound("x", ["m"]))
+    assert status_of(wrapped) == 404
+    assert status_of(RuntimeError("boom")) == 500
+
+
+class FakeResponse:
+    def __init__(self, outcome):
+        self._outcome = outcome
+        self.cancelled = False
+
+    def __await__(self):
+        return self._run().__await__()
+
+    async def _run(self):
+        if isinstance(self._outcome, float):  # a replica that takes this long
+            await asyncio.sleep(self._outcome)
+            return WorkerResult(predictions=[])
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeWorker:
+    """A DeploymentHandle that answers each call with the next scripted outcome."""
+
+    app_name, deployment_name = "app", "ModelWorker"
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple[str, str]] = []
+        self.responses: list[FakeResponse] = []
+        self._model = None
+
+    def options(self, multiplexed_model_id):
+        self._model = multiplexed_model_id
+        return self
+
+    def __getattr__(self, method):
+        worker = self
+
+        class _Method:
+            def remote(self, *args):
+                worker.calls.append((method, worker._model))
+                worker.responses.append(FakeResponse(worker.outcomes.pop(0)))
+                return worker.responses[-1]
+
+        return _Method()
+
+
+class FakeMetrics:
+    def __init__(self):
+        self.observed: list[tuple[str, str, int]] = []
+
+    def observe(self, model_id, api, status, seconds):
+        self.observed.append((model_id, api, status))
+
+
+def plane(*outcomes, timeout_s=30.0):
+    from deployments.ingress.dataplane import DataPlane
+    from serve_app.core.config import AppArgs
+    from serve_app.core.registry import Registry
+
+    metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
+    args = AppArgs(request_timeout_s=timeout_s)
+    return DataPlane(Registry(models=[SPEC]), worker, args, metrics=metrics, replicas=object()), worker, metrics
+
+
+ANSWER = WorkerResult(predictions=[[LabelScore(label="a", score=0.75), LabelScore(label="b", score=0.25)]])
+
+
+def test_infer_dispatches_to_the_model_and_records_the_request():
+    p, worker, metrics = plane(ANSWER)
+    result = asyncio.run(p.infer("m", ["hello"], api="native"))
+    assert result.spec is SPEC and result.predictions == ANSWER.predictions
+    assert worker.calls == [("predict", "m")]
+    assert metrics.observed == [("m", "native", 200)]
+
+
+def test_an_unknown_model_is_recorded_under_one_tag_never_the_requested_id():
+    p, worker, metrics = plane()
+    with pytest.raises(ModelNotFound):
+        asyncio.run(p.infer("../../etc", ["hello"], api="v2"))
+    assert worker.calls == [] and metrics.observed == [("(unknown)", "v2", 404)]
+
+
+def test_inputs_parsed_from_the_body_are_parsed_after_the_lookup():
+    p, _, _ = plane(ANSWER)
+    parsed = []
+    asyncio.run(p.infer("m", lambda: parsed.append(1) or ["hi"], api="v2"))
+    assert parsed == [1]
+    with pytest.raises(ModelNotFound):
+        asyncio.run(p.infer("nope", lambda: parsed.append(2) or ["hi"], api="v2"))
+    assert parsed == [1]  # never parsed for an unknown model
+
+
+def test_a_replica_that_dies_under_a_request_is_retried_once():
+    from ray.exceptions import ActorDiedError
+
+    p, worker, metrics = plane(ActorDiedError(), ANSWER)
+    assert asyncio.run(p.infer("m", ["hello"], api="native")).predictions == ANSWER.predictions
+    assert worker.calls == [("predict", "m")] * 2 and metrics.observed == [("m", "native", 200)]
+
+
+def test_a_second_death_is_a_clean_503():
+    from ray.exceptions import ActorDiedError
+
+    from serve_app.core.errors import ModelUnavailable
+
+    p, worker, metrics = plane(ActorDiedError(), ActorDiedError())
+    with pytest.raises(ModelUnavailable, match="died"):
+        asyncio.run(p.infer("m", ["hello"], api="native"))
+    assert len(worker.calls) == 2 and metrics.observed == [("m", "native", 503)]
+
+
+def test_an_application_error_from_the_worker_is_not_retried():
+    from serve_app.core.errors import BadImage
+
+    p, worker, metrics = plane(RayTaskError("predict", "tb", BadImage("bad")))
+    with pytest.raises(BadImage):
+        asyncio.run(p.infer("m", ["x"], api="native"))
+    assert len(worker.calls) == 1 and metrics.observed == [("m", "native", 400)]
+
+
+def test_a_request_over_the_timeout_is_504_and_its_work_on_the_replica_is_cancelled():
+    p, worker, metrics = plane(5.0, timeout_s=0.05)
+    with pytest.raises(RequestTimeout, match=r"0\.05s"):
+        asyncio.run(p.infer("m", ["hello"], api="native"))
+    assert worker.responses[0].cancelled
+    assert metrics.observed == [("m", "native", 504)]
+
+
+def test_a_client_that_goes_away_is_recorded_as_499_and_its_work_is_cancelled():
+    p, worker, metrics = plane(5.0)
+
+    async def leave():
+        task = asyncio.ensure_future(p.infer("m", ["hello"], api="native"))
+        while not worker.responses:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave())
+    assert worker.responses[0].cancelled
+    assert metrics.observed == [("m", "native", CLIENT_CLOSED)]
