@@ -11,16 +11,21 @@ SERVE_ENV := $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$$/\1=\2/p' con
 $(foreach kv,$(SERVE_ENV),$(eval $(firstword $(subst =, ,$(kv))) ?= $(patsubst $(firstword $(subst =, ,$(kv)))=%,%,$(kv))))
 export $(foreach kv,$(SERVE_ENV),$(firstword $(subst =, ,$(kv))))
 
-.PHONY: run test install models unit integration cluster bench clean
+.PHONY: run test lint install models unit integration cluster bench clean
 
 run: install models
 	$(VENV)/bin/serve run serve_config.yaml
 
 # Two pytest sessions, each starting Ray once: one node for unit and integration tests,
 # then a three-node cluster (ray.cluster_utils) for the cluster tests.
-test: install models
+test: install models lint
 	$(PY) -m pytest tests/unit tests/integration
 	$(PY) -m pytest tests/cluster
+
+# ruff: the linter and formatter configured in pyproject.toml (`ruff format .` fixes the formatting).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 unit: install
 	$(PY) -m pytest tests/unit

@@ -12,9 +12,16 @@ from pathlib import Path
 import httpx
 
 # Innermost frames of threads that wait in C (select, futex) with no deeper Python frame.
-WAITING_FRAMES = ("Thread.run", "Worker.main_loop", "_run_router_event_loop", "_run_user_code_event_loop",
-                  "_worker (concurrent/futures/thread.py", "_WorkItem.run", "BaseEventLoop.run_forever",
-                  "Thread._bootstrap_inner")
+WAITING_FRAMES = (
+    "Thread.run",
+    "Worker.main_loop",
+    "_run_router_event_loop",
+    "_run_user_code_event_loop",
+    "_worker (concurrent/futures/thread.py",
+    "_WorkItem.run",
+    "BaseEventLoop.run_forever",
+    "Thread._bootstrap_inner",
+)
 
 
 def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
@@ -22,8 +29,11 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
     one model: how busy each process is and where its time goes (top functions by samples, idle excluded)."""
 
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    procs = {"proxy": "ray::ProxyActor", "ingress": "ray::ServeReplica:multimodel:Ingress",
-             "worker": "ray::ServeReplica:multimodel:ModelWorker"}
+    procs = {
+        "proxy": "ray::ProxyActor",
+        "ingress": "ray::ServeReplica:multimodel:Ingress",
+        "worker": "ray::ServeReplica:multimodel:ModelWorker",
+    }
     pids = {}
     for name, title in procs.items():
         found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
@@ -43,9 +53,27 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
     outputs, recorders = {}, []
     for name, pid in pids.items():
         outputs[name] = Path(tempfile.mkstemp(suffix=".txt")[1])
-        recorders.append(subprocess.Popen([pyspy, "record", "-p", pid, "-d", str(int(seconds)), "-r", str(rate),
-                                           "-f", "raw", "-o", str(outputs[name]), "--nonblocking"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        recorders.append(
+            subprocess.Popen(
+                [
+                    pyspy,
+                    "record",
+                    "-p",
+                    pid,
+                    "-d",
+                    str(int(seconds)),
+                    "-r",
+                    str(rate),
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(outputs[name]),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     for r in recorders:
         r.wait(timeout=seconds + 60)
     stop.set()
@@ -65,6 +93,9 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
             counts[leaf] = counts.get(leaf, 0) + int(n)
             busy += int(n)
         top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
-        result[name] = {"busy": busy / (rate * seconds), "samples": busy,
-                        "top": [(frame, n / busy if busy else 0.0) for frame, n in top]}
+        result[name] = {
+            "busy": busy / (rate * seconds),
+            "samples": busy,
+            "top": [(frame, n / busy if busy else 0.0) for frame, n in top],
+        }
     return result

@@ -41,7 +41,12 @@ class Profile:
 
 
 SMOKE = Profile(
-    hot_requests=10, clients=(1, 4), requests_per_client=3, max_requests=20, churn_requests=30, cold_repeats=1,
+    hot_requests=10,
+    clients=(1, 4),
+    requests_per_client=3,
+    max_requests=20,
+    churn_requests=30,
+    cold_repeats=1,
     variants=False,
 )
 
@@ -65,13 +70,21 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    mem = next((int(line.split()[1]) // 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    return {"cpus": os.cpu_count(), "memory_mib": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__}
+    with open("/proc/meminfo") as f:
+        mem = next((int(line.split()[1]) // 1024 for line in f if line.startswith("MemTotal")), 0)
+    return {
+        "cpus": os.cpu_count(),
+        "memory_mib": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+    }
 
 
 # -- the run --------------------------------------------------------------------------------------
+
 
 def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | None = None) -> Report:
     """Measure every peer and write the report. With `app_url`, the app running there must serve
@@ -94,7 +107,8 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
         servers.append(seed)
         report.hot["seed"] = scenarios.hot(seed_url, p.hot_requests).summary()
         report.overhead["seed: GET /models (no model run)"] = scenarios.trivial_route(
-            seed_url, "/models", p.hot_requests).summary()
+            seed_url, "/models", p.hot_requests
+        ).summary()
         report.throughput["seed"] = scenarios.throughput(seed_url, p.clients, p.requests_per_client, p.max_requests)
         seed.stop()
         servers.remove(seed)
@@ -107,7 +121,8 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
             servers.append(app)
         report.hot["app"] = scenarios.hot(url, p.hot_requests).summary()
         report.overhead["app: GET /healthz (proxy + ingress, no model run)"] = scenarios.trivial_route(
-            url, "/healthz", p.hot_requests).summary()
+            url, "/healthz", p.hot_requests
+        ).summary()
         report.throughput["app"] = scenarios.throughput(url, p.clients, p.requests_per_client, p.max_requests)
         report.churn = scenarios.churn(url, p.churn_requests)
         report.cold["app_s"] = median(scenarios.cold(url, p.cold_repeats))
@@ -118,15 +133,23 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
         if p.variants and not app_url:
             app.stop()
             servers.remove(app)
-            for name, kwargs in (("batching off", {"batching": False}),
-                                 ("standard Ray Serve mode (proxy actor)", {"env": STANDARD_MODE})):
+            for name, kwargs in (
+                ("batching off", {"batching": False}),
+                ("standard Ray Serve mode (proxy actor)", {"env": STANDARD_MODE}),
+            ):
                 print(f"app variant: {name}", flush=True)
                 variant, vurl, startup = start_app(registry, logs, name.split()[0], **kwargs)
                 servers.append(variant)
-                c16 = asyncio.run(scenarios.closed_loop(
-                    vurl, ["sentiment"], 16, min(16 * p.requests_per_client, p.max_requests), seed=16))
-                report.variants[name] = {"hot": scenarios.hot(vurl, p.hot_requests).summary(),
-                                         "16 clients": c16.summary(), "startup_s": startup}
+                c16 = asyncio.run(
+                    scenarios.closed_loop(
+                        vurl, ["sentiment"], 16, min(16 * p.requests_per_client, p.max_requests), seed=16
+                    )
+                )
+                report.variants[name] = {
+                    "hot": scenarios.hot(vurl, p.hot_requests).summary(),
+                    "16 clients": c16.summary(),
+                    "startup_s": startup,
+                }
                 variant.stop()
                 servers.remove(variant)
     finally:

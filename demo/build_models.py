@@ -129,7 +129,7 @@ def build_text_model(name: str, out: Path, force: bool) -> None:
     with torch.no_grad():
         enc = tokenizer([t for t, _ in checks], padding=True, return_tensors="pt")
         pred = model(**enc).logits.argmax(-1).tolist()
-    wrong = [(t, want, labels[p]) for (t, want), p in zip(checks, pred) if labels[p] != want]
+    wrong = [(t, want, labels[p]) for (t, want), p in zip(checks, pred, strict=True) if labels[p] != want]
     if wrong:
         raise SystemExit(f"[{name}] held-out sentences misclassified: {wrong}")
 
@@ -137,8 +137,10 @@ def build_text_model(name: str, out: Path, force: bool) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / STAMP).write_text(digest)
-    print(f"[{name}] trained on {len(rows)} sentences, {len(checks)}/{len(checks)} held-out right, "
-          f"{time.perf_counter() - t0:.1f}s -> {out}")
+    print(
+        f"[{name}] trained on {len(rows)} sentences, {len(checks)}/{len(checks)} held-out right, "
+        f"{time.perf_counter() - t0:.1f}s -> {out}"
+    )
 
 
 IMAGE_SIZE = 64
@@ -211,7 +213,7 @@ def build_image_model(out: Path, force: bool) -> None:
         samples = {name: p for name, p in SAMPLES.items()}
         xs = processor([draw(p) for p in samples.values()], return_tensors="pt")["pixel_values"]
         pred = model(pixel_values=xs).logits.argmax(-1).tolist()
-    wrong = [(n, p.shape, labels[k]) for (n, p), k in zip(samples.items(), pred) if labels[k] != p.shape]
+    wrong = [(n, p.shape, labels[k]) for (n, p), k in zip(samples.items(), pred, strict=True) if labels[k] != p.shape]
     if acc < 0.9 or wrong:
         raise SystemExit(f"[image] validation accuracy {acc:.3f}, samples misclassified: {wrong}")
 
@@ -219,8 +221,10 @@ def build_image_model(out: Path, force: bool) -> None:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / STAMP).write_text(digest)
-    print(f"[image] trained on {len(x_train)} drawn shapes, validation accuracy {acc:.3f}, "
-          f"{time.perf_counter() - t0:.1f}s -> {out}")
+    print(
+        f"[image] trained on {len(x_train)} drawn shapes, validation accuracy {acc:.3f}, "
+        f"{time.perf_counter() - t0:.1f}s -> {out}"
+    )
 
 
 def write_samples(folder: Path) -> None:

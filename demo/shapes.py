@@ -65,7 +65,7 @@ def _colour(rng: random.Random) -> tuple[int, int, int]:
 
 
 def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> int:
-    return sum(abs(x - y) for x, y in zip(a, b))
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def random_params(rng: random.Random, size: int) -> ShapeParams:
@@ -92,7 +92,11 @@ def random_params(rng: random.Random, size: int) -> ShapeParams:
 # The shipped sample images: fixed, hand-picked parameters.
 SAMPLES: dict[str, ShapeParams] = {
     "circle.jpg": ShapeParams("circle", cx=0.45, cy=0.55, radius=0.3, fill=(30, 90, 200), background=(250, 240, 200)),
-    "square.jpg": ShapeParams("square", cx=0.5, cy=0.5, radius=0.28, angle=10, fill=(40, 160, 60), background=(240, 240, 240)),
-    "triangle.jpg": ShapeParams("triangle", cx=0.5, cy=0.55, radius=0.3, angle=0, fill=(220, 120, 20), background=(20, 30, 60)),
+    "square.jpg": ShapeParams(
+        "square", cx=0.5, cy=0.5, radius=0.28, angle=10, fill=(40, 160, 60), background=(240, 240, 240)
+    ),
+    "triangle.jpg": ShapeParams(
+        "triangle", cx=0.5, cy=0.55, radius=0.3, angle=0, fill=(220, 120, 20), background=(20, 30, 60)
+    ),
     "image.jpg": ShapeParams("circle", cx=0.6, cy=0.4, radius=0.22, fill=(200, 30, 30), background=(255, 255, 255)),
 }

@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised transformers models for tests and the benchmark smoke run, built in well under a second each.
+"""Tiny, randomly initialised transformers models for tests and the benchmark smoke run, built in well under a
+second each.
 
 Each tiny model has its own label names (``<model id>-0``, ``<model id>-1``, ...),
 so a response shows which model produced it.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = "the a movie was great bad win free iphone now hello world this is spam not good".split()
+WORDS = "the a movie was great bad win free iphone now hello world this is spam not good".split()  # noqa: SIM905
 
 
 def labels_for(model_id: str, n: int = 2) -> list[str]:
@@ -27,9 +28,14 @@ def build_text_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     labels = labels_for(model_id)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32,
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
     )
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -43,8 +49,12 @@ def build_image_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     labels = labels_for(model_id, 3)
     torch.manual_seed(seed)
     config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
     )
     ResNetForImageClassification(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
@@ -54,8 +64,13 @@ def build_image_model(folder: Path, model_id: str, seed: int = 0) -> Path:
 def write_registry(path: Path, models: dict[str, tuple[str, Path]], preload: list[str] = ()) -> Path:
     """models: id -> (task, folder); preload: ids marked to load when a replica starts."""
     entries = [
-        {"id": mid, "task": task, "source": {"path": str(folder)},
-         "labels": labels_for(mid, 3 if task == "image-classification" else 2), "preload": mid in preload}
+        {
+            "id": mid,
+            "task": task,
+            "source": {"path": str(folder)},
+            "labels": labels_for(mid, 3 if task == "image-classification" else 2),
+            "preload": mid in preload,
+        }
         for mid, (task, folder) in models.items()
     ]
     path.write_text(json.dumps({"models": entries}, indent=1))

@@ -18,9 +18,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float
 
 
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:
-    return {"registry_path": str(registry),
-            "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
-            **extra}
+    return {
+        "registry_path": str(registry),
+        "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
+        **extra,
+    }
 
 
 def replica_pids(app: str, deployment: str = "ModelWorker") -> dict[str, int]:

@@ -5,7 +5,6 @@ Inference Protocol v2 (``/v2/...``), with health probes beside them.
 (No ``from __future__ import annotations`` here: FastAPI must see the route annotations as types.)
 """
 
-
 import logging
 
 from fastapi import FastAPI, Request, Response

@@ -31,7 +31,7 @@ class AutoscalingArgs(_Strict):
     metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report their load")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingArgs":
+    def _ordered(self) -> AutoscalingArgs:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be at least min_replicas")
         if self.look_back_period_s <= self.metrics_interval_s:
@@ -45,7 +45,9 @@ class BatchingArgs(_Strict):
 
     max_batch_size: int = Field(8, ge=1, description="most requests in one batch (1 turns batching off)")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="how long a batch waits to fill up; 0: take what is queued (batches still form under load)"
+        0.0,
+        ge=0,
+        description="how long a batch waits to fill up; 0: take what is queued (batches still form under load)",
     )
 
 
@@ -60,11 +62,13 @@ class WorkerArgs(_Strict):
     max_ongoing_requests: int = Field(
         16, ge=1, description="requests a worker replica takes at once (at least batching.max_batch_size)"
     )
-    torch_threads: int | None = Field(1, ge=1, description="torch intra-op threads per replica; null keeps torch's default")
+    torch_threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads per replica; null keeps torch's default"
+    )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
 
     @model_validator(mode="after")
-    def _batches_fit(self) -> "WorkerArgs":
+    def _batches_fit(self) -> WorkerArgs:
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, or batches never fill")
         return self

@@ -133,9 +133,7 @@ async def running_replicas(app_name: str, deployment_name: str) -> list[ReplicaR
     controller = await asyncio.to_thread(_controller)  # ray.get_actor blocks: not on the event loop
     running = await controller._all_running_replicas.remote()
     infos = running.get(DeploymentID(name=deployment_name, app_name=app_name), [])
-    return [
-        ReplicaRef(i.replica_id.unique_id, i.node_id, i.actor_name, tuple(i.multiplexed_model_ids)) for i in infos
-    ]
+    return [ReplicaRef(i.replica_id.unique_id, i.node_id, i.actor_name, tuple(i.multiplexed_model_ids)) for i in infos]
 
 
 async def replica_actor(actor_name: str) -> Any:

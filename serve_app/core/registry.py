@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -32,7 +32,7 @@ class Task(str, Enum):
     IMAGE_CLASSIFICATION = "image-classification"
 
     @property
-    def modality(self) -> "Modality":
+    def modality(self) -> Modality:
         return _MODALITY[self]
 
 
@@ -81,7 +81,7 @@ class ModelSpec(BaseModel):
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     task: Task
-    source: Annotated[Union[LocalSource, HubSource], Field(union_mode="left_to_right")]
+    source: Annotated[LocalSource | HubSource, Field(union_mode="left_to_right")]
     description: str = ""
     labels: list[str] = Field(default_factory=list)
     preload: bool = Field(False, description="load when a worker replica starts (at most two per replica)")
@@ -109,7 +109,7 @@ class Registry(BaseModel):
         self._by_id = {spec.id: spec for spec in self.models}
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> "Registry":
+    def _unique_ids(self) -> Registry:
         seen: set[str] = set()
         for i, spec in enumerate(self.models):
             if spec.id in seen:
@@ -118,14 +118,14 @@ class Registry(BaseModel):
         return self
 
     @classmethod
-    def from_dict(cls, data: object, origin: str = "registry") -> "Registry":
+    def from_dict(cls, data: object, origin: str = "registry") -> Registry:
         try:
             return cls.model_validate(data)
         except ValidationError as e:
             raise RegistryError(_format_validation_error(origin, e)) from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Registry":
+    def from_file(cls, path: str | Path) -> Registry:
         p = resolve_project_path(path)
         try:
             data = json.loads(p.read_text(encoding="utf-8"))

@@ -16,15 +16,26 @@ pytestmark = pytest.mark.cluster
 def autoscale_url(deploy, tiny_registry):
     from ray import serve
 
-    yield deploy("autoscale", {
-        "registry_path": str(tiny_registry),
-        "worker": {
-            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                            "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
-                            "metrics_interval_s": 0.5},
-            "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1,
+    yield deploy(
+        "autoscale",
+        {
+            "registry_path": str(tiny_registry),
+            "worker": {
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 1,
+                    "upscale_delay_s": 1,
+                    "downscale_delay_s": 3,
+                    "look_back_period_s": 2,
+                    "metrics_interval_s": 0.5,
+                },
+                "num_cpus": 0.5,
+                "max_ongoing_requests": 8,
+                "torch_threads": 1,
+            },
         },
-    })
+    )
     serve.delete("autoscale")
 
 
@@ -54,8 +65,10 @@ def test_replicas_scale_up_under_load_and_down_after(client, autoscale_url):
     t1 = time.monotonic()
     scaled_down = wait_for(lambda: len(replica_pids("autoscale")) == 1, timeout=120, interval=0.5)
     down_s = time.monotonic() - t1
-    print(f"\nscaled 1 -> 2 replicas after {up_s:.1f}s of load, 2 -> 1 after {down_s:.1f}s idle; "
-          f"requests: {dict(statuses)}")
+    print(
+        f"\nscaled 1 -> 2 replicas after {up_s:.1f}s of load, 2 -> 1 after {down_s:.1f}s idle; "
+        f"requests: {dict(statuses)}"
+    )
     assert scaled_down, "the extra replica stayed after the load stopped"
     assert set(statuses) == {200}, statuses
     # And it still answers.

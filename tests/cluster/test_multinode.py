@@ -18,10 +18,13 @@ MODELS = ["alpha", "beta", "gamma", "delta"]
 def spread_url(deploy, tiny_registry):
     from ray import serve
 
-    yield deploy("spread", {
-        "registry_path": str(tiny_registry),
-        "worker": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.5, "torch_threads": 1},
-    })
+    yield deploy(
+        "spread",
+        {
+            "registry_path": str(tiny_registry),
+            "worker": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.5, "torch_threads": 1},
+        },
+    )
     serve.delete("spread")
 
 
@@ -40,10 +43,12 @@ def test_mixed_traffic_across_nodes_keeps_the_cap_and_the_models_straight(client
         rng = random.Random(5)
         sem = asyncio.Semaphore(16)
         async with httpx.AsyncClient(timeout=120) as c:
+
             async def one(model_id):
                 async with sem:
-                    return model_id, await c.post(f"{spread_url}/predict",
-                                                  json={"model_id": model_id, "input_data": "hello world"})
+                    return model_id, await c.post(
+                        f"{spread_url}/predict", json={"model_id": model_id, "input_data": "hello world"}
+                    )
 
             return await asyncio.gather(*(one(rng.choice(MODELS)) for _ in range(200)))
 

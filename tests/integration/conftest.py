@@ -37,9 +37,13 @@ def serve_url() -> Iterator[str]:
     port = free_port()
     # Logical CPUs, not cores: several small apps share the machine during the session. The environment
     # (config/serve.env, set by tests/conftest.py) reaches every Ray process from this one.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=METRICS_PORT,
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
@@ -89,7 +93,6 @@ def client() -> Iterator[httpx.Client]:
         yield c
 
 
-
 @pytest.fixture(scope="session")
 def image_server(tmp_path_factory) -> Iterator[str]:
     """A local HTTP server with images, for the URL-fetch cases (bounded: serves until the session ends)."""
@@ -101,6 +104,7 @@ def image_server(tmp_path_factory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("served-images")
     shutil.copy(PROJECT_ROOT / "samples/images/square.jpg", folder / "square.jpg")
     (folder / "big.bin").write_bytes(b"\0" * (1536 * 1024))
+
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/slow.jpg":  # answers after the app's 5 s fetch timeout
@@ -149,16 +153,19 @@ def limits_env(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def limits_url(deploy, limits_env, image_server) -> str:
     """One worker replica, small limits, an API key, URL fetching on for the local image server only."""
-    return deploy("limits", {
-        "registry_path": str(limits_env["registry"]),
-        "image_root": str(limits_env["root"]),
-        "max_body_bytes": 64 * 1024,
-        "max_image_bytes": 1024 * 1024,
-        "max_list_items": 8,
-        "api_key_file": str(limits_env["key_file"]),
-        "url_fetch": {"enabled": True, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"], "timeout_s": 5},
-        "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
-    })
+    return deploy(
+        "limits",
+        {
+            "registry_path": str(limits_env["registry"]),
+            "image_root": str(limits_env["root"]),
+            "max_body_bytes": 64 * 1024,
+            "max_image_bytes": 1024 * 1024,
+            "max_list_items": 8,
+            "api_key_file": str(limits_env["key_file"]),
+            "url_fetch": {"enabled": True, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"], "timeout_s": 5},
+            "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
+        },
+    )
 
 
 @pytest.fixture

@@ -24,9 +24,14 @@ def mixed_url(deploy, tiny_registry):
 
 def _body(rng: random.Random, model_id: str) -> dict:
     if model_id == "pixels":
-        return {"model_id": model_id, "input_data": f"samples/images/{rng.choice(['circle', 'square', 'triangle'])}.jpg"}
+        return {
+            "model_id": model_id,
+            "input_data": f"samples/images/{rng.choice(['circle', 'square', 'triangle'])}.jpg",
+        }
     n = rng.choice([1, 1, 3])
-    texts = [" ".join(rng.choices(["free", "iphone", "hello", "movie", "great"], k=rng.randint(1, 8))) for _ in range(n)]
+    texts = [
+        " ".join(rng.choices(["free", "iphone", "hello", "movie", "great"], k=rng.randint(1, 8))) for _ in range(n)
+    ]
     return {"model_id": model_id, "input_data": texts[0] if n == 1 else texts}
 
 
@@ -36,6 +41,7 @@ async def _traffic(url: str, n: int, concurrency: int, seed: int):
     sem = asyncio.Semaphore(concurrency)
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+
         async def one(model_id, body):
             async with sem:
                 r = await client.post(f"{url}/predict", json=body)
@@ -106,17 +112,20 @@ def test_a_killed_worker_replica_is_replaced_and_traffic_recovers(client, mixed_
     victim_id, victim_pid = sorted(before.items())[0]
     killed_at = time.monotonic()
     os.kill(victim_pid, signal.SIGKILL)  # a replica process this test session's Ray started
-    recovered = wait_for(lambda: len(replica_pids("mixed")) == 2 and victim_id not in replica_pids("mixed"),
-                         timeout=120, interval=0.5)
+    recovered = wait_for(
+        lambda: len(replica_pids("mixed")) == 2 and victim_id not in replica_pids("mixed"), timeout=120, interval=0.5
+    )
     recovery_s = time.monotonic() - killed_at
     stop.set()
     for t in threads:
         t.join()
-    print(f"\nreplica {victim_id} killed; a new replica was running after {recovery_s:.1f}s; "
-          f"{len(statuses)} requests meanwhile: {dict(Counter(statuses))}")
+    print(
+        f"\nreplica {victim_id} killed; a new replica was running after {recovery_s:.1f}s; "
+        f"{len(statuses)} requests meanwhile: {dict(Counter(statuses))}"
+    )
     assert recovered
     assert set(statuses) <= {200, 503}, Counter(statuses)
-    assert all(b["error"] == "model_unavailable" for s, b in zip(statuses, bodies) if s == 503)
+    assert all(b["error"] == "model_unavailable" for s, b in zip(statuses, bodies, strict=True) if s == 503)
 
     # Every later request succeeds.
     results = asyncio.run(_traffic(mixed_url, n=60, concurrency=8, seed=11))

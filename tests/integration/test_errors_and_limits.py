@@ -12,9 +12,10 @@ import zlib
 
 import httpx
 import pytest
-from tests.helpers import API_KEY, wait_for
-from serve_app.core.paths import PROJECT_ROOT
+
 from demo.tiny_models import build_text_model
+from serve_app.core.paths import PROJECT_ROOT
+from tests.helpers import API_KEY, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +25,12 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+        + chunk(b"IEND", b"")
+    )
 
 
 def post(client, url, model_id, input_data):
@@ -43,6 +48,7 @@ def assert_error(r, status, error, *words):
 
 # -- bad input -------------------------------------------------------------------------------------
 
+
 def test_unknown_model_lists_the_known_ids(authed, limits_url):
     body = assert_error(post(authed, limits_url, "nope", "x"), 404, "model_not_found", "alpha", "pixels")
     assert "beta" in body["known_models"]
@@ -53,22 +59,28 @@ def test_a_hub_id_or_path_is_never_loaded_from_a_request(authed, limits_url):
         assert post(authed, limits_url, model_id, "x").status_code == 404
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"input_data": "x"}, "model_id"),
-    ({"model_id": "", "input_data": "x"}, "model_id"),
-    ({"model_id": "alpha"}, "input_data"),
-    ({"model_id": "alpha", "input_data": ""}, "input_data"),
-    ({"model_id": "alpha", "input_data": []}, "input_data"),
-    ({"model_id": "alpha", "input_data": {"text": "x"}}, "input_data"),
-    ({"model_id": ["alpha"], "input_data": "x"}, "model_id"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"input_data": "x"}, "model_id"),
+        ({"model_id": "", "input_data": "x"}, "model_id"),
+        ({"model_id": "alpha"}, "input_data"),
+        ({"model_id": "alpha", "input_data": ""}, "input_data"),
+        ({"model_id": "alpha", "input_data": []}, "input_data"),
+        ({"model_id": "alpha", "input_data": {"text": "x"}}, "input_data"),
+        ({"model_id": ["alpha"], "input_data": "x"}, "model_id"),
+    ],
+)
 def test_missing_empty_or_wrongly_typed_fields_are_422_naming_the_field(authed, limits_url, body, field):
     assert_error(authed.post(f"{limits_url}/predict", json=body), 422, "invalid_request", field)
 
 
 def test_malformed_json_is_422(authed, limits_url):
-    r = authed.post(f"{limits_url}/predict", content=b'{"model_id": "alpha", "input_data": ',
-                    headers={"content-type": "application/json"})
+    r = authed.post(
+        f"{limits_url}/predict",
+        content=b'{"model_id": "alpha", "input_data": ',
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, 422, "invalid_request", "JSON")
 
 
@@ -129,8 +141,12 @@ def test_a_very_large_valid_image_is_resized_and_answered(authed, limits_url, li
 
 def test_image_paths_outside_the_root_are_403(authed, limits_url, limits_env):
     root = limits_env["root"]
-    for path in [f"{root}/../secret.png", "/etc/passwd.png", str(limits_env["base"] / "secret.png"),
-                 str(root / "escape.png")]:  # the last one is a symlink out of the root
+    for path in [
+        f"{root}/../secret.png",
+        "/etc/passwd.png",
+        str(limits_env["base"] / "secret.png"),
+        str(root / "escape.png"),
+    ]:  # the last one is a symlink out of the root
         assert_error(post(authed, limits_url, "pixels", path), 403, "forbidden_path")
     assert post(authed, limits_url, "pixels", str(root / "square.jpg")).status_code == 200
 
@@ -138,10 +154,15 @@ def test_image_paths_outside_the_root_are_403(authed, limits_url, limits_env):
 def test_urls_are_fetched_only_from_allowed_hosts_within_limits(authed, limits_url, image_server):
     port = image_server.rsplit(":", 1)[1]
     assert post(authed, limits_url, "pixels", f"{image_server}/square.jpg").status_code == 200
-    assert_error(post(authed, limits_url, "pixels", f"http://localhost:{port}/square.jpg"), 403, "forbidden_path",
-                 "allowed_hosts")
-    assert_error(post(authed, limits_url, "pixels", f"ftp://127.0.0.1:{port}/square.jpg"), 403, "forbidden_path",
-                 "scheme")
+    assert_error(
+        post(authed, limits_url, "pixels", f"http://localhost:{port}/square.jpg"),
+        403,
+        "forbidden_path",
+        "allowed_hosts",
+    )
+    assert_error(
+        post(authed, limits_url, "pixels", f"ftp://127.0.0.1:{port}/square.jpg"), 403, "forbidden_path", "scheme"
+    )
     assert_error(post(authed, limits_url, "pixels", f"{image_server}/big.bin"), 422, "invalid_input", "larger than")
     assert_error(post(authed, limits_url, "pixels", f"{image_server}/missing.jpg"), 400, "bad_image", "404")
     assert_error(post(authed, limits_url, "pixels", f"{image_server}/slow.jpg"), 400, "bad_image", "longer than 5s")
@@ -154,7 +175,10 @@ def test_a_list_longer_than_the_limit_is_422(authed, limits_url):
 
 # -- faults ----------------------------------------------------------------------------------------
 
-def test_a_broken_model_is_503_and_the_replica_keeps_serving_until_it_is_fixed(authed, limits_url, limits_env, tiny_dir):
+
+def test_a_broken_model_is_503_and_the_replica_keeps_serving_until_it_is_fixed(
+    authed, limits_url, limits_env, tiny_dir
+):
     body = assert_error(post(authed, limits_url, "broken", "hello"), 503, "model_unavailable", "broken")
     assert "could not be loaded" in body["message"]
     assert post(authed, limits_url, "alpha", "hello").status_code == 200  # the replica still serves
@@ -174,11 +198,19 @@ def test_a_broken_model_is_503_and_the_replica_keeps_serving_until_it_is_fixed(a
 
 # -- security --------------------------------------------------------------------------------------
 
+
 def test_every_endpoint_but_health_needs_the_api_key(limits_url):
     with httpx.Client(timeout=60) as anon:
-        for method, path in [("GET", "/models"), ("GET", "/models/alpha"), ("POST", "/predict"), ("GET", "/docs"),
-                             ("GET", "/openapi.json"), ("GET", "/v2"), ("POST", "/v2/models/alpha/infer"),
-                             ("POST", "/v2/repository/index")]:
+        for method, path in [
+            ("GET", "/models"),
+            ("GET", "/models/alpha"),
+            ("POST", "/predict"),
+            ("GET", "/docs"),
+            ("GET", "/openapi.json"),
+            ("GET", "/v2"),
+            ("POST", "/v2/models/alpha/infer"),
+            ("POST", "/v2/repository/index"),
+        ]:
             r = anon.request(method, f"{limits_url}{path}", json={"model_id": "alpha", "input_data": "x"})
             assert r.status_code == 401, (path, r.status_code)
             if path.startswith("/v2"):  # the Open Inference Protocol's error shape

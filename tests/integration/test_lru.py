@@ -95,8 +95,11 @@ def test_a_model_evicted_while_its_request_runs_still_answers(client, lru_url):
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
-            bodies = [{"model_id": m, "input_data": ["hello world"] * 8}
-                      for _ in range(10) for m in ("alpha", "beta", "gamma")]
+            bodies = [
+                {"model_id": m, "input_data": ["hello world"] * 8}
+                for _ in range(10)
+                for m in ("alpha", "beta", "gamma")
+            ]
             return await asyncio.gather(*(c.post(f"{lru_url}/predict", json=b) for b in bodies))
 
     responses = asyncio.run(burst())
@@ -117,8 +120,9 @@ def test_concurrent_first_requests_load_a_cold_model_once(client, lru_url):
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(c.post(f"{lru_url}/predict", json={"model_id": "delta", "input_data": "hi"})
-                                          for _ in range(16)))
+            return await asyncio.gather(
+                *(c.post(f"{lru_url}/predict", json={"model_id": "delta", "input_data": "hi"}) for _ in range(16))
+            )
 
     assert [r.status_code for r in asyncio.run(burst())] == [200] * 16
     assert client.get(f"{lru_url}/models/delta").json()["load_count"] == before + 1
@@ -141,8 +145,10 @@ def test_memory_is_stable_over_300_load_unload_cycles(client, lru_url):
     cycles(290, 12)
     after_300 = rss_bytes(pid)
     ratio = after_300 / after_10
-    print(f"\nworker RSS after 10 cycles: {after_10 / 2**20:.1f} MiB, after 300: {after_300 / 2**20:.1f} MiB, "
-          f"ratio {ratio:.3f}")
+    print(
+        f"\nworker RSS after 10 cycles: {after_10 / 2**20:.1f} MiB, after 300: {after_300 / 2**20:.1f} MiB, "
+        f"ratio {ratio:.3f}"
+    )
     loads = sum(m["load_count"] for m in client.get(f"{lru_url}/models").json()["models"])
     assert loads >= 300
     assert ratio <= 1.15

@@ -62,8 +62,11 @@ def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, l
 
     from serve_app.core import ray_internals
 
-    r = authed.post(f"{limits_url}/predict", json={"model_id": "alpha", "input_data": "hi"},
-                    headers={"X-Request-ID": "trace-me-7f3a"})
+    r = authed.post(
+        f"{limits_url}/predict",
+        json={"model_id": "alpha", "input_data": "hi"},
+        headers={"X-Request-ID": "trace-me-7f3a"},
+    )
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "trace-me-7f3a"
     generated = authed.post(f"{limits_url}/predict", json={"model_id": "alpha", "input_data": "hi"})
@@ -88,7 +91,7 @@ def _samples(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
         if not line.startswith(name + "{"):
             continue
-        label_text, value = line[len(name) + 1:].rsplit("} ", 1)
+        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
         found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(value)

@@ -4,8 +4,8 @@ import base64
 
 import pytest
 
-from tests.helpers import wait_for
 from serve_app.core.paths import PROJECT_ROOT
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,10 @@ def test_spam_example(client, demo_url):
     assert r.json()["predictions"][0]["label"] == "spam"
 
 
-@pytest.mark.parametrize("name, shape", [("image.jpg", "circle"), ("circle.jpg", "circle"),
-                                         ("square.jpg", "square"), ("triangle.jpg", "triangle")])
+@pytest.mark.parametrize(
+    "name, shape",
+    [("image.jpg", "circle"), ("circle.jpg", "circle"), ("square.jpg", "square"), ("triangle.jpg", "triangle")],
+)
 def test_image_example_with_a_path(client, demo_url, name, shape):
     r = predict(client, demo_url, "image", f"samples/images/{name}")
     assert r.status_code == 200, r.text
@@ -89,8 +91,14 @@ def test_unknown_model_is_a_404_listing_known_ids(client, demo_url):
     assert client.get(f"{demo_url}/models/no-such-model").status_code == 404
 
 
-@pytest.mark.parametrize("body, field", [({"input_data": "x"}, "model_id"), ({"model_id": "spam"}, "input_data"),
-                                         ({"model_id": "spam", "input_data": 3}, "input_data")])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"input_data": "x"}, "model_id"),
+        ({"model_id": "spam"}, "input_data"),
+        ({"model_id": "spam", "input_data": 3}, "input_data"),
+    ],
+)
 def test_bad_request_is_a_422_naming_the_field(client, demo_url, body, field):
     r = client.post(f"{demo_url}/predict", json=body)
     assert r.status_code == 422

@@ -5,8 +5,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import wait_for
 from serve_app.core.paths import PROJECT_ROOT
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +43,15 @@ def test_text_inference_with_the_standard_client(v2, binary):
     texts = np.array([b"This movie was great!", b"Dreadful film, a total waste of time."], dtype=np.object_)
     inp = triton.InferInput("text", [2], "BYTES")
     inp.set_data_from_numpy(texts, binary_data=binary)
-    result = v2.infer("sentiment", [inp], request_id="req-42",
-                      outputs=[triton.InferRequestedOutput("label", binary_data=False),
-                               triton.InferRequestedOutput("score", binary_data=False)])
+    result = v2.infer(
+        "sentiment",
+        [inp],
+        request_id="req-42",
+        outputs=[
+            triton.InferRequestedOutput("label", binary_data=False),
+            triton.InferRequestedOutput("score", binary_data=False),
+        ],
+    )
     assert _labels(result) == ["positive", "negative"]
     scores = result.as_numpy("score")
     assert scores.shape == (2,) and (scores > 0.5).all()
@@ -66,8 +72,10 @@ def test_errors_have_the_protocol_shape(v2, demo_url, client):
     inp.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="Unknown model 'nope'"):
         v2.infer("nope", [inp])
-    r = client.post(f"{demo_url}/v2/models/sentiment/infer",
-                    json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+    r = client.post(
+        f"{demo_url}/v2/models/sentiment/infer",
+        json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+    )
     assert r.status_code == 422 and set(r.json()) == {"error"} and "BYTES" in r.json()["error"]
     r = client.post(f"{demo_url}/v2/models/sentiment/infer", json={"inputs": []})
     assert r.status_code == 422 and set(r.json()) == {"error"}

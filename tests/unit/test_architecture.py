@@ -23,12 +23,15 @@ def _modules(folder: str) -> list:
     return sorted((PROJECT_ROOT / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize("folder, forbidden", [
-    ("serve_app/core", ("deployments", "fastapi", "starlette")),
-    ("deployments/worker", ("deployments.ingress", "fastapi", "starlette")),
-    ("deployments/runtimes", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
-    ("deployments/ingress", ("deployments.worker",)),
-])
+@pytest.mark.parametrize(
+    "folder, forbidden",
+    [
+        ("serve_app/core", ("deployments", "fastapi", "starlette")),
+        ("deployments/worker", ("deployments.ingress", "fastapi", "starlette")),
+        ("deployments/runtimes", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
+        ("deployments/ingress", ("deployments.worker",)),
+    ],
+)
 def test_each_side_imports_only_the_core_and_itself(folder, forbidden):
     for module in _modules(folder):
         bad = {i for i in _imports(module) if any(i == f or i.startswith(f + ".") for f in forbidden)}
@@ -36,9 +39,12 @@ def test_each_side_imports_only_the_core_and_itself(folder, forbidden):
 
 
 def test_the_builder_is_the_only_module_that_imports_both_deployments():
-    both = [m.relative_to(PROJECT_ROOT).as_posix() for m in _modules("serve_app") + _modules("deployments")
-            if any(i.startswith("deployments.ingress") for i in _imports(m))
-            and any(i.startswith("deployments.worker") for i in _imports(m))]
+    both = [
+        m.relative_to(PROJECT_ROOT).as_posix()
+        for m in _modules("serve_app") + _modules("deployments")
+        if any(i.startswith("deployments.ingress") for i in _imports(m))
+        and any(i.startswith("deployments.worker") for i in _imports(m))
+    ]
     assert both == ["serve_app/app.py"]
 
 
@@ -73,11 +79,12 @@ def test_nothing_the_worker_imports_from_this_project_imports_fastapi_or_starlet
 
 
 def test_ray_internals_are_used_only_through_the_seam():
-    users = [m.relative_to(PROJECT_ROOT).as_posix()
-             for folder in ("serve_app", "deployments", "bench", "demo", "tests")
-             for m in _modules(folder)
-             if m.name != "ray_internals.py" and "_private" in m.read_text()
-             and m.name != "test_architecture.py"]
+    users = [
+        m.relative_to(PROJECT_ROOT).as_posix()
+        for folder in ("serve_app", "deployments", "bench", "demo", "tests")
+        for m in _modules(folder)
+        if m.name != "ray_internals.py" and "_private" in m.read_text() and m.name != "test_architecture.py"
+    ]
     assert users == []
 
 

@@ -60,7 +60,7 @@ def test_autoscaling_bounds_are_checked():
 
 
 def test_batches_must_fit_in_the_ongoing_requests():
-    with pytest.raises(ValidationError, match="max_ongoing_requests must be at least batching.max_batch_size"):
+    with pytest.raises(ValidationError, match=r"max_ongoing_requests must be at least batching\.max_batch_size"):
         AppArgs.model_validate({"worker": {"max_ongoing_requests": 4, "batching": {"max_batch_size": 8}}})
 
 

@@ -63,7 +63,9 @@ def test_worker_pods_can_hold_the_most_replicas_autoscaling_asks_for(service, se
     (group,) = cluster["workerGroupSpecs"]
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     args = AppArgs.model_validate(serve_config["applications"][0]["args"])
-    need = args.worker.autoscaling.max_replicas * args.worker.num_cpus + args.ingress.num_replicas * args.ingress.num_cpus
+    need = (
+        args.worker.autoscaling.max_replicas * args.worker.num_cpus + args.ingress.num_replicas * args.ingress.num_cpus
+    )
     pod_cpu = _cpu(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert group["maxReplicas"] * pod_cpu >= need
     min_need = args.worker.autoscaling.min_replicas * args.worker.num_cpus

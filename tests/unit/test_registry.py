@@ -7,10 +7,18 @@ from serve_app.core.registry import HubSource, LocalSource, Modality, Registry, 
 
 GOOD = {
     "models": [
-        {"id": "sentiment", "task": "text-classification", "source": {"path": "models/sentiment"},
-         "description": "d", "labels": ["negative", "positive"]},
-        {"id": "vit", "task": "image-classification",
-         "source": {"hub_id": "google/vit-base-patch16-224", "revision": "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3"}},
+        {
+            "id": "sentiment",
+            "task": "text-classification",
+            "source": {"path": "models/sentiment"},
+            "description": "d",
+            "labels": ["negative", "positive"],
+        },
+        {
+            "id": "vit",
+            "task": "image-classification",
+            "source": {"hub_id": "google/vit-base-patch16-224", "revision": "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3"},
+        },
     ]
 }
 
@@ -92,4 +100,6 @@ def test_relative_local_path_resolves_from_project_root():
     ref, revision = Registry.from_dict(GOOD).get("sentiment").source.reference()
     assert ref == str(PROJECT_ROOT / "models/sentiment") and revision is None
     assert Registry.from_dict(GOOD).get("vit").source.reference() == (
-        "google/vit-base-patch16-224", "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3")
+        "google/vit-base-patch16-224",
+        "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3",
+    )

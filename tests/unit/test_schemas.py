@@ -30,8 +30,13 @@ def test_predict_request_rejects_bad_bodies_naming_the_field(body, field):
 
 def test_predict_response_shape():
     r = PredictResponse.model_validate(
-        {"model_id": "m", "task": "text-classification",
-         "predictions": [{"label": "a", "score": 0.9, "scores": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}]}]}
+        {
+            "model_id": "m",
+            "task": "text-classification",
+            "predictions": [
+                {"label": "a", "score": 0.9, "scores": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}]}
+            ],
+        }
     )
     assert r.predictions[0].scores[1].label == "b"
     with pytest.raises(ValidationError):

@@ -5,11 +5,11 @@ import struct
 
 import pytest
 
-from serve_app.core.errors import InvalidInput
 from deployments.ingress.dataplane import InferenceResult
+from deployments.ingress.protocols.v2 import InferRequest, RequestOutput, infer_response, parse_infer_request
+from serve_app.core.errors import InvalidInput
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import LabelScore
-from deployments.ingress.protocols.v2 import InferRequest, RequestOutput, infer_response, parse_infer_request
 
 
 def _binary(elements: list[bytes]) -> bytes:
@@ -17,16 +17,18 @@ def _binary(elements: list[bytes]) -> bytes:
 
 
 def test_json_bytes_tensor():
-    body = json.dumps({"id": "r1", "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
-                                               "data": ["good", "bad"]}]}).encode()
+    body = json.dumps(
+        {"id": "r1", "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["good", "bad"]}]}
+    ).encode()
     request, elements = parse_infer_request(body, None)
     assert request.id == "r1" and elements == ["good", "bad"]
 
 
 def test_binary_tensor_extension():
     data = _binary([b"good", b"\xff\xd8 jpeg bytes"])
-    header = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(data)}}]}
+    ).encode()
     _, elements = parse_infer_request(header + data, str(len(header)))
     assert elements == [b"good", b"\xff\xd8 jpeg bytes"]
 
@@ -34,27 +36,36 @@ def test_binary_tensor_extension():
 @pytest.mark.parametrize("size", [-1, 10_000, "12", 1.5])
 def test_a_binary_size_that_does_not_fit_is_refused(size):
     data = _binary([b"good"])
-    header = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": size}}]}).encode()
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": size}}]}
+    ).encode()
     with pytest.raises(InvalidInput, match="binary_data_size"):
         parse_infer_request(header + data, str(len(header)))
 
 
-@pytest.mark.parametrize("body, header, match", [
-    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}', None, "BYTES"),
-    (b'{"inputs": []}', None, "inputs"),
-    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}', None, "no data"),
-    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', "9999", "does not fit"),
-    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', "abc", "not a number"),
-])
+@pytest.mark.parametrize(
+    "body, header, match",
+    [
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}', None, "BYTES"),
+        (b'{"inputs": []}', None, "inputs"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}', None, "no data"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', "9999", "does not fit"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', "abc", "not a number"),
+    ],
+)
 def test_bad_requests_are_invalid_input(body, header, match):
     with pytest.raises(InvalidInput, match=match):
         parse_infer_request(body, header)
 
 
 def test_response_tensors_and_requested_outputs():
-    request = InferRequest.model_validate({"id": "7", "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES",
-                                                                  "data": ["x"]}], "outputs": [{"name": "label"}]})
+    request = InferRequest.model_validate(
+        {
+            "id": "7",
+            "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
+            "outputs": [{"name": "label"}],
+        }
+    )
     spec = ModelSpec(id="spam", task="text-classification", source={"path": "models/spam"})
     predictions = InferenceResult(spec, [[LabelScore(label="spam", score=0.9), LabelScore(label="ham", score=0.1)]])
     response = infer_response(request, predictions)

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -29,7 +29,7 @@ class PredictRequest(BaseModel):
     )
 
     model_id: NonEmptyStr = Field(description="id of a model in the registry (GET /models)")
-    input_data: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]] = Field(
+    input_data: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(
         description=(
             "text models: a string or a list of strings; image models: a path under the image root, "
             "base64 of the encoded image, or a data URI (data:image/png;base64,...), or a list of these"

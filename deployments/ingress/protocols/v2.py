@@ -103,8 +103,10 @@ def model_metadata(spec: ModelSpec) -> ModelMetadata:
         versions=[MODEL_VERSION],
         platform=f"transformers/{spec.task.value}",
         inputs=[TensorMetadata(name=spec.modality.value, datatype="BYTES", shape=[-1])],
-        outputs=[TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
-                 TensorMetadata(name="score", datatype="FP32", shape=[-1])],
+        outputs=[
+            TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+            TensorMetadata(name="score", datatype="FP32", shape=[-1]),
+        ],
     )
 
 
