@@ -27,6 +27,13 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> dict[str,
     return {key: environ[key] for key in serve_env()}
 
 
+def own_fixed_ports() -> dict[str, str]:
+    """Free ports for what Ray Serve binds at fixed numbers on every node (HAProxy's Prometheus endpoint,
+    9101, and stats page, 8404), so that a second Ray session on one machine (a test run beside `make run`)
+    can start. The mode and everything else stay as config/serve.env sets them."""
+    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as s:

@@ -1,13 +1,16 @@
 """Every test session runs in the environment `make run` starts Ray Serve with (config/serve.env): the
 same Serve mode, and nothing fetched from a model hub. It is set here, before any test starts Ray, so
-that every Ray process inherits it."""
+that every Ray process inherits it. The one difference: HAProxy's metrics and stats pages get free ports
+instead of their fixed ones, so that the suite can run while `make run` (or another suite) is up."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from serve_app.devtools import apply_serve_env
+from serve_app.devtools import apply_serve_env, own_fixed_ports
 
+os.environ.update(own_fixed_ports())
 apply_serve_env()
 
 from demo.tiny_models import build_image_model, build_text_model  # noqa: E402

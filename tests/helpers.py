@@ -4,7 +4,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-API_KEY = "test-key-4f9c2a"  # the key of the 'limits' test app
+API_KEY = "test-key-4f9c2a"  # the keys of the 'limits' test app
+ADMIN_KEY = "test-admin-key-93be01"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float = 0.1) -> bool:
@@ -20,6 +21,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:
     return {
         "registry_path": str(registry),
+        "auth": {"mode": "off"},
         "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
         **extra,
     }

@@ -14,9 +14,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import install_error_handlers
-from deployments.ingress.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
 from deployments.ingress.protocols import native, v2
-from serve_app.core.config import AppArgs, resolve_api_key
+from serve_app.core.config import AppArgs, resolve_keys
 from serve_app.core.registry import Registry
 
 logger = logging.getLogger("ray.serve")
@@ -31,7 +31,7 @@ api = FastAPI(
 )
 install_error_handlers(api)
 api.add_middleware(BodyLimitMiddleware)
-api.add_middleware(ApiKeyMiddleware)  # added last, so it runs first
+api.add_middleware(AuthMiddleware)  # added last, so it runs first
 
 _errors = {code: {"model": native.ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503, 504)}
 _v2_infer_body = {
@@ -45,10 +45,13 @@ class Ingress:
     def __init__(self, worker: DeploymentHandle, registry: Registry, args: AppArgs) -> None:
         self.registry = registry
         self.plane = DataPlane(registry, worker, args)
-        key = resolve_api_key(args)
-        api.state.api_key = key.encode() if key else None
+        api.state.keys = keys = resolve_keys(args.auth)  # refuses to start on a missing or empty key
         api.state.max_body_bytes = args.max_body_bytes
-        logger.info("ingress ready: %d models, API key %s", len(registry.models), "on" if key else "off")
+        if not keys.on:
+            logger.warning(
+                "auth is off (auth.mode: off): anyone who can reach this app may predict, load and unload models"
+            )
+        logger.info("ingress ready: %d models, auth %s", len(registry.models), args.auth.mode)
 
     # -- health -------------------------------------------------------------------------------------
 

@@ -1,21 +1,20 @@
-"""ASGI middleware of the ingress: the API key and the body-size limit, before any route runs.
+"""ASGI middleware of the ingress: auth and the body-size limit, before any route runs.
 
-Both read their settings from ``app.state`` (set when the ingress replica
-starts), so they apply to every route, the OpenAPI docs included.
+Both read their settings from ``app.state`` (set when the ingress replica starts), so they apply to every
+route, the OpenAPI docs included.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.ingress.auth import OPEN_PATHS, authorize, is_admin_path
 from deployments.ingress.http_errors import PayloadTooLarge, error_body, route_path
-
-# Routes that answer without an API key: liveness and readiness probes.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+from serve_app.core.config import Keys
+from serve_app.core.errors import ServeAppError, Unauthorized
 
 
 async def _send_json(
@@ -36,27 +35,24 @@ async def _send_json(
     await send({"type": "http.response.body", "body": payload})
 
 
-class ApiKeyMiddleware:
-    """``Authorization: Bearer <key>`` on every route but the health probes, when a key is configured."""
+class AuthMiddleware:
+    """``Authorization: Bearer <key>`` on every route but the health probes, and the admin key on load and
+    unload, when auth is on (``app.state.keys``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: bytes | None = getattr(scope["app"].state, "api_key", None) if scope["type"] == "http" else None
-        if key is None or route_path(scope).rstrip("/") in OPEN_PATHS:
+        keys: Keys | None = getattr(scope["app"].state, "keys", None) if scope["type"] == "http" else None
+        path = route_path(scope).rstrip("/") if keys is not None and keys.on else ""
+        if not path or path in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        header = dict(scope.get("headers", [])).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key):
-            return await self.app(scope, receive, send)
-        await _send_json(
-            send,
-            scope,
-            401,
-            {"error": "unauthorized", "message": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
-            [(b"www-authenticate", b"Bearer")],
-        )
+        try:
+            authorize(keys, dict(scope.get("headers", [])).get(b"authorization"), admin=is_admin_path(path))
+        except ServeAppError as e:
+            headers = [(b"www-authenticate", b"Bearer")] if isinstance(e, Unauthorized) else []
+            return await _send_json(send, scope, e.status_code, e.body(), headers)
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

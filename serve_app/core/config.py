@@ -7,7 +7,9 @@ the builder (``serve_app.app:build_app``), so a typo or a wrong type stops
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,11 +93,27 @@ class UrlFetchArgs(_Strict):
     timeout_s: float = Field(5.0, gt=0, description="total time for one fetch")
 
 
+class AuthArgs(_Strict):
+    """Who may call the API: a required, explicit choice.
+
+    ``api_key``: every route but the health probes needs ``Authorization: Bearer <key>``, and loading or
+    unloading a model needs the admin key. Each key comes from the environment (``MMS_API_KEY``,
+    ``MMS_ADMIN_KEY``) or from a file; the keys themselves never go in serve_config.yaml.
+    ``off``: anyone who reaches the port may predict, load and unload; start-up logs a warning."""
+
+    mode: Literal["api_key", "off"] = Field(description="api_key, or off in plain words")
+    api_key_file: str | None = Field(None, description="a file holding the API key (MMS_API_KEY takes precedence)")
+    admin_key_file: str | None = Field(
+        None, description="a file holding the admin key for load and unload (MMS_ADMIN_KEY takes precedence)"
+    )
+
+
 class EnvSettings(BaseSettings):
     """Settings read from the environment of the ingress replicas."""
 
     model_config = SettingsConfigDict(env_prefix="MMS_")
     api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
 
 
 class AppArgs(_Strict):
@@ -108,23 +126,60 @@ class AppArgs(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) accepted")
     request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413 unread")
-    api_key_file: str | None = Field(
-        None, description="a file holding the API key (or set MMS_API_KEY); the key itself never goes in this file"
-    )
+    auth: AuthArgs = Field(description="who may call the API: api_key or off (required)")
     url_fetch: UrlFetchArgs = Field(default_factory=UrlFetchArgs)
     worker: WorkerArgs = Field(default_factory=WorkerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
 
 
-def resolve_api_key(args: AppArgs) -> str | None:
-    """The API key from MMS_API_KEY, else from ``api_key_file``; None when neither is set."""
-    env = EnvSettings().api_key
-    if env is not None and env.get_secret_value():
-        return env.get_secret_value()
-    if args.api_key_file:
-        path = resolve_project_path(args.api_key_file)
-        key = Path(path).read_text(encoding="utf-8").strip()
-        if not key:  # an unfilled secret must not leave the API open
-            raise ValueError(f"api_key_file {path} is empty")
-        return key
-    return None
+class AuthConfigError(ValueError):
+    """The auth settings are missing a key, or hold an empty one: the app refuses to start."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys in force; both None when auth is off."""
+
+    api: bytes | None
+    admin: bytes | None
+
+    @property
+    def on(self) -> bool:
+        return self.api is not None
+
+
+def _key(name: str, env: SecretStr | None, file: str | None) -> bytes:
+    if env is not None:
+        value = env.get_secret_value().strip()
+        if not value:  # an empty variable must not leave the API open
+            raise AuthConfigError(f"MMS_{name.upper()} is set but empty")
+        return value.encode()
+    if file:
+        path = resolve_project_path(file)
+        value = Path(path).read_text(encoding="utf-8").strip()
+        if not value:  # an unfilled secret must not leave the API open
+            raise AuthConfigError(f"auth.{name}_file {path} is empty")
+        return value.encode()
+    raise AuthConfigError(
+        f"auth.mode is api_key but no {name.replace('_', ' ')} is set: set MMS_{name.upper()} or auth.{name}_file"
+    )
+
+
+def resolve_keys(auth: AuthArgs) -> Keys:
+    """The keys ``auth`` asks for, from the environment or their files. Refuses to start on an empty key,
+    a missing one, an admin key equal to the API key, or keys set while auth is off."""
+    env = EnvSettings()
+    if auth.mode == "off":
+        stray = [f"MMS_{n.upper()}" for n in ("api_key", "admin_key") if getattr(env, n) is not None]
+        stray += [f"auth.{n}" for n in ("api_key_file", "admin_key_file") if getattr(auth, n)]
+        if stray:
+            raise AuthConfigError(
+                f"auth.mode is off but {', '.join(stray)} is set: set auth.mode: api_key, or unset it"
+            )
+        return Keys(api=None, admin=None)
+    keys = Keys(
+        api=_key("api_key", env.api_key, auth.api_key_file), admin=_key("admin_key", env.admin_key, auth.admin_key_file)
+    )
+    if keys.api == keys.admin:
+        raise AuthConfigError("the admin key must differ from the API key")
+    return keys

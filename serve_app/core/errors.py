@@ -56,6 +56,20 @@ class ForbiddenPath(ServeAppError):
     error = "forbidden_path"
 
 
+class Unauthorized(ServeAppError):
+    """No API key, or a wrong one, while auth is on."""
+
+    status_code = 401
+    error = "unauthorized"
+
+
+class AdminKeyRequired(ServeAppError):
+    """The API key is right, but the call (loading or unloading a model) needs the admin key."""
+
+    status_code = 403
+    error = "admin_key_required"
+
+
 class ModelNotFound(ServeAppError):
     status_code = 404
     error = "model_not_found"

@@ -20,6 +20,7 @@ def autoscale_url(deploy, tiny_registry):
         "autoscale",
         {
             "registry_path": str(tiny_registry),
+            "auth": {"mode": "off"},
             "worker": {
                 "autoscaling": {
                     "min_replicas": 1,

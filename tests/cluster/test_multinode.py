@@ -22,6 +22,7 @@ def spread_url(deploy, tiny_registry):
         "spread",
         {
             "registry_path": str(tiny_registry),
+            "auth": {"mode": "off"},
             "worker": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.5, "torch_threads": 1},
         },
     )

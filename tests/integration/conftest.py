@@ -19,7 +19,7 @@ from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.devtools import free_port
-from tests.helpers import API_KEY
+from tests.helpers import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -145,9 +145,17 @@ def limits_env(tiny_dir, tmp_path_factory):
     models["pixels"] = ("image-classification", tiny_dir / "pixels")
     models["broken"] = ("text-classification", broken)
     registry = write_registry(base / "registry.json", models, preload=["beta"])
-    key_file = base / "api-key"
+    key_file, admin_key_file = base / "api-key", base / "admin-key"
     key_file.write_text(API_KEY + "\n")
-    return {"base": base, "root": root, "broken": broken, "registry": registry, "key_file": key_file}
+    admin_key_file.write_text(ADMIN_KEY + "\n")
+    return {
+        "base": base,
+        "root": root,
+        "broken": broken,
+        "registry": registry,
+        "key_file": key_file,
+        "admin_key_file": admin_key_file,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -157,11 +165,15 @@ def limits_url(deploy, limits_env, image_server) -> str:
         "limits",
         {
             "registry_path": str(limits_env["registry"]),
+            "auth": {
+                "mode": "api_key",
+                "api_key_file": str(limits_env["key_file"]),
+                "admin_key_file": str(limits_env["admin_key_file"]),
+            },
             "image_root": str(limits_env["root"]),
             "max_body_bytes": 64 * 1024,
             "max_image_bytes": 1024 * 1024,
             "max_list_items": 8,
-            "api_key_file": str(limits_env["key_file"]),
             "url_fetch": {"enabled": True, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"], "timeout_s": 5},
             "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
         },
@@ -170,5 +182,13 @@ def limits_url(deploy, limits_env, image_server) -> str:
 
 @pytest.fixture
 def authed() -> Iterator[httpx.Client]:
+    """A client with the 'limits' app's API key."""
     with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def admin() -> Iterator[httpx.Client]:
+    """A client with the 'limits' app's admin key (load and unload)."""
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
         yield c

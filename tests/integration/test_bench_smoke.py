@@ -14,7 +14,12 @@ def test_benchmark_smoke_run(deploy, tmp_path):
 
     registry = bench_registry(tmp_path / "models", smoke=True)
     url = deploy(
-        "bench", {"registry_path": str(registry), "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1}}
+        "bench",
+        {
+            "registry_path": str(registry),
+            "auth": {"mode": "off"},
+            "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1},
+        },
     )
     try:
         report = run(tmp_path / "out", smoke=True, app_url=url, registry=registry)

@@ -46,15 +46,15 @@ def test_model_status_comes_from_the_replicas(authed, limits_url):
     assert set(states.values()) <= {"not_loaded", "loading", "loaded", "failed"}
 
 
-def test_explicit_load_and_unload(authed, limits_url):
-    r = authed.post(f"{limits_url}/models/delta/load")
+def test_explicit_load_and_unload(authed, admin, limits_url):
+    r = admin.post(f"{limits_url}/models/delta/load")
     assert r.status_code == 200 and r.json()["state"] == "loaded"
     listing = authed.get(f"{limits_url}/models").json()
     assert all(len(rep["models"]) <= 2 for rep in listing["replicas"])  # the cap holds for explicit loads too
-    r = authed.post(f"{limits_url}/models/delta/unload")
+    r = admin.post(f"{limits_url}/models/delta/unload")
     assert r.status_code == 200
     assert wait_for(lambda: authed.get(f"{limits_url}/models/delta").json()["state"] == "not_loaded")
-    assert authed.post(f"{limits_url}/models/nope/load").status_code == 404
+    assert admin.post(f"{limits_url}/models/nope/load").status_code == 404
 
 
 def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, limits_url):
@@ -98,7 +98,7 @@ def _samples(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_metrics_count_known_traffic(authed, limits_url, metrics_url):
+def test_metrics_count_known_traffic(authed, admin, limits_url, metrics_url):
     def scraped() -> dict[str, float]:
         text = httpx.get(metrics_url, timeout=10).text
         app = {"application": "limits"}
@@ -122,13 +122,13 @@ def test_metrics_count_known_traffic(authed, limits_url, metrics_url):
                 return current
             previous = current
 
-    authed.post(f"{limits_url}/models/delta/unload")
+    admin.post(f"{limits_url}/models/delta/unload")
     before = settled()
     # Known traffic: delta is cold, so 1 load, then 4 cache hits; 1 request refused with 422; 1 unload.
     ok = [authed.post(f"{limits_url}/predict", json={"model_id": "delta", "input_data": "hi"}) for _ in range(5)]
     assert [r.status_code for r in ok] == [200] * 5
     assert authed.post(f"{limits_url}/predict", json={"model_id": "delta", "input_data": ["x"] * 9}).status_code == 422
-    assert authed.post(f"{limits_url}/models/delta/unload").status_code == 200
+    assert admin.post(f"{limits_url}/models/delta/unload").status_code == 200
     expected = {"ok": 5, "err": 1, "latency": 6, "loads": 1, "load_latency": 1, "hits": 4, "unloads": 1}
 
     def increments() -> dict[str, float]:

@@ -50,7 +50,7 @@ def _cpus(args: AppArgs) -> float:
 
 
 def test_defaults_and_serve_config_fit_a_two_core_machine():
-    assert _cpus(AppArgs()) <= 2
+    assert _cpus(AppArgs(auth={"mode": "off"})) <= 2
     assert _cpus(AppArgs.model_validate(_serve_config()["applications"][0]["args"])) <= 2
 
 
@@ -64,17 +64,63 @@ def test_batches_must_fit_in_the_ongoing_requests():
         AppArgs.model_validate({"worker": {"max_ongoing_requests": 4, "batching": {"max_batch_size": 8}}})
 
 
-def test_api_key_from_env_or_file_and_an_empty_file_is_refused(tmp_path, monkeypatch):
-    from serve_app.core.config import resolve_api_key
-
+@pytest.fixture
+def no_key_env(monkeypatch):
     monkeypatch.delenv("MMS_API_KEY", raising=False)
-    assert resolve_api_key(AppArgs()) is None
-    key_file = tmp_path / "key"
+    monkeypatch.delenv("MMS_ADMIN_KEY", raising=False)
+    return monkeypatch
+
+
+def _auth(**fields):
+    from serve_app.core.config import AuthArgs
+
+    return AuthArgs(**fields)
+
+
+def test_auth_is_a_required_and_explicit_choice():
+    with pytest.raises(ValidationError) as e:
+        AppArgs.model_validate({})
+    assert "auth" in {err["loc"][0] for err in e.value.errors()}
+    with pytest.raises(ValidationError, match="api_key"):
+        AppArgs.model_validate({"auth": {"mode": "maybe"}})
+
+
+def test_keys_from_env_or_file_and_an_empty_file_is_refused(tmp_path, no_key_env):
+    from serve_app.core.config import AuthConfigError, resolve_keys
+
+    assert not resolve_keys(_auth(mode="off")).on
+    key_file, admin_file = tmp_path / "key", tmp_path / "admin"
     key_file.write_text("s3cret\n")
-    assert resolve_api_key(AppArgs(api_key_file=str(key_file))) == "s3cret"
-    monkeypatch.setenv("MMS_API_KEY", "from-env")
-    assert resolve_api_key(AppArgs(api_key_file=str(key_file))) == "from-env"
-    monkeypatch.delenv("MMS_API_KEY")
+    admin_file.write_text("admin-s3cret")
+    keys = resolve_keys(_auth(mode="api_key", api_key_file=str(key_file), admin_key_file=str(admin_file)))
+    assert (keys.api, keys.admin) == (b"s3cret", b"admin-s3cret")
+    no_key_env.setenv("MMS_API_KEY", "from-env")
+    keys = resolve_keys(_auth(mode="api_key", api_key_file=str(key_file), admin_key_file=str(admin_file)))
+    assert keys.api == b"from-env"
+    no_key_env.delenv("MMS_API_KEY")
     key_file.write_text("  \n")
-    with pytest.raises(ValueError, match="is empty"):
-        resolve_api_key(AppArgs(api_key_file=str(key_file)))
+    with pytest.raises(AuthConfigError, match="is empty"):
+        resolve_keys(_auth(mode="api_key", api_key_file=str(key_file), admin_key_file=str(admin_file)))
+
+
+def test_an_empty_or_missing_key_stops_start_up_instead_of_turning_auth_off(tmp_path, no_key_env):
+    from serve_app.core.config import AuthConfigError, resolve_keys
+
+    no_key_env.setenv("MMS_API_KEY", "")
+    no_key_env.setenv("MMS_ADMIN_KEY", "admin")
+    with pytest.raises(AuthConfigError, match="MMS_API_KEY is set but empty"):
+        resolve_keys(_auth(mode="api_key"))
+    no_key_env.delenv("MMS_API_KEY")
+    with pytest.raises(AuthConfigError, match="no api key is set"):
+        resolve_keys(_auth(mode="api_key"))
+    no_key_env.setenv("MMS_API_KEY", "admin")
+    with pytest.raises(AuthConfigError, match="must differ"):
+        resolve_keys(_auth(mode="api_key"))
+
+
+def test_a_key_set_while_auth_is_off_stops_start_up(no_key_env):
+    from serve_app.core.config import AuthConfigError, resolve_keys
+
+    no_key_env.setenv("MMS_API_KEY", "s3cret")
+    with pytest.raises(AuthConfigError, match=r"auth\.mode is off but MMS_API_KEY is set"):
+        resolve_keys(_auth(mode="off"))

@@ -144,7 +144,7 @@ def plane(*outcomes, timeout_s=30.0):
     from serve_app.core.registry import Registry
 
     metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
-    args = AppArgs(request_timeout_s=timeout_s)
+    args = AppArgs(request_timeout_s=timeout_s, auth={"mode": "off"})
     return DataPlane(Registry(models=[SPEC]), worker, args, metrics=metrics, replicas=object()), worker, metrics
 
 

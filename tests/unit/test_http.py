@@ -6,7 +6,8 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from deployments.ingress.http_errors import install_error_handlers
-from deployments.ingress.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
+from serve_app.core.config import Keys
 from serve_app.core.errors import BadImage, ModelNotFound, ModelUnavailable
 
 
@@ -14,12 +15,12 @@ class Body(BaseModel):
     model_id: str
 
 
-def make_app(api_key: bytes | None = None, max_body_bytes: int = 100) -> FastAPI:
+def make_app(api_key: bytes | None = None, max_body_bytes: int = 100, admin_key: bytes | None = None) -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(ApiKeyMiddleware)
-    app.state.api_key, app.state.max_body_bytes = api_key, max_body_bytes
+    app.add_middleware(AuthMiddleware)
+    app.state.keys, app.state.max_body_bytes = Keys(api=api_key, admin=admin_key), max_body_bytes
 
     @app.post("/predict")
     async def predict(body: Body) -> dict:
@@ -102,7 +103,7 @@ def test_a_body_over_the_limit_is_413_by_its_length_or_as_it_streams():
 
 
 def test_the_api_key_guards_every_route_but_health():
-    client = TestClient(make_app(api_key=b"s3cret"))
+    client = TestClient(make_app(api_key=b"s3cret", admin_key=b"admin-s3cret"))
     r = client.post("/predict", json={"model_id": "ok"})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.json()["error"] == "unauthorized"
@@ -119,3 +120,31 @@ def test_the_api_key_guards_every_route_but_health():
         client.post("/predict", json={"model_id": "ok"}, headers={"Authorization": "bearer s3cret"}).status_code == 200
     )
     assert client.get("/healthz").status_code == 200
+
+
+def test_load_and_unload_need_the_admin_key_which_also_opens_every_other_route():
+    app = make_app(api_key=b"s3cret", admin_key=b"admin-s3cret")
+
+    @app.post("/models/{model_id}/load")
+    @app.post("/v2/repository/models/{model_id}/unload")
+    async def admin(model_id: str) -> dict:
+        return {"done": model_id}
+
+    client = TestClient(app)
+    user, admin_key = {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer admin-s3cret"}
+    for path in ["/models/m/load", "/v2/repository/models/m/unload"]:
+        r = client.post(path, headers=user)
+        assert r.status_code == 403, path
+        body = r.json()
+        if path.startswith("/v2"):  # the Open Inference Protocol's error shape
+            assert set(body) == {"error"} and "needs the admin key" in body["error"]
+        else:
+            assert body["error"] == "admin_key_required" and "needs the admin key" in body["message"]
+        assert client.post(path).status_code == 401
+        assert client.post(path, headers=admin_key).json() == {"done": "m"}
+    assert client.post("/predict", json={"model_id": "ok"}, headers=admin_key).status_code == 200
+
+
+def test_with_auth_off_every_route_is_open():
+    client = TestClient(make_app())
+    assert client.post("/predict", json={"model_id": "ok"}).status_code == 200

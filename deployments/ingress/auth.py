@@ -1,0 +1,48 @@
+"""Who may call what: the one check behind every protocol (the HTTP middleware, the gRPC adapter).
+
+With auth on, every call but the health probes needs ``Bearer <API key or admin key>``, and the admin
+calls (loading and unloading models) need the admin key. Keys are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+
+from serve_app.core.config import Keys
+from serve_app.core.errors import AdminKeyRequired, Unauthorized
+
+# HTTP routes that answer without a key: liveness and readiness probes.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+# HTTP routes that change what the worker replicas hold: the admin key's.
+_ADMIN_PATH = re.compile(r"(?:/v2/repository)?/models/[^/]+/(?:load|unload)/?")
+
+
+def is_admin_path(path: str) -> bool:
+    return _ADMIN_PATH.fullmatch(path) is not None
+
+
+def _bearer(authorization: str | bytes | None) -> bytes | None:
+    if not authorization:
+        return None
+    if isinstance(authorization, str):
+        authorization = authorization.encode("latin-1", errors="replace")
+    scheme, _, token = authorization.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
+def authorize(keys: Keys, authorization: str | bytes | None, admin: bool = False) -> None:
+    """Raise Unauthorized (no key, a wrong one) or AdminKeyRequired (the API key on an admin call)."""
+    if not keys.on:
+        return
+    token = _bearer(authorization)
+    if token is not None and hmac.compare_digest(token, keys.admin):
+        return
+    if token is not None and hmac.compare_digest(token, keys.api):
+        if not admin:
+            return
+        raise AdminKeyRequired(
+            "loading and unloading models needs the admin key: send 'Authorization: Bearer <admin key>'"
+        )
+    raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
