@@ -47,8 +47,10 @@ class ModelRuntime(ABC):
         self.load_seconds: float | None = None
         self._state_lock = threading.Lock()
         self._in_use = 0
-        self._unload_pending = False
-        self.on_unload: Callable[[], None] | None = None  # told once, when the model is unloaded
+        self._unload_pending = False  # unloaded while requests held it: freed when the last one is done
+        self._freed = False
+        # Told once when the model is unloaded, with whether its free waits for requests still holding it.
+        self.on_unload: Callable[[bool], None] | None = None
 
     @property
     @abstractmethod
@@ -77,42 +79,81 @@ class ModelRuntime(ABC):
         logger.info("loaded model %r on %s in %.2fs", self.spec.id, self.device, self.load_seconds)
         return self
 
+    def hold(self) -> bool:
+        """Hold the model for one request, so that an unload meanwhile waits until ``release``. False if it
+        is freed already (the caller gets the model again)."""
+        with self._state_lock:
+            if self._freed:
+                return False
+            self._in_use += 1
+            return True
+
+    def release(self) -> None:
+        with self._state_lock:
+            self._in_use -= 1
+            free = self._unload_pending and self._in_use == 0
+            if free:
+                self._unload_pending, self._freed = False, True
+        if free:
+            self._free_soon()
+
     @contextmanager
     def in_use(self) -> Iterator[ModelRuntime]:
-        """Hold the model for one request: an unload asked for meanwhile waits until it is done."""
-        with self._state_lock:
-            self._in_use += 1
+        """``hold`` and ``release`` around one request."""
+        if not self.hold():
+            raise RuntimeError(f"model {self.spec.id!r} is not loaded")
         try:
             yield self
         finally:
-            with self._state_lock:
-                self._in_use -= 1
-                release = self._unload_pending and self._in_use == 0
-            if release:
-                self._free_soon()
+            self.release()
 
-    def unload(self) -> None:
+    def unload(self) -> bool:
+        """Drop the weights now, or, if requests still hold the model, when the last of them is done.
+        Returns whether the free waits for them."""
+        deferred = self.mark_unloaded()
+        if not deferred:
+            self.free()
+        return deferred
+
+    def mark_unloaded(self) -> bool:
+        """The quick half of ``unload``: tell ``on_unload`` and decide whether the free waits for the requests
+        that hold the model (True) or is the caller's to do now, with ``free`` (False)."""
         callback, self.on_unload = self.on_unload, None
-        if callback is not None:
-            callback()
         with self._state_lock:
-            if self._in_use:
+            deferred = self._in_use > 0
+            if deferred:
                 self._unload_pending = True
-                return
-        self._free()
+            else:
+                self._freed = True
+        if callback is not None:
+            callback(deferred)
+        return deferred
+
+    def revive(self) -> bool:
+        """Keep a model whose unload still waits for its requests, because a new request wants it: True if
+        its weights are still there and now stay (no second copy is loaded)."""
+        with self._state_lock:
+            if self._freed or not self._unload_pending:
+                return False
+            self._unload_pending = False
+        # Serve's LRU replaces an evicted model's __del__ with a no-op taking one argument
+        # (ray/serve/multiplex.py, unload_model_lru); the next eviction must call the real one again.
+        vars(self).pop("__del__", None)
+        return True
 
     def _free_soon(self) -> None:
         """Free in a worker thread when called on an event loop (gc.collect can take a while)."""
         try:
-            future = asyncio.get_running_loop().run_in_executor(None, self._free)
+            future = asyncio.get_running_loop().run_in_executor(None, self.free)
         except RuntimeError:  # no event loop here
-            self._free()
+            self.free()
             return
         future.add_done_callback(
             lambda f: f.exception() and logger.error("freeing model %r failed: %r", self.spec.id, f.exception())
         )
 
-    def _free(self) -> None:
+    def free(self) -> None:
+        """Drop the weights (slow: it runs the garbage collector; call it off the event loop)."""
         if not self.loaded:
             return
         self._release()

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import io
-
 from PIL import Image
 
 from deployments.runtimes.base import PipelineRuntime, Scores
 from serve_app.core.errors import BadImage
+from serve_app.core.images import IMAGE_FORMATS, open_image
 from serve_app.core.registry import Task
 
 # A larger image is shrunk (keeping its aspect ratio) before preprocessing:
@@ -15,11 +14,13 @@ MAX_SIDE = 1024
 
 def decode_image(data: bytes) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # cheap downscale while decoding a JPEG
         img = img.convert("RGB")  # a truncated or corrupt image fails here
     except Exception as e:
-        raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
+        raise BadImage(
+            f"not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): {type(e).__name__}: {e}"
+        ) from None
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE))
     return img

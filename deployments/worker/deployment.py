@@ -4,9 +4,18 @@ Each replica holds at most ``MAX_MODELS_PER_REPLICA`` models. Ray Serve's model 
 request's model (the ``multiplexed_model_id`` set by the ingress) on a miss and unloads the least
 recently used model when the replica is full; the runtime's ``__del__`` then drops the weights.
 
-Each replica keeps the status of the models it has seen (state, loads, times, last error) and answers
-``record_routing_stats`` with it: Serve's controller polls that method, and the ingress asks every replica
-for ``GET /models``.
+Around that cache this replica keeps its promises under failure:
+
+* a load is never cancelled with the request that started it (a timeout or a client that leaves), so
+  its status never stays "loading" and a second request never starts a second load of the same model;
+* a model evicted while requests still hold it is freed when they are done, and taken back, not
+  loaded again, if a new request wants it meanwhile: at most one copy of a model per replica;
+* a failed load is remembered for ``load_failure_backoff_s``: requests meanwhile get a 503 at once,
+  without evicting a healthy model to make room for a load that would fail again.
+
+Each replica keeps the status of the models it has seen and its own counters, and answers
+``record_routing_stats`` with them: Serve's controller polls that method, and the ingress asks every
+replica for ``GET /models``.
 """
 
 from __future__ import annotations
@@ -14,17 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Any
 
 from ray import serve
 
 from deployments.runtimes import ModelRuntime, runtime_for
-from serve_app.core import ray_internals
+from serve_app.core import logs, ray_internals
 from serve_app.core.config import BatchingArgs
 from serve_app.core.errors import ModelUnavailable, ServeAppError
 from serve_app.core.metrics import WorkerMetrics
-from serve_app.core.registry import Registry
-from serve_app.core.schemas import ModelState, ReplicaModelStatus, Scores, WorkerResult
+from serve_app.core.paths import PROJECT_ROOT
+from serve_app.core.registry import ModelSpec, Registry
+from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus, Scores, WorkerResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,20 +57,40 @@ def configure_torch(num_threads: int | None) -> None:
     )
 
 
+def redact_paths(text: str, spec: ModelSpec) -> str:
+    """An error message without the server's absolute paths: the model's files as the registry names them
+    when that is a relative path, else as the model's files."""
+    resolved, _ = spec.source.reference()
+    named = spec.source.describe()
+    shown = named if not named.startswith("/") else f"<files of model {spec.id!r}>"
+    return text.replace(resolved, shown).replace(f"{PROJECT_ROOT}/", "")
+
+
 @serve.deployment
 class ModelWorker:
     async def __init__(
-        self, registry: Registry, torch_threads: int | None = None, batching: BatchingArgs | None = None
+        self,
+        registry: Registry,
+        torch_threads: int | None = None,
+        batching: BatchingArgs | None = None,
+        load_failure_backoff_s: float = 30.0,
     ) -> None:
         configure_torch(torch_threads)
+        logs.flush_every(1.0)
         batching = batching or BatchingArgs()
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._registry = registry
+        self._backoff_s = load_failure_backoff_s
         self._status: dict[str, ReplicaModelStatus] = {}
         self._held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
+        self._lingering: dict[str, ModelRuntime] = {}  # evicted while in use, not freed yet
+        self._runtimes: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()  # every runtime still alive
+        self._counters = ReplicaCounters()
         self._metrics = WorkerMetrics()
-        for spec in [m for m in registry.models if m.preload][:MAX_MODELS_PER_REPLICA]:
+        for spec in [m for m in registry.models if m.preload]:  # in registry order, until the replica is full
+            if len(self._held) == MAX_MODELS_PER_REPLICA:
+                break
             try:
                 await self.get_model(spec.id)
             except ServeAppError as e:  # a broken preload must not keep the replica from starting
@@ -68,50 +99,105 @@ class ModelWorker:
     def _model_status(self, model_id: str) -> ReplicaModelStatus:
         return self._status.setdefault(model_id, ReplicaModelStatus())
 
+    # -- the model cache ----------------------------------------------------------------------------
+
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> ModelRuntime:
+        """Serve's LRU calls this on a miss, after it has made room."""
         spec = self._registry.get(model_id)
         status = self._model_status(model_id)
+        lingering = self._lingering.pop(model_id, None)
+        if lingering is not None and lingering.revive():  # its requests still run: take it back, no reload
+            self._counters.revived += 1
+            return self._hold(model_id, lingering)
         status.state = ModelState.LOADING
         runtime = runtime_for(spec)
         try:
             # Loading reads files and builds tensors: keep it off the event loop.
             await asyncio.to_thread(runtime.load)
         except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
+            reason = redact_paths(f"{type(e).__name__}: {e}", spec)
             logger.error("loading model %r failed: %s", model_id, reason)
+            now = time.time()
             status.state = ModelState.FAILED
-            status.last_error, status.last_error_at = reason, time.time()
+            status.last_error, status.last_error_at = reason, now
+            status.load_failures += 1
+            status.retry_after = now + self._backoff_s
             self._metrics.load_failed(model_id)
             raise ModelUnavailable(f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id) from None
-        status.state = ModelState.LOADED
         status.load_count += 1
         status.last_loaded_at = time.time()
         status.last_load_seconds = runtime.load_seconds
+        status.retry_after = None
         self._metrics.loaded(model_id, runtime.load_seconds or 0.0)
+        self._runtimes.add(runtime)
+        return self._hold(model_id, runtime)
+
+    def _hold(self, model_id: str, runtime: ModelRuntime) -> ModelRuntime:
+        self._model_status(model_id).state = ModelState.LOADED
         self._held.add(model_id)
-        runtime.on_unload = lambda: self._unloaded(model_id)
+        runtime.on_unload = lambda deferred: self._unloaded(model_id, runtime, deferred)
         return runtime
 
-    def _unloaded(self, model_id: str) -> None:
+    def _unloaded(self, model_id: str, runtime: ModelRuntime, deferred: bool) -> None:
         self._held.discard(model_id)
         status = self._model_status(model_id)
         status.state = ModelState.NOT_LOADED
         status.unload_count += 1
         self._metrics.unloaded(model_id)
+        if deferred:  # requests still hold it: freed when they are done, unless a new request takes it back
+            self._counters.evicted_in_use += 1
+            self._lingering[model_id] = runtime
+
+    async def _acquire(self, model_id: str) -> ModelRuntime:
+        """The request's model, loaded if need be, and held for the request (the caller releases it).
+
+        A load runs in a task of its own that a cancelled request does not cancel: the load finishes, its
+        status is right, and the next request finds the model. The task holds the model as soon as it has it,
+        with no await in between, so that no eviction can free it before the request uses it."""
+        status = self._status.get(model_id)
+        if status is not None and status.retry_after is not None and time.time() < status.retry_after:
+            self._counters.refused_in_backoff += 1
+            raise ModelUnavailable(
+                f"Model {model_id!r} could not be loaded: {status.last_error} "
+                f"(not tried again for {status.retry_after - time.time():.0f}s)",
+                model_id=model_id,
+            )
+        if model_id in self._held:
+            self._metrics.cache_hit(model_id)
+        load = asyncio.ensure_future(self._get_and_hold(model_id))
+        try:
+            return await asyncio.shield(load)
+        except asyncio.CancelledError:  # the request is gone; the load goes on, and lets the model go after
+            load.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().release())
+            raise
+
+    async def _get_and_hold(self, model_id: str) -> ModelRuntime:
+        for _ in range(3):  # a model freed between Serve's answer and the hold is asked for again
+            runtime = await self.get_model(model_id)
+            if runtime.hold():
+                return runtime
+        raise ModelUnavailable(f"Model {model_id!r} was unloaded three times while this request asked for it")
+
+    # -- predictions --------------------------------------------------------------------------------
 
     async def predict(self, inputs: list[Any]) -> WorkerResult:
         """Answer one request's inputs; concurrent requests for the same model are batched together."""
         model_id = serve.get_multiplexed_model_id()
-        if model_id in self._held:
-            self._metrics.cache_hit(model_id)
-        # Load (or find) the model before joining the batch queue, so that a cold load does not hold up the
-        # batch queue, and hold it (no await in between), so that an LRU eviction cannot free it meanwhile.
-        runtime = await self.get_model(model_id)
-        with runtime.in_use():
-            if type(runtime).prepare is not ModelRuntime.prepare:  # e.g. decoding images: CPU work, in a thread
-                inputs = await asyncio.to_thread(runtime.prepare, inputs)
-            predictions = await self._run_batch(inputs, runtime)
+        self._counters.requests += 1
+        try:
+            # Load (or find) and hold the model before joining the batch queue, so that a cold load does not
+            # hold up the queue and an eviction cannot free the model while the request needs it.
+            runtime = await self._acquire(model_id)
+            try:
+                if type(runtime).prepare is not ModelRuntime.prepare:  # e.g. decoding images: in a thread
+                    inputs = await asyncio.to_thread(runtime.prepare, inputs)
+                predictions = await self._run_batch(inputs, runtime)
+            finally:
+                runtime.release()
+        except asyncio.CancelledError:
+            self._counters.requests_cancelled += 1
+            raise
         if isinstance(predictions, Exception):
             raise predictions
         self._model_status(model_id).last_used_at = time.time()
@@ -126,6 +212,8 @@ class ModelWorker:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
         runtime = runtimes[0]  # every request of the batch holds its runtime (in_use), so this one stays loaded
+        self._counters.batches += 1
+        self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         flat = [item for inputs in requests for item in inputs]
         try:
             predictions = await self._infer(runtime, flat)
@@ -147,8 +235,9 @@ class ModelWorker:
             raise
         except Exception as e:
             logger.exception("model %r failed on a request", runtime.spec.id)
+            reason = redact_paths(f"{type(e).__name__}: {e}", runtime.spec)
             raise ModelUnavailable(
-                f"Model {runtime.spec.id!r} failed on this input: {type(e).__name__}: {e}", model_id=runtime.spec.id
+                f"Model {runtime.spec.id!r} failed on this input: {reason}", model_id=runtime.spec.id
             ) from None
 
     async def _infer_or_error(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Scores] | Exception:
@@ -157,24 +246,34 @@ class ModelWorker:
         except Exception as e:
             return e
 
+    # -- explicit load and unload -------------------------------------------------------------------
+
     async def load(self) -> None:
         """Load the request's model on this replica (the LRU cap still applies)."""
-        await self.get_model(serve.get_multiplexed_model_id())
+        (await self._acquire(serve.get_multiplexed_model_id())).release()
 
     async def unload(self) -> bool:
         """Unload the request's model from this replica; False if it did not hold it."""
         model_id = serve.get_multiplexed_model_id()
 
-        def evicted(runtime: ModelRuntime) -> None:  # under Serve's cache lock: a reload is recorded after it
-            runtime.on_unload = None
-            self._unloaded(model_id)
-
-        runtime = await ray_internals.evict_multiplexed_model(self, model_id, evicted)
+        deferred: list[bool] = []  # marked under Serve's cache lock, so that a reload right after is recorded after it
+        runtime = await ray_internals.evict_multiplexed_model(
+            self, model_id, lambda r: deferred.append(r.mark_unloaded())
+        )
         if runtime is None:
             return False
-        await asyncio.to_thread(runtime.unload)
+        if not deferred[0]:
+            await asyncio.to_thread(runtime.free)
         return True
 
+    # -- status -------------------------------------------------------------------------------------
+
     def record_routing_stats(self) -> dict[str, Any]:
-        """This replica's view of its models; polled by Serve's controller and read by the ingress."""
-        return {"models": {model_id: s.model_dump(mode="json") for model_id, s in self._status.items()}}
+        """This replica's view of its models and its counters; polled by Serve's controller and read by the
+        ingress."""
+        self._lingering = {m: r for m, r in self._lingering.items() if r.loaded}
+        self._counters.live_models = sum(1 for r in self._runtimes if r.loaded)
+        return {
+            "models": {model_id: s.model_dump(mode="json") for model_id, s in self._status.items()},
+            "counters": self._counters.model_dump(mode="json"),
+        }

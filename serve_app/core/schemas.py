@@ -45,6 +45,21 @@ class ReplicaModelStatus(BaseModel):
     last_used_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    load_failures: int = 0
+    retry_after: float | None = None  # a failed load is not tried again before this time
+
+
+class ReplicaCounters(BaseModel):
+    """What one worker replica has done since it started."""
+
+    requests: int = Field(0, description="prediction requests taken")
+    requests_cancelled: int = Field(0, description="requests cancelled while they ran (timeout, client gone)")
+    batches: int = Field(0, description="batched model calls")
+    largest_batch: int = Field(0, description="most requests in one batched model call")
+    evicted_in_use: int = Field(0, description="LRU evictions of a model that requests still held")
+    revived: int = Field(0, description="evicted models taken back by a new request before they were freed")
+    refused_in_backoff: int = Field(0, description="requests answered 503 from a failed load's back-off")
+    live_models: int = Field(0, description="models whose weights are in memory now (held or still in use)")
 
 
 class ReplicaStatus(BaseModel):
@@ -53,6 +68,7 @@ class ReplicaStatus(BaseModel):
     replica_id: str
     node_id: str | None = None
     models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)
+    counters: ReplicaCounters = Field(default_factory=ReplicaCounters)
 
     @property
     def held(self) -> list[str]:

@@ -100,3 +100,52 @@ def test_unload_during_a_request_waits_for_it(tiny_dir):
         assert rt.loaded
         assert rt.predict(["still answered"])[0][0].label.startswith("gamma-")
     assert not rt.loaded  # released when the request finished
+
+
+def test_a_model_evicted_while_in_use_is_taken_back_instead_of_loaded_again(tiny_dir):
+    rt = runtime_for(_spec("delta", Task.TEXT_CLASSIFICATION, tiny_dir / "delta"), device="cpu").load()
+    told = []
+    rt.on_unload = told.append
+    with rt.in_use():
+        assert rt.unload() is True  # the LRU evicts it while a request holds it: the free waits
+        assert told == [True]
+        rt.__del__ = lambda _: None  # what Serve's LRU does to the model it evicted
+        assert rt.revive() and rt.loaded  # a new request wants it before the free: taken back
+    assert rt.loaded  # the request finished, and the revived model stays
+    model_ref = weakref.ref(rt._pipeline.model)
+    rt.__del__()  # the next eviction runs the real __del__, not Serve's no-op
+    gc.collect()
+    assert not rt.loaded and model_ref() is None
+    assert not rt.revive()  # freed: nothing to take back
+
+
+def test_a_model_freed_when_its_last_request_ended_cannot_be_revived(tiny_dir):
+    rt = runtime_for(_spec("delta", Task.TEXT_CLASSIFICATION, tiny_dir / "delta"), device="cpu").load()
+    with rt.in_use():
+        rt.unload()
+    assert not rt.revive()
+
+
+def test_a_very_large_image_is_shrunk_to_1024_pixels_a_side_when_decoded():
+    import io
+
+    from PIL import Image
+
+    from deployments.runtimes.image_classification import MAX_SIDE, decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (20, 120, 200)).save(buf, format="JPEG", quality=60)
+    assert decode_image(buf.getvalue()).size == (MAX_SIDE, 683) and MAX_SIDE == 1024
+
+
+def test_only_the_allowed_image_formats_are_decoded():
+    import io
+
+    from PIL import Image
+
+    from deployments.runtimes.image_classification import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    with pytest.raises(BadImage, match="allowed format"):
+        decode_image(buf.getvalue())
