@@ -20,6 +20,13 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):  # called from Python with a plain mapping
         args = AppArgs.model_validate(args or {})
     ray_internals.check()
+    cap = ray_internals.replica_grpc_max_message_bytes()
+    if cap is not None and args.largest_worker_message() > cap:
+        raise ValueError(
+            f"a request within this app's limits can reach {args.largest_worker_message()} bytes between replicas, "
+            f"more than Serve's gRPC message cap of {cap}: raise RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH "
+            "(config/serve.env) or lower max_body_bytes, max_image_bytes, max_list_items or max_text_chars"
+        )
     registry = Registry.from_file(args.registry_path)
     w = args.worker
     scaling: dict = {"num_replicas": w.num_replicas}
@@ -31,7 +38,7 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=w.max_ongoing_requests,
         ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
         **scaling,
-    ).bind(registry, w.torch_threads, w.batching)
+    ).bind(registry, w.torch_threads, w.batching, w.load_failure_backoff_s)
     i = args.ingress
     return Ingress.options(
         num_replicas=i.num_replicas,

@@ -1,8 +1,8 @@
 """The data plane: what every protocol adapter calls, apart from any protocol.
 
-``infer(model_id, inputs, api)`` looks the model up, decodes its inputs for the model's modality,
-dispatches them to a worker replica (with the request timeout, and one retry if the replica dies),
-records the request's metrics and returns a typed result. The status calls merge what the worker
+``infer(model_id, request, api)`` looks the model up, decodes its inputs for the model's modality,
+dispatches them to a worker replica (within the request's deadline, and again on another replica if the
+one it ran on died), records the request's metrics and returns a typed result. The status calls merge what the worker
 replicas report into one state per model. Protocol adapters (``protocols/``) shape the answers.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from pydantic import BaseModel, Field
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -30,15 +31,35 @@ from serve_app.core.schemas import ModelState, ReplicaStatus, Scores, WorkerResu
 logger = logging.getLogger("ray.serve")
 
 _REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+# How a replica that died under a call surfaces when Serve talks gRPC between replicas (throughput-optimized
+# mode): Ray turns UNAVAILABLE into ActorUnavailableError, and passes the other transport codes through.
+_GRPC_GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+ATTEMPTS = 3
+"""A request runs at most this many times: again on another replica each time the one it ran on died."""
+
+
+def replica_gone(exc: BaseException) -> bool:
+    """Whether a dispatch failed because the worker replica died or went away (not because of the request)."""
+    if isinstance(exc, _REPLICA_GONE):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _GRPC_GONE
+
 
 CLIENT_CLOSED = 499
 """The status recorded for a request whose client went away before the answer (nginx's convention)."""
 
 
-Inputs = Sequence[str | bytes]
-InputSource = Inputs | Callable[[], Inputs]
-"""A request's inputs, or a function that parses them out of its body (run off the event loop, once the
-model is known, so that an unknown model is a 404 whatever the body holds)."""
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One prediction request, whatever its protocol."""
+
+    inputs: Sequence[str | bytes]
+    timeout_s: float | None = None  # the client's own deadline, when shorter than request_timeout_s
+
+
+RequestSource = InferenceRequest | Callable[[], InferenceRequest]
+"""A request, or a function that parses it out of its body (run off the event loop, once the model is
+known, so that an unknown model is a 404 whatever the body holds)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class ModelStatus(BaseModel):
     last_load_seconds: float | None = None
     last_used_at: float | None = None
     last_error: str | None = None
+    load_failures: int = 0
 
     @property
     def loaded(self) -> bool:
@@ -103,6 +125,7 @@ def merge_model_status(spec: ModelSpec, replicas: Sequence[ReplicaStatus]) -> Mo
         last_load_seconds=newest_load.last_load_seconds if newest_load else None,
         last_used_at=max((v.last_used_at for v in views if v.last_used_at is not None), default=None),
         last_error=newest_error.last_error if newest_error else None,
+        load_failures=sum(v.load_failures for v in views),
     )
 
 
@@ -132,22 +155,27 @@ class DataPlane:
             max_image_pixels=args.max_image_pixels,
             max_items=args.max_list_items,
             url_fetch=args.url_fetch,
+            max_text_chars=args.max_text_chars,
+            max_request_pixels=args.max_request_pixels,
+            max_request_bytes=args.max_request_bytes,
         )
         self.replicas = replicas or ReplicaDirectory(worker.app_name, worker.deployment_name)
         self.metrics = metrics or IngressMetrics()
 
     # -- inference ----------------------------------------------------------------------------------
 
-    async def infer(self, model_id: str, inputs: InputSource, api: str) -> InferenceResult:
-        """One request's inputs through the named model; its metrics are recorded here, for every API."""
+    async def infer(self, model_id: str, request: RequestSource, api: str) -> InferenceResult:
+        """One request through the named model; its metrics are recorded here, for every API."""
         tag = model_id if model_id in self.registry else UNKNOWN_MODEL  # never a tag value from the request
         start, status = time.perf_counter(), 200
         try:
             spec = self.registry.get(model_id)
-            if callable(inputs):
-                inputs = await asyncio.to_thread(inputs)
-            decoded = await self.decoder.decode(spec.modality, inputs)
-            result: WorkerResult = await self._with_timeout(model_id, self._call("predict", model_id, decoded))
+            if callable(request):
+                request = await asyncio.to_thread(request)
+            decoded = await self.decoder.decode(spec.modality, request.inputs)
+            timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
+            call = self._call("predict", model_id, decoded)
+            result: WorkerResult = await self._with_timeout(model_id, call, timeout_s)
             return InferenceResult(spec=spec, predictions=result.predictions)
         except BaseException as e:
             status = status_of(e)
@@ -164,30 +192,32 @@ class DataPlane:
             raise
 
     async def _call(self, method: str, model_id: str, *args: Any) -> Any:
-        """Call a worker method for a model; retry once if the replica died under the request."""
-        for attempt in (1, 2):
+        """Call a worker method for a model; run it again on another replica if the one it ran on died."""
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 return await self._call_once(method, model_id, *args)
             except Exception as e:
                 inner = unwrap(e)
                 if isinstance(inner, ServeAppError):
                     raise inner from None
-                if not isinstance(e, _REPLICA_GONE):
+                if not replica_gone(e):
                     raise
-                if attempt == 2:
+                if attempt == ATTEMPTS:
                     raise ModelUnavailable(
-                        f"The worker replica serving {model_id!r} died; retry the request", model_id=model_id
+                        f"The worker replicas serving {model_id!r} died under the request {ATTEMPTS} times; retry it",
+                        model_id=model_id,
                     ) from None
                 logger.warning(
-                    "worker replica died during a %s of %r (%s); retrying once", method, model_id, type(e).__name__
+                    "worker replica died during a %s of %r (%s); trying again", method, model_id, type(e).__name__
                 )
 
-    async def _with_timeout(self, model_id: str, coro: Any) -> Any:
+    async def _with_timeout(self, model_id: str, coro: Any, timeout_s: float | None = None) -> Any:
+        timeout_s = timeout_s or self.timeout_s
         try:
-            return await asyncio.wait_for(coro, timeout=self.timeout_s)
+            return await asyncio.wait_for(coro, timeout=timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(
-                f"Model {model_id!r} did not answer within {self.timeout_s:g}s", model_id=model_id
+                f"Model {model_id!r} did not answer within {timeout_s:g}s", model_id=model_id
             ) from None
 
     # -- explicit load and unload -------------------------------------------------------------------
@@ -195,19 +225,19 @@ class DataPlane:
     async def load(self, model_id: str) -> ModelStatus:
         self.registry.get(model_id)
         await self._with_timeout(model_id, self._call("load", model_id))
-        return await self.model(model_id)
+        return await self.model(model_id, fresh=True)
 
     async def unload(self, model_id: str, rounds: int = 20) -> ModelStatus:
         """Unload a model from every replica that holds it."""
         self.registry.get(model_id)
         for _ in range(rounds):
-            holders = [r.replica_id for r in await self.replicas.statuses() if model_id in r.held]
+            holders = [r.replica_id for r in await self.replicas.statuses(fresh=True) if model_id in r.held]
             if not holders:
                 break
             # Ray routes each call to a replica that holds the model, while its routing record says so.
             await asyncio.gather(*(self._call("unload", model_id) for _ in holders))
             await asyncio.sleep(0.2)  # replicas push their model ids to the router every 0.1 s
-        return await self.model(model_id)
+        return await self.model(model_id, fresh=True)
 
     # -- status -------------------------------------------------------------------------------------
 
@@ -221,6 +251,6 @@ class DataPlane:
             models=[merge_model_status(spec, replicas) for spec in self.registry.models], replicas=replicas
         )
 
-    async def model(self, model_id: str) -> ModelStatus:
+    async def model(self, model_id: str, fresh: bool = False) -> ModelStatus:
         spec = self.registry.get(model_id)
-        return merge_model_status(spec, await self.replicas.statuses())
+        return merge_model_status(spec, await self.replicas.statuses(fresh))

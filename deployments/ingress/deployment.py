@@ -5,6 +5,7 @@ Inference Protocol v2 (``/v2/...``), with health probes beside them.
 (No ``from __future__ import annotations`` here: FastAPI must see the route annotations as types.)
 """
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request, Response
@@ -16,6 +17,7 @@ from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import install_error_handlers
 from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
 from deployments.ingress.protocols import native, v2
+from serve_app.core import logs
 from serve_app.core.config import AppArgs, resolve_keys
 from serve_app.core.registry import Registry
 
@@ -34,16 +36,20 @@ api.add_middleware(BodyLimitMiddleware)
 api.add_middleware(AuthMiddleware)  # added last, so it runs first
 
 _errors = {code: {"model": native.ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503, 504)}
-_v2_infer_body = {
-    "requestBody": {"content": {"application/json": {"schema": v2.InferRequest.model_json_schema()}}, "required": True}
-}
+
+
+def _body(model: type) -> dict:
+    """The OpenAPI request body of a route that parses its own body (bounded, in a thread)."""
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
 
 
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
     def __init__(self, worker: DeploymentHandle, registry: Registry, args: AppArgs) -> None:
+        logs.flush_every(1.0)
         self.registry = registry
+        self.max_items = args.max_list_items
         self.plane = DataPlane(registry, worker, args)
         api.state.keys = keys = resolve_keys(args.auth)  # refuses to start on a missing or empty key
         api.state.max_body_bytes = args.max_body_bytes
@@ -86,9 +92,16 @@ class Ingress:
         """Unload a model from every worker replica that holds it."""
         return native.model_info(await self.plane.unload(model_id))
 
-    @api.post("/predict", response_model=native.PredictResponse, responses=_errors, tags=["predict"])
-    async def predict(self, request: native.PredictRequest) -> native.PredictResponse:
-        return native.predict_response(await self.plane.infer(request.model_id, request.inputs(), api="native"))
+    @api.post(
+        "/predict",
+        response_model=native.PredictResponse,
+        responses=_errors,
+        tags=["predict"],
+        openapi_extra=_body(native.PredictRequest),
+    )
+    async def predict(self, request: Request) -> native.PredictResponse:
+        body = await asyncio.to_thread(native.parse_predict_request, await request.body(), self.max_items)
+        return native.predict_response(await self.plane.infer(body.model_id, body.inference_request(), api="native"))
 
     # -- Open Inference Protocol v2 -----------------------------------------------------------------
 
@@ -116,11 +129,14 @@ class Ingress:
         loaded = (await self.plane.model(name)).loaded
         return JSONResponse({"name": name, "ready": loaded}, status_code=200 if loaded else 400)
 
-    @api.post("/v2/models/{name}/infer", response_model=v2.InferResponse, tags=["v2"], openapi_extra=_v2_infer_body)
+    @api.post(
+        "/v2/models/{name}/infer", response_model=v2.InferResponse, tags=["v2"], openapi_extra=_body(v2.InferRequest)
+    )
     @api.post("/v2/models/{name}/versions/{version}/infer", response_model=v2.InferResponse, include_in_schema=False)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> v2.InferResponse:
-        parser = v2.BodyParser(await request.body(), request.headers.get("inference-header-content-length"))
-        result = await self.plane.infer(name, parser.elements, api="v2")
+        header_length = request.headers.get("inference-header-content-length")
+        parser = v2.BodyParser(await request.body(), header_length, self.max_items)
+        result = await self.plane.infer(name, parser, api="v2")
         return v2.infer_response(parser.request, result)
 
     @api.post("/v2/repository/index", response_model=list[v2.RepositoryModel], tags=["v2 repository"])

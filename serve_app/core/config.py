@@ -7,6 +7,7 @@ the builder (``serve_app.app:build_app``), so a typo or a wrong type stops
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve_app.core.paths import resolve_project_path
+
+logger = logging.getLogger("ray.serve")
 
 
 class _Strict(BaseModel):
@@ -68,6 +71,9 @@ class WorkerArgs(_Strict):
         1, ge=1, description="torch intra-op threads per replica; null keeps torch's default"
     )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    load_failure_backoff_s: float = Field(
+        30.0, ge=0, description="after a failed load, requests for that model get 503 for this long, evicting nothing"
+    )
 
     @model_validator(mode="after")
     def _batches_fit(self) -> WorkerArgs:
@@ -117,6 +123,8 @@ class EnvSettings(BaseSettings):
 
 
 class AppArgs(_Strict):
+    """The application's arguments (``args`` in serve_config.yaml)."""
+
     registry_path: str = Field("config/models.json", description="the model registry; relative to the project root")
     image_root: str = Field(
         "samples/images", description="image paths in requests must lie under this folder; relative to the project root"
@@ -124,12 +132,39 @@ class AppArgs(_Strict):
     max_list_items: int = Field(32, ge=1, description="most inputs in one request's input_data list")
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1, description="largest encoded image accepted")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) accepted")
+    max_request_pixels: int = Field(
+        80_000_000, ge=1, description="most pixels of all the images of one request together"
+    )
+    max_text_chars: int = Field(20_000, ge=1, description="longest text input, in characters")
     request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413 unread")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="largest request body (larger ones get 413 unread); also the most bytes of one request's images "
+        "once decoded (paths and URLs included), or max_image_bytes if that is more",
+    )
     auth: AuthArgs = Field(description="who may call the API: api_key or off (required)")
     url_fetch: UrlFetchArgs = Field(default_factory=UrlFetchArgs)
     worker: WorkerArgs = Field(default_factory=WorkerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Most bytes of one request's images once decoded (read from paths and URLs included): the body
+        limit, or one image of the largest size if that is more."""
+        return max(self.max_body_bytes, self.max_image_bytes)
+
+    def largest_worker_message(self) -> int:
+        """Bytes of the largest request the ingress can send a worker replica: its decoded inputs (images at
+        most max_request_bytes together; texts at most 4 bytes a character in UTF-8), plus room for framing."""
+        texts = self.max_list_items * self.max_text_chars * 4
+        return max(self.max_request_bytes, texts) + 1024 * 1024
+
+    @model_validator(mode="after")
+    def _request_budget_fits_an_image(self) -> AppArgs:
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError("max_request_pixels must be at least max_image_pixels")
+        return self
 
 
 class AuthConfigError(ValueError):
@@ -167,15 +202,14 @@ def _key(name: str, env: SecretStr | None, file: str | None) -> bytes:
 
 def resolve_keys(auth: AuthArgs) -> Keys:
     """The keys ``auth`` asks for, from the environment or their files. Refuses to start on an empty key,
-    a missing one, an admin key equal to the API key, or keys set while auth is off."""
+    a missing one, or an admin key equal to the API key; with auth off, a key set anyway is logged as
+    ignored (one cluster's environment can serve an open app beside a keyed one)."""
     env = EnvSettings()
     if auth.mode == "off":
         stray = [f"MMS_{n.upper()}" for n in ("api_key", "admin_key") if getattr(env, n) is not None]
         stray += [f"auth.{n}" for n in ("api_key_file", "admin_key_file") if getattr(auth, n)]
         if stray:
-            raise AuthConfigError(
-                f"auth.mode is off but {', '.join(stray)} is set: set auth.mode: api_key, or unset it"
-            )
+            logger.warning("auth.mode is off: %s is set and ignored", ", ".join(stray))
         return Keys(api=None, admin=None)
     keys = Keys(
         api=_key("api_key", env.api_key, auth.api_key_file), admin=_key("admin_key", env.admin_key, auth.admin_key_file)

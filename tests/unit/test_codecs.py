@@ -141,3 +141,28 @@ def test_raw_bytes_over_the_byte_limit_are_refused():
     dec = _Sync(InputDecoder("samples/images", 100, 100_000, 4))
     with pytest.raises(InvalidInput, match="larger than 100 bytes"):
         dec.decode(Modality.IMAGE, [_png((64, 64)) + b"\0" * 200])
+
+
+def test_the_images_of_one_request_share_a_byte_budget():
+    one = _png((64, 64))
+    dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, max_request_bytes=2 * len(one) + 1))
+    assert dec.decode(Modality.IMAGE, [one, one]) == [one, one]
+    with pytest.raises(InvalidInput, match=r"input_data\[2\]: the images of this request add up to more than"):
+        dec.decode(Modality.IMAGE, [one, one, one])
+
+
+def test_the_images_of_one_request_share_a_pixel_budget():
+    one = _png((100, 100))
+    dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, max_request_pixels=25_000))
+    assert len(dec.decode(Modality.IMAGE, [one, one])) == 2
+    with pytest.raises(InvalidInput, match="more than 25000 pixels together"):
+        dec.decode(Modality.IMAGE, [one, one, one])
+
+
+def test_text_over_the_character_limit_is_refused_before_it_is_decoded():
+    dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, max_text_chars=10))
+    assert dec.decode(Modality.TEXT, ["x" * 10]) == ["x" * 10]
+    with pytest.raises(InvalidInput, match="a text of 11 characters is longer than the limit of 10"):
+        dec.decode(Modality.TEXT, ["x" * 11])
+    with pytest.raises(InvalidInput, match="longer than the limit of 10"):
+        dec.decode(Modality.TEXT, [b"x" * 41])  # bytes: refused by their size before decoding

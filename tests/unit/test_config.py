@@ -118,9 +118,27 @@ def test_an_empty_or_missing_key_stops_start_up_instead_of_turning_auth_off(tmp_
         resolve_keys(_auth(mode="api_key"))
 
 
-def test_a_key_set_while_auth_is_off_stops_start_up(no_key_env):
-    from serve_app.core.config import AuthConfigError, resolve_keys
+def test_a_key_set_while_auth_is_off_is_logged_as_ignored(no_key_env, caplog):
+    from serve_app.core.config import resolve_keys
 
     no_key_env.setenv("MMS_API_KEY", "s3cret")
-    with pytest.raises(AuthConfigError, match=r"auth\.mode is off but MMS_API_KEY is set"):
-        resolve_keys(_auth(mode="off"))
+    assert not resolve_keys(_auth(mode="off")).on
+    assert "auth.mode is off: MMS_API_KEY is set and ignored" in caplog.text
+
+
+def test_start_up_refuses_limits_that_messages_between_replicas_cannot_carry(monkeypatch):
+    from serve_app.app import build_app
+    from serve_app.core import ray_internals
+
+    monkeypatch.setattr(ray_internals, "replica_grpc_max_message_bytes", lambda: 4 * 1024 * 1024)  # Ray's default
+    with pytest.raises(ValueError, match="RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"):
+        build_app(AppArgs(auth={"mode": "off"}))  # 8 MiB of inputs do not fit 4 MiB
+    small = {"max_body_bytes": 1024 * 1024, "max_image_bytes": 1024 * 1024, "max_text_chars": 10_000}
+    assert build_app(AppArgs(auth={"mode": "off"}, **small))
+
+
+def test_the_shipped_environment_carries_the_largest_request(monkeypatch):
+    from serve_app.devtools import serve_env
+
+    args = AppArgs.model_validate(_serve_config()["applications"][0]["args"])
+    assert args.largest_worker_message() <= int(serve_env()["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])

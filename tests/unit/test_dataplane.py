@@ -3,10 +3,11 @@ failed request is recorded with."""
 
 import asyncio
 
+import grpc
 import pytest
 from ray.exceptions import RayTaskError
 
-from deployments.ingress.dataplane import CLIENT_CLOSED, merge_model_status, status_of
+from deployments.ingress.dataplane import CLIENT_CLOSED, InferenceRequest, merge_model_status, status_of
 from serve_app.core.errors import ModelNotFound, RequestTimeout
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import LabelScore, ModelState, ReplicaModelStatus, ReplicaStatus, WorkerResult
@@ -153,7 +154,7 @@ ANSWER = WorkerResult(predictions=[[LabelScore(label="a", score=0.75), LabelScor
 
 def test_infer_dispatches_to_the_model_and_records_the_request():
     p, worker, metrics = plane(ANSWER)
-    result = asyncio.run(p.infer("m", ["hello"], api="native"))
+    result = asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
     assert result.spec is SPEC and result.predictions == ANSWER.predictions
     assert worker.calls == [("predict", "m")]
     assert metrics.observed == [("m", "native", 200)]
@@ -162,17 +163,17 @@ def test_infer_dispatches_to_the_model_and_records_the_request():
 def test_an_unknown_model_is_recorded_under_one_tag_never_the_requested_id():
     p, worker, metrics = plane()
     with pytest.raises(ModelNotFound):
-        asyncio.run(p.infer("../../etc", ["hello"], api="v2"))
+        asyncio.run(p.infer("../../etc", InferenceRequest(["hello"]), api="v2"))
     assert worker.calls == [] and metrics.observed == [("(unknown)", "v2", 404)]
 
 
 def test_inputs_parsed_from_the_body_are_parsed_after_the_lookup():
     p, _, _ = plane(ANSWER)
     parsed = []
-    asyncio.run(p.infer("m", lambda: parsed.append(1) or ["hi"], api="v2"))
+    asyncio.run(p.infer("m", lambda: parsed.append(1) or InferenceRequest(["hi"]), api="v2"))
     assert parsed == [1]
     with pytest.raises(ModelNotFound):
-        asyncio.run(p.infer("nope", lambda: parsed.append(2) or ["hi"], api="v2"))
+        asyncio.run(p.infer("nope", lambda: parsed.append(2) or InferenceRequest(["hi"]), api="v2"))
     assert parsed == [1]  # never parsed for an unknown model
 
 
@@ -180,19 +181,34 @@ def test_a_replica_that_dies_under_a_request_is_retried_once():
     from ray.exceptions import ActorDiedError
 
     p, worker, metrics = plane(ActorDiedError(), ANSWER)
-    assert asyncio.run(p.infer("m", ["hello"], api="native")).predictions == ANSWER.predictions
+    assert asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native")).predictions == ANSWER.predictions
     assert worker.calls == [("predict", "m")] * 2 and metrics.observed == [("m", "native", 200)]
 
 
-def test_a_second_death_is_a_clean_503():
+def test_a_replica_lost_over_grpc_is_retried_and_after_three_losses_the_answer_is_a_clean_503():
     from ray.exceptions import ActorDiedError
 
+    from deployments.ingress.dataplane import ATTEMPTS
     from serve_app.core.errors import ModelUnavailable
 
-    p, worker, metrics = plane(ActorDiedError(), ActorDiedError())
+    lost = grpc_error(grpc.StatusCode.UNKNOWN)  # a replica killed mid-call, over Serve's gRPC transport
+    p, worker, metrics = plane(lost, ActorDiedError(), ANSWER)
+    assert asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native")).predictions == ANSWER.predictions
+    p, worker, metrics = plane(*[ActorDiedError()] * ATTEMPTS)
     with pytest.raises(ModelUnavailable, match="died"):
-        asyncio.run(p.infer("m", ["hello"], api="native"))
-    assert len(worker.calls) == 2 and metrics.observed == [("m", "native", 503)]
+        asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
+    assert len(worker.calls) == ATTEMPTS == 3 and metrics.observed == [("m", "native", 503)]
+
+
+def test_other_transport_errors_are_not_retried():
+    p, worker, _ = plane(grpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    with pytest.raises(grpc.aio.AioRpcError):
+        asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
+    assert len(worker.calls) == 1
+
+
+def grpc_error(code):
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="stream reset")
 
 
 def test_an_application_error_from_the_worker_is_not_retried():
@@ -200,14 +216,24 @@ def test_an_application_error_from_the_worker_is_not_retried():
 
     p, worker, metrics = plane(RayTaskError("predict", "tb", BadImage("bad")))
     with pytest.raises(BadImage):
-        asyncio.run(p.infer("m", ["x"], api="native"))
+        asyncio.run(p.infer("m", InferenceRequest(["x"]), api="native"))
     assert len(worker.calls) == 1 and metrics.observed == [("m", "native", 400)]
+
+
+def test_a_client_deadline_shorter_than_the_configured_timeout_applies():
+    p, worker, metrics = plane(5.0, timeout_s=30.0)
+    with pytest.raises(RequestTimeout, match=r"within 0\.05s"):
+        asyncio.run(p.infer("m", InferenceRequest(["hello"], timeout_s=0.05), api="v2"))
+    assert worker.responses[0].cancelled and metrics.observed == [("m", "v2", 504)]
+    p, _, _ = plane(5.0, timeout_s=0.05)
+    with pytest.raises(RequestTimeout, match=r"within 0\.05s"):  # a longer client deadline does not extend it
+        asyncio.run(p.infer("m", InferenceRequest(["hello"], timeout_s=60.0), api="v2"))
 
 
 def test_a_request_over_the_timeout_is_504_and_its_work_on_the_replica_is_cancelled():
     p, worker, metrics = plane(5.0, timeout_s=0.05)
     with pytest.raises(RequestTimeout, match=r"0\.05s"):
-        asyncio.run(p.infer("m", ["hello"], api="native"))
+        asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
     assert worker.responses[0].cancelled
     assert metrics.observed == [("m", "native", 504)]
 
@@ -216,7 +242,7 @@ def test_a_client_that_goes_away_is_recorded_as_499_and_its_work_is_cancelled():
     p, worker, metrics = plane(5.0)
 
     async def leave():
-        task = asyncio.ensure_future(p.infer("m", ["hello"], api="native"))
+        task = asyncio.ensure_future(p.infer("m", InferenceRequest(["hello"]), api="native"))
         while not worker.responses:
             await asyncio.sleep(0)
         task.cancel()

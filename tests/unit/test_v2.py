@@ -74,3 +74,35 @@ def test_response_tensors_and_requested_outputs():
     unknown = request.model_copy(update={"outputs": [RequestOutput(name="probabilities")]})
     with pytest.raises(InvalidInput, match="unknown output"):
         infer_response(unknown, predictions)
+
+
+def test_binary_elements_past_the_limit_are_refused_at_the_first_one_past_it():
+    data = _binary([b""] * 1_000)
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1000], "datatype": "BYTES", "parameters": {"binary_data_size": len(data)}}]}
+    ).encode()
+    with pytest.raises(InvalidInput, match="more than the limit of 32 elements"):
+        parse_infer_request(header + data, str(len(header)), max_items=32)
+
+
+def test_a_json_body_past_its_value_budget_is_refused_while_it_is_read():
+    body = (
+        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ['
+        + b",".join([b"[]"] * 10_000)
+        + b"]}]}"
+    )
+    with pytest.raises(InvalidInput, match="more JSON values than one input tensor of at most 4 elements needs"):
+        parse_infer_request(body, None, max_items=4)
+
+
+@pytest.mark.parametrize("timeout, expected", [(None, None), (250_000, 0.25)])
+def test_the_clients_timeout_parameter_is_its_deadline(timeout, expected):
+    from deployments.ingress.protocols.v2 import client_timeout_s
+
+    parameters = {} if timeout is None else {"timeout": timeout}
+    request = InferRequest.model_validate(
+        {"parameters": parameters, "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    )
+    assert client_timeout_s(request) == expected
+    with pytest.raises(InvalidInput, match=r"parameters\.timeout"):
+        client_timeout_s(request.model_copy(update={"parameters": {"timeout": "soon"}}))

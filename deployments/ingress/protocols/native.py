@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from deployments.ingress.dataplane import InferenceResult, ModelListing, ModelStatus, Readiness
+from deployments.ingress.bodies import check_json_budget
+from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
 from serve_app.core.registry import Modality, Task
-from serve_app.core.schemas import LabelScore, ModelState
+from serve_app.core.schemas import LabelScore, ModelState, ReplicaCounters
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -36,8 +38,18 @@ class PredictRequest(BaseModel):
         )
     )
 
-    def inputs(self) -> list[str]:
-        return [self.input_data] if isinstance(self.input_data, str) else list(self.input_data)
+    def inference_request(self) -> InferenceRequest:
+        return InferenceRequest(inputs=[self.input_data] if isinstance(self.input_data, str) else self.input_data)
+
+
+def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
+    """The body of ``POST /predict``, bounded while it is parsed; a bad body is FastAPI's 422, naming the
+    field. Runs in a thread."""
+    check_json_budget(body, 16 + 2 * max_items, f"an input_data list of at most {max_items} inputs")
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
 class Prediction(BaseModel):
@@ -56,6 +68,7 @@ class ReplicaModels(BaseModel):
     replica_id: str
     node_id: str | None = None
     models: list[str] = Field(description="models this replica holds or is loading now")
+    counters: ReplicaCounters = Field(description="what this replica has done since it started")
 
 
 class ModelInfo(BaseModel):
@@ -75,6 +88,7 @@ class ModelInfo(BaseModel):
     last_load_seconds: float | None = Field(None, description="how long that load took")
     last_used_at: float | None = Field(None, description="Unix time of the last prediction")
     last_error: str | None = Field(None, description="the last load error, if any")
+    load_failures: int = Field(0, description="failed loads so far, over the replicas running now")
 
 
 class ModelList(BaseModel):
@@ -119,7 +133,10 @@ def model_info(status: ModelStatus) -> ModelInfo:
 def model_list(listing: ModelListing) -> ModelList:
     return ModelList(
         models=[model_info(m) for m in listing.models],
-        replicas=[ReplicaModels(replica_id=r.replica_id, node_id=r.node_id, models=r.held) for r in listing.replicas],
+        replicas=[
+            ReplicaModels(replica_id=r.replica_id, node_id=r.node_id, models=r.held, counters=r.counters)
+            for r in listing.replicas
+        ],
     )
 
 

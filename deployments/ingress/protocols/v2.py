@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.ingress.dataplane import InferenceResult, ModelListing
+from deployments.ingress.bodies import check_json_budget
+from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
 from serve_app.core.errors import InvalidInput, field_path
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState
@@ -117,10 +118,17 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _bytes_elements(buffer: bytes) -> list[bytes]:
-    """BYTES tensor data in binary form: each element is a 4-byte little-endian length, then the bytes."""
+def _too_many(max_items: int) -> InvalidInput:
+    return InvalidInput(f"the input tensor has more than the limit of {max_items} elements", field="inputs")
+
+
+def _bytes_elements(buffer: bytes, max_items: int) -> list[bytes]:
+    """BYTES tensor data in binary form: each element is a 4-byte little-endian length, then the bytes.
+    Stops at the first element past ``max_items``."""
     items, offset = [], 0
     while offset < len(buffer):
+        if len(items) == max_items:
+            raise _too_many(max_items)
         if offset + 4 > len(buffer):
             raise InvalidInput("binary BYTES tensor data is truncated", field="inputs")
         (n,) = struct.unpack_from("<I", buffer, offset)
@@ -132,14 +140,22 @@ def _bytes_elements(buffer: bytes) -> list[bytes]:
     return items
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[str | bytes]]:
-    """The request and the elements of its (single) input tensor."""
+def json_budget(max_items: int) -> int:
+    """The most JSON values a well-formed infer request with ``max_items`` input elements needs."""
+    return 64 + 4 * max_items
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None, max_items: int = 32
+) -> tuple[InferRequest, list[str | bytes]]:
+    """The request and the elements of its (single) input tensor, bounded while they are parsed."""
     try:
         json_end = int(header_length) if header_length is not None else len(body)
     except ValueError:
         raise InvalidInput("Inference-Header-Content-Length is not a number", field="headers") from None
     if not 0 < json_end <= len(body):
         raise InvalidInput("Inference-Header-Content-Length does not fit the body", field="headers")
+    check_json_budget(body[:json_end], json_budget(max_items), f"one input tensor of at most {max_items} elements")
     try:
         request = InferRequest.model_validate_json(body[:json_end])
     except ValidationError as e:
@@ -155,7 +171,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     if binary_size is not None:
         if not isinstance(binary_size, int) or not 0 <= binary_size <= len(body) - json_end:
             raise InvalidInput("binary_data_size does not fit the binary data sent", field="inputs")
-        elements: list[str | bytes] = list(_bytes_elements(body[json_end : json_end + binary_size]))
+        elements: list[str | bytes] = list(_bytes_elements(body[json_end : json_end + binary_size], max_items))
     elif tensor.data is not None:
         elements = [e if isinstance(e, str) else str(e) for e in _flatten(tensor.data)]
     else:
@@ -165,17 +181,27 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     return request, elements
 
 
-class BodyParser:
-    """Parses an infer request's body when the data plane asks (``elements``); ``request`` is then the
-    parsed request, for shaping the answer."""
+def client_timeout_s(request: InferRequest) -> float | None:
+    """The request's own deadline: Triton's ``timeout`` request parameter, in microseconds."""
+    timeout = (request.parameters or {}).get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise InvalidInput("parameters.timeout must be a positive number of microseconds", field="parameters")
+    return timeout / 1e6
 
-    def __init__(self, body: bytes, header_length: str | None) -> None:
-        self._body, self._header_length = body, header_length
+
+class BodyParser:
+    """Parses an infer request's body when the data plane asks (it calls the parser, in a thread);
+    ``request`` is then the parsed request, for shaping the answer."""
+
+    def __init__(self, body: bytes, header_length: str | None, max_items: int) -> None:
+        self._body, self._header_length, self._max_items = body, header_length, max_items
         self.request: InferRequest | None = None
 
-    def elements(self) -> list[str | bytes]:
-        self.request, elements = parse_infer_request(self._body, self._header_length)
-        return elements
+    def __call__(self) -> InferenceRequest:
+        self.request, elements = parse_infer_request(self._body, self._header_length, self._max_items)
+        return InferenceRequest(inputs=elements, timeout_s=client_timeout_s(self.request))
 
 
 def server_metadata(version: str) -> ServerMetadata:
