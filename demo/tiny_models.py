@@ -17,7 +17,9 @@ def labels_for(model_id: str, n: int = 2) -> list[str]:
     return [f"{model_id}-{k}" for k in range(n)]
 
 
-def build_text_model(folder: Path, model_id: str, seed: int = 0) -> Path:
+def build_text_model(folder: Path, model_id: str, seed: int = 0, embedding_rows: int = 0) -> Path:
+    """A tiny BERT classifier; ``embedding_rows`` adds rows to its embedding table (16 floats each) that no
+    token uses, to make the model as heavy in memory as a test needs."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -28,7 +30,7 @@ def build_text_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     labels = labels_for(model_id)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(vocab) + embedding_rows,
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,

@@ -1,14 +1,22 @@
-"""Helpers shared by the integration tests."""
+"""Helpers shared by the integration and cluster tests."""
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-API_KEY = "test-key-4f9c2a"  # the keys of the 'limits' test app
+import httpx
+
+API_KEY = "test-key-4f9c2a"  # the keys of the 'limits' test app, which reads them from MMS_API_KEY / MMS_ADMIN_KEY
 ADMIN_KEY = "test-admin-key-93be01"
 
+EVENTUALLY_S = 120.0
+"""How long a test waits for something the app does asynchronously (a replica reporting a load, Ray
+exporting a metric) before it fails. It bounds a hang; it measures nothing: no test asserts that anything
+is fast."""
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float = 0.1) -> bool:
+
+def wait_for(predicate: Callable[[], bool], timeout: float = EVENTUALLY_S, interval: float = 0.1) -> bool:
     """Poll until predicate() is true (the replicas report model changes asynchronously)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -19,12 +27,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float
 
 
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:
-    return {
-        "registry_path": str(registry),
-        "auth": {"mode": "off"},
-        "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
-        **extra,
-    }
+    worker = {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1}
+    worker.update(extra.pop("worker", {}))
+    return {"registry_path": str(registry), "auth": {"mode": "off"}, "worker": worker, **extra}
 
 
 def replica_pids(app: str, deployment: str = "ModelWorker") -> dict[str, int]:
@@ -42,3 +47,54 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def replicas(client: httpx.Client, url: str) -> list[dict]:
+    """Every worker replica of the app at ``url``: its id, node, models and counters (GET /models)."""
+    return client.get(f"{url}/models").json()["replicas"]
+
+
+class Background:
+    """Threads that each run ``step(client, i)`` in a loop until stopped, keeping every result in order of
+    completion and every exception: a thread that fails is a test failure, not a silent stop."""
+
+    def __init__(self, step: Callable[[httpx.Client, int], object], threads: int, headers: dict | None = None):
+        self.results: list = []
+        self.errors: list[BaseException] = []
+        self._step, self._headers = step, headers or {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        try:
+            with httpx.Client(timeout=EVENTUALLY_S, headers=self._headers) as c:
+                while not self._stop.is_set():
+                    result = self._step(c, i)
+                    with self._lock:
+                        self.results.append(result)
+                        self._done.notify_all()
+        except BaseException as e:
+            with self._lock:
+                self.errors.append(e)
+                self._done.notify_all()
+
+    def wait_until(self, done: int) -> None:
+        """Block until at least ``done`` steps have completed (or a thread failed)."""
+        with self._lock:
+            self._done.wait_for(lambda: len(self.results) >= done or self.errors, timeout=EVENTUALLY_S)
+        assert not self.errors, self.errors
+        assert len(self.results) >= done, f"only {len(self.results)} of {done} steps in {EVENTUALLY_S}s"
+
+    def __enter__(self) -> "Background":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=EVENTUALLY_S)
+        assert not any(t.is_alive() for t in self._threads), "a traffic thread did not stop"
+        assert not self.errors, self.errors

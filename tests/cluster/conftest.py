@@ -5,6 +5,7 @@ real raylet with its own node id, so Serve places and routes replicas across
 nodes as it would on separate machines.
 """
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="session")
 def cluster_url() -> Iterator[str]:
     # The environment of `make run` (config/serve.env, set by tests/conftest.py) reaches every node from here.
+    # One addition: Serve reports a replica it cannot place after 1 s instead of 30 (a warning's delay, not
+    # a mode), which test_multinode.py reads as the sign that max_replicas_per_node holds.
+    os.environ.update({"RAY_SERVE_SLOW_STARTUP_WARNING_S": "1", "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"})
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         for _ in range(2):

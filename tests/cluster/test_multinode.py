@@ -1,4 +1,7 @@
-"""The same application on a multi-node cluster: replicas on different nodes, routing by model, the cap per replica."""
+"""The same application on a multi-node cluster: replicas on different nodes, routing by model, the cap per replica.
+
+The cluster: a 1-CPU head and two 2-CPU nodes (tests/cluster/conftest.py).
+"""
 
 import asyncio
 import random
@@ -6,7 +9,11 @@ from collections import Counter
 
 import httpx
 import pytest
+from ray import serve
 
+from serve_app.app import build_app
+from serve_app.core import ray_internals
+from serve_app.core.config import AppArgs
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -14,23 +21,48 @@ pytestmark = pytest.mark.cluster
 MODELS = ["alpha", "beta", "gamma", "delta"]
 
 
+def _args(tiny_registry, **worker) -> dict:
+    return {
+        "registry_path": str(tiny_registry),
+        "auth": {"mode": "off"},
+        "worker": {"num_cpus": 0.5, "torch_threads": 1, **worker},
+    }
+
+
 @pytest.fixture(scope="module")
 def spread_url(deploy, tiny_registry):
-    from ray import serve
-
-    yield deploy(
-        "spread",
-        {
-            "registry_path": str(tiny_registry),
-            "auth": {"mode": "off"},
-            "worker": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.5, "torch_threads": 1},
-        },
-    )
+    yield deploy("spread", _args(tiny_registry, num_replicas=2, max_replicas_per_node=1))
     serve.delete("spread")
 
 
 def _listing(client, url):
     return client.get(f"{url}/models").json()
+
+
+def test_max_replicas_per_node_holds_even_where_the_cluster_has_room_for_more(cluster_url, tiny_registry):
+    """Four worker replicas at most one a node on three nodes: three run, one on each node, and Serve reports
+    the fourth as one it cannot place, though the cluster's CPUs could hold all four (2 of its 5 CPUs)."""
+    app = build_app(AppArgs.model_validate(_args(tiny_registry, num_replicas=4, max_replicas_per_node=1)))
+    serve.run_many([serve.RunTarget(app, name="four", route_prefix="/four")], wait_for_applications_running=False)
+    try:
+
+        def replicas():
+            return ray_internals.serve_instance_details()["applications"]["four"]["deployments"]["ModelWorker"][
+                "replicas"
+            ]
+
+        def unplaceable_reported() -> bool:
+            status = serve.status().applications.get("four")
+            worker = status.deployments.get("ModelWorker") if status else None
+            return worker is not None and "1 replicas that have taken more than 1s to be scheduled" in worker.message
+
+        assert wait_for(lambda: sum(r["state"] == "RUNNING" for r in replicas()) == 3)
+        assert wait_for(unplaceable_reported)
+        running = [r for r in replicas() if r["state"] == "RUNNING"]
+        assert len(running) == 3 and len({r["node_id"] for r in running}) == 3, running
+        assert len(replicas()) == 4
+    finally:
+        serve.delete("four")
 
 
 def test_worker_replicas_land_on_different_nodes(client, spread_url):
@@ -65,10 +97,8 @@ def test_requests_for_a_model_go_to_the_node_that_holds_it(client, spread_url):
     assert client.post(f"{spread_url}/predict", json={"model_id": "alpha", "input_data": "hi"}).status_code == 200
     assert wait_for(lambda: client.get(f"{spread_url}/models/alpha").json()["loaded"])
     before = client.get(f"{spread_url}/models/alpha").json()
-    node_of = {r["replica_id"]: r["node_id"] for r in _listing(client, spread_url)["replicas"]}
     for _ in range(30):
         assert client.post(f"{spread_url}/predict", json={"model_id": "alpha", "input_data": "hi"}).status_code == 200
     after = client.get(f"{spread_url}/models/alpha").json()
     assert after["replicas"] == before["replicas"]
     assert after["load_count"] == before["load_count"]  # no other replica loaded it: every request went to a holder
-    assert {node_of[r] for r in after["replicas"]} <= set(node_of.values())

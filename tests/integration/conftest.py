@@ -4,6 +4,7 @@ Ray starts once (about 25 s on a 2-core machine) and is shut down at the end
 of the session, which stops every Ray process it started.
 """
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.devtools import free_port
-from tests.helpers import ADMIN_KEY, API_KEY
+from tests.helpers import ADMIN_KEY, API_KEY, tiny_args
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,9 @@ def metrics_url() -> str:
 @pytest.fixture(scope="session")
 def serve_url() -> Iterator[str]:
     port = free_port()
+    # The 'limits' app takes its keys from the environment, as a deployment would; the apps with auth off log
+    # them as ignored.
+    os.environ.update({"MMS_API_KEY": API_KEY, "MMS_ADMIN_KEY": ADMIN_KEY})
     # Logical CPUs, not cores: several small apps share the machine during the session. The environment
     # (config/serve.env, set by tests/conftest.py) reaches every Ray process from this one.
     ray.init(
@@ -87,6 +91,12 @@ def tiny_registry(tiny_dir) -> Path:
     return write_registry(tiny_dir / "registry.json", models)
 
 
+@pytest.fixture(scope="session")
+def mixed_url(deploy, tiny_registry) -> str:
+    """Two worker replicas over the tiny models."""
+    return deploy("mixed", tiny_args(tiny_registry, replicas=2))
+
+
 @pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=120) as c:
@@ -109,6 +119,11 @@ def image_server(tmp_path_factory) -> Iterator[str]:
         def do_GET(self):
             if self.path == "/slow.jpg":  # answers after the app's 5 s fetch timeout
                 time.sleep(7)
+            if self.path == "/redirect.jpg":  # to an image the app may fetch: redirects are not followed
+                self.send_response(302)
+                self.send_header("Location", "/square.jpg")
+                self.end_headers()
+                return None
             return super().do_GET()
 
         def log_message(self, *args):
@@ -136,6 +151,11 @@ def limits_env(tiny_dir, tmp_path_factory):
     for name in ["square.jpg", "circle.jpg"]:
         shutil.copy(PROJECT_ROOT / "samples/images" / name, root / name)
     Image.new("RGB", (6000, 4000), (20, 120, 200)).save(root / "huge.jpg", quality=60)  # 24 megapixels
+    for k in range(3):  # 16 megapixels each, a few KB: three are over the app's pixel budget per request
+        Image.new("RGB", (4000, 4000), (40 * k, 90, 160)).save(root / f"big{k}.png")
+    Image.new("RGB", (8, 8)).save(root / "tagged.tiff", format="TIFF")
+    (root / "tiff-named.png").write_bytes((root / "tagged.tiff").read_bytes())  # a TIFF with a PNG name
+    (root / "over-limit.jpg").write_bytes(b"\xff\xd8" + b"\0" * (1024 * 1024 + 10))  # over max_image_bytes
     (base / "secret.png").write_bytes((PROJECT_ROOT / "samples/images/square.jpg").read_bytes())
     (root / "escape.png").symlink_to(base / "secret.png")
     broken = base / "broken"
@@ -144,18 +164,16 @@ def limits_env(tiny_dir, tmp_path_factory):
     models = {name: ("text-classification", tiny_dir / name) for name in ["alpha", "beta", "gamma", "delta"]}
     models["pixels"] = ("image-classification", tiny_dir / "pixels")
     models["broken"] = ("text-classification", broken)
+    # Only the metrics test sends traffic for these two, so every count it reads starts at zero.
+    from demo.tiny_models import build_text_model
+
+    models["epsilon"] = ("text-classification", build_text_model(base / "epsilon", "epsilon", seed=5))
+    cracked = base / "cracked"
+    cracked.mkdir()
+    (cracked / "config.json").write_text("{ cracked")
+    models["cracked"] = ("text-classification", cracked)
     registry = write_registry(base / "registry.json", models, preload=["beta"])
-    key_file, admin_key_file = base / "api-key", base / "admin-key"
-    key_file.write_text(API_KEY + "\n")
-    admin_key_file.write_text(ADMIN_KEY + "\n")
-    return {
-        "base": base,
-        "root": root,
-        "broken": broken,
-        "registry": registry,
-        "key_file": key_file,
-        "admin_key_file": admin_key_file,
-    }
+    return {"base": base, "root": root, "broken": broken, "registry": registry}
 
 
 @pytest.fixture(scope="session")
@@ -165,17 +183,21 @@ def limits_url(deploy, limits_env, image_server) -> str:
         "limits",
         {
             "registry_path": str(limits_env["registry"]),
-            "auth": {
-                "mode": "api_key",
-                "api_key_file": str(limits_env["key_file"]),
-                "admin_key_file": str(limits_env["admin_key_file"]),
-            },
+            "auth": {"mode": "api_key"},  # keys from MMS_API_KEY and MMS_ADMIN_KEY (see serve_url)
             "image_root": str(limits_env["root"]),
             "max_body_bytes": 64 * 1024,
             "max_image_bytes": 1024 * 1024,
+            "max_request_pixels": 40_000_000,
+            "max_text_chars": 12_000,
             "max_list_items": 8,
             "url_fetch": {"enabled": True, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"], "timeout_s": 5},
-            "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
+            "worker": {
+                "num_replicas": 1,
+                "num_cpus": 0.5,
+                "max_ongoing_requests": 8,
+                "torch_threads": 1,
+                "load_failure_backoff_s": 5,
+            },
         },
     )
 

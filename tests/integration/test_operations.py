@@ -1,5 +1,5 @@
-"""Operating the app: model status from the replicas, explicit load and unload, health, preload,
-request ids, and Prometheus metrics (against the 'limits' app, with its API key)."""
+"""Operating the app: model status from the replicas, explicit load and unload, health, preload, request ids,
+and Prometheus metrics."""
 
 import re
 import time
@@ -7,7 +7,8 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import wait_for
+from demo.tiny_models import write_registry
+from tests.helpers import tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +18,52 @@ def test_health_and_readiness(limits_url):
         assert c.get(f"{limits_url}/healthz").json() == {"status": "ok"}
         ready = c.get(f"{limits_url}/readyz")
         assert ready.status_code == 200
-        assert ready.json()["ready"] is True and ready.json()["worker_replicas"] == 1
+        assert ready.json() == {"ready": True, "models": 8, "worker_replicas": 1}
+        assert c.get(f"{limits_url}/v2/health/ready").json() == {"ready": True}
+
+
+def test_with_no_worker_replica_running_the_app_is_live_but_not_ready(client, deploy, tiny_registry):
+    """Scaled to zero (autoscaling with min_replicas 0): /readyz is 503 and /v2/health/ready is 400."""
+    from ray import serve
+
+    worker = {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "look_back_period_s": 2, "metrics_interval_s": 1}}
+    url = deploy("zero", tiny_args(tiny_registry, replicas=1, worker=worker))
+    try:
+        assert client.get(f"{url}/healthz").status_code == 200
+        ready = client.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json() == {"ready": False, "models": 5, "worker_replicas": 0}
+        v2 = client.get(f"{url}/v2/health/ready")
+        assert v2.status_code == 400 and v2.json() == {"ready": False}
+    finally:
+        serve.delete("zero")
+
+
+def test_preload_loads_registry_order_until_the_replica_is_full_and_survives_a_broken_one(
+    client, deploy, tiny_dir, tmp_path
+):
+    """preload on broken, alpha, beta and gamma: the broken one fails (the replica starts anyway), alpha and beta
+    fill the replica's two slots, gamma is not loaded. All before any request."""
+    from ray import serve
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    models = {"broken": ("text-classification", broken)}
+    models |= {name: ("text-classification", tiny_dir / name) for name in ["alpha", "beta", "gamma"]}
+    registry = write_registry(tmp_path / "registry.json", models, preload=["broken", "alpha", "beta", "gamma"])
+    url = deploy("preload", tiny_args(registry, replicas=1))
+    try:
+        listing = client.get(f"{url}/models").json()
+        states = {m["id"]: (m["state"], m["load_count"], m["last_used_at"]) for m in listing["models"]}
+        assert states == {
+            "broken": ("failed", 0, None),
+            "alpha": ("loaded", 1, None),
+            "beta": ("loaded", 1, None),
+            "gamma": ("not_loaded", 0, None),
+        }
+        assert [r["models"] for r in listing["replicas"]] == [["alpha", "beta"]]
+    finally:
+        serve.delete("preload")
 
 
 def test_a_preloaded_model_is_loaded_before_any_request(authed, limits_url):
@@ -30,36 +76,42 @@ def test_a_preloaded_model_is_loaded_before_any_request(authed, limits_url):
     assert authed.get(f"{limits_url}/models/alpha").json()["preload"] is False
 
 
-def test_model_status_comes_from_the_replicas(authed, limits_url):
+def test_model_status_comes_from_the_replicas(authed, admin, limits_url):
+    assert admin.post(f"{limits_url}/models/gamma/unload").json()["state"] == "not_loaded"
     t0 = time.time()
     assert authed.post(f"{limits_url}/predict", json={"model_id": "gamma", "input_data": "hi"}).status_code == 200
-    info = authed.get(f"{limits_url}/models/gamma").json()
-    assert info["state"] == "loaded" and info["loaded"] is True
-    assert len(info["replicas"]) == 1
+
+    def gamma():
+        return authed.get(f"{limits_url}/models/gamma").json()
+
+    assert wait_for(lambda: gamma()["state"] == "loaded" and gamma()["last_used_at"] is not None)  # within ~1 s
+    info = gamma()
+    assert info["loaded"] is True and len(info["replicas"]) == 1
     assert info["load_count"] >= 1
     assert info["last_loaded_at"] >= t0 - 1 and info["last_load_seconds"] > 0
     assert info["last_used_at"] >= info["last_loaded_at"]
     listing = authed.get(f"{limits_url}/models").json()
     (replica,) = listing["replicas"]
     assert "gamma" in replica["models"] and len(replica["models"]) <= 2
+    assert replica["counters"]["requests"] >= 1 and replica["counters"]["live_models"] <= 2
     states = {m["id"]: m["state"] for m in listing["models"]}
     assert set(states.values()) <= {"not_loaded", "loading", "loaded", "failed"}
 
 
-def test_explicit_load_and_unload(authed, admin, limits_url):
+def test_explicit_load_and_unload(admin, limits_url):
     r = admin.post(f"{limits_url}/models/delta/load")
-    assert r.status_code == 200 and r.json()["state"] == "loaded"
-    listing = authed.get(f"{limits_url}/models").json()
+    assert r.status_code == 200 and r.json()["state"] == "loaded" and r.json()["loaded"] is True
+    listing = admin.get(f"{limits_url}/models").json()
     assert all(len(rep["models"]) <= 2 for rep in listing["replicas"])  # the cap holds for explicit loads too
     r = admin.post(f"{limits_url}/models/delta/unload")
-    assert r.status_code == 200
-    assert wait_for(lambda: authed.get(f"{limits_url}/models/delta").json()["state"] == "not_loaded")
+    assert r.status_code == 200 and r.json()["state"] == "not_loaded" and r.json()["replicas"] == []
+    assert all("delta" not in rep["models"] for rep in admin.get(f"{limits_url}/models").json()["replicas"])
     assert admin.post(f"{limits_url}/models/nope/load").status_code == 404
 
 
 def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, limits_url):
-    import glob
-
+    """In throughput-optimized mode Serve buffers request logs; the app flushes them every second, so the
+    request's lines reach both replicas' log files."""
     from serve_app.core import ray_internals
 
     r = authed.post(
@@ -72,17 +124,20 @@ def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, l
     generated = authed.post(f"{limits_url}/predict", json={"model_id": "alpha", "input_data": "hi"})
     assert generated.headers.get("x-request-id")
 
-    logs = ray_internals.logs_dir()
-
     def logged_by() -> set[str]:
         found = set()
-        for path in glob.glob(f"{logs}/serve/replica_limits_*.log"):
-            with open(path, errors="replace") as f:
-                if "trace-me-7f3a" in f.read():
-                    found.add("Ingress" if "_Ingress_" in path else "ModelWorker" if "_ModelWorker_" in path else path)
+        for path in (ray_internals.logs_dir() / "serve").glob("replica_limits_*.log"):
+            if "trace-me-7f3a" in path.read_text(errors="replace"):
+                found.add(
+                    "Ingress"
+                    if "_Ingress_" in path.name
+                    else "ModelWorker"
+                    if "_ModelWorker_" in path.name
+                    else path.name
+                )
         return found
 
-    assert wait_for(lambda: logged_by() >= {"Ingress", "ModelWorker"}, timeout=10), logged_by()
+    assert wait_for(lambda: logged_by() >= {"Ingress", "ModelWorker"}), logged_by()
 
 
 def _samples(text: str, name: str, **labels: str) -> float:
@@ -99,41 +154,44 @@ def _samples(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_known_traffic(authed, admin, limits_url, metrics_url):
-    def scraped() -> dict[str, float]:
-        text = httpx.get(metrics_url, timeout=10).text
-        app = {"application": "limits"}
-        return {
-            "ok": _samples(text, "ray_mms_requests_total", model="delta", status="200", **app),
-            "err": _samples(text, "ray_mms_request_errors_total", model="delta", status="422", **app),
-            "latency": _samples(text, "ray_mms_request_latency_ms_count", model="delta", **app),
-            "loads": _samples(text, "ray_mms_model_loads_total", model="delta", outcome="ok", **app),
-            "load_latency": _samples(text, "ray_mms_model_load_latency_ms_count", model="delta", **app),
-            "hits": _samples(text, "ray_mms_model_cache_hits_total", model="delta", **app),
-            "unloads": _samples(text, "ray_mms_model_unloads_total", model="delta", **app),
-            "serve_builtin": _samples(text, "ray_serve_num_http_requests_total", **app),
-        }
-
-    def settled() -> dict[str, float]:  # the replicas report every second: wait until two scrapes agree
-        previous = scraped()
-        while True:
-            time.sleep(2.5)
-            current = scraped()
-            if current == previous:
-                return current
-            previous = current
-
-    admin.post(f"{limits_url}/models/delta/unload")
-    before = settled()
-    # Known traffic: delta is cold, so 1 load, then 4 cache hits; 1 request refused with 422; 1 unload.
-    ok = [authed.post(f"{limits_url}/predict", json={"model_id": "delta", "input_data": "hi"}) for _ in range(5)]
+    """Known traffic for 'epsilon' and 'cracked', models no other test touches, so every count starts at zero:
+    exactly these counts reach Ray's Prometheus endpoint."""
+    v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+    # epsilon is cold: 1 load, then 4 cache hits; 1 request refused with 422; 1 over v2; 1 unload.
+    ok = [authed.post(f"{limits_url}/predict", json={"model_id": "epsilon", "input_data": "hi"}) for _ in range(5)]
     assert [r.status_code for r in ok] == [200] * 5
-    assert authed.post(f"{limits_url}/predict", json={"model_id": "delta", "input_data": ["x"] * 9}).status_code == 422
-    assert admin.post(f"{limits_url}/models/delta/unload").status_code == 200
-    expected = {"ok": 5, "err": 1, "latency": 6, "loads": 1, "load_latency": 1, "hits": 4, "unloads": 1}
+    assert (
+        authed.post(f"{limits_url}/predict", json={"model_id": "epsilon", "input_data": ["x"] * 9}).status_code == 422
+    )
+    assert authed.post(f"{limits_url}/v2/models/epsilon/infer", json=v2).status_code == 200
+    assert admin.post(f"{limits_url}/models/epsilon/unload").status_code == 200
+    # cracked fails to load once (the back-off answers the second request); an unknown model is one tag.
+    assert [
+        authed.post(f"{limits_url}/predict", json={"model_id": "cracked", "input_data": "hi"}).status_code
+        for _ in range(2)
+    ] == [503, 503]
+    assert authed.post(f"{limits_url}/v2/models/no-such-model-x1/infer", json=v2).status_code == 404
 
-    def increments() -> dict[str, float]:
-        now = scraped()
-        return {k: now[k] - before[k] for k in expected}
+    app = {"application": "limits"}
+    expected = {
+        ("ray_mms_requests_total", (("model", "epsilon"), ("api", "native"), ("status", "200"))): 5,
+        ("ray_mms_request_errors_total", (("model", "epsilon"), ("api", "native"), ("status", "422"))): 1,
+        ("ray_mms_requests_total", (("model", "epsilon"), ("api", "v2"), ("status", "200"))): 1,
+        ("ray_mms_request_latency_ms_count", (("model", "epsilon"),)): 7,
+        ("ray_mms_model_loads_total", (("model", "epsilon"), ("outcome", "ok"))): 1,
+        ("ray_mms_model_load_latency_ms_count", (("model", "epsilon"),)): 1,
+        ("ray_mms_model_cache_hits_total", (("model", "epsilon"),)): 5,  # 4 native and 1 v2
+        ("ray_mms_model_unloads_total", (("model", "epsilon"),)): 1,
+        ("ray_mms_model_loads_total", (("model", "cracked"), ("outcome", "error"))): 1,
+        ("ray_mms_request_errors_total", (("model", "cracked"), ("status", "503"))): 2,
+        ("ray_mms_request_errors_total", (("model", "(unknown)"), ("api", "v2"), ("status", "404"))): 1,
+    }
 
-    assert wait_for(lambda: increments() == expected, timeout=30, interval=1), increments()
-    assert scraped()["serve_builtin"] > 0  # Ray Serve's own metrics stay on
+    def scraped() -> dict:
+        text = httpx.get(metrics_url, timeout=10).text
+        return {key: _samples(text, key[0], **dict(key[1]), **app) for key in expected}
+
+    assert wait_for(lambda: scraped() == expected, interval=1), scraped()
+    assert (
+        _samples(httpx.get(metrics_url, timeout=10).text, "ray_serve_num_http_requests_total") > 0
+    )  # Ray's own stay on

@@ -39,8 +39,12 @@ def test_sentiment_example(client, demo_url):
 def test_spam_example(client, demo_url):
     r = predict(client, demo_url, "spam", "Win a free iPhone now!")
     assert r.status_code == 200, r.text
-    assert r.json()["model_id"] == "spam"
-    assert r.json()["predictions"][0]["label"] == "spam"
+    body = r.json()
+    assert body["model_id"] == "spam" and body["task"] == "text-classification"
+    (prediction,) = body["predictions"]
+    assert prediction["label"] == "spam" and prediction["score"] > 0.5
+    assert prediction["scores"][0]["label"] == "spam"
+    assert sum(s["score"] for s in prediction["scores"]) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -50,8 +54,10 @@ def test_spam_example(client, demo_url):
 def test_image_example_with_a_path(client, demo_url, name, shape):
     r = predict(client, demo_url, "image", f"samples/images/{name}")
     assert r.status_code == 200, r.text
-    assert r.json()["model_id"] == "image"
-    assert r.json()["predictions"][0]["label"] == shape
+    body = r.json()
+    assert body["model_id"] == "image" and body["task"] == "image-classification"
+    assert body["predictions"][0]["label"] == shape
+    assert {s["label"] for s in body["predictions"][0]["scores"]} == {"circle", "square", "triangle"}
 
 
 def test_image_as_base64_and_data_uri(client, demo_url):
@@ -103,18 +109,23 @@ def test_bad_request_is_a_422_naming_the_field(client, demo_url, body, field):
     r = client.post(f"{demo_url}/predict", json=body)
     assert r.status_code == 422
     assert r.json()["error"] == "invalid_request"
-    assert field in r.json()["message"]
+    assert r.json()["message"].startswith(field) and all(p["field"].startswith(field) for p in r.json()["problems"])
 
 
 def test_text_to_an_image_model_is_a_422(client, demo_url):
     r = predict(client, demo_url, "image", "This movie was great!")
     assert r.status_code == 422
-    assert "takes an image" in r.json()["message"]
+    assert r.json()["error"] == "invalid_input"
+    assert r.json()["message"].startswith("input_data[0]: this model takes an image")
 
 
 def test_path_outside_the_image_root_is_a_403(client, demo_url):
     r = predict(client, demo_url, "image", "samples/images/../../config/../../etc/passwd.png")
     assert r.status_code == 403
+    assert r.json() == {
+        "error": "forbidden_path",
+        "message": "input_data[0]: image paths must lie under the image root (image_root)",
+    }
 
 
 def test_openapi_docs(client, demo_url):

@@ -1,5 +1,7 @@
 """The Open Inference Protocol (KServe v2) on the same ingress, driven by Triton's standard client."""
 
+import base64
+
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -95,3 +97,34 @@ def test_model_repository_extension(v2, demo_url, client):
     assert wait_for(lambda: not v2.is_model_ready("spam"))
     assert {m["name"]: m for m in v2.get_model_repository_index()}["spam"]["state"] == "UNAVAILABLE"
     assert wait_for(lambda: all("spam" not in r["models"] for r in client.get(f"{demo_url}/models").json()["replicas"]))
+
+
+def test_image_inference_with_base64_in_json(demo_url, client):
+    raw = (PROJECT_ROOT / "samples/images/triangle.jpg").read_bytes()
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(raw).decode()]}]}
+    r = client.post(f"{demo_url}/v2/models/image/infer", json=body)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["label"] == {"name": "label", "shape": [1], "datatype": "BYTES", "data": ["triangle"]}
+    assert outputs["score"]["datatype"] == "FP32" and outputs["score"]["data"][0] > 0.5
+
+
+def test_versioned_routes_answer_as_the_unversioned_ones(demo_url, client):
+    base = f"{demo_url}/v2/models/sentiment"
+    assert client.get(f"{base}/versions/1").json() == client.get(base).json()
+    assert client.get(f"{base}/versions/1/ready").status_code == client.get(f"{base}/ready").status_code
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["This movie was great!"]}]}
+    r = client.post(f"{base}/versions/1/infer", json=body)
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == ["positive"]
+
+
+def test_the_standard_clients_timeout_is_the_requests_deadline(v2, demo_url, client):
+    """tritonclient's ``timeout`` (microseconds) reaches the server as the request's deadline: 1 us on a model
+    that is not loaded is a 504 in the protocol's shape."""
+    client.post(f"{demo_url}/models/spam/unload")
+    assert wait_for(lambda: not client.get(f"{demo_url}/models/spam").json()["loaded"])
+    inp = triton.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"Win a free iPhone now!"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match=r"did not answer within 1e-06s") as e:
+        v2.infer("spam", [inp], timeout=1)
+    assert e.value.status() == "504"
