@@ -1,6 +1,7 @@
 """deploy/: the image and the KubeRay RayService, checked against serve_config.yaml, config/serve.env, and what
 the KubeRay operator does with them. No cluster runs here, so the operator's behaviour is quoted from its
-source (ray-operator/controllers/ray/common/pod.go and utils/constant.go, KubeRay 1.5 to 1.7)."""
+source (ray-operator/controllers/ray/common/pod.go and utils/constant.go, KubeRay 1.5 to 1.7); the same
+checks on live Ray nodes, in network namespaces: scripts/netns-cluster-check.sh (docs/cluster.md)."""
 
 from __future__ import annotations
 
