@@ -8,12 +8,16 @@ model workers it dispatches to. This is the only module that imports both deploy
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress.deployment import Ingress
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
 from serve_app.core.config import AppArgs
 from serve_app.core.registry import Registry
+
+ROUTER = "deployments.routing.router:ModelAwareRouter"
+"""The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
 
 
 def build_app(args: AppArgs) -> Application:
@@ -34,9 +38,15 @@ def build_app(args: AppArgs) -> Application:
         scaling = {"autoscaling_config": w.autoscaling.model_dump()}
     if w.max_replicas_per_node is not None:
         scaling["max_replicas_per_node"] = w.max_replicas_per_node
+    router = RequestRouterConfig(
+        request_router_class=ROUTER,
+        request_router_kwargs={"spread_at": w.routing.spread_at, "demand_half_life_s": w.routing.demand_half_life_s},
+        request_routing_stats_period_s=w.routing.stats_period_s,
+    )
     worker = ModelWorker.options(
         max_ongoing_requests=w.max_ongoing_requests,
         ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
+        request_router_config=router,
         **scaling,
     ).bind(registry, w.torch_threads, w.batching, w.load_failure_backoff_s)
     i = args.ingress

@@ -159,7 +159,7 @@ class DataPlane:
             max_request_pixels=args.max_request_pixels,
             max_request_bytes=args.max_request_bytes,
         )
-        self.replicas = replicas or ReplicaDirectory(worker.app_name, worker.deployment_name)
+        self.replicas = replicas or ReplicaDirectory(worker)
         self.metrics = metrics or IngressMetrics()
 
     # -- inference ----------------------------------------------------------------------------------
@@ -227,16 +227,11 @@ class DataPlane:
         await self._with_timeout(model_id, self._call("load", model_id))
         return await self.model(model_id, fresh=True)
 
-    async def unload(self, model_id: str, rounds: int = 20) -> ModelStatus:
-        """Unload a model from every replica that holds it."""
+    async def unload(self, model_id: str) -> ModelStatus:
+        """Unload a model from every replica that holds it: one call to each holder, sent to it by name."""
         self.registry.get(model_id)
-        for _ in range(rounds):
-            holders = [r.replica_id for r in await self.replicas.statuses(fresh=True) if model_id in r.held]
-            if not holders:
-                break
-            # Ray routes each call to a replica that holds the model, while its routing record says so.
-            await asyncio.gather(*(self._call("unload", model_id) for _ in holders))
-            await asyncio.sleep(0.2)  # replicas push their model ids to the router every 0.1 s
+        holders = [r.replica_id for r in await self.replicas.statuses(fresh=True) if model_id in r.held]
+        await asyncio.gather(*(self.replicas.ask("unload", model_id, rid) for rid in holders))
         return await self.model(model_id, fresh=True)
 
     # -- status -------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Which worker replica holds which model, asked of the replicas themselves.
+"""Which worker replica holds which model, as the replicas themselves report it.
 
-For ``GET /models`` the ingress asks every running worker replica for its own record of its models
-(``record_routing_stats`` of ``ModelWorker``, the method Serve's controller polls too), so the answer is
-what the replicas hold now, not a guess kept in the ingress. Ray has no public API that lists a
-deployment's replicas: that goes through ``serve_app.core.ray_internals``. Readiness counts the running
-replicas from Serve's public ``serve.status()``.
+The worker deployment's router (deployments/routing) lives in this ingress process and knows the running
+worker replicas, each with the model status it last reported (``record_routing_stats``, which Serve's
+controller collects every ``routing.stats_period_s``). Probes and listings read that, through a snapshot
+at most ``FRESH_S`` old, so a probe loop, however fast, asks nothing of the replicas. After a load or an
+unload the data plane asks for a fresh look: each replica is asked directly, by a call the router sends
+to it and to no other. Readiness counts the running replicas from Serve's public ``serve.status()``.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from serve_app.core import ray_internals
+from deployments.routing import views
+from deployments.routing.router import ON_REPLICA
 from serve_app.core.schemas import ReplicaCounters, ReplicaModelStatus, ReplicaStatus
 
 logger = logging.getLogger("ray.serve")
 
 ASK_TIMEOUT_S = 5.0
 FRESH_S = 1.0
-"""How long one look at the replicas answers probes and listings: a probe loop, however fast, asks
-Serve's controller and the replicas at most once a second."""
+"""How long one look at the replicas answers probes and listings."""
 
 
 class _Snapshot:
@@ -35,53 +38,68 @@ class _Snapshot:
     async def get(self, fresh: bool = False):
         async with self._lock:
             if fresh or time.monotonic() - self._at > FRESH_S:
-                self._value, self._at = await self._fetch(), time.monotonic()
+                self._value, self._at = await self._fetch(fresh), time.monotonic()
             return self._value
 
 
+def _status(replica_id: str, node_id: str | None, stats: dict[str, Any], held: set[str]) -> ReplicaStatus:
+    """A replica's report; a replica that has not reported yet shows what it pushed to the router."""
+    if "models" not in stats:
+        models = {m: ReplicaModelStatus(state="loaded") for m in held}
+    else:
+        models = {m: ReplicaModelStatus.model_validate(s) for m, s in stats["models"].items()}
+    counters = ReplicaCounters.model_validate(stats.get("counters", {}))
+    return ReplicaStatus(replica_id=replica_id, node_id=node_id, models=models, counters=counters)
+
+
 class ReplicaDirectory:
-    def __init__(self, app_name: str, deployment_name: str) -> None:
-        self._app_name = app_name
-        self._deployment_name = deployment_name
-        self._actors: dict[str, object] = {}
-        self._statuses = _Snapshot(self._ask_all)
+    def __init__(self, worker: DeploymentHandle) -> None:
+        self._worker = worker
+        self._statuses = _Snapshot(self._look)
         self._running_count = _Snapshot(self._count_running)
 
-    async def _refs(self) -> list[ray_internals.ReplicaRef]:
-        return await ray_internals.running_replicas(self._app_name, self._deployment_name)
+    async def _router(self) -> Any:
+        router = views.view_of(self._worker.app_name, self._worker.deployment_name)
+        if router is None:  # a handle makes its router at its first call
+            await asyncio.wait_for(self._worker.status.remote(), ASK_TIMEOUT_S)
+            router = views.view_of(self._worker.app_name, self._worker.deployment_name)
+        return router
 
-    async def _ask(self, ref: ray_internals.ReplicaRef) -> ReplicaStatus:
-        status = ReplicaStatus(replica_id=ref.replica_id, node_id=ref.node_id)
+    async def statuses(self, fresh: bool = False) -> list[ReplicaStatus]:
+        """Every running worker replica's own record of its models: a snapshot at most FRESH_S old, or,
+        with ``fresh``, asked of each replica now."""
+        return await self._statuses.get(fresh)
+
+    async def _look(self, fresh: bool) -> list[ReplicaStatus]:
+        replicas = (await self._router()).replicas
+        if not fresh:
+            return [
+                _status(r.replica_id.unique_id, r.node_id, r.routing_stats or {}, set(r.multiplexed_model_ids))
+                for r in replicas
+            ]
+        return list(await asyncio.gather(*(self._ask(r) for r in replicas)))
+
+    async def _ask(self, replica: Any) -> ReplicaStatus:
+        rid = replica.replica_id.unique_id
         try:
-            actor = self._actors.get(ref.actor_name)
-            if actor is None:
-                actor = self._actors[ref.actor_name] = await ray_internals.replica_actor(ref.actor_name)
-            stats = await asyncio.wait_for(actor.record_routing_stats.remote(), ASK_TIMEOUT_S)
-            status.models = {m: ReplicaModelStatus.model_validate(s) for m, s in stats.get("models", {}).items()}
-            status.counters = ReplicaCounters.model_validate(stats.get("counters", {}))
-        except Exception as e:  # a replica that is starting or dying: fall back to its routing record
-            logger.warning("replica %s did not report its models: %s", status.replica_id, e)
-            status.models = {m: ReplicaModelStatus(state="loaded") for m in ref.model_ids}
-        return status
+            stats = await asyncio.wait_for(self._worker.status.remote(**{ON_REPLICA: rid}), ASK_TIMEOUT_S)
+        except Exception as e:  # a replica that is starting or dying: what it last reported
+            logger.warning("replica %s did not report its models: %s", rid, e)
+            stats = replica.routing_stats or {}
+        return _status(rid, replica.node_id, stats, set(replica.multiplexed_model_ids))
 
     async def running_count(self) -> int:
         """Running worker replicas (a snapshot at most FRESH_S old)."""
         return await self._running_count.get()
 
-    async def _count_running(self) -> int:
+    async def _count_running(self, fresh: bool) -> int:
         """From Serve's public status (``serve.status()`` blocks: in a thread)."""
         status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self._app_name)
-        deployment = app.deployments.get(self._deployment_name) if app else None
+        app = status.applications.get(self._worker.app_name)
+        deployment = app.deployments.get(self._worker.deployment_name) if app else None
         return deployment.replica_states.get("RUNNING", 0) if deployment else 0
 
-    async def statuses(self, fresh: bool = False) -> list[ReplicaStatus]:
-        """Every running replica's own record of its models (a snapshot at most FRESH_S old, unless
-        ``fresh``)."""
-        return await self._statuses.get(fresh)
-
-    async def _ask_all(self) -> list[ReplicaStatus]:
-        refs = await self._refs()
-        live = {ref.actor_name for ref in refs}
-        self._actors = {name: a for name, a in self._actors.items() if name in live}
-        return list(await asyncio.gather(*(self._ask(ref) for ref in refs)))
+    async def ask(self, method: str, model_id: str, replica_id: str) -> Any:
+        """Call a worker method for one model on one replica (explicit unload)."""
+        call = getattr(self._worker.options(multiplexed_model_id=model_id), method).remote(**{ON_REPLICA: replica_id})
+        return await asyncio.wait_for(call, ASK_TIMEOUT_S)

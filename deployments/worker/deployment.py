@@ -252,8 +252,9 @@ class ModelWorker:
         """Load the request's model on this replica (the LRU cap still applies)."""
         (await self._acquire(serve.get_multiplexed_model_id())).release()
 
-    async def unload(self) -> bool:
-        """Unload the request's model from this replica; False if it did not hold it."""
+    async def unload(self, on_replica: str | None = None) -> bool:
+        """Unload the request's model from this replica; False if it did not hold it. ``on_replica`` names
+        the replica the call is for (the router sends it there and nowhere else)."""
         model_id = serve.get_multiplexed_model_id()
 
         deferred: list[bool] = []  # marked under Serve's cache lock, so that a reload right after is recorded after it
@@ -268,9 +269,13 @@ class ModelWorker:
 
     # -- status -------------------------------------------------------------------------------------
 
+    def status(self, on_replica: str | None = None) -> dict[str, Any]:
+        """This replica's id and view of its models, now (``on_replica``: as for unload)."""
+        return {"replica_id": serve.get_replica_context().replica_id.unique_id, **self.record_routing_stats()}
+
     def record_routing_stats(self) -> dict[str, Any]:
-        """This replica's view of its models and its counters; polled by Serve's controller and read by the
-        ingress."""
+        """This replica's view of its models and its counters; Serve's controller polls it every
+        routing.stats_period_s and hands it to the routers, from which the ingress reads it too."""
         self._lingering = {m: r for m, r in self._lingering.items() if r.loaded}
         self._counters.live_models = sum(1 for r in self._runtimes if r.loaded)
         return {

@@ -56,6 +56,20 @@ class BatchingArgs(_Strict):
     )
 
 
+class RoutingArgs(_Strict):
+    """How requests are placed on the worker replicas (deployments/routing): docs/performance.md."""
+
+    spread_at: int = Field(
+        4, ge=1, description="requests in flight on every holder of a model at which it gets a copy on another replica"
+    )
+    demand_half_life_s: float = Field(
+        60.0, gt=0, description="half-life of a model's recent demand, which decides what a miss evicts"
+    )
+    stats_period_s: float = Field(
+        0.5, gt=0, description="how often Serve collects each worker replica's model status for the routers"
+    )
+
+
 class WorkerArgs(_Strict):
     """The model-worker deployment (each replica holds at most two models)."""
 
@@ -71,6 +85,7 @@ class WorkerArgs(_Strict):
         1, ge=1, description="torch intra-op threads per replica; null keeps torch's default"
     )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    routing: RoutingArgs = Field(default_factory=RoutingArgs)
     load_failure_backoff_s: float = Field(
         30.0, ge=0, description="after a failed load, requests for that model get 503 for this long, evicting nothing"
     )

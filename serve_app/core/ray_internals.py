@@ -3,10 +3,11 @@
 Public APIs are used wherever Ray has one; what is left has no public equivalent in Ray 2.60:
 
 * ``evict_multiplexed_model``: explicit unload takes a model out of ``@serve.multiplexed``'s LRU cache;
-* ``running_replicas`` / ``replica_actor``: the worker replicas of a deployment and their actors, for the
-  per-replica model status of ``GET /models``;
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
 * ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance.
+
+The worker replicas and their model status come from the public request-router API instead
+(``deployments/routing``): the router's view of the replicas, and calls it sends to one replica by name.
 
 ``check()`` verifies that the installed Ray still has each of them; the application builder calls it at
 start, and a unit test calls it too, so that a Ray upgrade fails loudly instead of silently (an unload
@@ -15,12 +16,10 @@ that never unloads). ``pyproject.toml`` pins Ray to the minor version tested her
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve._private.constants", "SERVE_NAMESPACE"),
     ("ray.serve._private.constants", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"),
     ("ray.serve._private.constants", "RAY_SERVE_USE_GRPC_BY_DEFAULT"),
-    ("ray.serve._private.controller", "ServeController._all_running_replicas"),
     ("ray.serve._private.controller", "ServeController.get_serve_instance_details"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.models"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
@@ -109,40 +107,6 @@ async def evict_multiplexed_model(
     return model
 
 
-# -- the replicas of a deployment -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReplicaRef:
-    replica_id: str
-    node_id: str | None
-    actor_name: str
-    model_ids: tuple[str, ...]
-
-
-def _controller() -> Any:
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-
-
-async def running_replicas(app_name: str, deployment_name: str) -> list[ReplicaRef]:
-    """The running replicas of a deployment, from Serve's controller."""
-    from ray.serve._private.common import DeploymentID
-
-    controller = await asyncio.to_thread(_controller)  # ray.get_actor blocks: not on the event loop
-    running = await controller._all_running_replicas.remote()
-    infos = running.get(DeploymentID(name=deployment_name, app_name=app_name), [])
-    return [ReplicaRef(i.replica_id.unique_id, i.node_id, i.actor_name, tuple(i.multiplexed_model_ids)) for i in infos]
-
-
-async def replica_actor(actor_name: str) -> Any:
-    """The actor handle of a replica (to call its methods directly, not through the router)."""
-    from ray.serve._private.constants import SERVE_NAMESPACE
-
-    return await asyncio.to_thread(ray.get_actor, actor_name, namespace=SERVE_NAMESPACE)
-
-
 # -- messages between replicas ----------------------------------------------------------------------
 
 
@@ -156,6 +120,12 @@ def replica_grpc_max_message_bytes() -> int | None:
 
 
 # -- what the tests read -----------------------------------------------------------------------------
+
+
+def _controller() -> Any:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
 
 
 def serve_instance_details() -> dict:

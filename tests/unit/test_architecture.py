@@ -30,6 +30,7 @@ def _modules(folder: str) -> list:
         ("deployments/worker", ("deployments.ingress", "fastapi", "starlette")),
         ("deployments/runtimes", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
         ("deployments/ingress", ("deployments.worker",)),
+        ("deployments/routing", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
     ],
 )
 def test_each_side_imports_only_the_core_and_itself(folder, forbidden):

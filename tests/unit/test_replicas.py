@@ -1,81 +1,100 @@
-"""The ingress's view of the worker replicas: one snapshot per second for probes and listings, fresh on
-demand, and a replica that does not answer falls back to what Serve's router knows of it."""
+"""The ingress's view of the worker replicas, read from the router in this process: one snapshot per
+second for probes and listings, each replica asked by name when a fresh look is needed, and a replica that
+has not reported yet or does not answer shows what it pushed to the router."""
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
 from deployments.ingress import replicas as replicas_module
 from deployments.ingress.replicas import ReplicaDirectory
-from serve_app.core import ray_internals
+from deployments.routing import views
 from serve_app.core.schemas import ModelState
 
 
-class FakeActor:
-    def __init__(self, stats=None, error=None):
-        self.calls, self._stats, self._error = 0, stats, error
+def running(replica_id, node_id, pushed, stats):
+    return SimpleNamespace(
+        replica_id=SimpleNamespace(unique_id=replica_id),
+        node_id=node_id,
+        multiplexed_model_ids=pushed,
+        routing_stats=stats,
+    )
+
+
+class FakeWorker:
+    """A DeploymentHandle whose ``status`` call, sent to one replica by name, answers for that replica."""
+
+    app_name, deployment_name = "app", "ModelWorker"
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
 
     @property
-    def record_routing_stats(self):
-        actor = self
+    def status(self):
+        worker = self
 
         class _Method:
-            async def remote(self):
-                actor.calls += 1
-                if actor._error:
-                    raise actor._error
-                return actor._stats
+            async def remote(self, on_replica=None):
+                worker.asked.append(on_replica)
+                answer = worker.answers[on_replica]
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
 
         return _Method()
 
 
+class FakeRouter(SimpleNamespace):
+    """The router of this process, as views hands it out (weakly referenced, like the real one)."""
+
+
 @pytest.fixture
-def fake_serve(monkeypatch):
-    refs = [
-        ray_internals.ReplicaRef("r1", "n1", "actor-1", ("alpha",)),
-        ray_internals.ReplicaRef("r2", "n2", "actor-2", ("beta", "gamma")),
-    ]
-    actors = {
-        "actor-1": FakeActor({"models": {"alpha": {"state": "loaded", "load_count": 1}}, "counters": {"requests": 7}}),
-        "actor-2": FakeActor(error=TimeoutError("replica is starting")),
-    }
-    listed = []
-
-    async def running_replicas(app, deployment):
-        listed.append((app, deployment))
-        return refs
-
-    async def replica_actor(name):
-        return actors[name]
-
-    monkeypatch.setattr(ray_internals, "running_replicas", running_replicas)
-    monkeypatch.setattr(ray_internals, "replica_actor", replica_actor)
-    return listed, actors
+def router():
+    r = FakeRouter(
+        replicas=[
+            running(
+                "r1",
+                "n1",
+                {"alpha"},
+                {"models": {"alpha": {"state": "loaded", "load_count": 1}}, "counters": {"requests": 7}},
+            ),
+            running("r2", "n2", {"beta", "gamma"}, {}),  # started, not polled yet
+        ]
+    )
+    views.register("app", "ModelWorker", r)
+    return r
 
 
-def test_each_replica_reports_its_own_models_and_counters(fake_serve):
-    r1, _ = asyncio.run(ReplicaDirectory("app", "ModelWorker").statuses())
-    assert r1.replica_id == "r1" and r1.node_id == "n1"
+def test_each_replica_reports_its_own_models_and_counters(router):
+    r1, r2 = asyncio.run(ReplicaDirectory(FakeWorker({})).statuses())
+    assert r1.replica_id == "r1" and r1.node_id == "n1" and r1.counters.requests == 7
     assert r1.models["alpha"].state is ModelState.LOADED and r1.models["alpha"].load_count == 1
-    assert r1.counters.requests == 7
+    assert r2.held == ["beta", "gamma"]  # not reported yet: what it pushed to the router
 
 
-def test_a_replica_that_does_not_answer_falls_back_to_the_models_the_router_knows(fake_serve):
-    (_, r2) = asyncio.run(ReplicaDirectory("app", "ModelWorker").statuses())
-    assert r2.held == ["beta", "gamma"] and all(s.state is ModelState.LOADED for s in r2.models.values())
+def test_a_fresh_look_asks_each_replica_by_name_and_a_silent_one_falls_back(router):
+    worker = FakeWorker({"r1": {"models": {"alpha": {"state": "not_loaded", "unload_count": 1}}}, "r2": TimeoutError()})
+    r1, r2 = asyncio.run(ReplicaDirectory(worker).statuses(fresh=True))
+    assert worker.asked == ["r1", "r2"]
+    assert r1.models["alpha"].state is ModelState.NOT_LOADED and r1.held == []
+    assert r2.held == ["beta", "gamma"]
 
 
-def test_probes_and_listings_share_one_snapshot_a_second_unless_fresh_is_asked(fake_serve, monkeypatch):
-    listed, actors = fake_serve
-    directory = ReplicaDirectory("app", "ModelWorker")
+def test_probes_and_listings_share_one_snapshot_a_second(router, monkeypatch):
+    worker = FakeWorker({"r1": {}, "r2": {}})
+    directory = ReplicaDirectory(worker)
+    reads = []
+    monkeypatch.setattr(replicas_module, "_status", lambda *a: reads.append(a) or a)
 
     async def many():
         for _ in range(20):
             await directory.statuses()
-        await directory.statuses(fresh=True)
 
     asyncio.run(many())
-    assert len(listed) == 2 and actors["actor-1"].calls == 2
+    assert len(reads) == 2  # one look: two replicas, once
+    asyncio.run(directory.statuses(fresh=True))
+    assert len(reads) == 4 and worker.asked == ["r1", "r2"]
     monkeypatch.setattr(replicas_module, "FRESH_S", 0.0)
     asyncio.run(directory.statuses())
-    assert len(listed) == 3
+    assert len(reads) == 6

@@ -1,0 +1,128 @@
+"""Where a request for a model should go: the placement policy, as a pure function.
+
+The worker replicas are a pool of caches of two slots each, and Ray's LRU decides what a replica evicts
+when it must load a model. This policy decides only which replica a request goes to:
+
+* **hit**: the least loaded replica that holds the model. When every holder has ``spread_at`` requests
+  or more in flight, the model is hot: the request goes to a replica that can take another copy (one with
+  a free slot first, else the one whose LRU victim is worth least), provided the copy is worth more than
+  what it evicts. A hot model so spreads over replicas as its load grows; when the load falls, requests
+  stick to the holder that served it last, and the idle copies become their replicas' LRU victims.
+* **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
+  idle pool spread over its replicas), else the replica whose LRU victim is worth least.
+
+A copy's worth is its model's recent demand (requests, exponentially decayed) shared among the model's
+copies: a duplicate of a model that another replica keeps is the cheapest thing to evict, and the pool
+behaves as one cache of 2 x replicas slots that keeps its most demanded models. Ties go to the copy used
+longest ago (plain LRU across the pool). A victim with requests still running on it comes last: evicting
+it would keep its memory until they finish.
+
+``rank`` returns replica ids in order of preference, one to a group, for Serve's
+``RequestRouter.choose_replicas``; ``bench/simulate.py`` replays traces through the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A model held (or being loaded) by one replica."""
+
+    model_id: str
+    last_used: float  # when this replica last served it (Ray's LRU order on the replica)
+    in_flight: int = 0  # its requests running on this replica
+
+
+@dataclass(frozen=True)
+class Replica:
+    replica_id: str
+    copies: tuple[Copy, ...] = ()
+    in_flight: int = 0  # every request in flight on this replica
+    slots: int = 2
+    backoff: frozenset[str] = field(default_factory=frozenset)  # models whose last load here failed, recently
+
+    def copy_of(self, model_id: str) -> Copy | None:
+        return next((c for c in self.copies if c.model_id == model_id), None)
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.copies)
+
+    @property
+    def victim(self) -> Copy | None:
+        """What Ray's LRU would evict here to load another model: nothing while a slot is free."""
+        return None if self.free_slots > 0 else min(self.copies, key=lambda c: c.last_used)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    spread_at: int = 4
+    """In-flight requests on every holder of a model at which it gets another copy (its holders are busy)."""
+
+
+Demand = Callable[[str], float]
+"""A model's recent demand: its requests, exponentially decayed (``DemandTracker.demand``)."""
+
+
+def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knobs = Knobs()) -> list[list[str]]:
+    """Replica ids for a request for ``model_id``, best first, one per group."""
+    copies: dict[str, int] = {}
+    for r in replicas:
+        for c in r.copies:
+            copies[c.model_id] = copies.get(c.model_id, 0) + 1
+
+    def worth(c: Copy) -> float:
+        return demand(c.model_id) / copies.get(c.model_id, 1)
+
+    def place_order(candidates: Sequence[Replica]) -> list[Replica]:
+        """Where a new copy goes: free slots (least loaded first), then the cheapest victim."""
+        free = sorted(
+            (r for r in candidates if r.free_slots > 0), key=lambda r: (r.in_flight, -r.free_slots, r.replica_id)
+        )
+        full = [r for r in candidates if r.free_slots <= 0]
+        full.sort(key=lambda r: (r.victim.in_flight > 0, worth(r.victim), r.victim.last_used, r.replica_id))
+        return free + full
+
+    holders = [r for r in replicas if r.copy_of(model_id) is not None]
+    others = [r for r in replicas if r.copy_of(model_id) is None]
+    if not holders:
+        failed = [r for r in others if model_id in r.backoff]  # answers 503 at once, evicting nothing
+        order = failed + place_order([r for r in others if model_id not in r.backoff])
+        return [[r.replica_id] for r in order]
+
+    # The least loaded holder; on a tie the one that served the model last, so idle copies age.
+    holders.sort(key=lambda r: (r.in_flight, -r.copy_of(model_id).last_used, r.replica_id))
+    order = holders + place_order(others)
+    if holders[0].in_flight >= knobs.spread_at:
+        new_copy_worth = demand(model_id) / (len(holders) + 1)
+        spread = [
+            r
+            for r in place_order(others)
+            if r.in_flight < knobs.spread_at and (r.free_slots > 0 or worth(r.victim) < new_copy_worth)
+        ]
+        if spread:
+            order = [spread[0], *holders, *(r for r in place_order(others) if r is not spread[0])]
+    return [[r.replica_id] for r in order]
+
+
+class DemandTracker:
+    """Each model's requests, exponentially decayed with a half-life: recent demand, cheap to keep."""
+
+    def __init__(self, half_life_s: float = 60.0) -> None:
+        self._tau = half_life_s / math.log(2)
+        self._value: dict[str, float] = {}
+        self._at: dict[str, float] = {}
+
+    def add(self, model_id: str, now: float) -> None:
+        self._value[model_id] = self.demand(model_id, now) + 1.0
+        self._at[model_id] = now
+
+    def demand(self, model_id: str, now: float) -> float:
+        value = self._value.get(model_id)
+        if value is None:
+            return 0.0
+        return value * math.exp(-(now - self._at[model_id]) / self._tau)

@@ -1,0 +1,147 @@
+"""The model workers' request router, on Ray Serve's public request-router API.
+
+Serve runs one instance per deployment handle in each caller process (here: each ingress replica). For
+every request it asks ``choose_replicas`` for ranked groups of replicas; this router builds a view of the
+worker replicas (what each holds, from its pushed model ids and its own reported stats, corrected by what
+this router has just sent) and ranks them with ``policy.rank``.
+
+It also keeps the ingress's view of the worker replicas (``views.view_of``): GET /models reads each
+replica's own report from here, and calls meant for one replica (explicit unload, a fresh status) name it
+in ``on_replica`` and go there.
+
+Two rules from Serve's router code: an exception in ``choose_replicas`` would hang the request, so any
+error falls back to every candidate; and every answer asks Serve to back off before it asks again, since
+the groups returned already cover every candidate.
+
+What a replica is doing comes from Serve's own count of the requests this process has in flight there,
+which it raises when it sends one. Serve tells the router that a request was routed only once the
+replica accepted it, and over gRPC (throughput-optimized mode) that is when its answer is back: too late
+to count load, so a miss's placement and the eviction it causes are recorded when the router decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from deployments.routing import views
+from deployments.routing.policy import Copy, DemandTracker, Knobs, Replica, rank
+
+logger = logging.getLogger("ray.serve")
+
+ON_REPLICA = "on_replica"
+"""The keyword argument of a worker method call that names the one replica it is for."""
+
+
+class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    def initialize_state(self, spread_at: int = 4, demand_half_life_s: float = 60.0, load_grace_s: float = 5.0) -> None:
+        self._knobs = Knobs(spread_at=spread_at)
+        self._demand = DemandTracker(demand_half_life_s)
+        self._load_grace_s = load_grace_s
+        self._last_used: dict[tuple[str, str], float] = {}  # (replica, model) -> when this router last sent
+        # What this router's own misses change on a replica before the replica's pushed model ids show it
+        # (0.1-0.2 s): the model it sent there, and the model Ray's LRU evicts there to make room.
+        self._assigned: dict[str, dict[str, float]] = {}  # replica -> model -> when sent
+        self._evicting: dict[str, dict[str, float]] = {}
+        self._in_flight: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, model)
+        self._finished_first: dict[str, float] = {}  # completions that came before their routing
+        views.register(self._deployment_id.app_name, self._deployment_id.name, self)
+
+    # -- the view of the replicas --------------------------------------------------------------------
+
+    @property
+    def replicas(self) -> list[RunningReplica]:
+        """The running worker replicas, as Serve's controller last broadcast them."""
+        return list(self.curr_replicas.values())
+
+    def _view(self, replica: RunningReplica, now: float) -> Replica:
+        rid = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        reported = stats.get("models", {})
+        pushed = set(replica.multiplexed_model_ids)
+        assigned, evicting = self._assigned.setdefault(rid, {}), self._evicting.setdefault(rid, {})
+        for m in [m for m, at in assigned.items() if m in pushed or now - at >= self._load_grace_s]:
+            del assigned[m]  # the replica's own report shows it now (or it never came)
+        for m in [m for m, at in evicting.items() if m not in pushed or now - at >= self._load_grace_s]:
+            del evicting[m]
+        held = (pushed | assigned.keys()) - evicting.keys()
+        in_flight: dict[str, int] = {}
+        for r, m in self._in_flight.values():
+            if r == rid:
+                in_flight[m] = in_flight.get(m, 0) + 1
+        copies = tuple(
+            Copy(
+                model_id=m,
+                last_used=max(self._last_used.get((rid, m), 0.0), (reported.get(m) or {}).get("last_used_at") or 0.0),
+                in_flight=in_flight.get(m, 0),
+            )
+            for m in held
+        )
+        backoff = frozenset(m for m, s in reported.items() if (s.get("retry_after") or 0) > now)
+        queued = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return Replica(rid, copies, in_flight=queued, backoff=backoff)
+
+    def _ranked(
+        self, candidates: Sequence[RunningReplica], pending: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        if pending is None:
+            return [list(candidates)]
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        target = pending.kwargs.get(ON_REPLICA)
+        if target is not None:  # a call for one replica: there, or nowhere
+            return [[by_id[target]]] if target in by_id else []
+        model_id = pending.metadata.multiplexed_model_id
+        if not model_id:
+            return [list(candidates)]
+        now = time.time()  # the clock the replicas report last_used_at in
+        view = {r.replica_id.unique_id: self._view(r, now) for r in candidates}
+        order = rank(model_id, list(view.values()), lambda m: self._demand.demand(m, now), self._knobs)
+        if order:
+            top = view[order[0][0]]
+            if top.copy_of(model_id) is None:  # a miss goes there: loading from now on, after Ray's LRU makes room
+                if top.victim is not None:
+                    self._evicting[top.replica_id][top.victim.model_id] = now
+                self._assigned[top.replica_id][model_id] = now
+        return [[by_id[rid] for rid in group] for group in order]
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        await asyncio.sleep(0)  # let requests routed just before this one be counted first
+        try:
+            ranked = self._ranked(candidate_replicas, pending_request)
+        except Exception:  # an exception here would hang the request: rank every candidate instead
+            logger.exception("model-aware routing failed; routing to any replica")
+            ranked = [list(candidate_replicas)]
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+        return ranked
+
+    # -- what this router sends ----------------------------------------------------------------------
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        finished = self._finished_first.pop(request_id, None) is not None
+        model_id = pending_request.metadata.multiplexed_model_id
+        if not model_id or pending_request.kwargs.get(ON_REPLICA) is not None:
+            return
+        now, rid = time.time(), replica_id.unique_id
+        self._demand.add(model_id, now)
+        self._last_used[(rid, model_id)] = now
+        if not finished:
+            self._in_flight[request_id] = (rid, model_id)
+        if len(self._last_used) + len(self._finished_first) > 4096:  # keep the bookkeeping bounded
+            live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
+            self._last_used = {k: t for k, t in self._last_used.items() if k[0] in live}
+            self._assigned = {r: a for r, a in self._assigned.items() if r in live}
+            self._evicting = {r: e for r, e in self._evicting.items() if r in live}
+            self._finished_first = {k: t for k, t in self._finished_first.items() if now - t < 60}
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._in_flight.pop(internal_request_id, None) is None:
+            self._finished_first[internal_request_id] = time.time()  # its routing is still to be told

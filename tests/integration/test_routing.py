@@ -1,0 +1,121 @@
+"""Model-aware routing on two worker replicas of two slots each (deployments/routing), seen over HTTP.
+
+A hot model gets a copy on the other replica under load, and the copy goes once the load has stopped;
+misses go to a free slot first, then to the replica whose least recently used model is coldest; an
+unload reaches every copy; and no replica ever holds more than two models.
+"""
+
+import asyncio
+
+import httpx
+import pytest
+
+from demo.tiny_models import build_text_model, write_registry
+from tests.helpers import Background, replicas, tiny_args, wait_for
+
+pytestmark = pytest.mark.integration
+
+MODELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+
+
+@pytest.fixture(scope="module")
+def routing_url(deploy, tiny_dir, tmp_path_factory):
+    from ray import serve
+
+    base = tmp_path_factory.mktemp("routing")
+    models = {name: ("text-classification", tiny_dir / name) for name in MODELS[:4]}
+    for seed, name in enumerate(MODELS[4:], start=4):
+        models[name] = ("text-classification", build_text_model(base / name, name, seed=seed))
+    yield deploy("routing", tiny_args(write_registry(base / "registry.json", models), replicas=2))
+    serve.delete("routing")
+
+
+def _held(client, url) -> list[frozenset[str]]:
+    return [frozenset(r["models"]) for r in replicas(client, url)]
+
+
+def _unload_everything(client, url) -> None:
+    for model_id in MODELS:
+        assert client.post(f"{url}/models/{model_id}/unload").json()["replicas"] == []
+    assert wait_for(lambda: _held(client, url) == [frozenset(), frozenset()])
+
+
+def _predict(client, url, model_id):
+    r = client.post(f"{url}/predict", json={"model_id": model_id, "input_data": "hello world"})
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith(f"{model_id}-"), r.text
+    return r
+
+
+def _burst(url, model_id, requests=96, concurrency=16):
+    async def run():
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=120) as c:
+
+            async def one():
+                async with sem:
+                    return await c.post(
+                        f"{url}/predict", json={"model_id": model_id, "input_data": ["hello world"] * 8}
+                    )
+
+            return await asyncio.gather(*(one() for _ in range(requests)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * requests
+    assert all(r.json()["predictions"][0]["label"].startswith(f"{model_id}-") for r in responses)
+
+
+def _watch(url):
+    """GET /models in a loop while a test runs: each sample is how many models each replica held."""
+    return Background(lambda c, i: [len(r["models"]) for r in replicas(c, url)], threads=1)
+
+
+def test_a_hot_model_gets_a_copy_on_the_other_replica_and_the_copy_goes_after_the_load(client, routing_url):
+    _unload_everything(client, routing_url)
+    with _watch(routing_url) as watcher:
+        _burst(routing_url, "alpha")  # 16 clients on one model: its holder gets busy, the other replica takes a copy
+        assert wait_for(lambda: _held(client, routing_url) == [frozenset({"alpha"})] * 2), _held(client, routing_url)
+        # The load stops. Three other models arrive one at a time: two take the free slots, and the third
+        # evicts one of the two alpha copies (a duplicate is worth half), not the only copy of anything.
+        for model_id in ["beta", "gamma", "delta"]:
+            _predict(client, routing_url, model_id)
+        assert wait_for(lambda: sum("alpha" in held for held in _held(client, routing_url)) == 1), _held(
+            client, routing_url
+        )
+        assert set().union(*_held(client, routing_url)) == {"alpha", "beta", "gamma", "delta"}
+    assert watcher.results and max(max(sample) for sample in watcher.results) <= 2
+
+
+def test_an_unload_reaches_every_copy_of_a_model(client, routing_url):
+    _unload_everything(client, routing_url)
+    _burst(routing_url, "beta")
+    assert wait_for(lambda: _held(client, routing_url) == [frozenset({"beta"})] * 2), _held(client, routing_url)
+    r = client.post(f"{routing_url}/models/beta/unload")
+    assert r.status_code == 200 and r.json()["state"] == "not_loaded" and r.json()["replicas"] == []
+    assert _held(client, routing_url) == [frozenset(), frozenset()]
+
+
+def test_misses_go_to_a_free_slot_then_to_the_replica_with_the_coldest_victim(client, routing_url):
+    """One request at a time. alpha, beta, gamma, delta fill the four slots, spread over the two replicas;
+    alpha and beta are used three times more. epsilon then evicts gamma, the coldest of the two replicas'
+    least recently used models (used once, the longest ago), and zeta evicts delta (used once), not alpha
+    (used four times). (That demand can outweigh recency is tests/unit/test_routing_policy.py's.)"""
+    _unload_everything(client, routing_url)
+    with _watch(routing_url) as watcher:
+        for model_id in ["alpha", "beta", "gamma", "delta"]:
+            _predict(client, routing_url, model_id)
+        assert wait_for(
+            lambda: sorted(_held(client, routing_url), key=sorted) == [{"alpha", "gamma"}, {"beta", "delta"}]
+        )
+        for model_id in ["alpha", "beta"] * 3:
+            _predict(client, routing_url, model_id)
+        _predict(client, routing_url, "epsilon")
+        assert wait_for(
+            lambda: sorted(_held(client, routing_url), key=sorted) == [{"alpha", "epsilon"}, {"beta", "delta"}]
+        )
+        _predict(client, routing_url, "zeta")
+        assert wait_for(
+            lambda: sorted(_held(client, routing_url), key=sorted) == [{"alpha", "epsilon"}, {"beta", "zeta"}]
+        ), _held(client, routing_url)
+    assert watcher.results and max(max(sample) for sample in watcher.results) <= 2
+    loads = {m["id"]: m["load_count"] for m in client.get(f"{routing_url}/models").json()["models"]}
+    assert all(loads[m] >= 1 for m in MODELS)  # each miss was one load, where the policy placed it

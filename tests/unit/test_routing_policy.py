@@ -1,0 +1,124 @@
+"""The placement policy the model workers' router and the simulator share (deployments/routing/policy.py)."""
+
+import math
+
+import pytest
+
+from deployments.routing.policy import Copy, DemandTracker, Knobs, Replica, rank
+
+
+def R(replica_id, *copies, in_flight=0, backoff=()):
+    return Replica(replica_id, tuple(copies), in_flight=in_flight, backoff=frozenset(backoff))
+
+
+def C(model_id, last_used, in_flight=0):
+    return Copy(model_id, last_used, in_flight)
+
+
+def no_demand(model_id):
+    return 0.0
+
+
+def first(order):
+    return order[0][0]
+
+
+def flat(order):
+    return [group[0] for group in order]
+
+
+# -- hits -------------------------------------------------------------------------------------------
+
+
+def test_a_hit_goes_to_the_least_loaded_holder():
+    replicas = [R("a", C("m", 5), in_flight=3), R("b", C("m", 4), in_flight=1), R("c", C("x", 9))]
+    assert flat(rank("m", replicas, no_demand)) == ["b", "a", "c"]
+
+
+def test_idle_holders_tie_on_the_one_that_served_the_model_last_so_the_other_copy_ages():
+    replicas = [R("a", C("m", 5)), R("b", C("m", 8))]
+    assert first(rank("m", replicas, no_demand)) == "b"
+
+
+def test_a_hot_model_spreads_to_a_free_slot_once_its_holders_are_busy():
+    replicas = [R("a", C("m", 5, in_flight=4), in_flight=4), R("b", C("x", 1))]
+    assert flat(rank("m", replicas, lambda m: 10.0, Knobs(spread_at=4))) == ["b", "a"]
+    # below the threshold it stays on its holder
+    replicas = [R("a", C("m", 5, in_flight=3), in_flight=3), R("b", C("x", 1))]
+    assert flat(rank("m", replicas, lambda m: 10.0, Knobs(spread_at=4))) == ["a", "b"]
+
+
+def test_a_hot_model_takes_a_full_replica_only_from_a_model_worth_less_than_its_new_copy():
+    demand = {"hot": 20.0, "cold": 1.0, "warm": 15.0}.get
+    busy = R("a", C("hot", 5, in_flight=6), in_flight=6)
+    assert first(rank("hot", [busy, R("b", C("cold", 1), C("warm", 2))], demand)) == "b"  # evicts cold (1 < 10)
+    assert first(rank("hot", [busy, R("b", C("warm", 1), C("warm2", 2))], {"hot": 20.0, "warm": 15.0}.get)) == "a"
+
+
+def test_a_hot_model_does_not_spread_to_a_replica_that_is_busy_itself():
+    replicas = [R("a", C("m", 5), in_flight=5), R("b", C("n", 5), in_flight=5)]
+    assert first(rank("m", replicas, lambda m: 10.0)) == "a"
+
+
+# -- misses -----------------------------------------------------------------------------------------
+
+
+def test_a_miss_goes_to_a_free_slot_first_the_least_loaded_of_them():
+    replicas = [R("a", C("x", 1), C("y", 2)), R("b", C("z", 3), in_flight=2), R("c", in_flight=1)]
+    assert flat(rank("m", replicas, no_demand)) == ["c", "b", "a"]
+
+
+def test_on_an_idle_pool_a_miss_goes_to_the_emptiest_replica():
+    replicas = [R("a", C("x", 1)), R("b")]
+    assert first(rank("m", replicas, no_demand)) == "b"
+
+
+def test_a_miss_on_full_replicas_evicts_the_least_recently_used_model_of_the_pool():
+    # Same demand everywhere: the pool's least recently used model goes, as in one LRU of six slots.
+    replicas = [R("a", C("x", 5), C("y", 9)), R("b", C("z", 2), C("w", 7)), R("c", C("v", 4), C("u", 8))]
+    assert flat(rank("m", replicas, no_demand)) == ["b", "c", "a"]
+
+
+def test_a_miss_evicts_a_duplicate_before_the_only_copy_of_a_model():
+    demand = {"x": 4.0, "dup": 6.0}.get
+    replicas = [R("a", C("x", 1), C("k", 9)), R("b", C("dup", 2), C("k2", 9)), R("c", C("dup", 5), C("k3", 9))]
+    # x: 4 for its only copy; dup: 6 shared by two copies, 3 each: a copy of dup is worth less.
+    assert first(rank("m", replicas, lambda m: demand(m) or 8.0)) == "b"
+
+
+def test_a_miss_evicts_a_rarely_used_model_before_a_recently_used_but_frequent_one():
+    demand = {"frequent": 9.0, "rare": 1.0}.get
+    replicas = [R("a", C("frequent", 1), C("k", 9)), R("b", C("rare", 5), C("k2", 9))]
+    assert first(rank("m", replicas, lambda m: demand(m) or 5.0)) == "b"
+
+
+def test_a_victim_with_requests_running_comes_last():
+    replicas = [R("a", C("x", 1, in_flight=2), C("y", 9)), R("b", C("z", 5), C("w", 9))]
+    assert flat(rank("m", replicas, no_demand)) == ["b", "a"]
+
+
+def test_a_model_whose_load_failed_recently_goes_where_it_failed_and_evicts_nothing():
+    replicas = [R("a"), R("b", C("x", 1), C("y", 2), backoff={"m"})]
+    assert first(rank("m", replicas, no_demand)) == "b"
+
+
+def test_every_replica_is_ranked_once():
+    replicas = [R(f"r{i}", C(f"m{i}", i), C(f"n{i}", i + 1), in_flight=i % 3) for i in range(6)]
+    for model in ["m1", "zzz", "n4"]:
+        order = flat(rank(model, replicas, no_demand))
+        assert sorted(order) == sorted(r.replica_id for r in replicas)
+
+
+# -- demand -----------------------------------------------------------------------------------------
+
+
+def test_demand_decays_by_half_each_half_life():
+    tracker = DemandTracker(half_life_s=10.0)
+    for _ in range(4):
+        tracker.add("m", now=100.0)
+    assert tracker.demand("m", 100.0) == pytest.approx(4.0)
+    assert tracker.demand("m", 110.0) == pytest.approx(2.0)
+    tracker.add("m", now=110.0)
+    assert tracker.demand("m", 120.0) == pytest.approx(1.5)
+    assert tracker.demand("never", 120.0) == 0.0
+    assert math.isclose(tracker.demand("m", 1e6), 0.0, abs_tol=1e-12)
