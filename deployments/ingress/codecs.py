@@ -29,7 +29,7 @@ import httpx
 from PIL import Image
 
 from serve_app.core.config import UrlFetchArgs
-from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
+from serve_app.core.errors import BadImage, ForbiddenPath, ImageOverLimit, InputOverLimit, InvalidInput
 from serve_app.core.paths import resolve_project_path
 from serve_app.core.registry import Modality
 
@@ -60,7 +60,7 @@ class InputDecoder:
         """Strings in any of the forms above; raw bytes (the v2 binary tensor form) are taken as they are."""
         items = [input_data] if isinstance(input_data, str) else list(input_data)
         if len(items) > self.max_items:
-            raise InvalidInput(
+            raise InputOverLimit(
                 f"input_data: a list of {len(items)} inputs is longer than the limit of {self.max_items}",
                 field="input_data",
             )
@@ -116,7 +116,7 @@ class InputDecoder:
 
     def _check_size(self, where: str, size: int) -> None:
         if size > self.max_image_bytes:
-            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
+            raise InputOverLimit(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
 
     @staticmethod
     def _looks_like_path(item: str) -> bool:
@@ -181,7 +181,7 @@ class InputDecoder:
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
                 if width * height > self.max_image_pixels:
-                    raise BadImage(
+                    raise ImageOverLimit(
                         f"{where}: {width}x{height} pixels is more than the limit of {self.max_image_pixels}"
                     )
                 img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
