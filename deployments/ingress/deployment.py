@@ -108,7 +108,7 @@ class Ingress:
     @api.get("/v2/models/{name}", response_model=v2.ModelMetadata, tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}", response_model=v2.ModelMetadata, include_in_schema=False)
     async def v2_model(self, name: str, version: str | None = None) -> v2.ModelMetadata:
-        return v2.model_metadata(self.registry.get(name))
+        return v2.model_metadata(self.plane.spec(name))
 
     @api.get("/v2/models/{name}/ready", tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
