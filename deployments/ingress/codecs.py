@@ -187,5 +187,7 @@ class InputDecoder:
                 img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
         except BadImage:
             raise
+        except Image.DecompressionBombError as e:  # Pillow's own cap (twice its MAX_IMAGE_PIXELS) came first
+            raise ImageOverLimit(f"{where}: more pixels than the limit of {self.max_image_pixels} ({e})") from None
         except Exception as e:  # whatever the decoder raises on bad bytes is the client's bad image
             raise BadImage(f"{where}: not a readable image ({type(e).__name__}: {e})") from None

@@ -141,3 +141,33 @@ def test_raw_bytes_over_the_byte_limit_are_refused():
     dec = _Sync(InputDecoder("samples/images", 100, 100_000, 4))
     with pytest.raises(InvalidInput, match="larger than 100 bytes"):
         dec.decode(Modality.IMAGE, [_png((64, 64)) + b"\0" * 200])
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG header claiming a size, with no pixel data to speak of (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "modality, data, match",
+    [
+        (Modality.TEXT, ["x"] * 5, "limit of 4"),
+        (Modality.IMAGE, [b"\0" * ((1 << 20) + 1)], "larger than 1048576 bytes"),
+        (Modality.IMAGE, [_png((400, 400))], "more than the limit of 100000"),
+        # Over Pillow's own cap: its DecompressionBombError is the same limit's error.
+        (Modality.IMAGE, [_png_claiming(100_000, 100_000)], "more pixels than the limit of 100000"),
+    ],
+)
+def test_every_limit_is_a_limit_error_of_its_old_type(decoder, modality, data, match):
+    from serve_app.core.errors import LimitExceeded
+
+    with pytest.raises(LimitExceeded, match=match) as e:
+        decoder.decode(modality, data)
+    assert isinstance(e.value, InvalidInput if "bytes" in match or "limit of 4" in match else BadImage)
