@@ -1,5 +1,6 @@
 """Helpers shared by the integration tests."""
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float
             return True
         time.sleep(interval)
     return predicate()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include the given ones."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:

@@ -1,13 +1,12 @@
 """Operating the app: model status from the replicas, explicit load and unload, health, preload,
 request ids, and Prometheus metrics (against the 'limits' app, with its API key)."""
 
-import re
 import time
 
 import httpx
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import metric_sum, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -85,32 +84,19 @@ def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, l
     assert wait_for(lambda: logged_by() >= {"Ingress", "ModelWorker"}, timeout=10), logged_by()
 
 
-def _samples(text: str, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include the given ones."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def test_metrics_count_known_traffic(authed, admin, limits_url, metrics_url):
     def scraped() -> dict[str, float]:
         text = httpx.get(metrics_url, timeout=10).text
         app = {"application": "limits"}
         return {
-            "ok": _samples(text, "ray_mms_requests_total", model="delta", status="200", **app),
-            "err": _samples(text, "ray_mms_request_errors_total", model="delta", status="422", **app),
-            "latency": _samples(text, "ray_mms_request_latency_ms_count", model="delta", **app),
-            "loads": _samples(text, "ray_mms_model_loads_total", model="delta", outcome="ok", **app),
-            "load_latency": _samples(text, "ray_mms_model_load_latency_ms_count", model="delta", **app),
-            "hits": _samples(text, "ray_mms_model_cache_hits_total", model="delta", **app),
-            "unloads": _samples(text, "ray_mms_model_unloads_total", model="delta", **app),
-            "serve_builtin": _samples(text, "ray_serve_num_http_requests_total", **app),
+            "ok": metric_sum(text, "ray_mms_requests_total", model="delta", status="200", **app),
+            "err": metric_sum(text, "ray_mms_request_errors_total", model="delta", status="422", **app),
+            "latency": metric_sum(text, "ray_mms_request_latency_ms_count", model="delta", **app),
+            "loads": metric_sum(text, "ray_mms_model_loads_total", model="delta", outcome="ok", **app),
+            "load_latency": metric_sum(text, "ray_mms_model_load_latency_ms_count", model="delta", **app),
+            "hits": metric_sum(text, "ray_mms_model_cache_hits_total", model="delta", **app),
+            "unloads": metric_sum(text, "ray_mms_model_unloads_total", model="delta", **app),
+            "serve_builtin": metric_sum(text, "ray_serve_num_http_requests_total", **app),
         }
 
     def settled() -> dict[str, float]:  # the replicas report every second: wait until two scrapes agree
