@@ -7,30 +7,15 @@ and a registered model whose files are broken.
 
 import base64
 import shutil
-import struct
-import zlib
 
 import httpx
 import pytest
 
 from demo.tiny_models import build_text_model
 from serve_app.core.paths import PROJECT_ROOT
-from tests.helpers import API_KEY, wait_for
+from tests.helpers import API_KEY, png_claiming, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-        + chunk(b"IEND", b"")
-    )
 
 
 def post(client, url, model_id, input_data):

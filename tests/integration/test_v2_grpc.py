@@ -8,7 +8,6 @@ Several apps run side by side, so every call names its app in the ``application`
 
 import glob
 import shutil
-import struct
 
 import grpc
 import httpx
@@ -20,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serve_app.core.paths import PROJECT_ROOT
-from tests.helpers import ADMIN_KEY, API_KEY, metric_sum, tiny_args, wait_for
+from tests.helpers import ADMIN_KEY, API_KEY, metric_sum, png_claiming, tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -204,21 +203,6 @@ def test_up_to_max_body_bytes_reaches_the_app_and_more_is_resource_exhausted(cli
     assert status == "StatusCode.NOT_FOUND"
     status, message = error_of(client.infer, "nope", [bytes_input("text", b"x" * (limit + 1))], headers=DEMO)
     assert status == "StatusCode.RESOURCE_EXHAUSTED" and message == f"the request body is larger than {limit} bytes"
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_over_a_limit_is_resource_exhausted(client):

@@ -8,6 +8,7 @@ from PIL import Image
 from deployments.ingress.codecs import InputDecoder
 from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
 from serve_app.core.registry import Modality
+from tests.helpers import png_claiming
 
 SAMPLE = "samples/images/image.jpg"
 
@@ -143,18 +144,6 @@ def test_raw_bytes_over_the_byte_limit_are_refused():
         dec.decode(Modality.IMAGE, [_png((64, 64)) + b"\0" * 200])
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A PNG header claiming a size, with no pixel data to speak of (a decompression bomb's shape)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     "modality, data, match",
     [
@@ -162,7 +151,7 @@ def _png_claiming(width: int, height: int) -> bytes:
         (Modality.IMAGE, [b"\0" * ((1 << 20) + 1)], "larger than 1048576 bytes"),
         (Modality.IMAGE, [_png((400, 400))], "more than the limit of 100000"),
         # Over Pillow's own cap: its DecompressionBombError is the same limit's error.
-        (Modality.IMAGE, [_png_claiming(100_000, 100_000)], "more pixels than the limit of 100000"),
+        (Modality.IMAGE, [png_claiming(100_000, 100_000)], "more pixels than the limit of 100000"),
     ],
 )
 def test_every_limit_is_a_limit_error_of_its_old_type(decoder, modality, data, match):
