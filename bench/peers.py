@@ -3,7 +3,8 @@
 * direct: the transformers pipeline called in this process (the floor);
 * seed:   a single-process FastAPI + uvicorn server with an in-process LRU of two models
           (``bench/seed_server.py``);
-* app:    this application, started with ``serve run`` in the environment ``make run`` uses.
+* app:    this application, started with ``serve run`` in the environment ``make run`` uses, over HTTP
+          and over gRPC (the Open Inference Protocol's service).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import yaml
@@ -21,7 +23,7 @@ import yaml
 from bench.scenarios import Run
 from demo.tiny_models import build_image_model, build_text_model, write_registry
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.devtools import free_port, serve_env
+from serve_app.devtools import free_port, own_fixed_ports, serve_env
 
 
 def bench_registry(folder: Path, smoke: bool) -> Path:
@@ -99,15 +101,22 @@ STANDARD_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 """Ray Serve's standard mode (proxy actor, Ray object transfer between replicas), for comparison."""
 
 
-def start_app(
-    registry: Path, logs: Path, name: str, batching: bool = True, env: dict | None = None
-) -> tuple[Server, str, float]:
+class App(NamedTuple):
+    server: Server
+    url: str
+    grpc_target: str
+    startup_s: float
+    """seconds from the process start to the first answered prediction"""
+
+
+def start_app(registry: Path, logs: Path, name: str, batching: bool = True, env: dict | None = None) -> App:
     """`serve run` on serve_config.yaml with the bench registry and 2 fixed worker replicas, in the
-    environment of `make run` (config/serve.env) updated by `env`. Returns the server, its URL and the
-    seconds from the process start to the first answered prediction."""
+    environment of `make run` (config/serve.env) updated by `env`, on free ports (HTTP, gRPC, HAProxy's
+    metrics and stats) so that it runs beside `make run`."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     config["http_options"]["port"] = port
+    config["grpc_options"]["port"] = grpc_port
     args = config["applications"][0]["args"]
     args["registry_path"] = str(registry)
     args["worker"].pop("autoscaling", None)
@@ -117,10 +126,12 @@ def start_app(
     path = logs / f"serve-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = str(Path(sys.executable).parent / "serve")
-    server = Server([serve, "run", str(path)], {**serve_env(), **(env or {})}, logs / f"{name}.log")
+    server = Server(
+        [serve, "run", str(path)], {**serve_env(), **own_fixed_ports(), **(env or {})}, logs / f"{name}.log"
+    )
     url = f"http://127.0.0.1:{port}"
     startup = wait_first_prediction(url, "sentiment") - server.started
-    return server, url, startup
+    return App(server, url, f"127.0.0.1:{grpc_port}", startup)
 
 
 def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
@@ -144,3 +155,13 @@ def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
     run.elapsed = time.perf_counter() - start
     runtime.unload()
     return run, load_times
+
+
+if __name__ == "__main__":  # the registry an app must serve for `python -m bench.run --app-url ...`
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build the benchmark's registry and models into a folder.")
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny models only")
+    cli = ap.parse_args()
+    print(bench_registry(cli.folder, cli.smoke))

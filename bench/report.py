@@ -181,6 +181,41 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         f"![throughput]({plots[1]})",
         "",
     ]
+    if r.protocols:
+        rest = r.protocols.get("REST /predict", {})
+        grpc_ = r.protocols.get("gRPC ModelInfer", {})
+        parts += [
+            "## gRPC and REST",
+            "",
+            "The app on one loaded model (`sentiment`), through each of its APIs in turn: the native REST API "
+            "(`POST /predict`), the Open Inference Protocol over REST (`POST /v2/models/sentiment/infer`, JSON) "
+            "and over gRPC (`ModelInfer` through Ray Serve's gRPC entry, the input in `raw_input_contents` as "
+            "`tritonclient.grpc` sends it; one channel for all clients). Hot path: one client; then 16 "
+            "clients in a closed loop.",
+            "",
+            _table(
+                ["protocol", "hot p50 (ms)", "hot p99 (ms)", "16 clients req/s", "16 clients p99 (ms)", "errors"],
+                [
+                    [
+                        name,
+                        v["hot"]["p50_ms"],
+                        v["hot"]["p99_ms"],
+                        v["16 clients"]["rps"],
+                        v["16 clients"]["p99_ms"],
+                        v["hot"]["errors"] + v["16 clients"]["errors"],
+                    ]
+                    for name, v in r.protocols.items()
+                ],
+            ),
+            "",
+        ]
+        if rest and grpc_:
+            parts += [
+                f"gRPC against the native REST API: hot-path p50 "
+                f"{grpc_['hot']['p50_ms'] / rest['hot']['p50_ms']:.2f}x, throughput at 16 clients "
+                f"{grpc_['16 clients']['rps'] / rest['16 clients']['rps']:.2f}x.",
+                "",
+            ]
     if r.churn:
         c = r.churn
         parts += [

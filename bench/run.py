@@ -6,7 +6,8 @@
 The peers are in ``bench/peers.py``, the load they get in ``bench/scenarios.py``, the cache simulations in
 ``bench/simulate.py``, the profile in ``bench/profile.py`` and the report in ``bench/report.py``; this
 module runs them in order and writes the report. Variants of the app (batching off, Ray Serve's standard
-mode) are measured on the hot path and at 16 clients.
+mode) are measured on the hot path and at 16 clients, and so is the app over each of its protocols (the
+native REST API, the Open Inference Protocol over REST and over gRPC).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Report:
     variants: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
     overhead: dict = field(default_factory=dict)
+    protocols: dict = field(default_factory=dict)  # protocol -> {"hot": summary, "16 clients": summary}
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,9 +88,17 @@ def machine_info() -> dict:
 # -- the run --------------------------------------------------------------------------------------
 
 
-def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | None = None) -> Report:
+def run(
+    out: Path,
+    smoke: bool,
+    app_url: str | None = None,
+    registry: Path | None = None,
+    grpc_target: str | None = None,
+    app_name: str | None = None,
+) -> Report:
     """Measure every peer and write the report. With `app_url`, the app running there must serve
-    `registry` (see bench_registry); otherwise this run starts it with `serve run`."""
+    `registry` (see bench_registry), over gRPC at `grpc_target` if given (`app_name`: its Serve application,
+    where several run); otherwise this run starts it with `serve run`."""
     p = SMOKE if smoke else Profile()
     report = Report(machine=machine_info())
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -117,13 +127,19 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
         if app_url:
             url = app_url
         else:
-            app, url, report.startup["app_s"] = start_app(registry, logs, "app")
+            app, url, grpc_target, report.startup["app_s"] = start_app(registry, logs, "app")
             servers.append(app)
         report.hot["app"] = scenarios.hot(url, p.hot_requests).summary()
         report.overhead["app: GET /healthz (proxy + ingress, no model run)"] = scenarios.trivial_route(
             url, "/healthz", p.hot_requests
         ).summary()
         report.throughput["app"] = scenarios.throughput(url, p.clients, p.requests_per_client, p.max_requests)
+        if grpc_target:
+            print("app over each protocol: REST /predict, REST /v2 infer, gRPC ModelInfer", flush=True)
+            n16 = min(16 * p.requests_per_client, p.max_requests)
+            report.protocols = scenarios.protocols(url, grpc_target, app_name, p.hot_requests, n16)
+        else:
+            report.notes.append("gRPC not measured: the app's gRPC address was not given (--app-grpc)")
         report.churn = scenarios.churn(url, p.churn_requests)
         report.cold["app_s"] = median(scenarios.cold(url, p.cold_repeats))
         if not smoke and not app_url:
@@ -138,7 +154,7 @@ def run(out: Path, smoke: bool, app_url: str | None = None, registry: Path | Non
                 ("standard Ray Serve mode (proxy actor)", {"env": STANDARD_MODE}),
             ):
                 print(f"app variant: {name}", flush=True)
-                variant, vurl, startup = start_app(registry, logs, name.split()[0], **kwargs)
+                variant, vurl, _, startup = start_app(registry, logs, name.split()[0], **kwargs)
                 servers.append(variant)
                 c16 = asyncio.run(
                     scenarios.closed_loop(
@@ -173,6 +189,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs")
     ap.add_argument("--smoke", action="store_true", help="a few requests per scenario, tiny models")
     ap.add_argument("--app-url", help="measure an app already running there instead of starting one")
+    ap.add_argument("--registry", type=Path, help="with --app-url: the registry it serves (python -m bench.peers)")
+    ap.add_argument("--app-grpc", help="with --app-url: its gRPC address (host:port), to measure gRPC too")
+    ap.add_argument("--app-name", help="with --app-grpc: its Serve application name, where several run")
     ap.add_argument("--render", type=Path, help="only render the report again from this benchmarks.json")
     args = ap.parse_args()
     if args.render:
@@ -183,7 +202,7 @@ def main() -> None:
                     peer[workload] = {int(k): v for k, v in series.items()}
         write_report(Report(**data), args.out, smoke=False)
         return
-    run(args.out, args.smoke, args.app_url)
+    run(args.out, args.smoke, args.app_url, args.registry, grpc_target=args.app_grpc, app_name=args.app_name)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Benchmark scenarios: the load each peer gets, over HTTP.
+"""Benchmark scenarios: the load each peer gets, over HTTP, and over gRPC for the app's Open Inference
+Protocol service.
 
 Every scenario measures its peers side by side in the same run; figures are percentiles and ratios,
 never a single wall-clock number.
@@ -7,14 +8,21 @@ never a single wall-clock number.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import statistics
+import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
 import httpx
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from bench.simulate import belady_misses, lru_misses, zipf_trace
+from serve_app.core.paths import PROJECT_ROOT
 
 IMAGES = {"image": "samples/images/square.jpg"}
 """Image inputs of the image models, by model id."""
@@ -64,43 +72,139 @@ def body_for(model_id: str, images: dict[str, str], i: int) -> dict:
     return {"model_id": model_id, "input_data": texts[i % len(texts)]}
 
 
-async def closed_loop(
-    url: str, models: list[str], clients: int, requests: int, images: dict[str, str] | None = None, seed: int = 0
-) -> Run:
-    """`clients` concurrent clients, each sending its next request when the last one is answered."""
-    images = IMAGES if images is None else images
-    rng = random.Random(seed)
-    plan = [rng.choice(models) for _ in range(requests)]
+def input_bytes(model_id: str, images: dict[str, str], i: int) -> bytes:
+    """The one input of a request, as the Open Inference Protocol carries it: text as UTF-8, an image as
+    its file's bytes."""
+    data = body_for(model_id, images, i)["input_data"]
+    return (PROJECT_ROOT / data).read_bytes() if model_id in images else data.encode()
+
+
+def v2_body(model_id: str, images: dict[str, str], i: int) -> dict:
+    """The REST Open Inference Protocol's JSON body (an image in base64)."""
+    raw = input_bytes(model_id, images, i)
+    data = base64.b64encode(raw).decode() if model_id in images else raw.decode()
+    return {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [data]}]}
+
+
+def infer_request(model_id: str, images: dict[str, str], i: int) -> pb.ModelInferRequest:
+    """The gRPC ModelInfer request, its input in raw_input_contents as tritonclient.grpc sends it."""
+    raw = input_bytes(model_id, images, i)
+    request = pb.ModelInferRequest(model_name=model_id)
+    request.inputs.add(name="input", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(raw)) + raw)
+    return request
+
+
+Send = Callable[[int, str], Awaitable[bool]]
+"""Sends request i for a model; True when the model asked for answered it."""
+
+
+async def _drive(plan: list[str], clients: int, send: Send) -> Run:
     run = Run()
     queue: asyncio.Queue = asyncio.Queue()
     for i, m in enumerate(plan):
         queue.put_nowait((i, m))
+
+    async def worker():
+        while True:
+            try:
+                i, m = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t0 = time.perf_counter()
+            if await send(i, m):
+                run.latencies.append(time.perf_counter() - t0)
+            else:
+                run.errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    run.elapsed = time.perf_counter() - start
+    return run
+
+
+async def closed_loop(
+    url: str,
+    models: list[str],
+    clients: int,
+    requests: int,
+    images: dict[str, str] | None = None,
+    seed: int = 0,
+    api: str = "native",
+) -> Run:
+    """`clients` concurrent clients, each sending its next request when the last one is answered, over HTTP:
+    the native API (POST /predict) or the Open Inference Protocol (`api="v2"`, POST /v2/models/m/infer)."""
+    images = IMAGES if images is None else images
+    rng = random.Random(seed)
+    plan = [rng.choice(models) for _ in range(requests)]
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
-        async def worker():
-            while True:
-                try:
-                    i, m = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                t0 = time.perf_counter()
-                r = await client.post(f"{url}/predict", json=body_for(m, images, i))
-                if r.status_code == 200 and r.json()["model_id"] == m:
-                    run.latencies.append(time.perf_counter() - t0)
-                else:
-                    run.errors += 1
+        async def send(i: int, m: str) -> bool:
+            if api == "v2":
+                r = await client.post(f"{url}/v2/models/{m}/infer", json=v2_body(m, images, i))
+                return r.status_code == 200 and r.json()["model_name"] == m
+            r = await client.post(f"{url}/predict", json=body_for(m, images, i))
+            return r.status_code == 200 and r.json()["model_id"] == m
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        run.elapsed = time.perf_counter() - start
-    return run
+        return await _drive(plan, clients, send)
+
+
+async def grpc_closed_loop(
+    target: str,
+    models: list[str],
+    clients: int,
+    requests: int,
+    app: str | None = None,
+    images: dict[str, str] | None = None,
+    seed: int = 0,
+) -> Run:
+    """The same closed loop over gRPC: ModelInfer of inference.GRPCInferenceService, through one channel
+    (HTTP/2 multiplexes the clients' calls), with Serve's `application` metadata when `app` is given."""
+    images = IMAGES if images is None else images
+    rng = random.Random(seed)
+    plan = [rng.choice(models) for _ in range(requests)]
+    metadata = (("application", app),) if app else ()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def send(i: int, m: str) -> bool:
+            try:
+                response = await stub.ModelInfer(infer_request(m, images, i), metadata=metadata, timeout=300)
+            except grpc.aio.AioRpcError:
+                return False
+            return response.model_name == m
+
+        return await _drive(plan, clients, send)
 
 
 def hot(url: str, n: int, model: str = "sentiment") -> Run:
     """One client, one loaded model: the latency of the serving path."""
     asyncio.run(closed_loop(url, [model], 1, 5))  # warm
     return asyncio.run(closed_loop(url, [model], 1, n))
+
+
+PROTOCOLS = ("REST /predict", "REST /v2 infer", "gRPC ModelInfer")
+
+
+def protocols(
+    url: str, grpc_target: str, app: str | None, hot_n: int, clients_n: int, model: str = "sentiment"
+) -> dict:
+    """The app over each protocol, one after the other in this run, on one loaded model: the hot path (one
+    client) and 16 clients. Protocol -> {"hot": summary, "16 clients": summary}."""
+    loads = {
+        "REST /predict": lambda c, n: closed_loop(url, [model], c, n, seed=c),
+        "REST /v2 infer": lambda c, n: closed_loop(url, [model], c, n, seed=c, api="v2"),
+        "gRPC ModelInfer": lambda c, n: grpc_closed_loop(grpc_target, [model], c, n, app=app, seed=c),
+    }
+    out = {}
+    for name in PROTOCOLS:
+        asyncio.run(loads[name](1, 5))  # warm: connections, and the model on its replica
+        out[name] = {
+            "hot": asyncio.run(loads[name](1, hot_n)).summary(),
+            "16 clients": asyncio.run(loads[name](16, clients_n)).summary(),
+        }
+    return out
 
 
 def trivial_route(url: str, path: str, n: int) -> Run:

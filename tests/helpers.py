@@ -1,5 +1,6 @@
 """Helpers shared by the integration and cluster tests."""
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,36 @@ def wait_for(predicate: Callable[[], bool], timeout: float = EVENTUALLY_S, inter
             return True
         time.sleep(interval)
     return predicate()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes whose header claims the given size: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+        + chunk(b"IEND", b"")
+    )
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include the given ones."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:

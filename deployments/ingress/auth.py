@@ -19,6 +19,11 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/re
 _ADMIN_PATH = re.compile(r"(?:/v2/repository)?/models/[^/]+/(?:load|unload)/?")
 
 
+# gRPC methods of inference.GRPCInferenceService, likewise: the health probes open, load and unload admin.
+OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})
+ADMIN_RPCS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+
+
 def is_admin_path(path: str) -> bool:
     return _ADMIN_PATH.fullmatch(path) is not None
 

@@ -30,7 +30,7 @@ import httpx
 from PIL import Image
 
 from serve_app.core.config import UrlFetchArgs
-from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
+from serve_app.core.errors import BadImage, ForbiddenPath, ImageOverLimit, InputOverLimit, InvalidInput
 from serve_app.core.images import IMAGE_FORMATS, IMAGE_SUFFIXES, open_image
 from serve_app.core.paths import resolve_project_path
 from serve_app.core.registry import Modality
@@ -73,7 +73,7 @@ class InputDecoder:
         if isinstance(inputs, str):
             inputs = [inputs]
         if len(inputs) > self.max_items:
-            raise InvalidInput(
+            raise InputOverLimit(
                 f"input_data: a list of {len(inputs)} inputs is longer than the limit of {self.max_items}",
                 field="input_data",
             )
@@ -109,8 +109,8 @@ class InputDecoder:
             )
         return item
 
-    def _too_long(self, where: str, length: int) -> InvalidInput:
-        return InvalidInput(
+    def _too_long(self, where: str, length: int) -> InputOverLimit:
+        return InputOverLimit(
             f"{where}: a text of {length} characters is longer than the limit of {self.max_text_chars}",
             field="input_data",
         )
@@ -124,13 +124,13 @@ class InputDecoder:
             data = fetched[i] if i in fetched else self._image_bytes(where, item)
             total_bytes += len(data)
             if total_bytes > self.max_request_bytes:
-                raise InvalidInput(
+                raise InputOverLimit(
                     f"{where}: the images of this request add up to more than {self.max_request_bytes} bytes",
                     field="input_data",
                 )
             total_pixels += self._check_image(where, data)
             if total_pixels > self.max_request_pixels:
-                raise InvalidInput(
+                raise InputOverLimit(
                     f"{where}: the images of this request have more than {self.max_request_pixels} pixels together",
                     field="input_data",
                 )
@@ -161,7 +161,7 @@ class InputDecoder:
 
     def _check_size(self, where: str, size: int) -> None:
         if size > self.max_image_bytes:
-            raise InvalidInput(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
+            raise InputOverLimit(f"{where}: the image is larger than {self.max_image_bytes} bytes", field="input_data")
 
     @staticmethod
     def _looks_like_path(item: str) -> bool:
@@ -197,7 +197,7 @@ class InputDecoder:
             with open_image(data) as img:
                 width, height = img.size
                 if width * height > self.max_image_pixels:
-                    raise BadImage(
+                    raise ImageOverLimit(
                         f"{where}: {width}x{height} pixels is more than the limit of {self.max_image_pixels}"
                     )
                 img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
@@ -205,7 +205,9 @@ class InputDecoder:
         except BadImage:
             raise
         except Image.DecompressionBombError:  # Pillow's own limit, above this app's: its header claims more
-            raise BadImage(f"{where}: the image is more than the limit of {self.max_image_pixels} pixels") from None
+            raise ImageOverLimit(
+                f"{where}: the image is more than the limit of {self.max_image_pixels} pixels"
+            ) from None
         except Exception as e:  # whatever the decoder raises on bad bytes is the client's bad image
             raise BadImage(
                 f"{where}: not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): "

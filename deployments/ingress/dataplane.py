@@ -246,6 +246,10 @@ class DataPlane:
             models=[merge_model_status(spec, replicas) for spec in self.registry.models], replicas=replicas
         )
 
+    def spec(self, model_id: str) -> ModelSpec:
+        """A model's registry entry (ModelNotFound if unknown): what its metadata says, in any protocol."""
+        return self.registry.get(model_id)
+
     async def model(self, model_id: str, fresh: bool = False) -> ModelStatus:
         spec = self.registry.get(model_id)
         return merge_model_status(spec, await self.replicas.statuses(fresh))

@@ -1,6 +1,8 @@
-"""The HTTP ingress deployment: FastAPI routes, each a protocol adapter's parsing and shaping around one
-data-plane call. Two APIs on one ingress, the native one (``/predict``, ``/models``) and the Open
-Inference Protocol v2 (``/v2/...``), with health probes beside them.
+"""The ingress deployment: FastAPI routes and gRPC methods, each a protocol adapter's parsing and shaping
+around one data-plane call. Three APIs on one ingress: the native one (``/predict``, ``/models``), the
+Open Inference Protocol v2 over REST (``/v2/...``), with health probes beside them, and the same protocol
+over gRPC (``inference.GRPCInferenceService``, through Ray Serve's gRPC proxy: each RPC calls the method
+of its name).
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route annotations as types.)
 """
@@ -11,12 +13,14 @@ import logging
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
+from tritonclient.grpc import service_pb2 as pb
 
 from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import install_error_handlers
 from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
-from deployments.ingress.protocols import native, v2
+from deployments.ingress.protocols import native, v2, v2_grpc
 from serve_app.core import logs
 from serve_app.core.config import AppArgs, resolve_keys
 from serve_app.core.registry import Registry
@@ -53,6 +57,7 @@ class Ingress:
         self.plane = DataPlane(registry, worker, args)
         api.state.keys = keys = resolve_keys(args.auth)  # refuses to start on a missing or empty key
         api.state.max_body_bytes = args.max_body_bytes
+        self.grpc = v2_grpc.V2Grpc(self.plane, keys, args.max_body_bytes, VERSION, args.max_list_items)
         if not keys.on:
             logger.warning(
                 "auth is off (auth.mode: off): anyone who can reach this app may predict, load and unload models"
@@ -121,7 +126,7 @@ class Ingress:
     @api.get("/v2/models/{name}", response_model=v2.ModelMetadata, tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}", response_model=v2.ModelMetadata, include_in_schema=False)
     async def v2_model(self, name: str, version: str | None = None) -> v2.ModelMetadata:
-        return v2.model_metadata(self.registry.get(name))
+        return v2.model_metadata(self.plane.spec(name))
 
     @api.get("/v2/models/{name}/ready", tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
@@ -152,3 +157,43 @@ class Ingress:
     async def v2_repository_unload(self, name: str) -> Response:
         await self.plane.unload(name)
         return Response(status_code=200)
+
+    # -- Open Inference Protocol over gRPC (inference.GRPCInferenceService) --------------------------------
+    # The message annotations are strings: the generated classes are named after a module that does not
+    # exist ("grpc_service_pb2"), so cloudpickle, which pickles this class with the FastAPI app, cannot
+    # pickle them by reference.
+
+    async def ServerLive(self, request: "pb.ServerLiveRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.ServerLive(request, grpc_context)
+
+    async def ServerReady(self, request: "pb.ServerReadyRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.ServerReady(request, grpc_context)
+
+    async def ServerMetadata(self, request: "pb.ServerMetadataRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.ServerMetadata(request, grpc_context)
+
+    async def ModelReady(self, request: "pb.ModelReadyRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.ModelReady(request, grpc_context)
+
+    async def ModelMetadata(self, request: "pb.ModelMetadataRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.ModelMetadata(request, grpc_context)
+
+    async def ModelInfer(self, request: "pb.ModelInferRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.ModelInfer(request, grpc_context)
+
+    async def RepositoryIndex(self, request: "pb.RepositoryIndexRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.RepositoryIndex(request, grpc_context)
+
+    async def RepositoryModelLoad(self, request: "pb.RepositoryModelLoadRequest", grpc_context: RayServegRPCContext):
+        return await self.grpc.RepositoryModelLoad(request, grpc_context)
+
+    async def RepositoryModelUnload(
+        self, request: "pb.RepositoryModelUnloadRequest", grpc_context: RayServegRPCContext
+    ):
+        return await self.grpc.RepositoryModelUnload(request, grpc_context)
+
+    # The service's other RPCs answer UNIMPLEMENTED.
+    ModelConfig = ModelStatistics = TraceSetting = LogSettings = v2_grpc.unimplemented
+    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = v2_grpc.unimplemented
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = v2_grpc.unimplemented
+    ModelStreamInfer = v2_grpc.unimplemented_stream

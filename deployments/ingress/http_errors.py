@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
+from serve_app.core import errors
 from serve_app.core.errors import ServeAppError, field_path, unwrap
 
 logger = logging.getLogger("ray.serve")
@@ -27,14 +28,16 @@ _HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"
 
 class PayloadTooLarge(StarletteHTTPException):
     """A body over ``max_body_bytes``: answered before it is read when its Content-Length says so, else
-    raised while it streams in (FastAPI lets HTTP exceptions through its body parsing)."""
+    raised while it streams in (FastAPI lets HTTP exceptions through its body parsing). It carries the
+    core error, so that HTTP and gRPC say the same."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes")
+        self.error = errors.PayloadTooLarge(limit)
+        super().__init__(self.error.status_code, self.error.message)
         self.limit = limit
 
     def body(self) -> dict[str, Any]:
-        return {"error": "payload_too_large", "message": self.detail, "limit": self.limit}
+        return self.error.body()
 
 
 def route_path(scope: Scope) -> str:

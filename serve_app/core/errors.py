@@ -1,8 +1,10 @@
 """The error types of the application, without any HTTP framework.
 
-Each error carries the status a protocol adapter answers with (``status_code``, an HTTP status that
-the gRPC adapter maps on to gRPC codes), a short machine-readable ``error`` and a message for people.
-The mapping to HTTP responses lives in ``deployments.ingress.http_errors``.
+Each error carries the status a protocol adapter answers with (``status_code``, an HTTP status), a short
+machine-readable ``error`` and a message for people. The mapping to HTTP responses lives in
+``deployments.ingress.http_errors``, the mapping to gRPC status codes in
+``deployments.ingress.protocols.v2_grpc``. ``LimitExceeded`` marks the errors of a request over one of
+the app's limits: HTTP answers them with their own status, gRPC with RESOURCE_EXHAUSTED.
 
 Errors raised in a worker replica travel back through Ray: they pickle with their details intact, and
 ``unwrap`` recovers them from Ray's wrapper.
@@ -68,6 +70,28 @@ class AdminKeyRequired(ServeAppError):
 
     status_code = 403
     error = "admin_key_required"
+
+
+class LimitExceeded(ServeAppError):
+    """The request is over one of the app's limits (body size, list length, image bytes or pixels)."""
+
+
+class PayloadTooLarge(LimitExceeded):
+    """A request body (HTTP) or message (gRPC) over ``max_body_bytes``."""
+
+    status_code = 413
+    error = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes", limit=limit)
+
+
+class InputOverLimit(LimitExceeded, InvalidInput):
+    """More inputs than ``max_list_items``, or an image over ``max_image_bytes``."""
+
+
+class ImageOverLimit(LimitExceeded, BadImage):
+    """An image whose header claims more pixels than ``max_image_pixels``."""
 
 
 class ModelNotFound(ServeAppError):

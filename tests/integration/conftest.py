@@ -1,4 +1,6 @@
-"""Integration fixtures: one real Ray instance for the whole test session, apps deployed on it, real HTTP.
+"""Integration fixtures: one real Ray instance for the whole test session, apps deployed on it, real HTTP
+and real gRPC (Ray Serve's gRPC proxy with the Open Inference Protocol's service, as serve_config.yaml
+registers it; a call names its app in the ``application`` metadata, since several apps run side by side).
 
 Ray starts once (about 25 s on a 2-core machine) and is shut down at the end
 of the session, which stops every Ray process it started.
@@ -16,6 +18,7 @@ import yaml
 from ray import serve
 
 from demo.tiny_models import write_registry
+from deployments.ingress.protocols.v2_grpc import SERVICER_FUNCTION
 from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
@@ -25,6 +28,7 @@ from tests.helpers import ADMIN_KEY, API_KEY, tiny_args
 pytestmark = pytest.mark.integration
 
 METRICS_PORT = free_port()
+GRPC_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +53,20 @@ def serve_url() -> Iterator[str]:
         _system_config={"metrics_report_interval_ms": 1000},
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def grpc_target(serve_url) -> str:
+    """host:port of Serve's gRPC entry (HAProxy's gRPC frontend in throughput-optimized mode)."""
+    return f"127.0.0.1:{GRPC_PORT}"
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,13 @@
 """A smoke run of the benchmark (seconds): every scenario runs against the app, the seed-style server and
-the in-process floor, and the report is written, so that `make bench` does not rot."""
+the in-process floor, the app over REST and gRPC, and the report is written, so that `make bench` does
+not rot."""
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-def test_benchmark_smoke_run(deploy, tmp_path):
+def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
     from ray import serve
 
     from bench.peers import bench_registry
@@ -22,7 +23,9 @@ def test_benchmark_smoke_run(deploy, tmp_path):
         },
     )
     try:
-        report = run(tmp_path / "out", smoke=True, app_url=url, registry=registry)
+        report = run(
+            tmp_path / "out", smoke=True, app_url=url, registry=registry, grpc_target=grpc_target, app_name="bench"
+        )
     finally:
         serve.delete("bench")
 
@@ -31,6 +34,10 @@ def test_benchmark_smoke_run(deploy, tmp_path):
     for peer in ("seed", "app"):
         for workload in ("one model", "mix of 3"):
             assert all(s["errors"] == 0 and s["rps"] > 0 for s in report.throughput[peer][workload].values())
+    assert set(report.protocols) == {"REST /predict", "REST /v2 infer", "gRPC ModelInfer"}
+    for protocol, figures in report.protocols.items():
+        assert figures["hot"]["n"] == 10 and figures["hot"]["errors"] == 0, protocol
+        assert figures["16 clients"]["errors"] == 0 and figures["16 clients"]["rps"] > 0, protocol
     churn = report.churn
     assert churn["requests"] == 30 and churn["slots"] == 4
     assert churn["belady"]["hit_ratio"] >= churn["lru"]["hit_ratio"]
@@ -38,7 +45,14 @@ def test_benchmark_smoke_run(deploy, tmp_path):
     assert report.cold["app_s"] > 0
 
     md = (tmp_path / "out" / "benchmarks.md").read_text()
-    for heading in ("## Targets", "## 1. Hot path", "## 2. Throughput", "## 3. Model churn", "## 4. Cold load"):
+    for heading in (
+        "## Targets",
+        "## 1. Hot path",
+        "## 2. Throughput",
+        "## gRPC and REST",
+        "## 3. Model churn",
+        "## 4. Cold load",
+    ):
         assert heading in md
     assert f"{report.machine['cpus']} CPUs" in md
     for png in ("hot_path", "throughput", "churn"):

@@ -8,8 +8,6 @@ files are broken. docs/errors-and-limits.md names, for each row, the test here t
 import base64
 import io
 import shutil
-import struct
-import zlib
 
 import httpx
 import pytest
@@ -17,24 +15,11 @@ from PIL import Image
 
 from demo.tiny_models import build_text_model
 from serve_app.core.paths import PROJECT_ROOT
-from tests.helpers import API_KEY, replicas, wait_for
+from tests.helpers import API_KEY, png_claiming, replicas, wait_for
 
 pytestmark = pytest.mark.integration
 
 KNOWN = ["alpha", "beta", "gamma", "delta", "pixels", "broken", "epsilon", "cracked"]
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-        + chunk(b"IEND", b"")
-    )
 
 
 def post(client, url, model_id, input_data):

@@ -1,14 +1,13 @@
 """Operating the app: model status from the replicas, explicit load and unload, health, preload, request ids,
 and Prometheus metrics."""
 
-import re
 import time
 
 import httpx
 import pytest
 
 from demo.tiny_models import write_registry
-from tests.helpers import tiny_args, wait_for
+from tests.helpers import metric_sum, tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -140,19 +139,6 @@ def test_request_id_is_taken_returned_and_logged_by_ingress_and_worker(authed, l
     assert wait_for(lambda: logged_by() >= {"Ingress", "ModelWorker"}), logged_by()
 
 
-def _samples(text: str, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include the given ones."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def test_metrics_count_known_traffic(authed, admin, limits_url, metrics_url):
     """Known traffic for 'epsilon' and 'cracked', models no other test touches, so every count starts at zero:
     exactly these counts reach Ray's Prometheus endpoint."""
@@ -189,9 +175,9 @@ def test_metrics_count_known_traffic(authed, admin, limits_url, metrics_url):
 
     def scraped() -> dict:
         text = httpx.get(metrics_url, timeout=10).text
-        return {key: _samples(text, key[0], **dict(key[1]), **app) for key in expected}
+        return {key: metric_sum(text, key[0], **dict(key[1]), **app) for key in expected}
 
     assert wait_for(lambda: scraped() == expected, interval=1), scraped()
     assert (
-        _samples(httpx.get(metrics_url, timeout=10).text, "ray_serve_num_http_requests_total") > 0
+        metric_sum(httpx.get(metrics_url, timeout=10).text, "ray_serve_num_http_requests_total") > 0
     )  # Ray's own stay on

@@ -8,6 +8,7 @@ from PIL import Image
 from deployments.ingress.codecs import InputDecoder
 from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
 from serve_app.core.registry import Modality
+from tests.helpers import png_claiming
 
 SAMPLE = "samples/images/image.jpg"
 
@@ -166,3 +167,21 @@ def test_text_over_the_character_limit_is_refused_before_it_is_decoded():
         dec.decode(Modality.TEXT, ["x" * 11])
     with pytest.raises(InvalidInput, match="longer than the limit of 10"):
         dec.decode(Modality.TEXT, [b"x" * 41])  # bytes: refused by their size before decoding
+
+
+@pytest.mark.parametrize(
+    "modality, data, match",
+    [
+        (Modality.TEXT, ["x"] * 5, "limit of 4"),
+        (Modality.IMAGE, [b"\0" * ((1 << 20) + 1)], "larger than 1048576 bytes"),
+        (Modality.IMAGE, [_png((400, 400))], "more than the limit of 100000"),
+        # Over Pillow's own cap: its DecompressionBombError is the same limit's error.
+        (Modality.IMAGE, [png_claiming(100_000, 100_000)], "more than the limit of 100000 pixels"),
+    ],
+)
+def test_every_limit_is_a_limit_error_of_its_old_type(decoder, modality, data, match):
+    from serve_app.core.errors import LimitExceeded
+
+    with pytest.raises(LimitExceeded, match=match) as e:
+        decoder.decode(modality, data)
+    assert isinstance(e.value, InvalidInput if "bytes" in match or "limit of 4" in match else BadImage)

@@ -218,6 +218,19 @@ def test_every_node_answers_on_8000_in_the_chosen_mode(service, embedded, args):
     assert group["replicas"] == group["minReplicas"] == args.worker.autoscaling.min_replicas
 
 
+def test_every_node_answers_grpc_and_the_service_exposes_it(service, embedded, serve_config):
+    # grpc_options, as serve_config.yaml has them: Serve's gRPC proxy on every node, on that port.
+    assert embedded["grpc_options"] == serve_config["grpc_options"]
+    port = embedded["grpc_options"]["port"]
+    for c in _containers(service):
+        assert {"containerPort": port, "name": "grpc"} in c["ports"], c["name"]
+    ports = {p["name"]: p for p in service["spec"]["serveService"]["spec"]["ports"]}
+    assert ports["grpc"]["port"] == ports["grpc"]["targetPort"] == port
+    assert ports["serve"]["port"] == ports["serve"]["targetPort"] == embedded["http_options"]["port"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(rf"^EXPOSE .*\b{port}\b", dockerfile, re.M)
+
+
 def _cpu(value: str) -> float:
     return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
 

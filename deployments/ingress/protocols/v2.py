@@ -1,4 +1,6 @@
-"""The Open Inference Protocol (KServe v2), REST: bodies and tensor codecs.
+"""The Open Inference Protocol (KServe v2), REST: bodies and tensor codecs, and what the gRPC adapter
+(``v2_grpc.py``) shares with it: model metadata, model states, the input checks, the BYTES tensor codec
+and the choice of outputs.
 
 Text models take a BYTES input tensor of UTF-8 strings; image models a BYTES
 tensor whose elements are encoded images (in JSON, base64 strings; with the
@@ -14,13 +16,14 @@ Both JSON tensors and the binary tensor data extension (the
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
 from deployments.ingress.bodies import check_json_budget
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
-from serve_app.core.errors import InvalidInput, field_path
+from serve_app.core.errors import InputOverLimit, InvalidInput, field_path
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState
 
@@ -118,17 +121,17 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _too_many(max_items: int) -> InvalidInput:
-    return InvalidInput(f"the input tensor has more than the limit of {max_items} elements", field="inputs")
+def too_many_elements(max_items: int) -> InputOverLimit:
+    return InputOverLimit(f"the input tensor has more than the limit of {max_items} elements", field="inputs")
 
 
-def _bytes_elements(buffer: bytes, max_items: int) -> list[bytes]:
+def bytes_elements(buffer: bytes, max_items: int) -> list[bytes]:
     """BYTES tensor data in binary form: each element is a 4-byte little-endian length, then the bytes.
     Stops at the first element past ``max_items``."""
     items, offset = [], 0
     while offset < len(buffer):
         if len(items) == max_items:
-            raise _too_many(max_items)
+            raise too_many_elements(max_items)
         if offset + 4 > len(buffer):
             raise InvalidInput("binary BYTES tensor data is truncated", field="inputs")
         (n,) = struct.unpack_from("<I", buffer, offset)
@@ -138,6 +141,28 @@ def _bytes_elements(buffer: bytes, max_items: int) -> list[bytes]:
         items.append(buffer[offset : offset + n])
         offset += n
     return items
+
+
+def bytes_tensor(elements: Iterable[bytes]) -> bytes:
+    """The binary form of BYTES tensor data (``bytes_elements`` reverses it)."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def check_input_tensor(count: int, name: str, datatype: str) -> None:
+    """What every request must hold: one input tensor, of BYTES."""
+    if count != 1:
+        raise InvalidInput(f"this model takes one input tensor, got {count}", field="inputs")
+    if datatype != "BYTES":
+        raise InvalidInput(f"input {name!r} must be BYTES, not {datatype}", field="inputs")
+
+
+def no_data(name: str) -> InvalidInput:
+    return InvalidInput(f"input {name!r} has no data", field="inputs")
+
+
+def check_not_empty(name: str, elements: list) -> None:
+    if not elements:
+        raise InvalidInput(f"input {name!r} is empty", field="inputs")
 
 
 def json_budget(max_items: int) -> int:
@@ -162,33 +187,33 @@ def parse_infer_request(
         first = e.errors()[0]
         where = field_path(first["loc"])
         raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
-    if len(request.inputs) != 1:
-        raise InvalidInput(f"this model takes one input tensor, got {len(request.inputs)}", field="inputs")
     tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input {tensor.name!r} must be BYTES, not {tensor.datatype}", field="inputs")
+    check_input_tensor(len(request.inputs), tensor.name, tensor.datatype)
     binary_size = (tensor.parameters or {}).get("binary_data_size")
     if binary_size is not None:
         if not isinstance(binary_size, int) or not 0 <= binary_size <= len(body) - json_end:
             raise InvalidInput("binary_data_size does not fit the binary data sent", field="inputs")
-        elements: list[str | bytes] = list(_bytes_elements(body[json_end : json_end + binary_size], max_items))
+        elements: list[str | bytes] = list(bytes_elements(body[json_end : json_end + binary_size], max_items))
     elif tensor.data is not None:
         elements = [e if isinstance(e, str) else str(e) for e in _flatten(tensor.data)]
     else:
-        raise InvalidInput(f"input {tensor.name!r} has no data", field="inputs")
-    if not elements:
-        raise InvalidInput(f"input {tensor.name!r} is empty", field="inputs")
+        raise no_data(tensor.name)
+    check_not_empty(tensor.name, elements)
     return request, elements
 
 
-def client_timeout_s(request: InferRequest) -> float | None:
-    """The request's own deadline: Triton's ``timeout`` request parameter, in microseconds."""
-    timeout = (request.parameters or {}).get("timeout")
+def timeout_from_parameters(parameters: dict[str, Any] | None) -> float | None:
+    """A request's own deadline, in seconds: Triton's ``timeout`` request parameter, in microseconds."""
+    timeout = (parameters or {}).get("timeout")
     if timeout is None:
         return None
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
         raise InvalidInput("parameters.timeout must be a positive number of microseconds", field="parameters")
     return timeout / 1e6
+
+
+def client_timeout_s(request: InferRequest) -> float | None:
+    return timeout_from_parameters(request.parameters)
 
 
 class BodyParser:
@@ -208,23 +233,30 @@ def server_metadata(version: str) -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=version, extensions=EXTENSIONS)
 
 
-def infer_response(request: InferRequest, result: InferenceResult) -> InferResponse:
+def response_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> list[ResponseOutput]:
+    """The output tensors, ``label`` and ``score``, or those of them the request names (none: both)."""
     labels = [scores[0].label for scores in result.predictions]
     probabilities = [scores[0].score for scores in result.predictions]
     outputs = [
         ResponseOutput(name="label", shape=[len(labels)], datatype="BYTES", data=labels),
         ResponseOutput(name="score", shape=[len(labels)], datatype="FP32", data=probabilities),
     ]
-    if request.outputs:
-        wanted = {o.name for o in request.outputs}
-        unknown = wanted - {o.name for o in outputs}
+    if wanted:
+        unknown = set(wanted) - {o.name for o in outputs}
         if unknown:
             raise InvalidInput(
                 f"unknown output(s): {', '.join(sorted(unknown))}; this model has label and score", field="outputs"
             )
         outputs = [o for o in outputs if o.name in wanted]
+    return outputs
+
+
+def infer_response(request: InferRequest, result: InferenceResult) -> InferResponse:
+    outputs = response_outputs(result, {o.name for o in request.outputs or ()})
     return InferResponse(model_name=result.spec.id, id=request.id, outputs=outputs)
 
 
-def repository_index(listing: ModelListing) -> list[RepositoryModel]:
-    return [RepositoryModel(name=m.spec.id, state=STATE[m.state], reason=m.last_error or "") for m in listing.models]
+def repository_index(listing: ModelListing, ready_only: bool = False) -> list[RepositoryModel]:
+    """Every model with its state, or only the ready ones."""
+    models = [m for m in listing.models if not ready_only or m.state is ModelState.LOADED]
+    return [RepositoryModel(name=m.spec.id, state=STATE[m.state], reason=m.last_error or "") for m in models]

@@ -1,0 +1,268 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``, the service Triton, KServe
+and MLServer speak, served by Ray Serve's gRPC proxy to the same ingress deployment as the REST routes.
+
+Each RPC turns its protobuf request into one data-plane call and the data plane's typed answer into its
+protobuf response; model lookup, input decoding, dispatch and the limits are the data plane's, and what
+REST and gRPC share (metadata, model states, input checks, choice of outputs) is ``protocols/v2.py``'s.
+The message classes are tritonclient's generated ``service_pb2``; Serve registers the service with
+``SERVICER_FUNCTION`` (``grpc_options`` in serve_config.yaml).
+
+* Auth: the API key of REST, as ``authorization: Bearer <key>`` metadata, through ``auth.authorize``;
+  ServerLive and ServerReady are open, RepositoryModelLoad and RepositoryModelUnload need the admin key.
+* Limits: the data plane's (inputs per request, image bytes and pixels), and ``max_body_bytes`` on the
+  request message, as REST has it on the body.
+* Inputs: one BYTES tensor, its elements in ``contents.bytes_contents`` or, in the binary BYTES form,
+  in ``raw_input_contents``. Outputs come back the way the inputs came: in ``raw_output_contents`` when
+  the request used ``raw_input_contents`` (as ``tritonclient.grpc`` does), else in each output's
+  ``contents``.
+* Errors: the RPC ends with the status ``GRPC_STATUS`` gives the error and the message REST gives it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+from tritonclient.grpc import service_pb2 as pb
+
+from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorize
+from deployments.ingress.dataplane import DataPlane, InferenceRequest, InferenceResult
+from deployments.ingress.protocols import v2
+from serve_app.core.config import Keys
+from serve_app.core.errors import (
+    AdminKeyRequired,
+    BadImage,
+    ForbiddenPath,
+    InvalidInput,
+    LimitExceeded,
+    ModelNotFound,
+    ModelUnavailable,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServeAppError,
+    Unauthorized,
+    unwrap,
+)
+
+logger = logging.getLogger("ray.serve")
+
+SERVICE = "inference.GRPCInferenceService"
+SERVICER_FUNCTION = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+API = "v2_grpc"
+"""The ``api`` tag of the data plane's metrics for this protocol."""
+
+GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    BadImage: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    AdminKeyRequired: grpc.StatusCode.PERMISSION_DENIED,
+    ForbiddenPath: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+"""The one mapping of the app's errors to gRPC status codes. An error takes the status of the first of
+its classes (most specific first) found here: an image over the byte limit is an InvalidInput and a
+LimitExceeded, and answers RESOURCE_EXHAUSTED."""
+
+
+def grpc_status(exc: ServeAppError) -> grpc.StatusCode:
+    return next((GRPC_STATUS[c] for c in type(exc).__mro__ if c in GRPC_STATUS), grpc.StatusCode.INTERNAL)
+
+
+class Context(Protocol):
+    """What the adapter uses of the RPC's context (Ray Serve's ``RayServegRPCContext``)."""
+
+    def invocation_metadata(self) -> list[tuple[str, str | bytes]]: ...
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+
+# -- requests and responses -----------------------------------------------------------------------------
+
+
+def inference_request(request: pb.ModelInferRequest, max_items: int) -> InferenceRequest:
+    """The request's one BYTES input tensor, and its deadline (Triton's ``timeout`` parameter)."""
+    parameters = {k: json_format.MessageToDict(v).get("int64Param") for k, v in request.parameters.items()}
+    if "timeout" in parameters and parameters["timeout"] is not None:
+        parameters["timeout"] = int(parameters["timeout"])
+    return InferenceRequest(inputs=input_elements(request, max_items), timeout_s=v2.timeout_from_parameters(parameters))
+
+
+def input_elements(request: pb.ModelInferRequest, max_items: int) -> list[bytes]:
+    """The elements of the request's one BYTES input tensor, from ``raw_input_contents`` or ``contents``."""
+    count = len(request.inputs)
+    tensor = request.inputs[0] if count else pb.ModelInferRequest.InferInputTensor()
+    v2.check_input_tensor(count, tensor.name, tensor.datatype)
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != count or tensor.HasField("contents"):
+            raise InvalidInput(
+                "raw_input_contents must hold one entry per input tensor, and no input its data in contents too",
+                field="raw_input_contents",
+            )
+        elements = v2.bytes_elements(raw[0], max_items)
+    elif tensor.HasField("contents"):
+        if len(tensor.contents.bytes_contents) > max_items:
+            raise v2.too_many_elements(max_items)
+        elements = list(tensor.contents.bytes_contents)
+    else:
+        raise v2.no_data(tensor.name)
+    v2.check_not_empty(tensor.name, elements)
+    return elements
+
+
+# How an output tensor's data goes into a response, by datatype: in binary form (raw_output_contents),
+# and into the tensor's contents.
+_RAW: dict[str, Callable[[list[Any]], bytes]] = {
+    "BYTES": lambda data: v2.bytes_tensor(str(x).encode() for x in data),
+    "FP32": lambda data: struct.pack(f"<{len(data)}f", *data),
+}
+_CONTENTS: dict[str, Callable[[pb.InferTensorContents, list[Any]], None]] = {
+    "BYTES": lambda contents, data: contents.bytes_contents.extend(str(x).encode() for x in data),
+    "FP32": lambda contents, data: contents.fp32_contents.extend(data),
+}
+
+
+def infer_response(request: pb.ModelInferRequest, result: InferenceResult) -> pb.ModelInferResponse:
+    """The output tensors the request asks for, raw if its inputs were raw."""
+    raw = bool(request.raw_input_contents)
+    response = pb.ModelInferResponse(model_name=result.spec.id, model_version=v2.MODEL_VERSION, id=request.id)
+    for out in v2.response_outputs(result, [o.name for o in request.outputs]):
+        tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        if raw:
+            response.raw_output_contents.append(_RAW[out.datatype](out.data))
+        else:
+            _CONTENTS[out.datatype](tensor.contents, out.data)
+    return response
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _message(body: Any, message: type[_M]) -> _M:
+    """A REST body (pydantic) as the protobuf message of the same fields."""
+    return json_format.ParseDict(body.model_dump() if hasattr(body, "model_dump") else body, message())
+
+
+# -- the service --------------------------------------------------------------------------------------
+
+_Rpc = Callable[[Any, Any, Context], Awaitable[Message]]
+
+
+def rpc(response: type[Message]) -> Callable[[_Rpc], _Rpc]:
+    """An RPC of the service, named as the method: its caller's key checked, its message size too, and an
+    error answered with its status and message (and an empty ``response``)."""
+
+    def wrap(method: _Rpc) -> _Rpc:
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handler(self: V2Grpc, request: Message, context: Context) -> Message:
+            try:
+                if name not in OPEN_RPCS:
+                    authorize(self.keys, dict(context.invocation_metadata()).get("authorization"), name in ADMIN_RPCS)
+                if request.ByteSize() > self.max_message_bytes:
+                    raise PayloadTooLarge(self.max_message_bytes)
+                return await method(self, request, context)
+            except Exception as e:
+                inner = unwrap(e)
+                if isinstance(inner, ServeAppError):
+                    code, details = grpc_status(inner), inner.message
+                else:
+                    logger.exception("unhandled error in %s: %s", name, e)  # the details go to the log
+                    code, details = grpc.StatusCode.INTERNAL, f"internal error ({type(inner).__name__})"
+                context.set_code(code)
+                context.set_details(details)
+                return response()
+
+        return handler
+
+    return wrap
+
+
+class V2Grpc:
+    """``inference.GRPCInferenceService`` over the data plane. The ingress deployment's methods of the same
+    names delegate here: Ray Serve calls the deployment method named as the RPC."""
+
+    def __init__(self, plane: DataPlane, keys: Keys, max_message_bytes: int, version: str, max_items: int = 32) -> None:
+        self.plane = plane
+        self.keys = keys
+        self.max_message_bytes = max_message_bytes
+        self.version = version
+        self.max_items = max_items
+
+    @rpc(pb.ServerLiveResponse)
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc(pb.ServerReadyResponse)
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=(await self.plane.ready()).ready)
+
+    @rpc(pb.ServerMetadataResponse)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return _message(v2.server_metadata(self.version), pb.ServerMetadataResponse)
+
+    @rpc(pb.ModelReadyResponse)
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=(await self.plane.model(request.name)).loaded)
+
+    @rpc(pb.ModelMetadataResponse)
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        return _message(v2.model_metadata(self.plane.spec(request.name)), pb.ModelMetadataResponse)
+
+    @rpc(pb.ModelInferResponse)
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        # The inputs are read once the model is known, as REST does: an unknown model is NOT_FOUND whatever
+        # the request holds.
+        parse = functools.partial(inference_request, request, self.max_items)
+        result = await self.plane.infer(request.model_name, parse, api=API)
+        return infer_response(request, result)
+
+    @rpc(pb.RepositoryIndexResponse)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        models = v2.repository_index(await self.plane.models(), ready_only=request.ready)
+        return _message({"models": [m.model_dump() for m in models]}, pb.RepositoryIndexResponse)
+
+    @rpc(pb.RepositoryModelLoadResponse)
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.plane.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc(pb.RepositoryModelUnloadResponse)
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.plane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+IMPLEMENTED = frozenset(name for name, value in vars(V2Grpc).items() if hasattr(value, "__wrapped__"))
+
+
+async def unimplemented(self: Any, request: Message, grpc_context: Context) -> Message:
+    """The service's RPCs this app does not serve (model configuration and statistics, shared memory,
+    trace and log settings): UNIMPLEMENTED, as a gRPC server answers an RPC it lacks."""
+    grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    grpc_context.set_details(f"this server implements only these RPCs of {SERVICE}: {', '.join(sorted(IMPLEMENTED))}")
+    return Empty()  # an empty message: the same bytes as any RPC's empty response
+
+
+async def unimplemented_stream(self: Any, request_stream: Any, grpc_context: Context):
+    """ModelStreamInfer (a bidirectional stream): UNIMPLEMENTED, with no message."""
+    await unimplemented(self, request_stream, grpc_context)
+    return
+    yield  # an async generator: Ray Serve streams what it yields

@@ -1,0 +1,360 @@
+"""The Open Inference Protocol over gRPC: protobuf requests in, one data-plane call, protobuf responses out,
+errors as gRPC status codes, and the key checked as REST checks it. The data plane is the real one, over
+a scripted worker."""
+
+import asyncio
+import inspect
+import struct
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import yaml
+from ray.exceptions import RayTaskError
+from tritonclient.grpc import service_pb2 as pb
+
+from deployments.ingress.dataplane import DataPlane, InferenceResult
+from deployments.ingress.http_errors import PayloadTooLarge as HttpPayloadTooLarge
+from deployments.ingress.protocols import v2_grpc
+from deployments.ingress.protocols.v2_grpc import GRPC_STATUS, V2Grpc, grpc_status, infer_response, input_elements
+from serve_app.core import errors
+from serve_app.core.config import AppArgs, Keys
+from serve_app.core.paths import PROJECT_ROOT
+from serve_app.core.registry import ModelSpec, Registry
+from serve_app.core.schemas import LabelScore, ReplicaModelStatus, ReplicaStatus, WorkerResult
+from tests.unit.test_dataplane import FakeMetrics, FakeWorker
+
+S = grpc.StatusCode
+TEXT = ModelSpec(id="m", task="text-classification", source={"path": "models/m"})
+ANSWER = WorkerResult(
+    predictions=[
+        [LabelScore(label="pos", score=0.75), LabelScore(label="neg", score=0.25)],
+        [LabelScore(label="neg", score=0.5), LabelScore(label="pos", score=0.5)],
+    ]
+)
+KEYS = Keys(api=b"api-key", admin=b"admin-key")
+
+
+def _raw(*elements: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def request(raw: bool = True, elements=(b"good", b"bad"), outputs=(), **fields) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="m", id="r1", **fields)
+    tensor = r.inputs.add(name="text", datatype="BYTES", shape=[len(elements)])
+    if raw:
+        r.raw_input_contents.append(_raw(*elements))
+    else:
+        tensor.contents.bytes_contents.extend(elements)
+    for name in outputs:
+        r.outputs.add(name=name)
+    return r
+
+
+# -- the status table ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (errors.ModelNotFound("x", ["m"]), S.NOT_FOUND),
+        (errors.InvalidInput("bad"), S.INVALID_ARGUMENT),
+        (errors.BadImage("bad"), S.INVALID_ARGUMENT),
+        (errors.ModelUnavailable("gone"), S.UNAVAILABLE),
+        (errors.RequestTimeout("slow"), S.DEADLINE_EXCEEDED),
+        (errors.Unauthorized("who"), S.UNAUTHENTICATED),
+        (errors.AdminKeyRequired("admin"), S.PERMISSION_DENIED),
+        (errors.ForbiddenPath("no"), S.PERMISSION_DENIED),
+        (errors.PayloadTooLarge(10), S.RESOURCE_EXHAUSTED),
+        (errors.InputOverLimit("too many"), S.RESOURCE_EXHAUSTED),
+        (errors.ImageOverLimit("too big"), S.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_each_error_has_its_grpc_status(error, code):
+    assert grpc_status(error) is code
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_error_type_of_the_core_is_in_the_table():
+    for cls in _subclasses(errors.ServeAppError):
+        assert any(c in GRPC_STATUS for c in cls.__mro__), cls.__name__
+
+
+def test_the_limit_errors_keep_their_rest_status_and_body():
+    assert (errors.InputOverLimit.status_code, errors.InputOverLimit.error) == (422, "invalid_input")
+    assert (errors.ImageOverLimit.status_code, errors.ImageOverLimit.error) == (400, "bad_image")
+    http = HttpPayloadTooLarge(64)
+    assert http.status_code == 413 and http.body() == errors.PayloadTooLarge(64).body()
+    assert http.body() == {
+        "error": "payload_too_large",
+        "message": "the request body is larger than 64 bytes",
+        "limit": 64,
+    }
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_input_elements_from_raw_or_contents(raw):
+    assert input_elements(request(raw=raw), max_items=32) == [b"good", b"bad"]
+
+
+def _no_data():
+    r = pb.ModelInferRequest(model_name="m")
+    r.inputs.add(name="text", datatype="BYTES", shape=[1])
+    return r
+
+
+def _two_inputs():
+    r = request()
+    r.inputs.add(name="more", datatype="BYTES", shape=[1])
+    return r
+
+
+def _fp32():
+    r = pb.ModelInferRequest(model_name="m")
+    r.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    return r
+
+
+def _both():
+    r = request()
+    r.inputs[0].contents.bytes_contents.append(b"also")
+    return r
+
+
+def _truncated():
+    r = request()
+    r.raw_input_contents[0] = r.raw_input_contents[0][:-1]
+    return r
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: pb.ModelInferRequest(model_name="m"), "one input tensor, got 0"),
+        (_two_inputs, "one input tensor, got 2"),
+        (_fp32, "must be BYTES, not FP32"),
+        (_no_data, "has no data"),
+        (lambda: request(elements=()), "is empty"),
+        (_both, "raw_input_contents"),
+        (_truncated, "truncated"),
+    ],
+)
+def test_bad_inputs_are_invalid_input_with_the_rest_messages(make, match):
+    with pytest.raises(errors.InvalidInput, match=match):
+        input_elements(make(), max_items=32)
+
+
+# -- outputs --------------------------------------------------------------------------------------------
+
+RESULT = InferenceResult(TEXT, ANSWER.predictions)
+
+
+def test_raw_inputs_get_raw_outputs_as_tritonclient_reads_them():
+    response = infer_response(request(raw=True), RESULT)
+    assert (response.model_name, response.model_version, response.id) == ("m", "1", "r1")
+    assert [o.name for o in response.outputs] == ["label", "score"] and len(response.raw_output_contents) == 2
+    assert not response.outputs[0].HasField("contents")
+    result = triton.InferResult(response)
+    assert result.as_numpy("label").tolist() == [b"pos", b"neg"]
+    np.testing.assert_allclose(result.as_numpy("score"), [0.75, 0.5])
+
+
+def test_contents_inputs_get_contents_outputs():
+    response = infer_response(request(raw=False), RESULT)
+    assert not response.raw_output_contents
+    label, score = response.outputs
+    assert list(label.contents.bytes_contents) == [b"pos", b"neg"] and list(label.shape) == [2]
+    assert list(score.contents.fp32_contents) == [0.75, 0.5] and score.datatype == "FP32"
+
+
+def test_only_the_outputs_asked_for_and_an_unknown_one_is_refused():
+    response = infer_response(request(outputs=["score"]), RESULT)
+    assert [o.name for o in response.outputs] == ["score"] and len(response.raw_output_contents) == 1
+    with pytest.raises(errors.InvalidInput, match="unknown output"):
+        infer_response(request(outputs=["probabilities"]), RESULT)
+
+
+# -- the service over the data plane ------------------------------------------------------------------
+
+
+class Context:
+    """Ray Serve's RayServegRPCContext, as far as the adapter uses it."""
+
+    def __init__(self, key: str | None = None):
+        self.metadata = [("authorization", f"Bearer {key}")] if key else []
+        self.code, self.details = None, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+class FakeReplicas:
+    def __init__(self, held=()):
+        self.status = ReplicaStatus(
+            replica_id="r1", models={m: ReplicaModelStatus(state="loaded", load_count=1) for m in held}
+        )
+
+    async def statuses(self, fresh=False):
+        return [self.status]
+
+    async def ask(self, method, model_id, replica_id):
+        self.status = self.status.model_copy(update={"models": {}})
+        return True
+
+    async def running_count(self):
+        return 1
+
+
+def service(*outcomes, keys=KEYS, held=(), max_message_bytes=1024, **args):
+    metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
+    app_args = AppArgs(auth={"mode": "off"}, max_body_bytes=max_message_bytes, **args)
+    plane = DataPlane(Registry(models=[TEXT]), worker, app_args, metrics=metrics, replicas=FakeReplicas(held))
+    return V2Grpc(plane, keys, max_message_bytes, "9.9"), worker, metrics
+
+
+def call(svc, rpc, message, key="api-key"):
+    ctx = Context(key)
+    return asyncio.run(getattr(svc, rpc)(message, ctx)), ctx
+
+
+def test_model_infer_is_one_data_plane_call_recorded_under_its_api():
+    svc, worker, metrics = service(ANSWER)
+    response, ctx = call(svc, "ModelInfer", request())
+    assert ctx.code is None and triton.InferResult(response).as_numpy("label").tolist() == [b"pos", b"neg"]
+    assert worker.calls == [("predict", "m")] and metrics.observed == [("m", "v2_grpc", 200)]
+
+
+def test_an_unknown_model_is_not_found_whatever_the_request_holds():
+    svc, worker, metrics = service()
+    bad = request(elements=())
+    bad.model_name = "nope"
+    response, ctx = call(svc, "ModelInfer", bad)
+    assert ctx.code is S.NOT_FOUND and ctx.details == "Unknown model 'nope'. Known models: m"
+    assert response == pb.ModelInferResponse() and worker.calls == []
+    assert metrics.observed == [("(unknown)", "v2_grpc", 404)]
+
+
+def test_errors_from_the_worker_and_the_limits_end_the_rpc_with_their_status():
+    svc, _, _ = service(RayTaskError("predict", "tb", errors.ModelUnavailable("Model 'm' could not be loaded")))
+    _, ctx = call(svc, "ModelInfer", request())
+    assert (ctx.code, ctx.details) == (S.UNAVAILABLE, "Model 'm' could not be loaded")
+
+    svc, worker, _ = service(max_list_items=1)
+    _, ctx = call(svc, "ModelInfer", request())
+    assert ctx.code is S.RESOURCE_EXHAUSTED and "longer than the limit of 1" in ctx.details and not worker.calls
+
+
+def test_a_message_over_max_body_bytes_is_resource_exhausted_before_anything_runs():
+    svc, worker, _ = service(max_message_bytes=100)
+    _, ctx = call(svc, "ModelInfer", request(elements=(b"x" * 200,)))
+    assert (ctx.code, ctx.details) == (S.RESOURCE_EXHAUSTED, "the request body is larger than 100 bytes")
+    assert not worker.calls
+
+
+def test_an_unexpected_error_is_internal_without_its_details():
+    svc, _, _ = service(RuntimeError("secret detail"))
+    _, ctx = call(svc, "ModelInfer", request())
+    assert ctx.code is S.INTERNAL and ctx.details == "internal error (RuntimeError)"
+
+
+def test_the_key_is_checked_as_rest_checks_it():
+    svc, _, _ = service(held=["m"])
+    for key in (None, "wrong"):
+        response, ctx = call(svc, "ModelReady", pb.ModelReadyRequest(name="m"), key=key)
+        assert ctx.code is S.UNAUTHENTICATED and "API key" in ctx.details and response == pb.ModelReadyResponse()
+    assert call(svc, "ModelReady", pb.ModelReadyRequest(name="m"))[0].ready
+    for rpc, message in (("ServerLive", pb.ServerLiveRequest()), ("ServerReady", pb.ServerReadyRequest())):
+        response, ctx = call(svc, rpc, message, key=None)  # health probes: open, as on REST
+        assert ctx.code is None and (response.live if rpc == "ServerLive" else response.ready)
+    _, ctx = call(svc, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="m"))
+    assert ctx.code is S.PERMISSION_DENIED and "admin key" in ctx.details
+
+
+def test_auth_off_lets_every_call_through():
+    svc, _, _ = service(keys=Keys(api=None, admin=None))
+    _, ctx = call(svc, "ServerMetadata", pb.ServerMetadataRequest(), key=None)
+    assert ctx.code is None
+
+
+def test_metadata_and_the_repository_from_the_data_plane():
+    svc, worker, _ = service(None, held=["m"])
+    meta, _ = call(svc, "ServerMetadata", pb.ServerMetadataRequest())
+    assert (meta.name, meta.version, list(meta.extensions)) == ("multimodel-serve", "9.9", ["model_repository"])
+    model, _ = call(svc, "ModelMetadata", pb.ModelMetadataRequest(name="m"))
+    assert model.platform == "transformers/text-classification" and model.inputs[0].name == "text"
+    assert [(o.name, o.datatype, list(o.shape)) for o in model.outputs] == [
+        ("label", "BYTES", [-1]),
+        ("score", "FP32", [-1]),
+    ]
+    _, ctx = call(svc, "ModelMetadata", pb.ModelMetadataRequest(name="nope"))
+    assert ctx.code is S.NOT_FOUND
+    index, _ = call(svc, "RepositoryIndex", pb.RepositoryIndexRequest())
+    assert [(m.name, m.version, m.state) for m in index.models] == [("m", "1", "READY")]
+    _, ctx = call(svc, "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="m"), key="admin-key")
+    assert ctx.code is None and worker.calls == [("load", "m")]
+
+
+def test_the_ready_filter_of_the_repository_index():
+    svc, _, _ = service()
+    assert [m.name for m in call(svc, "RepositoryIndex", pb.RepositoryIndexRequest())[0].models] == ["m"]
+    assert not call(svc, "RepositoryIndex", pb.RepositoryIndexRequest(ready=True))[0].models
+
+
+# -- the deployment and the transport -------------------------------------------------------------------
+
+
+def test_the_ingress_has_a_method_for_every_rpc_of_the_service():
+    from deployments.ingress.deployment import Ingress
+
+    cls = Ingress.func_or_class
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == v2_grpc.SERVICE
+    for method in service.methods:
+        handler = getattr(cls, method.name)
+        # Ray Serve passes the RPC's context only to a parameter of this name.
+        assert "grpc_context" in inspect.signature(handler).parameters, method.name
+        if method.name in v2_grpc.IMPLEMENTED:
+            assert handler.__name__ == method.name
+        else:
+            assert handler in (v2_grpc.unimplemented, v2_grpc.unimplemented_stream), method.name
+    assert {
+        "ServerLive",
+        "ServerReady",
+        "ServerMetadata",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelInfer",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+    } == v2_grpc.IMPLEMENTED
+
+
+def test_an_rpc_the_app_lacks_is_unimplemented():
+    ctx = Context()
+    asyncio.run(v2_grpc.unimplemented(None, pb.ModelConfigRequest(), ctx))
+    assert ctx.code is S.UNIMPLEMENTED and "ModelInfer" in ctx.details
+
+
+def test_serve_config_registers_the_service_on_port_9000():
+    from ray.serve.config import gRPCOptions
+
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    options = gRPCOptions(**config["grpc_options"])
+    assert options.port == 9000 and options.grpc_servicer_functions == [v2_grpc.SERVICER_FUNCTION]
+    assert options.grpc_servicer_func_callable  # importable where Serve runs
