@@ -97,8 +97,18 @@ def start_seed(registry: Path, logs: Path) -> tuple[Server, str]:
     return server, url
 
 
-STANDARD_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+STANDARD_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
 """Ray Serve's standard mode (proxy actor, Ray object transfer between replicas), for comparison."""
+
+VARIANTS: dict[str, dict] = {
+    "HAProxy off (the ingress replicas' own HTTP servers)": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}},
+    "standard Ray Serve mode (proxy actor)": {"env": STANDARD_MODE},
+    "batching off": {"worker": {"batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}},
+    "1 worker replica x 2 torch threads": {"worker": {"num_replicas": 1, "torch_threads": 2}},
+    "Ray's default router": {"worker": {"routing": {"policy": "ray_default"}}},
+}
+"""The app's variants the benchmark measures against the shipped configuration, each as start_app's
+arguments."""
 
 
 class App(NamedTuple):
@@ -109,10 +119,10 @@ class App(NamedTuple):
     """seconds from the process start to the first answered prediction"""
 
 
-def start_app(registry: Path, logs: Path, name: str, batching: bool = True, env: dict | None = None) -> App:
-    """`serve run` on serve_config.yaml with the bench registry and 2 fixed worker replicas, in the
-    environment of `make run` (config/serve.env) updated by `env`, on free ports (HTTP, gRPC, HAProxy's
-    metrics and stats) so that it runs beside `make run`."""
+def start_app(registry: Path, logs: Path, name: str, worker: dict | None = None, env: dict | None = None) -> App:
+    """`serve run` on serve_config.yaml with the bench registry and 2 fixed worker replicas (the worker's
+    arguments updated by `worker`), in the environment of `make run` (config/serve.env) updated by `env`, on
+    free ports (HTTP, gRPC, HAProxy's metrics and stats) so that it runs beside `make run`."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     port, grpc_port = free_port(), free_port()
     config["http_options"]["port"] = port
@@ -121,8 +131,7 @@ def start_app(registry: Path, logs: Path, name: str, batching: bool = True, env:
     args["registry_path"] = str(registry)
     args["worker"].pop("autoscaling", None)
     args["worker"]["num_replicas"] = 2
-    if not batching:
-        args["worker"]["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+    args["worker"].update(worker or {})
     path = logs / f"serve-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = str(Path(sys.executable).parent / "serve")

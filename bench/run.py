@@ -5,9 +5,9 @@
 
 The peers are in ``bench/peers.py``, the load they get in ``bench/scenarios.py``, the cache simulations in
 ``bench/simulate.py``, the profile in ``bench/profile.py`` and the report in ``bench/report.py``; this
-module runs them in order and writes the report. Variants of the app (batching off, Ray Serve's standard
-mode) are measured on the hot path and at 16 clients, and so is the app over each of its protocols (the
-native REST API, the Open Inference Protocol over REST and over gRPC).
+module runs them in order and writes the report. Variants of the app (bench/peers.py: VARIANTS) are
+measured on the hot path and at 16 clients, and so is the app over each of its protocols (the native REST
+API, the Open Inference Protocol over REST and over gRPC).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import scenarios
-from bench.peers import STANDARD_MODE, Server, bench_registry, direct_hot, start_app, start_seed
+from bench.peers import VARIANTS, Server, bench_registry, direct_hot, start_app, start_seed
 from bench.profile import profile_load
 from bench.scenarios import median
+from bench.simulate import pool_report, spread_report
 from serve_app.core.paths import PROJECT_ROOT
 
 
@@ -39,6 +40,9 @@ class Profile:
     churn_requests: int = 600
     cold_repeats: int = 5
     variants: bool = True
+    sim_models: int = 1000  # the pool simulation: models, replicas of 2 slots, requests
+    sim_replicas: int = 64
+    sim_requests: int = 20_000
 
 
 SMOKE = Profile(
@@ -49,6 +53,9 @@ SMOKE = Profile(
     churn_requests=30,
     cold_repeats=1,
     variants=False,
+    sim_models=40,
+    sim_replicas=4,
+    sim_requests=400,
 )
 
 
@@ -62,6 +69,8 @@ class Report:
     startup: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
+    simulation: dict = field(default_factory=dict)  # the pool at scale, simulated: workload -> policy -> hit ratio
+    spread: dict = field(default_factory=dict)  # a hot model's requests over the replicas, simulated
     overhead: dict = field(default_factory=dict)
     protocols: dict = field(default_factory=dict)  # protocol -> {"hot": summary, "16 clients": summary}
     notes: list[str] = field(default_factory=list)
@@ -107,6 +116,10 @@ def run(
     registry = registry or bench_registry(work / "models", smoke)
     servers: list[Server] = []
     try:
+        print("simulation: the pool at scale, and a hot model's spread", flush=True)
+        report.simulation = pool_report(p.sim_models, p.sim_replicas, 2, p.sim_requests)
+        report.spread = spread_report([(2, 16), (4, 64)], 200 if smoke else 2000, spread_at=4)
+
         print("direct: in-process pipeline", flush=True)
         direct, load_times = direct_hot(registry, p.hot_requests)
         report.hot["direct"] = direct.summary()
@@ -149,12 +162,9 @@ def run(
         if p.variants and not app_url:
             app.stop()
             servers.remove(app)
-            for name, kwargs in (
-                ("batching off", {"batching": False}),
-                ("standard Ray Serve mode (proxy actor)", {"env": STANDARD_MODE}),
-            ):
+            for name, kwargs in VARIANTS.items():
                 print(f"app variant: {name}", flush=True)
-                variant, vurl, _, startup = start_app(registry, logs, name.split()[0], **kwargs)
+                variant, vurl, _, startup = start_app(registry, logs, f"variant{len(report.variants)}", **kwargs)
                 servers.append(variant)
                 c16 = asyncio.run(
                     scenarios.closed_loop(
@@ -166,6 +176,8 @@ def run(
                     "16 clients": c16.summary(),
                     "startup_s": startup,
                 }
+                if name == "Ray's default router":  # the router's own ground: churn over the pool
+                    report.churn["ray-default"] = scenarios.churn(vurl, p.churn_requests)["app"]
                 variant.stop()
                 servers.remove(variant)
     finally:

@@ -218,7 +218,11 @@ def trivial_route(url: str, path: str, n: int) -> Run:
     return run
 
 
-WORKLOADS = {"one model": ["sentiment"], "mix of 3": ["sentiment", "spam", "image"]}
+WORKLOADS = {
+    "one model": ["sentiment"],
+    "two hot models": ["sentiment", "spam"],
+    "mix of 3": ["sentiment", "spam", "image"],
+}
 
 
 def throughput(url: str, clients: tuple[int, ...], requests_per_client: int, max_requests: int) -> dict:

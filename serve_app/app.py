@@ -40,7 +40,7 @@ def build_app(args: AppArgs) -> Application:
         scaling["max_replicas_per_node"] = w.max_replicas_per_node
     router = RequestRouterConfig(
         request_router_class=ROUTER,
-        request_router_kwargs={"spread_at": w.routing.spread_at, "demand_half_life_s": w.routing.demand_half_life_s},
+        request_router_kwargs=w.routing.model_dump(exclude={"stats_period_s"}),
         request_routing_stats_period_s=w.routing.stats_period_s,
     )
     worker = ModelWorker.options(

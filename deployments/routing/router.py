@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,14 @@ ON_REPLICA = "on_replica"
 
 
 class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(self, spread_at: int = 4, demand_half_life_s: float = 60.0, load_grace_s: float = 5.0) -> None:
+    def initialize_state(
+        self,
+        policy: str = "model_aware",
+        spread_at: int = 4,
+        demand_half_life_s: float = 60.0,
+        load_grace_s: float = 5.0,
+    ) -> None:
+        self._ray_default = policy == "ray_default"
         self._knobs = Knobs(spread_at=spread_at)
         self._demand = DemandTracker(demand_half_life_s)
         self._load_grace_s = load_grace_s
@@ -98,6 +106,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         model_id = pending.metadata.multiplexed_model_id
         if not model_id:
             return [list(candidates)]
+        if self._ray_default:  # as Ray's PowerOfTwoChoicesRequestRouter: two random replicas holding the model
+            ids = [rid for rid in self.apply_multiplex_routing(pending_request=pending) if rid in self.curr_replicas]
+            return [[self.curr_replicas[rid] for rid in random.sample(ids, min(2, len(ids)))]]
         now = time.time()  # the clock the replicas report last_used_at in
         view = {r.replica_id.unique_id: self._view(r, now) for r in candidates}
         order = rank(model_id, list(view.values()), lambda m: self._demand.demand(m, now), self._knobs)
@@ -118,7 +129,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         except Exception:  # an exception here would hang the request: rank every candidate instead
             logger.exception("model-aware routing failed; routing to any replica")
             ranked = [list(candidate_replicas)]
-        if pending_request is not None:
+        if pending_request is not None and not self._ray_default:
             pending_request.routing_context.should_backoff = True
         return ranked
 

@@ -59,6 +59,11 @@ class BatchingArgs(_Strict):
 class RoutingArgs(_Strict):
     """How requests are placed on the worker replicas (deployments/routing): docs/performance.md."""
 
+    policy: Literal["model_aware", "ray_default"] = Field(
+        "model_aware",
+        description="model_aware: spread hot models, place misses by what they evict; "
+        "ray_default: Ray Serve's own multiplexed routing (two random holders), for comparison",
+    )
     spread_at: int = Field(
         4, ge=1, description="requests in flight on every holder of a model at which it gets a copy on another replica"
     )
