@@ -27,6 +27,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = EVENTUALLY_S, inter
     return predicate()
 
 
+def settled(read: Callable[[], float], interval: float = 3.0) -> float:
+    """A value the app reports asynchronously (a metric Ray exports every second), once two reads
+    `interval` apart agree: what earlier requests added has arrived."""
+    value = read()
+    for _ in range(int(EVENTUALLY_S / interval)):
+        time.sleep(interval)
+        value, previous = read(), value
+        if value == previous:
+            return value
+    raise AssertionError(f"{read} never settled")
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG of a few hundred bytes whose header claims the given size: a decompression bomb's shape."""
     import struct

@@ -4,7 +4,8 @@ Public APIs are used wherever Ray has one; what is left has no public equivalent
 
 * ``evict_multiplexed_model``: explicit unload takes a model out of ``@serve.multiplexed``'s LRU cache;
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
-* ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance.
+* ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance;
+* ``delete_app_in_background``: the tests remove an app without waiting out its ingress replica's drain.
 
 The worker replicas and their model status come from the public request-router API instead
 (``deployments/routing``): the router's view of the replicas, and calls it sends to one replica by name.
@@ -44,6 +45,7 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._push_multiplexed_replica_info"),
     ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
+    ("ray.serve.api", "delete:_blocking"),
     ("ray._private.worker", "_global_node"),
 ]
 
@@ -136,3 +138,12 @@ def serve_instance_details() -> dict:
 def logs_dir() -> Path:
     """This Ray session's log folder (replica logs are under ``serve/``)."""
     return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+def delete_app_in_background(name: str) -> None:
+    """Delete a Serve application without waiting for its replicas to stop. In direct-ingress mode an
+    ingress replica stays up RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) after it is told to
+    stop, so that load balancers stop sending to it; `serve.delete` waits that out unless told not to."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def autoscale_url(deploy, tiny_registry):
-    from ray import serve
+    from serve_app.core import ray_internals
 
     yield deploy(
         "autoscale",
@@ -36,7 +36,7 @@ def autoscale_url(deploy, tiny_registry):
             },
         },
     )
-    serve.delete("autoscale")
+    ray_internals.delete_app_in_background("autoscale")
 
 
 def test_replicas_scale_up_under_load_and_down_after(client, autoscale_url):

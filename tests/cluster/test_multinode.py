@@ -32,7 +32,7 @@ def _args(tiny_registry, **worker) -> dict:
 @pytest.fixture(scope="module")
 def spread_url(deploy, tiny_registry):
     yield deploy("spread", _args(tiny_registry, num_replicas=2, max_replicas_per_node=1))
-    serve.delete("spread")
+    ray_internals.delete_app_in_background("spread")
 
 
 def _listing(client, url):
@@ -62,7 +62,7 @@ def test_max_replicas_per_node_holds_even_where_the_cluster_has_room_for_more(cl
         assert len(running) == 3 and len({r["node_id"] for r in running}) == 3, running
         assert len(replicas()) == 4
     finally:
-        serve.delete("four")
+        ray_internals.delete_app_in_background("four")
 
 
 def test_worker_replicas_land_on_different_nodes(client, spread_url):

@@ -8,10 +8,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
-    from ray import serve
-
     from bench.peers import bench_registry
     from bench.run import run
+    from serve_app.core import ray_internals
 
     registry = bench_registry(tmp_path / "models", smoke=True)
     url = deploy(
@@ -27,7 +26,7 @@ def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
             tmp_path / "out", smoke=True, app_url=url, registry=registry, grpc_target=grpc_target, app_name="bench"
         )
     finally:
-        serve.delete("bench")
+        ray_internals.delete_app_in_background("bench")
 
     for peer in ("direct", "seed", "app"):
         assert report.hot[peer]["n"] == 10 and report.hot[peer]["errors"] == 0, peer
@@ -43,6 +42,9 @@ def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
     assert churn["belady"]["hit_ratio"] >= churn["lru"]["hit_ratio"]
     assert 0 <= churn["app"]["hit_ratio"] <= 1
     assert report.cold["app_s"] > 0
+    for workload, hit in report.simulation["workloads"].items():  # the pool at scale, simulated
+        assert hit["Belady"] >= hit["global LRU"] and 0 < hit["model-aware"] <= 1, workload
+    assert report.spread, "a hot model's spread over the replicas, simulated"
 
     md = (tmp_path / "out" / "benchmarks.md").read_text()
     for heading in (
@@ -50,10 +52,10 @@ def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
         "## 1. Hot path",
         "## 2. Throughput",
         "## gRPC and REST",
-        "## 3. Model churn",
-        "## 4. Cold load",
+        "## Routing",
+        "## Cold load",
     ):
         assert heading in md
     assert f"{report.machine['cpus']} CPUs" in md
-    for png in ("hot_path", "throughput", "churn"):
+    for png in ("hot_path", "throughput", "churn", "simulation"):
         assert (tmp_path / "out" / "bench" / f"{png}.png").stat().st_size > 5000

@@ -16,7 +16,7 @@ FAT_ROWS = 400_000  # 400,000 x 16 floats: 25.6 MB of weights a model
 
 @pytest.fixture(scope="module")
 def lru_url(deploy, tiny_dir, tmp_path_factory):
-    from ray import serve
+    from serve_app.core import ray_internals
 
     base = tmp_path_factory.mktemp("lru")
     models = {name: ("text-classification", tiny_dir / name) for name in ["alpha", "beta", "gamma", "delta"]}
@@ -24,7 +24,7 @@ def lru_url(deploy, tiny_dir, tmp_path_factory):
     for seed, name in enumerate(FAT):
         models[name] = ("text-classification", build_text_model(base / name, name, seed=seed, embedding_rows=FAT_ROWS))
     yield deploy("lru", tiny_args(write_registry(base / "registry.json", models), replicas=1))
-    serve.delete("lru")
+    ray_internals.delete_app_in_background("lru")
 
 
 def _predict(client, url, model_id):

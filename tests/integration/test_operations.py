@@ -23,7 +23,7 @@ def test_health_and_readiness(limits_url):
 
 def test_with_no_worker_replica_running_the_app_is_live_but_not_ready(client, deploy, tiny_registry):
     """Scaled to zero (autoscaling with min_replicas 0): /readyz is 503 and /v2/health/ready is 400."""
-    from ray import serve
+    from serve_app.core import ray_internals
 
     worker = {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "look_back_period_s": 2, "metrics_interval_s": 1}}
     url = deploy("zero", tiny_args(tiny_registry, replicas=1, worker=worker))
@@ -34,7 +34,7 @@ def test_with_no_worker_replica_running_the_app_is_live_but_not_ready(client, de
         v2 = client.get(f"{url}/v2/health/ready")
         assert v2.status_code == 400 and v2.json() == {"ready": False}
     finally:
-        serve.delete("zero")
+        ray_internals.delete_app_in_background("zero")
 
 
 def test_preload_loads_registry_order_until_the_replica_is_full_and_survives_a_broken_one(
@@ -42,7 +42,7 @@ def test_preload_loads_registry_order_until_the_replica_is_full_and_survives_a_b
 ):
     """preload on broken, alpha, beta and gamma: the broken one fails (the replica starts anyway), alpha and beta
     fill the replica's two slots, gamma is not loaded. All before any request."""
-    from ray import serve
+    from serve_app.core import ray_internals
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -62,7 +62,7 @@ def test_preload_loads_registry_order_until_the_replica_is_full_and_survives_a_b
         }
         assert [r["models"] for r in listing["replicas"]] == [["alpha", "beta"]]
     finally:
-        serve.delete("preload")
+        ray_internals.delete_app_in_background("preload")
 
 
 def test_a_preloaded_model_is_loaded_before_any_request(authed, limits_url):

@@ -20,14 +20,14 @@ MODELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 
 @pytest.fixture(scope="module")
 def routing_url(deploy, tiny_dir, tmp_path_factory):
-    from ray import serve
+    from serve_app.core import ray_internals
 
     base = tmp_path_factory.mktemp("routing")
     models = {name: ("text-classification", tiny_dir / name) for name in MODELS[:4]}
     for seed, name in enumerate(MODELS[4:], start=4):
         models[name] = ("text-classification", build_text_model(base / name, name, seed=seed))
     yield deploy("routing", tiny_args(write_registry(base / "registry.json", models), replicas=2))
-    serve.delete("routing")
+    ray_internals.delete_app_in_background("routing")
 
 
 def _held(client, url) -> list[frozenset[str]]:

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def slow_url(deploy, tiny_registry):
-    from ray import serve
+    from serve_app.core import ray_internals
 
     yield deploy("slow", tiny_args(tiny_registry, replicas=1, request_timeout_s=0.01))
-    serve.delete("slow")
+    ray_internals.delete_app_in_background("slow")
 
 
 def _status(client, url, model_id) -> dict:

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serve_app.core.paths import PROJECT_ROOT
-from tests.helpers import ADMIN_KEY, API_KEY, metric_sum, png_claiming, tiny_args, wait_for
+from tests.helpers import ADMIN_KEY, API_KEY, metric_sum, png_claiming, settled, tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def test_text_inference_with_raw_contents(client):
     response = result.get_response()
     assert (response.model_name, response.id) == ("sentiment", "req-7")
     assert len(response.raw_output_contents) == 2  # raw in, raw out
-    assert client.is_model_ready("sentiment", headers=DEMO)
+    assert wait_for(lambda: client.is_model_ready("sentiment", headers=DEMO))  # the replicas' next report
 
 
 def test_image_inference_with_raw_contents_and_one_output(client):
@@ -153,7 +153,7 @@ def test_requests_are_counted_by_the_one_data_plane(client, metrics_url):
         text = httpx.get(metrics_url, timeout=10).text
         return metric_sum(text, "ray_mms_requests_total", application="demo", model="spam", api="v2_grpc")
 
-    before = count()
+    before = settled(count)  # the repository test's load and unload of spam are counted too
     for _ in range(3):
         client.infer("spam", [bytes_input("text", b"lunch at noon?")], headers=DEMO)
     assert wait_for(lambda: count() - before == 3, timeout=30, interval=1), count() - before
@@ -207,10 +207,15 @@ def test_up_to_max_body_bytes_reaches_the_app_and_more_is_resource_exhausted(cli
 
 def test_over_a_limit_is_resource_exhausted(client):
     cases = [
-        (LIMITS, "alpha", [bytes_input("text", *[b"hi"] * 9)], "longer than the limit of 8"),
+        (LIMITS, "alpha", [bytes_input("text", *[b"hi"] * 9)], "more than the limit of 8 elements"),
         (LIMITS, "alpha", [bytes_input("text", b"x" * (64 * 1024))], "the request body is larger than 65536 bytes"),
         (LIMITS, "pixels", [bytes_input("image", png_claiming(10_000, 10_000))], "10000x10000 pixels is more than"),
-        (LIMITS, "pixels", [bytes_input("image", png_claiming(100_000, 100_000))], "more pixels than the limit of"),
+        (
+            LIMITS,
+            "pixels",
+            [bytes_input("image", png_claiming(100_000, 100_000))],
+            "the image is more than the limit of",
+        ),
         # The 'limits' app's body limit is below its image limit: the demo app's 5 MiB image limit.
         (DEMO, "image", [bytes_input("image", b"x" * (5 * 1024 * 1024 + 1))], "larger than 5242880 bytes"),
     ]
@@ -235,14 +240,14 @@ def test_a_model_that_cannot_load_is_unavailable(client, limits_env):
 
 @pytest.fixture(scope="module")
 def slow_app(client, deploy, tiny_registry):
-    from ray import serve
+    from serve_app.core import ray_internals
 
     # A timeout far shorter than any model load: every cold prediction runs out of time.
     deploy("grpc-slow", tiny_args(tiny_registry, replicas=1, request_timeout_s=0.01))
     headers = {"application": "grpc-slow"}
     assert wait_for(lambda: routed(client, headers), timeout=60)
     yield headers
-    serve.delete("grpc-slow")
+    ray_internals.delete_app_in_background("grpc-slow")
 
 
 def test_a_prediction_over_the_timeout_is_deadline_exceeded(client, slow_app):

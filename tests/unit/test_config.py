@@ -142,3 +142,17 @@ def test_the_shipped_environment_carries_the_largest_request(monkeypatch):
 
     args = AppArgs.model_validate(_serve_config()["applications"][0]["args"])
     assert args.largest_worker_message() <= int(serve_env()["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])
+
+
+def _fields(model: type, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) else None
+        out += _fields(sub, f"{prefix}{name}.") if sub and hasattr(sub, "model_fields") else [prefix + name]
+    return out
+
+
+def test_every_argument_is_documented():
+    doc = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
+    missing = [f for f in _fields(AppArgs) if f"`{f}`" not in doc and f"`{f}." not in doc]
+    assert missing == [], f"docs/configuration.md has no row for {missing}"
