@@ -21,8 +21,9 @@ from deployments.ingress.protocols.v2_grpc import GRPC_STATUS, V2Grpc, grpc_stat
 from serve_app.core import errors
 from serve_app.core.config import AppArgs, Keys
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.core.registry import ModelSpec, Registry
+from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import LabelScore, ReplicaModelStatus, ReplicaStatus, WorkerResult
+from tests.helpers import live_registry
 from tests.unit.test_dataplane import FakeMetrics, FakeWorker
 
 S = grpc.StatusCode
@@ -219,11 +220,14 @@ class FakeReplicas:
     async def running_count(self):
         return 1
 
+    async def ingress_updating(self):
+        return False
+
 
 def service(*outcomes, keys=KEYS, held=(), max_message_bytes=1024, **args):
     metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
     app_args = AppArgs(auth={"mode": "off"}, max_body_bytes=max_message_bytes, **args)
-    plane = DataPlane(Registry(models=[TEXT]), worker, app_args, metrics=metrics, replicas=FakeReplicas(held))
+    plane = DataPlane(live_registry(TEXT), worker, app_args, metrics=metrics, replicas=FakeReplicas(held))
     return V2Grpc(plane, keys, max_message_bytes, "9.9"), worker, metrics
 
 
