@@ -117,11 +117,18 @@ def app_status(address: str, name: str) -> dict[str, Any] | None:
 
 
 def refusal(status: dict[str, Any]) -> str:
-    """What ``serve status`` says went wrong: the application's message and each failed deployment's."""
+    """What ``serve status`` says went wrong: the application's message and each failed deployment's, its
+    first line and the error at the end of the traceback Serve quotes (a registry's: every bad field)."""
     lines = [f"{status.get('status')}: {status.get('message') or ''}".rstrip(": ")]
     for name, d in (status.get("deployments") or {}).items():
-        if d.get("status") not in ("HEALTHY", "UPSCALING", "DOWNSCALING") and d.get("message"):
-            lines.append(f"{name} ({d.get('status')}): {d['message']}")
+        message = d.get("message") or ""
+        if d.get("status") in ("HEALTHY", "UPSCALING", "DOWNSCALING") or not message:
+            continue
+        lines.append(f"{name} ({d.get('status')}): {message.splitlines()[0]}")
+        if "RegistryError: " in message:
+            lines += ["  " + line for line in message[message.rindex("RegistryError: ") :].splitlines()]
+        elif "Traceback" in message:
+            lines.append("  " + message.rstrip().splitlines()[-1].strip())
     return "\n".join(lines)
 
 

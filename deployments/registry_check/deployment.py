@@ -6,11 +6,13 @@ a new ``user_config`` is stopped; Serve starts replacements with the same ``user
 after three failed starts per target replica the update is DEPLOY_FAILED ("replicas of the previous version
 keep running until a new deploy"), and the replicas it had not reached yet serve on. Nothing is rolled
 back: the replica that raised is gone with its models, and an ingress of one replica would leave no
-ingress at all.) Refusing quietly would leave ``serve status`` at RUNNING. This deployment takes the same ``user_config``, checks it with the same
-code, and raises on a bad one, with the messages of start-up: Serve stops its replica, fails its update,
-and ``serve status`` (and a RayService's status) shows the application DEPLOY_FAILED with those messages
-in this deployment's message, while the ingress and the workers serve on with the registry they had.
-The next good registry starts it again.
+ingress at all.) Refusing quietly would leave ``serve status`` at RUNNING.
+
+This deployment takes the same ``user_config``, checks it with the same code, and raises on a bad one,
+with the messages of start-up: Serve stops its replica, fails its update, and ``serve status`` (and a
+RayService's status) shows the application DEPLOY_FAILED with those messages in this deployment's
+message, while the ingress and the workers serve on with the registry they had. The next good registry
+starts it again.
 
 It reserves no CPU and takes no requests: the builder binds it into the application only so that Serve
 deploys it with the app.

@@ -158,7 +158,12 @@ def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, m
         "message": "Failed to update the deployments ['RegistryCheck'].",
         "last_deployed_time_s": 2.0,
         "deployments": {
-            "RegistryCheck": {"status": "DEPLOY_FAILED", "message": "RegistryError: x: models.0.task: bad"},
+            "RegistryCheck": {
+                "status": "DEPLOY_FAILED",
+                "message": "The deployment failed to start 3 times in a row. Error:\nray::ServeReplica...\n"
+                "Traceback (most recent call last):\n  File ...\n"
+                "serve_app.core.registry.RegistryError: x: models.0.task: bad\nx: models.1.id: bad too",
+            },
             "Ingress": {"status": "HEALTHY", "message": ""},
         },
     }
@@ -167,7 +172,9 @@ def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, m
     assert reload.main([str(config_path), "--no-check"]) == 1
     out = capsys.readouterr().out
     assert "DEPLOY_FAILED: Failed to update the deployments ['RegistryCheck']." in out
-    assert "RegistryCheck (DEPLOY_FAILED): RegistryError: x: models.0.task: bad" in out and "Ingress (" not in out
+    assert "RegistryCheck (DEPLOY_FAILED): The deployment failed to start 3 times in a row. Error:\n" in out
+    assert "\n  RegistryError: x: models.0.task: bad\n  x: models.1.id: bad too\n" in out  # every bad field
+    assert "Ingress (" not in out and "Traceback" not in out
 
 
 def test_the_serve_commands_send_rays_token_when_there_is_one(monkeypatch, tmp_path):

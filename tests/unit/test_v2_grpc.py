@@ -87,6 +87,11 @@ def test_every_error_type_of_the_core_is_in_the_table():
         assert any(c in GRPC_STATUS for c in cls.__mro__), cls.__name__
 
 
+def test_a_model_that_changed_task_in_flight_is_aborted_to_be_sent_again():
+    assert grpc_status(errors.ModelChanged("Model 'm' is an image-classification model now")) is S.ABORTED
+    assert (errors.ModelChanged.status_code, errors.ModelChanged.error) == (409, "model_changed")
+
+
 def test_the_limit_errors_keep_their_rest_status_and_body():
     assert (errors.InputOverLimit.status_code, errors.InputOverLimit.error) == (422, "invalid_input")
     assert (errors.ImageOverLimit.status_code, errors.ImageOverLimit.error) == (400, "bad_image")

@@ -12,7 +12,7 @@ import pytest
 from deployments.runtimes.base import ModelRuntime
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
-from serve_app.core.errors import ModelUnavailable
+from serve_app.core.errors import ModelChanged, ModelUnavailable
 from serve_app.core.live_registry import LiveRegistry, content_version, registry_user_config
 from serve_app.core.registry import ModelSpec, RegistryError, Task
 from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus
@@ -234,3 +234,13 @@ def test_a_request_sent_under_a_registry_this_replica_has_not_applied_waits_for_
     assert "added" in w._live.registry
     monkeypatch.setattr(deployment, "RELOAD_WAIT_S", 0.05)  # a version that never comes: the wait is bounded
     asyncio.run(asyncio.wait_for(w._catch_up("0123456789ab"), 1))
+
+
+def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_come_again(monkeypatch):
+    from deployments.worker import deployment
+
+    w, runtime, _ = worker(load_s=0)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    with pytest.raises(ModelChanged, match="text-classification model now, no longer image-classification") as e:
+        asyncio.run(w.predict(["bytes of an image"], task="image-classification"))
+    assert e.value.status_code == 409 and runtime._in_use == 0  # let go of the model
