@@ -11,10 +11,17 @@ SERVE_ENV := $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$$/\1=\2/p' con
 $(foreach kv,$(SERVE_ENV),$(eval $(firstword $(subst =, ,$(kv))) ?= $(patsubst $(firstword $(subst =, ,$(kv)))=%,%,$(kv))))
 export $(foreach kv,$(SERVE_ENV),$(firstword $(subst =, ,$(kv))))
 
-.PHONY: run test lint install models unit integration cluster bench clean
+.PHONY: run reload test lint install models unit integration cluster bench clean
 
 run: install models
 	$(VENV)/bin/serve run serve_config.yaml
+
+# Deploys an edited config/models.json to the app `make run` (or `serve deploy`) runs, without restarting
+# a replica: checks it, writes it into serve_config.yaml's deployments as their user_config, `serve deploy`s
+# that, and waits for `serve status`. A bad registry is refused with the messages of start-up; nothing changes.
+# RAY_DASHBOARD_ADDRESS (default http://localhost:8265) names another cluster.
+reload: install
+	$(PY) -m serve_app.reload serve_config.yaml
 
 # Two pytest sessions, each starting Ray once: one node for unit and integration tests,
 # then a three-node cluster (ray.cluster_utils) for the cluster tests.

@@ -1,8 +1,13 @@
 """The application builder named by ``serve_config.yaml`` (``import_path: serve_app.app:build_app``).
 
 ``serve run serve_config.yaml`` validates the ``args`` mapping against ``AppArgs`` and calls
-``build_app``, which reads the registry once and binds the two deployments: the HTTP ingress and the
-model workers it dispatches to. This is the only module that imports both deployments.
+``build_app``, which reads the registry and binds the deployments: the HTTP ingress, the model workers it
+dispatches to, and the registry check. This is the only module that imports the deployments.
+
+The registry reaches the replicas as Serve's ``user_config`` of the three deployments, never as an
+argument of their constructors: a deploy that changes only the ``user_config`` (``make reload``, a
+RayService's ``serveConfigV2``: ``serve_app.reload``) changes the registry in the running replicas
+without restarting them. A bad registry stops the build here, with messages that name its fields.
 """
 
 from __future__ import annotations
@@ -11,13 +16,25 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress.deployment import Ingress
+from deployments.registry_check.deployment import RegistryCheck
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
 from serve_app.core.config import AppArgs
-from serve_app.core.registry import Registry
+from serve_app.core.live_registry import registry_user_config
+from serve_app.core.registry import read_registry_file
 
 ROUTER = "deployments.routing.router:ModelAwareRouter"
 """The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
+
+REGISTRY_DEPLOYMENTS = (Ingress.name, ModelWorker.name, RegistryCheck.name)
+"""The deployments whose ``user_config`` is the registry."""
+
+
+def registry_config(path: str) -> dict:
+    """The ``user_config`` of the registry deployments: the registry file's content, checked
+    (``RegistryError``, naming each bad field, if it is not a valid registry)."""
+    data, _ = read_registry_file(path)
+    return registry_user_config(data, origin=path)
 
 
 def build_app(args: AppArgs) -> Application:
@@ -31,7 +48,7 @@ def build_app(args: AppArgs) -> Application:
             f"more than Serve's gRPC message cap of {cap}: raise RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH "
             "(config/serve.env) or lower max_body_bytes, max_image_bytes, max_list_items or max_text_chars"
         )
-    registry = Registry.from_file(args.registry_path)
+    registry = registry_config(args.registry_path)
     w = args.worker
     scaling: dict = {"num_replicas": w.num_replicas}
     if w.autoscaling is not None:
@@ -47,11 +64,14 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=w.max_ongoing_requests,
         ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
         request_router_config=router,
+        user_config=registry,
         **scaling,
-    ).bind(registry, w.torch_threads, w.batching, w.load_failure_backoff_s)
+    ).bind(w.torch_threads, w.batching, w.load_failure_backoff_s)
+    check = RegistryCheck.options(user_config=registry).bind()
     i = args.ingress
     return Ingress.options(
         num_replicas=i.num_replicas,
         max_ongoing_requests=i.max_ongoing_requests,
         ray_actor_options={"num_cpus": i.num_cpus},
-    ).bind(worker, registry, args)
+        user_config=registry,
+    ).bind(worker, check, args)

@@ -69,6 +69,15 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def live_registry(*specs):
+    """A replica's live registry serving these ModelSpecs (unit tests of the ingress and the worker)."""
+    from serve_app.core.live_registry import LiveRegistry, registry_user_config
+
+    live = LiveRegistry()
+    live.apply(registry_user_config({"models": [s.model_dump(mode="json") for s in specs]}, origin="test"))
+    return live
+
+
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:
     worker = {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1}
     worker.update(extra.pop("worker", {}))

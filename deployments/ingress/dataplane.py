@@ -4,6 +4,10 @@
 dispatches them to a worker replica (within the request's deadline, and again on another replica if the
 one it ran on died), records the request's metrics and returns a typed result. The status calls merge what the worker
 replicas report into one state per model. Protocol adapters (``protocols/``) shape the answers.
+
+The registry is this replica's ``LiveRegistry``, which ``reconfigure`` changes while requests run: each
+request looks its model up once, in the registry in force when it arrives, and tells the worker which
+registry that was, so that a worker that has not applied it yet waits for it.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from deployments.ingress.codecs import InputDecoder
 from deployments.ingress.replicas import ReplicaDirectory
 from serve_app.core.config import AppArgs
 from serve_app.core.errors import ModelUnavailable, RequestTimeout, ServeAppError, unwrap
+from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
 from serve_app.core.registry import ModelSpec, Registry
-from serve_app.core.schemas import ModelState, ReplicaStatus, Scores, WorkerResult
+from serve_app.core.schemas import ModelState, RegistryStatus, ReplicaStatus, Scores, WorkerResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,6 +102,15 @@ class ModelStatus(BaseModel):
 class ModelListing:
     models: list[ModelStatus]
     replicas: list[ReplicaStatus]
+    registry: RegistryStatus  # the registry of the ingress replica that lists
+    ingress_updating: bool = False  # Serve is still updating ingress replicas
+
+    @property
+    def on_every_replica(self) -> bool:
+        """Whether every replica runs the registry this listing comes from: each worker replica reports it,
+        and no ingress replica is still being updated."""
+        versions = {r.registry.version if r.registry else None for r in self.replicas}
+        return not self.ingress_updating and versions <= {self.registry.version}
 
 
 def merge_model_status(spec: ModelSpec, replicas: Sequence[ReplicaStatus]) -> ModelStatus:
@@ -140,13 +154,13 @@ def status_of(exc: BaseException) -> int:
 class DataPlane:
     def __init__(
         self,
-        registry: Registry,
+        live: LiveRegistry,
         worker: DeploymentHandle,
         args: AppArgs,
         metrics: IngressMetrics | None = None,
         replicas: ReplicaDirectory | None = None,
     ) -> None:
-        self.registry = registry
+        self.live = live
         self.worker = worker
         self.timeout_s = args.request_timeout_s
         self.decoder = InputDecoder(
@@ -162,19 +176,25 @@ class DataPlane:
         self.replicas = replicas or ReplicaDirectory(worker)
         self.metrics = metrics or IngressMetrics()
 
+    @property
+    def registry(self) -> Registry:
+        """The registry in force now (a request reads it once, when it arrives)."""
+        return self.live.registry
+
     # -- inference ----------------------------------------------------------------------------------
 
     async def infer(self, model_id: str, request: RequestSource, api: str) -> InferenceResult:
         """One request through the named model; its metrics are recorded here, for every API."""
-        tag = model_id if model_id in self.registry else UNKNOWN_MODEL  # never a tag value from the request
+        registry, version = self.registry, self.live.version
+        tag = model_id if model_id in registry else UNKNOWN_MODEL  # never a tag value from the request
         start, status = time.perf_counter(), 200
         try:
-            spec = self.registry.get(model_id)
+            spec = registry.get(model_id)
             if callable(request):
                 request = await asyncio.to_thread(request)
             decoded = await self.decoder.decode(spec.modality, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
-            call = self._call("predict", model_id, decoded)
+            call = self._call("predict", model_id, decoded, task=spec.task.value, registry_version=version)
             result: WorkerResult = await self._with_timeout(model_id, call, timeout_s)
             return InferenceResult(spec=spec, predictions=result.predictions)
         except BaseException as e:
@@ -183,19 +203,19 @@ class DataPlane:
         finally:
             self.metrics.observe(tag, api, status, time.perf_counter() - start)
 
-    async def _call_once(self, method: str, model_id: str, *args: Any) -> Any:
-        response = getattr(self.worker.options(multiplexed_model_id=model_id), method).remote(*args)
+    async def _call_once(self, method: str, model_id: str, *args: Any, **kwargs: Any) -> Any:
+        response = getattr(self.worker.options(multiplexed_model_id=model_id), method).remote(*args, **kwargs)
         try:
             return await response
         except asyncio.CancelledError:
             response.cancel()  # the timeout fired or the client left: cancel the work on the replica too
             raise
 
-    async def _call(self, method: str, model_id: str, *args: Any) -> Any:
+    async def _call(self, method: str, model_id: str, *args: Any, **kwargs: Any) -> Any:
         """Call a worker method for a model; run it again on another replica if the one it ran on died."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return await self._call_once(method, model_id, *args)
+                return await self._call_once(method, model_id, *args, **kwargs)
             except Exception as e:
                 inner = unwrap(e)
                 if isinstance(inner, ServeAppError):
@@ -224,7 +244,7 @@ class DataPlane:
 
     async def load(self, model_id: str) -> ModelStatus:
         self.registry.get(model_id)
-        await self._with_timeout(model_id, self._call("load", model_id))
+        await self._with_timeout(model_id, self._call("load", model_id, registry_version=self.live.version))
         return await self.model(model_id, fresh=True)
 
     async def unload(self, model_id: str) -> ModelStatus:
@@ -238,12 +258,16 @@ class DataPlane:
 
     async def ready(self) -> Readiness:
         replicas = await self.replicas.running_count()
-        return Readiness(ready=replicas > 0, replicas=replicas)
+        return Readiness(ready=replicas > 0 and self.live.ready, replicas=replicas)
 
     async def models(self) -> ModelListing:
-        replicas = await self.replicas.statuses()
+        registry, status = self.registry, self.live.status()
+        replicas, updating = await asyncio.gather(self.replicas.statuses(), self.replicas.ingress_updating())
         return ModelListing(
-            models=[merge_model_status(spec, replicas) for spec in self.registry.models], replicas=replicas
+            models=[merge_model_status(spec, replicas) for spec in registry.models],
+            replicas=replicas,
+            registry=status,
+            ingress_updating=updating,
         )
 
     def spec(self, model_id: str) -> ModelSpec:

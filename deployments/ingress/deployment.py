@@ -4,11 +4,15 @@ Open Inference Protocol v2 over REST (``/v2/...``), with health probes beside th
 over gRPC (``inference.GRPCInferenceService``, through Ray Serve's gRPC proxy: each RPC calls the method
 of its name).
 
+The registry arrives as Serve's ``user_config`` and changes in ``reconfigure`` while requests run
+(``serve_app.core.live_registry``); ``GET /models`` reports the version each replica runs.
+
 (No ``from __future__ import annotations`` here: FastAPI must see the route annotations as types.)
 """
 
 import asyncio
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -21,9 +25,10 @@ from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import install_error_handlers
 from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
 from deployments.ingress.protocols import native, v2, v2_grpc
+from deployments.ingress.replicas import ReplicaDirectory
 from serve_app.core import logs
 from serve_app.core.config import AppArgs, resolve_keys
-from serve_app.core.registry import Registry
+from serve_app.core.live_registry import LiveRegistry
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,11 +55,14 @@ def _body(model: type) -> dict:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, worker: DeploymentHandle, registry: Registry, args: AppArgs) -> None:
+    def __init__(self, worker: DeploymentHandle, registry_check: DeploymentHandle, args: AppArgs) -> None:
+        """``registry_check``: bound here only so that Serve deploys it with the app; never called."""
         logs.flush_every(1.0)
-        self.registry = registry
+        self.live = LiveRegistry()  # set by reconfigure, which Serve calls before the replica takes requests
         self.max_items = args.max_list_items
-        self.plane = DataPlane(registry, worker, args)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        replicas = ReplicaDirectory(worker, ingress=serve.get_replica_context().deployment)
+        self.plane = DataPlane(self.live, worker, args, replicas=replicas)
         api.state.keys = keys = resolve_keys(args.auth)  # refuses to start on a missing or empty key
         api.state.max_body_bytes = args.max_body_bytes
         self.grpc = v2_grpc.V2Grpc(self.plane, keys, args.max_body_bytes, VERSION, args.max_list_items)
@@ -62,7 +70,16 @@ class Ingress:
             logger.warning(
                 "auth is off (auth.mode: off): anyone who can reach this app may predict, load and unload models"
             )
-        logger.info("ingress ready: %d models, auth %s", len(registry.models), args.auth.mode)
+        logger.info("ingress started, auth %s", args.auth.mode)
+
+    # -- the registry ---------------------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: Any, rank: Any = None) -> None:
+        """Apply the registry in ``user_config`` (Serve calls this at start and on every change of it). A bad
+        one is refused and this replica keeps its registry; while starting it has none to keep, and the error
+        stops the start. (``rank`` is unused: asking for it makes Serve call this at start even without a
+        user_config, so that a replica without a registry does not start.)"""
+        self.live.apply(user_config)
 
     # -- health -------------------------------------------------------------------------------------
 
@@ -74,14 +91,14 @@ class Ingress:
     @api.get("/readyz", tags=["health"], response_model=native.ReadinessResponse)
     async def readyz(self) -> JSONResponse:
         """Ready: the registry is loaded and at least one worker replica is running."""
-        body = native.readiness(await self.plane.ready(), len(self.registry.models))
+        body = native.readiness(await self.plane.ready(), self.live.status().models)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
     # -- native API ---------------------------------------------------------------------------------
 
     @api.get("/models", response_model=native.ModelList, tags=["models"])
     async def list_models(self) -> native.ModelList:
-        return native.model_list(await self.plane.models())
+        return native.model_list(await self.plane.models(), self.replica_id)
 
     @api.get("/models/{model_id}", response_model=native.ModelInfo, responses=_errors, tags=["models"])
     async def get_model(self, model_id: str) -> native.ModelInfo:

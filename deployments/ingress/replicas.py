@@ -5,7 +5,9 @@ worker replicas, each with the model status it last reported (``record_routing_s
 controller collects every ``routing.stats_period_s``). Probes and listings read that, through a snapshot
 at most ``FRESH_S`` old, so a probe loop, however fast, asks nothing of the replicas. After a load or an
 unload the data plane asks for a fresh look: each replica is asked directly, by a call the router sends
-to it and to no other. Readiness counts the running replicas from Serve's public ``serve.status()``.
+to it and to no other. Readiness counts the running replicas from Serve's public ``serve.status()``,
+which also tells whether the ingress replicas are still applying a change (Serve reports the ingress
+deployment UPDATING until every replica has run ``reconfigure``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.routing import views
 from deployments.routing.router import ON_REPLICA
-from serve_app.core.schemas import ReplicaCounters, ReplicaModelStatus, ReplicaStatus
+from serve_app.core.schemas import RegistryStatus, ReplicaCounters, ReplicaModelStatus, ReplicaStatus
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,14 +51,21 @@ def _status(replica_id: str, node_id: str | None, stats: dict[str, Any], held: s
     else:
         models = {m: ReplicaModelStatus.model_validate(s) for m, s in stats["models"].items()}
     counters = ReplicaCounters.model_validate(stats.get("counters", {}))
-    return ReplicaStatus(replica_id=replica_id, node_id=node_id, models=models, counters=counters)
+    return ReplicaStatus(
+        replica_id=replica_id, node_id=node_id, models=models, counters=counters, registry=_registry(stats)
+    )
+
+
+def _registry(stats: dict[str, Any]) -> RegistryStatus | None:
+    return RegistryStatus.model_validate(stats["registry"]) if stats.get("registry") else None
 
 
 class ReplicaDirectory:
-    def __init__(self, worker: DeploymentHandle) -> None:
-        self._worker = worker
+    def __init__(self, worker: DeploymentHandle, ingress: str | None = None) -> None:
+        """``ingress``: the ingress deployment's name, whose rollouts ``ingress_updating`` tells."""
+        self._worker, self._ingress = worker, ingress
         self._statuses = _Snapshot(self._look)
-        self._running_count = _Snapshot(self._count_running)
+        self._app = _Snapshot(self._app_status)
 
     async def _router(self) -> Any:
         router = views.view_of(self._worker.app_name, self._worker.deployment_name)
@@ -90,14 +99,20 @@ class ReplicaDirectory:
 
     async def running_count(self) -> int:
         """Running worker replicas (a snapshot at most FRESH_S old)."""
-        return await self._running_count.get()
+        deployments = await self._app.get()
+        worker = deployments.get(self._worker.deployment_name)
+        return worker.replica_states.get("RUNNING", 0) if worker else 0
 
-    async def _count_running(self, fresh: bool) -> int:
-        """From Serve's public status (``serve.status()`` blocks: in a thread)."""
+    async def ingress_updating(self) -> bool:
+        """Whether Serve is still updating ingress replicas (reconfigure included), as it last reported."""
+        ingress = (await self._app.get()).get(self._ingress) if self._ingress else None
+        return ingress is not None and ingress.status == "UPDATING"
+
+    async def _app_status(self, fresh: bool) -> dict[str, Any]:
+        """The app's deployments in Serve's public status (``serve.status()`` blocks: in a thread)."""
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(self._worker.app_name)
-        deployment = app.deployments.get(self._worker.deployment_name) if app else None
-        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        return dict(app.deployments) if app else {}
 
     async def ask(self, method: str, model_id: str, replica_id: str) -> Any:
         """Call a worker method for one model on one replica (explicit unload)."""

@@ -13,9 +13,16 @@ Around that cache this replica keeps its promises under failure:
 * a failed load is remembered for ``load_failure_backoff_s``: requests meanwhile get a 503 at once,
   without evicting a healthy model to make room for a load that would fail again.
 
-Each replica keeps the status of the models it has seen and its own counters, and answers
-``record_routing_stats`` with them: Serve's controller polls that method, and the ingress asks every
-replica for ``GET /models``.
+The registry arrives as Serve's ``user_config`` and changes while the replica runs (``reconfigure``,
+with ``serve_app.core.live_registry``): a model added is served from the next request; a model whose
+source or task changed, or that was removed, leaves the cache at once, and its weights are freed when the
+requests running on it are done (a changed model's next request loads the new files; a removed one's
+is a 404). Other models stay loaded, with their status and counters. A bad registry is refused whole: the
+replica keeps the one it has.
+
+Each replica keeps the status of the models it has seen, its own counters and its registry's version, and
+answers ``record_routing_stats`` with them: Serve's controller polls that method, and the ingress asks
+every replica for ``GET /models``.
 """
 
 from __future__ import annotations
@@ -31,15 +38,19 @@ from ray import serve
 from deployments.runtimes import ModelRuntime, runtime_for
 from serve_app.core import logs, ray_internals
 from serve_app.core.config import BatchingArgs
-from serve_app.core.errors import ModelUnavailable, ServeAppError
+from serve_app.core.errors import ModelChanged, ModelUnavailable, ServeAppError
+from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
 from serve_app.core.metrics import WorkerMetrics
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.core.registry import ModelSpec, Registry
+from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus, Scores, WorkerResult
 
 logger = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 2
+RELOAD_WAIT_S = 5.0
+"""How long a request sent under a registry this replica has not applied yet (the ingress applied it
+first) waits for it: a model just added is then found, a changed one loaded from its new files."""
 
 
 def configure_torch(num_threads: int | None) -> None:
@@ -70,7 +81,6 @@ def redact_paths(text: str, spec: ModelSpec) -> str:
 class ModelWorker:
     async def __init__(
         self,
-        registry: Registry,
         torch_threads: int | None = None,
         batching: BatchingArgs | None = None,
         load_failure_backoff_s: float = 30.0,
@@ -80,7 +90,7 @@ class ModelWorker:
         batching = batching or BatchingArgs()
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self._registry = registry
+        self._live = LiveRegistry()  # set by reconfigure, which Serve calls before the replica takes requests
         self._backoff_s = load_failure_backoff_s
         self._status: dict[str, ReplicaModelStatus] = {}
         self._held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
@@ -88,13 +98,51 @@ class ModelWorker:
         self._runtimes: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()  # every runtime still alive
         self._counters = ReplicaCounters()
         self._metrics = WorkerMetrics()
-        for spec in [m for m in registry.models if m.preload]:  # in registry order, until the replica is full
+
+    # -- the registry ---------------------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: Any, rank: Any = None) -> None:
+        """Apply the registry in ``user_config`` (Serve calls this at start and on every change of it).
+        A bad one is refused and this replica keeps its registry; while starting it has none to keep, and
+        the error stops the start. (``rank`` is unused: asking for it makes Serve call this at start even
+        when the deployment has no user_config, so that a replica without a registry does not start.)"""
+        first = not self._live.ready
+        change = self._live.apply(user_config)
+        if change is None:
+            return
+        await self._drop(change)
+        if first:
+            await self._preload()
+
+    async def _preload(self) -> None:
+        for spec in [m for m in self._live.registry.models if m.preload]:  # in order, until the replica is full
             if len(self._held) == MAX_MODELS_PER_REPLICA:
                 break
             try:
                 await self.get_model(spec.id)
             except ServeAppError as e:  # a broken preload must not keep the replica from starting
                 logger.error("preloading %r failed: %s", spec.id, e.message)
+
+    async def _drop(self, change: RegistryChange) -> None:
+        """Take the models a registry change made stale out of the cache: changed ones (the next request
+        loads the new files) and removed ones. Requests running on a copy finish on it; it is freed after."""
+        for model_id in change.stale:
+            await self._evict(model_id)
+            self._lingering.pop(model_id, None)  # evicted while in use: no new request may take it back
+            status = self._status.get(model_id)
+            if status is not None:  # a failed load of the old files says nothing of the new ones
+                status.retry_after = status.last_error = status.last_error_at = None
+        for model_id in change.removed:
+            self._status.pop(model_id, None)
+
+    async def _catch_up(self, version: str | None) -> None:
+        """Wait, at most RELOAD_WAIT_S, until this replica runs the registry a request was sent under, when
+        it has not run it yet (the ingress applied it first)."""
+        if version is None or self._live.has_run(version):
+            return
+        deadline = time.monotonic() + RELOAD_WAIT_S
+        while not self._live.has_run(version) and (left := deadline - time.monotonic()) > 0:
+            await self._live.wait_for_change(left)
 
     def _model_status(self, model_id: str) -> ReplicaModelStatus:
         return self._status.setdefault(model_id, ReplicaModelStatus())
@@ -104,10 +152,10 @@ class ModelWorker:
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> ModelRuntime:
         """Serve's LRU calls this on a miss, after it has made room."""
-        spec = self._registry.get(model_id)
+        spec = self._live.registry.get(model_id)
         status = self._model_status(model_id)
         lingering = self._lingering.pop(model_id, None)
-        if lingering is not None and lingering.revive():  # its requests still run: take it back, no reload
+        if lingering is not None and same_model(lingering.spec, spec) and lingering.revive():  # no reload
             self._counters.revived += 1
             return self._hold(model_id, lingering)
         status.state = ModelState.LOADING
@@ -175,21 +223,34 @@ class ModelWorker:
     async def _get_and_hold(self, model_id: str) -> ModelRuntime:
         for _ in range(3):  # a model freed between Serve's answer and the hold is asked for again
             runtime = await self.get_model(model_id)
+            if not same_model(runtime.spec, self._live.registry.get(model_id)):  # removed: ModelNotFound
+                await self._evict(model_id, only=runtime)  # loaded from files the registry has changed since
+                continue
             if runtime.hold():
                 return runtime
         raise ModelUnavailable(f"Model {model_id!r} was unloaded three times while this request asked for it")
 
     # -- predictions --------------------------------------------------------------------------------
 
-    async def predict(self, inputs: list[Any]) -> WorkerResult:
-        """Answer one request's inputs; concurrent requests for the same model are batched together."""
+    async def predict(
+        self, inputs: list[Any], task: str | None = None, registry_version: str | None = None
+    ) -> WorkerResult:
+        """Answer one request's inputs; concurrent requests for the same model are batched together.
+        ``task`` and ``registry_version``: what the ingress decoded the inputs for, under which registry."""
         model_id = serve.get_multiplexed_model_id()
         self._counters.requests += 1
         try:
+            await self._catch_up(registry_version)
             # Load (or find) and hold the model before joining the batch queue, so that a cold load does not
             # hold up the queue and an eviction cannot free the model while the request needs it.
             runtime = await self._acquire(model_id)
             try:
+                if task is not None and runtime.spec.task.value != task:
+                    raise ModelChanged(
+                        f"Model {model_id!r} is a {runtime.spec.task.value} model now, no longer {task}: "
+                        "the registry changed while the request was on its way; send it again",
+                        model_id=model_id,
+                    )
                 if type(runtime).prepare is not ModelRuntime.prepare:  # e.g. decoding images: in a thread
                     inputs = await asyncio.to_thread(runtime.prepare, inputs)
                 predictions = await self._run_batch(inputs, runtime)
@@ -248,18 +309,22 @@ class ModelWorker:
 
     # -- explicit load and unload -------------------------------------------------------------------
 
-    async def load(self) -> None:
+    async def load(self, registry_version: str | None = None) -> None:
         """Load the request's model on this replica (the LRU cap still applies)."""
+        await self._catch_up(registry_version)
         (await self._acquire(serve.get_multiplexed_model_id())).release()
 
     async def unload(self, on_replica: str | None = None) -> bool:
         """Unload the request's model from this replica; False if it did not hold it. ``on_replica`` names
         the replica the call is for (the router sends it there and nowhere else)."""
-        model_id = serve.get_multiplexed_model_id()
+        return await self._evict(serve.get_multiplexed_model_id())
 
+    async def _evict(self, model_id: str, only: ModelRuntime | None = None) -> bool:
+        """Take a model out of the cache and free it, or, if requests still hold it, once they are done;
+        False if the cache did not hold it (or held another copy than ``only``)."""
         deferred: list[bool] = []  # marked under Serve's cache lock, so that a reload right after is recorded after it
         runtime = await ray_internals.evict_multiplexed_model(
-            self, model_id, lambda r: deferred.append(r.mark_unloaded())
+            self, model_id, lambda r: deferred.append(r.mark_unloaded()), only=only
         )
         if runtime is None:
             return False
@@ -281,4 +346,5 @@ class ModelWorker:
         return {
             "models": {model_id: s.model_dump(mode="json") for model_id, s in self._status.items()},
             "counters": self._counters.model_dump(mode="json"),
+            "registry": self._live.status().model_dump(mode="json"),
         }

@@ -106,6 +106,14 @@ class ModelNotFound(ServeAppError):
         )
 
 
+class ModelChanged(ServeAppError):
+    """The model's registry entry changed task while the request was on its way: its inputs were decoded for
+    the task it had. Sent again, the request reaches the model as it is now."""
+
+    status_code = 409
+    error = "model_changed"
+
+
 class ModelUnavailable(ServeAppError):
     """The model is registered but could not be loaded or run (missing files, crash)."""
 

@@ -91,16 +91,19 @@ def check() -> None:
 
 
 async def evict_multiplexed_model(
-    instance: object, model_id: str, on_evicted: Callable[[Any], None] | None = None
+    instance: object, model_id: str, on_evicted: Callable[[Any], None] | None = None, only: object | None = None
 ) -> Any | None:
     """Take a model out of ``@serve.multiplexed``'s LRU cache on this replica and tell the router at its
-    next push; returns the evicted model, or None if the replica does not hold it. ``on_evicted`` runs
-    under the cache's lock, so that a load of the same model right after is ordered after it. Ray has no
-    public API for an explicit unload. The caller frees the model."""
+    next push; returns the evicted model, or None if the replica does not hold it (or, with ``only``, holds
+    another object under that id). ``on_evicted`` runs under the cache's lock, so that a load of the same
+    model right after is ordered after it. Ray has no public API for an explicit unload. The caller frees
+    the model."""
     wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
     if wrapper is None:  # created lazily on the first load: nothing is held yet
         return None
     async with wrapper._model_cache_lock:
+        if only is not None and wrapper.models.get(model_id) is not only:
+            return None
         model = wrapper.models.pop(model_id, None)
         if model is not None:
             wrapper._push_multiplexed_replica_info = True

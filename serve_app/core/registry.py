@@ -126,14 +126,7 @@ class Registry(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Registry:
-        p = resolve_project_path(path)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RegistryError(f"{p}: registry file not found") from None
-        except json.JSONDecodeError as e:
-            raise RegistryError(f"{p}: not valid JSON: {e}") from None
-        return cls.from_dict(data, origin=str(p))
+        return read_registry_file(path)[1]
 
     @property
     def ids(self) -> list[str]:
@@ -147,3 +140,16 @@ class Registry(BaseModel):
         if spec is None:
             raise ModelNotFound(model_id, self.ids)
         return spec
+
+
+def read_registry_file(path: str | Path) -> tuple[object, Registry]:
+    """A registry file's content and the registry it holds; ``RegistryError`` if the file is missing, is
+    not JSON, or does not match the schema (each message starts with the path as given, then the field)."""
+    p = resolve_project_path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{p}: registry file not found") from None
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{p}: not valid JSON: {e}") from None
+    return data, Registry.from_dict(data, origin=str(path))

@@ -1,7 +1,8 @@
 """The types that cross between the ingress and the worker replicas.
 
 The ingress sends a worker decoded inputs and gets a ``WorkerResult`` back; each worker replica reports
-its own view of its models as a ``ReplicaStatus``. The protocol bodies (native and Open Inference
+its own view of its models as a ``ReplicaStatus``, and every replica the registry it runs as a
+``RegistryStatus``. The protocol bodies (native and Open Inference
 Protocol) are built from these in ``deployments.ingress.protocols``.
 """
 
@@ -62,11 +63,29 @@ class ReplicaCounters(BaseModel):
     live_models: int = Field(0, description="models whose weights are in memory now (held or still in use)")
 
 
+class RefusedRegistry(BaseModel):
+    """A registry change a replica refused; it kept the registry it had."""
+
+    version: str = Field(description="the refused registry's content hash")
+    message: str = Field(description="why: each problem with the field it names, as at start-up")
+    at: float = Field(description="Unix time of the refusal")
+
+
+class RegistryStatus(BaseModel):
+    """The registry one replica runs."""
+
+    version: str | None = Field(None, description="content hash of the registry in force")
+    applied_at: float | None = Field(None, description="Unix time this replica applied it")
+    models: int = Field(0, description="models in it")
+    refused: RefusedRegistry | None = Field(None, description="the last change refused since it was applied")
+
+
 class ReplicaStatus(BaseModel):
     """What one worker replica reports about the models it has seen."""
 
     replica_id: str
     node_id: str | None = None
+    registry: RegistryStatus | None = None
     models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)
     counters: ReplicaCounters = Field(default_factory=ReplicaCounters)
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 METRICS_PORT = free_port()
 GRPC_PORT = free_port()
+DASHBOARD_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +46,11 @@ def serve_url() -> Iterator[str]:
     os.environ.update({"MMS_API_KEY": API_KEY, "MMS_ADMIN_KEY": ADMIN_KEY})
     # Logical CPUs, not cores: several small apps share the machine during the session. The environment
     # (config/serve.env, set by tests/conftest.py) reaches every Ray process from this one.
+    # The dashboard serves Serve's REST API, which `serve deploy` (and `make reload`) talk to.
     ray.init(
         num_cpus=8,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_port=DASHBOARD_PORT,
         log_to_driver=False,
         _metrics_export_port=METRICS_PORT,
         _system_config={"metrics_report_interval_ms": 1000},
@@ -61,6 +64,12 @@ def serve_url() -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dashboard_url(serve_url) -> str:
+    """The Ray dashboard of this session: Serve's REST API, for `serve deploy` and `serve status`."""
+    return f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,10 @@ def _modules(folder: str) -> list:
         ("deployments/runtimes", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
         ("deployments/ingress", ("deployments.worker",)),
         ("deployments/routing", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
+        (
+            "deployments/registry_check",
+            ("deployments.ingress", "deployments.worker", "deployments.runtimes", "fastapi", "starlette"),
+        ),
     ],
 )
 def test_each_side_imports_only_the_core_and_itself(folder, forbidden):
@@ -47,6 +51,20 @@ def test_the_builder_is_the_only_module_that_imports_both_deployments():
         and any(i.startswith("deployments.worker") for i in _imports(m))
     ]
     assert both == ["serve_app/app.py"]
+
+
+def test_the_registry_reaches_the_deployments_as_user_config_never_as_a_constructor_argument():
+    """A constructor argument that changes restarts the replicas; a user_config that changes reaches them in
+    reconfigure. No deployment's constructor takes the registry, and each one that holds it reconfigures."""
+    import inspect
+
+    from serve_app import app
+
+    for name in app.REGISTRY_DEPLOYMENTS:
+        cls = {d.name: d for d in (app.Ingress, app.ModelWorker, app.RegistryCheck)}[name].func_or_class
+        params = inspect.signature(cls.__init__).parameters
+        assert not any("registry" in p and p != "registry_check" for p in params), (name, list(params))
+        assert inspect.iscoroutinefunction(cls.reconfigure), name  # on the replica's event loop, not a thread
 
 
 def _project_module_file(name: str):

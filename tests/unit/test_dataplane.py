@@ -112,6 +112,7 @@ class FakeWorker:
     def __init__(self, *outcomes):
         self.outcomes = list(outcomes)
         self.calls: list[tuple[str, str]] = []
+        self.kwargs: list[dict] = []
         self.responses: list[FakeResponse] = []
         self._model = None
 
@@ -123,8 +124,9 @@ class FakeWorker:
         worker = self
 
         class _Method:
-            def remote(self, *args):
+            def remote(self, *args, **kwargs):
                 worker.calls.append((method, worker._model))
+                worker.kwargs.append(kwargs)
                 worker.responses.append(FakeResponse(worker.outcomes.pop(0)))
                 return worker.responses[-1]
 
@@ -142,11 +144,11 @@ class FakeMetrics:
 def plane(*outcomes, timeout_s=30.0):
     from deployments.ingress.dataplane import DataPlane
     from serve_app.core.config import AppArgs
-    from serve_app.core.registry import Registry
+    from tests.helpers import live_registry
 
     metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
     args = AppArgs(request_timeout_s=timeout_s, auth={"mode": "off"})
-    return DataPlane(Registry(models=[SPEC]), worker, args, metrics=metrics, replicas=object()), worker, metrics
+    return DataPlane(live_registry(SPEC), worker, args, metrics=metrics, replicas=object()), worker, metrics
 
 
 ANSWER = WorkerResult(predictions=[[LabelScore(label="a", score=0.75), LabelScore(label="b", score=0.25)]])
@@ -155,8 +157,10 @@ ANSWER = WorkerResult(predictions=[[LabelScore(label="a", score=0.75), LabelScor
 def test_infer_dispatches_to_the_model_and_records_the_request():
     p, worker, metrics = plane(ANSWER)
     result = asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
-    assert result.spec is SPEC and result.predictions == ANSWER.predictions
+    assert result.spec == SPEC and result.predictions == ANSWER.predictions
     assert worker.calls == [("predict", "m")]
+    # the worker learns what the inputs were decoded for, under which registry
+    assert worker.kwargs == [{"task": "text-classification", "registry_version": p.live.version}]
     assert metrics.observed == [("m", "native", 200)]
 
 

@@ -41,9 +41,13 @@ WORKER_READINESS = ["bash", "-c", " && ".join(
 )]  # fmt: skip
 SERVING_PORT_NAME, DEFAULT_SERVING_PORT = "serve", 8000
 
-# serveConfigV2 is serve_config.yaml except these fields (paths in the parsed YAML), each with the value it
-# must have in the RayService and why.
+# serveConfigV2 is serve_config.yaml with the registry written in as `make reload` writes it (config/models.json
+# as the user_config of the deployments that hold it), except these fields (paths in the parsed YAML), each with
+# the value it must have in the RayService and why.
 K8S_ONLY = {
+    # Messages about a bad registry name where it came from: on the cluster, serveConfigV2 (written once, with a
+    # YAML anchor, for the three deployments).
+    **{("applications", 0, "deployments", i, "user_config", "origin"): "serveConfigV2" for i in range(3)},
     # `make run` keeps auth off so the README's examples answer as written; on a cluster, the API is
     # reachable by every pod and Service in it, so it needs keys: each pod takes them from the Secret.
     ("applications", 0, "args", "auth", "mode"): "api_key",
@@ -134,7 +138,9 @@ def test_it_is_a_rayservice(service):
     assert service["kind"] == "RayService"
 
 
-def test_serve_config_v2_is_serve_config_yaml_but_for_the_listed_fields(embedded, serve_config):
+def test_serve_config_v2_is_what_make_reload_deploys_but_for_the_listed_fields(embedded, serve_config):
+    from serve_app.reload import REGISTRY_DEPLOYMENTS, render
+
     def leaves(node, path=()):
         if isinstance(node, dict):
             return {k: v for key, child in node.items() for k, v in leaves(child, (*path, key)).items()}
@@ -142,10 +148,16 @@ def test_serve_config_v2_is_serve_config_yaml_but_for_the_listed_fields(embedded
             return {k: v for i, child in enumerate(node) for k, v in leaves(child, (*path, i)).items()}
         return {path: node}
 
-    mine, theirs = leaves(embedded), leaves(serve_config)
+    rendered, _ = render(serve_config)  # reads config/models.json
+    mine, theirs = leaves(embedded), leaves(rendered)
     differ = {p for p in mine.keys() | theirs.keys() if mine.get(p, "<absent>") != theirs.get(p, "<absent>")}
     assert differ == set(K8S_ONLY), "serveConfigV2 differs from serve_config.yaml in fields not listed in K8S_ONLY"
     assert {p: mine.get(p) for p in K8S_ONLY} == K8S_ONLY
+    # Only user_config in the deployments' entries: an option in Serve's code version (a request router, an
+    # autoscaling policy) would make a change of the registry rebuild the app and restart every replica.
+    entries = embedded["applications"][0]["deployments"]
+    assert [e["name"] for e in entries] == list(REGISTRY_DEPLOYMENTS)
+    assert all(set(e) == {"name", "user_config"} for e in entries)
 
     app = embedded["applications"][0]
     module, name = app["import_path"].split(":")

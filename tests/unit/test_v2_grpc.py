@@ -21,8 +21,9 @@ from deployments.ingress.protocols.v2_grpc import GRPC_STATUS, V2Grpc, grpc_stat
 from serve_app.core import errors
 from serve_app.core.config import AppArgs, Keys
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.core.registry import ModelSpec, Registry
+from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import LabelScore, ReplicaModelStatus, ReplicaStatus, WorkerResult
+from tests.helpers import live_registry
 from tests.unit.test_dataplane import FakeMetrics, FakeWorker
 
 S = grpc.StatusCode
@@ -84,6 +85,11 @@ def _subclasses(cls):
 def test_every_error_type_of_the_core_is_in_the_table():
     for cls in _subclasses(errors.ServeAppError):
         assert any(c in GRPC_STATUS for c in cls.__mro__), cls.__name__
+
+
+def test_a_model_that_changed_task_in_flight_is_aborted_to_be_sent_again():
+    assert grpc_status(errors.ModelChanged("Model 'm' is an image-classification model now")) is S.ABORTED
+    assert (errors.ModelChanged.status_code, errors.ModelChanged.error) == (409, "model_changed")
 
 
 def test_the_limit_errors_keep_their_rest_status_and_body():
@@ -219,11 +225,14 @@ class FakeReplicas:
     async def running_count(self):
         return 1
 
+    async def ingress_updating(self):
+        return False
+
 
 def service(*outcomes, keys=KEYS, held=(), max_message_bytes=1024, **args):
     metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
     app_args = AppArgs(auth={"mode": "off"}, max_body_bytes=max_message_bytes, **args)
-    plane = DataPlane(Registry(models=[TEXT]), worker, app_args, metrics=metrics, replicas=FakeReplicas(held))
+    plane = DataPlane(live_registry(TEXT), worker, app_args, metrics=metrics, replicas=FakeReplicas(held))
     return V2Grpc(plane, keys, max_message_bytes, "9.9"), worker, metrics
 
 

@@ -3,14 +3,20 @@ and a model taken by a request is held until the request lets it go."""
 
 import asyncio
 import time
+import weakref
+from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 
 from deployments.runtimes.base import ModelRuntime
 from deployments.worker.deployment import ModelWorker
-from serve_app.core.errors import ModelUnavailable
-from serve_app.core.registry import ModelSpec, Task
-from serve_app.core.schemas import ReplicaCounters, ReplicaModelStatus
+from serve_app.core import ray_internals
+from serve_app.core.errors import ModelChanged, ModelUnavailable
+from serve_app.core.live_registry import LiveRegistry, content_version, registry_user_config
+from serve_app.core.registry import ModelSpec, RegistryError, Task
+from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus
+from tests.helpers import live_registry
 
 
 class FakeRuntime(ModelRuntime):
@@ -44,6 +50,7 @@ def worker(load_s: float = 0.05):
     w = ModelWorker.func_or_class.__new__(ModelWorker.func_or_class)
     w._status, w._held, w._counters, w._metrics, w._backoff_s = {}, set(), ReplicaCounters(), FakeMetrics(), 30.0
     runtime, loads = FakeRuntime().load(), []
+    w._live = live_registry(runtime.spec)
 
     async def get_model(model_id):
         loads.append(model_id)
@@ -91,3 +98,149 @@ def test_a_failed_load_is_not_tried_again_during_its_back_off():
     with pytest.raises(ModelUnavailable, match="not tried again for"):
         asyncio.run(w._acquire("m"))
     assert loads == [] and w._counters.refused_in_backoff == 1
+
+
+# -- the registry changing under the worker ---------------------------------------------------------------
+
+
+class FakeCache:
+    """What @serve.multiplexed keeps on the instance: the models it holds, under its lock."""
+
+    def __init__(self, **models):
+        self.models = OrderedDict(models)
+        self._model_cache_lock = asyncio.Lock()
+        self._push_multiplexed_replica_info = False
+
+
+def registry(*entries):
+    return registry_user_config({"models": list(entries)}, origin="test")
+
+
+def spec(model_id="m", path="x", task="text-classification", **extra):
+    return {"id": model_id, "task": task, "source": {"path": path}, **extra}
+
+
+def cached_worker():
+    """A worker whose cache holds model 'm' (files 'x'), loaded through the worker's own hold."""
+    w, runtime, loads = worker(load_s=0)
+    w._lingering, w._runtimes = {}, weakref.WeakSet()
+    w._metrics = SimpleNamespace(cache_hit=lambda m: None, unloaded=lambda m: None)
+    w._hold("m", runtime)
+    w._status["m"].load_count = 1
+    setattr(w, ray_internals._MULTIPLEX_ATTR, FakeCache(m=runtime))
+    return w, runtime, loads
+
+
+def test_a_changed_model_leaves_the_cache_at_once_and_is_freed_when_its_request_is_done():
+    w, runtime, _ = cached_worker()
+    w._status["m"].retry_after, w._status["m"].last_error_at = time.time() + 30, time.time()
+
+    async def scenario():
+        assert runtime.hold()  # a request is running on the old copy
+        await w.reconfigure(registry(spec(path="y")))
+        assert getattr(w, ray_internals._MULTIPLEX_ATTR).models == {}
+        assert runtime.loaded and "m" not in w._lingering  # the request finishes on it; nobody takes it back
+        runtime.release()
+        await asyncio.sleep(0.05)  # the free runs in a thread
+
+    asyncio.run(scenario())
+    assert not runtime.loaded
+    status = w._status["m"]
+    assert status.state is ModelState.NOT_LOADED and status.unload_count == 1 and status.load_count == 1
+    assert status.retry_after is None and status.last_error_at is None  # the old files' failure is forgotten
+
+
+def test_a_removed_model_is_freed_and_forgotten_and_the_others_stay():
+    w, runtime, _ = cached_worker()
+    other = FakeRuntime().load()
+    getattr(w, ray_internals._MULTIPLEX_ATTR).models["o"] = other
+    w._live.apply(registry(spec(), spec("o")))
+    asyncio.run(w.reconfigure(registry(spec("o"))))
+    assert not runtime.loaded and "m" not in w._status
+    assert list(getattr(w, ray_internals._MULTIPLEX_ATTR).models) == ["o"] and other.loaded
+
+
+def test_a_relabelled_model_keeps_its_loaded_copy():
+    w, runtime, _ = cached_worker()
+    asyncio.run(w.reconfigure(registry(spec(labels=["p", "q"], description="new words"))))
+    assert getattr(w, ray_internals._MULTIPLEX_ATTR).models == {"m": runtime} and runtime.loaded
+    assert w._status["m"].state is ModelState.LOADED and w._status["m"].unload_count == 0
+
+
+def test_a_bad_registry_changes_nothing_on_a_running_worker_and_stops_a_starting_one():
+    w, runtime, _ = cached_worker()
+    version = w._live.version
+    asyncio.run(w.reconfigure(registry(spec(path="y"), spec(path="z"))))  # a duplicate id
+    assert w._live.version == version and "duplicate model id 'm'" in w._live.status().refused.message
+    assert getattr(w, ray_internals._MULTIPLEX_ATTR).models == {"m": runtime} and runtime.loaded
+    starting = ModelWorker.func_or_class.__new__(ModelWorker.func_or_class)
+    starting._live = LiveRegistry()
+    with pytest.raises(RegistryError, match=r"models\.1\.id: duplicate model id 'm'"):
+        asyncio.run(starting.reconfigure(registry(spec(path="y"), spec(path="z"))))
+
+
+def test_a_stale_copy_handed_out_before_the_change_reached_the_cache_is_evicted_and_loaded_again():
+    w, stale, _ = cached_worker()
+    w._live.apply(registry(spec(path="y")))  # applied; the cache still holds the copy of 'x'
+    fresh = FakeRuntime()
+    fresh.spec = ModelSpec.model_validate(spec(path="y"))
+    fresh.load()
+    handed = [stale, fresh]
+
+    async def get_model(model_id):
+        return handed.pop(0)
+
+    w.get_model = get_model
+    got = asyncio.run(w._get_and_hold("m"))
+    assert got is fresh and fresh._in_use == 1
+    assert "m" not in getattr(w, ray_internals._MULTIPLEX_ATTR).models and not stale.loaded
+
+
+def test_preloads_come_with_the_first_registry_in_order_until_the_replica_is_full():
+    w, runtime, loads = worker(load_s=0)
+    w._live = LiveRegistry()
+
+    async def get_model(model_id):
+        loads.append(model_id)
+        w._held.add(model_id)
+        return runtime
+
+    w.get_model = get_model
+    entries = [spec(m, preload=m != "b") for m in ("a", "b", "c", "d")]
+    asyncio.run(w.reconfigure(registry(*entries)))
+    assert loads == ["a", "c"]
+    asyncio.run(w.reconfigure(registry(*entries, spec("e", preload=True))))  # later changes preload nothing
+    assert loads == ["a", "c"]
+
+
+def test_a_request_sent_under_a_registry_this_replica_has_not_applied_waits_for_it(monkeypatch):
+    from deployments.worker import deployment
+
+    w, _, _ = worker()
+    newer = registry(spec(), spec("added"))
+    version = content_version(newer["registry"])
+
+    async def scenario():
+        waiting = asyncio.ensure_future(w._catch_up(version))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await w.reconfigure(newer)
+        await asyncio.wait_for(waiting, 1)
+        await asyncio.wait_for(w._catch_up(version), 0.01)  # run here already: no wait
+        await asyncio.wait_for(w._catch_up(None), 0.01)
+
+    w._lingering = {}
+    asyncio.run(scenario())
+    assert "added" in w._live.registry
+    monkeypatch.setattr(deployment, "RELOAD_WAIT_S", 0.05)  # a version that never comes: the wait is bounded
+    asyncio.run(asyncio.wait_for(w._catch_up("0123456789ab"), 1))
+
+
+def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_come_again(monkeypatch):
+    from deployments.worker import deployment
+
+    w, runtime, _ = worker(load_s=0)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    with pytest.raises(ModelChanged, match="text-classification model now, no longer image-classification") as e:
+        asyncio.run(w.predict(["bytes of an image"], task="image-classification"))
+    assert e.value.status_code == 409 and runtime._in_use == 0  # let go of the model

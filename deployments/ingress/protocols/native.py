@@ -1,7 +1,8 @@
 """The native protocol (the seed's API): its request and response bodies, and how answers are shaped.
 
 ``POST /predict`` takes ``{"model_id", "input_data"}`` and answers one prediction per input;
-``GET /models`` lists every registered model with its state on the worker replicas.
+``GET /models`` lists every registered model with its state on the worker replicas, and the registry's
+version on every replica.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from deployments.ingress.bodies import check_json_budget
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
 from serve_app.core.registry import Modality, Task
-from serve_app.core.schemas import LabelScore, ModelState, ReplicaCounters
+from serve_app.core.schemas import LabelScore, ModelState, RefusedRegistry, RegistryStatus, ReplicaCounters
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -69,6 +70,22 @@ class ReplicaModels(BaseModel):
     node_id: str | None = None
     models: list[str] = Field(description="models this replica holds or is loading now")
     counters: ReplicaCounters = Field(description="what this replica has done since it started")
+    registry: RegistryStatus | None = Field(None, description="the registry this replica runs (null: not reported yet)")
+
+
+class RegistryInfo(BaseModel):
+    """The registry of the ingress replica that answered, and how far it has reached."""
+
+    replica_id: str | None = Field(None, description="the ingress replica that answered")
+    version: str | None = Field(None, description="content hash of the registry in force")
+    applied_at: float | None = Field(None, description="Unix time the answering ingress replica applied it")
+    models: int = Field(0, description="models in it")
+    refused: RefusedRegistry | None = Field(
+        None, description="the last change this ingress replica refused since it applied this one (null: none)"
+    )
+    on_every_replica: bool = Field(
+        description="every worker replica reports this version, and Serve has no ingress replica left to update"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -92,6 +109,7 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
+    registry: RegistryInfo
     models: list[ModelInfo]
     replicas: list[ReplicaModels] = Field(description="every running worker replica and its models")
 
@@ -130,11 +148,17 @@ def model_info(status: ModelStatus) -> ModelInfo:
     )
 
 
-def model_list(listing: ModelListing) -> ModelList:
+def model_list(listing: ModelListing, replica_id: str | None = None) -> ModelList:
+    """``replica_id``: the ingress replica that answers."""
     return ModelList(
+        registry=RegistryInfo(
+            replica_id=replica_id, **listing.registry.model_dump(), on_every_replica=listing.on_every_replica
+        ),
         models=[model_info(m) for m in listing.models],
         replicas=[
-            ReplicaModels(replica_id=r.replica_id, node_id=r.node_id, models=r.held, counters=r.counters)
+            ReplicaModels(
+                replica_id=r.replica_id, node_id=r.node_id, models=r.held, counters=r.counters, registry=r.registry
+            )
             for r in listing.replicas
         ],
     )

@@ -42,6 +42,7 @@ from serve_app.core.errors import (
     ForbiddenPath,
     InvalidInput,
     LimitExceeded,
+    ModelChanged,
     ModelNotFound,
     ModelUnavailable,
     PayloadTooLarge,
@@ -60,6 +61,7 @@ API = "v2_grpc"
 
 GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelChanged: grpc.StatusCode.ABORTED,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     BadImage: grpc.StatusCode.INVALID_ARGUMENT,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -1,0 +1,202 @@
+"""``make reload``: deploy the registry (``config/models.json``) to the running application, in place.
+
+Ray Serve changes a running application in place only when a deploy changes nothing but the options of
+its deployments, ``user_config`` among them: the replicas run ``reconfigure`` and keep running. A change
+to an application's ``args``, ``import_path`` or ``runtime_env`` changes its code version instead (a
+hash of them: ``get_app_code_version`` in Ray 2.60's Serve), and Serve builds it anew and restarts every
+replica, since each deployment's version carries that code version.
+And after an edit of ``config/models.json`` alone, ``serve deploy serve_config.yaml`` sends the same config
+as before: Serve does not build the application again, so the builder never reads the file, and nothing
+changes.
+
+So this command writes the registry into the config it deploys. For each application of the config that
+``serve_app.app:build_app`` builds, it reads the registry the way the builder does (``registry_path``,
+relative to the project root), checks it, and sets it as the ``user_config`` of the deployments that
+hold it (``deployments:`` in the config; anything else there is kept). A bad registry stops it here with
+the messages of start-up, and nothing is deployed. Then ``serve deploy`` sends the config to the
+cluster's dashboard (``--address``, as for ``serve deploy``), and the command follows ``serve status``
+until the update is over: RUNNING (exit 0), or refused (exit 1, with Serve's message).
+
+``--print`` writes the config it would deploy and stops: the ``serveConfigV2`` of a RayService carries the
+registry the same way (``deploy/rayservice.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.core.config import AppArgs
+from serve_app.core.live_registry import content_version, registry_user_config
+from serve_app.core.paths import resolve_project_path
+from serve_app.core.registry import RegistryError, read_registry_file
+
+IMPORT_PATH = "serve_app.app:build_app"
+REGISTRY_DEPLOYMENTS = ("Ingress", "ModelWorker", "RegistryCheck")
+"""The deployments whose ``user_config`` is the registry (``serve_app.app.REGISTRY_DEPLOYMENTS``; a unit
+test keeps the two equal, so that this command does not import Ray)."""
+DEFAULT_ADDRESS = "http://localhost:8265"
+SETTLED = {"RUNNING", "DEPLOY_FAILED", "UNHEALTHY"}
+
+
+class ReloadError(Exception):
+    """Nothing was deployed: the config or a registry is bad."""
+
+
+def render(config: dict[str, Any], check: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config with each application's registry as its deployments' ``user_config``, and each
+    application's registry version. ``check=False`` skips the registry check (to see the cluster refuse)."""
+    out = copy.deepcopy(config)
+    versions: dict[str, str] = {}
+    apps = [a for a in out.get("applications") or [] if a.get("import_path") == IMPORT_PATH]
+    if not apps:
+        raise ReloadError(f"no application in the config is built by {IMPORT_PATH}")
+    for app in apps:
+        name = app.get("name", "default")
+        try:
+            args = AppArgs.model_validate(app.get("args") or {})
+        except ValueError as e:
+            raise ReloadError(f"application {name!r}: {e}") from None
+        data = _read(args.registry_path, check)
+        versions[name] = content_version(data)
+        user_config = registry_user_config(data, origin=args.registry_path)
+        deployments = app.setdefault("deployments", [])
+        for deployment in REGISTRY_DEPLOYMENTS:
+            entry = next((d for d in deployments if d.get("name") == deployment), None)
+            if entry is None:
+                deployments.append(entry := {"name": deployment})
+            entry["user_config"] = user_config  # one object: the YAML holds it once, with aliases
+    return out, versions
+
+
+def _read(path: str, check: bool) -> object:
+    try:
+        if check:
+            return read_registry_file(path)[0]
+        return json.loads(resolve_project_path(path).read_text(encoding="utf-8"))
+    except RegistryError as e:
+        raise ReloadError(f"the registry is refused, nothing was deployed:\n{e}") from None
+    except (OSError, ValueError) as e:
+        raise ReloadError(f"{path}: {e}") from None
+
+
+def serve_env() -> dict[str, str]:
+    """The environment of the ``serve`` commands: with Ray's token authentication on when a token is at hand
+    and RAY_AUTH_MODE does not say otherwise (as the ``ray`` command does), since a cluster started with
+    ``serve run`` or ``ray start`` asks for it."""
+    env = dict(os.environ)
+    token = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray/auth_token").exists()
+    if "RAY_AUTH_MODE" not in env and token:
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def _serve(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).with_name("serve")), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=serve_env())
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:2])} failed ({result.returncode}):\n{result.stderr or result.stdout}")
+    return result
+
+
+def app_status(address: str, name: str) -> dict[str, Any] | None:
+    """The application's entry of ``serve status`` (status, message, last_deployed_time_s, deployments)."""
+    out = yaml.safe_load(_serve("status", "--address", address).stdout) or {}
+    return (out.get("applications") or {}).get(name)
+
+
+def refusal(status: dict[str, Any]) -> str:
+    """What ``serve status`` says went wrong: the application's message and each failed deployment's, its
+    first line and the error at the end of the traceback Serve quotes (a registry's: every bad field)."""
+    lines = [f"{status.get('status')}: {status.get('message') or ''}".rstrip(": ")]
+    for name, d in (status.get("deployments") or {}).items():
+        message = d.get("message") or ""
+        if d.get("status") in ("HEALTHY", "UPSCALING", "DOWNSCALING") or not message:
+            continue
+        lines.append(f"{name} ({d.get('status')}): {message.splitlines()[0]}")
+        if "RegistryError: " in message:
+            lines += ["  " + line for line in message[message.rindex("RegistryError: ") :].splitlines()]
+        elif "Traceback" in message:
+            lines.append("  " + message.rstrip().splitlines()[-1].strip())
+    return "\n".join(lines)
+
+
+def deploy(config: dict[str, Any], address: str, wait: bool = True, timeout_s: float = 300.0) -> dict[str, Any]:
+    """``serve deploy`` the config, then, with ``wait``, follow ``serve status`` until every application
+    of it has taken the deploy (RUNNING) or failed it; returns the final statuses by application."""
+    names = [a.get("name", "default") for a in config.get("applications") or []]
+    before = {n: (app_status(address, n) or {}).get("last_deployed_time_s") for n in names} if wait else {}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve-reload-", delete=False) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    try:
+        _serve("deploy", f.name, "--address", address)
+    finally:
+        os.unlink(f.name)
+    statuses: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    for name in names if wait else []:
+        while True:
+            status = app_status(address, name) or {}
+            taken = status.get("last_deployed_time_s") != before[name]
+            if taken and status.get("status") in SETTLED:
+                statuses[name] = status
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"application {name!r} is still {status.get('status')} after {timeout_s:g}s")
+            time.sleep(1.0)
+    return statuses
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.reload", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", default="serve_config.yaml", help="the Serve config (serve_config.yaml)")
+    parser.add_argument(
+        "--address",
+        "-a",
+        default=os.environ.get("RAY_DASHBOARD_ADDRESS", DEFAULT_ADDRESS),
+        help="the Ray dashboard's address, as for `serve deploy` (RAY_DASHBOARD_ADDRESS, else %(default)s)",
+    )
+    parser.add_argument("--print", action="store_true", help="print the config with the registry and stop")
+    parser.add_argument("--no-wait", action="store_true", help="do not follow `serve status` after the deploy")
+    parser.add_argument(
+        "--no-check", action="store_true", help="deploy the registry unchecked (the cluster then refuses a bad one)"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the update (%(default)s)")
+    options = parser.parse_args(argv)
+    try:
+        config = yaml.safe_load(Path(options.config).read_text(encoding="utf-8"))
+        rendered, versions = render(config, check=not options.no_check)
+    except (OSError, yaml.YAMLError, ReloadError) as e:
+        print(f"reload: {e}", file=sys.stderr)
+        return 1
+    if options.print:
+        yaml.safe_dump(rendered, sys.stdout, sort_keys=False)
+        return 0
+    for name, version in versions.items():
+        print(f"reload: deploying registry {version} to application {name!r} ({options.address})")
+    statuses = deploy(rendered, options.address, wait=not options.no_wait, timeout_s=options.timeout)
+    failed = False
+    for name, status in statuses.items():
+        if status.get("status") == "RUNNING":
+            print(f"reload: {name!r} RUNNING: every replica runs registry {versions.get(name, '?')}")
+        else:
+            failed = True
+            print(f"reload: {name!r} did not take registry {versions.get(name, '?')}:\n{refusal(status)}")
+    if not options.no_wait and not failed:
+        print("reload: GET /models shows the version of every replica (registry.version, on_every_replica)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

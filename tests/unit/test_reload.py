@@ -1,0 +1,197 @@
+"""`make reload`'s command without a cluster: the config it writes (the registry as the deployments'
+user_config, nothing else changed), a bad registry stopped before anything is deployed, and how it follows
+`serve status` to the end of the update. The `serve` commands are stood in for here; the integration tests
+run them against a real dashboard (tests/integration/test_registry_reload.py)."""
+
+import copy
+import json
+import re
+
+import pytest
+import yaml
+
+from serve_app import reload
+from serve_app.core.live_registry import content_version, parse_user_config
+from serve_app.core.paths import PROJECT_ROOT
+
+
+@pytest.fixture
+def registry(tmp_path):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"id": "a", "task": "text-classification", "source": {"path": "m/a"}}]}))
+    return path
+
+
+def config(registry, **app):
+    return {
+        "http_options": {"port": 8000},
+        "applications": [
+            {
+                "name": "multimodel",
+                "route_prefix": "/",
+                "import_path": reload.IMPORT_PATH,
+                "args": {"auth": {"mode": "off"}, "registry_path": str(registry)},
+                **app,
+            },
+            {"name": "other", "import_path": "somewhere:else", "args": {}},
+        ],
+    }
+
+
+def test_the_registry_becomes_the_user_config_of_the_deployments_that_hold_it_and_nothing_else_changes(registry):
+    original = config(registry, deployments=[{"name": "ModelWorker", "num_replicas": 3}])
+    rendered, versions = reload.render(original)
+    app = rendered["applications"][0]
+    data = json.loads(registry.read_text())
+    assert versions == {"multimodel": content_version(data)}
+    assert [d["name"] for d in app["deployments"]] == ["ModelWorker", "Ingress", "RegistryCheck"]
+    assert app["deployments"][0]["num_replicas"] == 3  # other options stay
+    (user_config,) = {json.dumps(d["user_config"], sort_keys=True) for d in app["deployments"]}
+    registry_of, version = parse_user_config(json.loads(user_config))
+    assert registry_of.ids == ["a"] and version == versions["multimodel"]
+    # Serve's code version (import path, runtime env, args) is untouched: the deploy is an in-place update.
+    for key in ("import_path", "args", "route_prefix", "name"):
+        assert app[key] == original["applications"][0][key]
+    assert "runtime_env" not in app
+    assert rendered["applications"][1] == original["applications"][1]  # another builder's app: left alone
+    assert original["applications"][0]["deployments"] == [{"name": "ModelWorker", "num_replicas": 3}]  # not mutated
+
+
+def test_the_written_config_holds_the_registry_once(registry, capsys):
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    assert reload.main([str(config_path), "--print"]) == 0
+    out = capsys.readouterr().out
+    assert out.count('"m/a"') + out.count(" m/a") == 1 and len(re.findall(r"\*id\d+", out)) == 2
+    assert yaml.safe_load(out) == reload.render(config(registry))[0]
+
+
+def test_the_deployments_named_are_the_builders():
+    from serve_app import app
+
+    assert reload.REGISTRY_DEPLOYMENTS == app.REGISTRY_DEPLOYMENTS
+
+
+def test_make_reload_runs_this_command_on_serve_config_yaml():
+    recipe = re.search(r"^reload:.*\n((?:\t.*\n)+)", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert recipe.strip() == "$(PY) -m serve_app.reload serve_config.yaml"
+    _, versions = reload.render(yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text()))
+    assert list(versions) == ["multimodel"]  # the shipped config and registry render
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task": "translation"}, "models.0.task: Input should be"),
+        ({"id": "has space"}, "models.0.id"),
+        ({"source": {"hub_id": "org/name", "revision": "main"}}, "models.0.source"),
+    ],
+)
+def test_a_bad_registry_stops_it_before_anything_is_deployed(registry, monkeypatch, capsys, change, message):
+    data = json.loads(registry.read_text())
+    data["models"][0].update(change)
+    registry.write_text(json.dumps(data))
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    called = []
+    monkeypatch.setattr(reload, "_serve", lambda *a, **k: called.append(a))
+    assert reload.main([str(config_path)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was deployed" in err and f"{registry}: {message}" in err
+    assert called == []
+    # --no-check sends it anyway (to see the cluster refuse it); the check is the cluster's then
+    rendered, _ = reload.render(config(registry), check=False)
+    assert rendered["applications"][0]["deployments"][0]["user_config"]["registry"] == data
+
+
+def test_a_missing_registry_or_a_config_without_the_app_is_refused(registry):
+    with pytest.raises(reload.ReloadError, match="registry file not found"):
+        reload.render(config(registry.parent / "absent.json"))
+    with pytest.raises(reload.ReloadError, match="no application in the config is built by"):
+        reload.render({"applications": [{"name": "x", "import_path": "a:b"}]})
+
+
+class FakeServe:
+    """`serve status` answers in turn, after `serve deploy`."""
+
+    def __init__(self, *after):
+        self.before = {"status": "RUNNING", "last_deployed_time_s": 1.0}
+        self.after, self.deployed, self.calls = list(after), None, []
+
+    def __call__(self, *args, check=True):
+        self.calls.append(args[0])
+        if args[0] == "deploy":
+            with open(args[1]) as f:
+                self.deployed = yaml.safe_load(f)
+            return None
+        status = self.before if self.deployed is None else self.after.pop(0) if len(self.after) > 1 else self.after[0]
+
+        class Result:
+            stdout = yaml.safe_dump({"applications": {"multimodel": status, "other": status}})
+
+        return Result()
+
+
+def test_it_follows_serve_status_until_the_update_is_over(registry, monkeypatch, capsys):
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    serve = FakeServe(
+        {"status": "RUNNING", "last_deployed_time_s": 1.0},  # not taken yet
+        {"status": "DEPLOYING", "last_deployed_time_s": 2.0},
+        {"status": "RUNNING", "last_deployed_time_s": 2.0},
+    )
+    monkeypatch.setattr(reload, "_serve", serve)
+    monkeypatch.setattr(reload.time, "sleep", lambda s: None)
+    assert reload.main([str(config_path)]) == 0
+    out = capsys.readouterr().out
+    version = content_version(json.loads(registry.read_text()))
+    assert f"every replica runs registry {version}" in out
+    assert serve.deployed == reload.render(config(registry))[0]
+    assert serve.calls.count("status") >= 5  # before (2 apps), then until RUNNING
+
+
+def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, monkeypatch, capsys):
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    failed = {
+        "status": "DEPLOY_FAILED",
+        "message": "Failed to update the deployments ['RegistryCheck'].",
+        "last_deployed_time_s": 2.0,
+        "deployments": {
+            "RegistryCheck": {
+                "status": "DEPLOY_FAILED",
+                "message": "The deployment failed to start 3 times in a row. Error:\nray::ServeReplica...\n"
+                "Traceback (most recent call last):\n  File ...\n"
+                "serve_app.core.registry.RegistryError: x: models.0.task: bad\nx: models.1.id: bad too",
+            },
+            "Ingress": {"status": "HEALTHY", "message": ""},
+        },
+    }
+    monkeypatch.setattr(reload, "_serve", FakeServe(failed))
+    monkeypatch.setattr(reload.time, "sleep", lambda s: None)
+    assert reload.main([str(config_path), "--no-check"]) == 1
+    out = capsys.readouterr().out
+    assert "DEPLOY_FAILED: Failed to update the deployments ['RegistryCheck']." in out
+    assert "RegistryCheck (DEPLOY_FAILED): The deployment failed to start 3 times in a row. Error:\n" in out
+    assert "\n  RegistryError: x: models.0.task: bad\n  x: models.1.id: bad too\n" in out  # every bad field
+    assert "Ingress (" not in out and "Traceback" not in out
+
+
+def test_the_serve_commands_send_rays_token_when_there_is_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert "RAY_AUTH_MODE" not in reload.serve_env()
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray/auth_token").write_text("t")
+    assert reload.serve_env()["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # said explicitly: kept
+    assert reload.serve_env()["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_render_leaves_its_input_alone(registry):
+    original = config(registry)
+    kept = copy.deepcopy(original)
+    reload.render(original)
+    assert original == kept
