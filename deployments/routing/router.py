@@ -3,7 +3,8 @@
 Serve runs one instance per deployment handle in each caller process (here: each ingress replica). For
 every request it asks ``choose_replicas`` for ranked groups of replicas; this router builds a view of the
 worker replicas (what each holds, from its pushed model ids and its own reported stats, corrected by what
-this router has just sent) and ranks them with ``policy.rank``.
+this router has just sent, and by the explicit unloads it has just carried) and ranks them with
+``policy.rank``.
 
 It also keeps the ingress's view of the worker replicas (``views.view_of``): GET /models reads each
 replica's own report from here, and calls meant for one replica (explicit unload, a fresh status) name it
@@ -101,9 +102,14 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [list(candidates)]
         by_id = {r.replica_id.unique_id: r for r in candidates}
         target = pending.kwargs.get(ON_REPLICA)
-        if target is not None:  # a call for one replica: there, or nowhere
-            return [[by_id[target]]] if target in by_id else []
         model_id = pending.metadata.multiplexed_model_id
+        if target is not None:  # a call for one replica: there, or nowhere
+            if target not in by_id:
+                return []
+            if model_id and pending.metadata.call_method == "unload":  # gone from there before its push says so
+                self._evicting.setdefault(target, {})[model_id] = time.time()
+                self._assigned.setdefault(target, {}).pop(model_id, None)
+            return [[by_id[target]]]
         if not model_id:
             return [list(candidates)]
         if self._ray_default:  # as Ray's PowerOfTwoChoicesRequestRouter: two random replicas holding the model
@@ -117,6 +123,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             if top.copy_of(model_id) is None:  # a miss goes there: loading from now on, after Ray's LRU makes room
                 if top.victim is not None:
                     self._evicting[top.replica_id][top.victim.model_id] = now
+                self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
                 self._assigned[top.replica_id][model_id] = now
         return [[by_id[rid] for rid in group] for group in order]
 

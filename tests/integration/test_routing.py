@@ -105,13 +105,13 @@ def test_misses_go_to_a_free_slot_then_to_the_replica_with_the_coldest_victim(cl
             _predict(client, routing_url, model_id)
         assert wait_for(
             lambda: sorted(_held(client, routing_url), key=sorted) == [{"alpha", "gamma"}, {"beta", "delta"}]
-        )
+        ), _held(client, routing_url)
         for model_id in ["alpha", "beta"] * 3:
             _predict(client, routing_url, model_id)
         _predict(client, routing_url, "epsilon")
         assert wait_for(
             lambda: sorted(_held(client, routing_url), key=sorted) == [{"alpha", "epsilon"}, {"beta", "delta"}]
-        )
+        ), _held(client, routing_url)
         _predict(client, routing_url, "zeta")
         assert wait_for(
             lambda: sorted(_held(client, routing_url), key=sorted) == [{"alpha", "epsilon"}, {"beta", "zeta"}]

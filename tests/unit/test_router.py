@@ -1,0 +1,67 @@
+"""The model workers' router (deployments/routing/router.py) between the replicas' reports: what it has
+just sent and carried counts before the replicas' pushed model ids show it."""
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.routing.router import ON_REPLICA, ModelAwareRouter
+
+
+@dataclass(frozen=True)
+class FakeId:
+    unique_id: str
+
+
+@dataclass
+class FakeReplica:
+    """What the router reads of a RunningReplica: its id, the model ids it pushed, its reported stats."""
+
+    name: str
+    multiplexed_model_ids: set[str] = field(default_factory=set)
+    routing_stats: dict = field(default_factory=dict)
+
+    @property
+    def replica_id(self) -> FakeId:
+        return FakeId(self.name)
+
+
+@pytest.fixture
+def router():
+    r = ModelAwareRouter(
+        SimpleNamespace(name="ModelWorker", app_name="router-test"), handle_source=SimpleNamespace(value="test")
+    )
+    r.initialize_state()
+    return r
+
+
+def request(model_id: str, method: str = "__call__", **kwargs) -> SimpleNamespace:
+    """What the router reads of a PendingRequest: the method called, its model id, its keyword arguments."""
+    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(call_method=method, multiplexed_model_id=model_id))
+
+
+def routed(router, replicas, pending) -> list[str]:
+    return [group[0].name for group in router._ranked(replicas, pending)]
+
+
+def test_misses_into_an_idle_pool_spread_over_its_replicas_before_any_push_shows_them(router):
+    a, b = FakeReplica("a"), FakeReplica("b")
+    assert routed(router, [a, b], request("m1"))[0] == "a"
+    assert routed(router, [a, b], request("m2"))[0] == "b"  # a holds m1, as far as this router knows
+
+
+def test_an_unload_it_carried_frees_the_slot_before_the_replica_pushes_its_model_ids(router):
+    """The pushed ids still name the unloaded model on both replicas: a request for it is a miss, and a
+    request for another model takes a free slot on the first replica, not a stale copy's neighbour."""
+    a, b = FakeReplica("a", {"beta"}), FakeReplica("b", {"beta"})
+    for replica in (a, b):
+        assert routed(router, [a, b], request("beta", "unload", **{ON_REPLICA: replica.name})) == [replica.name]
+    assert routed(router, [a, b], request("alpha"))[0] == "a"
+    assert routed(router, [a, b], request("beta"))[0] == "b"  # a miss now: the emptier replica
+
+
+def test_a_call_for_one_replica_goes_there_or_nowhere(router):
+    a, b = FakeReplica("a"), FakeReplica("b")
+    assert routed(router, [a, b], request("m", "status", **{ON_REPLICA: "b"})) == ["b"]
+    assert routed(router, [a], request("m", "status", **{ON_REPLICA: "b"})) == []
