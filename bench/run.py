@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,9 +181,13 @@ def run(
                     report.churn["ray-default"] = scenarios.churn(vurl, p.churn_requests)["app"]
                 variant.stop()
                 servers.remove(variant)
+    except BaseException:
+        print(f"the servers' logs are kept in {logs}", flush=True)
+        raise
     finally:
         for s in servers:
             s.stop()
+    shutil.rmtree(work, ignore_errors=True)  # its models and logs: a finished run leaves nothing behind
     write_report(report, out, smoke)
     return report
 

@@ -14,10 +14,12 @@ Two rules from Serve's router code: an exception in ``choose_replicas`` would ha
 error falls back to every candidate; and every answer asks Serve to back off before it asks again, since
 the groups returned already cover every candidate.
 
-What a replica is doing comes from Serve's own count of the requests this process has in flight there,
-which it raises when it sends one. Serve tells the router that a request was routed only once the
-replica accepted it, and over gRPC (throughput-optimized mode) that is when its answer is back: too late
-to count load, so a miss's placement and the eviction it causes are recorded when the router decides.
+How busy a replica is: the requests this process has sent there and not seen completed, counted by
+this router as Serve sends and completes them (``on_send_request``, ``on_request_completed``). Serve's
+own queue-length cache is no measure here: over gRPC (throughput-optimized mode) the replica's count at
+acceptance arrives with the answer and overwrites it. For the same reason Serve tells the router that a
+request was routed only when its answer is back: too late to count load, so a miss's placement and the
+eviction it causes are recorded when the router decides.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._assigned: dict[str, dict[str, float]] = {}  # replica -> model -> when sent
         self._evicting: dict[str, dict[str, float]] = {}
         self._in_flight: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, model)
+        self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet
         self._finished_first: dict[str, float] = {}  # completions that came before their routing
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
@@ -92,8 +95,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             for m in held
         )
         backoff = frozenset(m for m, s in reported.items() if (s.get("retry_after") or 0) > now)
-        queued = self.replica_queue_len_cache.get(replica.replica_id) or 0
-        return Replica(rid, copies, in_flight=queued, backoff=backoff)
+        return Replica(rid, copies, in_flight=self._sent.get(rid, 0), backoff=backoff)
 
     def _ranked(
         self, candidates: Sequence[RunningReplica], pending: PendingRequest | None
@@ -158,8 +160,15 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._last_used = {k: t for k, t in self._last_used.items() if k[0] in live}
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
+            self._sent = {r: n for r, n in self._sent.items() if r in live}
             self._finished_first = {k: t for k, t in self._finished_first.items() if now - t < 60}
 
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        self._sent[replica_id.unique_id] = self._sent.get(replica_id.unique_id, 0) + 1
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._sent.get(replica_id.unique_id):  # every request sent completes once (rejected ones too)
+            self._sent[replica_id.unique_id] -= 1
         if self._in_flight.pop(internal_request_id, None) is None:
             self._finished_first[internal_request_id] = time.time()  # its routing is still to be told

@@ -50,9 +50,9 @@ class BatchingArgs(_Strict):
 
     max_batch_size: int = Field(8, ge=1, description="most requests in one batch (1 turns batching off)")
     batch_wait_timeout_s: float = Field(
-        0.0,
+        0.001,
         ge=0,
-        description="how long a batch waits to fill up; 0: take what is queued (batches still form under load)",
+        description="how long a batch waits to fill up once its first request is in; 0: take what is queued",
     )
 
 

@@ -65,3 +65,14 @@ def test_a_call_for_one_replica_goes_there_or_nowhere(router):
     a, b = FakeReplica("a"), FakeReplica("b")
     assert routed(router, [a, b], request("m", "status", **{ON_REPLICA: "b"})) == ["b"]
     assert routed(router, [a], request("m", "status", **{ON_REPLICA: "b"})) == []
+
+
+def test_a_hit_goes_to_the_holder_with_fewer_requests_sent_and_not_completed(router):
+    a, b = FakeReplica("a", {"m"}), FakeReplica("b", {"m"})
+    for _ in range(3):
+        router.on_send_request(a.replica_id)
+    router.on_send_request(b.replica_id)
+    assert routed(router, [a, b], request("m"))[0] == "b"
+    for i in range(3):
+        router.on_request_completed(a.replica_id, f"done-{i}")
+    assert routed(router, [a, b], request("m"))[0] == "a"
