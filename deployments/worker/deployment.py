@@ -97,6 +97,9 @@ class ModelWorker:
         self._lingering: dict[str, ModelRuntime] = {}  # evicted while in use, not freed yet
         self._runtimes: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()  # every runtime still alive
         self._counters = ReplicaCounters()
+        self._batches_running = 0
+        self._no_batch_running = asyncio.Event()
+        self._no_batch_running.set()
         self._metrics = WorkerMetrics()
 
     # -- the registry ---------------------------------------------------------------------------------
@@ -253,6 +256,7 @@ class ModelWorker:
                     )
                 if type(runtime).prepare is not ModelRuntime.prepare:  # e.g. decoding images: in a thread
                     inputs = await asyncio.to_thread(runtime.prepare, inputs)
+                await self._no_batch_running.wait()  # join the queue when the model thread is free: see _run_batch
                 predictions = await self._run_batch(inputs, runtime)
             finally:
                 runtime.release()
@@ -265,13 +269,28 @@ class ModelWorker:
         return WorkerResult(predictions=predictions)
 
     # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
-    # on one torch thread, so a second concurrent batch would add no compute.
+    # on one torch thread, so a second concurrent batch would add no compute. Serve forms a batch when its
+    # first request arrives, not when the previous batch is done: requests that came one by one while a
+    # batch ran would queue as batches of one. So predict() holds them until no batch runs, and they join
+    # the queue together, as one batch (measured: 1.2 requests a batch at 16 clients without the hold).
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _run_batch(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
+        self._batches_running += 1
+        self._no_batch_running.clear()
+        try:
+            return await self._run_batch_now(requests, runtimes)
+        finally:
+            self._batches_running -= 1
+            if self._batches_running == 0:
+                self._no_batch_running.set()
+
+    async def _run_batch_now(
+        self, requests: list[list[Any]], runtimes: list[ModelRuntime]
+    ) -> list[list[Scores] | Exception]:
         runtime = runtimes[0]  # every request of the batch holds its runtime (in_use), so this one stays loaded
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))

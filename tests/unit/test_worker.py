@@ -244,3 +244,44 @@ def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_co
     with pytest.raises(ModelChanged, match="text-classification model now, no longer image-classification") as e:
         asyncio.run(w.predict(["bytes of an image"], task="image-classification"))
     assert e.value.status_code == 409 and runtime._in_use == 0  # let go of the model
+
+
+def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(monkeypatch):
+    """Serve's @serve.batch forms a batch as soon as its first request arrives; the worker holds requests
+    until no batch runs, so five that arrive one by one during a batch run as one batch of five, not five
+    batches of one."""
+    import threading
+
+    from deployments.worker import deployment
+
+    w, runtime, _ = worker(load_s=0)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: replica)  # @serve.batch reads it
+    w._lingering, w._batches_running, w._no_batch_running = {}, 0, asyncio.Event()
+    w._no_batch_running.set()
+    w._run_batch.set_max_batch_size(8)
+    w._run_batch.set_batch_wait_timeout_s(0.0)
+    batches, first_batch_may_end = [], threading.Event()
+
+    def predict(inputs):
+        batches.append(len(inputs))
+        first_batch_may_end.wait(10)
+        return [[{"label": "x", "score": 1.0}] for _ in inputs]
+
+    runtime.predict = predict
+
+    async def scenario():
+        first = asyncio.ensure_future(w.predict(["a"]))
+        while not batches and not first.done():  # until the first batch runs
+            await asyncio.sleep(0.01)
+        later = []
+        for i in range(5):  # arrive one by one while it runs
+            later.append(asyncio.ensure_future(w.predict([f"b{i}"])))
+            for _ in range(5):
+                await asyncio.sleep(0)
+        first_batch_may_end.set()
+        await asyncio.gather(first, *later)
+
+    asyncio.run(scenario())
+    assert batches == [1, 5]
