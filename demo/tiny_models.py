@@ -17,9 +17,10 @@ def labels_for(model_id: str, n: int = 2) -> list[str]:
     return [f"{model_id}-{k}" for k in range(n)]
 
 
-def build_text_model(folder: Path, model_id: str, seed: int = 0, embedding_rows: int = 0) -> Path:
-    """A tiny BERT classifier; ``embedding_rows`` adds rows to its embedding table (16 floats each) that no
-    token uses, to make the model as heavy in memory as a test needs."""
+def build_text_model(folder: Path, model_id: str, seed: int = 0, dense_size: int = 32) -> Path:
+    """A tiny BERT classifier. ``dense_size`` widens its one feed-forward layer (32 floats a unit), which
+    every prediction reads whole, to make the model as heavy in memory as a test needs. (Weights that no
+    prediction reads, such as unused embedding rows, would stay on disk: the weights are memory-mapped.)"""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -30,11 +31,11 @@ def build_text_model(folder: Path, model_id: str, seed: int = 0, embedding_rows:
     labels = labels_for(model_id)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab) + embedding_rows,
+        vocab_size=len(vocab),
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
-        intermediate_size=32,
+        intermediate_size=dense_size,
         max_position_embeddings=32,
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},

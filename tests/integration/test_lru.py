@@ -11,7 +11,7 @@ from tests.helpers import Background, replica_pids, replicas, rss_bytes, tiny_ar
 pytestmark = pytest.mark.integration
 
 FAT = ["fat0", "fat1", "fat2"]
-FAT_ROWS = 400_000  # 400,000 x 16 floats: 25.6 MB of weights a model
+FAT_DENSE = 200_000  # a feed-forward layer of 2 x 200,000 x 16 floats: 25.6 MB that every prediction reads
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def lru_url(deploy, tiny_dir, tmp_path_factory):
     models = {name: ("text-classification", tiny_dir / name) for name in ["alpha", "beta", "gamma", "delta"]}
     models["pixels"] = ("image-classification", tiny_dir / "pixels")
     for seed, name in enumerate(FAT):
-        models[name] = ("text-classification", build_text_model(base / name, name, seed=seed, embedding_rows=FAT_ROWS))
+        models[name] = ("text-classification", build_text_model(base / name, name, seed=seed, dense_size=FAT_DENSE))
     yield deploy("lru", tiny_args(write_registry(base / "registry.json", models), replicas=1))
     ray_internals.delete_app_in_background("lru")
 

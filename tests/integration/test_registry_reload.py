@@ -173,7 +173,7 @@ def test_a_changed_source_is_loaded_from_its_new_files_by_the_next_request(clien
 
 
 def test_a_removed_model_is_404_and_its_memory_is_freed_while_the_others_stay(client, app):
-    app.folders["fat"] = build_text_model(app.base / "fat", "fat", seed=3, embedding_rows=400_000)  # 25.6 MB
+    app.folders["fat"] = build_text_model(app.base / "fat", "fat", seed=3, dense_size=200_000)  # 25.6 MB
     done, _ = push(app, {"alpha": "alpha", "fat": "fat"})
     assert done.returncode == 0, done.stdout + done.stderr
     for model_id in ("alpha", "fat"):
