@@ -3,8 +3,11 @@ its environment (``config/serve.env``) and a free local port. Nothing here is us
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import time
 from collections.abc import MutableMapping
 
 from dotenv import dotenv_values
@@ -39,3 +42,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _stat(pid: int) -> tuple[str, str, int] | None:
+    """A process's name, state and parent (/proc/PID/stat), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    end = stat.rindex(")")
+    state, ppid = stat[end + 2 :].split()[:2]
+    return stat[stat.index("(") + 1 : end], state, int(ppid)
+
+
+def haproxy_processes(root: int | None = None) -> list[int]:
+    """The HAProxy processes below ``root`` (this process by default) in the process tree. Ray Serve starts
+    HAProxy from an actor of the Ray instance that ``root`` started, and stops it in its own shutdown; that
+    shutdown first waits out the ingress replicas' drain (30 s), longer than Serve's shutdown call waits, so
+    Ray kills the actor and HAProxy is left running. Read this list before shutting down, and hand it to
+    ``stop_processes`` after: it names only processes this session started."""
+    stats = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := _stat(int(e))) is not None}
+    children: dict[int, list[int]] = {}
+    for pid, (_, _, ppid) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root or os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            name, state, _ = stats[child]
+            if name == "haproxy" and state != "Z":  # a zombie has ended already
+                found.append(child)
+    return found
+
+
+def stop_processes(pids: list[int], name: str = "haproxy", wait_s: float = 5.0) -> None:
+    """SIGTERM each of ``pids`` still running as ``name`` (a PID can be reused), then SIGKILL what is left."""
+
+    def running(pid: int) -> bool:
+        stat = _stat(pid)
+        return stat is not None and stat[0] == name and stat[1] != "Z"
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [p for p in pids if running(p)]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while any(running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)

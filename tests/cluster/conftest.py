@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from demo.tiny_models import write_registry
 from serve_app.app import build_app
 from serve_app.core.config import AppArgs
-from serve_app.devtools import free_port
+from serve_app.devtools import free_port, haproxy_processes, stop_processes
 
 pytestmark = pytest.mark.cluster
 
@@ -39,9 +39,11 @@ def cluster_url() -> Iterator[str]:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
+        haproxy = haproxy_processes()
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        stop_processes(haproxy)  # what Ray's shutdown leaves behind: no process of this session outlives it
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ and a model taken by a request is held until the request lets it go."""
 
 import asyncio
 import time
+import types
 import weakref
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -260,8 +261,10 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
     monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: replica)  # @serve.batch reads it
     w._lingering, w._batches_running, w._no_batch_running = {}, 0, asyncio.Event()
     w._no_batch_running.set()
-    w._run_batch.set_max_batch_size(8)
-    w._run_batch.set_batch_wait_timeout_s(0.0)
+    # A batch queue of this instance's own: the class's one must stay unused (and picklable) in this process,
+    # where the integration tests deploy the class later.
+    unbatched = ModelWorker.func_or_class._run_batch.__wrapped__
+    w._run_batch = types.MethodType(deployment.serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)(unbatched), w)
     batches, first_batch_may_end = [], threading.Event()
 
     def predict(inputs):

@@ -1,0 +1,30 @@
+"""What the tests and the benchmark use to leave no process behind (serve_app/devtools.py)."""
+
+import shutil
+import subprocess
+import sys
+
+from serve_app.devtools import haproxy_processes, stop_processes
+
+
+def test_the_haproxy_processes_this_session_started_are_found_below_it_and_stopped(tmp_path):
+    """A stand-in named haproxy, started by a child of this process (as Ray's HAProxyManager actor starts
+    the real one), is found under this process, and only there; stop_processes ends it."""
+    fake = tmp_path / "haproxy"
+    fake.symlink_to(shutil.which("sleep"))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, time; subprocess.Popen([{str(fake)!r}, '60']); time.sleep(60)"]
+    )
+    try:
+        found: list[int] = []
+        for _ in range(100):
+            found = haproxy_processes()
+            if found:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert len(found) == 1 and haproxy_processes(parent.pid) == found
+        stop_processes(found)
+        assert haproxy_processes() == []  # gone (or a zombie its parent has not reaped: ended all the same)
+    finally:
+        parent.kill()
+        parent.wait()
