@@ -23,7 +23,7 @@ import yaml
 from bench.scenarios import Run
 from demo.tiny_models import build_image_model, build_text_model, write_registry
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.devtools import free_port, haproxy_processes, own_fixed_ports, serve_env, stop_processes
+from serve_app.devtools import free_port, no_haproxy_left, own_fixed_ports, serve_env
 
 
 def bench_registry(folder: Path, smoke: bool) -> Path:
@@ -64,14 +64,13 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            haproxy = haproxy_processes(self.proc.pid)
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            stop_processes(haproxy)  # Serve's HAProxy outlives a stopped `serve run`
+            with no_haproxy_left(self.proc.pid):  # Serve's HAProxy outlives a stopped `serve run`
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
         self.log.close()
 
 

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 
 from dotenv import dotenv_values
 
@@ -56,12 +56,12 @@ def _stat(pid: int) -> tuple[str, str, int] | None:
     return stat[stat.index("(") + 1 : end], state, int(ppid)
 
 
+def _running_as(stat: tuple[str, str, int] | None, name: str) -> bool:
+    return stat is not None and stat[0] == name and stat[1] != "Z"  # a zombie has ended already
+
+
 def haproxy_processes(root: int | None = None) -> list[int]:
-    """The HAProxy processes below ``root`` (this process by default) in the process tree. Ray Serve starts
-    HAProxy from an actor of the Ray instance that ``root`` started, and stops it in its own shutdown; that
-    shutdown first waits out the ingress replicas' drain (30 s), longer than Serve's shutdown call waits, so
-    Ray kills the actor and HAProxy is left running. Read this list before shutting down, and hand it to
-    ``stop_processes`` after: it names only processes this session started."""
+    """The HAProxy processes below ``root`` (this process by default) in the process tree."""
     stats = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := _stat(int(e))) is not None}
     children: dict[int, list[int]] = {}
     for pid, (_, _, ppid) in stats.items():
@@ -70,23 +70,31 @@ def haproxy_processes(root: int | None = None) -> list[int]:
     while todo:
         for child in children.get(todo.pop(), []):
             todo.append(child)
-            name, state, _ = stats[child]
-            if name == "haproxy" and state != "Z":  # a zombie has ended already
+            if _running_as(stats[child], "haproxy"):
                 found.append(child)
     return found
 
 
 def stop_processes(pids: list[int], name: str = "haproxy", wait_s: float = 5.0) -> None:
     """SIGTERM each of ``pids`` still running as ``name`` (a PID can be reused), then SIGKILL what is left."""
-
-    def running(pid: int) -> bool:
-        stat = _stat(pid)
-        return stat is not None and stat[0] == name and stat[1] != "Z"
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [p for p in pids if running(p)]:
+        for pid in [p for p in pids if _running_as(_stat(p), name)]:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
-        while any(running(p) for p in pids) and time.monotonic() < deadline:
+        while any(_running_as(_stat(p), name) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def no_haproxy_left(root: int | None = None) -> Iterator[None]:
+    """Around what shuts down a Ray instance that ``root`` (this process by default) started: stops the
+    HAProxy processes it leaves running. Ray Serve starts HAProxy from an actor and stops it in its own
+    shutdown; that shutdown first waits out the ingress replicas' drain (30 s), longer than Serve's shutdown
+    call waits, so Ray kills the actor and HAProxy is left behind. Only the processes found below ``root``
+    when the block starts are stopped: processes this session started."""
+    pids = haproxy_processes(root)
+    try:
+        yield
+    finally:
+        stop_processes(pids)

@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from demo.tiny_models import write_registry
 from serve_app.app import build_app
 from serve_app.core.config import AppArgs
-from serve_app.devtools import free_port, haproxy_processes, stop_processes
+from serve_app.devtools import free_port, no_haproxy_left
 
 pytestmark = pytest.mark.cluster
 
@@ -39,11 +39,10 @@ def cluster_url() -> Iterator[str]:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
-        haproxy = haproxy_processes()
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-        stop_processes(haproxy)  # what Ray's shutdown leaves behind: no process of this session outlives it
+        with no_haproxy_left():  # no process of this session outlives it
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from deployments.ingress.protocols.v2_grpc import SERVICER_FUNCTION
 from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.devtools import free_port, haproxy_processes, stop_processes
+from serve_app.devtools import free_port, no_haproxy_left
 from tests.helpers import ADMIN_KEY, API_KEY, tiny_args
 
 pytestmark = pytest.mark.integration
@@ -62,10 +62,9 @@ def serve_url() -> Iterator[str]:
         )
         yield f"http://127.0.0.1:{port}"
     finally:
-        haproxy = haproxy_processes()
-        serve.shutdown()
-        ray.shutdown()
-        stop_processes(haproxy)  # what Ray's shutdown leaves behind: no process of this session outlives it
+        with no_haproxy_left():  # no process of this session outlives it
+            serve.shutdown()
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
