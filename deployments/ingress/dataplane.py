@@ -251,7 +251,7 @@ class DataPlane:
         """Unload a model from every replica that holds it: one call to each holder, sent to it by name."""
         self.registry.get(model_id)
         holders = [r.replica_id for r in await self.replicas.statuses(fresh=True) if model_id in r.held]
-        await asyncio.gather(*(self.replicas.ask("unload", model_id, rid) for rid in holders))
+        await asyncio.gather(*(self.replicas.unload(model_id, rid) for rid in holders))
         return await self.model(model_id, fresh=True)
 
     # -- status -------------------------------------------------------------------------------------

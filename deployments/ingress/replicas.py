@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.routing import views
-from deployments.routing.router import ON_REPLICA
+from deployments.routing.router import ON_REPLICA, UNLOAD
 from serve_app.core.schemas import RegistryStatus, ReplicaCounters, ReplicaModelStatus, ReplicaStatus
 
 logger = logging.getLogger("ray.serve")
@@ -114,7 +114,7 @@ class ReplicaDirectory:
         app = status.applications.get(self._worker.app_name)
         return dict(app.deployments) if app else {}
 
-    async def ask(self, method: str, model_id: str, replica_id: str) -> Any:
-        """Call a worker method for one model on one replica (explicit unload)."""
-        call = getattr(self._worker.options(multiplexed_model_id=model_id), method).remote(**{ON_REPLICA: replica_id})
+    async def unload(self, model_id: str, replica_id: str) -> bool:
+        """Unload a model from one replica (the router sends the call there and nowhere else)."""
+        call = getattr(self._worker.options(multiplexed_model_id=model_id), UNLOAD).remote(**{ON_REPLICA: replica_id})
         return await asyncio.wait_for(call, ASK_TIMEOUT_S)

@@ -40,6 +40,9 @@ logger = logging.getLogger("ray.serve")
 
 ON_REPLICA = "on_replica"
 """The keyword argument of a worker method call that names the one replica it is for."""
+UNLOAD = "unload"
+"""The worker method that takes a model out of one replica's cache (sent with ON_REPLICA): the router
+counts the slot free as it sends it, before the replica's pushed model ids show it."""
 
 
 class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
@@ -108,7 +111,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if target is not None:  # a call for one replica: there, or nowhere
             if target not in by_id:
                 return []
-            if model_id and pending.metadata.call_method == "unload":  # gone from there before its push says so
+            if model_id and pending.metadata.call_method == UNLOAD:  # gone from there before its push says so
                 self._evicting.setdefault(target, {})[model_id] = time.time()
                 self._assigned.setdefault(target, {}).pop(model_id, None)
             return [[by_id[target]]]

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.routing.router import ON_REPLICA, ModelAwareRouter
+from deployments.routing.router import ON_REPLICA, UNLOAD, ModelAwareRouter
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def test_an_unload_it_carried_frees_the_slot_before_the_replica_pushes_its_model
     request for another model takes a free slot on the first replica, not a stale copy's neighbour."""
     a, b = FakeReplica("a", {"beta"}), FakeReplica("b", {"beta"})
     for replica in (a, b):
-        assert routed(router, [a, b], request("beta", "unload", **{ON_REPLICA: replica.name})) == [replica.name]
+        assert routed(router, [a, b], request("beta", UNLOAD, **{ON_REPLICA: replica.name})) == [replica.name]
     assert routed(router, [a, b], request("alpha"))[0] == "a"
     assert routed(router, [a, b], request("beta"))[0] == "b"  # a miss now: the emptier replica
 

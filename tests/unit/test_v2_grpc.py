@@ -218,7 +218,7 @@ class FakeReplicas:
     async def statuses(self, fresh=False):
         return [self.status]
 
-    async def ask(self, method, model_id, replica_id):
+    async def unload(self, model_id, replica_id):
         self.status = self.status.model_copy(update={"models": {}})
         return True
 
