@@ -20,6 +20,12 @@ own queue-length cache is no measure here: over gRPC (throughput-optimized mode)
 acceptance arrives with the answer and overwrites it. For the same reason Serve tells the router that a
 request was routed only when its answer is back: too late to count load, so a miss's placement and the
 eviction it causes are recorded when the router decides.
+
+A replica that leaves the routing set is waited for, a little: Serve takes a replica out while it applies
+a registry change (``reconfigure``, about a second), and a request for a model only it held would
+otherwise load a copy elsewhere (seconds, and an eviction there) just before it comes back. For
+``holder_grace_s`` after it left, such a request gets no replica (Serve backs off and asks again); after
+that, or at once if Serve reports the replica's actor dead, it is a miss like any other.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         spread_at: int = 4,
         demand_half_life_s: float = 60.0,
         load_grace_s: float = 5.0,
+        holder_grace_s: float = 3.0,
     ) -> None:
         self._ray_default = policy == "ray_default"
         self._knobs = Knobs(spread_at=spread_at)
@@ -65,6 +72,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._in_flight: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, model)
         self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet
         self._finished_first: dict[str, float] = {}  # completions that came before their routing
+        self._holder_grace_s = holder_grace_s
+        self._away_held: dict[str, frozenset[str]] = {}  # replica out of the routing set -> what it held
+        self._away_since: dict[str, float] = {}  # replica out of the routing set -> since when
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
     # -- the view of the replicas --------------------------------------------------------------------
@@ -122,6 +132,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [[self.curr_replicas[rid] for rid in random.sample(ids, min(2, len(ids)))]]
         now = time.time()  # the clock the replicas report last_used_at in
         view = {r.replica_id.unique_id: self._view(r, now) for r in candidates}
+        if self._holder_away(model_id, view, now):
+            return []
         order = rank(model_id, list(view.values()), lambda m: self._demand.demand(m, now), self._knobs)
         if order:
             top = view[order[0][0]]
@@ -131,6 +143,38 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                 self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
                 self._assigned[top.replica_id][model_id] = now
         return [[by_id[rid] for rid in group] for group in order]
+
+    def _holder_away(self, model_id: str, view: dict[str, Replica], now: float) -> bool:
+        """Whether no replica in the routing set holds the model but one that left it less than
+        ``holder_grace_s`` ago did (it is applying a registry change, most likely: wait for it)."""
+        if any(replica.copy_of(model_id) is not None for replica in view.values()):
+            return False
+        for rid in [rid for rid, since in self._away_since.items() if now - since >= self._holder_grace_s]:
+            self._forget(rid)  # gone for good, or too long: its models are misses now
+        return any(model_id in held for held in self._away_held.values())
+
+    def _forget(self, rid: str) -> None:
+        self._away_held.pop(rid, None)
+        self._away_since.pop(rid, None)
+
+    # -- the routing set -----------------------------------------------------------------------------
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's new routing set: note the replicas that left it, and what they held."""
+        now, present = time.time(), {r.replica_id.unique_id for r in replicas}
+        for replica in self.replicas:  # the set before this update
+            rid = replica.replica_id.unique_id
+            if rid not in present:
+                held = set(replica.multiplexed_model_ids) | self._assigned.get(rid, {}).keys()
+                self._away_held[rid] = frozenset(held - self._evicting.get(rid, {}).keys())
+                self._away_since[rid] = now
+        for rid in present:
+            self._forget(rid)  # back (its update applied)
+        super().update_replicas(replicas)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        self._forget(replica_id.unique_id)  # nothing to wait for
+        super().on_replica_actor_died(replica_id)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

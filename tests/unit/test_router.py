@@ -76,3 +76,45 @@ def test_a_hit_goes_to_the_holder_with_fewer_requests_sent_and_not_completed(rou
     for i in range(3):
         router.on_request_completed(a.replica_id, f"done-{i}")
     assert routed(router, [a, b], request("m"))[0] == "a"
+
+
+@pytest.fixture
+def routing_set(router, monkeypatch):
+    """Serve's updates of the routing set, on the fake replicas, and a clock the test moves."""
+    from ray.serve.request_router import RequestRouter
+
+    from deployments.routing import router as module
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: clock.now))
+    monkeypatch.setattr(
+        RequestRouter,
+        "update_replicas",
+        lambda self, replicas: setattr(self, "_replicas", {r.replica_id: r for r in replicas}),
+    )
+    return clock
+
+
+def test_a_request_waits_for_the_holder_that_left_the_routing_set_then_it_is_a_miss(router, routing_set):
+    """Serve takes a replica out of the routing set while it applies a registry change: a request for a
+    model only it holds gets no replica (Serve backs off and asks again) rather than load a copy elsewhere;
+    a request for another model is routed as usual; after holder_grace_s the model is a miss like any other."""
+    a, b = FakeReplica("a", {"m"}), FakeReplica("b", {"n"})
+    router.update_replicas([a, b])
+    router.update_replicas([b])  # a is updating
+    assert routed(router, [b], request("m")) == []
+    assert routed(router, [b], request("n")) == ["b"]
+    routing_set.now += 1.0
+    router.update_replicas([a, b])  # a is back, holding m
+    assert routed(router, [a, b], request("m"))[0] == "a"
+    router.update_replicas([b])
+    routing_set.now += 3.0  # holder_grace_s
+    assert routed(router, [b], request("m")) == ["b"]
+
+
+def test_a_request_does_not_wait_for_a_holder_whose_actor_died(router, routing_set):
+    a, b = FakeReplica("a", {"m"}), FakeReplica("b")
+    router.update_replicas([a, b])
+    router.update_replicas([b])
+    router.on_replica_actor_died(a.replica_id)
+    assert routed(router, [b], request("m")) == ["b"]
