@@ -7,7 +7,9 @@ when it must load a model. This policy decides only which replica a request goes
   or more in flight, the model is hot: the request goes to a replica that can take another copy (one with
   a free slot first, else the one whose LRU victim is worth least), provided the copy is worth more than
   what it evicts. A hot model so spreads over replicas as its load grows; when the load falls, requests
-  stick to the holder that served it last, and the idle copies become their replicas' LRU victims.
+  stick to the holder that served it last, and the idle copies become their replicas' LRU victims. A hit
+  ranks no other replica: when its holders are full it waits for one, and loads no copy the policy did not
+  choose.
 * **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
   idle pool spread over its replicas), else the replica whose LRU victim is worth least.
 
@@ -94,9 +96,12 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
         order = failed + place_order([r for r in others if model_id not in r.backoff])
         return [[r.replica_id] for r in order]
 
-    # The least loaded holder; on a tie the one that served the model last, so idle copies age.
+    # The least loaded holder; on a tie the one that served the model last, so idle copies age. Only the
+    # holders are ranked (and the replica chosen for a new copy): a request for a held model never falls
+    # through to another replica, where Serve would load a copy this policy did not choose (it moves to the
+    # next group when a holder is full or misses its queue probe's deadline); it waits for a holder.
     holders.sort(key=lambda r: (r.in_flight, -r.copy_of(model_id).last_used, r.replica_id))
-    order = holders + place_order(others)
+    order = holders
     if holders[0].in_flight >= knobs.spread_at:
         new_copy_worth = demand(model_id) / (len(holders) + 1)
         spread = [
@@ -105,7 +110,7 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
             if r.in_flight < knobs.spread_at and (r.free_slots > 0 or worth(r.victim) < new_copy_worth)
         ]
         if spread:
-            order = [spread[0], *holders, *(r for r in place_order(others) if r is not spread[0])]
+            order = [spread[0], *holders]
     return [[r.replica_id] for r in order]
 
 
