@@ -7,6 +7,7 @@ Protocol's ``timeout`` parameter, in microseconds, as Triton's clients send it).
 """
 
 import asyncio
+import itertools
 
 import httpx
 import pytest
@@ -74,20 +75,21 @@ def test_a_request_that_times_out_on_the_replica_is_cancelled_there(client, demo
 def test_a_cold_load_cut_short_by_a_timeout_finishes_once_and_is_not_left_loading(client, slow_url):
     """Three requests for a cold model, 10 ms each: 504s, and the load that the first of them to reach the
     replica started finishes: the model ends up loaded, by one load. (Under 10 ms a request may time out
-    before it even reaches the replica; then the next model is tried.)"""
+    before it even reaches the replica: then the burst is sent again, for the next of three models. One that
+    no request reached is still cold, so it can be tried again.)"""
 
     async def burst(model_id):
         async with httpx.AsyncClient(timeout=60) as c:
             body = {"model_id": model_id, "input_data": "hello"}
             return await asyncio.gather(*(c.post(f"{slow_url}/predict", json=body) for _ in range(3)))
 
-    for model_id in ["beta", "gamma", "delta"]:
+    for model_id in itertools.islice(itertools.cycle(["beta", "gamma", "delta"]), 12):
         arrived_before = replicas(client, slow_url)[0]["counters"]["requests"]
         assert [r.status_code for r in asyncio.run(burst(model_id))] == [504] * 3
         if wait_for(lambda n=arrived_before: replicas(client, slow_url)[0]["counters"]["requests"] > n, timeout=5):
             break
     else:
-        pytest.fail("no request of three bursts reached the replica within 10 ms")
+        pytest.fail("no request of twelve bursts reached the replica within 10 ms")
     assert wait_for(lambda: _status(client, slow_url, model_id)["state"] == "loaded"), _status(
         client, slow_url, model_id
     )
