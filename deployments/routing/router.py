@@ -73,8 +73,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet
         self._finished_first: dict[str, float] = {}  # completions that came before their routing
         self._holder_grace_s = holder_grace_s
-        self._away_held: dict[str, frozenset[str]] = {}  # replica out of the routing set -> what it held
-        self._away_since: dict[str, float] = {}  # replica out of the routing set -> since when
+        self._away: dict[str, tuple[float, frozenset[str]]] = {}  # replica out of the routing set -> (since, held)
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
     # -- the view of the replicas --------------------------------------------------------------------
@@ -149,13 +148,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         ``holder_grace_s`` ago did (it is applying a registry change, most likely: wait for it)."""
         if any(replica.copy_of(model_id) is not None for replica in view.values()):
             return False
-        for rid in [rid for rid, since in self._away_since.items() if now - since >= self._holder_grace_s]:
-            self._forget(rid)  # gone for good, or too long: its models are misses now
-        return any(model_id in held for held in self._away_held.values())
-
-    def _forget(self, rid: str) -> None:
-        self._away_held.pop(rid, None)
-        self._away_since.pop(rid, None)
+        for rid in [rid for rid, (since, _) in self._away.items() if now - since >= self._holder_grace_s]:
+            del self._away[rid]  # gone for good, or too long: its models are misses now
+        return any(model_id in held for _, held in self._away.values())
 
     # -- the routing set -----------------------------------------------------------------------------
 
@@ -165,15 +160,13 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for replica in self.replicas:  # the set before this update
             rid = replica.replica_id.unique_id
             if rid not in present:
-                held = set(replica.multiplexed_model_ids) | self._assigned.get(rid, {}).keys()
-                self._away_held[rid] = frozenset(held - self._evicting.get(rid, {}).keys())
-                self._away_since[rid] = now
+                self._away[rid] = (now, frozenset(c.model_id for c in self._view(replica, now).copies))
         for rid in present:
-            self._forget(rid)  # back (its update applied)
+            self._away.pop(rid, None)  # back (its update applied)
         super().update_replicas(replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        self._forget(replica_id.unique_id)  # nothing to wait for
+        self._away.pop(replica_id.unique_id, None)  # nothing to wait for
         super().on_replica_actor_died(replica_id)
 
     async def choose_replicas(
