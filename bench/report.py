@@ -205,7 +205,10 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "",
         "## 1. Hot path",
         "",
-        "One client, the `sentiment` model loaded, one short sentence per request.",
+        "One client, the `sentiment` model loaded, one short sentence per request. The seed-style server and "
+        "the app run at once and are measured in ten alternating rounds, so that both see the machine at the "
+        "same speed (it drifts by tens of percent within a minute); *direct* is measured in the benchmark's "
+        "own process at its start.",
         "",
         _table(
             ["peer", "requests", "p50 (ms)", "p99 (ms)"],

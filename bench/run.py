@@ -129,13 +129,10 @@ def run(
         print("seed-style server", flush=True)
         seed, seed_url = start_seed(registry, logs)
         servers.append(seed)
-        report.hot["seed"] = scenarios.hot(seed_url, p.hot_requests).summary()
         report.overhead["seed: GET /models (no model run)"] = scenarios.trivial_route(
             seed_url, "/models", p.hot_requests
         ).summary()
         report.throughput["seed"] = scenarios.throughput(seed_url, p.clients, p.requests_per_client, p.max_requests)
-        seed.stop()
-        servers.remove(seed)
 
         print("app", flush=True)
         if app_url:
@@ -143,7 +140,11 @@ def run(
         else:
             app, url, grpc_target, report.startup["app_s"] = start_app(registry, logs, "app")
             servers.append(app)
-        report.hot["app"] = scenarios.hot(url, p.hot_requests).summary()
+        print("hot path: the seed-style server (idle since) and the app in alternating rounds", flush=True)
+        hot = scenarios.hot_side_by_side({"seed": seed_url, "app": url}, p.hot_requests)
+        report.hot.update({name: run.summary() for name, run in hot.items()})
+        seed.stop()
+        servers.remove(seed)
         report.overhead["app: GET /healthz (proxy + ingress, no model run)"] = scenarios.trivial_route(
             url, "/healthz", p.hot_requests
         ).summary()

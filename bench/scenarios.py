@@ -190,6 +190,23 @@ def hot(url: str, n: int, model: str = "sentiment") -> Run:
     return asyncio.run(closed_loop(url, [model], 1, n))
 
 
+def hot_side_by_side(urls: dict[str, str], n: int, rounds: int = 10, model: str = "sentiment") -> dict[str, Run]:
+    """The hot path of servers that run at once, by name: `n` requests each, in alternating rounds. This
+    machine's speed drifts by tens of percent within a minute (one in-process forward pass measured 10 to
+    17 ms), so servers measured minutes apart would compare the drift, not the servers."""
+    for url in urls.values():
+        asyncio.run(closed_loop(url, [model], 1, 5))  # warm
+    runs = {name: Run() for name in urls}
+    for k in range(rounds):
+        size = n // rounds + (k < n % rounds)
+        for name in list(urls) if k % 2 == 0 else list(reversed(urls)):
+            part = asyncio.run(closed_loop(urls[name], [model], 1, size))
+            runs[name].latencies += part.latencies
+            runs[name].errors += part.errors
+            runs[name].elapsed += part.elapsed
+    return runs
+
+
 PROTOCOLS = ("REST /predict", "REST /v2 infer", "gRPC ModelInfer")
 
 
