@@ -3,13 +3,14 @@
 The worker replicas are a pool of caches of two slots each, and Ray's LRU decides what a replica evicts
 when it must load a model. This policy decides only which replica a request goes to:
 
-* **hit**: the least loaded replica that holds the model. When every holder has ``spread_at`` requests
-  or more in flight, the model is hot: the request goes to a replica that can take another copy (one with
-  a free slot first, else the one whose LRU victim is worth least), provided the copy is worth more than
-  what it evicts. A hot model so spreads over replicas as its load grows; when the load falls, requests
-  stick to the holder that served it last, and the idle copies become their replicas' LRU victims. A hit
-  ranks no other replica: when its holders are full it waits for one, and loads no copy the policy did not
-  choose.
+* **hit**: a replica that holds the model: of those within ``spread_at`` requests of the least loaded,
+  the one with the fewest requests of other models in flight (a replica batches one model at a time), then
+  the least loaded. When every holder has ``spread_at`` requests or more in flight, the model is hot: the
+  request goes to a replica that can take another copy (one with a free slot first, else the one whose
+  LRU victim is worth least), provided the copy is worth more than what it evicts. A hot model so spreads
+  over replicas as its load grows; when the load falls, requests stick to the holder that served it last,
+  and the idle copies become their replicas' LRU victims. A hit ranks no other replica: when its holders
+  are full it waits for one, and loads no copy the policy did not choose.
 * **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
   idle pool spread over its replicas), else the replica whose LRU victim is worth least.
 
@@ -96,13 +97,28 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
         order = failed + place_order([r for r in others if model_id not in r.backoff])
         return [[r.replica_id] for r in order]
 
-    # The least loaded holder; on a tie the one that served the model last, so idle copies age. Only the
-    # holders are ranked (and the replica chosen for a new copy): a request for a held model never falls
-    # through to another replica, where Serve would load a copy this policy did not choose (it moves to the
-    # next group when a holder is full or misses its queue probe's deadline); it waits for a holder.
-    holders.sort(key=lambda r: (r.in_flight, -r.copy_of(model_id).last_used, r.replica_id))
+    # Among the holders within spread_at requests of the least loaded, the one with the fewest requests
+    # of other models in flight: a replica runs one model's batch at a time, so two hot models on two
+    # replicas settle one on each, in larger batches than when both run everywhere. Then the least
+    # loaded; on a tie the one that served the model last, so idle copies age. Only the holders are ranked
+    # (and the replica chosen for a new copy): a request for a held model never falls through to another
+    # replica, where Serve would load a copy this policy did not choose (it moves to the next group when a
+    # holder is full or misses its queue probe's deadline); it waits for a holder.
+    least = min(r.in_flight for r in holders)
+
+    def hit_order(r: Replica) -> tuple:
+        this_model = r.copy_of(model_id)
+        return (
+            r.in_flight > least + knobs.spread_at,
+            r.in_flight - this_model.in_flight,
+            r.in_flight,
+            -this_model.last_used,
+            r.replica_id,
+        )
+
+    holders.sort(key=hit_order)
     order = holders
-    if holders[0].in_flight >= knobs.spread_at:
+    if least >= knobs.spread_at:
         new_copy_worth = demand(model_id) / (len(holders) + 1)
         spread = [
             r

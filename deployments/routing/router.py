@@ -15,11 +15,14 @@ error falls back to every candidate; and every answer asks Serve to back off bef
 the groups returned already cover every candidate.
 
 How busy a replica is: the requests this process has sent there and not seen completed, counted by
-this router as Serve sends and completes them (``on_send_request``, ``on_request_completed``). Serve's
-own queue-length cache is no measure here: over gRPC (throughput-optimized mode) the replica's count at
-acceptance arrives with the answer and overwrites it. For the same reason Serve tells the router that a
-request was routed only when its answer is back: too late to count load, so a miss's placement and the
-eviction it causes are recorded when the router decides.
+this router as Serve sends and completes them (``on_send_request``, ``on_request_completed``), in all and
+for each model. Serve's own queue-length cache is no measure here: over gRPC (throughput-optimized mode)
+the replica's count at acceptance arrives with the answer and overwrites it. For the same reason Serve
+tells the router that a request was routed (``on_request_routed``) only when its answer is back, too late
+to count it: which model went where is recorded as Serve sends it, when the replica it chose for a request
+is known (``_choose_replica_for_request``, the one private method overridden here: checked by
+``serve_app.core.ray_internals``). A miss's placement and the eviction it causes are recorded when the
+router decides.
 
 A replica that leaves the routing set is waited for, a little: Serve takes a replica out while it applies
 a registry change (``reconfigure``, about a second), and a request for a model only it held would
@@ -35,7 +38,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -69,9 +71,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         # (0.1-0.2 s): the model it sent there, and the model Ray's LRU evicts there to make room.
         self._assigned: dict[str, dict[str, float]] = {}  # replica -> model -> when sent
         self._evicting: dict[str, dict[str, float]] = {}
-        self._in_flight: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, model)
-        self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet
-        self._finished_first: dict[str, float] = {}  # completions that came before their routing
+        # internal request id -> (replica, model) of each model call sent and not completed: concurrent
+        # calls made for one ingress request share its id
+        self._running: dict[str, list[tuple[str, str]]] = {}
+        self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet (model calls or not)
         self._holder_grace_s = holder_grace_s
         self._away: dict[str, tuple[float, frozenset[str]]] = {}  # replica out of the routing set -> (since, held)
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
@@ -95,9 +98,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             del evicting[m]
         held = (pushed | assigned.keys()) - evicting.keys()
         in_flight: dict[str, int] = {}
-        for r, m in self._in_flight.values():
-            if r == rid:
-                in_flight[m] = in_flight.get(m, 0) + 1
+        for calls in self._running.values():
+            for r, m in calls:
+                if r == rid:
+                    in_flight[m] = in_flight.get(m, 0) + 1
         copies = tuple(
             Copy(
                 model_id=m,
@@ -184,24 +188,29 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     # -- what this router sends ----------------------------------------------------------------------
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        request_id = pending_request.metadata.internal_request_id
-        finished = self._finished_first.pop(request_id, None) is not None
+    async def _choose_replica_for_request(
+        self, pending_request: PendingRequest, *, is_retry: bool = False
+    ) -> RunningReplica:
+        """Serve's step from the ranked groups to the one replica a request is sent to, at once (Serve sends
+        it without awaiting anything more): the moment this router learns which model goes where."""
+        replica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
         model_id = pending_request.metadata.multiplexed_model_id
-        if not model_id or pending_request.kwargs.get(ON_REPLICA) is not None:
-            return
-        now, rid = time.time(), replica_id.unique_id
+        if model_id and pending_request.kwargs.get(ON_REPLICA) is None:
+            self._sending(pending_request.metadata.internal_request_id, replica.replica_id.unique_id, model_id)
+        return replica
+
+    def _sending(self, request_id: str, rid: str, model_id: str) -> None:
+        now = time.time()
         self._demand.add(model_id, now)
         self._last_used[(rid, model_id)] = now
-        if not finished:
-            self._in_flight[request_id] = (rid, model_id)
-        if len(self._last_used) + len(self._finished_first) > 4096:  # keep the bookkeeping bounded
+        self._running.setdefault(request_id, []).append((rid, model_id))
+        if len(self._last_used) > 4096 or len(self._running) > 4096:  # keep the bookkeeping bounded
             live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
+            self._running = {k: calls for k, calls in self._running.items() if all(r in live for r, _ in calls)}
             self._last_used = {k: t for k, t in self._last_used.items() if k[0] in live}
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
             self._sent = {r: n for r, n in self._sent.items() if r in live}
-            self._finished_first = {k: t for k, t in self._finished_first.items() if now - t < 60}
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
@@ -210,5 +219,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self._sent.get(replica_id.unique_id):  # every request sent completes once (rejected ones too)
             self._sent[replica_id.unique_id] -= 1
-        if self._in_flight.pop(internal_request_id, None) is None:
-            self._finished_first[internal_request_id] = time.time()  # its routing is still to be told
+        calls = self._running.get(internal_request_id, [])
+        for call in calls:
+            if call[0] == replica_id.unique_id:  # this replica's call (one a full replica rejected completes too)
+                calls.remove(call)
+                break
+        if not calls:
+            self._running.pop(internal_request_id, None)

@@ -6,6 +6,8 @@ Public APIs are used wherever Ray has one; what is left has no public equivalent
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
 * ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance;
 * ``delete_app_in_background``: the tests remove an app without waiting out its ingress replica's drain.
+* ``RequestRouter._choose_replica_for_request``: the model workers' router overrides it to learn which
+  replica each model's request is sent to, as Serve sends it (``deployments/routing/router.py``).
 
 The worker replicas and their model status come from the public request-router API instead
 (``deployments/routing``): the router's view of the replicas, and calls it sends to one replica by name.
@@ -47,6 +49,7 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
     ("ray.serve.api", "delete:_blocking"),
     ("ray._private.worker", "_global_node"),
+    ("ray.serve._private.request_router.request_router", "RequestRouter._choose_replica_for_request"),
 ]
 
 

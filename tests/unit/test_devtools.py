@@ -1,10 +1,17 @@
 """What the tests and the benchmark use to leave no process behind (serve_app/devtools.py)."""
 
 import shutil
+import socket
 import subprocess
 import sys
 
-from serve_app.devtools import haproxy_processes, no_haproxy_left
+from serve_app.devtools import (
+    RAY_WORKER_PORTS_END,
+    _ephemeral_range_start,
+    free_port,
+    haproxy_processes,
+    no_haproxy_left,
+)
 
 
 def test_the_haproxy_processes_this_session_started_are_found_below_it_and_stopped(tmp_path):
@@ -29,3 +36,14 @@ def test_the_haproxy_processes_this_session_started_are_found_below_it_and_stopp
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_range():
+    """Outgoing connections and Ray's own port-0 binds draw from the ephemeral range: a port picked there
+    can be taken before the server it is for binds it."""
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)
+    assert all(RAY_WORKER_PORTS_END < port < _ephemeral_range_start() for port in ports)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))

@@ -78,6 +78,38 @@ def test_a_hit_goes_to_the_holder_with_fewer_requests_sent_and_not_completed(rou
     assert routed(router, [a, b], request("m"))[0] == "a"
 
 
+def sent(router, replica, model_id: str, request_id: str) -> None:
+    """Serve sends a model's request to the replica it chose from the router's ranking."""
+    router.on_send_request(replica.replica_id)
+    router._sending(request_id, replica.name, model_id)
+
+
+def test_a_hit_goes_to_the_holder_that_runs_the_same_model(router):
+    """Both replicas hold both models and are as busy: each model's requests go where that model runs."""
+    a, b = FakeReplica("a", {"m", "n"}), FakeReplica("b", {"m", "n"})
+    for i in range(3):
+        sent(router, a, "n", f"n-{i}")
+        sent(router, b, "m", f"m-{i}")
+    assert routed(router, [a, b], request("m"))[0] == "b"
+    assert routed(router, [a, b], request("n"))[0] == "a"
+
+
+def test_each_call_sent_counts_on_its_replica_until_that_replica_completes_it(router):
+    """Calls made for one ingress request share its id; a call a full replica rejected completes there
+    too, and is sent again elsewhere under the same id."""
+    a, b = FakeReplica("a", {"m"}), FakeReplica("b", {"m"})
+    sent(router, a, "m", "r1")
+    sent(router, a, "m", "r1")
+    sent(router, b, "m", "r1")  # after a rejection at b...
+    router.on_request_completed(b.replica_id, "r1")  # ...which completes
+    assert router._view(a, 0.0).copy_of("m").in_flight == 2
+    assert router._view(b, 0.0).copy_of("m").in_flight == 0
+    router.on_request_completed(a.replica_id, "r1")
+    router.on_request_completed(a.replica_id, "r1")
+    assert router._view(a, 0.0).copy_of("m").in_flight == 0
+    assert router._running == {}
+
+
 @pytest.fixture
 def routing_set(router, monkeypatch):
     """Serve's updates of the routing set, on the fake replicas, and a clock the test moves."""

@@ -40,6 +40,26 @@ def test_idle_holders_tie_on_the_one_that_served_the_model_last_so_the_other_cop
     assert first(rank("m", replicas, no_demand)) == "b"
 
 
+def test_two_hot_models_on_the_same_replicas_settle_one_on_each_for_larger_batches():
+    """A replica batches one model at a time: a request goes to the holder with the fewest requests of
+    other models in flight, though it is a little busier."""
+    replicas = [
+        R("a", C("m", 5, in_flight=1), C("n", 5, in_flight=4), in_flight=5),
+        R("b", C("m", 4, in_flight=6), C("n", 4), in_flight=6),
+    ]
+    assert flat(rank("m", replicas, no_demand)) == ["b", "a"]
+    assert flat(rank("n", replicas, no_demand)) == ["a", "b"]
+
+
+def test_a_holder_more_than_spread_at_busier_than_the_least_loaded_comes_after_it_whatever_it_runs():
+    replicas = [
+        R("a", C("m", 5, in_flight=9), C("n", 5), in_flight=9),
+        R("b", C("m", 4), C("n", 4, in_flight=4), in_flight=4),
+    ]
+    assert flat(rank("m", replicas, no_demand, Knobs(spread_at=4))) == ["b", "a"]
+    assert flat(rank("m", replicas, no_demand, Knobs(spread_at=5))) == ["a", "b"]
+
+
 def test_a_hot_model_spreads_to_a_free_slot_once_its_holders_are_busy():
     replicas = [R("a", C("m", 5, in_flight=4), in_flight=4), R("b", C("x", 1))]
     assert flat(rank("m", replicas, lambda m: 10.0, Knobs(spread_at=4))) == ["b", "a"]
