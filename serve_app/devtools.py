@@ -38,21 +38,21 @@ def own_fixed_ports() -> dict[str, str]:
     return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
 
 
-RAY_WORKER_PORTS_END = 19999
-"""The last of the ports Ray's worker processes take by default (10002-19999)."""
+FREE_PORTS = range(20000, 30000)
+"""Where ``free_port`` looks: above the ports Ray's worker processes take (10002-19999), below those of
+Serve's direct ingress (30000-31000) and the kernel's ephemeral range (32768 and up on Linux)."""
 _handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port that nothing listens on now, between Ray's worker ports and the kernel's ephemeral range.
+    """A TCP port that nothing listens on now, from ``FREE_PORTS``.
 
     A port the kernel picks (bind to port 0) lies in its ephemeral range, where every outgoing connection
     and every part of Ray that binds port 0 also gets its port: between the moment it is picked and the
     moment a server binds it, one of them can take it (seen: HAProxy's metrics port, taken while Ray
-    started, and HAProxy exited). Below that range nobody is handed a port."""
-    low = _ephemeral_range_start()
+    started, and HAProxy exited). In ``FREE_PORTS`` nobody is handed a port."""
     for _ in range(500):
-        port = random.randrange(RAY_WORKER_PORTS_END + 1, low)
+        port = random.choice(FREE_PORTS)
         if port in _handed_out:
             continue
         with socket.socket() as s:
@@ -62,17 +62,7 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free TCP port between {RAY_WORKER_PORTS_END + 1} and {low}")
-
-
-def _ephemeral_range_start() -> int:
-    """The first port of the kernel's ephemeral range (Linux's default where it cannot be read)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            start = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-    return start if start > RAY_WORKER_PORTS_END + 1000 else 32768
+    raise RuntimeError(f"no free TCP port in {FREE_PORTS}")
 
 
 def _stat(pid: int) -> tuple[str, str, int] | None:

@@ -64,7 +64,8 @@ class Replica:
 @dataclass(frozen=True)
 class Knobs:
     spread_at: int = 4
-    """In-flight requests on every holder of a model at which it gets another copy (its holders are busy)."""
+    """In-flight requests on every holder of a model at which it gets another copy (its holders are busy);
+    also how many more than the least loaded holder a holder running the same model may have and be chosen."""
 
 
 Demand = Callable[[str], float]

@@ -15,12 +15,13 @@ error falls back to every candidate; and every answer asks Serve to back off bef
 the groups returned already cover every candidate.
 
 How busy a replica is: the requests this process has sent there and not seen completed, counted by
-this router as Serve sends and completes them (``on_send_request``, ``on_request_completed``), in all and
-for each model. Serve's own queue-length cache is no measure here: over gRPC (throughput-optimized mode)
-the replica's count at acceptance arrives with the answer and overwrites it. For the same reason Serve
-tells the router that a request was routed (``on_request_routed``) only when its answer is back, too late
-to count it: which model went where is recorded as Serve sends it, when the replica it chose for a request
-is known (``_choose_replica_for_request``, the one private method overridden here: checked by
+this router as Serve sends and completes them: in all (``on_send_request``, ``on_request_completed``), and
+for each model (``_choose_replica_for_request``, ``on_request_completed``). Serve's own queue-length cache
+is no measure here: over gRPC (throughput-optimized mode) the replica's count at acceptance arrives with
+the answer and overwrites it. For the same reason Serve tells the router that a request was routed
+(``on_request_routed``) only when its answer is back, too late to count it: which model went where is
+recorded as Serve sends it, when the replica it chose for a request is known
+(``_choose_replica_for_request``, the one private method overridden here: checked by
 ``serve_app.core.ray_internals``). A miss's placement and the eviction it causes are recorded when the
 router decides.
 
@@ -191,8 +192,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     async def _choose_replica_for_request(
         self, pending_request: PendingRequest, *, is_retry: bool = False
     ) -> RunningReplica:
-        """Serve's step from the ranked groups to the one replica a request is sent to, at once (Serve sends
-        it without awaiting anything more): the moment this router learns which model goes where."""
+        """Serve's step from the ranked groups to the one replica a request is sent to: on the path of
+        ``handle.remote()`` (the ingress's only one), Serve sends it at once and calls
+        ``on_request_completed`` for it exactly once. The moment this router learns which model goes where."""
         replica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
         model_id = pending_request.metadata.multiplexed_model_id
         if model_id and pending_request.kwargs.get(ON_REPLICA) is None:
@@ -221,7 +223,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._sent[replica_id.unique_id] -= 1
         calls = self._running.get(internal_request_id, [])
         for call in calls:
-            if call[0] == replica_id.unique_id:  # this replica's call (one a full replica rejected completes too)
+            # This replica's call (one a full replica rejected completes too). Serve names no model here:
+            # the ingress makes one model call per request, so the replica tells the calls apart.
+            if call[0] == replica_id.unique_id:
                 calls.remove(call)
                 break
         if not calls:

@@ -5,13 +5,7 @@ import socket
 import subprocess
 import sys
 
-from serve_app.devtools import (
-    RAY_WORKER_PORTS_END,
-    _ephemeral_range_start,
-    free_port,
-    haproxy_processes,
-    no_haproxy_left,
-)
+from serve_app.devtools import FREE_PORTS, free_port, haproxy_processes, no_haproxy_left
 
 
 def test_the_haproxy_processes_this_session_started_are_found_below_it_and_stopped(tmp_path):
@@ -43,7 +37,9 @@ def test_free_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_rang
     can be taken before the server it is for binds it."""
     ports = [free_port() for _ in range(20)]
     assert len(set(ports)) == len(ports)
-    assert all(RAY_WORKER_PORTS_END < port < _ephemeral_range_start() for port in ports)
+    assert all(port in FREE_PORTS for port in ports)
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        assert FREE_PORTS.stop <= int(f.read().split()[0])
     for port in ports:
         with socket.socket() as s:
             s.bind(("", port))

@@ -1,6 +1,7 @@
 """The model workers' router (deployments/routing/router.py) between the replicas' reports: what it has
 just sent and carried counts before the replicas' pushed model ids show it."""
 
+import asyncio
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -78,29 +79,51 @@ def test_a_hit_goes_to_the_holder_with_fewer_requests_sent_and_not_completed(rou
     assert routed(router, [a, b], request("m"))[0] == "a"
 
 
-def sent(router, replica, model_id: str, request_id: str) -> None:
-    """Serve sends a model's request to the replica it chose from the router's ranking."""
-    router.on_send_request(replica.replica_id)
-    router._sending(request_id, replica.name, model_id)
+@pytest.fixture
+def send(router, monkeypatch):
+    """Serve's sending of a request, after the ranking: the base router hands the replica it chose to
+    ``_choose_replica_for_request``, then Serve counts the send (``on_send_request``)."""
+    from ray.serve.request_router import RequestRouter
+
+    chosen = {}
+
+    async def base_choice(self, pending_request, *, is_retry=False):
+        return chosen["replica"]
+
+    monkeypatch.setattr(RequestRouter, "_choose_replica_for_request", base_choice)
+
+    def sent(replica, model_id: str, request_id: str) -> None:
+        chosen["replica"] = replica
+        pending = request(model_id)
+        pending.metadata.internal_request_id = request_id
+        assert asyncio.run(router._choose_replica_for_request(pending)) is replica
+        router.on_send_request(replica.replica_id)
+
+    return sent
 
 
-def test_a_hit_goes_to_the_holder_that_runs_the_same_model(router):
-    """Both replicas hold both models and are as busy: each model's requests go where that model runs."""
+def test_a_hit_goes_to_the_holder_that_runs_the_same_model(router, send):
+    """Both replicas hold both models and are as busy; a served m last. Each model's requests go where
+    that model runs, not to the holder that served it last."""
     a, b = FakeReplica("a", {"m", "n"}), FakeReplica("b", {"m", "n"})
     for i in range(3):
-        sent(router, a, "n", f"n-{i}")
-        sent(router, b, "m", f"m-{i}")
+        send(a, "n", f"n-{i}")
+        send(b, "m", f"m-{i}")
+    send(a, "m", "m-a")
+    router.on_request_completed(a.replica_id, "m-a")
+    router.on_request_completed(a.replica_id, "n-0")
+    send(a, "n", "n-3")
     assert routed(router, [a, b], request("m"))[0] == "b"
     assert routed(router, [a, b], request("n"))[0] == "a"
 
 
-def test_each_call_sent_counts_on_its_replica_until_that_replica_completes_it(router):
+def test_each_call_sent_counts_on_its_replica_until_that_replica_completes_it(router, send):
     """Calls made for one ingress request share its id; a call a full replica rejected completes there
     too, and is sent again elsewhere under the same id."""
     a, b = FakeReplica("a", {"m"}), FakeReplica("b", {"m"})
-    sent(router, a, "m", "r1")
-    sent(router, a, "m", "r1")
-    sent(router, b, "m", "r1")  # after a rejection at b...
+    send(a, "m", "r1")
+    send(a, "m", "r1")
+    send(b, "m", "r1")  # after a rejection at b...
     router.on_request_completed(b.replica_id, "r1")  # ...which completes
     assert router._view(a, 0.0).copy_of("m").in_flight == 2
     assert router._view(b, 0.0).copy_of("m").in_flight == 0
