@@ -225,7 +225,9 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "",
         "Closed loop: each client sends its next request when the last is answered. *one model*: `sentiment`; "
         "*two hot models*: `sentiment` and `spam` at random; *mix of 3*: `sentiment`, `spam` and `image` at "
-        "random (three models: the seed's two-slot LRU reloads).",
+        "random (three models: the seed's two-slot LRU reloads). The seed-style server and the app run at once, "
+        "and each point is measured on both back to back, in turns, so that both see the machine at about the "
+        "same speed.",
         "",
     ]
     rows = []

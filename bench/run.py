@@ -132,7 +132,6 @@ def run(
         report.overhead["seed: GET /models (no model run)"] = scenarios.trivial_route(
             seed_url, "/models", p.hot_requests
         ).summary()
-        report.throughput["seed"] = scenarios.throughput(seed_url, p.clients, p.requests_per_client, p.max_requests)
 
         print("app", flush=True)
         if app_url:
@@ -143,12 +142,15 @@ def run(
         print("hot path: the seed-style server (idle since) and the app in alternating rounds", flush=True)
         hot = scenarios.hot_side_by_side({"seed": seed_url, "app": url}, p.hot_requests)
         report.hot.update({name: run.summary() for name, run in hot.items()})
+        print("throughput: the seed-style server and the app, each point on both in turn", flush=True)
+        report.throughput.update(
+            scenarios.throughput({"seed": seed_url, "app": url}, p.clients, p.requests_per_client, p.max_requests)
+        )
         seed.stop()
         servers.remove(seed)
         report.overhead["app: GET /healthz (proxy + ingress, no model run)"] = scenarios.trivial_route(
             url, "/healthz", p.hot_requests
         ).summary()
-        report.throughput["app"] = scenarios.throughput(url, p.clients, p.requests_per_client, p.max_requests)
         if grpc_target:
             print("app over each protocol: REST /predict, REST /v2 infer, gRPC ModelInfer", flush=True)
             n16 = min(16 * p.requests_per_client, p.max_requests)
