@@ -3,8 +3,9 @@
 The worker deployment's router (deployments/routing) lives in this ingress process and knows the running
 worker replicas, each with the model status it last reported (``record_routing_stats``, which Serve's
 controller collects every ``routing.stats_period_s``). Probes and listings read that, through a snapshot
-at most ``FRESH_S`` old, so a probe loop, however fast, asks nothing of the replicas. After a load or an
-unload the data plane asks for a fresh look: each replica is asked directly, by a call the router sends
+at most ``FRESH_S`` old, so a probe loop, however fast, asks nothing of the replicas that have reported.
+A replica that has not reported yet (it started less than a stats period ago), and every replica after a
+load or an unload (the data plane asks for a fresh look), is asked directly, by a call the router sends
 to it and to no other. Readiness counts the running replicas from Serve's public ``serve.status()``,
 which also tells whether the ingress replicas are still applying a change (Serve reports the ingress
 deployment UPDATING until every replica has run ``reconfigure``).
@@ -81,12 +82,14 @@ class ReplicaDirectory:
 
     async def _look(self, fresh: bool) -> list[ReplicaStatus]:
         replicas = (await self._router()).replicas
-        if not fresh:
-            return [
-                _status(r.replica_id.unique_id, r.node_id, r.routing_stats or {}, set(r.multiplexed_model_ids))
-                for r in replicas
-            ]
-        return list(await asyncio.gather(*(self._ask(r) for r in replicas)))
+
+        async def look(r: Any) -> ReplicaStatus:
+            stats = r.routing_stats or {}
+            if fresh or "models" not in stats:  # asked now; so is a replica Serve has not polled yet (it just
+                return await self._ask(r)  # started: what it pushed does not show a failed load or counts)
+            return _status(r.replica_id.unique_id, r.node_id, stats, set(r.multiplexed_model_ids))
+
+        return list(await asyncio.gather(*(look(r) for r in replicas)))
 
     async def _ask(self, replica: Any) -> ReplicaStatus:
         rid = replica.replica_id.unique_id

@@ -1,6 +1,6 @@
 """The ingress's view of the worker replicas, read from the router in this process: one snapshot per
-second for probes and listings, each replica asked by name when a fresh look is needed, and a replica that
-has not reported yet or does not answer shows what it pushed to the router."""
+second for probes and listings, each replica asked by name when a fresh look is needed or when it has not
+reported yet, and a replica that does not answer shows what it pushed to the router."""
 
 import asyncio
 from types import SimpleNamespace
@@ -66,11 +66,20 @@ def router():
     return r
 
 
-def test_each_replica_reports_its_own_models_and_counters(router):
-    r1, r2 = asyncio.run(ReplicaDirectory(FakeWorker({})).statuses())
+def test_each_replica_reports_its_own_models_and_counters_and_one_not_polled_yet_is_asked(router):
+    worker = FakeWorker(
+        {"r2": {"models": {"beta": {"state": "loaded", "load_count": 1}, "gamma": {"state": "failed"}}}}
+    )
+    r1, r2 = asyncio.run(ReplicaDirectory(worker).statuses())
+    assert worker.asked == ["r2"]  # r1 has reported: nothing asked of it
     assert r1.replica_id == "r1" and r1.node_id == "n1" and r1.counters.requests == 7
     assert r1.models["alpha"].state is ModelState.LOADED and r1.models["alpha"].load_count == 1
-    assert r2.held == ["beta", "gamma"]  # not reported yet: what it pushed to the router
+    assert r2.models["beta"].load_count == 1 and r2.models["gamma"].state is ModelState.FAILED
+
+
+def test_a_replica_not_polled_yet_that_does_not_answer_shows_what_it_pushed(router):
+    _, r2 = asyncio.run(ReplicaDirectory(FakeWorker({"r2": TimeoutError()})).statuses())
+    assert r2.held == ["beta", "gamma"]
 
 
 def test_a_fresh_look_asks_each_replica_by_name_and_a_silent_one_falls_back(router):
@@ -92,9 +101,9 @@ def test_probes_and_listings_share_one_snapshot_a_second(router, monkeypatch):
             await directory.statuses()
 
     asyncio.run(many())
-    assert len(reads) == 2  # one look: two replicas, once
+    assert len(reads) == 2 and worker.asked == ["r2"]  # one look: two replicas, once (r2, not polled yet, asked)
     asyncio.run(directory.statuses(fresh=True))
-    assert len(reads) == 4 and worker.asked == ["r1", "r2"]
+    assert len(reads) == 4 and worker.asked == ["r2", "r1", "r2"]
     monkeypatch.setattr(replicas_module, "FRESH_S", 0.0)
     asyncio.run(directory.statuses())
     assert len(reads) == 6
