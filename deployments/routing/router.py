@@ -38,6 +38,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -87,7 +88,13 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         """The running worker replicas, as Serve's controller last broadcast them."""
         return list(self.curr_replicas.values())
 
-    def _view(self, replica: RunningReplica, now: float) -> Replica:
+    def _calls_in_flight(self) -> Counter[tuple[str, str]]:
+        """(replica, model) -> this router's model calls sent there and not completed."""
+        return Counter(call for calls in self._running.values() for call in calls)
+
+    def _view(self, replica: RunningReplica, now: float, in_flight: Counter[tuple[str, str]] | None = None) -> Replica:
+        """``in_flight``: ``_calls_in_flight()``, counted once for every replica a decision looks at."""
+        in_flight = self._calls_in_flight() if in_flight is None else in_flight
         rid = replica.replica_id.unique_id
         stats = replica.routing_stats or {}
         reported = stats.get("models", {})
@@ -98,16 +105,11 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for m in [m for m, at in evicting.items() if m not in pushed or now - at >= self._load_grace_s]:
             del evicting[m]
         held = (pushed | assigned.keys()) - evicting.keys()
-        in_flight: dict[str, int] = {}
-        for calls in self._running.values():
-            for r, m in calls:
-                if r == rid:
-                    in_flight[m] = in_flight.get(m, 0) + 1
         copies = tuple(
             Copy(
                 model_id=m,
                 last_used=max(self._last_used.get((rid, m), 0.0), (reported.get(m) or {}).get("last_used_at") or 0.0),
-                in_flight=in_flight.get(m, 0),
+                in_flight=in_flight[(rid, m)],
             )
             for m in held
         )
@@ -135,7 +137,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             ids = [rid for rid in self.apply_multiplex_routing(pending_request=pending) if rid in self.curr_replicas]
             return [[self.curr_replicas[rid] for rid in random.sample(ids, min(2, len(ids)))]]
         now = time.time()  # the clock the replicas report last_used_at in
-        view = {r.replica_id.unique_id: self._view(r, now) for r in candidates}
+        in_flight = self._calls_in_flight()
+        view = {r.replica_id.unique_id: self._view(r, now, in_flight) for r in candidates}
         if self._holder_away(model_id, view, now):
             return []
         order = rank(model_id, list(view.values()), lambda m: self._demand.demand(m, now), self._knobs)
