@@ -190,6 +190,12 @@ def hot(url: str, n: int, model: str = "sentiment") -> Run:
     return asyncio.run(closed_loop(url, [model], 1, n))
 
 
+def in_turn(urls: dict[str, str], k: int) -> list[str]:
+    """The servers' names for turn ``k`` of a side-by-side measurement: each once, the first one changing
+    every turn, so that neither is always measured right after the other."""
+    return list(urls) if k % 2 == 0 else list(reversed(urls))
+
+
 def hot_side_by_side(urls: dict[str, str], n: int, rounds: int = 10, model: str = "sentiment") -> dict[str, Run]:
     """The hot path of servers that run at once, by name: `n` requests each, in alternating rounds. This
     machine's speed drifts by tens of percent within a minute (one in-process forward pass measured 10 to
@@ -199,7 +205,7 @@ def hot_side_by_side(urls: dict[str, str], n: int, rounds: int = 10, model: str 
     runs = {name: Run() for name in urls}
     for k in range(rounds):
         size = n // rounds + (k < n % rounds)
-        for name in list(urls) if k % 2 == 0 else list(reversed(urls)):
+        for name in in_turn(urls, k):
             part = asyncio.run(closed_loop(urls[name], [model], 1, size))
             runs[name].latencies += part.latencies
             runs[name].errors += part.errors
@@ -259,7 +265,7 @@ def throughput(urls: dict[str, str], clients: tuple[int, ...], requests_per_clie
     for workload, models in WORKLOADS.items():
         for c in clients:
             n = min(max(c * requests_per_client, 20), max_requests)
-            for name in list(urls) if turn % 2 == 0 else list(reversed(urls)):
+            for name in in_turn(urls, turn):
                 out[name].setdefault(workload, {})[c] = asyncio.run(
                     closed_loop(urls[name], models, c, n, seed=c)
                 ).summary()
