@@ -98,6 +98,7 @@ class ModelWorker:
         self._runtimes: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()  # every runtime still alive
         self._counters = ReplicaCounters()
         self._batches_running = 0
+        self._predicting = 0  # requests between their model's hold and their predictions
         self._no_batch_running = asyncio.Event()
         self._no_batch_running.set()
         self._metrics = WorkerMetrics()
@@ -256,8 +257,7 @@ class ModelWorker:
                     )
                 if type(runtime).prepare is not ModelRuntime.prepare:  # e.g. decoding images: in a thread
                     inputs = await asyncio.to_thread(runtime.prepare, inputs)
-                await self._no_batch_running.wait()  # join the queue when the model thread is free: see _run_batch
-                predictions = await self._run_batch(inputs, runtime)
+                predictions = await self._predict(inputs, runtime)
             finally:
                 runtime.release()
         except asyncio.CancelledError:
@@ -268,17 +268,41 @@ class ModelWorker:
         self._model_status(model_id).last_used_at = time.time()
         return WorkerResult(predictions=predictions)
 
+    async def _predict(self, inputs: list[Any], runtime: ModelRuntime) -> list[Scores] | Exception:
+        """One request's predictions. The only request on its way to the model thread, with no batch
+        running, runs at once as a batch of its own: nothing could join it, and Serve's batch queue would
+        keep it ``batch_wait_timeout_s`` waiting for company (measured beside the queued path, in one run:
+        hot-path p50 43.3 against 47.0 ms, and no less throughput at 16 clients). Else it waits until no
+        batch runs and joins the queue with the others that waited (see _run_batch). Requests that arrive
+        while it runs wait for it in the same way."""
+        self._predicting += 1
+        try:
+            if self._predicting == 1 and self._batches_running == 0:
+                # Shielded: a request that leaves does not end the batch while its forward pass still runs.
+                return (await asyncio.shield(asyncio.ensure_future(self._as_batch([inputs], [runtime]))))[0]
+            await self._no_batch_running.wait()  # join the queue when the model thread is free
+            return await self._run_batch(inputs, runtime)
+        finally:
+            self._predicting -= 1
+
     # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
     # on one torch thread, so a second concurrent batch would add no compute. Serve forms a batch when its
     # first request arrives, not when the previous batch is done: requests that came one by one while a
-    # batch ran would queue as batches of one. So predict() holds them until no batch runs, and they join
+    # batch ran would queue as batches of one. So _predict holds them until no batch runs, and they join
     # the queue together, as one batch (measured: 1.2 requests a batch at 16 clients without the hold).
+    # A request alone on the replica skips the queue and its wait (_predict).
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _run_batch(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
+        return await self._as_batch(requests, runtimes)
+
+    async def _as_batch(
+        self, requests: list[list[Any]], runtimes: list[ModelRuntime]
+    ) -> list[list[Scores] | Exception]:
+        """One batch on the model thread; requests that arrive meanwhile are held until it is done."""
         self._batches_running += 1
         self._no_batch_running.clear()
         try:

@@ -259,7 +259,7 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
     monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
     replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
     monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: replica)  # @serve.batch reads it
-    w._lingering, w._batches_running, w._no_batch_running = {}, 0, asyncio.Event()
+    w._lingering, w._batches_running, w._predicting, w._no_batch_running = {}, 0, 0, asyncio.Event()
     w._no_batch_running.set()
     # A batch queue of this instance's own: the class's one must stay unused (and picklable) in this process,
     # where the integration tests deploy the class later.
@@ -288,3 +288,50 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
 
     asyncio.run(scenario())
     assert batches == [1, 5]
+
+
+def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_the_batch_queue(monkeypatch):
+    """A request alone on its replica has nothing to be batched with: it runs at once, as a batch of one,
+    without waiting in Serve's batch queue for company. Requests that arrive while it runs wait for it,
+    then go through the queue together."""
+    import threading
+
+    from deployments.worker import deployment
+
+    w, runtime, _ = worker(load_s=0)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    w._lingering, w._batches_running, w._predicting, w._no_batch_running = {}, 0, 0, asyncio.Event()
+    w._no_batch_running.set()
+    queued = []
+
+    async def through_the_queue(inputs, runtime):  # stands in for Serve's batch queue, which batches nothing here
+        queued.append(list(inputs))
+        return (await w._as_batch([inputs], [runtime]))[0]
+
+    w._run_batch = through_the_queue
+    forwards, first_may_end = [], threading.Event()
+
+    def predict(inputs):
+        forwards.append(list(inputs))
+        if len(forwards) == 1:
+            first_may_end.wait(10)
+        return [[{"label": "x", "score": 1.0}] for _ in inputs]
+
+    runtime.predict = predict
+
+    async def scenario():
+        first = asyncio.ensure_future(w.predict(["alone"]))
+        while not forwards:  # until its forward pass runs
+            await asyncio.sleep(0.01)
+        later = asyncio.ensure_future(w.predict(["meanwhile"]))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        held = not later.done() and not queued  # waits for the model thread, not in the queue yet
+        first_may_end.set()
+        await asyncio.gather(first, later)
+        return held
+
+    assert asyncio.run(scenario())
+    assert forwards == [["alone"], ["meanwhile"]]
+    assert queued == [["meanwhile"]]  # only the request that had company went through the queue
+    assert w._predicting == 0 and w._batches_running == 0 and w._no_batch_running.is_set()
