@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments.runtimes.base import ModelRuntime
-from deployments.worker.deployment import ModelWorker
+from deployments.worker.deployment import COMPANY_AT, ModelWorker
 from serve_app.core import ray_internals
 from serve_app.core.errors import ModelChanged, ModelUnavailable
 from serve_app.core.live_registry import LiveRegistry, content_version, registry_user_config
@@ -260,6 +260,7 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
     replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
     monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: replica)  # @serve.batch reads it
     w._lingering, w._batches_running, w._predicting, w._no_batch_running = {}, 0, 0, asyncio.Event()
+    w._requests_a_batch = 1.0
     w._no_batch_running.set()
     # A batch queue of this instance's own: the class's one must stay unused (and picklable) in this process,
     # where the integration tests deploy the class later.
@@ -290,10 +291,10 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
     assert batches == [1, 5]
 
 
-def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_the_batch_queue(monkeypatch):
-    """A request alone on its replica has nothing to be batched with: it runs at once, as a batch of one,
-    without waiting in Serve's batch queue for company. Requests that arrive while it runs wait for it,
-    then go through the queue together."""
+def lone_request_worker(monkeypatch, requests_a_batch: float):
+    """A worker whose recent batches averaged ``requests_a_batch`` requests, with a stand-in for Serve's batch
+    queue that records what goes through it, and a model whose first forward pass runs until told to end.
+    Returns the worker, the queued inputs, the forward passes' inputs, and the event that ends the first."""
     import threading
 
     from deployments.worker import deployment
@@ -301,15 +302,13 @@ def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_
     w, runtime, _ = worker(load_s=0)
     monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
     w._lingering, w._batches_running, w._predicting, w._no_batch_running = {}, 0, 0, asyncio.Event()
+    w._requests_a_batch = requests_a_batch
     w._no_batch_running.set()
-    queued = []
+    queued, forwards, first_may_end = [], [], threading.Event()
 
-    async def through_the_queue(inputs, runtime):  # stands in for Serve's batch queue, which batches nothing here
+    async def through_the_queue(inputs, runtime):  # Serve's batch queue, batching nothing here
         queued.append(list(inputs))
         return (await w._as_batch([inputs], [runtime]))[0]
-
-    w._run_batch = through_the_queue
-    forwards, first_may_end = [], threading.Event()
 
     def predict(inputs):
         forwards.append(list(inputs))
@@ -317,7 +316,16 @@ def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_
             first_may_end.wait(10)
         return [[{"label": "x", "score": 1.0}] for _ in inputs]
 
+    w._run_batch = through_the_queue
     runtime.predict = predict
+    return w, queued, forwards, first_may_end
+
+
+def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_the_batch_queue(monkeypatch):
+    """On a replica whose batches have had one request each of late (one client), a request alone has nothing
+    to be batched with: it runs at once, as a batch of one, without waiting in Serve's batch queue for
+    company. Requests that arrive while it runs wait for it, then go through the queue together."""
+    w, queued, forwards, first_may_end = lone_request_worker(monkeypatch, requests_a_batch=1.0)
 
     async def scenario():
         first = asyncio.ensure_future(w.predict(["alone"]))
@@ -335,3 +343,22 @@ def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_
     assert forwards == [["alone"], ["meanwhile"]]
     assert queued == [["meanwhile"]]  # only the request that had company went through the queue
     assert w._predicting == 0 and w._batches_running == 0 and w._no_batch_running.is_set()
+
+
+def test_once_batches_have_company_a_request_that_finds_the_replica_idle_goes_through_the_queue(monkeypatch):
+    """Under load, requests come back in bunches (a batch's clients send their next requests at about the
+    same time): once this replica's batches average COMPANY_AT requests or more, a request that finds it idle
+    goes through Serve's batch queue, whose wait gathers the rest of its bunch."""
+    w, queued, forwards, first_may_end = lone_request_worker(monkeypatch, requests_a_batch=1.0)
+    first_may_end.set()
+    runtime = w.get_model  # the worker's stand-in loader hands out one runtime
+
+    async def scenario():
+        model = await runtime("m")
+        for _ in range(3):  # three batches of four requests
+            await w._as_batch([["a"], ["b"], ["c"], ["d"]], [model] * 4)
+        return await w.predict(["alone"])
+
+    asyncio.run(scenario())
+    assert w._requests_a_batch >= COMPANY_AT
+    assert queued == [["alone"]] and forwards[-1] == ["alone"]
