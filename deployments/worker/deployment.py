@@ -49,10 +49,11 @@ logger = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 2
 COMPANY_AT = 1.5
-"""Requests per batch, on average of late, from which a request that finds its replica idle still waits in
-Serve's batch queue for company (below it, it runs at once: see ModelWorker._predict)."""
+"""Requests per batch, on average over a replica's last several batches, from which a request that finds the
+replica idle still waits in Serve's batch queue for company (below it, it runs at once: ModelWorker._predict)."""
 BATCH_SIZE_WEIGHT = 0.2
-"""The weight of the newest batch in that average (an exponential moving average)."""
+"""The weight of the newest batch in that average (an exponential moving average: from a steady 3 requests a
+batch, about 7 batches of one bring it under COMPANY_AT)."""
 RELOAD_WAIT_S = 5.0
 """How long a request sent under a registry this replica has not applied yet (the ingress applied it
 first) waits for it: a model just added is then found, a changed one loaded from its new files."""
@@ -102,12 +103,16 @@ class ModelWorker:
         self._lingering: dict[str, ModelRuntime] = {}  # evicted while in use, not freed yet
         self._runtimes: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()  # every runtime still alive
         self._counters = ReplicaCounters()
+        self._metrics = WorkerMetrics()
+        self._init_batching()
+
+    def _init_batching(self) -> None:
         self._batches_running = 0
-        self._predicting = 0  # requests between their model's hold and their predictions
-        self._requests_a_batch = 1.0  # recent requests per batch on this replica (moving average)
         self._no_batch_running = asyncio.Event()
         self._no_batch_running.set()
-        self._metrics = WorkerMetrics()
+        self._predicting = 0  # requests with their inputs ready, waiting for their predictions
+        self._requests_a_batch = 1.0  # requests per batch over this replica's last several (moving average)
+        self._lone_batches: set[asyncio.Future] = set()  # batches of one running for requests that may leave
 
     # -- the registry ---------------------------------------------------------------------------------
 
@@ -280,15 +285,25 @@ class ModelWorker:
         way to the model thread, no batch running) has nothing to join, and the queue would keep it waiting
         ``batch_wait_timeout_s`` for company. Under load that wait pays: a batch's clients send their next
         requests at about the same time, and the first to arrive gathers the others. At low load it only
-        delays the request: so while this replica's batches have averaged fewer than COMPANY_AT requests
-        of late, such a request runs at once, as a batch of its own. Measured beside the app without it,
-        in one run: hot-path p50 45.9 against 51.2 ms; at 16 clients 52.1 against 55.9 req/s on one model
-        and 64.8 against 57.5 on two hot models (4 alternating pairs each)."""
+        delays the request: so while this replica's last several batches have averaged fewer than COMPANY_AT
+        requests, such a request runs at once, as a batch of its own. Measured beside the app without it, in
+        one run (4 alternating pairs each): hot-path p50 45.9 against 51.2 ms; at 16 clients 64.8 against
+        57.5 req/s on two hot models, and 52.1 against 55.9 on one model (a loss within this machine's noise
+        from run to run: docs/performance.md)."""
         self._predicting += 1
         try:
-            if self._predicting == 1 and self._batches_running == 0 and self._requests_a_batch < COMPANY_AT:
-                # Shielded: a request that leaves does not end the batch while its forward pass still runs.
-                return (await asyncio.shield(asyncio.ensure_future(self._as_batch([inputs], [runtime]))))[0]
+            if (
+                self._predicting == 1
+                and self._batches_running == 0
+                and self._requests_a_batch < COMPANY_AT
+                and self._batch_starts(runtime)  # counted now: a request that arrives before it runs waits
+            ):
+                batch = asyncio.ensure_future(self._as_batch([inputs], [runtime]))
+                self._lone_batches.add(batch)
+                batch.add_done_callback(self._lone_batches.discard)
+                # Shielded: a request that leaves ends neither the batch nor its hold on the model while the
+                # forward pass runs.
+                return (await asyncio.shield(batch))[0]
             await self._no_batch_running.wait()  # join the queue when the model thread is free
             return await self._run_batch(inputs, runtime)
         finally:
@@ -299,24 +314,39 @@ class ModelWorker:
     # first request arrives, not when the previous batch is done: requests that came one by one while a
     # batch ran would queue as batches of one. So _predict holds them until no batch runs, and they join
     # the queue together, as one batch (measured: 1.2 requests a batch at 16 clients without the hold).
-    # A request alone on the replica skips the queue and its wait (_predict).
+    # At low load, a request that finds the replica idle skips the queue and its wait (_predict).
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _run_batch(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
+        runtime = runtimes[0]
+        if not self._batch_starts(runtime):  # every request holding it left before the batch ran, and it was freed
+            gone = ModelUnavailable(
+                f"Model {runtime.spec.id!r} was unloaded before its batch ran", model_id=runtime.spec.id
+            )
+            return [gone] * len(requests)
         return await self._as_batch(requests, runtimes)
+
+    def _batch_starts(self, runtime: ModelRuntime) -> bool:
+        """Count a batch as running, with no await before it, and hold its model for it (the requests that
+        hold it may leave while the forward pass runs: it is freed after). False, and nothing counted, if the
+        model is freed already."""
+        if not runtime.hold():
+            return False
+        self._batches_running += 1
+        self._no_batch_running.clear()
+        return True
 
     async def _as_batch(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
-        """One batch on the model thread; requests that arrive meanwhile are held until it is done."""
-        self._batches_running += 1
-        self._no_batch_running.clear()
+        """A batch counted by _batch_starts, on the model thread; requests that arrive meanwhile wait for it."""
         try:
             return await self._run_batch_now(requests, runtimes)
         finally:
+            runtimes[0].release()
             self._batches_running -= 1
             if self._batches_running == 0:
                 self._no_batch_running.set()
@@ -324,7 +354,7 @@ class ModelWorker:
     async def _run_batch_now(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
-        runtime = runtimes[0]  # every request of the batch holds its runtime (in_use), so this one stays loaded
+        runtime = runtimes[0]  # held for the batch (_batch_starts), so it stays loaded until the batch is done
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         self._requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self._requests_a_batch)

@@ -259,9 +259,8 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
     monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
     replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
     monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: replica)  # @serve.batch reads it
-    w._lingering, w._batches_running, w._predicting, w._no_batch_running = {}, 0, 0, asyncio.Event()
-    w._requests_a_batch = 1.0
-    w._no_batch_running.set()
+    w._lingering = {}
+    w._init_batching()
     # A batch queue of this instance's own: the class's one must stay unused (and picklable) in this process,
     # where the integration tests deploy the class later.
     unbatched = ModelWorker.func_or_class._run_batch.__wrapped__
@@ -292,46 +291,65 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
 
 
 def lone_request_worker(monkeypatch, requests_a_batch: float):
-    """A worker whose recent batches averaged ``requests_a_batch`` requests, with a stand-in for Serve's batch
-    queue that records what goes through it, and a model whose first forward pass runs until told to end.
-    Returns the worker, the queued inputs, the forward passes' inputs, and the event that ends the first."""
+    """A worker whose last batches averaged ``requests_a_batch`` requests, with Serve's batch queue replaced by
+    one that batches nothing and records what goes through it, and a model whose first forward pass runs
+    until told to end. Returns the worker, its runtime, the queued inputs, the forward passes' inputs, the
+    event that ends the first, and the most forward passes seen running at once (a one-item list)."""
     import threading
 
     from deployments.worker import deployment
 
     w, runtime, _ = worker(load_s=0)
     monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
-    w._lingering, w._batches_running, w._predicting, w._no_batch_running = {}, 0, 0, asyncio.Event()
+    w._lingering = {}
+    w._init_batching()
     w._requests_a_batch = requests_a_batch
-    w._no_batch_running.set()
-    queued, forwards, first_may_end = [], [], threading.Event()
+    batch = ModelWorker.func_or_class._run_batch.__wrapped__  # the batch function, without Serve's queue
+    queued, forwards, first_may_end, running, most = [], [], threading.Event(), [0], [0]
+    lock = threading.Lock()
 
-    async def through_the_queue(inputs, runtime):  # Serve's batch queue, batching nothing here
+    async def through_the_queue(inputs, runtime):
         queued.append(list(inputs))
-        return (await w._as_batch([inputs], [runtime]))[0]
+        return (await batch(w, [inputs], [runtime]))[0]
 
     def predict(inputs):
-        forwards.append(list(inputs))
+        with lock:
+            forwards.append(list(inputs))
+            running[0] += 1
+            most[0] = max(most[0], running[0])
         if len(forwards) == 1:
             first_may_end.wait(10)
+        with lock:
+            running[0] -= 1
         return [[{"label": "x", "score": 1.0}] for _ in inputs]
 
     w._run_batch = through_the_queue
     runtime.predict = predict
-    return w, queued, forwards, first_may_end
+    return w, runtime, queued, forwards, first_may_end, most
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait, polling the event loop, until ``condition()`` holds (a TimeoutError fails the test instead of
+    hanging it)."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout_s)
 
 
 def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_the_batch_queue(monkeypatch):
     """On a replica whose batches have had one request each of late (one client), a request alone has nothing
     to be batched with: it runs at once, as a batch of one, without waiting in Serve's batch queue for
     company. Requests that arrive while it runs wait for it, then go through the queue together."""
-    w, queued, forwards, first_may_end = lone_request_worker(monkeypatch, requests_a_batch=1.0)
+    w, _, queued, forwards, first_may_end, most = lone_request_worker(monkeypatch, requests_a_batch=1.0)
 
     async def scenario():
         first = asyncio.ensure_future(w.predict(["alone"]))
-        while not forwards:  # until its forward pass runs
-            await asyncio.sleep(0.01)
+        await until(lambda: forwards)  # its forward pass runs
         later = asyncio.ensure_future(w.predict(["meanwhile"]))
+        await until(lambda: w._predicting == 2)  # the second has its inputs ready
         for _ in range(5):
             await asyncio.sleep(0)
         held = not later.done() and not queued  # waits for the model thread, not in the queue yet
@@ -340,23 +358,60 @@ def test_a_lone_request_runs_at_once_and_those_that_arrive_meanwhile_go_through_
         return held
 
     assert asyncio.run(scenario())
-    assert forwards == [["alone"], ["meanwhile"]]
+    assert forwards == [["alone"], ["meanwhile"]] and most == [1]
     assert queued == [["meanwhile"]]  # only the request that had company went through the queue
     assert w._predicting == 0 and w._batches_running == 0 and w._no_batch_running.is_set()
+
+
+def test_two_requests_that_reach_an_idle_replica_together_never_run_two_forward_passes_at_once(monkeypatch):
+    """The lone request's batch counts as running from the moment it is chosen, not from its first step on
+    the event loop: a request that arrives in between waits for it instead of starting a second batch."""
+    w, _, queued, forwards, first_may_end, most = lone_request_worker(monkeypatch, requests_a_batch=1.0)
+
+    async def scenario():
+        both = asyncio.gather(w.predict(["a"]), w.predict(["b"]))
+        await until(lambda: forwards and w._predicting == 2)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        first_may_end.set()
+        await both
+
+    asyncio.run(scenario())
+    assert most == [1] and forwards == [["a"], ["b"]] and queued == [["b"]]
+
+
+def test_a_lone_request_that_leaves_mid_forward_keeps_its_model_held_until_the_pass_ends(monkeypatch):
+    """The client of the lone request leaves while its forward pass runs: the request is gone at once, but
+    the batch still counts as running (the next requests wait for it) and still holds the model, so an
+    eviction meanwhile cannot free it under the pass."""
+    w, runtime, _, forwards, first_may_end, _ = lone_request_worker(monkeypatch, requests_a_batch=1.0)
+
+    async def scenario():
+        request = asyncio.ensure_future(w.predict(["leaves"]))
+        await until(lambda: forwards)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        during = (w._predicting, w._batches_running, runtime._in_use, w._no_batch_running.is_set())
+        first_may_end.set()
+        await until(lambda: w._batches_running == 0)
+        return during
+
+    assert asyncio.run(scenario()) == (0, 1, 1, False)
+    assert runtime._in_use == 0 and w._no_batch_running.is_set()
 
 
 def test_once_batches_have_company_a_request_that_finds_the_replica_idle_goes_through_the_queue(monkeypatch):
     """Under load, requests come back in bunches (a batch's clients send their next requests at about the
     same time): once this replica's batches average COMPANY_AT requests or more, a request that finds it idle
     goes through Serve's batch queue, whose wait gathers the rest of its bunch."""
-    w, queued, forwards, first_may_end = lone_request_worker(monkeypatch, requests_a_batch=1.0)
+    w, runtime, queued, forwards, first_may_end, _ = lone_request_worker(monkeypatch, requests_a_batch=1.0)
     first_may_end.set()
-    runtime = w.get_model  # the worker's stand-in loader hands out one runtime
+    batch = ModelWorker.func_or_class._run_batch.__wrapped__
 
     async def scenario():
-        model = await runtime("m")
         for _ in range(3):  # three batches of four requests
-            await w._as_batch([["a"], ["b"], ["c"], ["d"]], [model] * 4)
+            await batch(w, [["a"], ["b"], ["c"], ["d"]], [runtime] * 4)
         return await w.predict(["alone"])
 
     asyncio.run(scenario())
