@@ -4,7 +4,7 @@ A runtime is created for one registry entry, then ``load`` reads the model
 (the same code for a local folder and for a pinned hub revision),
 ``predict`` answers a batch of inputs, and ``unload`` drops every reference to the weights so that their memory is
 freed. Ray Serve's multiplexing LRU calls ``__del__`` on eviction, which is
-``unload`` here. A model evicted while requests still run on it is released
+``unload`` here. A model evicted while requests (or a batch) still run on it is released
 when the last of them finishes (``in_use``), so those requests complete.
 """
 
@@ -80,8 +80,8 @@ class ModelRuntime(ABC):
         return self
 
     def hold(self) -> bool:
-        """Hold the model for one request, so that an unload meanwhile waits until ``release``. False if it
-        is freed already (the caller gets the model again)."""
+        """Hold the model for one request (or one batch), so that an unload meanwhile waits until ``release``.
+        False if it is freed already (the caller gets the model again)."""
         with self._state_lock:
             if self._freed:
                 return False

@@ -298,7 +298,9 @@ class ModelWorker:
                 and self._requests_a_batch < COMPANY_AT
                 and self._batch_starts(runtime)  # counted now: a request that arrives before it runs waits
             ):
-                batch = asyncio.ensure_future(self._as_batch([inputs], [runtime]))
+                batch = asyncio.ensure_future(self._run_batch_now([inputs], [runtime]))
+                # Ended by a callback, which runs however the task ends (even cancelled before its first step).
+                batch.add_done_callback(lambda _: self._batch_ends(runtime))
                 self._lone_batches.add(batch)
                 batch.add_done_callback(self._lone_batches.discard)
                 # Shielded: a request that leaves ends neither the batch nor its hold on the model while the
@@ -309,12 +311,13 @@ class ModelWorker:
         finally:
             self._predicting -= 1
 
-    # Size and wait are set from BatchingArgs in __init__. One batch at a time: a replica runs its models
-    # on one torch thread, so a second concurrent batch would add no compute. Serve forms a batch when its
-    # first request arrives, not when the previous batch is done: requests that came one by one while a
-    # batch ran would queue as batches of one. So _predict holds them until no batch runs, and they join
-    # the queue together, as one batch (measured: 1.2 requests a batch at 16 clients without the hold).
-    # At low load, a request that finds the replica idle skips the queue and its wait (_predict).
+    # Size and wait are set from BatchingArgs in __init__. A replica runs its models on one torch thread, so
+    # a second concurrent batch of a model would add no compute. Serve forms a batch when its first request
+    # arrives, not when the previous batch is done: requests that came one by one while a batch ran would
+    # queue as batches of one. So _predict holds them until no batch runs, and they join the queue together,
+    # as one batch (measured: 1.2 requests a batch at 16 clients without the hold). Serve splits a batch by
+    # model and runs the parts at once, so two models' batches can run together. At low load, a request
+    # that finds the replica idle skips the queue and its wait (_predict).
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _run_batch(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
@@ -322,12 +325,15 @@ class ModelWorker:
         """One model call for the inputs of several requests; Serve never mixes models in a batch.
         If the call fails, each request is run alone, so that only the request at fault gets the error."""
         runtime = runtimes[0]
-        if not self._batch_starts(runtime):  # every request holding it left before the batch ran, and it was freed
+        if not self._batch_starts(runtime):  # defensive: Serve runs a batch only for requests that hold it
             gone = ModelUnavailable(
                 f"Model {runtime.spec.id!r} was unloaded before its batch ran", model_id=runtime.spec.id
             )
             return [gone] * len(requests)
-        return await self._as_batch(requests, runtimes)
+        try:
+            return await self._run_batch_now(requests, runtimes)
+        finally:
+            self._batch_ends(runtime)
 
     def _batch_starts(self, runtime: ModelRuntime) -> bool:
         """Count a batch as running, with no await before it, and hold its model for it (the requests that
@@ -339,17 +345,12 @@ class ModelWorker:
         self._no_batch_running.clear()
         return True
 
-    async def _as_batch(
-        self, requests: list[list[Any]], runtimes: list[ModelRuntime]
-    ) -> list[list[Scores] | Exception]:
-        """A batch counted by _batch_starts, on the model thread; requests that arrive meanwhile wait for it."""
-        try:
-            return await self._run_batch_now(requests, runtimes)
-        finally:
-            runtimes[0].release()
-            self._batches_running -= 1
-            if self._batches_running == 0:
-                self._no_batch_running.set()
+    def _batch_ends(self, runtime: ModelRuntime) -> None:
+        """Undo _batch_starts: let go of the model, and let the requests that waited join the queue."""
+        runtime.release()
+        self._batches_running -= 1
+        if self._batches_running == 0:
+            self._no_batch_running.set()
 
     async def _run_batch_now(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]

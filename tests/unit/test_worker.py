@@ -261,6 +261,7 @@ def test_requests_that_arrive_while_a_batch_runs_run_together_in_the_next_batch(
     monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: replica)  # @serve.batch reads it
     w._lingering = {}
     w._init_batching()
+    w._requests_a_batch = COMPANY_AT  # batches with company of late: the first request goes through the queue too
     # A batch queue of this instance's own: the class's one must stay unused (and picklable) in this process,
     # where the integration tests deploy the class later.
     unbatched = ModelWorker.func_or_class._run_batch.__wrapped__
@@ -308,9 +309,9 @@ def lone_request_worker(monkeypatch, requests_a_batch: float):
     queued, forwards, first_may_end, running, most = [], [], threading.Event(), [0], [0]
     lock = threading.Lock()
 
-    async def through_the_queue(inputs, runtime):
+    async def through_the_queue(inputs, runtime):  # as Serve's queue: the batch runs in a task of its own
         queued.append(list(inputs))
-        return (await batch(w, [inputs], [runtime]))[0]
+        return (await asyncio.shield(asyncio.ensure_future(batch(w, [inputs], [runtime]))))[0]
 
     def predict(inputs):
         with lock:
@@ -380,11 +381,12 @@ def test_two_requests_that_reach_an_idle_replica_together_never_run_two_forward_
     assert most == [1] and forwards == [["a"], ["b"]] and queued == [["b"]]
 
 
-def test_a_lone_request_that_leaves_mid_forward_keeps_its_model_held_until_the_pass_ends(monkeypatch):
-    """The client of the lone request leaves while its forward pass runs: the request is gone at once, but
-    the batch still counts as running (the next requests wait for it) and still holds the model, so an
-    eviction meanwhile cannot free it under the pass."""
-    w, runtime, _, forwards, first_may_end, _ = lone_request_worker(monkeypatch, requests_a_batch=1.0)
+@pytest.mark.parametrize("requests_a_batch", [1.0, COMPANY_AT], ids=["lone", "queued"])
+def test_a_request_that_leaves_mid_forward_leaves_its_model_held_until_the_pass_ends(monkeypatch, requests_a_batch):
+    """The client leaves while its request's forward pass runs (a lone request's batch of one, or a batch
+    from the queue): the request is gone at once, but the batch still counts as running (the next requests
+    wait for it) and still holds the model, so an eviction meanwhile waits for the pass to end."""
+    w, runtime, queued, forwards, first_may_end, _ = lone_request_worker(monkeypatch, requests_a_batch)
 
     async def scenario():
         request = asyncio.ensure_future(w.predict(["leaves"]))
@@ -393,12 +395,15 @@ def test_a_lone_request_that_leaves_mid_forward_keeps_its_model_held_until_the_p
         with pytest.raises(asyncio.CancelledError):
             await request
         during = (w._predicting, w._batches_running, runtime._in_use, w._no_batch_running.is_set())
+        deferred = runtime.unload()  # Serve's LRU evicts it now
+        still_loaded = runtime.loaded
         first_may_end.set()
-        await until(lambda: w._batches_running == 0)
-        return during
+        await until(lambda: w._batches_running == 0 and not runtime.loaded)  # freed once the pass is done
+        return during, deferred, still_loaded
 
-    assert asyncio.run(scenario()) == (0, 1, 1, False)
+    assert asyncio.run(scenario()) == ((0, 1, 1, False), True, True)
     assert runtime._in_use == 0 and w._no_batch_running.is_set()
+    assert queued == ([] if requests_a_batch < COMPANY_AT else [["leaves"]])
 
 
 def test_once_batches_have_company_a_request_that_finds_the_replica_idle_goes_through_the_queue(monkeypatch):
