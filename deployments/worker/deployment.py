@@ -322,18 +322,30 @@ class ModelWorker:
     async def _run_batch(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
-        """One model call for the inputs of several requests; Serve never mixes models in a batch.
-        If the call fails, each request is run alone, so that only the request at fault gets the error."""
-        runtime = runtimes[0]
-        if not self._batch_starts(runtime):  # defensive: Serve runs a batch only for requests that hold it
-            gone = ModelUnavailable(
-                f"Model {runtime.spec.id!r} was unloaded before its batch ran", model_id=runtime.spec.id
-            )
-            return [gone] * len(requests)
-        try:
-            return await self._run_batch_now(requests, runtimes)
-        finally:
-            self._batch_ends(runtime)
+        """One model call for the inputs of several requests; Serve never mixes models in a batch, but
+        it groups by model id, not by copy: when a registry change replaced a model's copy, requests still on
+        the old copy and new ones on the new copy can share a batch, and each copy then gets a call of its
+        own, so that requests running on a copy finish on it. If a call fails, each of its requests is run
+        alone, so that only the request at fault gets the error."""
+        out: list[list[Scores] | Exception | None] = [None] * len(requests)
+        copies: dict[int, list[int]] = {}
+        for i, runtime in enumerate(runtimes):
+            copies.setdefault(id(runtime), []).append(i)
+        for indices in copies.values():
+            runtime = runtimes[indices[0]]
+            if not self._batch_starts(runtime):  # defensive: Serve runs a batch only for requests that hold it
+                gone = ModelUnavailable(
+                    f"Model {runtime.spec.id!r} was unloaded before its batch ran", model_id=runtime.spec.id
+                )
+                answers: list[list[Scores] | Exception] = [gone] * len(indices)
+            else:
+                try:
+                    answers = await self._run_batch_now([requests[i] for i in indices], [runtime] * len(indices))
+                finally:
+                    self._batch_ends(runtime)
+            for i, answer in zip(indices, answers, strict=True):
+                out[i] = answer
+        return out  # every request answered
 
     def _batch_starts(self, runtime: ModelRuntime) -> bool:
         """Count a batch as running, with no await before it, and hold its model for it (the requests that
@@ -355,7 +367,7 @@ class ModelWorker:
     async def _run_batch_now(
         self, requests: list[list[Any]], runtimes: list[ModelRuntime]
     ) -> list[list[Scores] | Exception]:
-        runtime = runtimes[0]  # held for the batch (_batch_starts), so it stays loaded until the batch is done
+        runtime = runtimes[0]  # one copy for the whole batch (_run_batch), held until the batch is done
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         self._requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self._requests_a_batch)

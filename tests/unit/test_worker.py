@@ -422,3 +422,28 @@ def test_once_batches_have_company_a_request_that_finds_the_replica_idle_goes_th
     asyncio.run(scenario())
     assert w._requests_a_batch >= COMPANY_AT
     assert queued == [["alone"]] and forwards[-1] == ["alone"]
+
+
+def test_requests_on_two_copies_of_a_model_in_one_batch_each_run_on_their_own_copy():
+    """Serve batches by model id: after a registry change replaced a model's copy, requests still on the old
+    copy and new ones on the new copy can share a batch. Each copy gets a model call of its own, so that a
+    request finishes on the copy it started on; both copies are held while their call runs."""
+    w, old, _ = worker(load_s=0)
+    w._lingering = {}
+    w._init_batching()
+    new = FakeRuntime().load()
+    calls = []
+
+    def answering(copy, label):
+        def predict(inputs):
+            calls.append((label, list(inputs), copy._in_use))
+            return [[{"label": label, "score": 1.0}] for _ in inputs]
+
+        return predict
+
+    old.predict, new.predict = answering(old, "old"), answering(new, "new")
+    batch = ModelWorker.func_or_class._run_batch.__wrapped__
+    answers = asyncio.run(batch(w, [["a"], ["b"], ["c"]], [old, new, old]))
+    assert [a[0][0]["label"] for a in answers] == ["old", "new", "old"]  # each request's one input
+    assert calls == [("old", ["a", "c"], 1), ("new", ["b"], 1)]  # one call per copy, each held for it
+    assert old._in_use == new._in_use == 0 and w._batches_running == 0
