@@ -68,10 +68,15 @@ class ReplicaDirectory:
         self._statuses = _Snapshot(self._look)
         self._app = _Snapshot(self._app_status)
 
-    async def _router(self) -> Any:
+    async def _router(self) -> Any | None:
+        """The worker deployment's router in this process; None while it has none, because no worker replica
+        has answered a call yet (the app is starting: its worker replicas are not running)."""
         router = views.view_of(self._worker.app_name, self._worker.deployment_name)
         if router is None:  # a handle makes its router at its first call
-            await asyncio.wait_for(self._worker.status.remote(), ASK_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(self._worker.status.remote(), ASK_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("no worker replica answered within %gs: none listed", ASK_TIMEOUT_S)
             router = views.view_of(self._worker.app_name, self._worker.deployment_name)
         return router
 
@@ -81,7 +86,8 @@ class ReplicaDirectory:
         return await self._statuses.get(fresh)
 
     async def _look(self, fresh: bool) -> list[ReplicaStatus]:
-        replicas = (await self._router()).replicas
+        router = await self._router()
+        replicas = router.replicas if router is not None else []
 
         async def look(r: Any) -> ReplicaStatus:
             stats = r.routing_stats or {}

@@ -107,3 +107,23 @@ def test_probes_and_listings_share_one_snapshot_a_second(router, monkeypatch):
     monkeypatch.setattr(replicas_module, "FRESH_S", 0.0)
     asyncio.run(directory.statuses())
     assert len(reads) == 6
+
+
+def test_while_no_worker_replica_answers_yet_the_listing_has_no_replicas_instead_of_an_error(monkeypatch):
+    """Right after start-up the ingress answers before any worker replica runs, and this process has no
+    worker router yet (a handle makes it at its first call, which waits for a replica): GET /models lists
+    the registry with no replicas, instead of failing with the call's timeout (seen: a 500)."""
+
+    class StartingWorker:
+        app_name, deployment_name = "starting-app", "ModelWorker"
+
+        @property
+        def status(self):
+            class _Method:
+                async def remote(self, on_replica=None):
+                    await asyncio.sleep(3600)  # no replica runs yet
+
+            return _Method()
+
+    monkeypatch.setattr(replicas_module, "ASK_TIMEOUT_S", 0.05)
+    assert asyncio.run(ReplicaDirectory(StartingWorker()).statuses()) == []
