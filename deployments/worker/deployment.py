@@ -298,7 +298,7 @@ class ModelWorker:
                 and self._requests_a_batch < COMPANY_AT
                 and self._batch_starts(runtime)  # counted now: a request that arrives before it runs waits
             ):
-                batch = asyncio.ensure_future(self._run_batch_now([inputs], [runtime]))
+                batch = asyncio.ensure_future(self._run_batch_now([inputs], runtime))
                 # Ended by a callback, which runs however the task ends (even cancelled before its first step).
                 batch.add_done_callback(lambda _: self._batch_ends(runtime))
                 self._lone_batches.add(batch)
@@ -340,7 +340,7 @@ class ModelWorker:
                 answers: list[list[Scores] | Exception] = [gone] * len(indices)
             else:
                 try:
-                    answers = await self._run_batch_now([requests[i] for i in indices], [runtime] * len(indices))
+                    answers = await self._run_batch_now([requests[i] for i in indices], runtime)
                 finally:
                     self._batch_ends(runtime)
             for i, answer in zip(indices, answers, strict=True):
@@ -364,10 +364,8 @@ class ModelWorker:
         if self._batches_running == 0:
             self._no_batch_running.set()
 
-    async def _run_batch_now(
-        self, requests: list[list[Any]], runtimes: list[ModelRuntime]
-    ) -> list[list[Scores] | Exception]:
-        runtime = runtimes[0]  # one copy for the whole batch (_run_batch), held until the batch is done
+    async def _run_batch_now(self, requests: list[list[Any]], runtime: ModelRuntime) -> list[list[Scores] | Exception]:
+        """One model call on one copy of the model (_run_batch splits by copy), held until the batch is done."""
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         self._requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self._requests_a_batch)
