@@ -4,7 +4,8 @@ The worker replicas are a pool of caches of two slots each, and Ray's LRU decide
 when it must load a model. This policy decides only which replica a request goes to:
 
 * **hit**: a replica that holds the model: of those within ``spread_at`` requests of the least loaded,
-  the one with the fewest requests of other models in flight (a replica batches one model at a time), then
+  the one that has been serving this model most (the largest share of its recent requests: a replica
+  batches one model at a time), then the one with the fewest requests of other models in flight, then
   the least loaded. When every holder has ``spread_at`` requests or more in flight, the model is hot: the
   request goes to a replica that can take another copy (one with a free slot first, else the one whose
   LRU victim is worth least), provided the copy is worth more than what it evicts. A hot model so spreads
@@ -27,7 +28,7 @@ it would keep its memory until they finish.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -38,6 +39,7 @@ class Copy:
     model_id: str
     last_used: float  # when this replica last served it (Ray's LRU order on the replica)
     in_flight: int = 0  # its requests running on this replica
+    share: float = 0.0  # its share of the requests sent to this replica lately (0 to 1; 0 when none were)
 
 
 @dataclass(frozen=True)
@@ -98,19 +100,23 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
         order = failed + place_order([r for r in others if model_id not in r.backoff])
         return [[r.replica_id] for r in order]
 
-    # Among the holders within spread_at requests of the least loaded, the one with the fewest requests
-    # of other models in flight: a replica runs one model's batch at a time, so two hot models on two
-    # replicas settle one on each, in larger batches than when both run everywhere. Then the least
-    # loaded; on a tie the one that served the model last, so idle copies age. Only the holders are ranked
-    # (and the replica chosen for a new copy): a request for a held model never falls through to another
-    # replica, where Serve would load a copy this policy did not choose (it moves to the next group when a
-    # holder is full or misses its queue probe's deadline); it waits for a holder.
+    # Among the holders within spread_at requests of the least loaded, the one that has been serving this
+    # model most: a replica runs one model's batch at a time, so two hot models on two replicas settle one
+    # on each, in larger batches than when both run everywhere. (Requests of other models in flight are no
+    # measure of that alone: a replica's batch answers its requests together, and a replica with nothing in
+    # flight for a moment would take any model's next request.) Then the fewest requests of other models
+    # in flight, then the least loaded; on a tie the one that served the model last, so idle copies age.
+    # Only the holders are ranked (and the replica chosen for a new copy): a request for a held model
+    # never falls through to another replica, where Serve would load a copy this policy did not choose (it
+    # moves to the next group when a holder is full or misses its queue probe's deadline); it waits for a
+    # holder.
     least = min(r.in_flight for r in holders)
 
     def hit_order(r: Replica) -> tuple:
         this_model = r.copy_of(model_id)
         return (
             r.in_flight > least + knobs.spread_at,
+            -this_model.share,
             r.in_flight - this_model.in_flight,
             r.in_flight,
             -this_model.last_used,
@@ -132,19 +138,25 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
 
 
 class DemandTracker:
-    """Each model's requests, exponentially decayed with a half-life: recent demand, cheap to keep."""
+    """Requests counted by key (a model; a replica and a model), exponentially decayed with a half-life:
+    recent demand, cheap to keep."""
 
     def __init__(self, half_life_s: float = 60.0) -> None:
         self._tau = half_life_s / math.log(2)
-        self._value: dict[str, float] = {}
-        self._at: dict[str, float] = {}
+        self._value: dict[Hashable, float] = {}
+        self._at: dict[Hashable, float] = {}
 
-    def add(self, model_id: str, now: float) -> None:
-        self._value[model_id] = self.demand(model_id, now) + 1.0
-        self._at[model_id] = now
+    def add(self, key: Hashable, now: float) -> None:
+        self._value[key] = self.demand(key, now) + 1.0
+        self._at[key] = now
 
-    def demand(self, model_id: str, now: float) -> float:
-        value = self._value.get(model_id)
+    def demand(self, key: Hashable, now: float) -> float:
+        value = self._value.get(key)
         if value is None:
             return 0.0
-        return value * math.exp(-(now - self._at[model_id]) / self._tau)
+        return value * math.exp(-max(0.0, now - self._at[key]) / self._tau)  # a clock that stepped back: no growth
+
+    def keep_only(self, keep: Callable[[Hashable], bool]) -> None:
+        """Forget the keys ``keep`` rejects (to keep the bookkeeping bounded)."""
+        self._value = {k: v for k, v in self._value.items() if keep(k)}
+        self._at = {k: t for k, t in self._at.items() if k in self._value}

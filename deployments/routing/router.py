@@ -63,12 +63,15 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         demand_half_life_s: float = 60.0,
         load_grace_s: float = 5.0,
         holder_grace_s: float = 3.0,
+        affinity_half_life_s: float = 2.0,
     ) -> None:
         self._ray_default = policy == "ray_default"
         self._knobs = Knobs(spread_at=spread_at)
         self._demand = DemandTracker(demand_half_life_s)
         self._load_grace_s = load_grace_s
         self._last_used: dict[tuple[str, str], float] = {}  # (replica, model) -> when this router last sent
+        # What each replica has been serving lately: requests sent, by (replica, model) and by replica, decayed
+        self._recent = DemandTracker(affinity_half_life_s)
         # What this router's own misses change on a replica before the replica's pushed model ids show it
         # (0.1-0.2 s): the model it sent there, and the model Ray's LRU evicts there to make room.
         self._assigned: dict[str, dict[str, float]] = {}  # replica -> model -> when sent
@@ -105,11 +108,13 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for m in [m for m, at in evicting.items() if m not in pushed or now - at >= self._load_grace_s]:
             del evicting[m]
         held = (pushed | assigned.keys()) - evicting.keys()
+        recent = self._recent.demand(rid, now)
         copies = tuple(
             Copy(
                 model_id=m,
                 last_used=max(self._last_used.get((rid, m), 0.0), (reported.get(m) or {}).get("last_used_at") or 0.0),
                 in_flight=in_flight[(rid, m)],
+                share=self._recent.demand((rid, m), now) / recent if recent > 0 else 0.0,
             )
             for m in held
         )
@@ -207,6 +212,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     def _sending(self, request_id: str, rid: str, model_id: str) -> None:
         now = time.time()
         self._demand.add(model_id, now)
+        self._recent.add((rid, model_id), now)
+        self._recent.add(rid, now)
         self._last_used[(rid, model_id)] = now
         self._running.setdefault(request_id, []).append((rid, model_id))
         if len(self._last_used) > 4096 or len(self._running) > 4096:  # keep the bookkeeping bounded
@@ -216,6 +223,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
             self._sent = {r: n for r, n in self._sent.items() if r in live}
+            self._recent.keep_only(lambda key: (key[0] if isinstance(key, tuple) else key) in live)
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)

@@ -70,6 +70,12 @@ class RoutingArgs(_Strict):
     demand_half_life_s: float = Field(
         60.0, gt=0, description="half-life of a model's recent demand, which decides what a miss evicts"
     )
+    affinity_half_life_s: float = Field(
+        2.0,
+        gt=0,
+        description="half-life of what each replica has been serving lately: a hit goes to the holder that has "
+        "served its model most, so that two hot models on the same replicas settle one on each",
+    )
     stats_period_s: float = Field(
         0.5, gt=0, description="how often Serve collects each worker replica's model status for the routers"
     )

@@ -117,6 +117,21 @@ def test_a_hit_goes_to_the_holder_that_runs_the_same_model(router, send):
     assert routed(router, [a, b], request("n"))[0] == "a"
 
 
+def test_a_hit_goes_to_the_holder_that_has_been_serving_the_model_even_with_nothing_in_flight(router, send):
+    """Both replicas hold both models; a has served n lately, b m, and both have answered everything
+    (a replica's batch answers its requests together). Each model's next request goes where it has run."""
+    a, b = FakeReplica("a", {"m", "n"}), FakeReplica("b", {"m", "n"})
+    for i in range(4):
+        send(a, "n", f"n-{i}")
+        send(b, "m", f"m-{i}")
+    send(a, "m", "m-a")
+    for replica, ids in ((a, ["n-0", "n-1", "n-2", "n-3", "m-a"]), (b, ["m-0", "m-1", "m-2", "m-3"])):
+        for request_id in ids:
+            router.on_request_completed(replica.replica_id, request_id)
+    assert routed(router, [a, b], request("m"))[0] == "b"
+    assert routed(router, [a, b], request("n"))[0] == "a"
+
+
 def test_each_call_sent_counts_on_its_replica_until_that_replica_completes_it(router, send):
     """Calls made for one ingress request share its id; a call a full replica rejected completes there
     too, and is sent again elsewhere under the same id."""

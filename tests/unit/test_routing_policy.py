@@ -11,8 +11,8 @@ def R(replica_id, *copies, in_flight=0, backoff=()):
     return Replica(replica_id, tuple(copies), in_flight=in_flight, backoff=frozenset(backoff))
 
 
-def C(model_id, last_used, in_flight=0):
-    return Copy(model_id, last_used, in_flight)
+def C(model_id, last_used, in_flight=0, share=0.0):
+    return Copy(model_id, last_used, in_flight, share)
 
 
 def no_demand(model_id):
@@ -51,10 +51,21 @@ def test_two_hot_models_on_the_same_replicas_settle_one_on_each_for_larger_batch
     assert flat(rank("n", replicas, no_demand)) == ["a", "b"]
 
 
+def test_two_hot_models_stay_one_on_each_replica_while_a_replica_has_nothing_in_flight():
+    """Between batches a replica may have nothing in flight: what it has been serving lately still
+    decides, not the emptier queue, so the other model's requests do not slip in."""
+    replicas = [
+        R("a", C("m", 5, share=0.9), C("n", 6, share=0.1)),
+        R("b", C("m", 4, in_flight=2, share=0.2), C("n", 3, share=0.8), in_flight=2),
+    ]
+    assert flat(rank("m", replicas, no_demand)) == ["a", "b"]
+    assert flat(rank("n", replicas, no_demand)) == ["b", "a"]
+
+
 def test_a_holder_more_than_spread_at_busier_than_the_least_loaded_comes_after_it_whatever_it_runs():
     replicas = [
-        R("a", C("m", 5, in_flight=9), C("n", 5), in_flight=9),
-        R("b", C("m", 4), C("n", 4, in_flight=4), in_flight=4),
+        R("a", C("m", 5, in_flight=9, share=1.0), C("n", 5), in_flight=9),
+        R("b", C("m", 4), C("n", 4, in_flight=4, share=1.0), in_flight=4),
     ]
     assert flat(rank("m", replicas, no_demand, Knobs(spread_at=4))) == ["b", "a"]
     assert flat(rank("m", replicas, no_demand, Knobs(spread_at=5))) == ["a", "b"]
