@@ -4,14 +4,14 @@ The worker replicas are a pool of caches of two slots each, and Ray's LRU decide
 when it must load a model. This policy decides only which replica a request goes to:
 
 * **hit**: a replica that holds the model: of those within ``spread_at`` requests of the least loaded,
-  the one that has been serving this model most (the largest share of its recent requests: a replica
-  batches one model at a time), then the one with the fewest requests of other models in flight, then
-  the least loaded. When every holder has ``spread_at`` requests or more in flight, the model is hot: the
-  request goes to a replica that can take another copy (one with a free slot first, else the one whose
-  LRU victim is worth least), provided the copy is worth more than what it evicts. A hot model so spreads
-  over replicas as its load grows; when the load falls, requests stick to the holder that served it last,
-  and the idle copies become their replicas' LRU victims. A hit ranks no other replica: when its holders
-  are full it waits for one, and loads no copy the policy did not choose.
+  one that has not been serving other models more than this one lately (a replica batches one model at a
+  time), then the one with the fewest requests of other models in flight, then the least loaded. When
+  every holder has ``spread_at`` requests or more in flight, the model is hot: the request goes to a
+  replica that can take another copy (one with a free slot first, else the one whose LRU victim is worth
+  least), provided the copy is worth more than what it evicts. A hot model so spreads over replicas as
+  its load grows; when the load falls, requests stick to the holder that served it last, and the idle
+  copies become their replicas' LRU victims. A hit ranks no other replica: when its holders are full it
+  waits for one, and loads no copy the policy did not choose.
 * **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
   idle pool spread over its replicas), else the replica whose LRU victim is worth least.
 
@@ -39,7 +39,7 @@ class Copy:
     model_id: str
     last_used: float  # when this replica last served it (Ray's LRU order on the replica)
     in_flight: int = 0  # its requests running on this replica
-    share: float = 0.0  # its share of the requests sent to this replica lately (0 to 1; 0 when none were)
+    recent: float = 0.0  # its requests sent to this replica lately (counted, exponentially decayed)
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,18 @@ class Replica:
     replica_id: str
     copies: tuple[Copy, ...] = ()
     in_flight: int = 0  # every request in flight on this replica
+    recent: float = 0.0  # every request sent to this replica lately (counted as Copy.recent is)
     slots: int = 2
     backoff: frozenset[str] = field(default_factory=frozenset)  # models whose last load here failed, recently
 
     def copy_of(self, model_id: str) -> Copy | None:
         return next((c for c in self.copies if c.model_id == model_id), None)
+
+    def serving_others(self, copy: Copy) -> bool:
+        """Whether this replica has been serving other models more than ``copy``'s lately (at least one
+        request's worth, after decay): it is running their batches."""
+        others = self.recent - copy.recent
+        return others >= 1.0 and others > copy.recent
 
     @property
     def free_slots(self) -> int:
@@ -100,12 +107,14 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
         order = failed + place_order([r for r in others if model_id not in r.backoff])
         return [[r.replica_id] for r in order]
 
-    # Among the holders within spread_at requests of the least loaded, the one that has been serving this
-    # model most: a replica runs one model's batch at a time, so two hot models on two replicas settle one
-    # on each, in larger batches than when both run everywhere. (Requests of other models in flight are no
-    # measure of that alone: a replica's batch answers its requests together, and a replica with nothing in
-    # flight for a moment would take any model's next request.) Then the fewest requests of other models
-    # in flight, then the least loaded; on a tie the one that served the model last, so idle copies age.
+    # Among the holders within spread_at requests of the least loaded, one that has not been serving other
+    # models more than this one lately: a replica runs one model's batch at a time, so two hot models on two
+    # replicas settle one on each, in larger batches than when both run everywhere. (Requests of other
+    # models in flight are no measure of that alone: a replica's batch answers its requests together, and
+    # a replica with nothing in flight for a moment would take any model's next request.) The test is
+    # coarse on purpose: a copy of one hot model on a replica that served others long ago (or little) is as
+    # good as its first holder, and the load decides. Then the fewest requests of other models in flight,
+    # then the least loaded; on a tie the one that served the model last, so idle copies age.
     # Only the holders are ranked (and the replica chosen for a new copy): a request for a held model
     # never falls through to another replica, where Serve would load a copy this policy did not choose (it
     # moves to the next group when a holder is full or misses its queue probe's deadline); it waits for a
@@ -116,7 +125,7 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
         this_model = r.copy_of(model_id)
         return (
             r.in_flight > least + knobs.spread_at,
-            -this_model.share,
+            r.serving_others(this_model),
             r.in_flight - this_model.in_flight,
             r.in_flight,
             -this_model.last_used,

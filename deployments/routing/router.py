@@ -108,18 +108,19 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for m in [m for m, at in evicting.items() if m not in pushed or now - at >= self._load_grace_s]:
             del evicting[m]
         held = (pushed | assigned.keys()) - evicting.keys()
-        recent = self._recent.demand(rid, now)
         copies = tuple(
             Copy(
                 model_id=m,
                 last_used=max(self._last_used.get((rid, m), 0.0), (reported.get(m) or {}).get("last_used_at") or 0.0),
                 in_flight=in_flight[(rid, m)],
-                share=self._recent.demand((rid, m), now) / recent if recent > 0 else 0.0,
+                recent=self._recent.demand((rid, m), now),
             )
             for m in held
         )
         backoff = frozenset(m for m, s in reported.items() if (s.get("retry_after") or 0) > now)
-        return Replica(rid, copies, in_flight=self._sent.get(rid, 0), backoff=backoff)
+        return Replica(
+            rid, copies, in_flight=self._sent.get(rid, 0), recent=self._recent.demand(rid, now), backoff=backoff
+        )
 
     def _ranked(
         self, candidates: Sequence[RunningReplica], pending: PendingRequest | None

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments.routing.router import ON_REPLICA, UNLOAD, ModelAwareRouter
+from serve_app.core.config import RoutingArgs
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,18 @@ def request(model_id: str, method: str = "__call__", **kwargs) -> SimpleNamespac
 
 def routed(router, replicas, pending) -> list[str]:
     return [group[0].name for group in router._ranked(replicas, pending)]
+
+
+def test_the_routing_knobs_of_the_config_are_the_routers_arguments():
+    """serve_app/app.py passes worker.routing, but for stats_period_s (Serve's own), as the router's kwargs."""
+    knobs = RoutingArgs(spread_at=6, affinity_half_life_s=7.0).model_dump(exclude={"stats_period_s"})
+    r = ModelAwareRouter(
+        SimpleNamespace(name="ModelWorker", app_name="router-knobs"), handle_source=SimpleNamespace(value="test")
+    )
+    r.initialize_state(**knobs)
+    assert r._knobs.spread_at == 6
+    r._recent.add("a", 0.0)
+    assert r._recent.demand("a", 7.0) == pytest.approx(0.5)
 
 
 def test_misses_into_an_idle_pool_spread_over_its_replicas_before_any_push_shows_them(router):

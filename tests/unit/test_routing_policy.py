@@ -8,11 +8,13 @@ from deployments.routing.policy import Copy, DemandTracker, Knobs, Replica, rank
 
 
 def R(replica_id, *copies, in_flight=0, backoff=()):
-    return Replica(replica_id, tuple(copies), in_flight=in_flight, backoff=frozenset(backoff))
+    """A replica whose recent requests are its copies' (``C(..., recent=)``), and no other's."""
+    recent = sum(c.recent for c in copies)
+    return Replica(replica_id, tuple(copies), in_flight=in_flight, recent=recent, backoff=frozenset(backoff))
 
 
-def C(model_id, last_used, in_flight=0, share=0.0):
-    return Copy(model_id, last_used, in_flight, share)
+def C(model_id, last_used, in_flight=0, recent=0.0):
+    return Copy(model_id, last_used, in_flight, recent)
 
 
 def no_demand(model_id):
@@ -55,17 +57,38 @@ def test_two_hot_models_stay_one_on_each_replica_while_a_replica_has_nothing_in_
     """Between batches a replica may have nothing in flight: what it has been serving lately still
     decides, not the emptier queue, so the other model's requests do not slip in."""
     replicas = [
-        R("a", C("m", 5, share=0.9), C("n", 6, share=0.1)),
-        R("b", C("m", 4, in_flight=2, share=0.2), C("n", 3, share=0.8), in_flight=2),
+        R("a", C("m", 5, recent=90.0), C("n", 6, recent=10.0)),
+        R("b", C("m", 4, in_flight=2, recent=20.0), C("n", 3, recent=80.0), in_flight=2),
     ]
     assert flat(rank("m", replicas, no_demand)) == ["a", "b"]
     assert flat(rank("n", replicas, no_demand)) == ["b", "a"]
 
 
+def test_a_hot_models_copy_on_a_replica_that_served_others_long_ago_shares_the_load_at_once():
+    """What a replica served counts only while it is recent (decayed below one request's worth, it is
+    nothing): a new copy of a hot model there takes requests as soon as it is less loaded."""
+    replicas = [
+        R("a", C("m", 9, in_flight=3, recent=120.0), in_flight=3),
+        R("b", C("m", 8, recent=0.3), C("x", 1, recent=0.6), in_flight=0),
+    ]
+    assert first(rank("m", replicas, no_demand)) == "b"
+
+
+def test_a_replica_busy_with_another_model_gets_a_hit_only_past_spread_at():
+    """A holder that has been running another model's batches takes this model's requests only when the
+    holder running this one is more than spread_at busier, even while its own batch's answers are all back
+    (nothing in flight)."""
+    b = R("b", C("m", 8, recent=2.0), C("x", 9, recent=60.0))
+    busy = [R("a", C("m", 9, in_flight=4, recent=120.0), in_flight=4), b]
+    assert first(rank("m", busy, no_demand, Knobs(spread_at=4))) == "a"
+    busier = [R("a", C("m", 9, in_flight=5, recent=120.0), in_flight=5), b]
+    assert first(rank("m", busier, no_demand, Knobs(spread_at=4))) == "b"
+
+
 def test_a_holder_more_than_spread_at_busier_than_the_least_loaded_comes_after_it_whatever_it_runs():
     replicas = [
-        R("a", C("m", 5, in_flight=9, share=1.0), C("n", 5), in_flight=9),
-        R("b", C("m", 4), C("n", 4, in_flight=4, share=1.0), in_flight=4),
+        R("a", C("m", 5, in_flight=9, recent=50.0), C("n", 5), in_flight=9),
+        R("b", C("m", 4), C("n", 4, in_flight=4, recent=50.0), in_flight=4),
     ]
     assert flat(rank("m", replicas, no_demand, Knobs(spread_at=4))) == ["b", "a"]
     assert flat(rank("m", replicas, no_demand, Knobs(spread_at=5))) == ["a", "b"]
@@ -154,3 +177,13 @@ def test_demand_decays_by_half_each_half_life():
     assert tracker.demand("m", 120.0) == pytest.approx(1.5)
     assert tracker.demand("never", 120.0) == 0.0
     assert math.isclose(tracker.demand("m", 1e6), 0.0, abs_tol=1e-12)
+
+
+def test_demand_does_not_grow_when_the_clock_steps_back_and_forgotten_keys_count_nothing():
+    tracker = DemandTracker(half_life_s=10.0)
+    tracker.add(("r1", "m"), now=100.0)
+    tracker.add(("r2", "m"), now=100.0)
+    assert tracker.demand(("r1", "m"), 0.0) == pytest.approx(1.0)
+    tracker.keep_only(lambda key: key[0] == "r2")
+    assert tracker.demand(("r1", "m"), 100.0) == 0.0
+    assert tracker.demand(("r2", "m"), 100.0) == pytest.approx(1.0)
