@@ -11,7 +11,8 @@ when it must load a model. This policy decides only which replica a request goes
   least), provided the copy is worth more than what it evicts. A hot model so spreads over replicas as
   its load grows; when the load falls, requests stick to the holder that served it last, and the idle
   copies become their replicas' LRU victims. A hit ranks no other replica: when its holders are full it
-  waits for one, and loads no copy the policy did not choose.
+  waits for one, and loads no copy the policy did not choose; nor, while a holder that runs this model is
+  within ``spread_at`` of the least loaded, the holders busy with other models.
 * **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
   idle pool spread over its replicas), else the replica whose LRU victim is worth least.
 
@@ -133,9 +134,17 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
         )
 
     holders.sort(key=hit_order)
+    held_by = len(holders)
+    # When the first holder is one that runs this model (within spread_at of the least loaded, by the order
+    # above), the holders busy with other models are left out: a request waits for a replica running its
+    # model rather than take a slot beside another model's batches when that holder is full (at saturation,
+    # when every replica has max_ongoing_requests in flight). A holder more than spread_at busier than a
+    # replica running other models still lets the request go there (it sorts after it).
+    if not holders[0].serving_others(holders[0].copy_of(model_id)):
+        holders = [r for r in holders if not r.serving_others(r.copy_of(model_id))]
     order = holders
     if least >= knobs.spread_at:
-        new_copy_worth = demand(model_id) / (len(holders) + 1)
+        new_copy_worth = demand(model_id) / (held_by + 1)
         spread = [
             r
             for r in place_order(others)

@@ -60,8 +60,20 @@ def test_two_hot_models_stay_one_on_each_replica_while_a_replica_has_nothing_in_
         R("a", C("m", 5, recent=90.0), C("n", 6, recent=10.0)),
         R("b", C("m", 4, in_flight=2, recent=20.0), C("n", 3, recent=80.0), in_flight=2),
     ]
-    assert flat(rank("m", replicas, no_demand)) == ["a", "b"]
-    assert flat(rank("n", replicas, no_demand)) == ["b", "a"]
+    assert flat(rank("m", replicas, no_demand)) == ["a"]  # b, busy with n, is no fallback: m waits for a
+    assert flat(rank("n", replicas, no_demand)) == ["b"]
+
+
+def test_at_saturation_a_request_waits_for_a_replica_running_its_model():
+    """Every replica full (max_ongoing_requests 16): a request for m is ranked only to the replica running
+    m, so that when a slot frees on the replica running n it does not join n's replica (Serve would move to
+    the next group while the first is full)."""
+    replicas = [
+        R("a", C("m", 5, in_flight=16, recent=90.0), C("n", 6, recent=5.0), in_flight=16),
+        R("b", C("m", 4, recent=5.0), C("n", 3, in_flight=14, recent=90.0), in_flight=14),
+    ]
+    assert flat(rank("m", replicas, no_demand)) == ["a"]
+    assert flat(rank("n", replicas, no_demand)) == ["b"]
 
 
 def test_a_hot_models_copy_on_a_replica_that_served_others_long_ago_shares_the_load_at_once():
@@ -91,7 +103,7 @@ def test_a_holder_more_than_spread_at_busier_than_the_least_loaded_comes_after_i
         R("b", C("m", 4), C("n", 4, in_flight=4, recent=50.0), in_flight=4),
     ]
     assert flat(rank("m", replicas, no_demand, Knobs(spread_at=4))) == ["b", "a"]
-    assert flat(rank("m", replicas, no_demand, Knobs(spread_at=5))) == ["a", "b"]
+    assert flat(rank("m", replicas, no_demand, Knobs(spread_at=5))) == ["a"]  # b runs n: no fallback
 
 
 def test_a_hot_model_spreads_to_a_free_slot_once_its_holders_are_busy():
