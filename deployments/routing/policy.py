@@ -12,7 +12,8 @@ when it must load a model. This policy decides only which replica a request goes
   its load grows; when the load falls, requests stick to the holder that served it last, and the idle
   copies become their replicas' LRU victims. A hit ranks no other replica: when its holders are full it
   waits for one, and loads no copy the policy did not choose; nor, while a holder that runs this model is
-  within ``spread_at`` of the least loaded, the holders busy with other models.
+  within ``spread_at`` of the least loaded, the holders busy with other models, until the request has
+  waited a little (the router's ``wait_for_own``).
 * **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
   idle pool spread over its replicas), else the replica whose LRU victim is worth least.
 
@@ -82,8 +83,12 @@ Demand = Callable[[str], float]
 """A model's recent demand: its requests, exponentially decayed (``DemandTracker.demand``)."""
 
 
-def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knobs = Knobs()) -> list[list[str]]:
-    """Replica ids for a request for ``model_id``, best first, one per group."""
+def rank(
+    model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knobs = Knobs(), wait_for_own: bool = True
+) -> list[list[str]]:
+    """Replica ids for a request for ``model_id``, best first, one per group. ``wait_for_own``: leave out the
+    holders busy with other models while a holder that runs this model comes first (the router stops that
+    once the request has waited a little, so that a stuck or full holder cannot hold its requests back)."""
     copies: dict[str, int] = {}
     for r in replicas:
         for c in r.copies:
@@ -139,8 +144,9 @@ def rank(model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knob
     # above), the holders busy with other models are left out: a request waits for a replica running its
     # model rather than take a slot beside another model's batches when that holder is full (at saturation,
     # when every replica has max_ongoing_requests in flight). A holder more than spread_at busier than a
-    # replica running other models still lets the request go there (it sorts after it).
-    if not holders[0].serving_others(holders[0].copy_of(model_id)):
+    # replica running other models still lets the request go there (it sorts after it), and so does a
+    # request that has waited long enough (``wait_for_own`` false): the others then follow as later groups.
+    if wait_for_own and not holders[0].serving_others(holders[0].copy_of(model_id)):
         holders = [r for r in holders if not r.serving_others(r.copy_of(model_id))]
     order = holders
     if least >= knobs.spread_at:

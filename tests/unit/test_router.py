@@ -2,12 +2,13 @@
 just sent and carried counts before the replicas' pushed model ids show it."""
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
 
-from deployments.routing.router import ON_REPLICA, UNLOAD, ModelAwareRouter
+from deployments.routing.router import ON_REPLICA, OWN_REPLICA_WAIT_S, UNLOAD, ModelAwareRouter
 from serve_app.core.config import RoutingArgs
 
 
@@ -143,6 +144,20 @@ def test_a_hit_goes_to_the_holder_that_has_been_serving_the_model_even_with_noth
             router.on_request_completed(replica.replica_id, request_id)
     assert routed(router, [a, b], request("m"))[0] == "b"
     assert routed(router, [a, b], request("n"))[0] == "a"
+
+
+def test_a_hit_that_has_waited_is_ranked_to_the_holders_busy_with_other_models_too(router, send):
+    """a runs m, b runs n: a fresh request for m is ranked to a alone; one that has waited
+    OWN_REPLICA_WAIT_S (a stuck or full a) gets b after a."""
+    a, b = FakeReplica("a", {"m", "n"}), FakeReplica("b", {"m", "n"})
+    for i in range(4):
+        send(a, "m", f"m-{i}")
+        send(b, "n", f"n-{i}")
+    fresh, waited = request("m"), request("m")
+    fresh.created_at = time.time()
+    waited.created_at = time.time() - OWN_REPLICA_WAIT_S - 0.1
+    assert routed(router, [a, b], fresh) == ["a"]
+    assert routed(router, [a, b], waited) == ["a", "b"]
 
 
 def test_each_call_sent_counts_on_its_replica_until_that_replica_completes_it(router, send):

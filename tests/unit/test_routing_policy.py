@@ -76,6 +76,18 @@ def test_at_saturation_a_request_waits_for_a_replica_running_its_model():
     assert flat(rank("n", replicas, no_demand)) == ["b"]
 
 
+def test_a_request_that_has_waited_may_go_to_a_holder_busy_with_another_model_after_its_own():
+    """A holder that runs the model may be stuck, or full of other routers' requests: once the request has
+    waited (wait_for_own false), the other holders follow as later groups."""
+    replicas = [
+        R("a", C("m", 5, in_flight=3, recent=90.0), in_flight=3),
+        R("b", C("m", 4, recent=5.0), C("n", 3, recent=90.0)),
+        R("c", C("m", 2, in_flight=1, recent=1.0), C("x", 3, recent=40.0), in_flight=1),
+    ]
+    assert flat(rank("m", replicas, no_demand)) == ["a"]
+    assert flat(rank("m", replicas, no_demand, wait_for_own=False)) == ["a", "b", "c"]
+
+
 def test_a_hot_models_copy_on_a_replica_that_served_others_long_ago_shares_the_load_at_once():
     """What a replica served counts only while it is recent (decayed below one request's worth, it is
     nothing): a new copy of a hot model there takes requests as soon as it is less loaded."""
