@@ -156,7 +156,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         view = {r.replica_id.unique_id: self._view(r, now, in_flight) for r in candidates}
         if self._holder_away(model_id, view, now):
             return []
-        waited = now - getattr(pending, "created_at", now)
+        waited = now - pending.created_at  # when the request reached this router
         order = rank(
             model_id,
             list(view.values()),

@@ -73,8 +73,9 @@ class RoutingArgs(_Strict):
     affinity_half_life_s: float = Field(
         2.0,
         gt=0,
-        description="half-life of what each replica has been serving lately: a hit goes to the holder that has "
-        "served its model most, so that two hot models on the same replicas settle one on each",
+        description="half-life of the router's count of the requests it sent each replica, by model: a hit goes "
+        "first to a holder not serving other models more than this one lately, so that two hot models on the same "
+        "replicas settle one on each",
     )
     stats_period_s: float = Field(
         0.5, gt=0, description="how often Serve collects each worker replica's model status for the routers"

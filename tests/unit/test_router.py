@@ -40,8 +40,13 @@ def router():
 
 
 def request(model_id: str, method: str = "__call__", **kwargs) -> SimpleNamespace:
-    """What the router reads of a PendingRequest: the method called, its model id, its keyword arguments."""
-    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(call_method=method, multiplexed_model_id=model_id))
+    """What the router reads of a PendingRequest: the method called, its model id, its keyword arguments,
+    when it reached the router (now)."""
+    return SimpleNamespace(
+        kwargs=kwargs,
+        metadata=SimpleNamespace(call_method=method, multiplexed_model_id=model_id),
+        created_at=time.time(),
+    )
 
 
 def routed(router, replicas, pending) -> list[str]:
@@ -154,8 +159,7 @@ def test_a_hit_that_has_waited_is_ranked_to_the_holders_busy_with_other_models_t
         send(a, "m", f"m-{i}")
         send(b, "n", f"n-{i}")
     fresh, waited = request("m"), request("m")
-    fresh.created_at = time.time()
-    waited.created_at = time.time() - OWN_REPLICA_WAIT_S - 0.1
+    waited.created_at -= OWN_REPLICA_WAIT_S + 0.1
     assert routed(router, [a, b], fresh) == ["a"]
     assert routed(router, [a, b], waited) == ["a", "b"]
 
