@@ -3,11 +3,15 @@
 A JSON body small in bytes can still hold a million values (``[[],[],...]``): parsed whole, it costs
 seconds of CPU and hundreds of megabytes before any list limit is checked. ``check_json_budget`` streams
 the body through a C JSON tokenizer (ijson, yajl2_c) and stops at the first value past the budget, so a
-body is parsed into Python objects only once it is known to be small. Protocol adapters call it from a
-thread, off the event loop.
+body is parsed into Python objects only once it is known to be small. Protocol adapters run their parsers
+through ``parse_bounded``: a body of at most ``INLINE_PARSE_BYTES`` on the event loop, a larger one in a thread.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
 
 import ijson
 
@@ -28,3 +32,18 @@ def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
                 )
     except ijson.JSONError:
         return
+
+
+T = TypeVar("T")
+
+INLINE_PARSE_BYTES = 4096
+"""A body of at most this many bytes is parsed on the event loop: its cost is bounded before it runs. Measured
+on one CPU: 10 us for a /predict body of one sentence, 21 us for 32 inputs in 4 KB, 0.3 ms for the worst
+body tried (2,000 nested brackets), against 0.1 to 0.3 ms for the hop to a thread and back."""
+
+
+async def parse_bounded(parse: Callable[[bytes], T], body: bytes) -> T:
+    """``parse(body)``: on the event loop for a body of at most INLINE_PARSE_BYTES, else in a thread."""
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse(body)
+    return await asyncio.to_thread(parse, body)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +62,10 @@ class InferenceRequest:
     timeout_s: float | None = None  # the client's own deadline, when shorter than request_timeout_s
 
 
-RequestSource = InferenceRequest | Callable[[], InferenceRequest]
-"""A request, or a function that parses it out of its body (run off the event loop, once the model is
-known, so that an unknown model is a 404 whatever the body holds)."""
+RequestSource = InferenceRequest | Callable[[], Awaitable[InferenceRequest]]
+"""A request, or a coroutine function that parses it out of its body, called once the model is known, so
+that an unknown model is a 404 whatever the body holds (the adapter bounds the parse, or runs it in a
+thread)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class DataPlane:
         try:
             spec = registry.get(model_id)
             if callable(request):
-                request = await asyncio.to_thread(request)
+                request = await request()
             decoded = await self.decoder.decode(spec.modality, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
             call = self._call("predict", model_id, decoded, task=spec.task.value, registry_version=version)

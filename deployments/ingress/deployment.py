@@ -10,7 +10,7 @@ The registry arrives as Serve's ``user_config`` and changes in ``reconfigure`` w
 (No ``from __future__ import annotations`` here: FastAPI must see the route annotations as types.)
 """
 
-import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -21,6 +21,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from tritonclient.grpc import service_pb2 as pb
 
+from deployments.ingress.bodies import parse_bounded
 from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import install_error_handlers
 from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
@@ -48,7 +49,7 @@ _errors = {code: {"model": native.ErrorResponse} for code in (400, 401, 403, 404
 
 
 def _body(model: type) -> dict:
-    """The OpenAPI request body of a route that parses its own body (bounded, in a thread)."""
+    """The OpenAPI request body of a route that parses its own body (bounded: deployments/ingress/bodies.py)."""
     return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
 
 
@@ -122,7 +123,8 @@ class Ingress:
         openapi_extra=_body(native.PredictRequest),
     )
     async def predict(self, request: Request) -> native.PredictResponse:
-        body = await asyncio.to_thread(native.parse_predict_request, await request.body(), self.max_items)
+        parse = functools.partial(native.parse_predict_request, max_items=self.max_items)
+        body = await parse_bounded(parse, await request.body())
         return native.predict_response(await self.plane.infer(body.model_id, body.inference_request(), api="native"))
 
     # -- Open Inference Protocol v2 -----------------------------------------------------------------

@@ -196,11 +196,17 @@ class PipelineRuntime(ModelRuntime):
     def _release(self) -> None:
         self._pipeline = None
 
-    def _run(self, inputs: list[Any], **kwargs: Any) -> list[Scores]:
+    @contextmanager
+    def _pipeline_in_use(self) -> Iterator[Any]:
+        """The pipeline, for one call at a time."""
         pipe = self._pipeline  # a local reference: an eviction during the call does not break it
         if pipe is None:
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
         with self._lock:  # a pipeline is not safe to call from several threads at once
+            yield pipe
+
+    def _run(self, inputs: list[Any], **kwargs: Any) -> list[Scores]:
+        with self._pipeline_in_use() as pipe:
             # batch_size: one forward pass for the inputs (a pipeline's default runs them one by one,
             # 2.7x slower per sentence for the demo text models on one CPU thread). A tokenizer without a
             # pad token cannot pad a batch: such a model runs one input at a time.

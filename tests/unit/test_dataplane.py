@@ -174,10 +174,18 @@ def test_an_unknown_model_is_recorded_under_one_tag_never_the_requested_id():
 def test_inputs_parsed_from_the_body_are_parsed_after_the_lookup():
     p, _, _ = plane(ANSWER)
     parsed = []
-    asyncio.run(p.infer("m", lambda: parsed.append(1) or InferenceRequest(["hi"]), api="v2"))
+
+    def parser(mark):
+        async def parse():
+            parsed.append(mark)
+            return InferenceRequest(["hi"])
+
+        return parse
+
+    asyncio.run(p.infer("m", parser(1), api="v2"))
     assert parsed == [1]
     with pytest.raises(ModelNotFound):
-        asyncio.run(p.infer("nope", lambda: parsed.append(2) or InferenceRequest(["hi"]), api="v2"))
+        asyncio.run(p.infer("nope", parser(2), api="v2"))
     assert parsed == [1]  # never parsed for an unknown model
 
 

@@ -1,5 +1,6 @@
 import gc
 import pickle
+import shutil
 import weakref
 
 import pytest
@@ -33,6 +34,37 @@ def test_text_runtime_loads_predicts_and_describes(tiny_dir):
         assert scores[0].score >= scores[1].score
         assert sum(s.score for s in scores) == pytest.approx(1.0, abs=1e-4)
     assert rt.spec.id == "alpha" and rt.loaded and rt.load_seconds > 0
+
+
+TEXTS = ["hello world", "win a free iphone now", "this movie was great " * 40, "bad", "the movie"] * 9
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"problem_type": "multi_label_classification"},
+        {"num_labels": 1, "id2label": {0: "only"}, "label2id": {"only": 0}},
+    ],
+    ids=["softmax", "multi-label sigmoid", "one logit sigmoid"],
+)
+def test_text_scores_are_the_text_classification_pipelines(tiny_dir, tmp_path, config):
+    """One batched forward pass answers what the pipeline answers input by input: the same labels in the
+    same order, the same scores, for each score function the pipeline picks; 45 inputs of mixed lengths
+    (padded in a batch, one truncated) run as two forward passes."""
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification, pipeline
+
+    folder = shutil.copytree(tiny_dir / "alpha", tmp_path / "model")
+    torch.manual_seed(0)
+    BertForSequenceClassification(AutoConfig.from_pretrained(folder, **config)).save_pretrained(folder)
+    expected = pipeline("text-classification", model=str(folder), device="cpu")(TEXTS, top_k=None, truncation=True)
+    rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, folder), device="cpu").load()
+    got = rt.predict(TEXTS)
+    assert len(got) == len(TEXTS)
+    for scores, want in zip(got, expected, strict=True):
+        assert [s.label for s in scores] == [w["label"] for w in want]
+        assert [s.score for s in scores] == pytest.approx([w["score"] for w in want], abs=1e-6)
 
 
 def test_overlong_text_is_truncated_not_a_crash(tiny_dir):

@@ -41,3 +41,25 @@ def test_predict_response_shape():
     assert r.predictions[0].scores[1].label == "b"
     with pytest.raises(ValidationError):
         PredictResponse.model_validate({"model_id": "m", "task": "summarization", "predictions": []})
+
+
+def test_a_body_of_at_most_4_kib_is_parsed_on_the_event_loop_and_a_larger_one_in_a_thread():
+    import asyncio
+    import threading
+
+    from deployments.ingress.bodies import INLINE_PARSE_BYTES, parse_bounded
+
+    threads = []
+
+    def parse(body: bytes) -> int:
+        threads.append(threading.current_thread())
+        return len(body)
+
+    async def both() -> tuple[int, int]:
+        small = await parse_bounded(parse, b"x" * INLINE_PARSE_BYTES)
+        return small, await parse_bounded(parse, b"x" * (INLINE_PARSE_BYTES + 1))
+
+    assert INLINE_PARSE_BYTES == 4096
+    assert asyncio.run(both()) == (4096, 4097)
+    assert threads[0] is threading.main_thread()
+    assert threads[1] is not threading.main_thread()

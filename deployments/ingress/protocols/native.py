@@ -45,7 +45,7 @@ class PredictRequest(BaseModel):
 
 def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
     """The body of ``POST /predict``, bounded while it is parsed; a bad body is FastAPI's 422, naming the
-    field. Runs in a thread."""
+    field. Runs through ``bodies.parse_bounded``."""
     check_json_budget(body, 16 + 2 * max_items, f"an input_data list of at most {max_items} inputs")
     try:
         return PredictRequest.model_validate_json(body)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.ingress.bodies import check_json_budget
+from deployments.ingress.bodies import check_json_budget, parse_bounded
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
 from serve_app.core.errors import InputOverLimit, InvalidInput, field_path
 from serve_app.core.registry import ModelSpec
@@ -217,15 +217,18 @@ def client_timeout_s(request: InferRequest) -> float | None:
 
 
 class BodyParser:
-    """Parses an infer request's body when the data plane asks (it calls the parser, in a thread);
+    """Parses an infer request's body when the data plane asks (through ``bodies.parse_bounded``);
     ``request`` is then the parsed request, for shaping the answer."""
 
     def __init__(self, body: bytes, header_length: str | None, max_items: int) -> None:
         self._body, self._header_length, self._max_items = body, header_length, max_items
         self.request: InferRequest | None = None
 
-    def __call__(self) -> InferenceRequest:
-        self.request, elements = parse_infer_request(self._body, self._header_length, self._max_items)
+    async def __call__(self) -> InferenceRequest:
+        return await parse_bounded(self._parse, self._body)
+
+    def _parse(self, body: bytes) -> InferenceRequest:
+        self.request, elements = parse_infer_request(body, self._header_length, self._max_items)
         return InferenceRequest(inputs=elements, timeout_s=client_timeout_s(self.request))
 
 

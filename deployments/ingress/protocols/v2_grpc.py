@@ -20,6 +20,7 @@ The message classes are tritonclient's generated ``service_pb2``; Serve register
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import struct
@@ -228,7 +229,7 @@ class V2Grpc:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         # The inputs are read once the model is known, as REST does: an unknown model is NOT_FOUND whatever
         # the request holds.
-        parse = functools.partial(inference_request, request, self.max_items)
+        parse = functools.partial(asyncio.to_thread, inference_request, request, self.max_items)
         result = await self.plane.infer(request.model_name, parse, api=API)
         return infer_response(request, result)
 
