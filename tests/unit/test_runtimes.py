@@ -1,4 +1,5 @@
 import gc
+import os
 import pickle
 import shutil
 import weakref
@@ -65,6 +66,16 @@ def test_text_scores_are_the_text_classification_pipelines(tiny_dir, tmp_path, c
     for scores, want in zip(got, expected, strict=True):
         assert [s.label for s in scores] == [w["label"] for w in want]
         assert [s.score for s in scores] == pytest.approx([w["score"] for w in want], abs=1e-6)
+
+
+def test_a_text_model_tokenizes_a_batch_in_the_calling_thread(tiny_dir, monkeypatch):
+    """Not on the tokenizers library's pool of one thread per core, as the pipeline ensures on its first call."""
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # an operator's own choice stays
+    runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 def test_overlong_text_is_truncated_not_a_crash(tiny_dir):
