@@ -145,7 +145,7 @@ def start_app(registry: Path, logs: Path, name: str, worker: dict | None = None,
 
 
 def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
-    """The floor: the pipeline in this process. Also returns its from_pretrained (load) times."""
+    """The floor: the model runtime in this process. Also returns its from_pretrained (load) times."""
     import torch
 
     from deployments.runtimes import runtime_for

@@ -189,7 +189,7 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         f"Machine: {m['cpus']} CPUs, {m['memory_mib']} MiB memory, {m['platform']}. "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, Ray {m['ray']}.",
         "",
-        "Peers: **direct** (the pipeline called in-process: the floor), **seed** (single-process FastAPI + "
+        "Peers: **direct** (the model runtime called in-process: the floor), **seed** (single-process FastAPI + "
         "uvicorn with an in-process LRU of two models, `bench/seed_server.py`), **app** (this application via "
         "`serve run` in the environment of `make run`, `config/serve.env`: throughput-optimized mode with "
         "HAProxy; 2 worker replicas x 1 torch thread, dynamic batching on, the model-aware router; "
