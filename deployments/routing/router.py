@@ -79,8 +79,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._demand = DemandTracker(demand_half_life_s)
         self._load_grace_s = load_grace_s
         self._last_used: dict[tuple[str, str], float] = {}  # (replica, model) -> when this router last sent
-        # What each replica has been serving lately: requests sent, by (replica, model) and by replica, decayed
+        # What each replica has been serving lately: requests sent, decayed, by (replica, model) and by replica
         self._recent = DemandTracker(affinity_half_life_s)
+        self._recent_all = DemandTracker(affinity_half_life_s)
         # What this router's own misses change on a replica before the replica's pushed model ids show it
         # (0.1-0.2 s): the model it sent there, and the model Ray's LRU evicts there to make room.
         self._assigned: dict[str, dict[str, float]] = {}  # replica -> model -> when sent
@@ -128,7 +129,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         )
         backoff = frozenset(m for m, s in reported.items() if (s.get("retry_after") or 0) > now)
         return Replica(
-            rid, copies, in_flight=self._sent.get(rid, 0), recent=self._recent.demand(rid, now), backoff=backoff
+            rid, copies, in_flight=self._sent.get(rid, 0), recent=self._recent_all.demand(rid, now), backoff=backoff
         )
 
     def _ranked(
@@ -230,7 +231,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         now = time.time()
         self._demand.add(model_id, now)
         self._recent.add((rid, model_id), now)
-        self._recent.add(rid, now)
+        self._recent_all.add(rid, now)
         self._last_used[(rid, model_id)] = now
         self._running.setdefault(request_id, []).append((rid, model_id))
         if len(self._last_used) > 4096 or len(self._running) > 4096:  # keep the bookkeeping bounded
@@ -240,7 +241,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
             self._sent = {r: n for r, n in self._sent.items() if r in live}
-            self._recent.keep_only(lambda key: (key[0] if isinstance(key, tuple) else key) in live)
+            self._recent.keep_only(lambda key: key[0] in live)
+            self._recent_all.keep_only(lambda rid: rid in live)
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)

@@ -205,15 +205,18 @@ class PipelineRuntime(ModelRuntime):
         with self._lock:  # a pipeline is not safe to call from several threads at once
             yield pipe
 
-    def _run(self, inputs: list[Any], **kwargs: Any) -> list[Scores]:
+    @staticmethod
+    def _forward_batch(pipe: Any) -> int:
+        """Most inputs in one forward pass: MAX_FORWARD_BATCH, or one for a tokenizer without a pad token,
+        which cannot pad a batch."""
+        tokenizer = getattr(pipe, "tokenizer", None)
+        return MAX_FORWARD_BATCH if tokenizer is None or tokenizer.pad_token_id is not None else 1
+
+    def _run(self, inputs: list[Any]) -> list[Scores]:
         with self._pipeline_in_use() as pipe:
             # batch_size: one forward pass for the inputs (a pipeline's default runs them one by one,
-            # 2.7x slower per sentence for the demo text models on one CPU thread). A tokenizer without a
-            # pad token cannot pad a batch: such a model runs one input at a time.
-            tokenizer = getattr(pipe, "tokenizer", None)
-            can_pad = tokenizer is None or tokenizer.pad_token_id is not None
-            batch_size = min(len(inputs), MAX_FORWARD_BATCH) if can_pad else 1
-            out = pipe(inputs, top_k=None, batch_size=batch_size, **kwargs)
+            # 2.7x slower per sentence for the demo text models on one CPU thread).
+            out = pipe(inputs, top_k=None, batch_size=min(len(inputs), self._forward_batch(pipe)))
         # A single input gives a flat list of {label, score}; normalise to one list per input.
         if out and isinstance(out[0], dict):
             out = [out]

@@ -4,7 +4,7 @@ import inspect
 import os
 from typing import Any
 
-from deployments.runtimes.base import MAX_FORWARD_BATCH, PipelineRuntime, Scores
+from deployments.runtimes.base import PipelineRuntime, Scores
 from serve_app.core.registry import Task
 from serve_app.core.schemas import LabelScore
 
@@ -31,8 +31,7 @@ class TextClassificationRuntime(PipelineRuntime):
 
     def predict(self, inputs: list[str]) -> list[Scores]:
         with self._pipeline_in_use() as pipe:
-            # A tokenizer without a pad token cannot pad a batch: such a model runs one input at a time.
-            step = MAX_FORWARD_BATCH if pipe.tokenizer.pad_token_id is not None else 1
+            step = self._forward_batch(pipe)
             return [out for i in range(0, len(inputs), step) for out in self._classify(pipe, inputs[i : i + step])]
 
     def _classify(self, pipe: Any, texts: list[str]) -> list[Scores]:

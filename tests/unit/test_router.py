@@ -61,8 +61,8 @@ def test_the_routing_knobs_of_the_config_are_the_routers_arguments():
     )
     r.initialize_state(**knobs)
     assert r._knobs.spread_at == 6
-    r._recent.add("a", 0.0)
-    assert r._recent.demand("a", 7.0) == pytest.approx(0.5)
+    r._recent_all.add("a", 0.0)
+    assert r._recent_all.demand("a", 7.0) == pytest.approx(0.5)
 
 
 def test_misses_into_an_idle_pool_spread_over_its_replicas_before_any_push_shows_them(router):
