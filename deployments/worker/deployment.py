@@ -384,8 +384,8 @@ class ModelWorker:
 
     async def _infer(self, runtime: ModelRuntime, inputs: list[Any]) -> list[Scores]:
         try:
-            # The model runs in a worker thread: the replica's event loop stays free.
-            return await asyncio.to_thread(runtime.predict, inputs)
+            # The model runs on its own thread (ModelRuntime.thread): the replica's event loop stays free.
+            return await asyncio.get_running_loop().run_in_executor(runtime.thread, runtime.predict, inputs)
         except ServeAppError:
             raise
         except Exception as e:

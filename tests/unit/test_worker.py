@@ -447,3 +447,28 @@ def test_requests_on_two_copies_of_a_model_in_one_batch_each_run_on_their_own_co
     assert [a[0][0]["label"] for a in answers] == ["old", "new", "old"]  # each request's one input
     assert calls == [("old", ["a", "c"], 1), ("new", ["b"], 1)]  # one call per copy, each held for it
     assert old._in_use == new._in_use == 0 and w._batches_running == 0
+
+
+def test_each_model_copy_runs_its_forward_passes_on_one_thread_of_its_own_until_it_is_freed():
+    """A copy's batches all run on the same thread (so its caches and allocator arena stay warm), not on the
+    event loop's and not on another copy's (two models still run at once); freeing the copy ends its thread."""
+    import threading
+
+    w, first, _ = worker(load_s=0)
+    second = FakeRuntime().load()
+    seen = {first: [], second: []}
+    for copy, threads in seen.items():
+        copy.predict = lambda inputs, threads=threads: threads.append(threading.current_thread()) or []
+
+    async def requests():
+        for _ in range(3):
+            for copy in seen:
+                await w._infer(copy, ["x"])
+
+    asyncio.run(requests())
+    (one,), (other,) = set(seen[first]), set(seen[second])
+    assert one is not other and threading.main_thread() not in (one, other)
+    first.free()
+    one.join(5)
+    assert not one.is_alive() and other.is_alive()
+    second.free()
