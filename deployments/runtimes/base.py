@@ -77,10 +77,12 @@ class ModelRuntime(ABC):
     @property
     def thread(self) -> ThreadPoolExecutor:
         """The one thread this copy of the model runs its batches on (the worker calls ``predict`` there), so
-        that every forward pass finds the same thread's caches and allocator arena warm. Measured in one
-        process, the demo sentiment model with an 8 ms gap before each call: 12.09 ms on one thread against
-        12.53 through asyncio's shared pool (7 of 8 rounds ahead). Another model copy has a thread of its
-        own, so two models' batches still run at once; ``free`` ends it."""
+        that every forward pass finds the same thread's allocator arena and torch state, where asyncio's
+        shared pool hands each call to whichever of its threads takes it. Measured in one process, the demo
+        sentiment model with an 8 ms gap before each call: 12.09 ms on one thread against 12.53 through the
+        shared pool (7 of 8 rounds ahead); the app's figures are in docs/performance.md. Another model copy
+        has a thread of its own, so two models' batches still run at once. ``free`` ends it (after the pass
+        running on it, if any)."""
         with self._state_lock:
             if self._thread is None:
                 self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.spec.id}")
@@ -168,13 +170,13 @@ class ModelRuntime(ABC):
 
     def free(self) -> None:
         """Drop the weights (slow: it runs the garbage collector; call it off the event loop)."""
-        if not self.loaded:
-            return
-        self._release()
         with self._state_lock:
             thread, self._thread = self._thread, None
         if thread is not None:
-            thread.shutdown(wait=False)  # free may run on it: the thread ends once it returns
+            thread.shutdown(wait=False)  # a finaliser may run free on it: the thread ends once free returns
+        if not self.loaded:
+            return
+        self._release()
         gc.collect()
         if self.device.startswith("cuda"):
             import torch

@@ -450,8 +450,9 @@ def test_requests_on_two_copies_of_a_model_in_one_batch_each_run_on_their_own_co
 
 
 def test_each_model_copy_runs_its_forward_passes_on_one_thread_of_its_own_until_it_is_freed():
-    """A copy's batches all run on the same thread (so its caches and allocator arena stay warm), not on the
-    event loop's and not on another copy's (two models still run at once); freeing the copy ends its thread."""
+    """A copy's batches all run on the same thread (ModelRuntime.thread: its allocator arena and torch state
+    stay the same), not on another copy's (two models' batches can run at once); freeing the copy ends its
+    thread, and so does freeing a copy that was unloaded already."""
     import threading
 
     w, first, _ = worker(load_s=0)
@@ -467,8 +468,12 @@ def test_each_model_copy_runs_its_forward_passes_on_one_thread_of_its_own_until_
 
     asyncio.run(requests())
     (one,), (other,) = set(seen[first]), set(seen[second])
-    assert one is not other and threading.main_thread() not in (one, other)
+    assert one is not other
     first.free()
     one.join(5)
     assert not one.is_alive() and other.is_alive()
+    second.mark_unloaded()
+    second._release()  # unloaded by other means than free: a free still ends the thread
     second.free()
+    other.join(5)
+    assert not other.is_alive()
