@@ -220,3 +220,51 @@ def test_a_request_does_not_wait_for_a_holder_whose_actor_died(router, routing_s
     router.update_replicas([b])
     router.on_replica_actor_died(a.replica_id)
     assert routed(router, [b], request("m")) == ["b"]
+
+
+def test_its_own_misses_stand_against_model_ids_pushed_before_them(router, routing_set):
+    """The ids a replica pushes lag behind the misses this router places there: ids pushed before two misses
+    still name the model the first one evicted and lack the one it loaded. Until load_grace_s the view
+    follows the router's own placements, so the second miss evicts the right model and the replica shows
+    the two models it holds, not three."""
+    a = FakeReplica("a", {"c0", "c4"})  # pushed before the misses below, and not again until the end
+    router._last_used[("a", "c4")] = routing_set.now - 2  # a's least recently used
+    router._last_used[("a", "c0")] = routing_set.now - 1
+    assert routed(router, [a], request("c5")) == ["a"]  # a miss: Ray's LRU evicts c4
+    routing_set.now += 0.1
+    router._sending("r1", "a", "c5")
+    routing_set.now += 0.1
+    router._sending("r2", "a", "c0")  # a hit: c5 is a's least recently used now
+    routing_set.now += 0.1
+    assert routed(router, [a], request("c3")) == ["a"]  # a miss: Ray's LRU evicts c5
+    routing_set.now += 0.1
+    assert {c.model_id for c in router._view(a, routing_set.now).copies} == {"c0", "c3"}
+    routing_set.now += router._load_grace_s
+    a.multiplexed_model_ids = {"c0", "c3"}  # the replica's pushed ids catch up
+    assert {c.model_id for c in router._view(a, routing_set.now).copies} == {"c0", "c3"}
+
+
+def test_a_replica_never_shows_more_models_than_it_holds(router):
+    """Another ingress's router loaded a model on a replica where this one had just placed one: of the three
+    models the merged view names, the least recently used is the one Ray's LRU evicted."""
+    a = FakeReplica("a", {"used"}, {"models": {"used": {"last_used_at": 2.0}}})
+    assert routed(router, [a], request("newer")) == ["a"]  # a free slot, as far as this router knows
+    a.multiplexed_model_ids = {"used", "other"}  # pushed after the other router's miss there
+    a.routing_stats = {"models": {"used": {"last_used_at": 2.0}, "other": {"last_used_at": 2.5}}}
+    assert {c.model_id for c in router._view(a, time.time()).copies} == {"other", "newer"}
+
+
+def test_a_model_it_placed_again_stays_in_view_while_the_pushed_ids_catch_up(router, routing_set):
+    """A replica's pushed ids still name a model from its earlier stay there when this router places it there
+    again; the ids it pushed in between, which lack it, must not take it out of the view."""
+    a = FakeReplica("a", {"m", "x"})
+    router._last_used.update({("a", "m"): routing_set.now - 2, ("a", "x"): routing_set.now - 1})
+    assert routed(router, [a], request("y")) == ["a"]  # a miss: Ray's LRU evicts m
+    routing_set.now += 0.1
+    router._sending("r1", "a", "y")
+    assert routed(router, [a], request("m")) == ["a"]  # a miss: x goes, m comes back
+    routing_set.now += 0.1
+    router._sending("r2", "a", "m")
+    assert routed(router, [a], request("m")) == ["a"]  # a hit, while the ids still read as before
+    a.multiplexed_model_ids = {"x", "y"}  # the ids the replica pushed between the two misses arrive
+    assert {c.model_id for c in router._view(a, routing_set.now).copies} == {"y", "m"}
