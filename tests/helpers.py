@@ -150,3 +150,12 @@ class Background:
             t.join(timeout=EVENTUALLY_S)
         assert not any(t.is_alive() for t in self._threads), "a traffic thread did not stop"
         assert not self.errors, self.errors
+
+
+def inference_result(spec, rows: list):
+    """The data plane's result for a request whose model answered ``rows`` (one per input, in its task's form)."""
+    from deployments.ingress.dataplane import InferenceResult
+    from serve_app.core.tasks import TaskCatalog
+
+    task = TaskCatalog.load().task_of(spec)
+    return InferenceResult(spec=spec, task=task, outputs=task.output.encode(rows), count=len(rows))

@@ -1,2 +1,2 @@
 """The HTTP ingress deployment: routes (``deployment``), one data plane (``dataplane``), protocol adapters
-(``protocols``), input decoding (``codecs``), middleware and the error mapping to HTTP (``http_errors``)."""
+(``protocols``), middleware and the error mapping to HTTP (``http_errors``)."""

@@ -37,9 +37,8 @@ def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
 T = TypeVar("T")
 
 INLINE_PARSE_BYTES = 4096
-"""A body of at most this many bytes is parsed on the event loop: its cost is bounded before it runs. Measured
-on one CPU: 10 us for a /predict body of one sentence, 21 us for 32 inputs in 4 KB, 0.3 ms for the worst
-body tried (2,000 nested brackets), against 0.1 to 0.3 ms for the hop to a thread and back."""
+"""A body of at most this many bytes is parsed on the event loop: its cost is bounded before it runs, and
+smaller than the hop to a thread and back (docs/performance.md has the figures)."""
 
 
 async def parse_bounded(parse: Callable[[bytes], T], body: bytes) -> T:

@@ -1,9 +1,10 @@
 """The data plane: what every protocol adapter calls, apart from any protocol.
 
-``infer(model_id, request, api)`` looks the model up, decodes its inputs for the model's modality,
+``infer(model_id, request, api)`` looks the model up, decodes its inputs for its task's input kind,
 dispatches them to a worker replica (within the request's deadline, and again on another replica if the
-one it ran on died), records the request's metrics and returns a typed result. The status calls merge what the worker
-replicas report into one state per model. Protocol adapters (``protocols/``) shape the answers.
+one it ran on died), records the request's metrics and returns a typed result: the task's output arrays,
+which the protocol adapters (``protocols/``) shape with the task's output kind. The status calls merge
+what the worker replicas report into one state per model.
 
 The registry is this replica's ``LiveRegistry``, which ``reconfigure`` changes while requests run: each
 request looks its model up once, in the registry in force when it arrives, and tells the worker which
@@ -20,18 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 from pydantic import BaseModel, Field
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.ingress.codecs import InputDecoder
 from deployments.ingress.replicas import ReplicaDirectory
 from serve_app.core.config import AppArgs
 from serve_app.core.errors import ModelUnavailable, RequestTimeout, ServeAppError, unwrap
+from serve_app.core.inputs import InputDecoder
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
 from serve_app.core.registry import ModelSpec, Registry
-from serve_app.core.schemas import ModelState, RegistryStatus, ReplicaStatus, Scores, WorkerResult
+from serve_app.core.schemas import ModelState, RegistryStatus, ReplicaStatus, WorkerCall, WorkerResult
+from serve_app.core.tasks import Task, TaskCatalog
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,8 +73,20 @@ thread)."""
 
 @dataclass(frozen=True)
 class InferenceResult:
+    """One request's answer: its task's output arrays for its ``count`` inputs."""
+
     spec: ModelSpec
-    predictions: list[Scores]
+    task: Task
+    outputs: dict[str, np.ndarray]
+    count: int
+
+    def native(self) -> list[Any]:
+        """One native prediction per input, in input order."""
+        return self.task.output.native(self.outputs, self.count)
+
+    def v2(self) -> dict[str, np.ndarray]:
+        """The Open Inference Protocol's output tensors, by name, in the order of the task's metadata."""
+        return self.task.output.v2(self.outputs)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,8 @@ class ModelStatus(BaseModel):
     """One model's state over all worker replicas."""
 
     spec: ModelSpec
+    runtime: str = Field(description="the runtime class it runs on, package.module:Class")
+    input_kind: str = Field(description="the kind of input its task takes (text, image, ...)")
     state: ModelState
     replicas: list[str] = Field(description="the worker replicas that hold it")
     load_count: int
@@ -114,9 +131,13 @@ class ModelListing:
         return not self.ingress_updating and versions <= {self.registry.version}
 
 
-def merge_model_status(spec: ModelSpec, replicas: Sequence[ReplicaStatus]) -> ModelStatus:
+def merge_model_status(
+    spec: ModelSpec, replicas: Sequence[ReplicaStatus], catalog: TaskCatalog | None = None
+) -> ModelStatus:
     """One model's state from what each replica reports: loaded if any replica holds it, else loading if
-    any is loading it, else failed if its newest event is a failed load, else not loaded."""
+    any is loading it, else failed if its newest event is a failed load, else not loaded. ``catalog``: the
+    app's tasks (default: the shipped ones)."""
+    catalog = catalog or TaskCatalog.load()
     views = [r.models[spec.id] for r in replicas if spec.id in r.models]
     holders = [r.replica_id for r in replicas if spec.id in r.models and r.models[spec.id].state is ModelState.LOADED]
     newest_load = max((v for v in views if v.last_loaded_at), key=lambda v: v.last_loaded_at, default=None)
@@ -132,6 +153,8 @@ def merge_model_status(spec: ModelSpec, replicas: Sequence[ReplicaStatus]) -> Mo
         state = ModelState.NOT_LOADED
     return ModelStatus(
         spec=spec,
+        runtime=catalog.runtime_of(spec),
+        input_kind=catalog.task_of(spec).input.name,
         state=state,
         replicas=holders,
         load_count=sum(v.load_count for v in views),
@@ -187,32 +210,39 @@ class DataPlane:
     async def infer(self, model_id: str, request: RequestSource, api: str) -> InferenceResult:
         """One request through the named model; its metrics are recorded here, for every API."""
         registry, version = self.registry, self.live.version
-        tag = model_id if model_id in registry else UNKNOWN_MODEL  # never a tag value from the request
+        known = model_id in registry
+        tag = model_id if known else UNKNOWN_MODEL  # never a tag value from the request
+        task_tag = registry.get(model_id).task if known else UNKNOWN_MODEL
         start, status = time.perf_counter(), 200
         try:
             spec = registry.get(model_id)
+            task = self.live.catalog.task_of(spec)
             if callable(request):
                 request = await request()
-            decoded = await self.decoder.decode(spec.modality, request.inputs)
+            decoded = await self.decoder.decode(task.input, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
-            call = self._call("predict", model_id, decoded, task=spec.task.value, registry_version=version)
+            call = self._call(WorkerCall.PREDICT, model_id, decoded, task=spec.task, registry_version=version)
             result: WorkerResult = await self._with_timeout(model_id, call, timeout_s)
-            return InferenceResult(spec=spec, predictions=result.predictions)
+            if result.loaded:
+                self.replicas.changed()
+            return InferenceResult(spec=spec, task=task, outputs=result.outputs, count=len(decoded))
         except BaseException as e:
             status = status_of(e)
+            if isinstance(e, ModelUnavailable):  # a load that failed, most likely: the listing shows it now
+                self.replicas.changed()
             raise
         finally:
-            self.metrics.observe(tag, api, status, time.perf_counter() - start)
+            self.metrics.observe(tag, task_tag, api, status, time.perf_counter() - start)
 
-    async def _call_once(self, method: str, model_id: str, *args: Any, **kwargs: Any) -> Any:
-        response = getattr(self.worker.options(multiplexed_model_id=model_id), method).remote(*args, **kwargs)
+    async def _call_once(self, method: WorkerCall, model_id: str, *args: Any, **kwargs: Any) -> Any:
+        response = getattr(self.worker.options(multiplexed_model_id=model_id), method.value).remote(*args, **kwargs)
         try:
             return await response
         except asyncio.CancelledError:
             response.cancel()  # the timeout fired or the client left: cancel the work on the replica too
             raise
 
-    async def _call(self, method: str, model_id: str, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, method: WorkerCall, model_id: str, *args: Any, **kwargs: Any) -> Any:
         """Call a worker method for a model; run it again on another replica if the one it ran on died."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
@@ -229,7 +259,7 @@ class DataPlane:
                         model_id=model_id,
                     ) from None
                 logger.warning(
-                    "worker replica died during a %s of %r (%s); trying again", method, model_id, type(e).__name__
+                    "worker replica died during a %s of %r (%s); trying again", method.value, model_id, type(e).__name__
                 )
 
     async def _with_timeout(self, model_id: str, coro: Any, timeout_s: float | None = None) -> Any:
@@ -245,7 +275,7 @@ class DataPlane:
 
     async def load(self, model_id: str) -> ModelStatus:
         self.registry.get(model_id)
-        await self._with_timeout(model_id, self._call("load", model_id, registry_version=self.live.version))
+        await self._with_timeout(model_id, self._call(WorkerCall.LOAD, model_id, registry_version=self.live.version))
         return await self.model(model_id, fresh=True)
 
     async def unload(self, model_id: str) -> ModelStatus:
@@ -265,7 +295,7 @@ class DataPlane:
         registry, status = self.registry, self.live.status()
         replicas, updating = await asyncio.gather(self.replicas.statuses(), self.replicas.ingress_updating())
         return ModelListing(
-            models=[merge_model_status(spec, replicas) for spec in registry.models],
+            models=[merge_model_status(spec, replicas, self.live.catalog) for spec in registry.models],
             replicas=replicas,
             registry=status,
             ingress_updating=updating,
@@ -275,6 +305,10 @@ class DataPlane:
         """A model's registry entry (ModelNotFound if unknown): what its metadata says, in any protocol."""
         return self.registry.get(model_id)
 
+    def task(self, spec: ModelSpec) -> Task:
+        """The task a registry entry names, from this app's task catalog."""
+        return self.live.catalog.task_of(spec)
+
     async def model(self, model_id: str, fresh: bool = False) -> ModelStatus:
         spec = self.registry.get(model_id)
-        return merge_model_status(spec, await self.replicas.statuses(fresh))
+        return merge_model_status(spec, await self.replicas.statuses(fresh), self.live.catalog)

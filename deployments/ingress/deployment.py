@@ -59,7 +59,8 @@ class Ingress:
     def __init__(self, worker: DeploymentHandle, registry_check: DeploymentHandle, args: AppArgs) -> None:
         """``registry_check``: bound here only so that Serve deploys it with the app; never called."""
         logs.flush_every(1.0)
-        self.live = LiveRegistry()  # set by reconfigure, which Serve calls before the replica takes requests
+        # The registry is set by reconfigure, which Serve calls before the replica takes requests.
+        self.live = LiveRegistry(args.catalog_args.catalog())
         self.max_items = args.max_list_items
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         replicas = ReplicaDirectory(worker, ingress=serve.get_replica_context().deployment)
@@ -145,7 +146,8 @@ class Ingress:
     @api.get("/v2/models/{name}", response_model=v2.ModelMetadata, tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}", response_model=v2.ModelMetadata, include_in_schema=False)
     async def v2_model(self, name: str, version: str | None = None) -> v2.ModelMetadata:
-        return v2.model_metadata(self.plane.spec(name))
+        spec = self.plane.spec(name)
+        return v2.model_metadata(spec, self.plane.task(spec))
 
     @api.get("/v2/models/{name}/ready", tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)

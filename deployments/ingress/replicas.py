@@ -22,8 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.routing import views
-from deployments.routing.router import ON_REPLICA, UNLOAD
-from serve_app.core.schemas import RegistryStatus, ReplicaCounters, ReplicaModelStatus, ReplicaStatus
+from serve_app.core.schemas import ON_REPLICA, ReplicaStatus, WorkerCall
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,13 +32,19 @@ FRESH_S = 1.0
 
 
 class _Snapshot:
-    """One value, refreshed at most every FRESH_S seconds, by one caller at a time."""
+    """One value, refreshed at most every FRESH_S seconds, by one caller at a time; after ``invalidate``, the
+    next read fetches it fresh."""
 
     def __init__(self, fetch) -> None:
         self._fetch, self._value, self._at, self._lock = fetch, None, float("-inf"), asyncio.Lock()
+        self._invalid = False
+
+    def invalidate(self) -> None:
+        self._invalid = True
 
     async def get(self, fresh: bool = False):
         async with self._lock:
+            fresh, self._invalid = fresh or self._invalid, False
             if fresh or time.monotonic() - self._at > FRESH_S:
                 self._value, self._at = await self._fetch(fresh), time.monotonic()
             return self._value
@@ -48,17 +53,8 @@ class _Snapshot:
 def _status(replica_id: str, node_id: str | None, stats: dict[str, Any], held: set[str]) -> ReplicaStatus:
     """A replica's report; a replica that has not reported yet shows what it pushed to the router."""
     if "models" not in stats:
-        models = {m: ReplicaModelStatus(state="loaded") for m in held}
-    else:
-        models = {m: ReplicaModelStatus.model_validate(s) for m, s in stats["models"].items()}
-    counters = ReplicaCounters.model_validate(stats.get("counters", {}))
-    return ReplicaStatus(
-        replica_id=replica_id, node_id=node_id, models=models, counters=counters, registry=_registry(stats)
-    )
-
-
-def _registry(stats: dict[str, Any]) -> RegistryStatus | None:
-    return RegistryStatus.model_validate(stats["registry"]) if stats.get("registry") else None
+        stats = {**stats, "models": {m: {"state": "loaded"} for m in held}}
+    return ReplicaStatus.model_validate({**stats, "replica_id": replica_id, "node_id": node_id})
 
 
 class ReplicaDirectory:
@@ -74,11 +70,16 @@ class ReplicaDirectory:
         router = views.view_of(self._worker.app_name, self._worker.deployment_name)
         if router is None:  # a handle makes its router at its first call
             try:
-                await asyncio.wait_for(self._worker.status.remote(), ASK_TIMEOUT_S)
+                await asyncio.wait_for(getattr(self._worker, WorkerCall.STATUS.value).remote(), ASK_TIMEOUT_S)
             except TimeoutError:
                 logger.warning("no worker replica answered within %gs: none listed", ASK_TIMEOUT_S)
             router = views.view_of(self._worker.app_name, self._worker.deployment_name)
         return router
+
+    def changed(self) -> None:
+        """A replica's models changed (a request loaded one, or failed to): the next listing or probe asks the
+        replicas, so that it shows the change at once, not at Serve's next poll of their reports."""
+        self._statuses.invalidate()
 
     async def statuses(self, fresh: bool = False) -> list[ReplicaStatus]:
         """Every running worker replica's own record of its models: a snapshot at most FRESH_S old, or,
@@ -100,7 +101,8 @@ class ReplicaDirectory:
     async def _ask(self, replica: Any) -> ReplicaStatus:
         rid = replica.replica_id.unique_id
         try:
-            stats = await asyncio.wait_for(self._worker.status.remote(**{ON_REPLICA: rid}), ASK_TIMEOUT_S)
+            call = getattr(self._worker, WorkerCall.STATUS.value).remote(**{ON_REPLICA: rid})
+            stats = await asyncio.wait_for(call, ASK_TIMEOUT_S)
         except Exception as e:  # a replica that is starting or dying: what it last reported
             logger.warning("replica %s did not report its models: %s", rid, e)
             stats = replica.routing_stats or {}
@@ -125,5 +127,6 @@ class ReplicaDirectory:
 
     async def unload(self, model_id: str, replica_id: str) -> bool:
         """Unload a model from one replica (the router sends the call there and nowhere else)."""
-        call = getattr(self._worker.options(multiplexed_model_id=model_id), UNLOAD).remote(**{ON_REPLICA: replica_id})
+        handle = self._worker.options(multiplexed_model_id=model_id)
+        call = getattr(handle, WorkerCall.UNLOAD.value).remote(**{ON_REPLICA: replica_id})
         return await asyncio.wait_for(call, ASK_TIMEOUT_S)

@@ -33,6 +33,8 @@ import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+from serve_app.core.config import RoutingArgs
+
 
 @dataclass(frozen=True)
 class Copy:
@@ -72,23 +74,28 @@ class Replica:
         return None if self.free_slots > 0 else min(self.copies, key=lambda c: c.last_used)
 
 
-@dataclass(frozen=True)
-class Knobs:
-    spread_at: int = 4
-    """In-flight requests on every holder of a model at which it gets another copy (its holders are busy);
-    also how many more than the least loaded holder a holder running the same model may have and be chosen."""
+Knobs = RoutingArgs
+r"""The policy's settings are the app's routing args (``worker.routing`` in serve_config.yaml), their one
+home: ``spread_at`` is read here, the half-lives by the ``DemandTracker``\ s the router keeps."""
 
+
+_DEFAULT_KNOBS = Knobs()
 
 Demand = Callable[[str], float]
 """A model's recent demand: its requests, exponentially decayed (``DemandTracker.demand``)."""
 
 
 def rank(
-    model_id: str, replicas: Sequence[Replica], demand: Demand, knobs: Knobs = Knobs(), wait_for_own: bool = True
+    model_id: str,
+    replicas: Sequence[Replica],
+    demand: Demand,
+    knobs: Knobs | None = None,
+    wait_for_own: bool = True,
 ) -> list[list[str]]:
     """Replica ids for a request for ``model_id``, best first, one per group. ``wait_for_own``: leave out the
     holders busy with other models while a holder that runs this model comes first (the router stops that
     once the request has waited a little, so that a stuck or full holder cannot hold its requests back)."""
+    knobs = knobs or _DEFAULT_KNOBS
     copies: dict[str, int] = {}
     for r in replicas:
         for c in r.copies:
@@ -165,7 +172,7 @@ class DemandTracker:
     """Requests counted by key (a model; a replica and a model), exponentially decayed with a half-life:
     recent demand, cheap to keep."""
 
-    def __init__(self, half_life_s: float = 60.0) -> None:
+    def __init__(self, half_life_s: float) -> None:
         self._tau = half_life_s / math.log(2)
         self._value: dict[Hashable, float] = {}
         self._at: dict[Hashable, float] = {}

@@ -45,44 +45,33 @@ from dataclasses import replace
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments.routing import views
-from deployments.routing.policy import Copy, DemandTracker, Knobs, Replica, rank
+from deployments.routing.policy import Copy, DemandTracker, Replica, rank
+from serve_app.core.config import RoutingArgs
+from serve_app.core.schemas import ON_REPLICA, ReplicaStatus, WorkerCall
 
 logger = logging.getLogger("ray.serve")
 
-ON_REPLICA = "on_replica"
-"""The keyword argument of a worker method call that names the one replica it is for."""
-UNLOAD = "unload"
-"""The worker method that takes a model out of one replica's cache (sent with ON_REPLICA): the router
-counts the slot free as it sends it, before the replica's pushed model ids show it."""
-
-
 OWN_REPLICA_WAIT_S = 1.0
 """How long a hit waits for a holder that runs its model (policy.rank's ``wait_for_own``) before the holders
-busy with other models are ranked after it. At 64 clients on 2 replicas a request spends about 0.4 s queued
-in the router, so a much shorter limit would rarely apply where the rule matters. Past it, a holder that is
+busy with other models are ranked after it: longer than a request queues in the router at saturation, so
+that the rule applies where it matters (docs/performance.md). Past it, a holder that is
 stuck, or full of requests that other routers (other ingress replicas) sent, cannot hold its model's
 requests back, nor can the requests Serve's few routing tasks are holding keep other models' requests from
 a free replica."""
 
 
 class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(
-        self,
-        policy: str = "model_aware",
-        spread_at: int = 4,
-        demand_half_life_s: float = 60.0,
-        load_grace_s: float = 5.0,
-        holder_grace_s: float = 3.0,
-        affinity_half_life_s: float = 2.0,
-    ) -> None:
-        self._ray_default = policy == "ray_default"
-        self._knobs = Knobs(spread_at=spread_at)
-        self._demand = DemandTracker(demand_half_life_s)
-        self._load_grace_s = load_grace_s
+    def initialize_state(self, **routing: object) -> None:
+        """``routing``: the app's ``worker.routing`` args (``RoutingArgs``, the one home of their defaults)."""
+        args = RoutingArgs.model_validate(routing)
+        self._ray_default = args.policy == "ray_default"
+        self._knobs = args
+        self._demand = DemandTracker(args.demand_half_life_s)
+        self._load_grace_s = args.load_grace_s
         self._last_used: dict[tuple[str, str], float] = {}  # (replica, model) -> when this router last sent
         # What each replica has been serving lately: requests sent, decayed, by (replica, model) and by replica
-        self._recent = DemandTracker(affinity_half_life_s)
-        self._recent_all = DemandTracker(affinity_half_life_s)
+        self._recent = DemandTracker(args.affinity_half_life_s)
+        self._recent_all = DemandTracker(args.affinity_half_life_s)
         # What this router's own misses change on a replica before the replica's pushed model ids show it:
         # the model it sent there, and the model Ray's LRU evicts there to make room. Each holds for
         # load_grace_s, whatever the pushed ids say meanwhile: they lag by up to several tenths of a second,
@@ -93,7 +82,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         # calls made for one ingress request share its id
         self._running: dict[str, list[tuple[str, str]]] = {}
         self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet (model calls or not)
-        self._holder_grace_s = holder_grace_s
+        self._holder_grace_s = args.holder_grace_s
+        self._reports: dict[str, tuple[object, ReplicaStatus]] = {}  # replica -> (its raw stats, parsed)
         self._away: dict[str, tuple[float, frozenset[str]]] = {}  # replica out of the routing set -> (since, held)
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
@@ -112,15 +102,14 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         """``in_flight``: ``_calls_in_flight()``, counted once for every replica a decision looks at."""
         in_flight = self._calls_in_flight() if in_flight is None else in_flight
         rid = replica.replica_id.unique_id
-        stats = replica.routing_stats or {}
-        reported = stats.get("models", {})
+        report = self._report(replica)
+        reported = report.models if report is not None else {}
         pushed = set(replica.multiplexed_model_ids)
         assigned, evicting = self._assigned.setdefault(rid, {}), self._evicting.setdefault(rid, {})
         # The corrections expire by age alone. Pushed ids are no sign that one is done: ids pushed before a
         # model came back to a replica name it from its earlier stay, and ids pushed before a model came
-        # lack it when it is about to leave again (measured on a churn trace after load: views of three and
-        # four models on a replica of two, and up to 59 of 600 requests placed otherwise than on the true
-        # state).
+        # lack it when it is about to leave again: a view would show three or four models on a replica of two
+        # (docs/performance.md, how the router knows what each replica holds).
         for corrections in (assigned, evicting):
             for m in [m for m, at in corrections.items() if now - at >= self._load_grace_s]:
                 del corrections[m]
@@ -130,7 +119,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                 model_id=m,
                 last_used=max(
                     self._last_used.get((rid, m), 0.0),
-                    (reported.get(m) or {}).get("last_used_at") or 0.0,
+                    (reported[m].last_used_at or 0.0) if m in reported else 0.0,
                     assigned.get(m, 0.0),  # placed here, its request not sent yet
                 ),
                 in_flight=in_flight[(rid, m)],
@@ -138,13 +127,31 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             )
             for m in held
         )
-        backoff = frozenset(m for m, s in reported.items() if (s.get("retry_after") or 0) > now)
+        backoff = frozenset(m for m, s in reported.items() if (s.retry_after or 0) > now)
         replica = Replica(
-            rid, copies, in_flight=self._sent.get(rid, 0), recent=self._recent_all.demand(rid, now), backoff=backoff
+            rid,
+            copies,
+            in_flight=self._sent.get(rid, 0),
+            recent=self._recent_all.demand(rid, now),
+            slots=report.slots if report is not None else Replica.slots,
+            backoff=backoff,
         )
         if len(copies) > replica.slots:  # Ray's LRU keeps no more: the least recently used of them are gone
             replica = replace(replica, copies=tuple(sorted(copies, key=lambda c: -c.last_used)[: replica.slots]))
         return replica
+
+    def _report(self, replica: RunningReplica) -> ReplicaStatus | None:
+        """What the replica last reported of itself (``ModelWorker.record_routing_stats``), parsed once per
+        report; None before its first."""
+        stats = replica.routing_stats
+        if not stats or "models" not in stats:
+            return None
+        rid = replica.replica_id.unique_id
+        cached = self._reports.get(rid)
+        if cached is None or cached[0] is not stats:
+            cached = (stats, ReplicaStatus.model_validate({**stats, "replica_id": rid}))
+            self._reports[rid] = cached
+        return cached[1]
 
     def _ranked(
         self, candidates: Sequence[RunningReplica], pending: PendingRequest | None
@@ -157,7 +164,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if target is not None:  # a call for one replica: there, or nowhere
             if target not in by_id:
                 return []
-            if model_id and pending.metadata.call_method == UNLOAD:  # gone from there before its push says so
+            if model_id and pending.metadata.call_method == WorkerCall.UNLOAD.value:  # gone before its push says so
                 self._evicting.setdefault(target, {})[model_id] = time.time()
                 self._assigned.setdefault(target, {}).pop(model_id, None)
             return [[by_id[target]]]
@@ -255,6 +262,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
             self._sent = {r: n for r, n in self._sent.items() if r in live}
+            self._reports = {r: p for r, p in self._reports.items() if r in live}
             self._recent.keep_only(lambda key: key[0] in live)
             self._recent_all.keep_only(lambda rid: rid in live)
 

@@ -1,19 +1,9 @@
-"""Model runtimes, one per task. A new task is one new class, listed here."""
+"""Model runtimes: the base every runtime subclasses (``ModelRuntime``, the interface a model of your own
+implements: docs/models.md), and what the shipped runtimes share (transformers, images). The runtimes
+themselves belong to their tasks (``deployments/tasks``)."""
 
 from __future__ import annotations
 
-from deployments.runtimes.base import ModelRuntime
-from deployments.runtimes.image_classification import ImageClassificationRuntime
-from deployments.runtimes.text_classification import TextClassificationRuntime
-from serve_app.core.registry import ModelSpec, Task
+from deployments.runtimes.base import ModelRuntime, default_device, runtime_for, torch_bytes
 
-RUNTIMES: dict[Task, type[ModelRuntime]] = {
-    runtime.task: runtime for runtime in (TextClassificationRuntime, ImageClassificationRuntime)
-}
-
-
-def runtime_for(spec: ModelSpec, device: str | None = None) -> ModelRuntime:
-    return RUNTIMES[spec.task](spec, device)
-
-
-__all__ = ["RUNTIMES", "ModelRuntime", "runtime_for"]
+__all__ = ["ModelRuntime", "default_device", "runtime_for", "torch_bytes"]

@@ -19,6 +19,15 @@ from serve_app.core.paths import resolve_project_path
 
 logger = logging.getLogger("ray.serve")
 
+SHIPPED_TASKS = (
+    "deployments.tasks.text_classification",
+    "deployments.tasks.image_classification",
+    "deployments.tasks.feature_extraction",
+    "deployments.tasks.token_classification",
+    "deployments.tasks.image_feature_extraction",
+)
+"""The task modules the app serves unless its args name others (``serve_app.core.tasks``)."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +88,18 @@ class RoutingArgs(_Strict):
     )
     stats_period_s: float = Field(
         0.5, gt=0, description="how often Serve collects each worker replica's model status for the routers"
+    )
+    load_grace_s: float = Field(
+        5.0,
+        gt=0,
+        description="how long the router trusts its own record of a miss it placed (the model it sent, the one "
+        "the replica's LRU evicts for it) over the model ids the replica pushes, which lag behind",
+    )
+    holder_grace_s: float = Field(
+        3.0,
+        ge=0,
+        description="how long a request for a model only a replica that left the routing set held waits for it "
+        "(Serve takes a replica out while it applies a registry change) before it loads a copy elsewhere",
     )
 
 
@@ -141,6 +162,27 @@ class AuthArgs(_Strict):
     )
 
 
+class CatalogArgs(_Strict):
+    """What the registry may name: the tasks, and where runtime classes may come from (``serve_app.core.tasks``).
+    Only the operator who deploys the app sets these: the registry, which changes live, cannot widen them."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: list(SHIPPED_TASKS),
+        min_length=1,
+        description="the task modules, each defining TASK; registry entries name their tasks",
+    )
+    runtime_modules: list[str] = Field(
+        default_factory=list,
+        description='modules a registry entry may take a runtime class from ("runtime": "module:Class"), '
+        "besides the task modules",
+    )
+
+    def catalog(self):  # -> serve_app.core.tasks.TaskCatalog (imported here: it imports this module)
+        from serve_app.core.tasks import TaskCatalog
+
+        return TaskCatalog.load(self.tasks, self.runtime_modules)
+
+
 class EnvSettings(BaseSettings):
     """Settings read from the environment of the ingress replicas."""
 
@@ -171,9 +213,23 @@ class AppArgs(_Strict):
         "once decoded (paths and URLs included), or max_image_bytes if that is more",
     )
     auth: AuthArgs = Field(description="who may call the API: api_key or off (required)")
+    tasks: list[str] = Field(
+        default_factory=lambda: list(SHIPPED_TASKS),
+        min_length=1,
+        description="the task modules the registry's entries may name tasks of (each module defines TASK)",
+    )
+    runtime_modules: list[str] = Field(
+        default_factory=list,
+        description='modules a registry entry may take its own runtime class from ("runtime": '
+        '"module:Class"), besides the task modules: only the operator sets these',
+    )
     url_fetch: UrlFetchArgs = Field(default_factory=UrlFetchArgs)
     worker: WorkerArgs = Field(default_factory=WorkerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+    @property
+    def catalog_args(self) -> CatalogArgs:
+        return CatalogArgs(tasks=self.tasks, runtime_modules=self.runtime_modules)
 
     @property
     def max_request_bytes(self) -> int:

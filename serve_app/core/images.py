@@ -4,6 +4,7 @@ and in the worker (the one decode)."""
 from __future__ import annotations
 
 import io
+import re
 
 from PIL import Image
 
@@ -17,3 +18,14 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 def open_image(data: bytes) -> Image.Image:
     """A lazily opened image (its header read, its pixels not decoded), of an allowed format only."""
     return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
+
+_OBJECT = re.compile(r"\s*<[^<>]{0,200} at 0x[0-9a-fA-F]+>")
+_MESSAGE_CHARS = 200
+
+
+def decoder_error(e: Exception) -> str:
+    """A decoder's error as a client may read it: its type and message, without object addresses (Pillow's
+    "cannot identify image file <_io.BytesIO object at 0x...>"), and bounded."""
+    message = _OBJECT.sub("", str(e))[:_MESSAGE_CHARS]
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__

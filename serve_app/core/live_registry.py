@@ -29,6 +29,7 @@ from typing import Any
 
 from serve_app.core.registry import ModelSpec, Registry, RegistryError
 from serve_app.core.schemas import RefusedRegistry, RegistryStatus
+from serve_app.core.tasks import TaskCatalog
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,9 +51,9 @@ def registry_user_config(data: object, origin: str) -> dict[str, Any]:
     return {REGISTRY_KEY: data, ORIGIN_KEY: origin}
 
 
-def parse_user_config(user_config: object) -> tuple[Registry, str]:
+def parse_user_config(user_config: object, catalog: TaskCatalog | None = None) -> tuple[Registry, str]:
     """The registry a ``user_config`` carries and its version; ``RegistryError`` with start-up's messages
-    (each names its field) if it is not a valid registry."""
+    (each names its field) if it is not a valid registry for ``catalog`` (default: the shipped tasks)."""
     if not isinstance(user_config, Mapping) or REGISTRY_KEY not in user_config:
         raise RegistryError(
             f"user_config: no {REGISTRY_KEY!r} key: the registry reaches the replicas as "
@@ -60,13 +61,13 @@ def parse_user_config(user_config: object) -> tuple[Registry, str]:
         )
     data = user_config[REGISTRY_KEY]
     origin = str(user_config.get(ORIGIN_KEY) or "registry")
-    return Registry.from_dict(data, origin=origin), content_version(data)
+    return Registry.from_dict(data, origin=origin, catalog=catalog), content_version(data)
 
 
 def same_model(old: ModelSpec, new: ModelSpec) -> bool:
-    """Whether a loaded copy of ``old`` can serve as ``new``: the same files and the same task (a changed
-    description, labels or preload flag keeps the copy)."""
-    return old.task == new.task and old.source == new.source
+    """Whether a loaded copy of ``old`` can serve as ``new``: the same files, task, runtime class and runtime
+    parameters (a changed description, labels or preload flag keeps the copy)."""
+    return (old.task, old.source, old.runtime, old.parameters) == (new.task, new.source, new.runtime, new.parameters)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class RegistryChange:
     version: str
     previous: str | None = None
     added: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)  # source or task changed: loaded copies must go
+    changed: list[str] = field(default_factory=list)  # files, task or runtime changed: loaded copies must go
     removed: list[str] = field(default_factory=list)
 
     @property
@@ -109,7 +110,8 @@ class LiveRegistry:
     """One replica's registry: the one in force, when it was applied, the last refusal since, and every
     version this replica has run."""
 
-    def __init__(self) -> None:
+    def __init__(self, catalog: TaskCatalog | None = None) -> None:
+        self.catalog = catalog if catalog is not None else TaskCatalog.load()
         self._registry: Registry | None = None
         self.version: str | None = None
         self.applied_at: float | None = None
@@ -137,7 +139,7 @@ class LiveRegistry:
         its registry). Raises ``RegistryError`` when there is no registry to keep. Synchronous, with no
         await: no request sees half of a change."""
         try:
-            new, version = parse_user_config(user_config)
+            new, version = parse_user_config(user_config, self.catalog)
         except RegistryError as e:
             if self._registry is None:
                 raise

@@ -1,4 +1,4 @@
-"""The application's Prometheus metrics, through ``ray.serve.metrics``, tagged by model.
+"""The application's Prometheus metrics, through ``ray.serve.metrics``, tagged by model and task.
 
 Ray adds the application, deployment and replica tags and exports them on each node's metrics
 endpoint beside Ray Serve's built-in ``ray_serve_*`` metrics (docs/operations.md lists them all).
@@ -12,7 +12,7 @@ from ray.serve import metrics
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 UNKNOWN_MODEL = "(unknown)"
-"""The model tag of a request naming no registered model: tag values never come from the request."""
+"""The model (and task) tag of a request naming no registered model: tag values never come from the request."""
 
 
 class IngressMetrics:
@@ -20,26 +20,26 @@ class IngressMetrics:
         self._requests = metrics.Counter(
             "mms_requests",
             description="Prediction requests, by model, API and status code.",
-            tag_keys=("model", "api", "status"),
+            tag_keys=("model", "task", "api", "status"),
         )
         self._errors = metrics.Counter(
             "mms_request_errors",
             description="Prediction requests that failed, by model, API and status code.",
-            tag_keys=("model", "api", "status"),
+            tag_keys=("model", "task", "api", "status"),
         )
         self._latency = metrics.Histogram(
             "mms_request_latency_ms",
             description="Prediction latency seen by the ingress, in milliseconds.",
             boundaries=LATENCY_BOUNDARIES_MS,
-            tag_keys=("model", "api"),
+            tag_keys=("model", "task", "api"),
         )
 
-    def observe(self, model_id: str, api: str, status: int, seconds: float) -> None:
-        tags = {"model": model_id, "api": api, "status": str(status)}
+    def observe(self, model_id: str, task: str, api: str, status: int, seconds: float) -> None:
+        tags = {"model": model_id, "task": task, "api": api, "status": str(status)}
         self._requests.inc(tags=tags)
         if status >= 400:
             self._errors.inc(tags=tags)
-        self._latency.observe(seconds * 1000.0, tags={"model": model_id, "api": api})
+        self._latency.observe(seconds * 1000.0, tags={"model": model_id, "task": task, "api": api})
 
 
 class WorkerMetrics:
@@ -52,29 +52,37 @@ class WorkerMetrics:
         self._loads = metrics.Counter(
             "mms_model_loads",
             description="Model loads on a replica, by outcome (ok or error).",
-            tag_keys=("model", "outcome"),
+            tag_keys=("model", "task", "outcome"),
         )
         self._unloads = metrics.Counter(
             "mms_model_unloads",
             description="Models unloaded from a replica (LRU eviction or explicit unload).",
-            tag_keys=("model",),
+            tag_keys=("model", "task"),
         )
         self._load_latency = metrics.Histogram(
             "mms_model_load_latency_ms",
             description="Time to load a model, in milliseconds.",
             boundaries=LATENCY_BOUNDARIES_MS,
-            tag_keys=("model",),
+            tag_keys=("model", "task"),
+        )
+        self._size = metrics.Gauge(
+            "mms_model_size_bytes",
+            description="Bytes of a model loaded on a replica (its weights, else its load's growth of resident "
+            "memory); 0 once unloaded.",
+            tag_keys=("model", "task"),
         )
 
     def cache_hit(self, model_id: str) -> None:
         self._hits.inc(tags={"model": model_id})
 
-    def loaded(self, model_id: str, seconds: float) -> None:
-        self._loads.inc(tags={"model": model_id, "outcome": "ok"})
-        self._load_latency.observe(seconds * 1000.0, tags={"model": model_id})
+    def loaded(self, model_id: str, task: str, seconds: float, size_bytes: int | None) -> None:
+        self._loads.inc(tags={"model": model_id, "task": task, "outcome": "ok"})
+        self._load_latency.observe(seconds * 1000.0, tags={"model": model_id, "task": task})
+        self._size.set(size_bytes or 0, tags={"model": model_id, "task": task})
 
-    def load_failed(self, model_id: str) -> None:
-        self._loads.inc(tags={"model": model_id, "outcome": "error"})
+    def load_failed(self, model_id: str, task: str) -> None:
+        self._loads.inc(tags={"model": model_id, "task": task, "outcome": "error"})
 
-    def unloaded(self, model_id: str) -> None:
-        self._unloads.inc(tags={"model": model_id})
+    def unloaded(self, model_id: str, task: str) -> None:
+        self._unloads.inc(tags={"model": model_id, "task": task})
+        self._size.set(0, tags={"model": model_id, "task": task})

@@ -11,37 +11,39 @@ The registry is a JSON file (``config/models.json`` by default)::
                     "revision": "714eb0fa89d2f80546fda750413ed43d93601a13"}}
     ]}
 
-A bad file is rejected with a message that names the offending field.
+``task`` names a task of the app's task catalog (``serve_app.core.tasks``: the shipped tasks unless the
+app's args name others), and ``runtime`` optionally a runtime class (``package.module:Class``) from a
+module the app's args allow. A bad file is rejected with a message that names the offending field.
 """
 
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from serve_app.core.errors import ModelNotFound, field_path
 from serve_app.core.paths import resolve_project_path
+from serve_app.core.tasks import TaskCatalog
 
 
-class Task(str, Enum):
-    TEXT_CLASSIFICATION = "text-classification"
-    IMAGE_CLASSIFICATION = "image-classification"
-
-    @property
-    def modality(self) -> Modality:
-        return _MODALITY[self]
-
-
-class Modality(str, Enum):
-    TEXT = "text"
-    IMAGE = "image"
-
-
-_MODALITY = {Task.TEXT_CLASSIFICATION: Modality.TEXT, Task.IMAGE_CLASSIFICATION: Modality.IMAGE}
+def _catalog(info: ValidationInfo) -> TaskCatalog:
+    """The catalog a registry is checked against: the validation context's, else the shipped tasks."""
+    catalog = (info.context or {}).get("catalog")
+    return catalog if catalog is not None else TaskCatalog.load()
 
 
 class LocalSource(BaseModel):
@@ -80,15 +82,35 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    task: Task
+    task: str = Field(description="a task of the app's task modules (args.tasks)")
     source: Annotated[LocalSource | HubSource, Field(union_mode="left_to_right")]
     description: str = ""
     labels: list[str] = Field(default_factory=list)
     preload: bool = Field(False, description="load when a worker replica starts (at most two per replica)")
+    runtime: str | None = Field(
+        None,
+        description="the runtime class, package.module:Class, from a module of args.runtime_modules or of a "
+        "task module (default: the task's own)",
+    )
+    parameters: dict[str, JsonValue] = Field(
+        default_factory=dict, description="settings the runtime reads (each runtime documents its own)"
+    )
 
-    @property
-    def modality(self) -> Modality:
-        return self.task.modality
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str, info: ValidationInfo) -> str:
+        problem = _catalog(info).check_task(task)
+        if problem:
+            raise PydanticCustomError("unknown_task", problem)
+        return task
+
+    @field_validator("runtime")
+    @classmethod
+    def _allowed_runtime(cls, runtime: str | None, info: ValidationInfo) -> str | None:
+        problem = runtime and _catalog(info).check_runtime(runtime)
+        if problem:
+            raise PydanticCustomError("runtime_not_allowed", problem)
+        return runtime
 
 
 class RegistryError(ValueError):
@@ -118,15 +140,16 @@ class Registry(BaseModel):
         return self
 
     @classmethod
-    def from_dict(cls, data: object, origin: str = "registry") -> Registry:
+    def from_dict(cls, data: object, origin: str = "registry", catalog: TaskCatalog | None = None) -> Registry:
+        """The registry ``data`` holds, checked against ``catalog`` (default: the shipped tasks)."""
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(data, context={"catalog": catalog})
         except ValidationError as e:
             raise RegistryError(_format_validation_error(origin, e)) from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Registry:
-        return read_registry_file(path)[1]
+    def from_file(cls, path: str | Path, catalog: TaskCatalog | None = None) -> Registry:
+        return read_registry_file(path, catalog)[1]
 
     @property
     def ids(self) -> list[str]:
@@ -142,7 +165,7 @@ class Registry(BaseModel):
         return spec
 
 
-def read_registry_file(path: str | Path) -> tuple[object, Registry]:
+def read_registry_file(path: str | Path, catalog: TaskCatalog | None = None) -> tuple[object, Registry]:
     """A registry file's content and the registry it holds; ``RegistryError`` if the file is missing, is
     not JSON, or does not match the schema (each message starts with the path as given, then the field)."""
     p = resolve_project_path(path)
@@ -152,4 +175,4 @@ def read_registry_file(path: str | Path) -> tuple[object, Registry]:
         raise RegistryError(f"{p}: registry file not found") from None
     except json.JSONDecodeError as e:
         raise RegistryError(f"{p}: not valid JSON: {e}") from None
-    return data, Registry.from_dict(data, origin=str(path))
+    return data, Registry.from_dict(data, origin=str(path), catalog=catalog)

@@ -1,31 +1,43 @@
-"""The types that cross between the ingress and the worker replicas.
+"""The types that cross between the ingress and the worker replicas, and the worker's calls.
 
-The ingress sends a worker decoded inputs and gets a ``WorkerResult`` back; each worker replica reports
-its own view of its models as a ``ReplicaStatus``, and every replica the registry it runs as a
-``RegistryStatus``. The protocol bodies (native and Open Inference
+The ingress calls a worker replica's methods (``WorkerCall``) with decoded inputs and gets a
+``WorkerResult`` back: the request's answer as named arrays, in its task's output kind
+(``serve_app.core.outputs``). Each worker replica reports its own view of its models as a
+``ReplicaStatus`` (Serve's controller polls it for the routers; ``GET /models`` reads it), and every
+replica the registry it runs as a ``RegistryStatus``. The protocol bodies (native and Open Inference
 Protocol) are built from these in ``deployments.ingress.protocols``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 
-class LabelScore(BaseModel):
-    label: str
-    score: float
+class WorkerCall(str, Enum):
+    """The worker deployment's methods the ingress calls (``handle.<method>.remote``)."""
+
+    PREDICT = "predict"
+    LOAD = "load"
+    UNLOAD = "unload"
+    STATUS = "status"
 
 
-Scores = list[LabelScore]
-"""One prediction: every label with its probability, most likely first."""
+ON_REPLICA = "on_replica"
+"""The keyword argument of a worker call that names the one replica it is for (unload, status): the router
+sends it there and nowhere else."""
 
 
-class WorkerResult(BaseModel):
-    """A worker's answer to one request: one prediction per input, in input order."""
+@dataclass(frozen=True)
+class WorkerResult:
+    """A worker's answer to one request: its task's output arrays (``OutputKind.encode``) for its inputs, and
+    whether the request had to load its model (the replica's models changed)."""
 
-    predictions: list[Scores]
+    outputs: dict[str, np.ndarray]
+    loaded: bool = False
 
 
 class ModelState(str, Enum):
@@ -48,6 +60,8 @@ class ReplicaModelStatus(BaseModel):
     last_error_at: float | None = None
     load_failures: int = 0
     retry_after: float | None = None  # a failed load is not tried again before this time
+    weights_bytes: int | None = None  # the loaded copy's weights and buffers, exactly, as its runtime reports
+    rss_growth_bytes: int | None = None  # how much the replica's resident memory grew while the copy loaded
 
 
 class ReplicaCounters(BaseModel):
@@ -85,6 +99,7 @@ class ReplicaStatus(BaseModel):
 
     replica_id: str
     node_id: str | None = None
+    slots: int = Field(2, description="most models this replica holds at once")
     registry: RegistryStatus | None = None
     models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)
     counters: ReplicaCounters = Field(default_factory=ReplicaCounters)

@@ -18,7 +18,7 @@ def test_list_models(client, demo_url):
     r = client.get(f"{demo_url}/models")
     assert r.status_code == 200
     models = {m["id"]: m for m in r.json()["models"]}
-    assert set(models) == {"sentiment", "spam", "image"}
+    assert set(models) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}
     assert models["sentiment"]["task"] == "text-classification"
     assert models["image"]["input_modality"] == "image"
     assert models["spam"]["labels"] == ["ham", "spam"]
@@ -92,7 +92,7 @@ def test_unknown_model_is_a_404_listing_known_ids(client, demo_url):
     assert r.status_code == 404
     body = r.json()
     assert body["error"] == "model_not_found"
-    assert set(body["known_models"]) == {"sentiment", "spam", "image"}
+    assert set(body["known_models"]) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}
     assert "sentiment" in body["message"]
     assert client.get(f"{demo_url}/models/no-such-model").status_code == 404
 

@@ -134,7 +134,7 @@ def test_grpc_and_rest_give_the_same_answer(client, demo_url):
 
 def test_the_model_repository(client, demo_url):
     index = {m["name"]: m for m in client.get_model_repository_index(headers=DEMO, as_json=True)["models"]}
-    assert set(index) == {"sentiment", "spam", "image"}
+    assert set(index) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}
 
     client.load_model("spam", headers=DEMO)
     assert client.is_model_ready("spam", headers=DEMO)

@@ -85,7 +85,7 @@ def test_errors_have_the_protocol_shape(v2, demo_url, client):
 
 def test_model_repository_extension(v2, demo_url, client):
     index = {m["name"]: m for m in v2.get_model_repository_index()}
-    assert set(index) == {"sentiment", "spam", "image"}
+    assert set(index) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}
     assert all(m["state"] in {"READY", "UNAVAILABLE", "LOADING", "FAILED"} for m in index.values())
 
     v2.load_model("spam")

@@ -28,7 +28,11 @@ def _modules(folder: str) -> list:
     [
         ("serve_app/core", ("deployments", "fastapi", "starlette")),
         ("deployments/worker", ("deployments.ingress", "fastapi", "starlette")),
-        ("deployments/runtimes", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
+        (
+            "deployments/runtimes",
+            ("deployments.ingress", "deployments.worker", "deployments.tasks", "fastapi", "starlette"),
+        ),
+        ("deployments/tasks", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
         ("deployments/ingress", ("deployments.worker",)),
         ("deployments/routing", ("deployments.ingress", "deployments.worker", "fastapi", "starlette")),
         (
@@ -92,7 +96,7 @@ def _project_closure(module: str) -> dict[str, set[str]]:
 def test_nothing_the_worker_imports_from_this_project_imports_fastapi_or_starlette():
     # (Ray Serve itself imports them; what matters is that no project module the worker needs does.)
     closure = _project_closure("deployments.worker.deployment")
-    assert "serve_app.core.errors" in closure and "deployments.runtimes" in closure
+    assert "serve_app.core.errors" in closure and "deployments.runtimes.base" in closure
     http = {m for m, imports in closure.items() if any(i.split(".")[0] in ("fastapi", "starlette") for i in imports)}
     assert http == set()
 
@@ -116,3 +120,28 @@ def test_a_missing_internal_fails_start_up_naming_the_tested_ray(monkeypatch):
     monkeypatch.setattr(ray_internals, "_REQUIRED", [*ray_internals._REQUIRED, ("ray.serve.multiplex", "_Gone.attr")])
     with pytest.raises(RuntimeError, match=rf"tested with Ray {ray_internals.TESTED_RAY_VERSION}\.x.*_Gone\.attr"):
         ray_internals.check()
+
+
+def _string_constants(path) -> set[str]:
+    return {
+        n.value
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+
+
+def test_a_task_lives_in_its_own_module_and_nowhere_else():
+    """The core, the deployments and the routing know no task by name: a new task is one module (listed in
+    the app's args), with no edit anywhere else. (tests/integration/test_tasks.py serves one from tests/.)"""
+    from serve_app.core.tasks import TaskCatalog
+
+    names = set(TaskCatalog.load().names)
+    mentions = {
+        m.relative_to(PROJECT_ROOT).as_posix(): sorted(names & _string_constants(m))
+        for folder in ("serve_app", "deployments/ingress", "deployments/worker", "deployments/routing")
+        for m in _modules(folder)
+    }
+    assert {m: found for m, found in mentions.items() if found} == {}
+    for name in names:
+        module = TaskCatalog.load().get(name).runtimes[0].__module__
+        assert module.startswith("deployments.tasks.") and name in _string_constants(_project_module_file(module))

@@ -9,8 +9,9 @@ from ray.exceptions import RayTaskError
 
 from deployments.ingress.dataplane import CLIENT_CLOSED, InferenceRequest, merge_model_status, status_of
 from serve_app.core.errors import ModelNotFound, RequestTimeout
+from serve_app.core.outputs import CLASSIFICATION
 from serve_app.core.registry import ModelSpec
-from serve_app.core.schemas import LabelScore, ModelState, ReplicaModelStatus, ReplicaStatus, WorkerResult
+from serve_app.core.schemas import ModelState, ReplicaModelStatus, ReplicaStatus, WorkerResult
 
 SPEC = ModelSpec(id="m", task="text-classification", source={"path": "models/m"})
 
@@ -95,7 +96,7 @@ class FakeResponse:
     async def _run(self):
         if isinstance(self._outcome, float):  # a replica that takes this long
             await asyncio.sleep(self._outcome)
-            return WorkerResult(predictions=[])
+            return WorkerResult(outputs=CLASSIFICATION.encode([]))
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         return self._outcome
@@ -137,8 +138,8 @@ class FakeMetrics:
     def __init__(self):
         self.observed: list[tuple[str, str, int]] = []
 
-    def observe(self, model_id, api, status, seconds):
-        self.observed.append((model_id, api, status))
+    def observe(self, model_id, task, api, status, seconds):
+        self.observed.append((model_id, task, api, status))
 
 
 def plane(*outcomes, timeout_s=30.0):
@@ -148,27 +149,53 @@ def plane(*outcomes, timeout_s=30.0):
 
     metrics, worker = FakeMetrics(), FakeWorker(*outcomes)
     args = AppArgs(request_timeout_s=timeout_s, auth={"mode": "off"})
-    return DataPlane(live_registry(SPEC), worker, args, metrics=metrics, replicas=object()), worker, metrics
+    return DataPlane(live_registry(SPEC), worker, args, metrics=metrics, replicas=FakeReplicas()), worker, metrics
 
 
-ANSWER = WorkerResult(predictions=[[LabelScore(label="a", score=0.75), LabelScore(label="b", score=0.25)]])
+class FakeReplicas:
+    """The ingress's directory of worker replicas, as the data plane's inference uses it."""
+
+    def __init__(self):
+        self.changes = 0
+
+    def changed(self):
+        self.changes += 1
+
+
+ANSWER = WorkerResult(outputs=CLASSIFICATION.encode([[("a", 0.75), ("b", 0.25)]]))
+PREDICTIONS = [{"label": "a", "score": 0.75, "scores": [{"label": "a", "score": 0.75}, {"label": "b", "score": 0.25}]}]
 
 
 def test_infer_dispatches_to_the_model_and_records_the_request():
     p, worker, metrics = plane(ANSWER)
     result = asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
-    assert result.spec == SPEC and result.predictions == ANSWER.predictions
+    assert result.spec == SPEC and result.task.name == "text-classification" and result.native() == PREDICTIONS
     assert worker.calls == [("predict", "m")]
     # the worker learns what the inputs were decoded for, under which registry
     assert worker.kwargs == [{"task": "text-classification", "registry_version": p.live.version}]
-    assert metrics.observed == [("m", "native", 200)]
+    assert metrics.observed == [("m", "text-classification", "native", 200)]
+
+
+def test_a_request_that_loaded_its_model_or_failed_to_makes_the_next_listing_ask_the_replicas():
+    """GET /models and v2 readiness follow a load at once: the directory's snapshot is dropped when a request
+    loaded its model, or got a 503 (a failed load, most likely), and kept when the model was loaded already."""
+    from serve_app.core.errors import ModelUnavailable
+
+    p, _, _ = plane(ANSWER, WorkerResult(outputs=ANSWER.outputs, loaded=True), ModelUnavailable("no files"))
+    asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
+    assert p.replicas.changes == 0
+    asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
+    assert p.replicas.changes == 1
+    with pytest.raises(ModelUnavailable):
+        asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
+    assert p.replicas.changes == 2
 
 
 def test_an_unknown_model_is_recorded_under_one_tag_never_the_requested_id():
     p, worker, metrics = plane()
     with pytest.raises(ModelNotFound):
         asyncio.run(p.infer("../../etc", InferenceRequest(["hello"]), api="v2"))
-    assert worker.calls == [] and metrics.observed == [("(unknown)", "v2", 404)]
+    assert worker.calls == [] and metrics.observed == [("(unknown)", "(unknown)", "v2", 404)]
 
 
 def test_inputs_parsed_from_the_body_are_parsed_after_the_lookup():
@@ -193,8 +220,8 @@ def test_a_replica_that_dies_under_a_request_is_retried_once():
     from ray.exceptions import ActorDiedError
 
     p, worker, metrics = plane(ActorDiedError(), ANSWER)
-    assert asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native")).predictions == ANSWER.predictions
-    assert worker.calls == [("predict", "m")] * 2 and metrics.observed == [("m", "native", 200)]
+    assert asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native")).native() == PREDICTIONS
+    assert worker.calls == [("predict", "m")] * 2 and metrics.observed == [("m", "text-classification", "native", 200)]
 
 
 def test_a_replica_lost_over_grpc_is_retried_and_after_three_losses_the_answer_is_a_clean_503():
@@ -205,11 +232,11 @@ def test_a_replica_lost_over_grpc_is_retried_and_after_three_losses_the_answer_i
 
     lost = grpc_error(grpc.StatusCode.UNKNOWN)  # a replica killed mid-call, over Serve's gRPC transport
     p, worker, metrics = plane(lost, ActorDiedError(), ANSWER)
-    assert asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native")).predictions == ANSWER.predictions
+    assert asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native")).native() == PREDICTIONS
     p, worker, metrics = plane(*[ActorDiedError()] * ATTEMPTS)
     with pytest.raises(ModelUnavailable, match="died"):
         asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
-    assert len(worker.calls) == ATTEMPTS == 3 and metrics.observed == [("m", "native", 503)]
+    assert len(worker.calls) == ATTEMPTS == 3 and metrics.observed == [("m", "text-classification", "native", 503)]
 
 
 def test_other_transport_errors_are_not_retried():
@@ -229,14 +256,14 @@ def test_an_application_error_from_the_worker_is_not_retried():
     p, worker, metrics = plane(RayTaskError("predict", "tb", BadImage("bad")))
     with pytest.raises(BadImage):
         asyncio.run(p.infer("m", InferenceRequest(["x"]), api="native"))
-    assert len(worker.calls) == 1 and metrics.observed == [("m", "native", 400)]
+    assert len(worker.calls) == 1 and metrics.observed == [("m", "text-classification", "native", 400)]
 
 
 def test_a_client_deadline_shorter_than_the_configured_timeout_applies():
     p, worker, metrics = plane(5.0, timeout_s=30.0)
     with pytest.raises(RequestTimeout, match=r"within 0\.05s"):
         asyncio.run(p.infer("m", InferenceRequest(["hello"], timeout_s=0.05), api="v2"))
-    assert worker.responses[0].cancelled and metrics.observed == [("m", "v2", 504)]
+    assert worker.responses[0].cancelled and metrics.observed == [("m", "text-classification", "v2", 504)]
     p, _, _ = plane(5.0, timeout_s=0.05)
     with pytest.raises(RequestTimeout, match=r"within 0\.05s"):  # a longer client deadline does not extend it
         asyncio.run(p.infer("m", InferenceRequest(["hello"], timeout_s=60.0), api="v2"))
@@ -247,7 +274,7 @@ def test_a_request_over_the_timeout_is_504_and_its_work_on_the_replica_is_cancel
     with pytest.raises(RequestTimeout, match=r"0\.05s"):
         asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
     assert worker.responses[0].cancelled
-    assert metrics.observed == [("m", "native", 504)]
+    assert metrics.observed == [("m", "text-classification", "native", 504)]
 
 
 def test_a_client_that_goes_away_is_recorded_as_499_and_its_work_is_cancelled():
@@ -263,4 +290,4 @@ def test_a_client_that_goes_away_is_recorded_as_499_and_its_work_is_cancelled():
 
     asyncio.run(leave())
     assert worker.responses[0].cancelled
-    assert metrics.observed == [("m", "native", CLIENT_CLOSED)]
+    assert metrics.observed == [("m", "text-classification", "native", CLIENT_CLOSED)]

@@ -74,7 +74,7 @@ def test_the_same_registry_again_changes_nothing():
 @pytest.mark.parametrize(
     "bad, field",
     [
-        ([entry("a"), entry("b", task="translation")], "models.1.task: Input should be"),
+        ([entry("a"), entry("b", task="translation")], "models.1.task: unknown task 'translation'"),
         ([entry("a"), entry("a", path="models/other")], "models.1.id: duplicate model id 'a'"),
         ([entry("a"), {**entry("b"), "source": {"hub_id": "not a hub id", "revision": "main"}}], "models.1.source"),
         ([entry("a"), entry("b", path="")], "models.1.source"),

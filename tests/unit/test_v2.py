@@ -5,11 +5,10 @@ import struct
 
 import pytest
 
-from deployments.ingress.dataplane import InferenceResult
 from deployments.ingress.protocols.v2 import InferRequest, RequestOutput, infer_response, parse_infer_request
 from serve_app.core.errors import InvalidInput
 from serve_app.core.registry import ModelSpec
-from serve_app.core.schemas import LabelScore
+from tests.helpers import inference_result
 
 
 def _binary(elements: list[bytes]) -> bytes:
@@ -67,7 +66,7 @@ def test_response_tensors_and_requested_outputs():
         }
     )
     spec = ModelSpec(id="spam", task="text-classification", source={"path": "models/spam"})
-    predictions = InferenceResult(spec, [[LabelScore(label="spam", score=0.9), LabelScore(label="ham", score=0.1)]])
+    predictions = inference_result(spec, [[("spam", 0.9), ("ham", 0.1)]])
     response = infer_response(request, predictions)
     assert response.id == "7" and [o.name for o in response.outputs] == ["label"]
     assert response.outputs[0].data == ["spam"] and response.outputs[0].shape == [1]

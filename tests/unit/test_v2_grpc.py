@@ -14,26 +14,23 @@ import yaml
 from ray.exceptions import RayTaskError
 from tritonclient.grpc import service_pb2 as pb
 
-from deployments.ingress.dataplane import DataPlane, InferenceResult
+from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import PayloadTooLarge as HttpPayloadTooLarge
 from deployments.ingress.protocols import v2_grpc
 from deployments.ingress.protocols.v2_grpc import GRPC_STATUS, V2Grpc, grpc_status, infer_response, input_elements
 from serve_app.core import errors
 from serve_app.core.config import AppArgs, Keys
+from serve_app.core.outputs import CLASSIFICATION
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.core.registry import ModelSpec
-from serve_app.core.schemas import LabelScore, ReplicaModelStatus, ReplicaStatus, WorkerResult
-from tests.helpers import live_registry
+from serve_app.core.schemas import ReplicaModelStatus, ReplicaStatus, WorkerResult
+from tests.helpers import inference_result, live_registry
 from tests.unit.test_dataplane import FakeMetrics, FakeWorker
 
 S = grpc.StatusCode
 TEXT = ModelSpec(id="m", task="text-classification", source={"path": "models/m"})
-ANSWER = WorkerResult(
-    predictions=[
-        [LabelScore(label="pos", score=0.75), LabelScore(label="neg", score=0.25)],
-        [LabelScore(label="neg", score=0.5), LabelScore(label="pos", score=0.5)],
-    ]
-)
+ROWS = [[("pos", 0.75), ("neg", 0.25)], [("neg", 0.5), ("pos", 0.5)]]
+ANSWER = WorkerResult(outputs=CLASSIFICATION.encode(ROWS))
 KEYS = Keys(api=b"api-key", admin=b"admin-key")
 
 
@@ -161,7 +158,7 @@ def test_bad_inputs_are_invalid_input_with_the_rest_messages(make, match):
 
 # -- outputs --------------------------------------------------------------------------------------------
 
-RESULT = InferenceResult(TEXT, ANSWER.predictions)
+RESULT = inference_result(TEXT, ROWS)
 
 
 def test_raw_inputs_get_raw_outputs_as_tritonclient_reads_them():
@@ -218,6 +215,9 @@ class FakeReplicas:
     async def statuses(self, fresh=False):
         return [self.status]
 
+    def changed(self):
+        pass
+
     async def unload(self, model_id, replica_id):
         self.status = self.status.model_copy(update={"models": {}})
         return True
@@ -245,7 +245,7 @@ def test_model_infer_is_one_data_plane_call_recorded_under_its_api():
     svc, worker, metrics = service(ANSWER)
     response, ctx = call(svc, "ModelInfer", request())
     assert ctx.code is None and triton.InferResult(response).as_numpy("label").tolist() == [b"pos", b"neg"]
-    assert worker.calls == [("predict", "m")] and metrics.observed == [("m", "v2_grpc", 200)]
+    assert worker.calls == [("predict", "m")] and metrics.observed == [("m", "text-classification", "v2_grpc", 200)]
 
 
 def test_an_unknown_model_is_not_found_whatever_the_request_holds():
@@ -255,7 +255,7 @@ def test_an_unknown_model_is_not_found_whatever_the_request_holds():
     response, ctx = call(svc, "ModelInfer", bad)
     assert ctx.code is S.NOT_FOUND and ctx.details == "Unknown model 'nope'. Known models: m"
     assert response == pb.ModelInferResponse() and worker.calls == []
-    assert metrics.observed == [("(unknown)", "v2_grpc", 404)]
+    assert metrics.observed == [("(unknown)", "(unknown)", "v2_grpc", 404)]
 
 
 def test_errors_from_the_worker_and_the_limits_end_the_rpc_with_their_status():

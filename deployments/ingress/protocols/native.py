@@ -1,21 +1,21 @@
 """The native protocol (the seed's API): its request and response bodies, and how answers are shaped.
 
-``POST /predict`` takes ``{"model_id", "input_data"}`` and answers one prediction per input;
+``POST /predict`` takes ``{"model_id", "input_data"}`` and answers one prediction per input, in the form of
+the model's task (``serve_app.core.outputs``: label scores, an embedding, a list of entities);
 ``GET /models`` lists every registered model with its state on the worker replicas, and the registry's
 version on every replica.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from deployments.ingress.bodies import check_json_budget
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
-from serve_app.core.registry import Modality, Task
-from serve_app.core.schemas import LabelScore, ModelState, RefusedRegistry, RegistryStatus, ReplicaCounters
+from serve_app.core.schemas import ModelState, RefusedRegistry, RegistryStatus, ReplicaCounters
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -27,6 +27,8 @@ class PredictRequest(BaseModel):
                 {"model_id": "sentiment", "input_data": "This movie was great!"},
                 {"model_id": "spam", "input_data": ["Win a free iPhone now!", "See you at lunch"]},
                 {"model_id": "image", "input_data": "samples/images/image.jpg"},
+                {"model_id": "embed", "input_data": ["A man is eating food.", "Someone is having a meal."]},
+                {"model_id": "ner", "input_data": "Alice Martin flew from Paris to meet Globex."},
             ]
         }
     )
@@ -34,7 +36,7 @@ class PredictRequest(BaseModel):
     model_id: NonEmptyStr = Field(description="id of a model in the registry (GET /models)")
     input_data: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(
         description=(
-            "text models: a string or a list of strings; image models: a path under the image root, "
+            "models of text tasks: a string or a list of strings; of image tasks: a path under the image root, "
             "base64 of the encoded image, or a data URI (data:image/png;base64,...), or a list of these"
         )
     )
@@ -53,16 +55,14 @@ def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
         raise RequestValidationError(e.errors(include_url=False)) from None
 
 
-class Prediction(BaseModel):
-    label: str = Field(description="the most likely label")
-    score: float = Field(description="its probability")
-    scores: list[LabelScore] = Field(description="every label with its probability, most likely first")
-
-
 class PredictResponse(BaseModel):
     model_id: str = Field(description="the model that answered")
-    task: Task
-    predictions: list[Prediction] = Field(description="one prediction per input, in input order")
+    task: str = Field(description="its task")
+    predictions: list[Any] = Field(
+        description="one prediction per input, in input order, in its task's form: classification "
+        '{"label", "score", "scores": [{"label", "score"}, ...]}; feature extraction {"embedding": [...]}; '
+        'token classification [{"entity_group", "score", "word", "start", "end"}, ...] (docs/models.md)'
+    )
 
 
 class ReplicaModels(BaseModel):
@@ -90,8 +90,9 @@ class RegistryInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     id: str
-    task: Task
-    input_modality: Modality
+    task: str
+    input_modality: str = Field(description="the kind of input its task takes: text, image, ...")
+    runtime: str = Field(description="the runtime class it runs on, package.module:Class")
     description: str
     labels: list[str]
     source: str
@@ -126,11 +127,7 @@ class ReadinessResponse(BaseModel):
 
 
 def predict_response(result: InferenceResult) -> PredictResponse:
-    return PredictResponse(
-        model_id=result.spec.id,
-        task=result.spec.task,
-        predictions=[Prediction(label=s[0].label, score=s[0].score, scores=s) for s in result.predictions],
-    )
+    return PredictResponse(model_id=result.spec.id, task=result.spec.task, predictions=result.native())
 
 
 def model_info(status: ModelStatus) -> ModelInfo:
@@ -138,13 +135,13 @@ def model_info(status: ModelStatus) -> ModelInfo:
     return ModelInfo(
         id=spec.id,
         task=spec.task,
-        input_modality=spec.modality,
+        input_modality=status.input_kind,
         description=spec.description,
         labels=spec.labels,
         source=spec.source.describe(),
         preload=spec.preload,
         loaded=status.loaded,
-        **status.model_dump(exclude={"spec"}),
+        **status.model_dump(exclude={"spec", "input_kind"}),
     )
 
 

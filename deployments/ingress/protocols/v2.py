@@ -2,11 +2,11 @@
 (``v2_grpc.py``) shares with it: model metadata, model states, the input checks, the BYTES tensor codec
 and the choice of outputs.
 
-Text models take a BYTES input tensor of UTF-8 strings; image models a BYTES
-tensor whose elements are encoded images (in JSON, base64 strings; with the
-binary tensor extension, raw bytes). The answer has two output tensors per
-request: ``label`` (BYTES, the top label of each input) and ``score`` (FP32,
-its probability).
+A model takes one BYTES input tensor, named after its task's input kind: ``text`` (UTF-8 strings) or
+``image`` (encoded images: in JSON, base64 strings; with the binary tensor extension, raw bytes). Its
+output tensors are its task's (``serve_app.core.outputs``), which model metadata describes: ``label`` and
+``score`` for a classifier, ``embedding`` for feature extraction, the entities' tensors for token
+classification.
 
 Both JSON tensors and the binary tensor data extension (the
 ``Inference-Header-Content-Length`` header, used by default by Triton's
@@ -19,6 +19,7 @@ import struct
 from collections.abc import Collection, Iterable
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from deployments.ingress.bodies import check_json_budget, parse_bounded
@@ -26,6 +27,8 @@ from deployments.ingress.dataplane import InferenceRequest, InferenceResult, Mod
 from serve_app.core.errors import InputOverLimit, InvalidInput, field_path
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState
+from serve_app.core.tasks import Task
+from serve_app.core.tensors import datatype_of, json_data, pack_bytes
 
 SERVER_NAME = "multimodel-serve"
 MODEL_VERSION = "1"
@@ -101,16 +104,14 @@ class RepositoryModel(BaseModel):
     reason: str = ""
 
 
-def model_metadata(spec: ModelSpec) -> ModelMetadata:
+def model_metadata(spec: ModelSpec, task: Task) -> ModelMetadata:
+    """What a model takes and answers, from its task: the input kind's tensor, the output kind's tensors."""
     return ModelMetadata(
         name=spec.id,
         versions=[MODEL_VERSION],
-        platform=f"transformers/{spec.task.value}",
-        inputs=[TensorMetadata(name=spec.modality.value, datatype="BYTES", shape=[-1])],
-        outputs=[
-            TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
-            TensorMetadata(name="score", datatype="FP32", shape=[-1]),
-        ],
+        platform=f"{task.platform}/{task.name}" if spec.runtime is None else f"{spec.runtime}/{task.name}",
+        inputs=[TensorMetadata(name=task.input.name, datatype=task.input.datatype, shape=[-1])],
+        outputs=[TensorMetadata(name=o.name, datatype=o.datatype, shape=list(o.shape)) for o in task.output.outputs()],
     )
 
 
@@ -145,7 +146,7 @@ def bytes_elements(buffer: bytes, max_items: int) -> list[bytes]:
 
 def bytes_tensor(elements: Iterable[bytes]) -> bytes:
     """The binary form of BYTES tensor data (``bytes_elements`` reverses it)."""
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+    return pack_bytes(elements)
 
 
 def check_input_tensor(count: int, name: str, datatype: str) -> None:
@@ -236,22 +237,26 @@ def server_metadata(version: str) -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=version, extensions=EXTENSIONS)
 
 
-def response_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> list[ResponseOutput]:
-    """The output tensors, ``label`` and ``score``, or those of them the request names (none: both)."""
-    labels = [scores[0].label for scores in result.predictions]
-    probabilities = [scores[0].score for scores in result.predictions]
-    outputs = [
-        ResponseOutput(name="label", shape=[len(labels)], datatype="BYTES", data=labels),
-        ResponseOutput(name="score", shape=[len(labels)], datatype="FP32", data=probabilities),
-    ]
+def chosen_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """The task's output tensors by name, or those of them the request names (none: every one)."""
+    tensors = result.v2()
     if wanted:
-        unknown = set(wanted) - {o.name for o in outputs}
+        unknown = set(wanted) - set(tensors)
         if unknown:
             raise InvalidInput(
-                f"unknown output(s): {', '.join(sorted(unknown))}; this model has label and score", field="outputs"
+                f"unknown output(s): {', '.join(sorted(unknown))}; this model has {', '.join(tensors)}",
+                field="outputs",
             )
-        outputs = [o for o in outputs if o.name in wanted]
-    return outputs
+        tensors = {name: array for name, array in tensors.items() if name in wanted}
+    return tensors
+
+
+def response_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> list[ResponseOutput]:
+    """The output tensors as JSON, row-major."""
+    return [
+        ResponseOutput(name=name, shape=list(array.shape), datatype=datatype_of(array), data=json_data(array))
+        for name, array in chosen_outputs(result, wanted).items()
+    ]
 
 
 def infer_response(request: InferRequest, result: InferenceResult) -> InferResponse:

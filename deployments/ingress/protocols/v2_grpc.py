@@ -12,9 +12,9 @@ The message classes are tritonclient's generated ``service_pb2``; Serve register
 * Limits: the data plane's (inputs per request, image bytes and pixels), and ``max_body_bytes`` on the
   request message, as REST has it on the body.
 * Inputs: one BYTES tensor, its elements in ``contents.bytes_contents`` or, in the binary BYTES form,
-  in ``raw_input_contents``. Outputs come back the way the inputs came: in ``raw_output_contents`` when
-  the request used ``raw_input_contents`` (as ``tritonclient.grpc`` does), else in each output's
-  ``contents``.
+  in ``raw_input_contents``. Outputs are the model's task's tensors, and come back the way the inputs came:
+  in ``raw_output_contents`` when the request used ``raw_input_contents`` (as ``tritonclient.grpc``
+  does), else in each output's typed ``contents``.
 * Errors: the RPC ends with the status ``GRPC_STATUS`` gives the error and the message REST gives it.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -52,6 +51,7 @@ from serve_app.core.errors import (
     Unauthorized,
     unwrap,
 )
+from serve_app.core.tensors import as_bytes, datatype_of, raw_data
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,28 +125,38 @@ def input_elements(request: pb.ModelInferRequest, max_items: int) -> list[bytes]
     return elements
 
 
-# How an output tensor's data goes into a response, by datatype: in binary form (raw_output_contents),
-# and into the tensor's contents.
-_RAW: dict[str, Callable[[list[Any]], bytes]] = {
-    "BYTES": lambda data: v2.bytes_tensor(str(x).encode() for x in data),
-    "FP32": lambda data: struct.pack(f"<{len(data)}f", *data),
-}
-_CONTENTS: dict[str, Callable[[pb.InferTensorContents, list[Any]], None]] = {
-    "BYTES": lambda contents, data: contents.bytes_contents.extend(str(x).encode() for x in data),
-    "FP32": lambda contents, data: contents.fp32_contents.extend(data),
+# Where an output tensor's data goes in a response's typed ``contents``, by datatype (FP16 has no such field:
+# it always goes raw).
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
 }
 
 
 def infer_response(request: pb.ModelInferRequest, result: InferenceResult) -> pb.ModelInferResponse:
-    """The output tensors the request asks for, raw if its inputs were raw."""
-    raw = bool(request.raw_input_contents)
+    """The output tensors the request asks for, raw if its inputs were raw (as ``tritonclient.grpc``
+    sends them), else in each tensor's typed ``contents``."""
+    tensors = v2.chosen_outputs(result, [o.name for o in request.outputs])
+    datatypes = {name: datatype_of(array) for name, array in tensors.items()}
+    raw = bool(request.raw_input_contents) or "FP16" in datatypes.values()  # all raw, or none (the protocol)
     response = pb.ModelInferResponse(model_name=result.spec.id, model_version=v2.MODEL_VERSION, id=request.id)
-    for out in v2.response_outputs(result, [o.name for o in request.outputs]):
-        tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+    for name, array in tensors.items():
+        tensor = response.outputs.add(name=name, datatype=datatypes[name], shape=list(array.shape))
         if raw:
-            response.raw_output_contents.append(_RAW[out.datatype](out.data))
+            response.raw_output_contents.append(raw_data(array))
+        elif datatypes[name] == "BYTES":
+            tensor.contents.bytes_contents.extend(as_bytes(v) for v in array.reshape(-1))
         else:
-            _CONTENTS[out.datatype](tensor.contents, out.data)
+            getattr(tensor.contents, _CONTENTS[datatypes[name]]).extend(array.reshape(-1).tolist())
     return response
 
 
@@ -223,7 +233,8 @@ class V2Grpc:
 
     @rpc(pb.ModelMetadataResponse)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        return _message(v2.model_metadata(self.plane.spec(request.name)), pb.ModelMetadataResponse)
+        spec = self.plane.spec(request.name)
+        return _message(v2.model_metadata(spec, self.plane.task(spec)), pb.ModelMetadataResponse)
 
     @rpc(pb.ModelInferResponse)
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:

@@ -5,9 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from deployments.ingress.codecs import InputDecoder
 from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
-from serve_app.core.registry import Modality
+from serve_app.core.inputs import IMAGE, TEXT, InputDecoder
 from tests.helpers import png_claiming
 
 SAMPLE = "samples/images/image.jpg"
@@ -37,8 +36,8 @@ def decoder() -> _Sync:
 
 
 def test_text_passes_through_as_a_list(decoder):
-    assert decoder.decode(Modality.TEXT, "hello") == ["hello"]
-    assert decoder.decode(Modality.TEXT, ["a", "b"]) == ["a", "b"]
+    assert decoder.decode(TEXT, "hello") == ["hello"]
+    assert decoder.decode(TEXT, ["a", "b"]) == ["a", "b"]
 
 
 def test_image_from_path_base64_and_data_uri_give_the_same_bytes(decoder, tmp_path):
@@ -46,16 +45,16 @@ def test_image_from_path_base64_and_data_uri_give_the_same_bytes(decoder, tmp_pa
 
     raw = (PROJECT_ROOT / SAMPLE).read_bytes()
     b64 = base64.b64encode(raw).decode()
-    assert decoder.decode(Modality.IMAGE, SAMPLE) == [raw]
-    assert decoder.decode(Modality.IMAGE, str(PROJECT_ROOT / SAMPLE)) == [raw]
-    assert decoder.decode(Modality.IMAGE, b64) == [raw]
-    assert decoder.decode(Modality.IMAGE, f"data:image/jpeg;base64,{b64}") == [raw]
+    assert decoder.decode(IMAGE, SAMPLE) == [raw]
+    assert decoder.decode(IMAGE, str(PROJECT_ROOT / SAMPLE)) == [raw]
+    assert decoder.decode(IMAGE, b64) == [raw]
+    assert decoder.decode(IMAGE, f"data:image/jpeg;base64,{b64}") == [raw]
 
 
 @pytest.mark.parametrize("path", ["samples/images/../../pyproject.png", "/etc/passwd.png", "../secret.jpg"])
 def test_paths_outside_the_image_root_are_forbidden(decoder, path):
     with pytest.raises(ForbiddenPath):
-        decoder.decode(Modality.IMAGE, path)
+        decoder.decode(IMAGE, path)
 
 
 def test_symlink_out_of_the_root_is_forbidden(tmp_path):
@@ -66,50 +65,50 @@ def test_symlink_out_of_the_root_is_forbidden(tmp_path):
     (root / "link.png").symlink_to(outside)
     (root / "inside.png").write_bytes(_png())
     dec = _Sync(InputDecoder(image_root=root, max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4))
-    assert dec.decode(Modality.IMAGE, str(root / "inside.png")) == [_png()]
+    assert dec.decode(IMAGE, str(root / "inside.png")) == [_png()]
     with pytest.raises(ForbiddenPath):
-        dec.decode(Modality.IMAGE, str(root / "link.png"))
+        dec.decode(IMAGE, str(root / "link.png"))
 
 
 def test_text_sent_to_an_image_model_is_invalid_input(decoder):
     with pytest.raises(InvalidInput) as e:
-        decoder.decode(Modality.IMAGE, "This movie was great!")
+        decoder.decode(IMAGE, "This movie was great!")
     assert e.value.status_code == 422
 
 
 def test_image_sent_to_a_text_model_is_invalid_input(decoder):
     with pytest.raises(InvalidInput):
-        decoder.decode(Modality.TEXT, "data:image/png;base64," + base64.b64encode(_png()).decode())
+        decoder.decode(TEXT, "data:image/png;base64," + base64.b64encode(_png()).decode())
 
 
 def test_bytes_that_are_not_an_image_are_a_bad_image(decoder):
     with pytest.raises(BadImage) as e:
-        decoder.decode(Modality.IMAGE, base64.b64encode(b"definitely not an image at all").decode())
+        decoder.decode(IMAGE, base64.b64encode(b"definitely not an image at all").decode())
     assert e.value.status_code == 400
     with pytest.raises(BadImage):
-        decoder.decode(Modality.IMAGE, "data:image/png;base64," + base64.b64encode(_png()[:40]).decode())
+        decoder.decode(IMAGE, "data:image/png;base64," + base64.b64encode(_png()[:40]).decode())
 
 
 def test_too_many_pixels_is_a_bad_image(decoder):
     with pytest.raises(BadImage, match="pixels"):
-        decoder.decode(Modality.IMAGE, base64.b64encode(_png((400, 400))).decode())
+        decoder.decode(IMAGE, base64.b64encode(_png((400, 400))).decode())
 
 
 def test_missing_file_is_invalid_input(decoder):
     with pytest.raises(InvalidInput, match="no image file"):
-        decoder.decode(Modality.IMAGE, "samples/images/nope.jpg")
+        decoder.decode(IMAGE, "samples/images/nope.jpg")
 
 
 def test_list_longer_than_the_limit_is_rejected(decoder):
     with pytest.raises(InvalidInput, match="limit of 4"):
-        decoder.decode(Modality.TEXT, ["x"] * 5)
+        decoder.decode(TEXT, ["x"] * 5)
 
 
 def test_raw_bytes_are_taken_as_they_are(decoder):
-    assert decoder.decode(Modality.IMAGE, [_png()]) == [_png()]
-    assert decoder.decode(Modality.TEXT, ["héllo".encode()]) == ["héllo"]
+    assert decoder.decode(IMAGE, [_png()]) == [_png()]
+    assert decoder.decode(TEXT, ["héllo".encode()]) == ["héllo"]
     with pytest.raises(InvalidInput, match="UTF-8"):
-        decoder.decode(Modality.TEXT, [b"\xff\xfe"])
+        decoder.decode(TEXT, [b"\xff\xfe"])
 
 
 def _url_decoder(host: str) -> _Sync:
@@ -122,61 +121,61 @@ def _url_decoder(host: str) -> _Sync:
 def test_urls_are_refused_unless_enabled_and_allowed():
     off = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4))
     with pytest.raises(ForbiddenPath, match="disabled"):
-        off.decode(Modality.IMAGE, "https://example.com/cat.jpg")
+        off.decode(IMAGE, "https://example.com/cat.jpg")
     on = _url_decoder("images.example.com")
     with pytest.raises(ForbiddenPath, match="scheme"):
-        on.decode(Modality.IMAGE, "http://images.example.com/cat.jpg")
+        on.decode(IMAGE, "http://images.example.com/cat.jpg")
     with pytest.raises(ForbiddenPath, match="allowed_hosts"):
-        on.decode(Modality.IMAGE, "https://evil.example.com/cat.jpg")
+        on.decode(IMAGE, "https://evil.example.com/cat.jpg")
 
 
 def test_odd_paths_and_urls_are_client_errors_not_crashes():
     dec = _url_decoder("h.example")
     with pytest.raises(InvalidInput, match="NUL"):
-        dec.decode(Modality.IMAGE, "samples/images/x\0.png")
+        dec.decode(IMAGE, "samples/images/x\0.png")
     with pytest.raises(InvalidInput, match="not a valid URL"):
-        dec.decode(Modality.IMAGE, "https://[::1")
+        dec.decode(IMAGE, "https://[::1")
 
 
 def test_raw_bytes_over_the_byte_limit_are_refused():
     dec = _Sync(InputDecoder("samples/images", 100, 100_000, 4))
     with pytest.raises(InvalidInput, match="larger than 100 bytes"):
-        dec.decode(Modality.IMAGE, [_png((64, 64)) + b"\0" * 200])
+        dec.decode(IMAGE, [_png((64, 64)) + b"\0" * 200])
 
 
 def test_the_images_of_one_request_share_a_byte_budget():
     one = _png((64, 64))
     dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, max_request_bytes=2 * len(one) + 1))
-    assert dec.decode(Modality.IMAGE, [one, one]) == [one, one]
+    assert dec.decode(IMAGE, [one, one]) == [one, one]
     with pytest.raises(InvalidInput, match=r"input_data\[2\]: the images of this request add up to more than"):
-        dec.decode(Modality.IMAGE, [one, one, one])
+        dec.decode(IMAGE, [one, one, one])
 
 
 def test_the_images_of_one_request_share_a_pixel_budget():
     one = _png((100, 100))
     dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, max_request_pixels=25_000))
-    assert len(dec.decode(Modality.IMAGE, [one, one])) == 2
+    assert len(dec.decode(IMAGE, [one, one])) == 2
     with pytest.raises(InvalidInput, match="more than 25000 pixels together"):
-        dec.decode(Modality.IMAGE, [one, one, one])
+        dec.decode(IMAGE, [one, one, one])
 
 
 def test_text_over_the_character_limit_is_refused_before_it_is_decoded():
     dec = _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, max_text_chars=10))
-    assert dec.decode(Modality.TEXT, ["x" * 10]) == ["x" * 10]
+    assert dec.decode(TEXT, ["x" * 10]) == ["x" * 10]
     with pytest.raises(InvalidInput, match="a text of 11 characters is longer than the limit of 10"):
-        dec.decode(Modality.TEXT, ["x" * 11])
+        dec.decode(TEXT, ["x" * 11])
     with pytest.raises(InvalidInput, match="longer than the limit of 10"):
-        dec.decode(Modality.TEXT, [b"x" * 41])  # bytes: refused by their size before decoding
+        dec.decode(TEXT, [b"x" * 41])  # bytes: refused by their size before decoding
 
 
 @pytest.mark.parametrize(
     "modality, data, match",
     [
-        (Modality.TEXT, ["x"] * 5, "limit of 4"),
-        (Modality.IMAGE, [b"\0" * ((1 << 20) + 1)], "larger than 1048576 bytes"),
-        (Modality.IMAGE, [_png((400, 400))], "more than the limit of 100000"),
+        (TEXT, ["x"] * 5, "limit of 4"),
+        (IMAGE, [b"\0" * ((1 << 20) + 1)], "larger than 1048576 bytes"),
+        (IMAGE, [_png((400, 400))], "more than the limit of 100000"),
         # Over Pillow's own cap: its DecompressionBombError is the same limit's error.
-        (Modality.IMAGE, [png_claiming(100_000, 100_000)], "more than the limit of 100000 pixels"),
+        (IMAGE, [png_claiming(100_000, 100_000)], "more than the limit of 100000 pixels"),
     ],
 )
 def test_every_limit_is_a_limit_error_of_its_old_type(decoder, modality, data, match):
@@ -185,3 +184,10 @@ def test_every_limit_is_a_limit_error_of_its_old_type(decoder, modality, data, m
     with pytest.raises(LimitExceeded, match=match) as e:
         decoder.decode(modality, data)
     assert isinstance(e.value, InvalidInput if "bytes" in match or "limit of 4" in match else BadImage)
+
+
+def test_a_decoders_message_reaches_the_client_without_object_addresses(decoder):
+    with pytest.raises(BadImage) as e:
+        decoder.decode(IMAGE, base64.b64encode(b"definitely not an image at all").decode())
+    assert "UnidentifiedImageError: cannot identify image file" in e.value.message
+    assert "0x" not in e.value.message and "BytesIO" not in e.value.message

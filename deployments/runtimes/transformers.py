@@ -1,0 +1,69 @@
+"""What the shipped runtimes share: a model loaded with transformers, from a local folder or a pinned hub
+revision, never with remote code."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from deployments.runtimes.base import ModelRuntime
+
+MAX_FORWARD_BATCH = 32
+"""Most inputs in one forward pass (a batch of requests times their list inputs can be larger)."""
+
+
+def quiet_tokenizers() -> None:
+    """A fast tokenizer encodes a batch in the calling thread, not on a pool of one thread per core (a
+    replica runs on its torch_threads), as a pipeline sets it on its first call. A value set already wins."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def forward_batch(tokenizer: Any) -> int:
+    """Most inputs in one forward pass: MAX_FORWARD_BATCH, or one for a tokenizer without a pad token, which
+    cannot pad a batch."""
+    return MAX_FORWARD_BATCH if tokenizer is None or tokenizer.pad_token_id is not None else 1
+
+
+class PipelineRuntime(ModelRuntime):
+    """A model behind ``transformers.pipeline`` for its task (``pipeline_task``)."""
+
+    pipeline_task: ClassVar[str]
+
+    def __init__(self, spec, device: str | None = None) -> None:
+        super().__init__(spec, device)
+        self.pipeline: Any = None
+
+    def load(self) -> None:
+        from transformers import pipeline
+
+        quiet_tokenizers()
+        model, revision = self.spec.source.reference()
+        self.pipeline = pipeline(
+            task=self.pipeline_task,
+            model=model,
+            revision=revision,
+            trust_remote_code=False,
+            device=self.device,
+            **self.pipeline_kwargs(),
+        )
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """More arguments of ``transformers.pipeline``."""
+        return {}
+
+    def unload(self) -> None:
+        self.pipeline = None
+
+    @property
+    def loaded_pipeline(self) -> Any:
+        """The pipeline (a local reference: an unload during a call does not break it)."""
+        pipe = self.pipeline
+        if pipe is None:
+            raise RuntimeError(f"model {self.spec.id!r} is not loaded")
+        return pipe
+
+    def run_pipeline(self, inputs: list[Any], **kwargs: Any) -> list[Any]:
+        """The pipeline over a batch, in as few forward passes as it allows (its default runs inputs one by one:
+        several times slower per input on one CPU thread)."""
+        pipe = self.loaded_pipeline
+        return pipe(inputs, batch_size=min(len(inputs), forward_batch(getattr(pipe, "tokenizer", None))), **kwargs)

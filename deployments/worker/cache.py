@@ -1,0 +1,225 @@
+"""A worker replica's models: which it holds, their status, and how copies come and go.
+
+Ray Serve's multiplexing keeps the LRU cache itself (``@serve.multiplexed`` on ``ModelWorker.get_model``,
+at most ``MAX_MODELS_PER_REPLICA`` models, under its own lock); this class is what the cache's loader does
+and what the replica keeps around it:
+
+* ``load`` (Serve calls it through ``get_model`` on a miss, after it made room): builds the entry's
+  runtime from the task catalog, loads and measures the copy off the event loop, and records the outcome;
+* a load is never cancelled with the request that started it (a timeout, a client that leaves), so its
+  status never stays "loading" and a second request never starts a second load (``acquire``);
+* a copy evicted while requests still hold it is freed when they are done, and taken back, not loaded
+  again, if a new request wants it meanwhile (``lingering``): at most one copy of a model per replica;
+* a failed load is remembered for ``load_failure_backoff_s``: requests meanwhile get a 503 at once,
+  without evicting a healthy model to make room for a load that would fail again;
+* a registry change takes the models it made stale out of the cache (``apply``): changed ones load their
+  new files on their next request, removed ones are forgotten; a copy in use is freed after its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any, Protocol
+
+from deployments.runtimes.base import runtime_for
+from deployments.worker.copies import ModelCopy
+from serve_app.core import ray_internals
+from serve_app.core.errors import ModelUnavailable, ServeAppError
+from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
+from serve_app.core.metrics import WorkerMetrics
+from serve_app.core.paths import PROJECT_ROOT
+from serve_app.core.registry import ModelSpec
+from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus
+
+logger = logging.getLogger("ray.serve")
+
+MAX_MODELS_PER_REPLICA = 2
+RELOAD_WAIT_S = 5.0
+"""How long a request sent under a registry this replica has not applied yet (the ingress applied it
+first) waits for it: a model just added is then found, a changed one loaded from its new files."""
+
+
+class Owner(Protocol):
+    """The deployment whose ``@serve.multiplexed`` loader the cache serves."""
+
+    async def get_model(self, model_id: str) -> ModelCopy: ...
+
+
+def redact_paths(text: str, spec: ModelSpec) -> str:
+    """An error message without the server's absolute paths: the model's files as the registry names them
+    when that is a relative path, else as the model's files."""
+    resolved, _ = spec.source.reference()
+    named = spec.source.describe()
+    shown = named if not named.startswith("/") else f"<files of model {spec.id!r}>"
+    return text.replace(resolved, shown).replace(f"{PROJECT_ROOT}/", "")
+
+
+def build_copy(live: LiveRegistry, spec: ModelSpec) -> ModelCopy:
+    """A copy of the entry's model, not loaded yet, on the runtime class its entry or its task names; any
+    failure (a class that cannot be imported, or that is no ModelRuntime of this task) is a load failure."""
+    return ModelCopy(spec, runtime_for(spec, live.catalog), live.catalog.task_of(spec))
+
+
+class ModelCache:
+    def __init__(
+        self,
+        owner: Owner,
+        live: LiveRegistry,
+        counters: ReplicaCounters,
+        metrics: WorkerMetrics,
+        load_failure_backoff_s: float = 30.0,
+    ) -> None:
+        self._owner, self._live, self._counters, self._metrics = owner, live, counters, metrics
+        self._backoff_s = load_failure_backoff_s
+        self.status: dict[str, ReplicaModelStatus] = {}
+        self.held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
+        self.lingering: dict[str, ModelCopy] = {}  # evicted while in use, not freed yet
+        self.copies: weakref.WeakSet[ModelCopy] = weakref.WeakSet()  # every copy still alive
+
+    def model_status(self, model_id: str) -> ReplicaModelStatus:
+        return self.status.setdefault(model_id, ReplicaModelStatus())
+
+    # -- loading --------------------------------------------------------------------------------------
+
+    async def load(self, model_id: str) -> ModelCopy:
+        """Serve's LRU calls this (through ``get_model``) on a miss, after it has made room."""
+        spec = self._live.registry.get(model_id)
+        status = self.model_status(model_id)
+        lingering = self.lingering.pop(model_id, None)
+        if lingering is not None and same_model(lingering.spec, spec) and lingering.revive():  # no reload
+            self._counters.revived += 1
+            return self._hold(model_id, lingering)
+        status.state = ModelState.LOADING
+        try:
+            copy = build_copy(self._live, spec)
+            await asyncio.to_thread(copy.load)  # reads files and builds tensors: off the event loop
+        except Exception as e:
+            reason = redact_paths(f"{type(e).__name__}: {e}", spec)
+            logger.error("loading model %r failed: %s", model_id, reason)
+            now = time.time()
+            status.state = ModelState.FAILED
+            status.last_error, status.last_error_at = reason, now
+            status.load_failures += 1
+            status.retry_after = now + self._backoff_s
+            self._metrics.load_failed(model_id, spec.task)
+            raise ModelUnavailable(f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id) from None
+        status.load_count += 1
+        status.last_loaded_at = time.time()
+        status.last_load_seconds = copy.load_seconds
+        status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
+        status.retry_after = None
+        self._metrics.loaded(model_id, spec.task, copy.load_seconds or 0.0, copy.size_bytes)
+        self.copies.add(copy)
+        return self._hold(model_id, copy)
+
+    def _hold(self, model_id: str, copy: ModelCopy) -> ModelCopy:
+        self.model_status(model_id).state = ModelState.LOADED
+        self.held.add(model_id)
+        copy.on_unload = lambda deferred: self._unloaded(model_id, copy, deferred)
+        return copy
+
+    def _unloaded(self, model_id: str, copy: ModelCopy, deferred: bool) -> None:
+        self.held.discard(model_id)
+        status = self.model_status(model_id)
+        status.state = ModelState.NOT_LOADED
+        status.unload_count += 1
+        self._metrics.unloaded(model_id, copy.spec.task)
+        if deferred:  # requests still hold it: freed when they are done, unless a new request takes it back
+            self._counters.evicted_in_use += 1
+            self.lingering[model_id] = copy
+
+    async def acquire(self, model_id: str) -> ModelCopy:
+        """The request's model, loaded if need be, and held for the request (the caller releases it).
+
+        A load runs in a task of its own that a cancelled request does not cancel: the load finishes, its
+        status is right, and the next request finds the model. The task holds the copy as soon as it has it,
+        with no await in between, so that no eviction can free it before the request uses it."""
+        status = self.status.get(model_id)
+        if status is not None and status.retry_after is not None and time.time() < status.retry_after:
+            self._counters.refused_in_backoff += 1
+            raise ModelUnavailable(
+                f"Model {model_id!r} could not be loaded: {status.last_error} "
+                f"(not tried again for {status.retry_after - time.time():.0f}s)",
+                model_id=model_id,
+            )
+        if model_id in self.held:
+            self._metrics.cache_hit(model_id)
+        load = asyncio.ensure_future(self._get_and_hold(model_id))
+        try:
+            return await asyncio.shield(load)
+        except asyncio.CancelledError:  # the request is gone; the load goes on, and lets the model go after
+            load.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().release())
+            raise
+
+    async def _get_and_hold(self, model_id: str) -> ModelCopy:
+        for _ in range(3):  # a copy freed between Serve's answer and the hold is asked for again
+            copy = await self._owner.get_model(model_id)
+            if not same_model(copy.spec, self._live.registry.get(model_id)):  # removed: ModelNotFound
+                await self.evict(model_id, only=copy)  # loaded from files the registry has changed since
+                continue
+            if copy.hold():
+                return copy
+        raise ModelUnavailable(f"Model {model_id!r} was unloaded three times while this request asked for it")
+
+    # -- unloading ------------------------------------------------------------------------------------
+
+    async def evict(self, model_id: str, only: ModelCopy | None = None) -> bool:
+        """Take a model out of Serve's cache and free it, or, if requests still hold it, once they are done;
+        False if the cache did not hold it (or held another copy than ``only``)."""
+        deferred: list[bool] = []  # marked under Serve's cache lock, so that a reload right after is recorded after it
+        copy = await ray_internals.evict_multiplexed_model(
+            self._owner, model_id, lambda c: deferred.append(c.mark_unloaded()), only=only
+        )
+        if copy is None:
+            return False
+        if not deferred[0]:
+            await asyncio.to_thread(copy.free)
+        return True
+
+    # -- the registry ---------------------------------------------------------------------------------
+
+    async def apply(self, change: RegistryChange) -> None:
+        """Take the models a registry change made stale out of the cache: changed ones (the next request
+        loads the new files) and removed ones. Requests running on a copy finish on it; it is freed after."""
+        for model_id in change.stale:
+            await self.evict(model_id)
+            self.lingering.pop(model_id, None)  # evicted while in use: no new request may take it back
+            status = self.status.get(model_id)
+            if status is not None:  # a failed load of the old files says nothing of the new ones
+                status.retry_after = status.last_error = status.last_error_at = None
+        for model_id in change.removed:
+            self.status.pop(model_id, None)
+
+    async def preload(self) -> None:
+        """Load the registry's preload models, in order, until the replica is full."""
+        for spec in [m for m in self._live.registry.models if m.preload]:
+            if len(self.held) == MAX_MODELS_PER_REPLICA:
+                break
+            try:
+                await self._owner.get_model(spec.id)
+            except ServeAppError as e:  # a broken preload must not keep the replica from starting
+                logger.error("preloading %r failed: %s", spec.id, e.message)
+
+    async def catch_up(self, version: str | None) -> None:
+        """Wait, at most RELOAD_WAIT_S, until this replica runs the registry a request was sent under, when
+        it has not run it yet (the ingress applied it first)."""
+        if version is None or self._live.has_run(version):
+            return
+        deadline = time.monotonic() + RELOAD_WAIT_S
+        while not self._live.has_run(version) and (left := deadline - time.monotonic()) > 0:
+            await self._live.wait_for_change(left)
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def used(self, model_id: str) -> None:
+        """A request was answered by the model."""
+        self.model_status(model_id).last_used_at = time.time()
+
+    def report(self) -> dict[str, Any]:
+        """The models' status, for ``record_routing_stats``; live copies are counted now."""
+        self.lingering = {m: c for m, c in self.lingering.items() if c.loaded}
+        self._counters.live_models = sum(1 for c in self.copies if c.loaded)
+        return {model_id: s.model_dump(mode="json") for model_id, s in self.status.items()}

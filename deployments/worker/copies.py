@@ -1,0 +1,261 @@
+"""One copy of a model on a worker replica: its runtime, its size, and the rules of its life.
+
+A copy is what Ray Serve's multiplexing LRU holds (``ModelWorker.get_model`` returns it), and what
+requests hold while they run on it:
+
+* ``hold`` and ``release`` count the requests (and batches) running on it; an unload meanwhile (the LRU
+  evicting it, a registry change, an explicit unload) marks it, and the weights are freed when the last of
+  them is done, so those requests complete;
+* ``revive`` takes back a copy whose free still waits for its requests, when a new request wants the same
+  model: at most one copy of a model per replica;
+* ``free`` drops the runtime's model, collects garbage, and gives the freed memory back to the system
+  (glibc keeps it otherwise: ``malloc_trim``), and on CUDA empties torch's cache;
+* ``thread`` is the one thread the copy's forward passes run on, so that each pass finds the same thread's
+  allocator arena and torch state (asyncio's shared pool hands each call to whichever of its threads takes
+  it); another copy has a thread of its own, so two models' batches run at once. ``free`` ends it.
+
+``load`` measures the copy: the exact bytes of its weights and buffers as its runtime reports them
+(``ModelRuntime.size_bytes``), and how much the process's resident memory grew while it loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from deployments.runtimes.base import ModelRuntime
+from serve_app.core.outputs import ContractError
+from serve_app.core.registry import ModelSpec
+from serve_app.core.tasks import Task
+
+logger = logging.getLogger("ray.serve")
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux), or None where /proc does not tell."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def trim_memory() -> bool:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``); False where there is none."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+class ModelCopy:
+    def __init__(self, spec: ModelSpec, runtime: ModelRuntime, task: Task) -> None:
+        self.spec = spec
+        self.task = task
+        self._runtime: ModelRuntime | None = runtime
+        self.device = runtime.device
+        self.load_seconds: float | None = None
+        self.weights_bytes: int | None = None  # exact, from the runtime
+        self.rss_growth_bytes: int | None = None  # the process's resident memory, after the load less before
+        self._state_lock = threading.Lock()
+        self._in_use = 0
+        self._unload_pending = False  # unloaded while requests held it: freed when the last one is done
+        self._freed = False
+        self._thread: ThreadPoolExecutor | None = None
+        # Told once when the copy is unloaded, with whether its free waits for requests still holding it.
+        self.on_unload: Callable[[bool], None] | None = None
+        self.prepares = type(runtime).prepare is not ModelRuntime.prepare
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        runtime = self._runtime
+        if runtime is None:
+            raise RuntimeError(f"model {self.spec.id!r} is not loaded")
+        return runtime
+
+    @property
+    def loaded(self) -> bool:
+        return self._runtime is not None
+
+    @property
+    def size_bytes(self) -> int | None:
+        """What the copy takes: its weights' exact bytes, else the growth of resident memory at its load."""
+        return self.weights_bytes if self.weights_bytes is not None else self.rss_growth_bytes
+
+    def load(self) -> ModelCopy:
+        """Load the runtime's model and measure it (slow: call it off the event loop)."""
+        t0, before = time.perf_counter(), resident_bytes()
+        self.runtime.load()
+        self.load_seconds = time.perf_counter() - t0
+        after = resident_bytes()
+        self.rss_growth_bytes = max(0, after - before) if after is not None and before is not None else None
+        self.weights_bytes = self.runtime.size_bytes()
+        logger.info(
+            "loaded model %r on %s in %.2fs: %s bytes of weights, resident memory +%s bytes",
+            self.spec.id,
+            self.device,
+            self.load_seconds,
+            self.weights_bytes,
+            self.rss_growth_bytes,
+        )
+        return self
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    @property
+    def thread(self) -> ThreadPoolExecutor:
+        """The one thread this copy runs its batches on (created on first use; ``free`` ends it)."""
+        with self._state_lock:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.spec.id}")
+            return self._thread
+
+    def prepare(self, inputs: list[Any]) -> list[Any]:
+        return self.runtime.prepare(inputs)
+
+    def answer(self, requests: Sequence[list[Any]]) -> list[dict[str, np.ndarray]]:
+        """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
+        request's answer encoded by the task's output kind. ``ContractError`` if the runtime's rows do not
+        fit the task's contract. Runs on ``thread``."""
+        flat = [item for inputs in requests for item in inputs]
+        rows = self.runtime.predict(flat)
+        if not isinstance(rows, Sequence) or len(rows) != len(flat):
+            got = len(rows) if isinstance(rows, Sequence) else type(rows).__name__
+            raise ContractError(f"predict must answer one row per input: {len(flat)} inputs, got {got}")
+        out, start = [], 0
+        for inputs in requests:
+            out.append(self.task.output.encode(rows[start : start + len(inputs)]))
+            start += len(inputs)
+        return out
+
+    # -- holding and freeing ------------------------------------------------------------------------------
+
+    def hold(self) -> bool:
+        """Hold the copy for one request (or one batch), so that an unload meanwhile waits until ``release``.
+        False if it is freed already (the caller gets the model again)."""
+        with self._state_lock:
+            if self._freed:
+                return False
+            self._in_use += 1
+            return True
+
+    def release(self) -> None:
+        with self._state_lock:
+            self._in_use -= 1
+            free = self._unload_pending and self._in_use == 0
+            if free:
+                self._unload_pending, self._freed = False, True
+        if free:
+            self._free_soon()
+
+    @property
+    def in_use(self) -> int:
+        """The requests and batches holding this copy now."""
+        return self._in_use
+
+    @contextmanager
+    def held(self) -> Iterator[ModelCopy]:
+        """``hold`` and ``release`` around one request."""
+        if not self.hold():
+            raise RuntimeError(f"model {self.spec.id!r} is not loaded")
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def unload(self) -> bool:
+        """Free the copy now, or, if requests still hold it, when the last of them is done. Returns whether
+        the free waits for them."""
+        deferred = self.mark_unloaded()
+        if not deferred:
+            self.free()
+        return deferred
+
+    def mark_unloaded(self) -> bool:
+        """The quick half of ``unload``: tell ``on_unload`` and decide whether the free waits for the requests
+        that hold the copy (True) or is the caller's to do now, with ``free`` (False)."""
+        callback, self.on_unload = self.on_unload, None
+        with self._state_lock:
+            deferred = self._in_use > 0
+            if deferred:
+                self._unload_pending = True
+            else:
+                self._freed = True
+        if callback is not None:
+            callback(deferred)
+        return deferred
+
+    def revive(self) -> bool:
+        """Keep a copy whose unload still waits for its requests, because a new request wants it: True if its
+        weights are still there and now stay (no second copy is loaded)."""
+        with self._state_lock:
+            if self._freed or not self._unload_pending:
+                return False
+            self._unload_pending = False
+        # Serve's LRU replaces an evicted model's __del__ with a no-op taking one argument
+        # (ray/serve/multiplex.py, unload_model_lru); the next eviction must call the real one again.
+        vars(self).pop("__del__", None)
+        return True
+
+    def _free_soon(self) -> None:
+        """Free in a worker thread when called on an event loop (gc.collect can take a while)."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, self.free)
+        except RuntimeError:  # no event loop here
+            self.free()
+            return
+        future.add_done_callback(
+            lambda f: f.exception() and logger.error("freeing model %r failed: %r", self.spec.id, f.exception())
+        )
+
+    def free(self) -> None:
+        """Drop the weights and give their memory back (slow: call it off the event loop)."""
+        with self._state_lock:
+            thread, self._thread = self._thread, None
+            runtime, self._runtime = self._runtime, None
+        if thread is not None:
+            thread.shutdown(wait=False)  # a finaliser may run free on it: the thread ends once free returns
+        if runtime is None:
+            return
+        try:
+            runtime.unload()
+        finally:
+            del runtime
+            gc.collect()
+            trim_memory()
+            if self.device.startswith("cuda"):  # untested here: no GPU on the machines this was built on
+                import torch
+
+                torch.cuda.empty_cache()
+        logger.info("unloaded model %r", self.spec.id)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # never raise from a finaliser
+            self.unload()

@@ -1,0 +1,197 @@
+"""What a task answers, and how: the output kinds tasks are made of (``serve_app.core.tasks``).
+
+An output kind is the contract between a model runtime and the protocols, in three steps:
+
+* ``encode`` (in the worker replica, on the model's thread): the runtime's answer for one request, one
+  row per input, becomes named numpy arrays, the ``WorkerResult`` that travels to the ingress. A row that
+  does not have the kind's form is a ``ContractError``: the worker answers 503 naming the problem;
+* ``native`` (in the ingress): one prediction per input, as ``POST /predict`` answers it;
+* ``v2``: the Open Inference Protocol's output tensors, which ``outputs`` describes for model metadata.
+
+The kinds shipped here: label scores (classification), one vector per input (embeddings), and labelled
+spans of the input text (token classification). A task module may define a kind of its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from serve_app.core.tensors import TensorSpec, bytes_array
+
+Wire = Mapping[str, np.ndarray]
+"""One request's answer between the replicas: named arrays (``WorkerResult.outputs``)."""
+
+
+class ContractError(ValueError):
+    """A runtime answered outside its task's output contract."""
+
+
+class OutputKind(ABC):
+    """How a task's answers are encoded (worker), and shaped for the native API and for v2 (ingress)."""
+
+    @abstractmethod
+    def outputs(self) -> list[TensorSpec]:
+        """The v2 output tensors, as model metadata describes them (and in the order infer returns them)."""
+
+    @abstractmethod
+    def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+        """One request's rows (one per input, in input order) as the arrays sent to the ingress."""
+
+    @abstractmethod
+    def native(self, wire: Wire, count: int) -> list[Any]:
+        """One native prediction for each of the request's ``count`` inputs, in input order."""
+
+    def v2(self, wire: Wire) -> dict[str, np.ndarray]:
+        """The v2 output tensors by name, in the order of ``outputs`` (by default, the arrays of that name)."""
+        return {spec.name: wire[spec.name] for spec in self.outputs()}
+
+
+def _floats(values: Any, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ContractError(f"{what} must be numbers: {e}") from None
+    return array
+
+
+class Classification(OutputKind):
+    """Every label with its score, most likely first.
+
+    A row is a mapping of label to score, or a sequence of ``(label, score)`` pairs or of
+    ``{"label", "score"}`` objects; every row of a request names the same number of labels.
+    Between the replicas: ``labels`` (BYTES) and ``scores`` (FP32), both ``[inputs, labels]``, sorted by
+    score. Native: ``{"label", "score", "scores": [{"label", "score"}, ...]}``. v2: ``label`` (BYTES) and
+    ``score`` (FP32), the top label of each input and its score."""
+
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("label", "BYTES", (-1,)), TensorSpec("score", "FP32", (-1,))]
+
+    @staticmethod
+    def _pairs(row: Any) -> list[tuple[str, float]]:
+        if isinstance(row, Mapping):
+            items = list(row.items())
+        elif isinstance(row, Sequence) and not isinstance(row, str | bytes):
+            items = [(r["label"], r["score"]) if isinstance(r, Mapping) else tuple(r) for r in row]
+        else:
+            raise ContractError(f"a classification row is label scores, not {type(row).__name__}")
+        if not items or any(len(p) != 2 for p in items):
+            raise ContractError("a classification row is a non-empty list of (label, score) pairs")
+        try:
+            return sorted(((str(label), float(score)) for label, score in items), key=lambda p: -p[1])
+        except (TypeError, ValueError) as e:
+            raise ContractError(f"a classification score must be a number: {e}") from None
+
+    def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+        pairs = [self._pairs(row) for row in rows]
+        width = {len(p) for p in pairs}
+        if len(width) > 1:
+            raise ContractError(f"every input's scores must name the same number of labels, got {sorted(width)}")
+        k = width.pop() if width else 0
+        labels = bytes_array((label for p in pairs for label, _ in p), (len(pairs), k))
+        scores = np.array([[score for _, score in p] for p in pairs], dtype=np.float32).reshape(len(pairs), k)
+        return {"labels": labels, "scores": scores}
+
+    def native(self, wire: Wire, count: int) -> list[Any]:
+        return [
+            {
+                "label": labels[0],
+                "score": scores[0],
+                "scores": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
+            }
+            for labels, scores in zip(wire["labels"].tolist(), wire["scores"].tolist(), strict=True)
+        ]
+
+    def v2(self, wire: Wire) -> dict[str, np.ndarray]:
+        return {"label": wire["labels"][:, 0], "score": wire["scores"][:, 0]}
+
+
+class Embedding(OutputKind):
+    """One vector of floats per input, all of one length.
+
+    A row is a 1-D sequence of numbers (a list, a numpy array or a torch tensor). Between the replicas
+    and in v2: ``embedding``, FP32 ``[inputs, dimensions]``. Native: ``{"embedding": [...]}``."""
+
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("embedding", "FP32", (-1, -1))]
+
+    def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+        vectors = [_floats(row, "an embedding") for row in rows]
+        if any(v.ndim != 1 for v in vectors):
+            raise ContractError("an embedding row is one vector (1-D) per input")
+        sizes = {v.shape[0] for v in vectors}
+        if len(sizes) > 1:
+            raise ContractError(f"every input's embedding must have the same length, got {sorted(sizes)}")
+        dims = sizes.pop() if sizes else 0
+        return {"embedding": np.stack(vectors) if vectors else np.zeros((0, dims), dtype=np.float32)}
+
+    def native(self, wire: Wire, count: int) -> list[Any]:
+        return [{"embedding": row} for row in wire["embedding"].tolist()]
+
+
+ENTITY_FIELDS = ("entity_group", "score", "word", "start", "end")
+
+
+class Entities(OutputKind):
+    """Labelled spans of each input text, as transformers' token-classification pipeline gives them with
+    ``aggregation_strategy="simple"``.
+
+    A row is a list of ``{"entity_group", "score", "word", "start", "end"}`` (``start`` and ``end``
+    index the input text). Native: that list, per input. Between the replicas and in v2, one element per
+    entity of the request, in input order: ``entity_group`` and ``word`` (BYTES), ``score`` (FP32),
+    ``start``, ``end`` and ``input`` (the index of the input it was found in; INT64)."""
+
+    def outputs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec("entity_group", "BYTES", (-1,)),
+            TensorSpec("word", "BYTES", (-1,)),
+            TensorSpec("score", "FP32", (-1,)),
+            TensorSpec("start", "INT64", (-1,)),
+            TensorSpec("end", "INT64", (-1,)),
+            TensorSpec("input", "INT64", (-1,)),
+        ]
+
+    def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+        found: list[tuple[int, Mapping]] = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, Sequence) or isinstance(row, str | bytes):
+                raise ContractError(f"an entities row is a list of entities, not {type(row).__name__}")
+            for entity in row:
+                if not isinstance(entity, Mapping) or any(f not in entity for f in ENTITY_FIELDS):
+                    raise ContractError(f"an entity is a mapping with {', '.join(ENTITY_FIELDS)}")
+                found.append((i, entity))
+        try:
+            return {
+                "entity_group": bytes_array(str(e["entity_group"]) for _, e in found),
+                "word": bytes_array(str(e["word"]) for _, e in found),
+                "score": np.array([float(e["score"]) for _, e in found], dtype=np.float32),
+                "start": np.array([int(e["start"]) for _, e in found], dtype=np.int64),
+                "end": np.array([int(e["end"]) for _, e in found], dtype=np.int64),
+                "input": np.array([i for i, _ in found], dtype=np.int64),
+            }
+        except (TypeError, ValueError) as e:
+            raise ContractError(f"an entity's score, start and end must be numbers: {e}") from None
+
+    def native(self, wire: Wire, count: int) -> list[Any]:
+        inputs = wire["input"].tolist()
+        out: list[list[dict]] = [[] for _ in range(count)]
+        columns = zip(
+            wire["entity_group"].tolist(),
+            wire["score"].tolist(),
+            wire["word"].tolist(),
+            wire["start"].tolist(),
+            wire["end"].tolist(),
+            inputs,
+            strict=True,
+        )
+        for group, score, word, start, end, i in columns:
+            out[i].append({"entity_group": group, "score": score, "word": word, "start": start, "end": end})
+        return out
+
+
+CLASSIFICATION = Classification()
+EMBEDDING = Embedding()
+ENTITIES = Entities()

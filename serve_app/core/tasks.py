@@ -1,0 +1,160 @@
+"""Tasks: the unit of extension. A task is one module that the app is configured with.
+
+A task module (the shipped ones are in ``deployments/tasks/``) defines ``TASK``, a ``Task`` that declares
+
+* its name, which registry entries name (``"task": "feature-extraction"``);
+* its input kind (``serve_app.core.inputs``): how a request's inputs are decoded and bounded;
+* its output kind (``serve_app.core.outputs``): how a runtime's answer is encoded between the replicas,
+  and shaped for the native API and the Open Inference Protocol, with the v2 metadata that describes it;
+* its runtime classes (subclasses of ``deployments.runtimes.ModelRuntime``), the first one the default.
+
+The app's args name the task modules (``tasks``, the shipped ones by default) and the modules from which
+a registry entry may name a runtime class of its own (``runtime_modules``): ``TaskCatalog`` is what they
+make. The registry selects a task by name from the catalog and may choose a runtime class
+(``"runtime": "package.module:Class"``) among the task modules' and the allowed modules' classes only:
+the registry changes live (``make reload``), so it may choose among the classes the operator allowed, but
+never widen the list.
+
+Nothing here imports a task module by name at import time: the catalog imports the configured modules when
+it is built, in every process that needs it (the ingress, the worker replicas, the registry check).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serve_app.core.config import SHIPPED_TASKS
+from serve_app.core.inputs import InputKind
+from serve_app.core.outputs import OutputKind
+
+if TYPE_CHECKING:
+    from serve_app.core.registry import ModelSpec
+
+RUNTIME_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+"""``package.module:Class``."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task module declares (as ``TASK``)."""
+
+    name: str
+    input: InputKind
+    output: OutputKind
+    runtimes: tuple[type, ...]
+    description: str = ""
+    platform: str = field(default="transformers", compare=False)
+    """v2 model metadata's ``platform`` of the default runtime (``<platform>/<task>``)."""
+
+    def __post_init__(self) -> None:
+        if not self.runtimes:
+            raise TaskConfigError(f"task {self.name!r} names no runtime class")
+
+    @property
+    def default_runtime(self) -> str:
+        return runtime_path(self.runtimes[0])
+
+
+def runtime_path(cls: type) -> str:
+    """A class as a registry entry names it: ``package.module:Class``."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+class TaskConfigError(ValueError):
+    """A task module named in the app's args is missing, or declares no valid ``TASK``: the app does not start."""
+
+
+class RuntimeImportError(ImportError):
+    """A runtime class a registry entry names cannot be imported (a load failure: 503, never a 500)."""
+
+
+class TaskCatalog:
+    """The tasks the app serves, by name, and the modules runtime classes may come from."""
+
+    def __init__(self, tasks: Iterable[Task], runtime_modules: Iterable[str] = ()) -> None:
+        self._tasks: dict[str, Task] = {}
+        for task in tasks:
+            if task.name in self._tasks:
+                raise TaskConfigError(f"two task modules declare the task {task.name!r}")
+            self._tasks[task.name] = task
+        self.runtime_modules = frozenset(runtime_modules)
+        self._allowed = self.runtime_modules | {cls.__module__ for t in self._tasks.values() for cls in t.runtimes}
+
+    @classmethod
+    def load(cls, modules: Sequence[str] = SHIPPED_TASKS, runtime_modules: Sequence[str] = ()) -> TaskCatalog:
+        """The catalog of the named task modules (imported once per process)."""
+        return _load(tuple(modules), tuple(runtime_modules))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def get(self, name: str) -> Task:
+        return self._tasks[name]
+
+    def task_of(self, spec: ModelSpec) -> Task:
+        return self._tasks[spec.task]
+
+    def check_task(self, name: str) -> str | None:
+        """Why a registry entry may not name this task, or None."""
+        if name in self._tasks:
+            return None
+        return f"unknown task {name!r}: this app serves {', '.join(repr(n) for n in self._tasks)} (args.tasks)"
+
+    def check_runtime(self, path: str) -> str | None:
+        """Why a registry entry may not name this runtime class, or None. Only the module is checked here;
+        the class is imported when a replica loads the model."""
+        if not RUNTIME_PATH.match(path):
+            return f"{path!r} is not of the form package.module:Class"
+        module = path.partition(":")[0]
+        if module not in self._allowed:
+            return (
+                f"runtime {path!r}: module {module!r} is not in args.runtime_modules, the modules the operator "
+                "allows runtime classes from"
+            )
+        return None
+
+    def runtime_of(self, spec: ModelSpec) -> str:
+        """The runtime class a model runs on: its entry's, or its task's default."""
+        return spec.runtime or self.task_of(spec).default_runtime
+
+    def runtime_class(self, spec: ModelSpec) -> type:
+        """The runtime class of a model, imported (``RuntimeImportError`` if it cannot be)."""
+        path = self.runtime_of(spec)
+        problem = self.check_runtime(path)
+        if problem:  # the registry was checked against this catalog: only a catalog changed since gets here
+            raise RuntimeImportError(problem)
+        module_name, _, name = path.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise RuntimeImportError(
+                f"runtime {path!r}: importing {module_name!r} failed: {type(e).__name__}: {e}"
+            ) from None
+        cls: Any = getattr(module, name, None)
+        if not isinstance(cls, type):
+            raise RuntimeImportError(f"runtime {path!r}: module {module_name!r} has no class {name!r}")
+        return cls
+
+
+@functools.cache
+def _load(modules: tuple[str, ...], runtime_modules: tuple[str, ...]) -> TaskCatalog:
+    tasks = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise TaskConfigError(f"task module {name!r} cannot be imported: {e}") from None
+        task = getattr(module, "TASK", None)
+        if not isinstance(task, Task):
+            raise TaskConfigError(f"task module {name!r} defines no TASK (a serve_app.core.tasks.Task)")
+        tasks.append(task)
+    return TaskCatalog(tasks, runtime_modules)

@@ -1,0 +1,84 @@
+"""Runtime classes of the tests' own ("bring your own model"), which registry entries name with
+``"runtime": "tests.byo_runtimes:<Class>"`` once the app's args list this module in ``runtime_modules``.
+
+``TfidfClassifier`` is a model no transformers pipeline covers: a scikit-learn TF-IDF and logistic
+regression text classifier, trained at load from the ``train.tsv`` (label, tab, text) in its source folder.
+Its ``parameters`` may hold ``delay_s``, a pause before each batch (a slower model, for the batching test).
+The others fail one part of the runtime contract each."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+from deployments.runtimes import ModelRuntime
+
+
+class TfidfClassifier(ModelRuntime):
+    task = "text-classification"
+
+    def load(self) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        folder, _ = self.spec.source.reference()
+        with open(Path(folder) / "train.tsv", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        self.model = make_pipeline(TfidfVectorizer(), LogisticRegression(C=10.0))
+        self.model.fit([text for _, text in rows], [label for label, _ in rows])
+
+    def predict(self, inputs: list[str]) -> list[dict[str, float]]:
+        time.sleep(float(self.spec.parameters.get("delay_s", 0)))  # a slower model, for the batching test
+        labels = self.model.classes_
+        return [dict(zip(labels, map(float, p), strict=True)) for p in self.model.predict_proba(inputs)]
+
+    def unload(self) -> None:
+        self.model = None
+
+    def size_bytes(self) -> int:
+        vectorizer, regression = self.model[0], self.model[-1]
+        return int(vectorizer.idf_.nbytes + regression.coef_.nbytes + regression.intercept_.nbytes)
+
+
+class FailsToLoad(ModelRuntime):
+    def load(self) -> None:
+        raise RuntimeError("the license server did not answer")
+
+    def predict(self, inputs):
+        raise AssertionError("never loaded")
+
+
+class BreaksItsContract(ModelRuntime):
+    """Loads, then answers a text-classification request with something that is not label scores."""
+
+    def load(self) -> None:
+        pass
+
+    def predict(self, inputs: list[str]) -> list[str]:
+        return ["positive" for _ in inputs]
+
+
+class NotARuntime:
+    """A class that does not subclass ModelRuntime."""
+
+
+def write_training_data(folder: Path, rows: list[tuple[str, str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.tsv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows(rows)
+    return folder
+
+
+KEYWORDS = [
+    ("billing", "my invoice is wrong"),
+    ("billing", "I was charged twice this month"),
+    ("billing", "refund the payment please"),
+    ("billing", "update my credit card"),
+    ("shipping", "where is my parcel"),
+    ("shipping", "the delivery is late"),
+    ("shipping", "track my package"),
+    ("shipping", "the courier lost my order"),
+]
+"""Training data of the tests' TF-IDF support-ticket router: billing or shipping."""

@@ -1,0 +1,342 @@
+"""Tasks as the unit of extension, against the real app: each shipped task's demo model over the native API,
+v2 REST and v2 gRPC (right answers on held-out inputs, metadata that describes what infer returns, bad
+inputs refused with a clear 4xx); a task module from the tests directory added to an app's ``tasks`` and
+served end to end; and runtime classes of the tests' own ("bring your own model") served, batched, evicted
+by the LRU, and failing cleanly.
+
+The demo app is serve_config.yaml's; the 'tasks' app has one worker replica, the shipped tasks plus
+``tests.text_stats_task``, and ``tests.byo_runtimes`` in its ``runtime_modules``."""
+
+import base64
+import json
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from demo import entities
+from demo.tiny_models import labels_for
+from serve_app.core.config import SHIPPED_TASKS
+from serve_app.core.paths import PROJECT_ROOT
+from tests.byo_runtimes import KEYWORDS, write_training_data
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+DEMO = {"application": "demo"}
+TASKS = {"application": "tasks"}
+IMAGES = PROJECT_ROOT / "samples/images"
+
+
+@pytest.fixture(scope="module")
+def grpc_client(grpc_target, demo_url, tasks_url):
+    c = triton.InferenceServerClient(grpc_target)
+
+    def routed(headers):
+        try:
+            return c.is_server_live(headers=headers)
+        except InferenceServerException:
+            return False
+
+    assert wait_for(lambda: routed(DEMO) and routed(TASKS), timeout=60)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def v2_http(demo_url):
+    c = triton_http.InferenceServerClient(demo_url.removeprefix("http://"), network_timeout=120)
+    yield c
+    c.close()
+
+
+def predict(client, url, model_id, input_data):
+    return client.post(f"{url}/predict", json={"model_id": model_id, "input_data": input_data})
+
+
+def text_input(*texts: str) -> triton.InferInput:
+    tensor = triton.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    return tensor
+
+
+def metadata_matches(meta: dict, outputs: dict[str, np.ndarray]) -> None:
+    """What v2 metadata says a model answers is what its infer answered: the same tensors, in order, of the
+    same datatypes and ranks, every fixed dimension equal (gRPC's JSON gives int64 dimensions as strings)."""
+    numpy_of = {"FP32": np.float32, "INT64": np.int64, "BYTES": np.object_}
+    assert [t["name"] for t in meta["outputs"]] == list(outputs)
+    for spec in meta["outputs"]:
+        array = outputs[spec["name"]]
+        assert array.dtype == numpy_of[spec["datatype"]] and array.ndim == len(spec["shape"])
+        assert all(int(want) in (-1, got) for want, got in zip(spec["shape"], array.shape, strict=True))
+
+
+# -- feature-extraction: sentence embeddings --------------------------------------------------------------
+
+# Held out: in no training data, and not among the demo build's own check.
+TRIPLETS = [
+    ("The flight was cancelled because of snow.", "Snow forced the airline to cancel the plane.", "I like jazz."),
+    ("Can you recommend a good book?", "What novel should I read next?", "The pipe under the sink leaks."),
+    ("The baby is sleeping.", "The infant is taking a nap.", "Interest rates went up again."),
+]
+
+
+def test_sentence_embeddings_over_every_protocol(client, demo_url, grpc_client, v2_http):
+    texts = [t for triplet in TRIPLETS for t in triplet]
+    r = predict(client, demo_url, "embed", texts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_id"] == "embed" and body["task"] == "feature-extraction"
+    vectors = np.array([p["embedding"] for p in body["predictions"]], dtype=np.float32).reshape(3, 3, -1)
+    assert vectors.shape[-1] == 384 and np.allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-4)
+    assert all(a @ p > a @ u for a, p, u in vectors)  # each paraphrase closer than the unrelated sentence
+
+    meta = v2_http.get_model_metadata("embed")
+    assert meta["platform"] == "transformers/feature-extraction" and meta["inputs"][0]["name"] == "text"
+    tensor = triton_http.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([texts[0].encode(), texts[1].encode()], dtype=object))
+    rest = v2_http.infer("embed", [tensor])
+    metadata_matches(meta, {"embedding": rest.as_numpy("embedding")})
+    np.testing.assert_allclose(rest.as_numpy("embedding"), vectors[0, :2], atol=1e-5)
+
+    result = grpc_client.infer("embed", [text_input(texts[0])], headers=DEMO)
+    metadata_matches(
+        grpc_client.get_model_metadata("embed", headers=DEMO, as_json=True), {"embedding": result.as_numpy("embedding")}
+    )
+    np.testing.assert_allclose(result.as_numpy("embedding")[0], vectors[0, 0], atol=1e-5)
+
+
+# -- token-classification: named entities ------------------------------------------------------------------
+
+
+def test_named_entities_over_every_protocol_are_the_pipelines_on_held_out_names(client, demo_url, grpc_client, v2_http):
+    """The app's entities on the build's 40 held-out sentences (names not in the training lists) are what
+    transformers' pipeline finds with the same model files in this process, at the F1 the build checked."""
+    from transformers import pipeline
+
+    held_out = entities.sentences(40, entities.HELD_OUT_NAMES, seed=2)
+    texts = [s.text for s in held_out]
+    answers = []
+    for i in range(0, len(texts), 8):
+        r = predict(client, demo_url, "ner", texts[i : i + 8])
+        assert r.status_code == 200, r.text
+        answers += r.json()["predictions"]
+    want = pipeline("token-classification", model=str(PROJECT_ROOT / "models/ner"), aggregation_strategy="simple")(
+        texts
+    )
+    strip = lambda rows: [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in rows]  # noqa: E731
+    assert strip(answers) == strip(want)
+    assert entities.entity_f1(held_out, answers) >= 0.8
+    first = answers[0][0]
+    assert set(first) == {"entity_group", "score", "word", "start", "end"} and 0 < first["score"] <= 1
+    assert texts[0][first["start"] : first["end"]].lower() == first["word"]  # start and end index the text
+
+    tensor = triton_http.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([texts[0].encode(), texts[1].encode()], dtype=object))
+    rest = v2_http.infer("ner", [tensor])
+    meta = v2_http.get_model_metadata("ner")
+    outputs = {o["name"]: rest.as_numpy(o["name"]) for o in meta["outputs"]}
+    metadata_matches(meta, outputs)
+    flat = [(i, e["entity_group"], e["start"]) for i, row in enumerate(answers[:2]) for e in row]
+    assert (
+        list(
+            zip(
+                outputs["input"].tolist(),
+                [g.decode() if isinstance(g, bytes) else g for g in outputs["entity_group"]],
+                outputs["start"].tolist(),
+                strict=True,
+            )
+        )
+        == flat
+    )
+
+    result = grpc_client.infer("ner", [text_input(texts[0])], headers=DEMO)
+    assert [w.decode() for w in result.as_numpy("word")] == [e["word"] for e in answers[0]]
+
+
+# -- image-feature-extraction ------------------------------------------------------------------------------
+
+
+def test_image_embeddings_over_every_protocol(client, demo_url, grpc_client, v2_http):
+    names = ["circle", "square", "triangle"]
+    r = predict(
+        client, demo_url, "image-embed", [f"samples/images/{n}.jpg" for n in names] + ["samples/images/image.jpg"]
+    )
+    assert r.status_code == 200, r.text
+    vectors = np.array([p["embedding"] for p in r.json()["predictions"]])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert names[int(np.argmax(vectors[:3] @ vectors[3]))] == "circle"  # the README's image.jpg is a circle
+
+    image = base64.b64encode((IMAGES / "square.jpg").read_bytes()).decode()
+    rest = client.post(
+        f"{demo_url}/v2/models/image-embed/infer",
+        json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]},
+    )
+    assert rest.status_code == 200, rest.text
+    (out,) = rest.json()["outputs"]
+    assert (out["name"], out["datatype"], out["shape"]) == ("embedding", "FP32", [1, vectors.shape[1]])
+
+    tensor = triton.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([(IMAGES / "square.jpg").read_bytes()], dtype=object))
+    result = grpc_client.infer("image-embed", [tensor], headers=DEMO)
+    metadata_matches(
+        grpc_client.get_model_metadata("image-embed", headers=DEMO, as_json=True),
+        {"embedding": result.as_numpy("embedding")},
+    )
+    np.testing.assert_allclose(result.as_numpy("embedding")[0], out["data"], rtol=1e-5, atol=1e-6)
+
+
+# -- bad inputs, per task ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model, input_data, status, message",
+    [
+        ("embed", "data:image/png;base64,iVBORw0KGgo=", 422, "takes text"),
+        ("embed", "x" * 20_001, 422, "longer than the limit of 20000"),
+        ("ner", ["ok"] * 33, 422, "longer than the limit of 32"),
+        ("image-embed", "This model takes no text!", 422, "takes an image"),
+        ("image-embed", "VGhpcyBpcyBub3QgYW4gaW1hZ2U=", 400, "not a readable image"),
+        ("image-embed", "samples/images/missing.jpg", 422, "no image file"),
+    ],
+)
+def test_bad_inputs_get_a_clear_4xx_for_each_task(client, demo_url, model, input_data, status, message):
+    r = predict(client, demo_url, model, input_data)
+    assert r.status_code == status and message in r.json()["message"], r.text
+    assert "0x" not in r.text  # no object address from a decoder
+
+
+def test_bad_v2_inputs_for_each_task_over_rest_and_grpc(client, demo_url, grpc_client):
+    for model in ("embed", "ner", "image-embed"):
+        body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+        r = client.post(f"{demo_url}/v2/models/{model}/infer", json=body)
+        assert r.status_code == 422 and "must be BYTES" in r.json()["error"]
+        tensor = triton.InferInput("x", [1], "FP32")
+        tensor.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            grpc_client.infer(model, [tensor], headers=DEMO)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "must be BYTES" in e.value.message()
+
+
+# -- a task module of one's own, and runtimes of one's own -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tasks_url(deploy, tiny_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("own")
+    tickets = write_training_data(base / "tickets", KEYWORDS)
+    own = "tests.byo_runtimes"
+
+    def entry(model_id, task="text-classification", path=base, **extra):
+        return {"id": model_id, "task": task, "source": {"path": str(path)}, **extra}
+
+    models = [
+        entry("tickets", path=tickets, runtime=f"{own}:TfidfClassifier", parameters={"delay_s": 0.3}),
+        entry("stats", task="text-statistics"),
+        entry("alpha", path=tiny_dir / "alpha", labels=labels_for("alpha")),
+        entry("no-license", runtime=f"{own}:FailsToLoad"),
+        entry("wrong", runtime=f"{own}:BreaksItsContract"),
+        entry("plain", runtime=f"{own}:NotARuntime"),
+        entry("missing", runtime=f"{own}:Missing"),
+    ]
+    registry = base / "registry.json"
+    registry.write_text(json.dumps({"models": models}))
+    args = {
+        "registry_path": str(registry),
+        "auth": {"mode": "off"},
+        "tasks": [*SHIPPED_TASKS, "tests.text_stats_task"],
+        "runtime_modules": [own],
+        "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
+    }
+    return deploy("tasks", args)
+
+
+def test_a_task_module_from_the_tests_directory_is_served_over_every_protocol(client, tasks_url, grpc_client):
+    r = predict(client, tasks_url, "stats", ["two words", "one"])
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "model_id": "stats",
+        "task": "text-statistics",
+        "predictions": [{"chars": 9, "words": 2}, {"chars": 3, "words": 1}],
+    }
+    meta = client.get(f"{tasks_url}/v2/models/stats").json()
+    assert meta["platform"] == "python/text-statistics"
+    assert meta["outputs"] == [
+        {"name": "chars", "datatype": "INT64", "shape": [-1]},
+        {"name": "words", "datatype": "INT64", "shape": [-1]},
+    ]
+    body = {
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a b c"]}],
+        "outputs": [{"name": "words"}],
+    }
+    rest = client.post(f"{tasks_url}/v2/models/stats/infer", json=body).json()
+    assert rest["outputs"] == [{"name": "words", "shape": [1], "datatype": "INT64", "data": [3]}]
+    result = grpc_client.infer("stats", [text_input("four words right here")], headers=TASKS)
+    assert result.as_numpy("words").tolist() == [4] and result.as_numpy("chars").tolist() == [21]
+    listed = {m["id"]: m for m in client.get(f"{tasks_url}/models").json()["models"]}
+    assert (
+        listed["stats"]["task"] == "text-statistics"
+        and listed["stats"]["runtime"] == "tests.text_stats_task:CountingRuntime"
+    )
+
+
+def test_a_runtime_of_ones_own_is_served_batched_and_evicted_like_any_other(client, tasks_url):
+    texts = ["I was charged twice", "where is my parcel"] * 4
+    answers: list = [None] * len(texts)
+
+    def send(i):
+        with httpx.Client(timeout=120) as c:
+            answers[i] = predict(c, tasks_url, "tickets", texts[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.json()["predictions"][0]["label"] for a in answers] == ["billing", "shipping"] * 4
+    # Requests that waited for the first 0.3 s batch ran together (the listing shows it at the next report).
+    assert wait_for(lambda: client.get(f"{tasks_url}/models").json()["replicas"][0]["counters"]["largest_batch"] > 1)
+    listed = {m["id"]: m for m in client.get(f"{tasks_url}/models").json()["models"]}
+    assert (
+        listed["tickets"]["runtime"] == "tests.byo_runtimes:TfidfClassifier" and listed["tickets"]["state"] == "loaded"
+    )
+
+    for model_id in ("stats", "alpha"):  # two more models on a replica of two: the LRU evicts tickets
+        assert predict(client, tasks_url, model_id, "hello").status_code == 200
+    assert wait_for(lambda: client.get(f"{tasks_url}/models/tickets").json()["state"] == "not_loaded")
+    assert client.get(f"{tasks_url}/models/tickets").json()["unload_count"] >= 1
+    assert predict(client, tasks_url, "tickets", "refund the payment").json()["predictions"][0]["label"] == "billing"
+    assert client.get(f"{tasks_url}/models/tickets").json()["load_count"] >= 2
+
+
+@pytest.mark.parametrize(
+    "model_id, reason",
+    [
+        ("no-license", "RuntimeError: the license server did not answer"),
+        ("plain", "is not a subclass of deployments.runtimes.ModelRuntime"),
+        ("missing", "module 'tests.byo_runtimes' has no class 'Missing'"),
+    ],
+)
+def test_a_runtime_that_fails_to_load_is_a_503_with_its_reason_and_shows_failed(
+    client, tasks_url, grpc_client, model_id, reason
+):
+    r = predict(client, tasks_url, model_id, "hello")
+    assert r.status_code == 503 and r.json()["error"] == "model_unavailable" and reason in r.json()["message"], r.text
+    status = client.get(f"{tasks_url}/models/{model_id}").json()
+    assert status["state"] == "failed" and reason in status["last_error"]
+    with pytest.raises(InferenceServerException) as e:
+        grpc_client.infer(model_id, [text_input("hello")], headers=TASKS)
+    assert e.value.status() == "StatusCode.UNAVAILABLE" and reason in e.value.message()
+    assert predict(client, tasks_url, "stats", "still served").status_code == 200
+
+
+def test_a_runtime_that_answers_outside_its_tasks_contract_is_a_503_naming_it(client, tasks_url):
+    r = predict(client, tasks_url, "wrong", "hello")
+    assert r.status_code == 503 and r.json()["error"] == "model_unavailable"
+    assert (
+        "answered outside the text-classification contract: a classification row is label scores" in r.json()["message"]
+    )

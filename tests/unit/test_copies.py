@@ -1,0 +1,134 @@
+"""One copy of a model on a replica (deployments/worker/copies.py): held while requests run on it, freed
+when the last of them is done, taken back instead of loaded again, measured at load, and answering on one
+thread of its own."""
+
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+
+from deployments.runtimes import ModelRuntime, runtime_for
+from deployments.worker.copies import ModelCopy, resident_bytes
+from serve_app.core.outputs import ContractError
+from serve_app.core.registry import ModelSpec
+from serve_app.core.tasks import TaskCatalog
+
+
+def copy_of(tiny_dir, model_id="gamma") -> ModelCopy:
+    spec = ModelSpec(id=model_id, task="text-classification", source={"path": str(tiny_dir / model_id)})
+    return ModelCopy(spec, runtime_for(spec, device="cpu"), TaskCatalog.load().task_of(spec))
+
+
+def test_a_load_measures_the_weights_exactly_and_the_growth_of_resident_memory(tiny_dir):
+    import torch
+
+    copy = copy_of(tiny_dir).load()
+    model = copy.runtime.pipeline.model
+    exact = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert copy.weights_bytes == exact and copy.size_bytes == exact
+    assert copy.rss_growth_bytes is not None and copy.rss_growth_bytes >= 0 and resident_bytes() > 0
+    assert isinstance(model, torch.nn.Module) and copy.load_seconds > 0
+
+
+def test_a_runtime_that_cannot_tell_its_size_is_measured_by_resident_memory(tiny_dir):
+    class Opaque(ModelRuntime):
+        def load(self):
+            self.blob = bytearray(8 << 20)  # 8 MiB that no framework reports
+
+        def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+    spec = ModelSpec(id="o", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Opaque(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    assert copy.weights_bytes is None and copy.size_bytes == copy.rss_growth_bytes >= 8 << 20
+
+
+def test_unload_drops_every_reference_to_the_weights(tiny_dir):
+    copy = copy_of(tiny_dir, "beta").load()
+    model_ref = weakref.ref(copy.runtime.pipeline.model)
+    copy.__del__()  # what Ray Serve's LRU calls on eviction
+    gc.collect()
+    assert not copy.loaded and model_ref() is None, "the weights are still referenced after unload"
+    with pytest.raises(RuntimeError, match="not loaded"):
+        copy.answer([["hello"]])
+
+
+def test_unload_during_a_request_waits_for_it(tiny_dir):
+    copy = copy_of(tiny_dir).load()
+    with copy.held():
+        copy.unload()  # the LRU evicts it while a request holds it
+        assert copy.loaded
+        (answer,) = copy.answer([["still answered"]])
+        assert answer["labels"][0, 0].startswith("gamma-")
+    assert not copy.loaded  # released when the request finished
+
+
+def test_a_copy_evicted_while_in_use_is_taken_back_instead_of_loaded_again(tiny_dir):
+    copy = copy_of(tiny_dir, "delta").load()
+    told = []
+    copy.on_unload = told.append
+    with copy.held():
+        assert copy.unload() is True  # the LRU evicts it while a request holds it: the free waits
+        assert told == [True]
+        copy.__del__ = lambda _: None  # what Serve's LRU does to the model it evicted
+        assert copy.revive() and copy.loaded  # a new request wants it before the free: taken back
+    assert copy.loaded  # the request finished, and the revived copy stays
+    model_ref = weakref.ref(copy.runtime.pipeline.model)
+    copy.__del__()  # the next eviction runs the real __del__, not Serve's no-op
+    gc.collect()
+    assert not copy.loaded and model_ref() is None
+    assert not copy.revive()  # freed: nothing to take back
+
+
+def test_a_copy_freed_when_its_last_request_ended_cannot_be_revived(tiny_dir):
+    copy = copy_of(tiny_dir, "delta").load()
+    with copy.held():
+        copy.unload()
+    assert not copy.revive()
+
+
+def test_answers_are_split_per_request_and_encoded_by_the_task(tiny_dir):
+    copy = copy_of(tiny_dir, "alpha").load()
+    first, second = copy.answer([["hello", "bad"], ["win a free iphone now"]])
+    assert first["labels"].shape == (2, 2) and second["scores"].shape == (1, 2)
+    assert second["scores"].dtype == np.float32
+
+
+def test_a_runtime_that_answers_outside_its_task_is_a_contract_error():
+    class Wrong(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            rows = ["not label scores" for _ in inputs]
+            return rows[:-1] if len(inputs) == 2 else rows  # two inputs: one row short; else the wrong form
+
+    spec = ModelSpec(id="w", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Wrong(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    with pytest.raises(ContractError, match="one row per input: 2 inputs, got 1"):
+        copy.answer([["a"], ["b"]])
+    with pytest.raises(ContractError, match="label scores, not str"):
+        copy.answer([["a", "b", "c"]])
+
+
+def test_each_copy_runs_on_one_thread_of_its_own_until_it_is_freed(tiny_dir):
+    """A copy's batches all run on the same thread (its allocator arena and torch state stay the same), not
+    on another copy's (two models' batches can run at once); freeing a copy ends its thread, and so does
+    freeing a copy that was unloaded by other means."""
+    first, second = copy_of(tiny_dir, "alpha").load(), copy_of(tiny_dir, "beta").load()
+    seen = {first: set(), second: set()}
+    for copy, threads in seen.items():
+        for _ in range(3):
+            copy.thread.submit(lambda threads=threads: threads.add(threading.current_thread())).result()
+    (one,), (other,) = seen[first], seen[second]
+    assert one is not other and one is not threading.main_thread()
+    first.free()
+    one.join(5)
+    assert not one.is_alive() and other.is_alive()
+    second.mark_unloaded()
+    second._runtime.unload()  # the weights dropped by other means than free: a free still ends the thread
+    second.free()
+    other.join(5)
+    assert not other.is_alive()

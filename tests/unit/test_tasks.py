@@ -1,0 +1,196 @@
+"""Tasks as the unit of extension: the catalog the app's args make, and each output kind's contract between
+a runtime and the protocols (encoded in the worker, shaped natively and for v2 in the ingress)."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2 as pb
+
+from serve_app.core.inputs import TEXT
+from serve_app.core.outputs import CLASSIFICATION, EMBEDDING, ENTITIES, ContractError
+from serve_app.core.registry import ModelSpec
+from serve_app.core.tasks import RuntimeImportError, Task, TaskCatalog, TaskConfigError
+from serve_app.core.tensors import bytes_array, datatype_of, json_data, raw_data
+
+# -- classification ---------------------------------------------------------------------------------------
+
+
+def test_classification_answers_as_the_seed_did_field_for_field():
+    wire = CLASSIFICATION.encode([[("negative", 0.25), ("positive", 0.75)], {"a": 0.1, "b": 0.9}])
+    assert CLASSIFICATION.native(wire, 2) == [
+        {
+            "label": "positive",
+            "score": 0.75,
+            "scores": [{"label": "positive", "score": 0.75}, {"label": "negative", "score": 0.25}],
+        },
+        {
+            "label": "b",
+            "score": pytest.approx(0.9),
+            "scores": [{"label": "b", "score": pytest.approx(0.9)}, {"label": "a", "score": pytest.approx(0.1)}],
+        },
+    ]
+    assert list(CLASSIFICATION.native(wire, 2)[0]) == ["label", "score", "scores"]  # the seed's field order
+    v2 = CLASSIFICATION.v2(wire)
+    assert list(v2) == [o.name for o in CLASSIFICATION.outputs()] == ["label", "score"]
+    assert json_data(v2["label"]) == ["positive", "b"] and v2["score"].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([[("a", 0.5), ("b", 0.5)], [("a", 1.0)]], "same number of labels"),
+        (["positive"], "label scores, not str"),
+        ([[]], "non-empty"),
+        ([[("a", "high")]], "score must be a number"),
+    ],
+)
+def test_classification_rows_outside_the_contract_are_refused(rows, match):
+    with pytest.raises(ContractError, match=match):
+        CLASSIFICATION.encode(rows)
+
+
+# -- embeddings ---------------------------------------------------------------------------------------
+
+
+def test_an_embedding_is_one_fp32_vector_per_input():
+    import torch
+
+    wire = EMBEDDING.encode([np.array([1.0, 2.0]), [3, 4], torch.tensor([5.0, 6.0])])
+    assert wire["embedding"].dtype == np.float32 and wire["embedding"].shape == (3, 2)
+    assert EMBEDDING.native(wire, 3) == [
+        {"embedding": [1.0, 2.0]},
+        {"embedding": [3.0, 4.0]},
+        {"embedding": [5.0, 6.0]},
+    ]
+    assert [(o.name, o.datatype, o.shape) for o in EMBEDDING.outputs()] == [("embedding", "FP32", (-1, -1))]
+
+
+@pytest.mark.parametrize(
+    "rows, match", [([[1.0, 2.0], [1.0]], "same length"), ([[[1.0], [2.0]]], "1-D"), ([["x"]], "numbers")]
+)
+def test_embeddings_outside_the_contract_are_refused(rows, match):
+    with pytest.raises(ContractError, match=match):
+        EMBEDDING.encode(rows)
+
+
+# -- entities -----------------------------------------------------------------------------------------
+
+
+ALICE = {"entity_group": "PER", "score": np.float32(0.98), "word": "alice", "start": 0, "end": 5}
+PARIS = {"entity_group": "LOC", "score": 0.9, "word": "paris", "start": 15, "end": 20}
+
+
+def test_entities_keep_each_inputs_own_list_even_an_empty_one():
+    wire = ENTITIES.encode([[ALICE, PARIS], [], [ALICE]])
+    native = ENTITIES.native(wire, 3)
+    assert [[e["word"] for e in row] for row in native] == [["alice", "paris"], [], ["alice"]]
+    assert native[0][0] == {"entity_group": "PER", "score": pytest.approx(0.98), "word": "alice", "start": 0, "end": 5}
+    assert ENTITIES.native(ENTITIES.encode([[], []]), 2) == [[], []]  # the trailing inputs too
+    v2 = ENTITIES.v2(wire)
+    assert list(v2) == ["entity_group", "word", "score", "start", "end", "input"]
+    assert v2["input"].tolist() == [0, 0, 2] and v2["start"].dtype == np.int64
+
+
+def test_an_entity_without_its_fields_is_refused():
+    with pytest.raises(ContractError, match="entity_group, score, word, start, end"):
+        ENTITIES.encode([[{"word": "x"}]])
+    with pytest.raises(ContractError, match="list of entities"):
+        ENTITIES.encode(["PER"])
+
+
+# -- tensors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([[0.5, 1.5], [2.5, 3.5]], dtype=np.float32),
+        np.array([1, -2, 3], dtype=np.int64),
+        np.array([True, False]),
+        bytes_array(["é", b"\x00raw", "plain"]),
+    ],
+    ids=["FP32 [2,2]", "INT64", "BOOL", "BYTES"],
+)
+def test_raw_tensors_read_back_as_tritonclient_reads_them(array):
+    response = pb.ModelInferResponse(model_name="m")
+    response.outputs.add(name="t", datatype=datatype_of(array), shape=list(array.shape))
+    response.raw_output_contents.append(raw_data(array))
+    back = triton.InferResult(response).as_numpy("t")
+    if array.dtype == object:
+        assert back.tolist() == [v.encode() if isinstance(v, str) else v for v in array]
+    else:
+        np.testing.assert_array_equal(back, array)
+
+
+def test_json_data_is_row_major_and_bytes_are_text():
+    assert json_data(np.arange(6, dtype=np.int64).reshape(2, 3)) == [0, 1, 2, 3, 4, 5]
+    assert json_data(bytes_array([b"caf\xc3\xa9", "x"])) == ["café", "x"]
+
+
+# -- the catalog --------------------------------------------------------------------------------------
+
+
+def test_the_catalog_is_the_task_modules_the_args_name():
+    catalog = TaskCatalog.load()
+    assert catalog.names == [
+        "text-classification",
+        "image-classification",
+        "feature-extraction",
+        "token-classification",
+        "image-feature-extraction",
+    ]
+    assert TaskCatalog.load(["deployments.tasks.feature_extraction"]).names == ["feature-extraction"]
+    spec = ModelSpec(id="m", task="feature-extraction", source={"path": "x"})
+    assert catalog.runtime_of(spec) == "deployments.tasks.feature_extraction:SentenceEmbeddingRuntime"
+
+
+@pytest.fixture
+def fake_module():
+    """Modules the test puts in sys.modules, removed after."""
+    added = []
+
+    def add(name, **attrs):
+        module = types.ModuleType(name)
+        vars(module).update(attrs)
+        sys.modules[name] = module
+        added.append(name)
+        return module
+
+    yield add
+    for name in added:
+        sys.modules.pop(name, None)
+
+
+def test_a_module_without_a_task_or_one_missing_stops_the_app(fake_module):
+    fake_module("tests_fake_no_task")
+    with pytest.raises(TaskConfigError, match="defines no TASK"):
+        TaskCatalog.load(["tests_fake_no_task"])
+    with pytest.raises(TaskConfigError, match="cannot be imported"):
+        TaskCatalog.load(["tests_fake_nowhere"])
+
+
+def test_two_modules_of_one_task_stop_the_app(fake_module):
+    from deployments.tasks import text_classification
+
+    fake_module("tests_fake_twin", TASK=text_classification.TASK)
+    with pytest.raises(TaskConfigError, match="two task modules declare the task 'text-classification'"):
+        TaskCatalog.load(["deployments.tasks.text_classification", "tests_fake_twin"])
+
+
+def test_a_runtime_that_cannot_be_imported_is_a_load_error_naming_why(fake_module):
+    catalog = TaskCatalog(
+        [Task("t", TEXT, CLASSIFICATION, runtimes=(object,))], runtime_modules=["tests_fake_rt", "tests_fake_broken"]
+    )
+    fake_module("tests_fake_rt", Thing=1)
+    for runtime, match in [
+        ("tests_fake_rt:Missing", "has no class 'Missing'"),
+        ("tests_fake_rt:Thing", "has no class 'Thing'"),
+        ("tests_fake_broken:X", "importing 'tests_fake_broken' failed: ModuleNotFoundError"),
+        ("elsewhere:X", "not in args.runtime_modules"),
+    ]:
+        spec = ModelSpec.model_construct(id="m", task="t", runtime=runtime)
+        with pytest.raises(RuntimeImportError, match=match):
+            catalog.runtime_class(spec)
