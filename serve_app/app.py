@@ -12,17 +12,21 @@ without restarting them. A bad registry stops the build here, with messages that
 
 from __future__ import annotations
 
+import logging
+
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress.deployment import Ingress
 from deployments.registry_check.deployment import RegistryCheck
+from deployments.worker.cache import MAX_MODELS_PER_REPLICA
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
-from serve_app.core.config import AppArgs
+from serve_app.core.config import AppArgs, RegistryRules
 from serve_app.core.live_registry import registry_user_config
 from serve_app.core.registry import read_registry_file
-from serve_app.core.tasks import TaskCatalog
+
+logger = logging.getLogger("ray.serve")
 
 ROUTER = "deployments.routing.router:ModelAwareRouter"
 """The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
@@ -31,10 +35,11 @@ REGISTRY_DEPLOYMENTS = (Ingress.name, ModelWorker.name, RegistryCheck.name)
 """The deployments whose ``user_config`` is the registry."""
 
 
-def registry_config(path: str, catalog: TaskCatalog | None = None) -> dict:
+def registry_config(path: str, rules: RegistryRules | None = None) -> dict:
     """The ``user_config`` of the registry deployments: the registry file's content, checked against the
-    app's tasks (``RegistryError``, naming each bad field, if it is not a valid registry)."""
-    data, _ = read_registry_file(path, catalog)
+    app's rules (``RegistryError``, naming each bad field, if it is not a valid registry)."""
+    rules = rules or RegistryRules()
+    data, _ = read_registry_file(path, rules.catalog(), rules.model_budget_bytes)
     return registry_user_config(data, origin=path)
 
 
@@ -49,8 +54,8 @@ def build_app(args: AppArgs) -> Application:
             f"more than Serve's gRPC message cap of {cap}: raise RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH "
             "(config/serve.env) or lower max_body_bytes, max_image_bytes, max_list_items or max_text_chars"
         )
-    catalog = args.catalog_args.catalog()  # imports the task modules: a missing one stops the build here
-    registry = registry_config(args.registry_path, catalog)
+    # Imports the task modules (a missing one stops the build here) and checks the registry against them.
+    registry = registry_config(args.registry_path, args.registry_rules)
     w = args.worker
     scaling: dict = {"num_replicas": w.num_replicas}
     if w.autoscaling is not None:
@@ -62,14 +67,23 @@ def build_app(args: AppArgs) -> Application:
         request_router_kwargs=w.routing.model_dump(exclude={"stats_period_s"}),
         request_routing_stats_period_s=w.routing.stats_period_s,
     )
+    actor: dict = {"num_cpus": w.num_cpus, "num_gpus": w.num_gpus}
+    if w.memory_bytes is not None:
+        actor["memory"] = w.memory_bytes  # Ray's scheduler reserves what each replica keeps its models within
+    else:
+        logger.warning(
+            "worker.memory_bytes is not set: each worker replica holds at most %d models whatever their size, "
+            "with no memory budget (docs/configuration.md: sizing replicas)",
+            MAX_MODELS_PER_REPLICA,
+        )
     worker = ModelWorker.options(
         max_ongoing_requests=w.max_ongoing_requests,
-        ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus},
+        ray_actor_options=actor,
         request_router_config=router,
         user_config=registry,
         **scaling,
-    ).bind(w.torch_threads, w.batching, w.load_failure_backoff_s, args.catalog_args)
-    check = RegistryCheck.options(user_config=registry).bind(args.catalog_args)
+    ).bind(w, args.registry_rules, args.request_timeout_s)
+    check = RegistryCheck.options(user_config=registry).bind(args.registry_rules)
     i = args.ingress
     return Ingress.options(
         num_replicas=i.num_replicas,

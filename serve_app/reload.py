@@ -84,7 +84,8 @@ def _read(path: str, check: bool, args: AppArgs) -> object:
     """The registry file's content, checked against the application's tasks and allowed runtime modules."""
     try:
         if check:
-            return read_registry_file(path, args.catalog_args.catalog())[0]
+            rules = args.registry_rules
+            return read_registry_file(path, rules.catalog(), rules.model_budget_bytes)[0]
         return json.loads(resolve_project_path(path).read_text(encoding="utf-8"))
     except RegistryError as e:
         raise ReloadError(f"the registry is refused, nothing was deployed:\n{e}") from None

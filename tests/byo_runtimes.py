@@ -82,3 +82,20 @@ KEYWORDS = [
     ("shipping", "the courier lost my order"),
 ]
 """Training data of the tests' TF-IDF support-ticket router: billing or shipping."""
+
+
+class Sized(ModelRuntime):
+    """A model of the size its entry's ``parameters`` say (``{"size": bytes}``), that allocates nothing: for
+    the memory budget's rules. Each input is answered with its own text as the label; an input that starts
+    with "slow" takes ``parameters["delay_s"]`` seconds."""
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def predict(self, inputs: list[str]) -> list[dict[str, float]]:
+        if any(str(text).startswith("slow") for text in inputs):
+            time.sleep(float(self.spec.parameters.get("delay_s", 0)))
+        return [{str(text): 1.0} for text in inputs]
+
+    def size_bytes(self) -> int:
+        return int(self.spec.parameters["size"])

@@ -33,7 +33,7 @@ from serve_app.core.inputs import InputDecoder
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
 from serve_app.core.registry import ModelSpec, Registry
-from serve_app.core.schemas import ModelState, RegistryStatus, ReplicaStatus, WorkerCall, WorkerResult
+from serve_app.core.schemas import DECLARED_BYTES, ModelState, RegistryStatus, ReplicaStatus, WorkerCall, WorkerResult
 from serve_app.core.tasks import Task, TaskCatalog
 
 logger = logging.getLogger("ray.serve")
@@ -110,6 +110,9 @@ class ModelStatus(BaseModel):
     last_used_at: float | None = None
     last_error: str | None = None
     load_failures: int = 0
+    size_bytes: int | None = Field(None, description="what a copy takes, as the newest load measured it")
+    weights_bytes: int | None = Field(None, description="its weights and buffers, exactly (newest load)")
+    rss_growth_bytes: int | None = Field(None, description="the replica's resident memory growth at that load")
 
     @property
     def loaded(self) -> bool:
@@ -141,6 +144,7 @@ def merge_model_status(
     views = [r.models[spec.id] for r in replicas if spec.id in r.models]
     holders = [r.replica_id for r in replicas if spec.id in r.models and r.models[spec.id].state is ModelState.LOADED]
     newest_load = max((v for v in views if v.last_loaded_at), key=lambda v: v.last_loaded_at, default=None)
+    measured = newest_load or next((v for v in views if v.size_bytes), None)  # a refused one: its size still
     newest_error = max((v for v in views if v.last_error_at), key=lambda v: v.last_error_at, default=None)
     last_loaded = newest_load.last_loaded_at if newest_load else None
     if holders:
@@ -164,6 +168,9 @@ def merge_model_status(
         last_used_at=max((v.last_used_at for v in views if v.last_used_at is not None), default=None),
         last_error=newest_error.last_error if newest_error else None,
         load_failures=sum(v.load_failures for v in views),
+        size_bytes=measured.size_bytes if measured else None,
+        weights_bytes=measured.weights_bytes if measured else None,
+        rss_growth_bytes=measured.rss_growth_bytes if measured else None,
     )
 
 
@@ -221,7 +228,14 @@ class DataPlane:
                 request = await request()
             decoded = await self.decoder.decode(task.input, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
-            call = self._call(WorkerCall.PREDICT, model_id, decoded, task=spec.task, registry_version=version)
+            call = self._call(
+                WorkerCall.PREDICT,
+                model_id,
+                decoded,
+                task=spec.task,
+                registry_version=version,
+                **{DECLARED_BYTES: spec.memory_bytes},
+            )
             result: WorkerResult = await self._with_timeout(model_id, call, timeout_s)
             if result.loaded:
                 self.replicas.changed()
@@ -274,8 +288,11 @@ class DataPlane:
     # -- explicit load and unload -------------------------------------------------------------------
 
     async def load(self, model_id: str) -> ModelStatus:
-        self.registry.get(model_id)
-        await self._with_timeout(model_id, self._call(WorkerCall.LOAD, model_id, registry_version=self.live.version))
+        spec = self.registry.get(model_id)
+        call = self._call(
+            WorkerCall.LOAD, model_id, registry_version=self.live.version, **{DECLARED_BYTES: spec.memory_bytes}
+        )
+        await self._with_timeout(model_id, call)
         return await self.model(model_id, fresh=True)
 
     async def unload(self, model_id: str) -> ModelStatus:

@@ -60,7 +60,7 @@ class Ingress:
         """``registry_check``: bound here only so that Serve deploys it with the app; never called."""
         logs.flush_every(1.0)
         # The registry is set by reconfigure, which Serve calls before the replica takes requests.
-        self.live = LiveRegistry(args.catalog_args.catalog())
+        self.live = LiveRegistry.from_rules(args.registry_rules)
         self.max_items = args.max_list_items
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         replicas = ReplicaDirectory(worker, ingress=serve.get_replica_context().deployment)

@@ -25,7 +25,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.core.config import CatalogArgs
+from serve_app.core.config import RegistryRules
 from serve_app.core.live_registry import parse_user_config
 
 logger = logging.getLogger("ray.serve")
@@ -33,13 +33,13 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class RegistryCheck:
-    def __init__(self, catalog: CatalogArgs | None = None) -> None:
-        self.catalog = (catalog or CatalogArgs()).catalog()  # the app's tasks and allowed runtime modules
+    def __init__(self, rules: RegistryRules | None = None) -> None:
+        self.rules = rules or RegistryRules()  # the app's tasks, allowed runtime modules and model budget
         self.version: str | None = None
 
     async def reconfigure(self, user_config: Any, rank: Any = None) -> None:
         """Raise ``RegistryError``, naming every bad field, if ``user_config`` carries no valid registry. (As
         in the other deployments, asking for ``rank`` makes Serve call this at start even without a
         user_config.)"""
-        registry, self.version = parse_user_config(user_config, self.catalog)
+        registry, self.version = parse_user_config(user_config, self.rules.catalog(), self.rules.model_budget_bytes)
         logger.info("registry %s is valid: %d models", self.version, len(registry.models))

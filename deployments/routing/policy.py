@@ -14,14 +14,20 @@ when it must load a model. This policy decides only which replica a request goes
   waits for one, and loads no copy the policy did not choose; nor, while a holder that runs this model is
   within ``spread_at`` of the least loaded, the holders busy with other models, until the request has
   waited a little (the router's ``wait_for_own``).
-* **miss**: a replica with a free slot first (the least loaded, then the emptiest: models arriving at an
-  idle pool spread over its replicas), else the replica whose LRU victim is worth least.
+* **miss**: a replica where the new copy fits as it is (a free slot, and its bytes within the replica's
+  memory budget: the least loaded, then the emptiest, so that models arriving at an idle pool spread over
+  its replicas), else the replica where it fits with the least value evicted (``eviction``).
 
 A copy's worth is its model's recent demand (requests, exponentially decayed) shared among the model's
 copies: a duplicate of a model that another replica keeps is the cheapest thing to evict, and the pool
-behaves as one cache of 2 x replicas slots that keeps its most demanded models. Ties go to the copy used
-longest ago (plain LRU across the pool). A victim with requests still running on it comes last: evicting
-it would keep its memory until they finish.
+behaves as one cache of 2 x replicas slots that keeps its most demanded models. On a replica with a memory
+budget, a new copy needs a slot and its bytes: the copies to evict are the set with the least worth that
+frees both, so one large, rarely used model goes before two small, busy ones (the value per byte of
+Greedy-Dual-Size-Frequency, summed over what must go). Ties go to the copies used longest ago (plain LRU
+across the pool). A victim with requests still running on it comes last: evicting it would keep its
+memory until they finish, so its bytes do not count as freed. Without sizes (a model never loaded, a
+replica without a budget) the rule is the count's alone. The router tells the replica it picks which
+copies to evict (``RouteHint.evict``), since Ray's own LRU would take the least recently used.
 
 ``rank`` returns replica ids in order of preference, one to a group, for Serve's
 ``RequestRouter.choose_replicas``; ``bench/simulate.py`` replays traces through the same function.
@@ -29,6 +35,7 @@ it would keep its memory until they finish.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +51,7 @@ class Copy:
     last_used: float  # when this replica last served it (Ray's LRU order on the replica)
     in_flight: int = 0  # its requests running on this replica
     recent: float = 0.0  # its requests sent to this replica lately (counted, exponentially decayed)
+    size: int = 0  # its bytes (0: not known yet)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class Replica:
     recent: float = 0.0  # every request sent to this replica lately (counted as Copy.recent is)
     slots: int = 2
     backoff: frozenset[str] = field(default_factory=frozenset)  # models whose last load here failed, recently
+    budget: int | None = None  # bytes its models may take (None: no budget, the count alone)
+    held_elsewhere: int = 0  # bytes of copies evicted but not freed yet (requests still run on them)
 
     def copy_of(self, model_id: str) -> Copy | None:
         return next((c for c in self.copies if c.model_id == model_id), None)
@@ -69,9 +79,40 @@ class Replica:
         return self.slots - len(self.copies)
 
     @property
-    def victim(self) -> Copy | None:
-        """What Ray's LRU would evict here to load another model: nothing while a slot is free."""
-        return None if self.free_slots > 0 else min(self.copies, key=lambda c: c.last_used)
+    def used(self) -> int:
+        """Bytes its copies take, those evicted but still in use included."""
+        return sum(c.size for c in self.copies) + self.held_elsewhere
+
+    def fits(self, size: int) -> bool:
+        """Whether a new copy of ``size`` bytes fits as it is: a free slot, and the bytes."""
+        return self.free_slots > 0 and (self.budget is None or self.used + size <= self.budget)
+
+
+def eviction(replica: Replica, model_id: str, size: int, worth: Callable[[Copy], float]) -> tuple[Copy, ...] | None:
+    """The copies to evict on ``replica`` so that a new copy of ``model_id`` of ``size`` bytes fits: none when
+    it fits as it is, else the set of copies with the least worth that frees a slot and the bytes (a copy
+    with requests in flight frees its slot but not its bytes, and goes last); None when it cannot fit."""
+    if replica.budget is not None and size > replica.budget:
+        return None
+    if replica.fits(size):
+        return ()
+    candidates = [c for c in replica.copies if c.model_id != model_id]
+    best: tuple | None = None
+    for n in range(1, len(candidates) + 1):
+        for victims in itertools.combinations(candidates, n):
+            slots = replica.free_slots + len(victims)
+            freed = sum(c.size for c in victims if c.in_flight == 0)
+            if slots <= 0 or (replica.budget is not None and replica.used - freed + size > replica.budget):
+                continue
+            key = (
+                sum(c.in_flight > 0 for c in victims),
+                sum(worth(c) for c in victims),
+                len(victims),
+                max(c.last_used for c in victims),
+            )
+            if best is None or key < best[0]:
+                best = (key, victims)
+    return None if best is None else best[1]
 
 
 Knobs = RoutingArgs
@@ -85,39 +126,54 @@ Demand = Callable[[str], float]
 """A model's recent demand: its requests, exponentially decayed (``DemandTracker.demand``)."""
 
 
+def worth_of(replicas: Sequence[Replica], demand: Demand) -> Callable[[Copy], float]:
+    """A copy's worth: its model's recent demand, shared among the model's copies over ``replicas``."""
+    copies: dict[str, int] = {}
+    for r in replicas:
+        for c in r.copies:
+            copies[c.model_id] = copies.get(c.model_id, 0) + 1
+    return lambda c: demand(c.model_id) / copies.get(c.model_id, 1)
+
+
 def rank(
     model_id: str,
     replicas: Sequence[Replica],
     demand: Demand,
     knobs: Knobs | None = None,
     wait_for_own: bool = True,
+    size: int = 0,
 ) -> list[list[str]]:
-    """Replica ids for a request for ``model_id``, best first, one per group. ``wait_for_own``: leave out the
-    holders busy with other models while a holder that runs this model comes first (the router stops that
-    once the request has waited a little, so that a stuck or full holder cannot hold its requests back)."""
+    """Replica ids for a request for ``model_id`` (``size`` bytes a copy, 0 if not known), best first, one per
+    group. ``wait_for_own``: leave out the holders busy with other models while a holder that runs this model
+    comes first (the router stops that once the request has waited a little, so that a stuck or full holder
+    cannot hold its requests back)."""
     knobs = knobs or _DEFAULT_KNOBS
-    copies: dict[str, int] = {}
-    for r in replicas:
-        for c in r.copies:
-            copies[c.model_id] = copies.get(c.model_id, 0) + 1
+    worth = worth_of(replicas, demand)
 
-    def worth(c: Copy) -> float:
-        return demand(c.model_id) / copies.get(c.model_id, 1)
-
-    def place_order(candidates: Sequence[Replica]) -> list[Replica]:
-        """Where a new copy goes: free slots (least loaded first), then the cheapest victim."""
+    def place_order(candidates: Sequence[Replica]) -> list[tuple[Replica, tuple[Copy, ...]]]:
+        """Where a new copy goes, with what it evicts: where it fits as it is (least loaded first), then
+        where it evicts the least worth; where it can never fit, last."""
+        placed = [(r, eviction(r, model_id, size, worth)) for r in candidates]
         free = sorted(
-            (r for r in candidates if r.free_slots > 0), key=lambda r: (r.in_flight, -r.free_slots, r.replica_id)
+            ((r, e) for r, e in placed if e == ()), key=lambda p: (p[0].in_flight, -p[0].free_slots, p[0].replica_id)
         )
-        full = [r for r in candidates if r.free_slots <= 0]
-        full.sort(key=lambda r: (r.victim.in_flight > 0, worth(r.victim), r.victim.last_used, r.replica_id))
-        return free + full
+        full = [(r, e) for r, e in placed if e]
+        full.sort(
+            key=lambda p: (
+                sum(c.in_flight > 0 for c in p[1]),
+                sum(worth(c) for c in p[1]),
+                max(c.last_used for c in p[1]),
+                p[0].replica_id,
+            )
+        )
+        never = sorted(((r, ()) for r, e in placed if e is None), key=lambda p: p[0].replica_id)
+        return free + full + never
 
     holders = [r for r in replicas if r.copy_of(model_id) is not None]
     others = [r for r in replicas if r.copy_of(model_id) is None]
     if not holders:
         failed = [r for r in others if model_id in r.backoff]  # answers 503 at once, evicting nothing
-        order = failed + place_order([r for r in others if model_id not in r.backoff])
+        order = failed + [r for r, _ in place_order([r for r in others if model_id not in r.backoff])]
         return [[r.replica_id] for r in order]
 
     # Among the holders within spread_at requests of the least loaded, one that has not been serving other
@@ -157,11 +213,14 @@ def rank(
         holders = [r for r in holders if not r.serving_others(r.copy_of(model_id))]
     order = holders
     if least >= knobs.spread_at:
+        # The model is hot: another copy, where it fits and is worth more than what it evicts.
         new_copy_worth = demand(model_id) / (held_by + 1)
         spread = [
             r
-            for r in place_order(others)
-            if r.in_flight < knobs.spread_at and (r.free_slots > 0 or worth(r.victim) < new_copy_worth)
+            for r, evicted in place_order(others)
+            if r.in_flight < knobs.spread_at
+            and evicted is not None
+            and (r.fits(size) or (evicted and sum(worth(c) for c in evicted) < new_copy_worth))
         ]
         if spread:
             order = [spread[0], *holders]

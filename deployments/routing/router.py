@@ -45,11 +45,14 @@ from dataclasses import replace
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments.routing import views
-from deployments.routing.policy import Copy, DemandTracker, Replica, rank
+from deployments.routing.policy import Copy, DemandTracker, Replica, eviction, rank, worth_of
 from serve_app.core.config import RoutingArgs
-from serve_app.core.schemas import ON_REPLICA, ReplicaStatus, WorkerCall
+from serve_app.core.schemas import DECLARED_BYTES, ON_REPLICA, ROUTE, ReplicaStatus, RouteHint, WorkerCall
 
 logger = logging.getLogger("ray.serve")
+
+HINTED = frozenset({WorkerCall.PREDICT.value, WorkerCall.LOAD.value})
+"""The worker calls that take the router's ``RouteHint`` (``ROUTE``)."""
 
 OWN_REPLICA_WAIT_S = 1.0
 """How long a hit waits for a holder that runs its model (policy.rank's ``wait_for_own``) before the holders
@@ -84,6 +87,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet (model calls or not)
         self._holder_grace_s = args.holder_grace_s
         self._reports: dict[str, tuple[object, ReplicaStatus]] = {}  # replica -> (its raw stats, parsed)
+        self._sizes: dict[str, int] = {}  # model -> the bytes of a copy, as a replica last measured it
         self._away: dict[str, tuple[float, frozenset[str]]] = {}  # replica out of the routing set -> (since, held)
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
@@ -124,6 +128,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                 ),
                 in_flight=in_flight[(rid, m)],
                 recent=self._recent.demand((rid, m), now),
+                size=self._sizes.get(m, 0),
             )
             for m in held
         )
@@ -135,6 +140,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             recent=self._recent_all.demand(rid, now),
             slots=report.slots if report is not None else Replica.slots,
             backoff=backoff,
+            budget=report.memory.budget_bytes if report is not None else None,
+            held_elsewhere=report.memory.lingering_bytes if report is not None else 0,
         )
         if len(copies) > replica.slots:  # Ray's LRU keeps no more: the least recently used of them are gone
             replica = replace(replica, copies=tuple(sorted(copies, key=lambda c: -c.last_used)[: replica.slots]))
@@ -151,7 +158,14 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if cached is None or cached[0] is not stats:
             cached = (stats, ReplicaStatus.model_validate({**stats, "replica_id": rid}))
             self._reports[rid] = cached
+            for m, status in cached[1].models.items():
+                if status.size_bytes:
+                    self._sizes[m] = status.size_bytes
         return cached[1]
+
+    def _size_of(self, model_id: str, pending: PendingRequest) -> int:
+        """A copy's bytes: as a replica measured it, else as the registry declares it, else 0 (not known)."""
+        return self._sizes.get(model_id) or pending.kwargs.get(DECLARED_BYTES) or 0
 
     def _ranked(
         self, candidates: Sequence[RunningReplica], pending: PendingRequest | None
@@ -179,20 +193,23 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if self._holder_away(model_id, view, now):
             return []
         waited = now - pending.created_at  # when the request reached this router
+        size = self._size_of(model_id, pending)
+        demand = lambda m: self._demand.demand(m, now)  # noqa: E731
         order = rank(
-            model_id,
-            list(view.values()),
-            lambda m: self._demand.demand(m, now),
-            self._knobs,
-            wait_for_own=waited < OWN_REPLICA_WAIT_S,
+            model_id, list(view.values()), demand, self._knobs, wait_for_own=waited < OWN_REPLICA_WAIT_S, size=size
         )
         if order:
             top = view[order[0][0]]
-            if top.copy_of(model_id) is None:  # a miss goes there: loading from now on, after Ray's LRU makes room
-                if top.victim is not None:
-                    self._evicting[top.replica_id][top.victim.model_id] = now
+            victims: tuple[Copy, ...] = ()
+            if top.copy_of(model_id) is None:  # a miss goes there: loading from now on, once its victims are out
+                victims = eviction(top, model_id, size, worth_of(list(view.values()), demand)) or ()
+                for victim in victims:
+                    self._evicting[top.replica_id][victim.model_id] = now
                 self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
                 self._assigned[top.replica_id][model_id] = now
+            if pending.metadata.call_method in HINTED:
+                evict = tuple(v.model_id for v in victims)
+                pending.kwargs[ROUTE] = RouteHint(replica_id=top.replica_id, evict=evict, size_bytes=size or None)
         return [[by_id[rid] for rid in group] for group in order]
 
     def _holder_away(self, model_id: str, view: dict[str, Replica], now: float) -> bool:
@@ -243,6 +260,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         ``handle.remote()`` (the ingress's only one), Serve sends it at once and calls
         ``on_request_completed`` for it exactly once. The moment this router learns which model goes where."""
         replica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        hint = pending_request.kwargs.get(ROUTE)
+        rid = replica.replica_id.unique_id
+        if hint is not None and hint.replica_id != rid:  # Serve took a later group's: its victims are not known
+            pending_request.kwargs[ROUTE] = RouteHint(replica_id=rid, size_bytes=hint.size_bytes)
         model_id = pending_request.metadata.multiplexed_model_id
         if model_id and pending_request.kwargs.get(ON_REPLICA) is None:
             self._sending(pending_request.metadata.internal_request_id, replica.replica_id.unique_id, model_id)

@@ -13,12 +13,20 @@ and what the replica keeps around it:
 * a failed load is remembered for ``load_failure_backoff_s``: requests meanwhile get a 503 at once,
   without evicting a healthy model to make room for a load that would fail again;
 * a registry change takes the models it made stale out of the cache (``apply``): changed ones load their
-  new files on their next request, removed ones are forgotten; a copy in use is freed after its requests.
+  new files on their next request, removed ones are forgotten; a copy in use is freed after its requests;
+* the replica keeps its models within its memory budget (``memory.MemoryBudget``), waiting copies
+  included: a load first evicts what the router chose for it (``evict_for``, before Serve's LRU makes room
+  by count), then, inside the load, the least recently used copies that no request holds, until the new
+  copy's expected bytes fit; at most ``MAX_MODELS_PER_REPLICA`` + 1 copies are alive at once, evicted ones
+  still in use included. A load that cannot make room waits for copies in use to be freed, up to
+  ``memory_wait_s``, then fails with a 503 that says so. A model larger than the whole budget is refused
+  with its size and the budget, and every other model keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -26,17 +34,20 @@ from typing import Any, Protocol
 
 from deployments.runtimes.base import runtime_for
 from deployments.worker.copies import ModelCopy
+from deployments.worker.memory import MemoryBudget
 from serve_app.core import ray_internals
 from serve_app.core.errors import ModelUnavailable, ServeAppError
 from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
 from serve_app.core.metrics import WorkerMetrics
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.core.registry import ModelSpec
-from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus
+from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaMemory, ReplicaModelStatus, RouteHint
 
 logger = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 2
+LIVE_COPIES = MAX_MODELS_PER_REPLICA + 1
+"""Most copies alive on a replica at once: the cache's, and one evicted while requests still run on it."""
 RELOAD_WAIT_S = 5.0
 """How long a request sent under a registry this replica has not applied yet (the ingress applied it
 first) waits for it: a model just added is then found, a changed one loaded from its new files."""
@@ -71,13 +82,19 @@ class ModelCache:
         counters: ReplicaCounters,
         metrics: WorkerMetrics,
         load_failure_backoff_s: float = 30.0,
+        memory: MemoryBudget | None = None,
+        memory_wait_s: float = 60.0,
     ) -> None:
         self._owner, self._live, self._counters, self._metrics = owner, live, counters, metrics
         self._backoff_s = load_failure_backoff_s
+        self.memory = memory or MemoryBudget(None, device="cpu")
+        self._memory_wait_s = memory_wait_s
         self.status: dict[str, ReplicaModelStatus] = {}
         self.held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
         self.lingering: dict[str, ModelCopy] = {}  # evicted while in use, not freed yet
         self.copies: weakref.WeakSet[ModelCopy] = weakref.WeakSet()  # every copy still alive
+        self._hints: dict[str, RouteHint] = {}  # model -> what the router said of it for the load to come
+        self._freed = asyncio.Event()  # set when a copy's memory is given back
 
     def model_status(self, model_id: str) -> ReplicaModelStatus:
         return self.status.setdefault(model_id, ReplicaModelStatus())
@@ -85,35 +102,147 @@ class ModelCache:
     # -- loading --------------------------------------------------------------------------------------
 
     async def load(self, model_id: str) -> ModelCopy:
-        """Serve's LRU calls this (through ``get_model``) on a miss, after it has made room."""
+        """Serve's LRU calls this (through ``get_model``) on a miss, after it has made room by count, under its
+        cache's lock: loads are one at a time."""
         spec = self._live.registry.get(model_id)
         status = self.model_status(model_id)
         lingering = self.lingering.pop(model_id, None)
         if lingering is not None and same_model(lingering.spec, spec) and lingering.revive():  # no reload
             self._counters.revived += 1
             return self._hold(model_id, lingering)
-        status.state = ModelState.LOADING
+        hint = self._hints.pop(model_id, None)
+        expected = next((b for b in (status.size_bytes, hint and hint.size_bytes, spec.memory_bytes) if b), 0)
+        self._refuse_if_never_fits(spec, expected)
+        previous, status.state = status.state, ModelState.LOADING
+        try:
+            await self._make_room(model_id, expected)
+        except ModelUnavailable:
+            status.state = previous
+            raise
+        copy: ModelCopy | None = None
         try:
             copy = build_copy(self._live, spec)
             await asyncio.to_thread(copy.load)  # reads files and builds tensors: off the event loop
         except Exception as e:
+            if copy is not None:
+                await asyncio.to_thread(copy.free)  # what a half-done load holds
             reason = redact_paths(f"{type(e).__name__}: {e}", spec)
-            logger.error("loading model %r failed: %s", model_id, reason)
-            now = time.time()
-            status.state = ModelState.FAILED
-            status.last_error, status.last_error_at = reason, now
-            status.load_failures += 1
-            status.retry_after = now + self._backoff_s
-            self._metrics.load_failed(model_id, spec.task)
+            self._failed(spec, status, reason)
             raise ModelUnavailable(f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id) from None
+        status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
+        status.size_bytes = copy.size_bytes
+        try:
+            self._refuse_if_never_fits(spec, copy.size_bytes or 0)
+            await self._make_room(model_id, copy.size_bytes or 0)  # it took more than expected
+        except ModelUnavailable:
+            await asyncio.to_thread(copy.free)
+            raise
         status.load_count += 1
         status.last_loaded_at = time.time()
         status.last_load_seconds = copy.load_seconds
-        status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.retry_after = None
         self._metrics.loaded(model_id, spec.task, copy.load_seconds or 0.0, copy.size_bytes)
         self.copies.add(copy)
+        copy.on_released = self._released_callback()
         return self._hold(model_id, copy)
+
+    def expect(self, model_id: str, hint: RouteHint | None) -> None:
+        """What the router said of a model whose request is on its way to ``load``: its size as the router
+        knows it."""
+        if hint is not None:
+            self._hints[model_id] = hint
+
+    def _failed(self, spec: ModelSpec, status: ReplicaModelStatus, reason: str) -> None:
+        logger.error("loading model %r failed: %s", spec.id, reason)
+        now = time.time()
+        status.state = ModelState.FAILED
+        status.last_error, status.last_error_at = reason, now
+        status.load_failures += 1
+        status.retry_after = now + self._backoff_s
+        self._metrics.load_failed(spec.id, spec.task)
+
+    def _refuse_if_never_fits(self, spec: ModelSpec, size: int) -> None:
+        """A copy larger than the whole budget can never be loaded here: a failed load that says so (and is
+        not tried again during the back-off), evicting nothing."""
+        budget = self.memory.budget
+        if budget is None or size <= budget:
+            return
+        reason = (
+            f"a copy takes {size} bytes, more than this replica's memory budget for models of {budget} bytes "
+            f"(worker.memory_bytes less the replica's baseline of {self.memory.baseline} bytes)"
+        )
+        self._counters.refused_over_budget += 1
+        self._failed(spec, self.model_status(spec.id), reason)
+        raise ModelUnavailable(f"Model {spec.id!r} could not be loaded: {reason}", model_id=spec.id)
+
+    async def _make_room(self, model_id: str, size: int) -> None:
+        """Evict, from inside the load, the least recently used copies (those no request holds first) until at
+        most LIVE_COPIES are alive with the new one and ``size`` more bytes fit the budget; a copy in use
+        lingers until its requests are done, and the load waits for it to be freed, up to memory_wait_s
+        (then a 503 that says so)."""
+        deadline, waited = time.monotonic() + self._memory_wait_s, False
+        while True:
+            live = self.memory.live(self.copies)  # the new copy is not among them yet
+            used = self.memory.used(live)
+            if len(live) + 1 <= LIVE_COPIES and self.memory.fits(used, size):
+                return
+            # The least recently used copy that no request holds; else one that requests hold, which is freed
+            # when they are done (waited for below).
+            cached = [m for m in ray_internals.cached_model_ids(self._owner) if m != model_id]
+            victim = next((m for m in cached if self._idle(m)), None) or next(iter(cached), None)
+            if victim is not None:
+                self._counters.evicted_for_memory += 1
+                await self._evict_during_load(victim, cause="memory")
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelUnavailable(
+                    f"Model {model_id!r} does not fit now: this replica's models take {used} of its "
+                    f"{self.memory.budget} bytes, in {len(live)} copies that requests still run on; send the "
+                    "request again",
+                    model_id=model_id,
+                )
+            if not waited:
+                self._counters.waited_for_memory += 1
+                waited = True
+            self._freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
+
+    def _idle(self, model_id: str) -> bool:
+        """Whether Serve's cache holds a copy of the model that no request or batch holds now."""
+        copy = next((c for c in self.copies if c.spec.id == model_id and c.loaded and c.on_unload), None)
+        return copy is not None and copy.in_use == 0
+
+    async def _evict_during_load(self, model_id: str, cause: str) -> None:
+        copy = ray_internals.evict_during_load(self._owner, model_id)
+        if copy is None:
+            return
+        copy.evicted_by = cause
+        if not copy.mark_unloaded():
+            await asyncio.to_thread(copy.free)
+
+    def _released_callback(self):
+        """Set the freed event from whichever thread gives a copy's memory back."""
+        loop = asyncio.get_running_loop()
+
+        def released() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (the replica is stopping)
+                loop.call_soon_threadsafe(self._freed.set)
+
+        return released
+
+    async def evict_for(self, model_id: str, victims: tuple[str, ...]) -> None:
+        """Evict the copies the router chose for a load of ``model_id`` (a miss) before Serve's LRU makes room
+        by count: the least worth, not merely the least recent (deployments/routing/policy.py)."""
+        if model_id in self.held:
+            return
+        lru = ray_internals.cached_model_ids(self._owner)
+        for victim in victims:
+            if victim != model_id and victim in self.held:
+                self._counters.evicted_by_router += 1
+                self._counters.router_victim_not_lru += bool(lru) and victim != lru[0]
+                await self.evict(victim, cause="router")
 
     def _hold(self, model_id: str, copy: ModelCopy) -> ModelCopy:
         self.model_status(model_id).state = ModelState.LOADED
@@ -123,6 +252,8 @@ class ModelCache:
 
     def _unloaded(self, model_id: str, copy: ModelCopy, deferred: bool) -> None:
         self.held.discard(model_id)
+        if copy.evicted_by is None:  # Serve's LRU, making room by count
+            self._counters.evicted_by_lru += 1
         status = self.model_status(model_id)
         status.state = ModelState.NOT_LOADED
         status.unload_count += 1
@@ -158,7 +289,7 @@ class ModelCache:
         for _ in range(3):  # a copy freed between Serve's answer and the hold is asked for again
             copy = await self._owner.get_model(model_id)
             if not same_model(copy.spec, self._live.registry.get(model_id)):  # removed: ModelNotFound
-                await self.evict(model_id, only=copy)  # loaded from files the registry has changed since
+                await self.evict(model_id, only=copy, cause="registry")  # loaded from files changed since
                 continue
             if copy.hold():
                 return copy
@@ -166,13 +297,16 @@ class ModelCache:
 
     # -- unloading ------------------------------------------------------------------------------------
 
-    async def evict(self, model_id: str, only: ModelCopy | None = None) -> bool:
+    async def evict(self, model_id: str, only: ModelCopy | None = None, cause: str = "explicit") -> bool:
         """Take a model out of Serve's cache and free it, or, if requests still hold it, once they are done;
-        False if the cache did not hold it (or held another copy than ``only``)."""
+        False if the cache did not hold it (or held another copy than ``only``). ``cause``: who asked."""
         deferred: list[bool] = []  # marked under Serve's cache lock, so that a reload right after is recorded after it
-        copy = await ray_internals.evict_multiplexed_model(
-            self._owner, model_id, lambda c: deferred.append(c.mark_unloaded()), only=only
-        )
+
+        def mark(copy: ModelCopy) -> None:
+            copy.evicted_by = cause
+            deferred.append(copy.mark_unloaded())
+
+        copy = await ray_internals.evict_multiplexed_model(self._owner, model_id, mark, only=only)
         if copy is None:
             return False
         if not deferred[0]:
@@ -185,7 +319,7 @@ class ModelCache:
         """Take the models a registry change made stale out of the cache: changed ones (the next request
         loads the new files) and removed ones. Requests running on a copy finish on it; it is freed after."""
         for model_id in change.stale:
-            await self.evict(model_id)
+            await self.evict(model_id, cause="registry")
             self.lingering.pop(model_id, None)  # evicted while in use: no new request may take it back
             status = self.status.get(model_id)
             if status is not None:  # a failed load of the old files says nothing of the new ones
@@ -221,5 +355,10 @@ class ModelCache:
     def report(self) -> dict[str, Any]:
         """The models' status, for ``record_routing_stats``; live copies are counted now."""
         self.lingering = {m: c for m, c in self.lingering.items() if c.loaded}
-        self._counters.live_models = sum(1 for c in self.copies if c.loaded)
+        self._counters.live_models = len(self.memory.live(self.copies))
         return {model_id: s.model_dump(mode="json") for model_id, s in self.status.items()}
+
+    def memory_report(self) -> ReplicaMemory:
+        report = self.memory.report(self.copies, self.lingering.values())
+        self._metrics.memory(report.used_bytes, report.budget_bytes)
+        return report

@@ -91,6 +91,10 @@ class ModelCopy:
         self._thread: ThreadPoolExecutor | None = None
         # Told once when the copy is unloaded, with whether its free waits for requests still holding it.
         self.on_unload: Callable[[bool], None] | None = None
+        # Told once when its memory is given back (from whichever thread frees it).
+        self.on_released: Callable[[], None] | None = None
+        self.released = threading.Event()  # set once the free is done: its memory no longer counts
+        self.evicted_by: str | None = None  # who took it out of the cache: None is Ray's LRU
         self.prepares = type(runtime).prepare is not ModelRuntime.prepare
 
     @property
@@ -106,8 +110,10 @@ class ModelCopy:
 
     @property
     def size_bytes(self) -> int | None:
-        """What the copy takes: its weights' exact bytes, else the growth of resident memory at its load."""
-        return self.weights_bytes if self.weights_bytes is not None else self.rss_growth_bytes
+        """What the copy takes, as the replica's budget counts it: the larger of its weights' exact bytes and
+        the growth of resident memory at its load (a tokenizer, allocator overhead); None before its load."""
+        sizes = [b for b in (self.weights_bytes, self.rss_growth_bytes) if b is not None]
+        return max(sizes) if sizes else None
 
     def load(self) -> ModelCopy:
         """Load the runtime's model and measure it (slow: call it off the event loop)."""
@@ -254,6 +260,10 @@ class ModelCopy:
                 import torch
 
                 torch.cuda.empty_cache()
+            self.released.set()
+            callback, self.on_released = self.on_released, None
+            if callback is not None:
+                callback()
         logger.info("unloaded model %r", self.spec.id)
 
     def __del__(self) -> None:

@@ -25,12 +25,13 @@ from ray import serve
 from deployments.worker.batching import Batcher
 from deployments.worker.cache import MAX_MODELS_PER_REPLICA, ModelCache
 from deployments.worker.copies import ModelCopy
+from deployments.worker.memory import MemoryBudget
 from serve_app.core import logs
-from serve_app.core.config import BatchingArgs, CatalogArgs
+from serve_app.core.config import RegistryRules, WorkerArgs
 from serve_app.core.errors import ModelChanged
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import WorkerMetrics
-from serve_app.core.schemas import ReplicaCounters, WorkerResult
+from serve_app.core.schemas import ReplicaCounters, RouteHint, WorkerResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,18 +55,27 @@ def configure_torch(num_threads: int | None) -> None:
 class ModelWorker:
     async def __init__(
         self,
-        torch_threads: int | None = None,
-        batching: BatchingArgs | None = None,
-        load_failure_backoff_s: float = 30.0,
-        catalog: CatalogArgs | None = None,
+        args: WorkerArgs | None = None,
+        rules: RegistryRules | None = None,
+        request_timeout_s: float = 60.0,
     ) -> None:
-        configure_torch(torch_threads)
+        args = args or WorkerArgs()
+        configure_torch(args.torch_threads)
         logs.flush_every(1.0)
+        memory = MemoryBudget(args.memory_bytes, args.gpu_memory_bytes)  # measures the baseline: after the imports
         # The registry is set by reconfigure, which Serve calls before the replica takes requests.
-        self._live = LiveRegistry((catalog or CatalogArgs()).catalog())
+        self._live = LiveRegistry.from_rules(rules)
         self._counters = ReplicaCounters()
-        self._cache = ModelCache(self, self._live, self._counters, WorkerMetrics(), load_failure_backoff_s)
-        self._batcher = Batcher(self._counters, batching)
+        self._cache = ModelCache(
+            self,
+            self._live,
+            self._counters,
+            WorkerMetrics(),
+            args.load_failure_backoff_s,
+            memory=memory,
+            memory_wait_s=request_timeout_s,
+        )
+        self._batcher = Batcher(self._counters, args.batching)
 
     # -- the registry ---------------------------------------------------------------------------------
 
@@ -92,15 +102,22 @@ class ModelWorker:
     # -- predictions --------------------------------------------------------------------------------
 
     async def predict(
-        self, inputs: list[Any], task: str | None = None, registry_version: str | None = None
+        self,
+        inputs: list[Any],
+        task: str | None = None,
+        registry_version: str | None = None,
+        declared_bytes: int | None = None,
+        route: RouteHint | None = None,
     ) -> WorkerResult:
         """Answer one request's inputs; concurrent requests for the same model are batched together.
-        ``task`` and ``registry_version``: what the ingress decoded the inputs for, under which registry."""
+        ``task`` and ``registry_version``: what the ingress decoded the inputs for, under which registry;
+        ``declared_bytes`` is for the router; ``route``: what the router tells this replica (RouteHint)."""
         model_id = serve.get_multiplexed_model_id()
         self._counters.requests += 1
         try:
             await self._cache.catch_up(registry_version)
             loaded = model_id not in self._cache.held
+            await self._routed(model_id, route)
             # Load (or find) and hold the model before joining the batch queue, so that a cold load does not
             # hold up the queue and an eviction cannot free the model while the request needs it.
             copy = await self._cache.acquire(model_id)
@@ -126,15 +143,28 @@ class ModelWorker:
 
     # -- explicit load and unload -------------------------------------------------------------------
 
-    async def load(self, registry_version: str | None = None) -> None:
-        """Load the request's model on this replica (the LRU cap still applies)."""
+    async def load(
+        self, registry_version: str | None = None, declared_bytes: int | None = None, route: RouteHint | None = None
+    ) -> None:
+        """Load the request's model on this replica (the LRU cap and the memory budget still apply)."""
+        model_id = serve.get_multiplexed_model_id()
         await self._cache.catch_up(registry_version)
-        (await self._cache.acquire(serve.get_multiplexed_model_id())).release()
+        await self._routed(model_id, route)
+        (await self._cache.acquire(model_id)).release()
+
+    async def _routed(self, model_id: str, route: RouteHint | None) -> None:
+        """Act on the router's hint for a request of this replica's: for a miss, evict the copies it chose
+        (before Serve's LRU would take the least recent), and expect the size it knows."""
+        if route is None or route.replica_id != serve.get_replica_context().replica_id.unique_id:
+            return
+        self._cache.expect(model_id, route)
+        if route.evict:
+            await self._cache.evict_for(model_id, route.evict)
 
     async def unload(self, on_replica: str | None = None) -> bool:
         """Unload the request's model from this replica; False if it did not hold it. ``on_replica`` names
         the replica the call is for (the router sends it there and nowhere else)."""
-        return await self._cache.evict(serve.get_multiplexed_model_id())
+        return await self._cache.evict(serve.get_multiplexed_model_id(), cause="explicit")
 
     # -- status -------------------------------------------------------------------------------------
 
@@ -148,6 +178,7 @@ class ModelWorker:
         ingress reads it too."""
         return {
             "slots": MAX_MODELS_PER_REPLICA,
+            "memory": self._cache.memory_report().model_dump(mode="json"),
             "models": self._cache.report(),
             "counters": self._counters.model_dump(mode="json"),
             "registry": self._live.status().model_dump(mode="json"),

@@ -122,12 +122,38 @@ class WorkerArgs(_Strict):
     load_failure_backoff_s: float = Field(
         30.0, ge=0, description="after a failed load, requests for that model get 503 for this long, evicting nothing"
     )
+    memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="the memory of one worker replica: Ray reserves it (ray_actor_options.memory), and the replica "
+        "keeps its models within it less its own baseline, evicting by bytes; null: count only (two models a "
+        "replica, whatever their size)",
+    )
+    baseline_bytes: int = Field(
+        640 * 1024 * 1024,
+        gt=0,
+        description="what a worker replica takes before it loads any model (Ray, torch and transformers), as the "
+        "registry check counts it against declared model sizes; each replica measures its own at start",
+    )
+    gpu_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="on a CUDA device: the device memory a replica keeps its models within (null: the device's "
+        "memory less what torch reserved at start)",
+    )
 
     @model_validator(mode="after")
     def _batches_fit(self) -> WorkerArgs:
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, or batches never fill")
+        if self.memory_bytes is not None and self.memory_bytes <= self.baseline_bytes:
+            raise ValueError("memory_bytes must be more than baseline_bytes, or no model fits")
         return self
+
+    @property
+    def model_budget_bytes(self) -> int | None:
+        """The bytes a replica's models may take, as the registry check counts them (None: no budget)."""
+        return None if self.memory_bytes is None else self.memory_bytes - self.baseline_bytes
 
 
 class IngressArgs(_Strict):
@@ -162,20 +188,14 @@ class AuthArgs(_Strict):
     )
 
 
-class CatalogArgs(_Strict):
-    """What the registry may name: the tasks, and where runtime classes may come from (``serve_app.core.tasks``).
-    Only the operator who deploys the app sets these: the registry, which changes live, cannot widen them."""
+class RegistryRules(_Strict):
+    """What a registry may name and declare: the tasks, the modules runtime classes may come from
+    (``serve_app.core.tasks``), and the bytes a worker replica's models may take. Only the operator who deploys
+    the app sets these (its args): the registry, which changes live, cannot widen them."""
 
-    tasks: list[str] = Field(
-        default_factory=lambda: list(SHIPPED_TASKS),
-        min_length=1,
-        description="the task modules, each defining TASK; registry entries name their tasks",
-    )
-    runtime_modules: list[str] = Field(
-        default_factory=list,
-        description='modules a registry entry may take a runtime class from ("runtime": "module:Class"), '
-        "besides the task modules",
-    )
+    tasks: list[str] = Field(default_factory=lambda: list(SHIPPED_TASKS), min_length=1)
+    runtime_modules: list[str] = Field(default_factory=list)
+    model_budget_bytes: int | None = Field(None, description="a declared model size above it is refused")
 
     def catalog(self):  # -> serve_app.core.tasks.TaskCatalog (imported here: it imports this module)
         from serve_app.core.tasks import TaskCatalog
@@ -228,8 +248,10 @@ class AppArgs(_Strict):
     ingress: IngressArgs = Field(default_factory=IngressArgs)
 
     @property
-    def catalog_args(self) -> CatalogArgs:
-        return CatalogArgs(tasks=self.tasks, runtime_modules=self.runtime_modules)
+    def registry_rules(self) -> RegistryRules:
+        return RegistryRules(
+            tasks=self.tasks, runtime_modules=self.runtime_modules, model_budget_bytes=self.worker.model_budget_bytes
+        )
 
     @property
     def max_request_bytes(self) -> int:

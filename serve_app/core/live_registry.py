@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.core.config import RegistryRules
 from serve_app.core.registry import ModelSpec, Registry, RegistryError
 from serve_app.core.schemas import RefusedRegistry, RegistryStatus
 from serve_app.core.tasks import TaskCatalog
@@ -51,9 +52,12 @@ def registry_user_config(data: object, origin: str) -> dict[str, Any]:
     return {REGISTRY_KEY: data, ORIGIN_KEY: origin}
 
 
-def parse_user_config(user_config: object, catalog: TaskCatalog | None = None) -> tuple[Registry, str]:
+def parse_user_config(
+    user_config: object, catalog: TaskCatalog | None = None, budget_bytes: int | None = None
+) -> tuple[Registry, str]:
     """The registry a ``user_config`` carries and its version; ``RegistryError`` with start-up's messages
-    (each names its field) if it is not a valid registry for ``catalog`` (default: the shipped tasks)."""
+    (each names its field) if it is not a valid registry for ``catalog`` (default: the shipped tasks) and the
+    replicas' model budget."""
     if not isinstance(user_config, Mapping) or REGISTRY_KEY not in user_config:
         raise RegistryError(
             f"user_config: no {REGISTRY_KEY!r} key: the registry reaches the replicas as "
@@ -61,7 +65,7 @@ def parse_user_config(user_config: object, catalog: TaskCatalog | None = None) -
         )
     data = user_config[REGISTRY_KEY]
     origin = str(user_config.get(ORIGIN_KEY) or "registry")
-    return Registry.from_dict(data, origin=origin, catalog=catalog), content_version(data)
+    return Registry.from_dict(data, origin=origin, catalog=catalog, budget_bytes=budget_bytes), content_version(data)
 
 
 def same_model(old: ModelSpec, new: ModelSpec) -> bool:
@@ -110,14 +114,21 @@ class LiveRegistry:
     """One replica's registry: the one in force, when it was applied, the last refusal since, and every
     version this replica has run."""
 
-    def __init__(self, catalog: TaskCatalog | None = None) -> None:
+    def __init__(self, catalog: TaskCatalog | None = None, budget_bytes: int | None = None) -> None:
         self.catalog = catalog if catalog is not None else TaskCatalog.load()
+        self.budget_bytes = budget_bytes  # a worker replica's model budget: larger declared sizes are refused
         self._registry: Registry | None = None
         self.version: str | None = None
         self.applied_at: float | None = None
         self.refused: RefusedRegistry | None = None
         self._seen: set[str] = set()
         self._next = asyncio.Event()  # set by the next apply, then replaced
+
+    @classmethod
+    def from_rules(cls, rules: RegistryRules | None) -> LiveRegistry:
+        """A replica's live registry under the app's rules (its tasks, runtime modules and model budget)."""
+        rules = rules or RegistryRules()
+        return cls(rules.catalog(), rules.model_budget_bytes)
 
     @property
     def registry(self) -> Registry:
@@ -139,7 +150,7 @@ class LiveRegistry:
         its registry). Raises ``RegistryError`` when there is no registry to keep. Synchronous, with no
         await: no request sees half of a change."""
         try:
-            new, version = parse_user_config(user_config, self.catalog)
+            new, version = parse_user_config(user_config, self.catalog, self.budget_bytes)
         except RegistryError as e:
             if self._registry is None:
                 raise

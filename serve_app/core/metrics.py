@@ -72,6 +72,20 @@ class WorkerMetrics:
             tag_keys=("model", "task"),
         )
 
+        self._memory_used = metrics.Gauge(
+            "mms_replica_memory_used_bytes",
+            description="Bytes a worker replica's models take (the copies it holds, and those still in use).",
+        )
+        self._memory_budget = metrics.Gauge(
+            "mms_replica_memory_budget_bytes",
+            description="Bytes a worker replica's models may take (worker.memory_bytes less its baseline).",
+        )
+
+    def memory(self, used_bytes: int, budget_bytes: int | None) -> None:
+        self._memory_used.set(used_bytes)
+        if budget_bytes is not None:
+            self._memory_budget.set(budget_bytes)
+
     def cache_hit(self, model_id: str) -> None:
         self._hits.inc(tags={"model": model_id})
 

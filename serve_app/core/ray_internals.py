@@ -3,6 +3,8 @@
 Public APIs are used wherever Ray has one; what is left has no public equivalent in Ray 2.60:
 
 * ``evict_multiplexed_model``: explicit unload takes a model out of ``@serve.multiplexed``'s LRU cache;
+  ``evict_during_load`` does so from inside a load (to keep a replica within its memory budget), and
+  ``cached_model_ids`` reads the cache's LRU order;
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
 * ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance;
 * ``delete_app_in_background``: the tests remove an app without waiting out its ingress replica's drain.
@@ -112,6 +114,28 @@ async def evict_multiplexed_model(
             wrapper._push_multiplexed_replica_info = True
             if on_evicted is not None:
                 on_evicted(model)
+    return model
+
+
+def cached_model_ids(instance: object) -> list[str]:
+    """The models ``@serve.multiplexed``'s cache holds on this replica, least recently used first (the order in
+    which Ray's LRU evicts them)."""
+    wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
+    return list(wrapper.models) if wrapper is not None else []
+
+
+def evict_during_load(instance: object, model_id: str) -> Any | None:
+    """Take a model out of ``@serve.multiplexed``'s cache from inside a load (the multiplexed loader runs under
+    the cache's lock, which ``evict_multiplexed_model`` would take again: a deadlock), and tell the router at
+    the next push; returns the model, or None if the cache does not hold it. The caller frees it."""
+    wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
+    if wrapper is None:
+        return None
+    if not wrapper._model_cache_lock.locked():
+        raise RuntimeError("evict_during_load is for the multiplexed loader, which runs under the cache's lock")
+    model = wrapper.models.pop(model_id, None)
+    if model is not None:
+        wrapper._push_multiplexed_replica_info = True
     return model
 
 

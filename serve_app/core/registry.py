@@ -46,6 +46,11 @@ def _catalog(info: ValidationInfo) -> TaskCatalog:
     return catalog if catalog is not None else TaskCatalog.load()
 
 
+def _budget(info: ValidationInfo) -> int | None:
+    """The bytes a worker replica's models may take, as the registry is checked (None: no budget)."""
+    return (info.context or {}).get("budget_bytes")
+
+
 class LocalSource(BaseModel):
     """A folder in ``save_pretrained`` format; a relative path is relative to the project root."""
 
@@ -95,6 +100,12 @@ class ModelSpec(BaseModel):
     parameters: dict[str, JsonValue] = Field(
         default_factory=dict, description="settings the runtime reads (each runtime documents its own)"
     )
+    memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="the memory one loaded copy takes, as expected before its first load (replicas measure it "
+        "at load); more than a worker replica's model budget is refused",
+    )
 
     @field_validator("task")
     @classmethod
@@ -111,6 +122,19 @@ class ModelSpec(BaseModel):
         if problem:
             raise PydanticCustomError("runtime_not_allowed", problem)
         return runtime
+
+    @field_validator("memory_bytes")
+    @classmethod
+    def _fits(cls, size: int | None, info: ValidationInfo) -> int | None:
+        budget = _budget(info)
+        if size is not None and budget is not None and size > budget:
+            raise PydanticCustomError(
+                "over_budget",
+                "a copy of {size} bytes can never be loaded: a worker replica's models may take {budget} bytes "
+                "(worker.memory_bytes less worker.baseline_bytes)",
+                {"size": size, "budget": budget},
+            )
+        return size
 
 
 class RegistryError(ValueError):
@@ -140,16 +164,21 @@ class Registry(BaseModel):
         return self
 
     @classmethod
-    def from_dict(cls, data: object, origin: str = "registry", catalog: TaskCatalog | None = None) -> Registry:
-        """The registry ``data`` holds, checked against ``catalog`` (default: the shipped tasks)."""
+    def from_dict(
+        cls, data: object, origin: str = "registry", catalog: TaskCatalog | None = None, budget_bytes: int | None = None
+    ) -> Registry:
+        """The registry ``data`` holds, checked against ``catalog`` (default: the shipped tasks) and a worker
+        replica's model budget (declared sizes above it are refused)."""
         try:
-            return cls.model_validate(data, context={"catalog": catalog})
+            return cls.model_validate(data, context={"catalog": catalog, "budget_bytes": budget_bytes})
         except ValidationError as e:
             raise RegistryError(_format_validation_error(origin, e)) from None
 
     @classmethod
-    def from_file(cls, path: str | Path, catalog: TaskCatalog | None = None) -> Registry:
-        return read_registry_file(path, catalog)[1]
+    def from_file(
+        cls, path: str | Path, catalog: TaskCatalog | None = None, budget_bytes: int | None = None
+    ) -> Registry:
+        return read_registry_file(path, catalog, budget_bytes)[1]
 
     @property
     def ids(self) -> list[str]:
@@ -165,7 +194,9 @@ class Registry(BaseModel):
         return spec
 
 
-def read_registry_file(path: str | Path, catalog: TaskCatalog | None = None) -> tuple[object, Registry]:
+def read_registry_file(
+    path: str | Path, catalog: TaskCatalog | None = None, budget_bytes: int | None = None
+) -> tuple[object, Registry]:
     """A registry file's content and the registry it holds; ``RegistryError`` if the file is missing, is
     not JSON, or does not match the schema (each message starts with the path as given, then the field)."""
     p = resolve_project_path(path)
@@ -175,4 +206,4 @@ def read_registry_file(path: str | Path, catalog: TaskCatalog | None = None) -> 
         raise RegistryError(f"{p}: registry file not found") from None
     except json.JSONDecodeError as e:
         raise RegistryError(f"{p}: not valid JSON: {e}") from None
-    return data, Registry.from_dict(data, origin=str(path), catalog=catalog)
+    return data, Registry.from_dict(data, origin=str(path), catalog=catalog, budget_bytes=budget_bytes)

@@ -29,6 +29,21 @@ class WorkerCall(str, Enum):
 ON_REPLICA = "on_replica"
 """The keyword argument of a worker call that names the one replica it is for (unload, status): the router
 sends it there and nowhere else."""
+ROUTE = "route"
+"""The keyword argument of a predict or load call that the router sets to the ``RouteHint`` of the replica it
+sends the call to."""
+DECLARED_BYTES = "declared_bytes"
+"""The keyword argument of a predict or load call that carries the model's size as its registry entry
+declares it (the router's estimate before any replica has measured it)."""
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """What the router tells the replica it sends a request to: what it knows that the replica does not."""
+
+    replica_id: str  # the replica it was chosen for (Serve may send the request to another group's replica)
+    evict: tuple[str, ...] = ()  # a miss: the copies to evict there first, the set of least worth (policy.eviction)
+    size_bytes: int | None = None  # the request's model's size as the router knows it (measured, or declared)
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class ReplicaModelStatus(BaseModel):
     last_error_at: float | None = None
     load_failures: int = 0
     retry_after: float | None = None  # a failed load is not tried again before this time
+    size_bytes: int | None = None  # what a copy takes: its weights, else the growth of resident memory at load
     weights_bytes: int | None = None  # the loaded copy's weights and buffers, exactly, as its runtime reports
     rss_growth_bytes: int | None = None  # how much the replica's resident memory grew while the copy loaded
 
@@ -75,6 +91,25 @@ class ReplicaCounters(BaseModel):
     revived: int = Field(0, description="evicted models taken back by a new request before they were freed")
     refused_in_backoff: int = Field(0, description="requests answered 503 from a failed load's back-off")
     live_models: int = Field(0, description="models whose weights are in memory now (held or still in use)")
+    evicted_by_lru: int = Field(0, description="copies Ray's LRU evicted for room by count")
+    evicted_by_router: int = Field(0, description="copies evicted because the router chose them for a miss")
+    router_victim_not_lru: int = Field(
+        0, description="of those, the copies Ray's LRU would not have chosen (the router's choice differed)"
+    )
+    evicted_for_memory: int = Field(0, description="copies this replica evicted to keep a load within its budget")
+    refused_over_budget: int = Field(0, description="loads refused: the model is larger than the whole budget")
+    waited_for_memory: int = Field(0, description="loads that waited for copies still in use to be freed")
+
+
+class ReplicaMemory(BaseModel):
+    """A worker replica's memory, in bytes (on the model device: host memory, or CUDA memory on a GPU)."""
+
+    device: str = Field("cpu", description="where its models live")
+    budget_bytes: int | None = Field(None, description="what its models may take (null: count only, no budget)")
+    used_bytes: int = Field(0, description="what its models take now: the copies it holds, and those still in use")
+    lingering_bytes: int = Field(0, description="of those, the copies evicted but not freed yet (requests run on them)")
+    baseline_bytes: int | None = Field(None, description="what the replica took before its first model")
+    resident_bytes: int | None = Field(None, description="the process's resident memory now")
 
 
 class RefusedRegistry(BaseModel):
@@ -100,6 +135,7 @@ class ReplicaStatus(BaseModel):
     replica_id: str
     node_id: str | None = None
     slots: int = Field(2, description="most models this replica holds at once")
+    memory: ReplicaMemory = Field(default_factory=ReplicaMemory)
     registry: RegistryStatus | None = None
     models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)
     counters: ReplicaCounters = Field(default_factory=ReplicaCounters)

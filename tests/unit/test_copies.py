@@ -27,8 +27,9 @@ def test_a_load_measures_the_weights_exactly_and_the_growth_of_resident_memory(t
     copy = copy_of(tiny_dir).load()
     model = copy.runtime.pipeline.model
     exact = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    assert copy.weights_bytes == exact and copy.size_bytes == exact
+    assert copy.weights_bytes == exact
     assert copy.rss_growth_bytes is not None and copy.rss_growth_bytes >= 0 and resident_bytes() > 0
+    assert copy.size_bytes == max(exact, copy.rss_growth_bytes)  # what the budget counts: the larger
     assert isinstance(model, torch.nn.Module) and copy.load_seconds > 0
 
 

@@ -172,7 +172,9 @@ def test_infer_dispatches_to_the_model_and_records_the_request():
     assert result.spec == SPEC and result.task.name == "text-classification" and result.native() == PREDICTIONS
     assert worker.calls == [("predict", "m")]
     # the worker learns what the inputs were decoded for, under which registry
-    assert worker.kwargs == [{"task": "text-classification", "registry_version": p.live.version}]
+    assert worker.kwargs == [
+        {"task": "text-classification", "registry_version": p.live.version, "declared_bytes": None}
+    ]
     assert metrics.observed == [("m", "text-classification", "native", 200)]
 
 

@@ -55,6 +55,8 @@ K8S_ONLY = {
     # all), and a replica past the minimum needs a pod of its own, which the autoscaler adds. On one
     # machine (`make run`) this would keep all but one replica from starting.
     ("applications", 0, "args", "worker", "max_replicas_per_node"): 1,
+    # A worker pod has 4Gi for one replica and Ray's own processes; a laptop's replicas share its memory.
+    ("applications", 0, "args", "worker", "memory_bytes"): 2147483648,
 }
 
 

@@ -271,3 +271,50 @@ def test_a_model_it_placed_again_stays_in_view_while_the_pushed_ids_catch_up(rou
     assert routed(router, [a], request("m")) == ["a"]  # a hit, while the ids still read as before
     a.multiplexed_model_ids = {"x", "y"}  # the ids the replica pushed between the two misses arrive
     assert {c.model_id for c in router._view(a, routing_set.now).copies} == {"y", "m"}
+
+
+# -- bytes --------------------------------------------------------------------------------------------
+
+MB = 1 << 20
+
+
+def report(budget: int | None, **sizes: int) -> dict:
+    """A replica's report (record_routing_stats) with its memory budget and the measured size of each model."""
+    return {
+        "slots": 2,
+        "memory": {"budget_bytes": budget, "used_bytes": sum(sizes.values())},
+        "models": {m: {"state": "loaded", "size_bytes": size, "last_used_at": 1.0} for m, size in sizes.items()},
+    }
+
+
+def test_a_miss_names_the_victims_it_chose_and_the_size_it_knows_to_the_replica_it_goes_to(router):
+    """The replicas' reports teach the router each model's size and each replica's budget; a miss goes where
+    the new copy evicts the least worth, and its hint names those victims (Ray's LRU would take the least
+    recently used) and the size, which the registry declared before any replica measured it."""
+    from serve_app.core.schemas import ROUTE
+
+    a = FakeReplica("a", {"large", "small"}, report(500 * MB, large=300 * MB, small=100 * MB))
+    b = FakeReplica("b", {"busy", "busy2"}, report(500 * MB, busy=250 * MB, busy2=200 * MB))
+    for _ in range(20):  # demand for the busy models
+        router._demand.add("busy", time.time())
+        router._demand.add("busy2", time.time())
+        router._demand.add("small", time.time())
+    pending = request("new", "predict", declared_bytes=150 * MB)
+    assert routed(router, [a, b], pending)[0] == "a"
+    hint = pending.kwargs[ROUTE]
+    assert (hint.replica_id, hint.evict, hint.size_bytes) == ("a", ("large",), 150 * MB)
+    assert "large" not in {c.model_id for c in router._view(a, time.time()).copies}  # gone, as far as it knows
+
+
+def test_a_model_larger_than_every_budget_is_still_routed_for_the_replica_to_refuse(router):
+    a = FakeReplica("a", set(), report(100 * MB))
+    pending = request("huge", "predict", declared_bytes=400 * MB)
+    assert routed(router, [a], pending) == ["a"]
+
+
+def test_a_status_call_gets_no_hint(router):
+    from serve_app.core.schemas import ROUTE
+
+    pending = request("m", "status", **{ON_REPLICA: "a"})
+    routed(router, [FakeReplica("a")], pending)
+    assert ROUTE not in pending.kwargs

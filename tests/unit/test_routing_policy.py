@@ -130,7 +130,8 @@ def test_a_hot_model_takes_a_full_replica_only_from_a_model_worth_less_than_its_
     demand = {"hot": 20.0, "cold": 1.0, "warm": 15.0}.get
     busy = R("a", C("hot", 5, in_flight=6), in_flight=6)
     assert first(rank("hot", [busy, R("b", C("cold", 1), C("warm", 2))], demand)) == "b"  # evicts cold (1 < 10)
-    assert first(rank("hot", [busy, R("b", C("warm", 1), C("warm2", 2))], {"hot": 20.0, "warm": 15.0}.get)) == "a"
+    worth_more = {"hot": 20.0, "warm": 15.0, "warm2": 12.0}.get  # each worth more than the new copy's 10
+    assert first(rank("hot", [busy, R("b", C("warm", 1), C("warm2", 2))], worth_more)) == "a"
 
 
 def test_a_hot_model_does_not_spread_to_a_replica_that_is_busy_itself():
@@ -211,3 +212,82 @@ def test_demand_does_not_grow_when_the_clock_steps_back_and_forgotten_keys_count
     tracker.keep_only(lambda key: key[0] == "r2")
     assert tracker.demand(("r1", "m"), 100.0) == 0.0
     assert tracker.demand(("r2", "m"), 100.0) == pytest.approx(1.0)
+
+
+# -- bytes: a memory budget per replica ---------------------------------------------------------------
+
+MB = 1 << 20
+
+
+def S(model_id, last_used, size, in_flight=0):
+    """A copy of ``size`` bytes."""
+    return Copy(model_id, last_used, in_flight, 0.0, size)
+
+
+def B(replica_id, *copies, budget, held_elsewhere=0, in_flight=0):
+    """A replica with a memory budget."""
+    return Replica(replica_id, tuple(copies), in_flight=in_flight, budget=budget, held_elsewhere=held_elsewhere)
+
+
+def test_one_large_rarely_used_model_is_evicted_before_two_small_busy_ones():
+    """GDSF's point: the set of victims with the least worth that frees the slot and the bytes, not the least
+    recent copy."""
+    from deployments.routing.policy import eviction
+
+    worth = {"large": 1.0, "small1": 10.0, "small2": 10.0}.__getitem__
+    replica = Replica(
+        "a",
+        (S("large", 9, 300 * MB), S("small1", 1, 50 * MB), S("small2", 2, 50 * MB)),
+        slots=3,
+        budget=500 * MB,
+    )
+    victims = eviction(replica, "new", 200 * MB, lambda c: worth(c.model_id))
+    assert [v.model_id for v in victims] == ["large"]  # not both small ones, which would free enough too
+    victims = eviction(replica, "new", 150 * MB, lambda c: worth(c.model_id))
+    assert [v.model_id for v in victims] == ["large"]  # not small1, the least recently used, though it would do
+    busy_large = {"large": 30.0, "small1": 10.0, "small2": 10.0}.__getitem__
+    victims = eviction(replica, "new", 200 * MB, lambda c: busy_large(c.model_id))
+    assert [v.model_id for v in victims] == ["small1", "small2"]  # now the large one is worth more than both
+
+
+def test_a_copy_fits_as_it_is_needs_a_slot_and_its_bytes():
+    from deployments.routing.policy import eviction
+
+    replica = B("a", S("x", 1, 300 * MB), budget=500 * MB)
+    assert eviction(replica, "new", 200 * MB, lambda c: 1.0) == ()  # a free slot, and the bytes
+    assert [v.model_id for v in eviction(replica, "new", 201 * MB, lambda c: 1.0)] == ["x"]
+    assert eviction(replica, "new", 501 * MB, lambda c: 1.0) is None  # larger than the whole budget
+
+
+def test_a_copy_in_use_frees_its_slot_but_not_its_bytes_and_lingering_copies_count():
+    from deployments.routing.policy import eviction
+
+    busy = B("a", S("x", 1, 300 * MB, in_flight=2), budget=500 * MB)
+    assert eviction(busy, "new", 300 * MB, lambda c: 1.0) is None  # its bytes stay until its requests end
+    lingering = B("b", budget=500 * MB, held_elsewhere=300 * MB)
+    assert eviction(lingering, "new", 300 * MB, lambda c: 1.0) is None and lingering.used == 300 * MB
+
+
+def test_a_miss_goes_where_it_fits_as_it_is_then_where_it_evicts_least_worth_never_where_it_cannot_fit():
+    demand = {"big": 1.0, "busy": 50.0, "warm": 5.0}.get
+    replicas = [
+        B("a", S("busy", 1, 400 * MB), budget=500 * MB),  # one slot free, but not the bytes: evicts busy
+        B("b", S("big", 2, 400 * MB), budget=500 * MB),  # the same, evicting big (worth 1)
+        B("c", S("warm", 3, 100 * MB), budget=500 * MB),  # a free slot and the bytes
+        B("d", budget=100 * MB),  # can never hold it
+    ]
+    assert flat(rank("new", replicas, lambda m: demand(m) or 0.0, size=300 * MB)) == ["c", "b", "a", "d"]
+
+
+def test_without_sizes_the_count_alone_decides():
+    """A model no replica measured yet (size 0), or replicas without a budget: the rule of the count."""
+    replicas = [B("a", S("x", 1, 400 * MB), budget=500 * MB), Replica("b", (C("y", 2), C("z", 3)))]
+    assert first(rank("new", replicas, no_demand)) == "a"  # a free slot, and 0 bytes fit
+
+
+def test_a_hot_models_new_copy_must_fit_where_it_spreads():
+    busy = B("a", S("hot", 5, 300 * MB, in_flight=6), budget=500 * MB, in_flight=6)
+    no_room = B("b", S("x", 1, 300 * MB, in_flight=1), budget=500 * MB, in_flight=1)
+    assert flat(rank("hot", [busy, no_room], lambda m: 10.0, size=300 * MB)) == ["a"]
+    room = B("c", S("x", 1, 100 * MB), budget=500 * MB)
+    assert flat(rank("hot", [busy, room], lambda m: 10.0, size=300 * MB)) == ["c", "a"]

@@ -502,3 +502,121 @@ def test_a_failing_batch_fails_only_the_request_at_fault():
     answers = asyncio.run(Batcher.run_batch.__wrapped__(b, [["a"], ["bad"], ["c"]], [copy] * 3))
     assert [a["labels"][0, 0] for a in answers if isinstance(a, dict)] == ["ok", "ok"]
     assert isinstance(answers[1], ModelUnavailable) and "ValueError: cannot take 'bad'" in answers[1].message
+
+
+# -- the memory budget ----------------------------------------------------------------------------------
+
+MB = 1 << 20
+
+
+class Budget:
+    """A MemoryBudget of a fixed size, without measuring this process."""
+
+    def __init__(self, budget):
+        from deployments.worker.memory import MemoryBudget
+
+        self.real = MemoryBudget.__new__(MemoryBudget)
+        self.real.device, self.real.baseline, self.real.budget = "cpu", 0, budget
+
+
+def sized_cache(budget: int, **sizes: int) -> tuple[ModelCache, "Owner", FakeCache]:
+    """A cache whose registry has models of the given sizes (tests.byo_runtimes:Sized), a budget, and Serve's
+    cache of its own (the loads below run under its lock, as Serve runs them)."""
+    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"]))
+    live.apply(
+        registry(*[spec(m, runtime="tests.byo_runtimes:Sized", parameters={"size": n}) for m, n in sizes.items()])
+    )
+    owner = Owner(fake_copy())
+    serve_cache = FakeCache()
+    setattr(owner, ray_internals._MULTIPLEX_ATTR, serve_cache)
+    c = ModelCache(owner, live, ReplicaCounters(), FakeMetrics(), 30.0, memory=Budget(budget).real, memory_wait_s=0.2)
+    return c, owner, serve_cache
+
+
+async def load_as_serve(c: ModelCache, serve_cache: FakeCache, model_id: str) -> ModelCopy:
+    """What Serve's multiplexed loader does around ``get_model``: under its lock, then into its cache."""
+    async with serve_cache._model_cache_lock:
+        copy = await c.load(model_id)
+        serve_cache.models[model_id] = copy
+        return copy
+
+
+def test_a_load_over_the_budget_first_evicts_the_least_recent_idle_copies_until_it_fits():
+    c, _, serve_cache = sized_cache(500 * MB, a=200 * MB, b=200 * MB, big=250 * MB)
+
+    async def scenario():
+        a = await load_as_serve(c, serve_cache, "a")
+        b = await load_as_serve(c, serve_cache, "b")
+        serve_cache.models.pop("a")  # Serve's LRU made room by count before the load: a is gone
+        a.unload()
+        big = await load_as_serve(c, serve_cache, "big")  # 200 + 250 fits: b stays
+        return a, b, big
+
+    a, b, big = asyncio.run(scenario())
+    assert not a.loaded and b.loaded and big.loaded and c._counters.evicted_for_memory == 0
+    c2, _, serve_cache2 = sized_cache(400 * MB, a=200 * MB, big=250 * MB)
+
+    async def over():
+        a = await load_as_serve(c2, serve_cache2, "a")
+        big = await load_as_serve(c2, serve_cache2, "big")  # 200 + 250 > 400: a goes first
+        return a, big
+
+    a, big = asyncio.run(over())
+    assert not a.loaded and big.loaded and list(serve_cache2.models) == ["big"]
+    assert c2._counters.evicted_for_memory == 1 and c2.memory_report().used_bytes == 250 * MB
+
+
+def test_a_model_larger_than_the_budget_is_refused_with_its_size_and_the_others_stay():
+    c, _, serve_cache = sized_cache(300 * MB, small=100 * MB, huge=400 * MB)
+
+    async def scenario():
+        small = await load_as_serve(c, serve_cache, "small")
+        with pytest.raises(ModelUnavailable, match=f"takes {400 * MB} bytes, more than .* budget .* of {300 * MB}"):
+            await load_as_serve(c, serve_cache, "huge")
+        return small
+
+    small = asyncio.run(scenario())
+    assert small.loaded and list(serve_cache.models) == ["small"] and c._counters.refused_over_budget == 1
+    assert c.status["huge"].state is ModelState.FAILED and c.status["huge"].size_bytes == 400 * MB
+    c.status["huge"].retry_after = None  # the back-off over: it is refused again before any load, by its size
+    with pytest.raises(ModelUnavailable, match="more than this replica's memory budget"):
+        asyncio.run(load_as_serve(c, serve_cache, "huge"))
+    assert c._counters.refused_over_budget == 2
+
+
+def test_copies_that_requests_still_hold_count_until_freed_and_a_load_waits_for_them_then_gives_up():
+    """At most the cap plus one copy alive: with two held and one evicted but in use, a fourth waits; freed
+    meanwhile, it loads; else it gets a 503 that says why."""
+    c, _, serve_cache = sized_cache(10_000 * MB, a=MB, b=MB, c=MB, d=MB)
+
+    async def scenario():
+        a = await load_as_serve(c, serve_cache, "a")
+        assert a.hold()  # a request runs on a
+        serve_cache.models.pop("a")
+        a.unload()  # evicted while in use: it lingers
+        for m in ("b", "c"):
+            (await load_as_serve(c, serve_cache, m)).hold()  # both in use: nothing idle to evict
+        with pytest.raises(ModelUnavailable, match=r"does not fit now.* 3 copies that requests still run on"):
+            await load_as_serve(c, serve_cache, "d")
+        c._memory_wait_s = 60  # now a wait long enough for the release below
+        waiting = asyncio.ensure_future(load_as_serve(c, serve_cache, "d"))
+        await until(lambda: c._counters.waited_for_memory == 2)
+        a.release()  # a's request ends: it is freed, in a thread, and the load goes on
+        return await asyncio.wait_for(waiting, 30), a
+
+    d, a = asyncio.run(scenario())
+    assert d.loaded and not a.loaded and a.released.is_set()
+
+
+def test_the_routers_victims_go_first_and_a_victim_other_than_the_lru_one_is_counted():
+    c, _, serve_cache = sized_cache(10_000 * MB, a=MB, b=MB, new=MB)
+
+    async def scenario():
+        for m in ("a", "b"):
+            await load_as_serve(c, serve_cache, m)
+        await c.evict_for("new", ("b",))  # a is the least recently used: the router chose b
+
+    asyncio.run(scenario())
+    assert list(serve_cache.models) == ["a"] and "b" not in c.held
+    counters = c._counters
+    assert (counters.evicted_by_router, counters.router_victim_not_lru, counters.evicted_by_lru) == (1, 1, 0)

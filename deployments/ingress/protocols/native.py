@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from deployments.ingress.bodies import check_json_budget
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
-from serve_app.core.schemas import ModelState, RefusedRegistry, RegistryStatus, ReplicaCounters
+from serve_app.core.schemas import ModelState, RefusedRegistry, RegistryStatus, ReplicaCounters, ReplicaMemory
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -69,6 +69,7 @@ class ReplicaModels(BaseModel):
     replica_id: str
     node_id: str | None = None
     models: list[str] = Field(description="models this replica holds or is loading now")
+    memory: ReplicaMemory = Field(description="its memory: the budget its models may take, what they take")
     counters: ReplicaCounters = Field(description="what this replica has done since it started")
     registry: RegistryStatus | None = Field(None, description="the registry this replica runs (null: not reported yet)")
 
@@ -107,6 +108,12 @@ class ModelInfo(BaseModel):
     last_used_at: float | None = Field(None, description="Unix time of the last prediction")
     last_error: str | None = Field(None, description="the last load error, if any")
     load_failures: int = Field(0, description="failed loads so far, over the replicas running now")
+    declared_bytes: int | None = Field(None, description="the size its registry entry declares (memory_bytes)")
+    size_bytes: int | None = Field(
+        None, description="what a copy takes, as the newest load measured it: the larger of the next two"
+    )
+    weights_bytes: int | None = Field(None, description="its weights and buffers, exactly, as its runtime reports")
+    rss_growth_bytes: int | None = Field(None, description="how much the replica's resident memory grew at that load")
 
 
 class ModelList(BaseModel):
@@ -140,6 +147,7 @@ def model_info(status: ModelStatus) -> ModelInfo:
         labels=spec.labels,
         source=spec.source.describe(),
         preload=spec.preload,
+        declared_bytes=spec.memory_bytes,
         loaded=status.loaded,
         **status.model_dump(exclude={"spec", "input_kind"}),
     )
@@ -154,7 +162,12 @@ def model_list(listing: ModelListing, replica_id: str | None = None) -> ModelLis
         models=[model_info(m) for m in listing.models],
         replicas=[
             ReplicaModels(
-                replica_id=r.replica_id, node_id=r.node_id, models=r.held, counters=r.counters, registry=r.registry
+                replica_id=r.replica_id,
+                node_id=r.node_id,
+                models=r.held,
+                memory=r.memory,
+                counters=r.counters,
+                registry=r.registry,
             )
             for r in listing.replicas
         ],

@@ -102,6 +102,9 @@ class RepositoryModel(BaseModel):
     version: str = MODEL_VERSION
     state: str = Field(description="READY, LOADING, UNAVAILABLE (not loaded) or FAILED")
     reason: str = ""
+    size_bytes: int | None = Field(
+        None, description="an extension of this server: what a copy takes, as measured (else as declared)"
+    )
 
 
 def model_metadata(spec: ModelSpec, task: Task) -> ModelMetadata:
@@ -267,4 +270,12 @@ def infer_response(request: InferRequest, result: InferenceResult) -> InferRespo
 def repository_index(listing: ModelListing, ready_only: bool = False) -> list[RepositoryModel]:
     """Every model with its state, or only the ready ones."""
     models = [m for m in listing.models if not ready_only or m.state is ModelState.LOADED]
-    return [RepositoryModel(name=m.spec.id, state=STATE[m.state], reason=m.last_error or "") for m in models]
+    return [
+        RepositoryModel(
+            name=m.spec.id,
+            state=STATE[m.state],
+            reason=m.last_error or "",
+            size_bytes=m.size_bytes or m.spec.memory_bytes,
+        )
+        for m in models
+    ]

@@ -247,7 +247,9 @@ class V2Grpc:
     @rpc(pb.RepositoryIndexResponse)
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         models = v2.repository_index(await self.plane.models(), ready_only=request.ready)
-        return _message({"models": [m.model_dump() for m in models]}, pb.RepositoryIndexResponse)
+        # The gRPC index has fixed fields: the size is REST's extension only.
+        fields = ("name", "version", "state", "reason")
+        return _message({"models": [m.model_dump(include=set(fields)) for m in models]}, pb.RepositoryIndexResponse)
 
     @rpc(pb.RepositoryModelLoadResponse)
     async def RepositoryModelLoad(
