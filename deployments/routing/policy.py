@@ -20,14 +20,14 @@ when it must load a model. This policy decides only which replica a request goes
 
 A copy's worth is its model's recent demand (requests, exponentially decayed) shared among the model's
 copies: a duplicate of a model that another replica keeps is the cheapest thing to evict, and the pool
-behaves as one cache of 2 x replicas slots that keeps its most demanded models. On a replica with a memory
-budget, a new copy needs a slot and its bytes: the copies to evict are the set with the least worth that
-frees both, so one large, rarely used model goes before two small, busy ones (the value per byte of
-Greedy-Dual-Size-Frequency, summed over what must go). Ties go to the copies used longest ago (plain LRU
-across the pool). A victim with requests still running on it comes last: evicting it would keep its
-memory until they finish, so its bytes do not count as freed. Without sizes (a model never loaded, a
-replica without a budget) the rule is the count's alone. The router tells the replica it picks which
-copies to evict (``RouteHint.evict``), since Ray's own LRU would take the least recently used.
+behaves as one cache of 2 x replicas slots that keeps its most demanded models. Without a memory budget a
+replica's victim is the one Ray's LRU takes (its least recently used copy), and a miss goes where that
+victim is worth least. On a replica with a budget, a new copy needs a slot and its bytes: the copies to
+evict are the set with the least worth that frees both, so one large, rarely used model goes before two
+small, busy ones (the value per byte of Greedy-Dual-Size-Frequency, summed over what must go); the router
+tells the replica which (``RouteHint.evict``), since Ray's LRU would take the least recently used. Ties
+go to the copies used longest ago (plain LRU across the pool). A victim with requests still running on it
+comes last: evicting it would keep its memory until they finish, so its bytes do not count as freed.
 
 ``rank`` returns replica ids in order of preference, one to a group, for Serve's
 ``RequestRouter.choose_replicas``; ``bench/simulate.py`` replays traces through the same function.
@@ -90,13 +90,16 @@ class Replica:
 
 def eviction(replica: Replica, model_id: str, size: int, worth: Callable[[Copy], float]) -> tuple[Copy, ...] | None:
     """The copies to evict on ``replica`` so that a new copy of ``model_id`` of ``size`` bytes fits: none when
-    it fits as it is, else the set of copies with the least worth that frees a slot and the bytes (a copy
-    with requests in flight frees its slot but not its bytes, and goes last); None when it cannot fit."""
+    it fits as it is; on a replica without a budget, the least recently used copy (what Ray's LRU takes, by
+    count); on one with a budget, the set of copies with the least worth that frees a slot and the bytes (a
+    copy with requests in flight frees its slot but not its bytes, and goes last); None when it cannot fit."""
     if replica.budget is not None and size > replica.budget:
         return None
     if replica.fits(size):
         return ()
     candidates = [c for c in replica.copies if c.model_id != model_id]
+    if replica.budget is None:  # the count alone: Ray's LRU takes the least recently used copy
+        return (min(candidates, key=lambda c: c.last_used),) if candidates else None
     best: tuple | None = None
     for n in range(1, len(candidates) + 1):
         for victims in itertools.combinations(candidates, n):

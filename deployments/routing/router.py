@@ -84,7 +84,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         # internal request id -> (replica, model) of each model call sent and not completed: concurrent
         # calls made for one ingress request share its id
         self._running: dict[str, list[tuple[str, str]]] = {}
-        self._sent: dict[str, int] = {}  # replica -> requests sent there, not completed yet (model calls or not)
+        self._sent: dict[str, int] = {}  # replica -> model calls sent there, not completed yet
+        # Calls for one replica (status, unload) are no load: the send Serve counts next, and their completions.
+        self._uncounted_send: str | None = None
+        self._uncounted: set[tuple[str, str]] = set()
         self._holder_grace_s = args.holder_grace_s
         self._reports: dict[str, tuple[object, ReplicaStatus]] = {}  # replica -> (its raw stats, parsed)
         self._sizes: dict[str, int] = {}  # model -> the bytes of a copy, as a replica last measured it
@@ -208,9 +211,25 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                 self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
                 self._assigned[top.replica_id][model_id] = now
             if pending.metadata.call_method in HINTED:
-                evict = tuple(v.model_id for v in victims)
-                pending.kwargs[ROUTE] = RouteHint(replica_id=top.replica_id, evict=evict, size_bytes=size or None)
+                # Without a budget the victim is Ray's LRU's own: nothing to tell.
+                evict = tuple(v.model_id for v in victims) if top.budget is not None else ()
+                threads = self._idle_threads(top.replica_id, candidates)
+                pending.kwargs[ROUTE] = RouteHint(
+                    replica_id=top.replica_id, evict=evict, size_bytes=size or None, threads=threads
+                )
         return [[by_id[rid] for rid in group] for group in order]
+
+    def _idle_threads(self, rid: str, candidates: Sequence[RunningReplica]) -> int | None:
+        """The threads a request may use on replica ``rid`` when it would run alone on an idle node: no request
+        of this router's in flight on it nor on any other worker replica of its node, whose threads are then
+        idle too (their sum: each replica's reported share). None otherwise: under load each replica keeps its
+        own share. (With several ingress replicas, each router sees only the requests it sent.)"""
+        node = next((r.node_id for r in candidates if r.replica_id.unique_id == rid), None)
+        on_node = [r for r in self.curr_replicas.values() if r.node_id == node]
+        if node is None or any(self._sent.get(r.replica_id.unique_id, 0) for r in on_node):
+            return None
+        shares = [(self._report(r).threads if self._report(r) is not None else 1) for r in on_node]
+        return sum(shares) if len(shares) > 1 else None
 
     def _holder_away(self, model_id: str, view: dict[str, Replica], now: float) -> bool:
         """Whether no replica in the routing set holds the model but one that left it less than
@@ -263,10 +282,16 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         hint = pending_request.kwargs.get(ROUTE)
         rid = replica.replica_id.unique_id
         if hint is not None and hint.replica_id != rid:  # Serve took a later group's: its victims are not known
-            pending_request.kwargs[ROUTE] = RouteHint(replica_id=rid, size_bytes=hint.size_bytes)
+            pending_request.kwargs[ROUTE] = RouteHint(replica_id=rid, size_bytes=hint.size_bytes)  # nor its threads
         model_id = pending_request.metadata.multiplexed_model_id
-        if model_id and pending_request.kwargs.get(ON_REPLICA) is None:
-            self._sending(pending_request.metadata.internal_request_id, replica.replica_id.unique_id, model_id)
+        request_id = pending_request.metadata.internal_request_id
+        if pending_request.kwargs.get(ON_REPLICA) is not None:
+            # A status or an unload for one replica: no load on it. Serve counts the send next, with no await
+            # in between (on_send_request), and its completion later: neither counts.
+            self._uncounted_send = rid
+            self._uncounted.add((request_id, rid))
+        elif model_id:
+            self._sending(request_id, rid, model_id)
         return replica
 
     def _sending(self, request_id: str, rid: str, model_id: str) -> None:
@@ -276,8 +301,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._recent_all.add(rid, now)
         self._last_used[(rid, model_id)] = now
         self._running.setdefault(request_id, []).append((rid, model_id))
-        if len(self._last_used) > 4096 or len(self._running) > 4096:  # keep the bookkeeping bounded
+        if len(self._last_used) > 4096 or len(self._running) > 4096 or len(self._uncounted) > 4096:  # bounded
             live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
+            self._uncounted = {k for k in self._uncounted if k[1] in live}
             self._running = {k: calls for k, calls in self._running.items() if all(r in live for r, _ in calls)}
             self._last_used = {k: t for k, t in self._last_used.items() if k[0] in live}
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
@@ -289,10 +315,15 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
+        if self._uncounted_send == replica_id.unique_id:
+            self._uncounted_send = None
+            return
         self._sent[replica_id.unique_id] = self._sent.get(replica_id.unique_id, 0) + 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self._sent.get(replica_id.unique_id):  # every request sent completes once (rejected ones too)
+        if (internal_request_id, replica_id.unique_id) in self._uncounted:
+            self._uncounted.discard((internal_request_id, replica_id.unique_id))
+        elif self._sent.get(replica_id.unique_id):  # every request sent completes once (rejected ones too)
             self._sent[replica_id.unique_id] -= 1
         calls = self._running.get(internal_request_id, [])
         for call in calls:

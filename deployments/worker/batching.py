@@ -18,6 +18,11 @@ Two rules shape the batches:
   requests, such a request runs at once, as a batch of its own. docs/performance.md has what each rule
   measured.
 
+A lone request may also use the idle cores: when the router saw its replica's whole node idle, it says how
+many threads the node's worker replicas have between them (``RouteHint.threads``), and a batch of that
+request alone (at once, or through the queue) runs its forward pass on that many (``copies.with_threads``,
+on the copy's own thread, undone after). Under load every batch keeps the replica's own share.
+
 Every batch holds its model copy until its forward pass ends, even when the requests that started it
 leave (a timeout, a client gone): an eviction meanwhile waits for the pass to end.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -52,7 +58,7 @@ batch, about 7 batches of one bring it under COMPANY_AT)."""
 
 
 class Batcher:
-    def __init__(self, counters: ReplicaCounters, batching: BatchingArgs | None = None) -> None:
+    def __init__(self, counters: ReplicaCounters, batching: BatchingArgs | None = None, threads: int = 1) -> None:
         batching = batching or BatchingArgs()
         self.run_batch.set_max_batch_size(batching.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -63,10 +69,14 @@ class Batcher:
         self.predicting = 0  # requests with their inputs ready, waiting for their answers
         self.requests_a_batch = 1.0  # requests per batch over this replica's last several (moving average)
         self._lone_batches: set[asyncio.Future] = set()  # batches of one running for requests that may leave
+        self.threads = threads  # this replica's own share of intra-op threads
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    async def predict(self, inputs: list[Any], copy: ModelCopy) -> Answer | Exception:
+    async def predict(self, inputs: list[Any], copy: ModelCopy, idle_threads: int | None = None) -> Answer | Exception:
         """One request's answer, at once as a batch of its own when it is alone on an idle replica of late,
-        else through Serve's batch queue once no batch runs, with the requests that waited meanwhile."""
+        else through Serve's batch queue once no batch runs, with the requests that waited meanwhile.
+        ``idle_threads``: the router saw this replica's node idle (RouteHint.threads): a batch of this request
+        alone may run on that many threads (at most this machine's cores)."""
         self.predicting += 1
         try:
             if (
@@ -75,7 +85,7 @@ class Batcher:
                 and self.requests_a_batch < COMPANY_AT
                 and self._batch_starts(copy)  # counted now: a request that arrives before it runs waits
             ):
-                batch = asyncio.ensure_future(self._run_now([inputs], copy))
+                batch = asyncio.ensure_future(self._run_now([inputs], copy, self._extra(idle_threads)))
                 # Ended by a callback, which runs however the task ends (even cancelled before its first step).
                 batch.add_done_callback(lambda _: self._batch_ends(copy))
                 self._lone_batches.add(batch)
@@ -84,18 +94,22 @@ class Batcher:
                 # forward pass runs.
                 return (await asyncio.shield(batch))[0]
             await self.no_batch_running.wait()  # join the queue when the model thread is free
-            return await self.run_batch(inputs, copy)
+            return await self.run_batch(inputs, copy, self._extra(idle_threads))
         finally:
             self.predicting -= 1
 
     # Size and wait are set from BatchingArgs in __init__.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def run_batch(self, requests: list[list[Any]], copies: list[ModelCopy]) -> list[Answer | Exception]:
+    async def run_batch(
+        self, requests: list[list[Any]], copies: list[ModelCopy], threads: list[int | None] | None = None
+    ) -> list[Answer | Exception]:
         """One model call for the inputs of several requests. Serve never mixes models in a batch, but it
         groups by model id, not by copy: when a registry change replaced a model's copy, requests still on
         the old copy and new ones on the new copy can share a batch, and each copy then gets a call of its
         own, so that requests running on a copy finish on it. If a call fails, each of its requests is run
-        alone, so that only the request at fault gets the error."""
+        alone, so that only the request at fault gets the error. ``threads``: each request's idle threads
+        (``_extra``); a batch of one request that has them runs on them."""
+        threads = threads or [None] * len(requests)
         out: list[Answer | Exception | None] = [None] * len(requests)
         by_copy: dict[int, list[int]] = {}
         for i, copy in enumerate(copies):
@@ -109,7 +123,8 @@ class Batcher:
                 answers: list[Answer | Exception] = [gone] * len(indices)
             else:
                 try:
-                    answers = await self._run_now([requests[i] for i in indices], copy)
+                    lone = threads[indices[0]] if len(indices) == 1 else None
+                    answers = await self._run_now([requests[i] for i in indices], copy, lone)
                 finally:
                     self._batch_ends(copy)
             for i, answer in zip(indices, answers, strict=True):
@@ -133,22 +148,32 @@ class Batcher:
         if self.batches_running == 0:
             self.no_batch_running.set()
 
-    async def _run_now(self, requests: list[list[Any]], copy: ModelCopy) -> list[Answer | Exception]:
+    def _extra(self, idle_threads: int | None) -> int | None:
+        """The threads a batch of this request alone runs on: the router's count of the node's idle threads, at
+        most this machine's cores; None when that is no more than the replica's own share."""
+        threads = min(idle_threads, self._cores) if idle_threads else None
+        return threads if threads is not None and threads > self.threads else None
+
+    async def _run_now(
+        self, requests: list[list[Any]], copy: ModelCopy, threads: int | None = None
+    ) -> list[Answer | Exception]:
         """One model call on one copy for several requests' inputs: each request's answer, or its error."""
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
+        self._counters.most_threads = max(self._counters.most_threads, threads or self.threads)
+        self._counters.extra_thread_batches += threads is not None and threads > self.threads
         self.requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self.requests_a_batch)
         try:
-            return list(await self.infer(copy, requests))
+            return list(await self.infer(copy, requests, threads))
         except Exception as e:
             if len(requests) == 1:
                 return [e]
             return [await self._infer_or_error(copy, inputs) for inputs in requests]
 
-    async def infer(self, copy: ModelCopy, requests: list[list[Any]]) -> list[Answer]:
+    async def infer(self, copy: ModelCopy, requests: list[list[Any]], threads: int | None = None) -> list[Answer]:
         """The copy's answers, on its own thread; a failure of the model is a 503 naming the reason."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(copy.thread, copy.answer, requests)
+            return await asyncio.get_running_loop().run_in_executor(copy.thread, copy.answer, requests, threads)
         except ServeAppError:
             raise
         except ContractError as e:

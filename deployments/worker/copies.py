@@ -75,6 +75,28 @@ def trim_memory() -> bool:
     return True
 
 
+@contextmanager
+def with_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads, then go back to the count before. Called on the
+    copy's own thread, just before its forward pass: with torch's OpenMP, ``set_num_threads`` sets the calling
+    thread's own count (and the process's default), and a thread that has run keeps its count, so another
+    copy's thread running meanwhile is not changed."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class ModelCopy:
     def __init__(self, spec: ModelSpec, runtime: ModelRuntime, task: Task) -> None:
         self.spec = spec
@@ -146,12 +168,14 @@ class ModelCopy:
     def prepare(self, inputs: list[Any]) -> list[Any]:
         return self.runtime.prepare(inputs)
 
-    def answer(self, requests: Sequence[list[Any]]) -> list[dict[str, np.ndarray]]:
+    def answer(self, requests: Sequence[list[Any]], threads: int | None = None) -> list[dict[str, np.ndarray]]:
         """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
         request's answer encoded by the task's output kind. ``ContractError`` if the runtime's rows do not
-        fit the task's contract. Runs on ``thread``."""
+        fit the task's contract. Runs on ``thread``; ``threads``: the intra-op threads of this forward pass
+        (``with_threads``)."""
         flat = [item for inputs in requests for item in inputs]
-        rows = self.runtime.predict(flat)
+        with with_threads(threads):
+            rows = self.runtime.predict(flat)
         if not isinstance(rows, Sequence) or len(rows) != len(flat):
             got = len(rows) if isinstance(rows, Sequence) else type(rows).__name__
             raise ContractError(f"predict must answer one row per input: {len(flat)} inputs, got {got}")

@@ -36,6 +36,12 @@ from serve_app.core.schemas import ReplicaCounters, RouteHint, WorkerResult
 logger = logging.getLogger("ray.serve")
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def configure_torch(num_threads: int | None) -> None:
     """Import torch and transformers at replica start, not on the first request, and size torch's thread pool."""
     import torch
@@ -75,7 +81,8 @@ class ModelWorker:
             memory=memory,
             memory_wait_s=request_timeout_s,
         )
-        self._batcher = Batcher(self._counters, args.batching)
+        self._threads = args.torch_threads or torch_threads()
+        self._batcher = Batcher(self._counters, args.batching, self._threads)
 
     # -- the registry ---------------------------------------------------------------------------------
 
@@ -117,7 +124,7 @@ class ModelWorker:
         try:
             await self._cache.catch_up(registry_version)
             loaded = model_id not in self._cache.held
-            await self._routed(model_id, route)
+            route = await self._routed(model_id, route)
             # Load (or find) and hold the model before joining the batch queue, so that a cold load does not
             # hold up the queue and an eviction cannot free the model while the request needs it.
             copy = await self._cache.acquire(model_id)
@@ -130,7 +137,7 @@ class ModelWorker:
                     )
                 if copy.prepares:  # e.g. decoding images: in a thread
                     inputs = await asyncio.to_thread(copy.prepare, inputs)
-                answer = await self._batcher.predict(inputs, copy)
+                answer = await self._batcher.predict(inputs, copy, route.threads if route else None)
             finally:
                 copy.release()
         except asyncio.CancelledError:
@@ -152,14 +159,16 @@ class ModelWorker:
         await self._routed(model_id, route)
         (await self._cache.acquire(model_id)).release()
 
-    async def _routed(self, model_id: str, route: RouteHint | None) -> None:
+    async def _routed(self, model_id: str, route: RouteHint | None) -> RouteHint | None:
         """Act on the router's hint for a request of this replica's: for a miss, evict the copies it chose
-        (before Serve's LRU would take the least recent), and expect the size it knows."""
+        (before Serve's LRU would take the least recent), and expect the size it knows. Returns the hint if
+        it is this replica's (a hint for another is ignored)."""
         if route is None or route.replica_id != serve.get_replica_context().replica_id.unique_id:
-            return
+            return None
         self._cache.expect(model_id, route)
         if route.evict:
             await self._cache.evict_for(model_id, route.evict)
+        return route
 
     async def unload(self, on_replica: str | None = None) -> bool:
         """Unload the request's model from this replica; False if it did not hold it. ``on_replica`` names
@@ -178,6 +187,7 @@ class ModelWorker:
         ingress reads it too."""
         return {
             "slots": MAX_MODELS_PER_REPLICA,
+            "threads": self._threads,
             "memory": self._cache.memory_report().model_dump(mode="json"),
             "models": self._cache.report(),
             "counters": self._counters.model_dump(mode="json"),

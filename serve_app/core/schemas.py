@@ -44,6 +44,7 @@ class RouteHint:
     replica_id: str  # the replica it was chosen for (Serve may send the request to another group's replica)
     evict: tuple[str, ...] = ()  # a miss: the copies to evict there first, the set of least worth (policy.eviction)
     size_bytes: int | None = None  # the request's model's size as the router knows it (measured, or declared)
+    threads: int | None = None  # the replica and its node are idle: its forward pass may use this many threads
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ class ReplicaCounters(BaseModel):
     evicted_for_memory: int = Field(0, description="copies this replica evicted to keep a load within its budget")
     refused_over_budget: int = Field(0, description="loads refused: the model is larger than the whole budget")
     waited_for_memory: int = Field(0, description="loads that waited for copies still in use to be freed")
+    extra_thread_batches: int = Field(
+        0, description="batches of a lone request on an idle node, run with the node's idle threads as well"
+    )
+    most_threads: int = Field(0, description="the most intra-op threads a batch has run with")
 
 
 class ReplicaMemory(BaseModel):
@@ -135,6 +140,7 @@ class ReplicaStatus(BaseModel):
     replica_id: str
     node_id: str | None = None
     slots: int = Field(2, description="most models this replica holds at once")
+    threads: int = Field(1, description="the intra-op threads its forward passes use under load")
     memory: ReplicaMemory = Field(default_factory=ReplicaMemory)
     registry: RegistryStatus | None = None
     models: dict[str, ReplicaModelStatus] = Field(default_factory=dict)

@@ -6,6 +6,7 @@ unload reaches every copy; and no replica ever holds more than two models.
 """
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -121,3 +122,70 @@ def test_misses_go_to_a_free_slot_then_to_the_replica_with_the_coldest_victim(cl
     assert watcher.results and max(max(sample) for sample in watcher.results) <= 2
     loads = {m["id"]: m["load_count"] for m in client.get(f"{routing_url}/models").json()["models"]}
     assert all(loads[m] >= 1 for m in MODELS)  # each miss was one load, where the policy placed it
+
+
+@pytest.fixture(scope="module")
+def threads_url(deploy, tmp_path_factory):
+    """Two worker replicas on this node, one thread each; 'slow' takes 4 s on an input starting with "slow"
+    (tests.byo_runtimes:Sized), 'fast' answers at once."""
+    import json
+
+    from serve_app.core import ray_internals
+
+    base = tmp_path_factory.mktemp("threads")
+    sized = {"task": "text-classification", "source": {"path": str(base)}, "runtime": "tests.byo_runtimes:Sized"}
+    models = [
+        {"id": "slow", **sized, "parameters": {"size": 1000, "delay_s": 4}},
+        {"id": "fast", **sized, "parameters": {"size": 1000}},
+    ]
+    (base / "registry.json").write_text(json.dumps({"models": models}))
+    args = tiny_args(base / "registry.json", replicas=2, runtime_modules=["tests.byo_runtimes"])
+    yield deploy("threads", args)
+    ray_internals.delete_app_in_background("threads")
+
+
+def _by_model(client, url, settle: bool = True) -> dict[str, dict]:
+    """Each model's replica: its counters, once the replicas' reports have caught up (two reads a few seconds
+    apart agree), or as they are now (``settle=False``)."""
+    from tests.helpers import settled
+
+    def read():
+        return tuple(
+            (m, r["counters"]["requests"], r["counters"]["batches"], r["counters"]["extra_thread_batches"])
+            for r in replicas(client, url)
+            for m in r["models"]
+        )
+
+    return {m: {"requests": n, "batches": b, "extra": e} for m, n, b, e in (settled(read) if settle else read())}
+
+
+def test_a_lone_request_on_an_idle_node_runs_with_its_idle_threads_and_not_while_the_node_is_busy(client, threads_url):
+    """The router knows every replica's requests in flight. With both replicas of this node idle, a request's
+    forward pass may run on their two threads; while the other replica runs a request, it keeps its one."""
+    for model_id in ("fast", "slow"):  # one on each replica
+        assert (
+            client.post(f"{threads_url}/predict", json={"model_id": model_id, "input_data": "warm"}).status_code == 200
+        )
+    before = _by_model(client, threads_url)
+    assert set(before) == {"fast", "slow"}
+    assert client.post(f"{threads_url}/predict", json={"model_id": "fast", "input_data": "alone"}).status_code == 200
+    answers = []
+    slow = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(f"{threads_url}/predict", json={"model_id": "slow", "input_data": "slow one"}, timeout=120)
+        )
+    )
+    slow.start()
+    # The slow request is on the other replica (its 4 s forward pass runs) before the fast ones go.
+    assert wait_for(
+        lambda: _by_model(client, threads_url, settle=False)["slow"]["requests"] > before["slow"]["requests"]
+    )
+    for _ in range(3):
+        r = client.post(f"{threads_url}/predict", json={"model_id": "fast", "input_data": "beside the slow one"})
+        assert r.status_code == 200
+    slow.join()
+    assert [a.status_code for a in answers] == [200]
+    after = _by_model(client, threads_url)["fast"]
+    assert after["requests"] - before["fast"]["requests"] == 4
+    assert after["extra"] - before["fast"]["extra"] == 1  # the lone one, not the three beside the slow one
+    assert max(r["counters"]["most_threads"] for r in replicas(client, threads_url)) == 2

@@ -133,3 +133,37 @@ def test_each_copy_runs_on_one_thread_of_its_own_until_it_is_freed(tiny_dir):
     second.free()
     other.join(5)
     assert not other.is_alive()
+
+
+def test_a_forward_pass_with_more_threads_runs_with_them_and_the_count_is_undone(tiny_dir):
+    """On the copy's own thread, just before its forward pass: the thread's torch count is the hint's during
+    the pass, and what it was before after it, whatever the pass raised."""
+    import torch
+
+    copy = copy_of(tiny_dir, "alpha").load()
+    seen = []
+    predict = copy.runtime.predict
+
+    def recording(inputs):
+        seen.append(torch.get_num_threads())
+        return predict(inputs)
+
+    copy.runtime.predict = recording
+
+    def on_thread(threads):
+        before = torch.get_num_threads()
+        copy.answer([["hello"]], threads=threads)
+        return before, torch.get_num_threads()
+
+    one = copy.thread.submit(torch.set_num_threads, 1).result()
+    assert one is None
+    assert copy.thread.submit(on_thread, 2).result() == (1, 1) and seen == [2]
+    assert copy.thread.submit(on_thread, None).result() == (1, 1) and seen == [2, 1]
+
+    def failing(inputs):
+        raise ValueError("boom")
+
+    copy.runtime.predict = failing
+    with pytest.raises(ValueError):
+        copy.thread.submit(copy.answer, [["x"]], 2).result()
+    assert copy.thread.submit(torch.get_num_threads).result() == 1

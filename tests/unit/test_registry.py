@@ -138,3 +138,25 @@ def test_a_runtime_class_must_come_from_an_allowed_module():
     assert Registry.from_dict(_with(0, runtime=own), catalog=allowed).get("sentiment").runtime == own
     shipped = "deployments.tasks.text_classification:TextClassificationRuntime"  # a task module's: allowed
     assert Registry.from_dict(_with(0, runtime=shipped)).get("sentiment").runtime == shipped
+
+
+def test_a_declared_size_over_a_replicas_model_budget_refuses_the_registry():
+    """worker.memory_bytes less worker.baseline_bytes is what a replica's models may take: a model declared
+    larger can never be loaded, and the registry naming it is refused whole, as for any bad entry."""
+    from serve_app.core.config import AppArgs
+    from serve_app.core.live_registry import LiveRegistry, registry_user_config
+
+    args = AppArgs.model_validate(
+        {"auth": {"mode": "off"}, "worker": {"memory_bytes": 2 << 30, "baseline_bytes": 1 << 30}}
+    )
+    rules = args.registry_rules
+    assert rules.model_budget_bytes == 1 << 30
+    fits, too_big = _with(0, memory_bytes=1 << 30), _with(0, memory_bytes=(1 << 30) + 1)
+    assert Registry.from_dict(fits, budget_bytes=rules.model_budget_bytes).get("sentiment").memory_bytes == 1 << 30
+    with pytest.raises(RegistryError, match=rf"models\.0\.memory_bytes: a copy of {(1 << 30) + 1} bytes can never"):
+        Registry.from_dict(too_big, origin="models.json", budget_bytes=rules.model_budget_bytes)
+    live = LiveRegistry.from_rules(rules)
+    good = live.apply(registry_user_config(fits, origin="models.json"))
+    assert live.apply(registry_user_config(too_big, origin="models.json")) is None  # refused: the old one serves
+    assert live.version == good.version and "can never be loaded" in live.status().refused.message
+    assert Registry.from_dict(too_big).get("sentiment").memory_bytes  # no budget (count only): any size is taken

@@ -27,6 +27,7 @@ class FakeReplica:
     name: str
     multiplexed_model_ids: set[str] = field(default_factory=set)
     routing_stats: dict = field(default_factory=dict)
+    node_id: str = "node-1"
 
     @property
     def replica_id(self) -> FakeId:
@@ -183,6 +184,30 @@ def test_each_call_sent_counts_on_its_replica_until_that_replica_completes_it(ro
     assert router._running == {}
 
 
+def test_a_call_for_one_replica_is_no_load_on_it(router, send, monkeypatch):
+    """GET /models asks the replicas for their status (a call for one replica): that is no load, and must not
+    move a request's placement (the least loaded) nor take a lone request's idle threads."""
+    from ray.serve.request_router import RequestRouter
+
+    a = FakeReplica("a", {"m"})
+    monkeypatch.setattr(RequestRouter, "_choose_replica_for_request", lambda self, pending, is_retry=False: _ready(a))
+    status = request("m", "status", **{ON_REPLICA: "a"})
+    status.metadata.internal_request_id = "listing"
+    asyncio.run(router._choose_replica_for_request(status))
+    router.on_send_request(a.replica_id)
+    assert router._sent.get("a", 0) == 0
+    send(a, "m", "r1")  # a model call on a counts
+    assert router._sent["a"] == 1
+    router.on_request_completed(a.replica_id, "listing")  # the status's completion takes nothing off
+    assert router._sent["a"] == 1 and not router._uncounted
+    router.on_request_completed(a.replica_id, "r1")
+    assert router._sent["a"] == 0
+
+
+async def _ready(value):
+    return value
+
+
 @pytest.fixture
 def routing_set(router, monkeypatch):
     """Serve's updates of the routing set, on the fake replicas, and a clock the test moves."""
@@ -318,3 +343,31 @@ def test_a_status_call_gets_no_hint(router):
     pending = request("m", "status", **{ON_REPLICA: "a"})
     routed(router, [FakeReplica("a")], pending)
     assert ROUTE not in pending.kwargs
+
+
+# -- idle cores for a lone request ----------------------------------------------------------------------
+
+
+def test_a_request_alone_on_an_idle_node_may_use_the_threads_of_its_replicas(router, routing_set):
+    """The router knows every replica's requests in flight: when none of the chosen replica's node is busy, a
+    request may run on their threads together (each replica reports its own share); under load, or alone on
+    its node, it keeps its replica's share."""
+    from serve_app.core.schemas import ROUTE
+
+    a = FakeReplica("a", {"m"}, {"threads": 1, "models": {}})
+    b = FakeReplica("b", {"x"}, {"threads": 2, "models": {}})
+    far = FakeReplica("c", {"y"}, {"threads": 1, "models": {}}, node_id="node-2")
+    router.update_replicas([a, b, far])
+
+    def threads(*replicas):
+        pending = request("m", "predict")
+        routed(router, list(replicas), pending)
+        return pending.kwargs[ROUTE].threads
+
+    assert threads(a, b, far) == 3  # a and b share node-1: 1 + 2 threads, both idle
+    router.on_send_request(b.replica_id)  # b runs a request
+    assert threads(a, b, far) is None
+    router.on_request_completed(b.replica_id, "r1")
+    assert threads(a, b, far) == 3
+    router.update_replicas([a, far])  # a alone on its node: no idle neighbour
+    assert threads(a, far) is None

@@ -339,9 +339,9 @@ def lone_request_batcher(requests_a_batch: float):
     batch = Batcher.run_batch.__wrapped__  # the batch function, without Serve's queue
     queued = []
 
-    async def through_the_queue(inputs, copy):  # as Serve's queue: the batch runs in a task of its own
+    async def through_the_queue(inputs, copy, threads=None):  # as Serve's queue: a task of its own
         queued.append(list(inputs))
-        return (await asyncio.shield(asyncio.ensure_future(batch(b, [inputs], [copy]))))[0]
+        return (await asyncio.shield(asyncio.ensure_future(batch(b, [inputs], [copy], [threads]))))[0]
 
     b.run_batch = through_the_queue
     return b, copy, queued, *blocking_copy(copy)
@@ -620,3 +620,31 @@ def test_the_routers_victims_go_first_and_a_victim_other_than_the_lru_one_is_cou
     assert list(serve_cache.models) == ["a"] and "b" not in c.held
     counters = c._counters
     assert (counters.evicted_by_router, counters.router_victim_not_lru, counters.evicted_by_lru) == (1, 1, 0)
+
+
+def test_a_batch_of_one_request_with_idle_threads_runs_on_them_and_a_larger_batch_does_not():
+    """The router's idle threads apply to a batch of that request alone, at once or through the queue (at
+    most the machine's cores); a batch of several keeps the replica's share; the counters say which ran how."""
+    import torch
+
+    copy = fake_copy()
+    seen = []
+    copy.runtime.predict = lambda inputs: (
+        seen.append((len(inputs), torch.get_num_threads())) or [[("x", 1.0)]] * len(inputs)
+    )
+    copy.thread.submit(torch.set_num_threads, 1).result()
+    b = Batcher(ReplicaCounters(), threads=1)
+    b._cores = 4
+    batch = Batcher.run_batch.__wrapped__
+
+    async def scenario():
+        await predict(b, copy, ["alone"])  # no hint: the replica's share
+        await b.predict(["alone"], copy, idle_threads=2) if copy.hold() else None
+        copy.release()
+        await batch(b, [["queued"]], [copy], [b._extra(8)])  # through the queue, capped at 4 cores
+        await batch(b, [["a"], ["b"]], [copy, copy], [b._extra(2), None])  # two requests: the share
+
+    asyncio.run(scenario())
+    assert seen == [(1, 1), (1, 2), (1, 4), (2, 1)]
+    assert (b._counters.extra_thread_batches, b._counters.most_threads) == (2, 4)
+    assert copy.thread.submit(torch.get_num_threads).result() == 1  # undone after each pass
