@@ -53,6 +53,9 @@ def test_a_chunked_answer_with_extensions_and_trailers_whatever_the_pieces():
     )
     for cut in every_split(raw):
         assert feed_in_pieces(raw, cut) == [Response(200, b'{"a": 1, "b": 22}', True)], cut
+    two_trailers = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nA: 1\r\nB: 2\r\n\r\n"
+    for cut in every_split(two_trailers):
+        assert feed_in_pieces(two_trailers, cut) == [Response(200, b"abc", True)], cut
     plain_end = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
     for cut in every_split(plain_end):
         assert feed_in_pieces(plain_end, cut) == [Response(200, b"abc", True)], cut
