@@ -7,9 +7,11 @@ For GET /healthz (no model run) and POST /predict (one loaded model), at 1 and 1
 installed) and rawhttp, the benchmark's generators, and the httpx closed loop that the benchmark used
 before them (an httpx.AsyncClient per client, in one process); for gRPC ModelInfer, the benchmark's
 stubs (bench/loadgen.py) and the grpc.aio loop it used before. Each one's CPU per request is its
-processes' CPU time while it ran (from its first request on, start-up left out) over the requests it sent;
-the whole-process figure, start-up included, beside it. Each case runs in alternating rounds (generators in
-turn), and the table gives the median of the rounds.
+processes' CPU time from its first request to its last answer, over the requests it sent. Beside it, the
+whole run's: wrk's whole process; rawhttp's and the gRPC stubs' whole run in their worker processes (the
+plan read, the connections opened; the workers' start, once for many runs, left out); httpx's and
+grpc.aio's whole process, its start and imports included. Each case runs in alternating rounds
+(generators in turn), and the table gives the median of the rounds.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def main() -> None:
         if server is not None:
             server.stop()
     print()
-    print("| route | clients | generator | CPU per request, load (ms) | whole processes (ms) | req/s | answered |")
+    print("| route | clients | generator | CPU per request, load (ms) | whole run (ms) | req/s | answered |")
     print("|---|---|---|---|---|---|---|")
     for route, c, kind, cpu, total, rps, ok in rows:
         print(f"| {route} | {c} | {kind} | {cpu:.3f} | {total:.3f} | {rps:.0f} | {ok} |")

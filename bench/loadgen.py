@@ -1,26 +1,27 @@
 """The benchmark's load generators: processes of their own that cost the servers they measure almost nothing.
 
 The benchmark runs on the same CPUs as the servers it measures, so whatever CPU its clients use, the
-servers lack, and each request's latency carries the client's own time. httpx cost 1.9 to 14 ms of CPU a
-request; these cost well under 0.5 ms (``docs/performance.md``, "The load generator"):
+servers lack, and each request's latency carries the client's own time. httpx cost 1.0 to 2.8 ms of CPU a
+request; the HTTP generators here cost well under 0.5 ms, the gRPC stubs 0.2 to 0.6 (``docs/performance.md``,
+"The load generator"):
 
 * ``wrk`` (``apt-get install wrk``), driven by ``bench/loadgen.lua``: one connection per wrk thread, so a
   thread's requests and answers alternate, each answer is checked against its own request and timed in
   Lua, and each client sends its requests in plan order. wrk's own latency histogram is not used: wrk
   "corrects" it for coordinated omission with synthetic samples before its ``done`` hook sees it.
 * ``rawhttp``, this module's own, where wrk is not installed: HTTP/1.1 over raw non-blocking sockets in one
-  epoll loop, every request encoded before the run starts, in processes of its own (``python -S``, the
-  standard library only).
-* gRPC (wrk does not speak it): ``grpc`` stubs of their own process, a thread per client making blocking
-  calls with the request already serialized, through one channel.
+  epoll loop, every request encoded before the run starts, in worker processes of its own (``python -S``,
+  the standard library only), kept from run to run.
+* gRPC (wrk does not speak it): ``grpc`` stubs in a worker process of their own, a thread per client making
+  blocking calls with the request already serialized, through one channel.
 
 Every generator runs a ``Plan`` (each client's requests, in order) as a closed loop: a client sends its
 next request when the last one is answered. Each reports per-request latencies of the requests answered as
 planned, the counts of what it sent and what failed, the time from its first request to its last answer,
 and its own CPU time, from which the benchmark reports the CPU each request cost the machine.
 
-This module imports nothing outside the standard library at its top: its HTTP worker processes run it as
-a script under ``python -S``.
+This module imports nothing outside the standard library at its top: its HTTP worker processes run it
+under ``python -S -m bench.loadgen``.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class Result:
     first: float = float("inf")  # time.monotonic() of the first request sent
     last: float = float("-inf")  # and of the last answer
     cpu_s: float = 0.0  # the generator's CPU time while it ran the plan (from its first request on)
-    cpu_total_s: float = 0.0  # its processes' whole CPU time, start-up included
+    cpu_total_s: float = 0.0  # the whole run's: wrk's process; a worker's run (its start, once, left out)
 
     @property
     def ok(self) -> int:
@@ -409,6 +410,7 @@ def run_clients(
             del by_fd[fd]
             c.sock.close()
             c.sock = None
+            c.out = b""
 
     for c in clients:
         attach(c)  # where it fails, the client's first request tries again
@@ -420,16 +422,17 @@ def run_clients(
     active = len(clients)
 
     def send_next(c: _Client) -> None:
-        """The client's next request, or its end; a request it cannot connect for counts and is skipped."""
+        """The client's next request, or its end (its plan done, or, timed, its time up: it cycles through its
+        plan until then); a request it cannot connect for counts and is skipped."""
         nonlocal active
         while True:
             c.k += 1
-            if c.k >= len(c.reqs):
-                if deadline is None or time.monotonic() >= deadline:
-                    detach(c)
-                    active -= 1
-                    return
-                c.k = 0
+            if deadline is not None and time.monotonic() < deadline:
+                c.k %= len(c.reqs)
+            elif deadline is not None or c.k >= len(c.reqs):
+                detach(c)
+                active -= 1
+                return
             if c.sock is None and not attach(c):
                 errors["connect"] += 1  # the request is not sent: the client goes on with its next one
                 continue
@@ -451,6 +454,7 @@ def run_clients(
 
     def lost(c: _Client) -> None:
         errors["lost"] += 1
+        result.last = time.monotonic()
         detach(c)
         send_next(c)
 

@@ -6,6 +6,7 @@ import json
 import math
 import socket
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -273,7 +274,8 @@ def test_a_result_whose_requests_do_not_add_up_is_refused():
 class RecordingServer:
     """An HTTP/1.1 server on a free local port that records each request (connection, path, body) and
     answers by the last part of its path: ok, chunked, close (then closes), http10 (no length, closes),
-    split (the answer in small writes), status500, wrong (another model), drop (closes without an answer)."""
+    split (the answer in small writes), slow (after 50 ms), status500, wrong (another model), drop (closes
+    without an answer)."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -323,6 +325,8 @@ class RecordingServer:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
         if how == "drop":
             return False
+        if how == "slow":
+            time.sleep(0.05)
         if how == "status500":
             conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}")
         elif how == "chunked":
@@ -437,6 +441,14 @@ def test_a_timed_run_cycles_through_each_clients_requests(generator, server):
     for client in ("0", "1"):  # each client cycles: 0, 1, 0, 1, ...
         seqs = [int(b["input_data"].split("-")[1]) for _, _, b in server.seen if b["input_data"].startswith(client)]
         assert seqs == [k % 2 for k in range(len(seqs))]
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_a_timed_run_ends_in_the_middle_of_a_plan_when_its_time_is_up(generator, server):
+    plan = plan_of(server.url, ["slow"] * 400, clients=2)  # 20 s of answers at the least
+    plan.duration_s = 0.3
+    r = loadgen.run_http(plan, generator)
+    assert r.failed == 0 and 2 <= r.sent == r.ok == len(server.seen) < 400
 
 
 def test_rawhttp_deals_clients_over_processes_and_skips_requests_it_cannot_connect_for(server):
