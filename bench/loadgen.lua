@@ -40,6 +40,7 @@ local verifying = false -- wrk calls request() once on the first thread before t
 local current, pending, t_sent = 0, false, 0
 local sent, ok, status_errors, mismatch, lost = 0, 0, 0, 0, 0
 local codes, lat = {}, {}
+local first_error = "" -- what the first failure was: a status and the start of its body
 local first, last = 0, 0
 local cpu0 = 0
 local finished = false
@@ -93,13 +94,20 @@ local function finish()
   for code, n in pairs(codes) do
     c[#c + 1] = code .. ":" .. n
   end
+  local err = first_error:gsub(".", function(ch) return string.format("%02x", ch:byte()) end) -- hex: one word
   -- one write of one line: threads share stdout
   io.stdout:write(string.format(
-    "@client %d sent=%d ok=%d status=%d mismatch=%d lost=%d first=%.9f last=%.9f cpu=%.9f codes=%s lat=%s\n",
-    id - 1, sent, ok, status_errors, mismatch, lost, first, last, cpu, table.concat(c, ","), table.concat(us, ",")
+    "@client %d sent=%d ok=%d status=%d mismatch=%d lost=%d first=%.9f last=%.9f cpu=%.9f codes=%s err=%s lat=%s\n",
+    id - 1, sent, ok, status_errors, mismatch, lost, first, last, cpu, table.concat(c, ","), err, table.concat(us, ",")
   ))
   io.stdout:flush()
   wrk.thread:stop()
+end
+
+local function error_seen(text)
+  if first_error == "" then
+    first_error = text:sub(1, 200)
+  end
 end
 
 local function over()
@@ -116,6 +124,7 @@ function request()
   end
   if pending then -- wrk asks again without an answer: the connection broke and wrk reconnected
     lost = lost + 1
+    error_seen("no answer: the connection broke")
     pending = false
     last = now()
     if over() then
@@ -144,8 +153,10 @@ function response(status, headers, body)
   if status ~= 200 then
     status_errors = status_errors + 1
     codes[status] = (codes[status] or 0) + 1
+    error_seen(status .. ": " .. body:sub(1, 150))
   elseif checks[current] and not body:find(checks[current]) then
     mismatch = mismatch + 1
+    error_seen("200 without the expected value: " .. body:sub(1, 150))
   else
     ok = ok + 1
     lat[ok] = t - t_sent

@@ -176,6 +176,12 @@ class Result:
     last: float = float("-inf")  # and of the last answer
     cpu_s: float = 0.0  # the generator's CPU time while it ran the plan (from its first request on)
     cpu_total_s: float = 0.0  # the whole run's: wrk's process; a worker's run (its start, once, left out)
+    first_error: str = ""  # what the first failure was: a status and the start of its body, a gRPC code...
+
+    def error(self, text: str) -> None:
+        """Keep the first failure's description (a run's failures are mostly alike)."""
+        if not self.first_error:
+            self.first_error = text[:200]
 
     @property
     def ok(self) -> int:
@@ -205,6 +211,7 @@ class Result:
         self.first, self.last = min(self.first, other.first), max(self.last, other.last)
         self.cpu_s += other.cpu_s
         self.cpu_total_s += other.cpu_total_s
+        self.error(other.first_error)
 
 
 # -- HTTP/1.1 answers -----------------------------------------------------------------------------------
@@ -435,6 +442,7 @@ def run_clients(
                 return
             if c.sock is None and not attach(c):
                 errors["connect"] += 1  # the request is not sent: the client goes on with its next one
+                result.error(f"no connection to {host}")
                 continue
             sock = c.sock
             data = c.reqs[c.k]
@@ -452,8 +460,9 @@ def run_clients(
                 ep.modify(sock.fileno(), IN | OUT)
             return
 
-    def lost(c: _Client) -> None:
+    def lost(c: _Client, why: str) -> None:
         errors["lost"] += 1
+        result.error(f"no answer: {why}")
         result.last = time.monotonic()
         detach(c)
         send_next(c)
@@ -468,8 +477,8 @@ def run_clients(
             if ev & OUT and c.out:
                 try:
                     n = c.sock.send(c.out)
-                except OSError:
-                    lost(c)
+                except OSError as e:
+                    lost(c, str(e))
                     continue
                 c.out = c.out[n:]
                 if not c.out:
@@ -479,25 +488,27 @@ def run_clients(
                 data = c.sock.recv(262144)
             except (BlockingIOError, InterruptedError):
                 continue
-            except OSError:
-                lost(c)
+            except OSError as e:
+                lost(c, str(e))
                 continue
             try:
                 response = c.parser.feed(data) if data else c.parser.eof()
-            except ProtocolError:
-                lost(c)
+            except ProtocolError as e:
+                lost(c, str(e))
                 continue
             if response is None:
                 if not data:
-                    lost(c)
+                    lost(c, "the connection closed")
                 continue
             t = time.monotonic()
             result.last = t
             if response.status != 200:
                 errors["status"] += 1
                 codes[str(response.status)] = codes.get(str(response.status), 0) + 1
+                result.error(f"{response.status}: {response.body[:150].decode(errors='replace')}")
             elif c.checks[c.k] is not None and c.checks[c.k].search(response.body) is None:
                 errors["mismatch"] += 1
+                result.error(f"200 without the expected value: {response.body[:150].decode(errors='replace')}")
             else:
                 latencies.append(t - c.t_sent)
             if not (data and response.keep_alive):
@@ -738,15 +749,14 @@ def parse_wrk_output(text: str, clients: int) -> Result:
     request to its last answer, and the latencies, in microseconds, of its requests answered as planned)
     and wrk's own count of answers (`@wrk`), which must equal the clients' answers."""
     result = Result("wrk")
-    seen: set[int] = set()
+    parts: dict[int, Result] = {}
     wrk_answers = None
     for line in text.splitlines():
         m = _CLIENT_LINE.match(line)
         if m:
             k = int(m.group(1))
-            if k in seen:
+            if k in parts:
                 raise ValueError(f"wrk: client {k} reported twice")
-            seen.add(k)
             fields = dict(kv.split("=", 1) for kv in m.group(2).split(" "))
             part = Result("wrk", sent=int(fields["sent"]))
             part.latencies = [float(x) / 1e6 for x in fields["lat"].split(",") if x]
@@ -758,12 +768,15 @@ def parse_wrk_output(text: str, clients: int) -> Result:
             if part.ok or part.failed:
                 part.first, part.last = float(fields["first"]), float(fields["last"])
             part.cpu_s = float(fields["cpu"])
-            result.add(part)
+            part.error(bytes.fromhex(fields["err"]).decode(errors="replace"))
+            parts[k] = part
         elif line.startswith("@wrk "):
             wrk = dict(kv.split("=", 1) for kv in line[5:].split(" "))
             wrk_answers = int(wrk["requests"])
             result.errors["connect"] += int(wrk["connect"])
-    missing = sorted(set(range(clients)) - seen)
+    for k in sorted(parts):  # in client order, whatever order the threads ended in
+        result.add(parts[k])
+    missing = sorted(set(range(clients)) - set(parts))
     if missing:
         raise ValueError(f"wrk: clients {missing} did not finish (output: {text[-500:]!r})")
     if wrk_answers is None:
@@ -952,11 +965,13 @@ def _grpc_run(command: dict, ready) -> Result:
                 out.errors["status"] += 1
                 code = e.code().name if hasattr(e, "code") else "UNKNOWN"
                 out.codes[code] = out.codes.get(code, 0) + 1
+                out.error(f"{code}: {e.details() if hasattr(e, 'details') else e}")
                 continue
             t = time.monotonic()
             out.last = t
-            if expect and proto_string_field(answer, 1) != expect:
+            if expect and (name := proto_string_field(answer, 1)) != expect:
                 out.errors["mismatch"] += 1
+                out.error(f"an answer for model {name!r}, not {expect!r}")
             else:
                 out.latencies.append(t - t0)
 

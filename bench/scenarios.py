@@ -42,6 +42,7 @@ class Run:
     cpu_s: float = 0.0  # the load generator's CPU time over the run
     round_rps: list[float] = field(default_factory=list)
     error_kinds: dict[str, int] = field(default_factory=dict)  # kind or status code -> count
+    first_error: str = ""
 
     @classmethod
     def of(cls, result: loadgen.Result) -> Run:
@@ -55,6 +56,7 @@ class Run:
             generator=result.generator,
             cpu_s=result.cpu_s,
             error_kinds={k: v for k, v in {**result.errors, **result.codes}.items() if v and k != "status"},
+            first_error=result.first_error,
         )
 
     def add_round(self, part: Run) -> None:
@@ -67,6 +69,7 @@ class Run:
         self.round_rps.append(part.rps)
         for k, v in part.error_kinds.items():
             self.error_kinds[k] = self.error_kinds.get(k, 0) + v
+        self.first_error = self.first_error or part.first_error
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -96,6 +99,7 @@ class Run:
             "generator": self.generator,
             "cpu_ms_per_request": self.cpu_ms_per_request,
             "error_kinds": self.error_kinds,
+            "first_error": self.first_error,
         }
 
 
@@ -355,7 +359,7 @@ def churn(url: str, n: int) -> dict:
     ]
     run = Run.of(loadgen.run_http(loadgen.Plan(url, [reqs])))
     if run.errors or run.sent != n:
-        raise RuntimeError(f"churn: {run.sent} of {n} requests sent, {run.errors} failed")
+        raise RuntimeError(f"churn: {run.sent} of {n} requests sent, {run.errors} failed: {run.first_error}")
     loads = settled_loads(url) - before
     slots = 2 * len(listing["replicas"])
     lru, opt = lru_misses(trace, slots), belady_misses(trace, slots)
@@ -387,6 +391,6 @@ def cold(url: str, repeats: int, model: str = "sentiment") -> Run:
         )
         part = Run.of(loadgen.run_http(loadgen.Plan(url, [[request]])))
         if part.errors:
-            raise RuntimeError(f"cold: the request for {model} failed")
+            raise RuntimeError(f"cold: the request for {model} failed: {part.first_error}")
         run.add_round(part)
     return run

@@ -32,7 +32,7 @@ def bench_app(deploy, tmp_path_factory):
 def assert_point(summary: dict, planned: int, generator: str, rounds: int, where: str) -> None:
     """One figure of the report: every planned request sent and answered as planned (200, the model asked
     for), by the named generator, whose CPU per request is a finite figure; consistent percentiles."""
-    where = f"{where} (errors: {summary['error_kinds']})"
+    where = f"{where} (errors: {summary['error_kinds']}, the first: {summary['first_error']!r})"
     assert (summary["sent"], summary["n"], summary["errors"]) == (planned, planned, 0), where
     assert summary["generator"] == generator and summary["rounds"] == rounds, where
     assert math.isfinite(summary["cpu_ms_per_request"]) and summary["cpu_ms_per_request"] > 0, where

@@ -206,8 +206,8 @@ def test_requests_are_encoded_as_http_1_1_with_their_length():
 
 WRK_OUTPUT = """Running 15m test @ http://127.0.0.1:1
   2 threads and 2 connections
-@client 1 sent=3 ok=2 status=1 mismatch=0 lost=0 first=10.5 last=11.0 cpu=0.002 codes=500:1 lat=1000.0,3000.5
-@client 0 sent=2 ok=1 status=0 mismatch=1 lost=0 first=10.0 last=10.75 cpu=0.001 codes= lat=2000.0
+@client 1 sent=3 ok=2 status=1 mismatch=0 lost=0 first=10.5 last=11 cpu=0.002 codes=500:1 err=35303020 lat=1000,3000.5
+@client 0 sent=2 ok=1 status=0 mismatch=1 lost=0 first=10 last=10.75 cpu=0.001 codes= err=3230302078 lat=2000.0
   Thread Stats   Avg      Stdev     Max   +/- Stdev
 @wrk requests=5 connect=0 read=0 write=0 status=1 timeout=0
 """
@@ -218,7 +218,7 @@ def test_wrk_output_gives_each_clients_counts_latencies_and_cpu():
     assert sorted(r.latencies) == [0.001, 0.002, 0.0030005]
     assert (r.sent, r.ok, r.answered_or_lost) == (5, 3, 5)
     assert r.errors == {"status": 1, "mismatch": 1, "lost": 0, "connect": 0}
-    assert r.codes == {"500": 1}
+    assert r.codes == {"500": 1} and r.first_error == "200 x"  # the first client's first error
     assert (r.first, r.last, r.elapsed) == (10.0, 11.0, 1.0)
     assert r.cpu_s == pytest.approx(0.003)
 
@@ -416,6 +416,7 @@ def test_errors_are_counted_by_kind_and_every_request_is_accounted_for(generator
     r = loadgen.run_http(plan, generator)
     assert r.errors == {"status": 2, "mismatch": 1, "lost": 1, "connect": 0}
     assert r.codes == {"500": 2}
+    assert r.first_error.startswith(("500: {}", "200 without the expected value: ", "no answer: "))
     assert (r.sent, r.ok, r.answered_or_lost) == (10, 6, 10)
     assert len(r.latencies) == 6
     assert len(server.seen) == 10
@@ -487,3 +488,56 @@ def test_the_generator_is_chosen_and_named(monkeypatch):
 def test_wrk_is_named_with_its_version_and_the_script():
     assert loadgen.describe("wrk").startswith("wrk ") and "bench/loadgen.lua" in loadgen.describe("wrk")
     assert Path(loadgen.LUA_SCRIPT).exists()
+
+
+# -- the gRPC generator against a local server -------------------------------------------------------------------
+
+
+@pytest.fixture
+def grpc_server():
+    """inference.GRPCInferenceService/ModelInfer on a free local port: it records each request's id and
+    answers with its model, except model "wrong" (another model's name) and "missing" (NOT_FOUND)."""
+    from concurrent import futures
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    seen: list[str] = []
+
+    def infer(raw: bytes, context) -> bytes:
+        request = pb.ModelInferRequest.FromString(raw)
+        seen.append(request.id)
+        if request.model_name == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "Unknown model 'missing'")
+        name = "other" if request.model_name == "wrong" else request.model_name
+        return pb.ModelInferResponse(model_name=name, id=request.id).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", seen
+    server.stop(grace=None)
+
+
+def test_the_grpc_generator_counts_answers_by_kind_and_keeps_each_clients_order(grpc_server):
+    from tritonclient.grpc import service_pb2 as pb
+
+    target, seen = grpc_server
+    models = ["m", "m", "wrong", "m", "missing", "m", "m", "m"]
+    clients: list[list[loadgen.GrpcRequest]] = [[], []]
+    for i, model in enumerate(models):
+        k = i % 2
+        message = pb.ModelInferRequest(model_name=model, id=f"{k}-{len(clients[k])}").SerializeToString()
+        clients[k].append(loadgen.GrpcRequest("/inference.GRPCInferenceService/ModelInfer", message, model))
+    r = loadgen.run_grpc(target, clients)
+    assert (r.sent, r.ok, r.answered_or_lost) == (8, 6, 8)
+    assert r.errors == {"status": 1, "mismatch": 1, "lost": 0, "connect": 0}
+    assert r.codes == {"NOT_FOUND": 1}
+    assert "Unknown model 'missing'" in r.first_error or "'other', not 'wrong'" in r.first_error
+    assert sorted(seen) == sorted(f"{k}-{j}" for k in (0, 1) for j in range(4))
+    for k in ("0", "1"):
+        assert [s for s in seen if s.startswith(k)] == [f"{k}-{j}" for j in range(4)]
+    assert 0 < r.cpu_s <= r.cpu_total_s and r.elapsed > 0
