@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
-import httpx
+from bench import loadgen
+from bench.scenarios import Run
 
 # Innermost frames of threads that wait in C (select, futex) with no deeper Python frame.
 WAITING_FRAMES = (
@@ -24,9 +27,11 @@ WAITING_FRAMES = (
 )
 
 
-def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
+def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> tuple[dict, dict]:
     """py-spy samples of the proxy, ingress and worker processes while `clients` clients send requests for
-    one model: how busy each process is and where its time goes (top functions by samples, idle excluded)."""
+    one model (the load generator's, for `seconds` and 3 more around the samples): how busy each process is
+    and where its time goes (top functions by samples, idle excluded). Also returns the load's figures,
+    the generator's CPU per request among them."""
 
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     procs = {
@@ -39,17 +44,15 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
         found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
         for k, pid in enumerate(found):
             pids[f"{name} {k + 1}" if len(found) > 1 else name] = pid
-    stop = threading.Event()
-
-    def load():
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                c.post(f"{url}/predict", json={"model_id": "sentiment", "input_data": "This movie was great!"})
+    body = json.dumps({"model_id": "sentiment", "input_data": "This movie was great!"}).encode()
+    request = loadgen.Request("POST", "/predict", body, ("model_id", "sentiment"))
+    plan = loadgen.Plan(url, [[request] for _ in range(clients)], duration_s=seconds + 3)
+    loaded: list[loadgen.Result] = []
+    loader = threading.Thread(target=lambda: loaded.append(loadgen.run_http(plan)))
+    loader.start()
+    time.sleep(1)  # every client connected and sending
 
     rate = 100
-    loaders = [threading.Thread(target=load) for _ in range(clients)]
-    for loader in loaders:
-        loader.start()
     outputs, recorders = {}, []
     for name, pid in pids.items():
         outputs[name] = Path(tempfile.mkstemp(suffix=".txt")[1])
@@ -76,9 +79,7 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
         )
     for r in recorders:
         r.wait(timeout=seconds + 60)
-    stop.set()
-    for loader in loaders:
-        loader.join()
+    loader.join()
     result = {}
     for name, path in outputs.items():
         counts: dict[str, int] = {}
@@ -98,4 +99,6 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> dict:
             "samples": busy,
             "top": [(frame, n / busy if busy else 0.0) for frame, n in top],
         }
-    return result
+    if not loaded:
+        raise RuntimeError("the profile's load generator failed")
+    return result, Run.of(loaded[0]).summary()

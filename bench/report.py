@@ -193,9 +193,9 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "uvicorn with an in-process LRU of two models, `bench/seed_server.py`), **app** (this application via "
         "`serve run` in the environment of `make run`, `config/serve.env`: throughput-optimized mode with "
         "HAProxy; 2 worker replicas x 1 torch thread, dynamic batching on, the model-aware router; "
-        "`serve_config.yaml` with a fixed replica count). The load generator runs on the same machine for "
-        "every peer.",
+        "`serve_config.yaml` with a fixed replica count).",
         "",
+        *_generator_intro(r),
         "## Targets",
         "",
         _table(
@@ -207,8 +207,8 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "",
         "One client, the `sentiment` model loaded, one short sentence per request. The seed-style server and "
         "the app run at once and are measured in ten alternating rounds, so that both see the machine at the "
-        "same speed (it drifts by tens of percent within a minute); *direct* is measured in the benchmark's "
-        "own process at its start.",
+        "same speed (it drifts by tens of percent within a minute); the percentiles are over every request of "
+        "the rounds. *direct* is measured in the benchmark's own process at its start.",
         "",
         _table(
             ["peer", "requests", "p50 (ms)", "p99 (ms)"],
@@ -217,7 +217,8 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "",
         f"![hot path]({plots['hot']})",
         "",
-        "The fixed cost of each serving path, measured on a route that runs no model:",
+        "The fixed cost of each serving path, measured on a route that runs no model (both servers at once, "
+        "in alternating rounds):",
         "",
         _table(["route", "p50 (ms)", "p99 (ms)"], [[k, v["p50_ms"], v["p99_ms"]] for k, v in r.overhead.items()]),
         "",
@@ -226,8 +227,9 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "Closed loop: each client sends its next request when the last is answered. *one model*: `sentiment`; "
         "*two hot models*: `sentiment` and `spam` at random; *mix of 3*: `sentiment`, `spam` and `image` at "
         "random (three models: the seed's two-slot LRU reloads). The seed-style server and the app run at once, "
-        "and each point is measured on both back to back, in turns, so that both see the machine at about the "
-        "same speed.",
+        "and each point is measured in rounds (three in `make bench`), each round on both back to back, in "
+        "turns, so that both see the machine at about the same speed; req/s is the median of the rounds', the "
+        "p99 over every request of the rounds.",
         "",
     ]
     rows = []
@@ -289,6 +291,7 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         ]
     if r.variants:
         parts += _knobs(r)
+    parts += _generator_points(r)
     if r.profile:
         parts += [
             "## Profile at 16 clients",
@@ -313,6 +316,71 @@ def render(r: Any, out: Path, smoke: bool) -> str:
     return "\n".join(parts)
 
 
+def generator_points(r: Any) -> list[tuple[str, str, dict]]:
+    """(scenario, point, summary) of every point a load generator measured, in the report's order."""
+    out: list[tuple[str, str, dict]] = []
+    out += [("hot path", peer, s) for peer, s in r.hot.items() if s.get("generator")]
+    out += [("no model run", route, s) for route, s in r.overhead.items() if s.get("generator")]
+    for peer, workloads in r.throughput.items():
+        for workload, series in workloads.items():
+            out += [("throughput", f"{peer}, {workload}, {c} clients", s) for c, s in sorted(series.items())]
+    for protocol, points in r.protocols.items():
+        out += [(protocol, point, s) for point, s in points.items()]
+    for name in ("app", "ray-default"):
+        if r.churn and name in r.churn and "generator" in r.churn[name]:
+            out.append(("churn", name, r.churn[name]))
+    if "app" in r.cold:
+        out.append(("cold load", "app", r.cold["app"]))
+    for variant, v in r.variants.items():
+        out += [("app variant", f"{variant}, {point}", v[point]) for point in ("hot", "16 clients") if point in v]
+    if "profile_load" in r.generator:
+        out.append(("profile load", "app, 16 clients", r.generator["profile_load"]))
+    return out
+
+
+def _generator_intro(r: Any) -> list[str]:
+    g = r.generator
+    if not g:
+        return []
+    points = generator_points(r)
+    http = [s["cpu_ms_per_request"] for scenario, _, s in points if not scenario.startswith("gRPC")]
+    grpc_ = [s["cpu_ms_per_request"] for scenario, _, s in points if scenario.startswith("gRPC")]
+
+    def span(values: list[float]) -> str:
+        values = [v for v in values if not math.isnan(v)]
+        return f"{min(values):.3f} to {max(values):.3f} ms" if values else "n/a"
+
+    text = (
+        f"Load generator: **{g['http_description']}** for every HTTP figure, in processes of its own on the same "
+        f"machine; it cost {span(http)} of CPU per request (its processes' CPU time over the requests sent)."
+    )
+    if "grpc_description" in g:
+        text += f" gRPC: {g['grpc_description']}, {span(grpc_)} of CPU per request."
+    return [text + " Each point's figure: *Load generator* below.", ""]
+
+
+def _generator_points(r: Any) -> list[str]:
+    points = generator_points(r)
+    if not points:
+        return []
+    return [
+        "## Load generator",
+        "",
+        "What each point cost the load generator, from its processes' CPU time (user and system) while it ran "
+        "the point's rounds, over the requests it sent; the requests answered as planned (200, the model asked "
+        "for) and the errors.",
+        "",
+        _table(
+            ["scenario", "point", "generator", "sent", "answered", "errors", "CPU per request (ms)"],
+            [
+                [scenario, point, s["generator"], s["sent"], s["n"], s["errors"], s["cpu_ms_per_request"]]
+                for scenario, point, s in points
+            ],
+        ),
+        "",
+    ]
+
+
 def _protocols(r: Any) -> list[str]:
     rest = r.protocols.get("REST /predict", {})
     grpc_ = r.protocols.get("gRPC ModelInfer", {})
@@ -323,7 +391,8 @@ def _protocols(r: Any) -> list[str]:
         "(`POST /predict`), the Open Inference Protocol over REST (`POST /v2/models/sentiment/infer`, JSON) "
         "and over gRPC (`ModelInfer` through Ray Serve's gRPC entry, the input in `raw_input_contents` as "
         "`tritonclient.grpc` sends it; one channel for all clients). Hot path: one client; then 16 "
-        "clients in a closed loop.",
+        "clients in a closed loop. Each point is measured in rounds that take the protocols in turn; req/s is "
+        "the median of the rounds'.",
         "",
         _table(
             ["protocol", "hot p50 (ms)", "hot p99 (ms)", "16 clients req/s", "16 clients p99 (ms)", "errors"],

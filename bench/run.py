@@ -8,12 +8,15 @@ The peers are in ``bench/peers.py``, the load they get in ``bench/scenarios.py``
 module runs them in order and writes the report. Variants of the app (bench/peers.py: VARIANTS) are
 measured on the hot path and at 16 clients, and so is the app over each of its protocols (the native REST
 API, the Open Inference Protocol over REST and over gRPC).
+
+The load comes from ``bench/loadgen.py``: wrk where it is installed (``apt-get install wrk``), else its own
+raw-socket generator (``--generator`` or BENCH_GENERATOR choose); the report names the one that ran and
+what each point cost it in CPU per request.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -22,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import scenarios
+from bench import loadgen, scenarios
 from bench.peers import VARIANTS, Server, bench_registry, direct_hot, start_app, start_seed
 from bench.profile import profile_load
 from bench.scenarios import median
@@ -37,7 +40,8 @@ class Profile:
     hot_requests: int = 200
     clients: tuple[int, ...] = (1, 4, 16, 64)
     requests_per_client: int = 24
-    max_requests: int = 400  # per throughput point: the seed's mixed workload reloads models on a third of them
+    min_requests: int = 20  # per throughput point and round
+    max_requests: int = 400  # per throughput point and round: the seed's mixed workload reloads models on a third
     churn_requests: int = 600
     cold_repeats: int = 5
     variants: bool = True
@@ -50,6 +54,7 @@ SMOKE = Profile(
     hot_requests=10,
     clients=(1, 4),
     requests_per_client=3,
+    min_requests=8,
     max_requests=20,
     churn_requests=30,
     cold_repeats=1,
@@ -74,6 +79,7 @@ class Report:
     spread: dict = field(default_factory=dict)  # a hot model's requests over the replicas, simulated
     overhead: dict = field(default_factory=dict)
     protocols: dict = field(default_factory=dict)  # protocol -> {"hot": summary, "16 clients": summary}
+    generator: dict = field(default_factory=dict)  # the load generators that ran: names, descriptions
     notes: list[str] = field(default_factory=list)
 
 
@@ -105,12 +111,16 @@ def run(
     registry: Path | None = None,
     grpc_target: str | None = None,
     app_name: str | None = None,
+    generator: str | None = None,
 ) -> Report:
     """Measure every peer and write the report. With `app_url`, the app running there must serve
     `registry` (see bench_registry), over gRPC at `grpc_target` if given (`app_name`: its Serve application,
-    where several run); otherwise this run starts it with `serve run`."""
+    where several run); otherwise this run starts it with `serve run`. `generator` is the HTTP load
+    generator, "wrk" or "rawhttp" (by default wrk where it is installed)."""
     p = SMOKE if smoke else Profile()
     report = Report(machine=machine_info())
+    http = loadgen.use(generator)
+    report.generator = {"http": http, "http_description": loadgen.describe(http)}
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     logs = work / "logs"
     logs.mkdir()
@@ -129,9 +139,6 @@ def run(
         print("seed-style server", flush=True)
         seed, seed_url = start_seed(registry, logs)
         servers.append(seed)
-        report.overhead["seed: GET /models (no model run)"] = scenarios.trivial_route(
-            seed_url, "/models", p.hot_requests
-        ).summary()
 
         print("app", flush=True)
         if app_url:
@@ -144,24 +151,35 @@ def run(
         report.hot.update({name: run.summary() for name, run in hot.items()})
         print("throughput: the seed-style server and the app, each point on both in turn", flush=True)
         report.throughput.update(
-            scenarios.throughput({"seed": seed_url, "app": url}, p.clients, p.requests_per_client, p.max_requests)
+            scenarios.throughput(
+                {"seed": seed_url, "app": url}, p.clients, p.requests_per_client, p.max_requests, p.min_requests
+            )
         )
+        print("the fixed cost of each serving path: a route that runs no model, on both in turn", flush=True)
+        overhead = scenarios.trivial_side_by_side(
+            {
+                "seed: GET /models (no model run)": (seed_url, "/models"),
+                "app: GET /healthz (proxy + ingress, no model run)": (url, "/healthz"),
+            },
+            p.hot_requests,
+        )
+        report.overhead.update({name: run.summary() for name, run in overhead.items()})
         seed.stop()
         servers.remove(seed)
-        report.overhead["app: GET /healthz (proxy + ingress, no model run)"] = scenarios.trivial_route(
-            url, "/healthz", p.hot_requests
-        ).summary()
         if grpc_target:
             print("app over each protocol: REST /predict, REST /v2 infer, gRPC ModelInfer", flush=True)
             n16 = min(16 * p.requests_per_client, p.max_requests)
             report.protocols = scenarios.protocols(url, grpc_target, app_name, p.hot_requests, n16)
+            report.generator["grpc_description"] = loadgen.describe_grpc()
         else:
             report.notes.append("gRPC not measured: the app's gRPC address was not given (--app-grpc)")
         report.churn = scenarios.churn(url, p.churn_requests)
-        report.cold["app_s"] = median(scenarios.cold(url, p.cold_repeats))
+        cold = scenarios.cold(url, p.cold_repeats)
+        report.cold["app_s"] = median(cold.latencies)
+        report.cold["app"] = cold.summary()
         if not smoke and not app_url:
             print("profile at 16 clients", flush=True)
-            report.profile = profile_load(url)
+            report.profile, report.generator["profile_load"] = profile_load(url)
 
         if p.variants and not app_url:
             app.stop()
@@ -170,10 +188,9 @@ def run(
                 print(f"app variant: {name}", flush=True)
                 variant, vurl, _, startup = start_app(registry, logs, f"variant{len(report.variants)}", **kwargs)
                 servers.append(variant)
-                c16 = asyncio.run(
-                    scenarios.closed_loop(
-                        vurl, ["sentiment"], 16, min(16 * p.requests_per_client, p.max_requests), seed=16
-                    )
+                n16 = min(16 * p.requests_per_client, p.max_requests)
+                c16 = scenarios.rounds_of(
+                    [scenarios.closed_loop(vurl, ["sentiment"], 16, n16, seed=16) for _ in range(scenarios.ROUNDS)]
                 )
                 report.variants[name] = {
                     "hot": scenarios.hot(vurl, p.hot_requests).summary(),
@@ -212,6 +229,11 @@ def main() -> None:
     ap.add_argument("--registry", type=Path, help="with --app-url: the registry it serves (python -m bench.peers)")
     ap.add_argument("--app-grpc", help="with --app-url: its gRPC address (host:port), to measure gRPC too")
     ap.add_argument("--app-name", help="with --app-grpc: its Serve application name, where several run")
+    ap.add_argument(
+        "--generator",
+        choices=loadgen.HTTP_GENERATORS,
+        help="the HTTP load generator (default: BENCH_GENERATOR, else wrk where installed, else rawhttp)",
+    )
     ap.add_argument("--render", type=Path, help="only render the report again from this benchmarks.json")
     args = ap.parse_args()
     if args.render:
@@ -222,7 +244,15 @@ def main() -> None:
                     peer[workload] = {int(k): v for k, v in series.items()}
         write_report(Report(**data), args.out, smoke=False)
         return
-    run(args.out, args.smoke, args.app_url, args.registry, grpc_target=args.app_grpc, app_name=args.app_name)
+    run(
+        args.out,
+        args.smoke,
+        args.app_url,
+        args.registry,
+        grpc_target=args.app_grpc,
+        app_name=args.app_name,
+        generator=args.generator,
+    )
 
 
 if __name__ == "__main__":

@@ -1,27 +1,27 @@
 """Benchmark scenarios: the load each peer gets, over HTTP, and over gRPC for the app's Open Inference
 Protocol service.
 
-Every scenario measures its peers side by side in the same run; figures are percentiles and ratios,
-never a single wall-clock number.
+Every scenario measures its peers side by side in the same run, in alternating rounds; figures are
+percentiles and ratios, never a single wall-clock number. The load comes from ``bench/loadgen.py``'s
+generators (wrk, or its own raw-socket one; gRPC stubs of their own process), which run in processes of
+their own and report the CPU they cost; httpx only makes the calls that set a scenario up (unloading
+models, reading the app's load counts).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
+import json
 import random
 import statistics
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import grpc
 import httpx
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
+from bench import loadgen
 from bench.simulate import belady_misses, lru_misses, zipf_trace
 from serve_app.core.paths import PROJECT_ROOT
 
@@ -31,11 +31,45 @@ IMAGES = {"image": "samples/images/square.jpg"}
 
 @dataclass
 class Run:
-    """Latencies (seconds) and outcome counts of one load run."""
+    """Latencies (seconds) and outcome counts of one load run, or of the rounds of one point: then the
+    latencies of all its rounds, and the rate of each round (the point's rate is their median)."""
 
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     elapsed: float = 0.0
+    sent: int = 0
+    generator: str = ""
+    cpu_s: float = 0.0  # the load generator's CPU time over the run
+    round_rps: list[float] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)  # kind or status code -> count
+    first_error: str = ""
+
+    @classmethod
+    def of(cls, result: loadgen.Result) -> Run:
+        if result.answered_or_lost != result.sent:
+            raise RuntimeError(f"{result.generator}: {result.sent} sent, {result.answered_or_lost} accounted for")
+        return cls(
+            latencies=list(result.latencies),
+            errors=result.failed,
+            elapsed=result.elapsed,
+            sent=result.sent,
+            generator=result.generator,
+            cpu_s=result.cpu_s,
+            error_kinds={k: v for k, v in {**result.errors, **result.codes}.items() if v and k != "status"},
+            first_error=result.first_error,
+        )
+
+    def add_round(self, part: Run) -> None:
+        self.latencies += part.latencies
+        self.errors += part.errors
+        self.elapsed += part.elapsed
+        self.sent += part.sent
+        self.cpu_s += part.cpu_s
+        self.generator = self.generator or part.generator
+        self.round_rps.append(part.rps)
+        for k, v in part.error_kinds.items():
+            self.error_kinds[k] = self.error_kinds.get(k, 0) + v
+        self.first_error = self.first_error or part.first_error
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -45,16 +79,35 @@ class Run:
 
     @property
     def rps(self) -> float:
+        if self.round_rps:
+            return median(self.round_rps)
         return len(self.latencies) / self.elapsed if self.elapsed else float("nan")
 
-    def summary(self) -> dict[str, float]:
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * self.cpu_s / self.sent if self.sent and self.generator else float("nan")
+
+    def summary(self) -> dict:
         return {
             "n": len(self.latencies),
+            "sent": self.sent,
             "errors": self.errors,
             "p50_ms": self.pct(50) * 1000,
             "p99_ms": self.pct(99) * 1000,
             "rps": self.rps,
+            "rounds": max(1, len(self.round_rps)),
+            "generator": self.generator,
+            "cpu_ms_per_request": self.cpu_ms_per_request,
+            "error_kinds": self.error_kinds,
+            "first_error": self.first_error,
         }
+
+
+def rounds_of(parts: list[Run]) -> Run:
+    run = Run()
+    for part in parts:
+        run.add_round(part)
+    return run
 
 
 def median(values: list[float]) -> float:
@@ -96,35 +149,20 @@ def infer_request(model_id: str, images: dict[str, str], i: int) -> pb.ModelInfe
     return request
 
 
-Send = Callable[[int, int, str], Awaitable[bool]]
-"""Client k sends request i for a model; True when the model asked for answered it."""
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-async def _drive(plan: list[str], clients: int, send: Send) -> Run:
-    run = Run()
-    queue: asyncio.Queue = asyncio.Queue()
-    for i, m in enumerate(plan):
-        queue.put_nowait((i, m))
-
-    async def worker(k: int):
-        while True:
-            try:
-                i, m = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            t0 = time.perf_counter()
-            if await send(k, i, m):
-                run.latencies.append(time.perf_counter() - t0)
-            else:
-                run.errors += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(clients)))
-    run.elapsed = time.perf_counter() - start
-    return run
+def predict_request(model_id: str, images: dict[str, str], i: int, api: str = "native") -> loadgen.Request:
+    """Request i for a model: POST /predict (the native API), or the Open Inference Protocol over REST
+    (`api="v2"`, POST /v2/models/m/infer); a good answer names the model."""
+    if api == "v2":
+        body = json.dumps(v2_body(model_id, images, i)).encode()
+        return loadgen.Request("POST", f"/v2/models/{model_id}/infer", body, ("model_name", model_id))
+    body = json.dumps(body_for(model_id, images, i)).encode()
+    return loadgen.Request("POST", "/predict", body, ("model_id", model_id))
 
 
-async def closed_loop(
+def closed_loop(
     url: str,
     models: list[str],
     clients: int,
@@ -134,29 +172,17 @@ async def closed_loop(
     api: str = "native",
 ) -> Run:
     """`clients` concurrent clients, each sending its next request when the last one is answered, over HTTP:
-    the native API (POST /predict) or the Open Inference Protocol (`api="v2"`, POST /v2/models/m/infer)."""
+    the native API (POST /predict) or the Open Inference Protocol (`api="v2"`, POST /v2/models/m/infer).
+    Request i (its model drawn at random) goes to client i % clients, each client on a connection of its
+    own, as separate users have; the load generator is loadgen's chosen one (wrk or rawhttp)."""
     images = IMAGES if images is None else images
     rng = random.Random(seed)
     plan = [rng.choice(models) for _ in range(requests)]
-    # Each client has its own connection, in an httpx client of its own, as separate users have. One shared
-    # pool of `clients` connections cost the generator, which shares the CPUs with the server it measures,
-    # 10.1 against 3.0 ms of CPU per request at 64 clients (httpcore scans its pool's connections and
-    # waiting requests on every request): the server then lacked that CPU and was measured 35 % slower.
-    async with contextlib.AsyncExitStack() as stack:
-        pool = [await stack.enter_async_context(httpx.AsyncClient(timeout=300)) for _ in range(clients)]
-
-        async def send(k: int, i: int, m: str) -> bool:
-            client = pool[k]
-            if api == "v2":
-                r = await client.post(f"{url}/v2/models/{m}/infer", json=v2_body(m, images, i))
-                return r.status_code == 200 and r.json()["model_name"] == m
-            r = await client.post(f"{url}/predict", json=body_for(m, images, i))
-            return r.status_code == 200 and r.json()["model_id"] == m
-
-        return await _drive(plan, clients, send)
+    reqs = [predict_request(m, images, i, api) for i, m in enumerate(plan)]
+    return Run.of(loadgen.run_http(loadgen.Plan(url, loadgen.spread(reqs, clients))))
 
 
-async def grpc_closed_loop(
+def grpc_closed_loop(
     target: str,
     models: list[str],
     clients: int,
@@ -166,34 +192,36 @@ async def grpc_closed_loop(
     seed: int = 0,
 ) -> Run:
     """The same closed loop over gRPC: ModelInfer of inference.GRPCInferenceService, through one channel
-    (HTTP/2 multiplexes the clients' calls), with Serve's `application` metadata when `app` is given."""
+    (HTTP/2 multiplexes the clients' calls) of a generator process of its own, a thread per client, each
+    request serialized before the run, with Serve's `application` metadata when `app` is given."""
     images = IMAGES if images is None else images
     rng = random.Random(seed)
     plan = [rng.choice(models) for _ in range(requests)]
-    metadata = (("application", app),) if app else ()
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-        async def send(k: int, i: int, m: str) -> bool:
-            try:
-                response = await stub.ModelInfer(infer_request(m, images, i), metadata=metadata, timeout=300)
-            except grpc.aio.AioRpcError:
-                return False
-            return response.model_name == m
-
-        return await _drive(plan, clients, send)
+    calls = [
+        loadgen.GrpcRequest(MODEL_INFER, infer_request(m, images, i).SerializeToString(), m) for i, m in enumerate(plan)
+    ]
+    clients = max(1, min(clients, len(calls)))
+    return Run.of(loadgen.run_grpc(target, [calls[k::clients] for k in range(clients)], app=app))
 
 
-def hot(url: str, n: int, model: str = "sentiment") -> Run:
-    """One client, one loaded model: the latency of the serving path."""
-    asyncio.run(closed_loop(url, [model], 1, 5))  # warm
-    return asyncio.run(closed_loop(url, [model], 1, n))
+def hot(url: str, n: int, model: str = "sentiment", rounds: int = 3) -> Run:
+    """One client, one loaded model: the latency of the serving path, in `rounds` runs."""
+    closed_loop(url, [model], 1, 5)  # warm
+    return rounds_of([closed_loop(url, [model], 1, size) for size in split(n, rounds)])
 
 
-def in_turn(urls: dict[str, str], k: int) -> list[str]:
-    """The servers' names for turn ``k`` of a side-by-side measurement: each once, the first one changing
-    every turn, so that neither is always measured right after the other."""
-    return list(urls) if k % 2 == 0 else list(reversed(urls))
+def split(n: int, rounds: int) -> list[int]:
+    """`n` requests over `rounds` rounds, as evenly as can be (never an empty round)."""
+    rounds = max(1, min(rounds, n))
+    return [n // rounds + (k < n % rounds) for k in range(rounds)]
+
+
+def in_turn(names, k: int) -> list[str]:
+    """The names (of servers, protocols) for turn ``k`` of a side-by-side measurement: each once, the first
+    one changing every turn (a rotation), so that none is always measured right after another."""
+    names = list(names)
+    j = k % len(names)
+    return names[j:] + names[:j]
 
 
 def hot_side_by_side(urls: dict[str, str], n: int, rounds: int = 10, model: str = "sentiment") -> dict[str, Run]:
@@ -201,50 +229,61 @@ def hot_side_by_side(urls: dict[str, str], n: int, rounds: int = 10, model: str 
     machine's speed drifts by tens of percent within a minute (one in-process forward pass measured 10 to
     17 ms), so servers measured minutes apart would compare the drift, not the servers."""
     for url in urls.values():
-        asyncio.run(closed_loop(url, [model], 1, 5))  # warm
+        closed_loop(url, [model], 1, 5)  # warm
     runs = {name: Run() for name in urls}
-    for k in range(rounds):
-        size = n // rounds + (k < n % rounds)
+    for k, size in enumerate(split(n, rounds)):
         for name in in_turn(urls, k):
-            part = asyncio.run(closed_loop(urls[name], [model], 1, size))
-            runs[name].latencies += part.latencies
-            runs[name].errors += part.errors
-            runs[name].elapsed += part.elapsed
+            runs[name].add_round(closed_loop(urls[name], [model], 1, size))
     return runs
+
+
+ROUNDS = 3
+"""Rounds of each throughput and protocol point, in turns across its peers; a point's rate is the median
+of its rounds'."""
 
 
 PROTOCOLS = ("REST /predict", "REST /v2 infer", "gRPC ModelInfer")
 
 
 def protocols(
-    url: str, grpc_target: str, app: str | None, hot_n: int, clients_n: int, model: str = "sentiment"
+    url: str,
+    grpc_target: str,
+    app: str | None,
+    hot_n: int,
+    clients_n: int,
+    model: str = "sentiment",
+    rounds: int = ROUNDS,
 ) -> dict:
-    """The app over each protocol, one after the other in this run, on one loaded model: the hot path (one
-    client) and 16 clients. Protocol -> {"hot": summary, "16 clients": summary}."""
+    """The app over each protocol on one loaded model: the hot path (one client, `hot_n` requests over the
+    rounds) and 16 clients (`clients_n` requests a round), each point in rounds that take the protocols in
+    turn. Protocol -> {"hot": summary, "16 clients": summary}."""
     loads = {
         "REST /predict": lambda c, n: closed_loop(url, [model], c, n, seed=c),
         "REST /v2 infer": lambda c, n: closed_loop(url, [model], c, n, seed=c, api="v2"),
         "gRPC ModelInfer": lambda c, n: grpc_closed_loop(grpc_target, [model], c, n, app=app, seed=c),
     }
-    out = {}
     for name in PROTOCOLS:
-        asyncio.run(loads[name](1, 5))  # warm: connections, and the model on its replica
-        out[name] = {
-            "hot": asyncio.run(loads[name](1, hot_n)).summary(),
-            "16 clients": asyncio.run(loads[name](16, clients_n)).summary(),
-        }
-    return out
+        loads[name](1, 5)  # warm: connections, and the model on its replica
+    runs: dict[str, dict[str, Run]] = {name: {"hot": Run(), "16 clients": Run()} for name in PROTOCOLS}
+    for k, size in enumerate(split(hot_n, max(rounds, 1))):
+        for name in in_turn(PROTOCOLS, k):
+            runs[name]["hot"].add_round(loads[name](1, size))
+    for k in range(rounds):
+        for name in in_turn(PROTOCOLS, k):
+            runs[name]["16 clients"].add_round(loads[name](16, clients_n))
+    return {name: {point: run.summary() for point, run in points.items()} for name, points in runs.items()}
 
 
-def trivial_route(url: str, path: str, n: int) -> Run:
-    """Latency of a route that runs no model: the fixed cost of the serving path."""
-    run = Run()
-    with httpx.Client(timeout=60) as c:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            c.get(f"{url}{path}").raise_for_status()
-            run.latencies.append(time.perf_counter() - t0)
-    return run
+def trivial_side_by_side(routes: dict[str, tuple[str, str]], n: int, rounds: int = ROUNDS) -> dict[str, Run]:
+    """Latency of routes that run no model (the fixed cost of each serving path), by name: (server URL,
+    path) each, one client, `n` GET requests each over rounds that take the routes in turn."""
+    runs = {name: Run() for name in routes}
+    for k, size in enumerate(split(n, rounds)):
+        for name in in_turn(routes, k):
+            url, path = routes[name]
+            plan = loadgen.Plan(url, [[loadgen.Request("GET", path)] * size])
+            runs[name].add_round(Run.of(loadgen.run_http(plan)))
+    return runs
 
 
 WORKLOADS = {
@@ -254,22 +293,31 @@ WORKLOADS = {
 }
 
 
-def throughput(urls: dict[str, str], clients: tuple[int, ...], requests_per_client: int, max_requests: int) -> dict:
+def throughput(
+    urls: dict[str, str],
+    clients: tuple[int, ...],
+    requests_per_client: int,
+    max_requests: int,
+    min_requests: int = 20,
+    rounds: int = ROUNDS,
+) -> dict:
     """Closed-loop throughput of servers that run at once, by name, for each workload at each client count:
-    name -> workload -> clients -> summary. Each point is measured on every server back to back, in turns
-    (first one server first, then the other), for the same reason as ``hot_side_by_side``: measured
-    minutes apart, the seed-style server's figure at 16 clients on one model was 56.2 req/s in one run and
-    29.8 in the next."""
+    name -> workload -> clients -> summary. Each point is measured in `rounds` rounds, each round on every
+    server back to back, in turns (first one server first, then the other), for the same reason as
+    ``hot_side_by_side``: measured minutes apart, the seed-style server's figure at 16 clients on one model
+    was 56.2 req/s in one run and 29.8 in the next. A point's rate is the median of its rounds'."""
     out: dict = {name: {} for name in urls}
     turn = 0
     for workload, models in WORKLOADS.items():
         for c in clients:
-            n = min(max(c * requests_per_client, 20), max_requests)
-            for name in in_turn(urls, turn):
-                out[name].setdefault(workload, {})[c] = asyncio.run(
-                    closed_loop(urls[name], models, c, n, seed=c)
-                ).summary()
-            turn += 1
+            n = min(max(c * requests_per_client, min_requests), max_requests)
+            runs = {name: Run() for name in urls}
+            for _ in range(rounds):
+                for name in in_turn(urls, turn):
+                    runs[name].add_round(closed_loop(urls[name], models, c, n, seed=c))
+                turn += 1
+            for name, run in runs.items():
+                out[name].setdefault(workload, {})[c] = run.summary()
     return out
 
 
@@ -277,36 +325,72 @@ def app_loads(url: str) -> int:
     return sum(m["load_count"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"])
 
 
+def settled_loads(url: str, quiet_s: float = 2.0, every_s: float = 0.5, limit_s: float = 30.0) -> int:
+    """The app's load count once it has not changed for `quiet_s`. GET /models answers from a snapshot up
+    to 1 s old (the ingress's FRESH_S) of what the worker replicas report every 0.5 s (the router's
+    stats_period_s), so read at once after a trace it missed the trace's last loads: 2 to 4 of 178 on the
+    600 requests of `make bench` (0.3 to 0.7 points of hit ratio), and every one of a smoke run's."""
+    value, since = app_loads(url), time.monotonic()
+    deadline = since + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = app_loads(url)
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return value
+    raise RuntimeError(f"the app's load count did not settle within {limit_s}s")
+
+
 def churn(url: str, n: int) -> dict:
-    """A Zipf trace over the churn models c0..c7, one request at a time, against the simulations of one
-    LRU cache of the same total slots and of Belady's optimum."""
+    """A Zipf trace over the churn models c0..c7, sent in trace order by one client (one connection), against
+    the simulations of one LRU cache of the same total slots and of Belady's optimum. The app's loads are its
+    replicas' own load counts (GET /models) before and after, once settled."""
     trace = zipf_trace(8, n, s=1.0, seed=1)
     listing = httpx.get(f"{url}/models", timeout=60).json()
     for model in listing["models"]:  # every slot free, as in the simulation
         httpx.post(f"{url}/models/{model['id']}/unload", timeout=120)
-    before = app_loads(url)
-    with httpx.Client(timeout=120) as c:
-        for item in trace:
-            c.post(f"{url}/predict", json={"model_id": f"c{item}", "input_data": "hello"}).raise_for_status()
-    loads = app_loads(url) - before
+    before = settled_loads(url)
+    reqs = [
+        loadgen.Request(
+            "POST", "/predict", json.dumps({"model_id": f"c{m}", "input_data": "hello"}).encode(), ("model_id", f"c{m}")
+        )
+        for m in trace
+    ]
+    run = Run.of(loadgen.run_http(loadgen.Plan(url, [reqs])))
+    if run.errors or run.sent != n:
+        raise RuntimeError(f"churn: {run.sent} of {n} requests sent, {run.errors} failed: {run.first_error}")
+    loads = settled_loads(url) - before
     slots = 2 * len(listing["replicas"])
     lru, opt = lru_misses(trace, slots), belady_misses(trace, slots)
     return {
         "requests": n,
         "slots": slots,
-        "app": {"loads_per_1000": 1000 * loads / n, "hit_ratio": 1 - loads / n},
+        "app": {
+            "loads_per_1000": 1000 * loads / n,
+            "hit_ratio": 1 - loads / n,
+            "sent": run.sent,
+            "n": len(run.latencies),
+            "errors": run.errors,
+            "generator": run.generator,
+            "cpu_ms_per_request": run.cpu_ms_per_request,
+        },
         "lru": {"loads_per_1000": 1000 * lru / n, "hit_ratio": 1 - lru / n},
         "belady": {"loads_per_1000": 1000 * opt / n, "hit_ratio": 1 - opt / n},
     }
 
 
-def cold(url: str, repeats: int, model: str = "sentiment") -> list[float]:
-    """Request-to-answer times for a model unloaded everywhere just before."""
-    times = []
-    with httpx.Client(timeout=300) as c:
-        for _ in range(repeats):
-            c.post(f"{url}/models/{model}/unload")
-            t0 = time.perf_counter()
-            c.post(f"{url}/predict", json={"model_id": model, "input_data": "cold"}).raise_for_status()
-            times.append(time.perf_counter() - t0)
-    return times
+def cold(url: str, repeats: int, model: str = "sentiment") -> Run:
+    """Request-to-answer times for a model unloaded everywhere just before: one request each, from the load
+    generator."""
+    run = Run()
+    for _ in range(repeats):
+        httpx.post(f"{url}/models/{model}/unload", timeout=300)
+        request = loadgen.Request(
+            "POST", "/predict", json.dumps({"model_id": model, "input_data": "cold"}).encode(), ("model_id", model)
+        )
+        part = Run.of(loadgen.run_http(loadgen.Plan(url, [[request]])))
+        if part.errors:
+            raise RuntimeError(f"cold: the request for {model} failed: {part.first_error}")
+        run.add_round(part)
+    return run

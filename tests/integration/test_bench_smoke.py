@@ -1,18 +1,22 @@
 """A smoke run of the benchmark (seconds): every scenario runs against the app, the seed-style server and
 the in-process floor, the app over REST and gRPC, and the report is written, so that `make bench` does
-not rot."""
+not rot. It runs the benchmark's own load generator (rawhttp: no apt package needed, so a broken generator
+fails the suite everywhere); wrk, where installed, runs against the same app in a test of its own."""
+
+import math
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
+@pytest.fixture(scope="module")
+def bench_app(deploy, tmp_path_factory):
+    """The app on the benchmark's smoke registry: (its URL, the registry)."""
     from bench.peers import bench_registry
-    from bench.run import run
     from serve_app.core import ray_internals
 
-    registry = bench_registry(tmp_path / "models", smoke=True)
+    registry = bench_registry(tmp_path_factory.mktemp("bench") / "models", smoke=True)
     url = deploy(
         "bench",
         {
@@ -21,27 +25,80 @@ def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
             "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1},
         },
     )
-    try:
-        report = run(
-            tmp_path / "out", smoke=True, app_url=url, registry=registry, grpc_target=grpc_target, app_name="bench"
-        )
-    finally:
-        ray_internals.delete_app_in_background("bench")
+    yield url, registry
+    ray_internals.delete_app_in_background("bench")
 
-    for peer in ("direct", "seed", "app"):
-        assert report.hot[peer]["n"] == 10 and report.hot[peer]["errors"] == 0, peer
+
+def assert_point(summary: dict, planned: int, generator: str, rounds: int, where: str) -> None:
+    """One figure of the report: every planned request sent and answered as planned (200, the model asked
+    for), by the named generator, whose CPU per request is a finite figure; consistent percentiles."""
+    where = f"{where} (errors: {summary['error_kinds']}, the first: {summary['first_error']!r})"
+    assert (summary["sent"], summary["n"], summary["errors"]) == (planned, planned, 0), where
+    assert summary["generator"] == generator and summary["rounds"] == rounds, where
+    assert math.isfinite(summary["cpu_ms_per_request"]) and summary["cpu_ms_per_request"] > 0, where
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"], where
+    assert math.isfinite(summary["rps"]) and summary["rps"] > 0, where
+
+
+def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
+    from bench.run import SMOKE, run
+    from bench.scenarios import ROUNDS, WORKLOADS, split
+    from bench.simulate import zipf_trace
+
+    url, registry = bench_app
+    p = SMOKE
+    report = run(
+        tmp_path / "out",
+        smoke=True,
+        app_url=url,
+        registry=registry,
+        grpc_target=grpc_target,
+        app_name="bench",
+        generator="rawhttp",
+    )
+
+    assert report.generator["http"] == "rawhttp" and "raw sockets" in report.generator["http_description"]
+    assert report.generator["grpc_description"].startswith("grpcio ")
+    # the hot path: the peers side by side in ten alternating rounds, and the in-process floor
     for peer in ("seed", "app"):
-        for workload in ("one model", "mix of 3"):
-            assert all(s["errors"] == 0 and s["rps"] > 0 for s in report.throughput[peer][workload].values())
-    assert set(report.protocols) == {"REST /predict", "REST /v2 infer", "gRPC ModelInfer"}
+        assert_point(report.hot[peer], p.hot_requests, "rawhttp", 10, f"hot {peer}")
+    direct = report.hot["direct"]
+    assert (direct["n"], direct["errors"]) == (p.hot_requests, 0) and direct["p50_ms"] <= direct["p99_ms"]
+    for route, figures in report.overhead.items():
+        assert_point(figures, p.hot_requests, "rawhttp", ROUNDS, route)
+    assert [route.split(":")[0] for route in report.overhead] == ["seed", "app"]
+    # throughput: each point on both servers, every workload and client count, in rounds
+    for peer in ("seed", "app"):
+        assert set(report.throughput[peer]) == set(WORKLOADS), peer
+        for workload, series in report.throughput[peer].items():
+            assert sorted(series) == sorted(p.clients), (peer, workload)
+            for c, s in series.items():
+                planned = ROUNDS * min(max(c * p.requests_per_client, p.min_requests), p.max_requests)
+                assert_point(s, planned, "rawhttp", ROUNDS, f"{peer} {workload} {c}")
+    # each protocol: the hot path over the rounds, and 16 clients in each round
+    assert list(report.protocols) == ["REST /predict", "REST /v2 infer", "gRPC ModelInfer"]
+    n16 = min(16 * p.requests_per_client, p.max_requests)
     for protocol, figures in report.protocols.items():
-        assert figures["hot"]["n"] == 10 and figures["hot"]["errors"] == 0, protocol
-        assert figures["16 clients"]["errors"] == 0 and figures["16 clients"]["rps"] > 0, protocol
+        generator = "grpc" if protocol.startswith("gRPC") else "rawhttp"
+        hot_rounds = len(split(p.hot_requests, ROUNDS))
+        assert_point(figures["hot"], p.hot_requests, generator, hot_rounds, f"{protocol} hot")
+        assert_point(figures["16 clients"], ROUNDS * n16, generator, ROUNDS, f"{protocol} 16 clients")
+    # churn: the trace sent in order, every request answered; the app's loads from its own counters: at
+    # least one per model of the trace (every slot was freed first), and no fewer than the optimum's
     churn = report.churn
-    assert churn["requests"] == 30 and churn["slots"] == 4
+    assert churn["requests"] == p.churn_requests and churn["slots"] == 4
+    app = churn["app"]
+    assert (app["sent"], app["n"], app["errors"]) == (p.churn_requests, p.churn_requests, 0)
+    assert app["generator"] == "rawhttp"
+    assert math.isfinite(app["cpu_ms_per_request"])
+    distinct = len(set(zipf_trace(8, p.churn_requests, s=1.0, seed=1)))
     assert churn["belady"]["hit_ratio"] >= churn["lru"]["hit_ratio"]
-    assert 0 <= churn["app"]["hit_ratio"] <= 1
-    assert report.cold["app_s"] > 0
+    assert churn["belady"]["hit_ratio"] >= app["hit_ratio"]  # 2 replicas x 2 slots: one cache of 4 at best
+    assert 0 <= app["hit_ratio"] <= 1 - distinct / p.churn_requests
+    assert app["loads_per_1000"] == pytest.approx(1000 * (1 - app["hit_ratio"]))
+    cold = report.cold["app"]
+    assert (cold["sent"], cold["n"], cold["errors"]) == (p.cold_repeats, p.cold_repeats, 0)
+    assert report.cold["app_s"] == pytest.approx(cold["p50_ms"] / 1000)
     for workload, hit in report.simulation["workloads"].items():  # the pool at scale, simulated
         assert hit["Belady"] >= hit["global LRU"] and 0 < hit["model-aware"] <= 1, workload
     assert report.spread, "a hot model's spread over the replicas, simulated"
@@ -54,8 +111,35 @@ def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
         "## gRPC and REST",
         "## Routing",
         "## Cold load",
+        "## Load generator",
     ):
         assert heading in md
     assert f"{report.machine['cpus']} CPUs" in md
+    assert f"Load generator: **{report.generator['http_description']}**" in md
+    table = md.split("## Load generator")[1]
+    rows = [line for line in table.splitlines() if "| rawhttp |" in line or "| grpc |" in line]
+    # one row per point: 2 hot, 2 routes, 2 peers x 3 workloads x the client counts, 3 protocols x 2, churn, cold
+    assert len(rows) == 2 + 2 + 2 * 3 * len(p.clients) + 6 + 2
     for png in ("hot_path", "throughput", "churn", "simulation"):
         assert (tmp_path / "out" / "bench" / f"{png}.png").stat().st_size > 5000
+
+
+def test_wrk_drives_the_app_as_planned(bench_app):
+    from bench import loadgen, scenarios
+
+    if loadgen.wrk_path() is None:
+        pytest.skip("wrk is not installed (apt-get install wrk); the smoke run above uses rawhttp")
+    url, _ = bench_app
+    previous = loadgen._chosen
+    loadgen.use("wrk")
+    try:
+        hot = scenarios.hot(url, 6).summary()
+        mixed = scenarios.closed_loop(url, ["sentiment", "spam", "image"], 4, 12, seed=4).summary()
+        v2 = scenarios.closed_loop(url, ["sentiment"], 2, 4, api="v2").summary()
+        healthz = scenarios.trivial_side_by_side({"app": (url, "/healthz")}, 6)["app"].summary()
+    finally:
+        loadgen._chosen = previous
+    assert_point(hot, 6, "wrk", 3, "hot")
+    assert_point(mixed, 12, "wrk", 1, "three models, 4 clients")
+    assert_point(v2, 4, "wrk", 1, "v2")
+    assert_point(healthz, 6, "wrk", 3, "GET /healthz")
