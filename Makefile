@@ -13,8 +13,13 @@ export $(foreach kv,$(SERVE_ENV),$(firstword $(subst =, ,$(kv))))
 
 .PHONY: run reload test lint install models unit integration cluster bench clean
 
+# `serve run $(SERVE_CONFIG)` under serve_app/launch.py: Ctrl-C, TERM (to make or its process group) and HUP
+# (to the group, from a closed terminal) stop everything it started, HAProxy included, before make returns;
+# a run that finds what a killed one left (its PID file, .run/) clears it; a port held by anything else is
+# named in one line (docs/operations.md).
+SERVE_CONFIG ?= serve_config.yaml
 run: install models
-	$(VENV)/bin/serve run serve_config.yaml
+	$(PY) -m serve_app.launch $(SERVE_CONFIG)
 
 # Deploys an edited config/models.json to the app `make run` (or `serve deploy`) runs, without restarting
 # a replica: checks it, writes it into serve_config.yaml's deployments as their user_config, `serve deploy`s

@@ -7,6 +7,7 @@ the builder (``serve_app.app:build_app``), so a typo or a wrong type stops
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,31 @@ class AuthArgs(_Strict):
     api_key_file: str | None = Field(None, description="a file holding the API key (MMS_API_KEY takes precedence)")
     admin_key_file: str | None = Field(
         None, description="a file holding the admin key for load and unload (MMS_ADMIN_KEY takes precedence)"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, ``localhost``, or an IPv4 address mapped into IPv6) is this machine's
+    loopback, which no other machine reaches. ``0.0.0.0``, ``::``, an empty host and any other name are not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip().strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def listen_refusal(host: str | None, auth: AuthArgs) -> str | None:
+    """Why an app with these auth settings must not listen on ``host`` (Serve's ``http_options.host``), in
+    one line; None when it may. With auth off, anyone who reaches the app may predict, load and unload
+    models, so it listens on the loopback only. ``host`` None: not known (no Serve instance runs yet)."""
+    if auth.mode != "off" or host is None or is_loopback(host):
+        return None
+    return (
+        f"auth.mode is off and http_options.host is {host!r}: anyone who reaches that address could predict, "
+        "load and unload models; listen on 127.0.0.1, or set auth.mode: api_key with its keys"
     )
 
 
