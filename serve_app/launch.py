@@ -23,8 +23,8 @@ What this process does (Linux; elsewhere it runs ``serve run`` in its place, as 
   as its own such signal, so that nothing outlives make being killed.
 * ``serve run`` runs in a process group of its own: a terminal's Ctrl-C reaches make and this process,
   which passes it on once (a second SIGINT would cut Serve's shutdown short).
-* Every quarter of a second it records every process below it in the PID file (PID, start time, name for the
-  messages), so that a run killed before it could clean up can be cleaned up by the next.
+* Every second it records every process below it in the PID file (PID, start time, and the name for
+  the messages), so that a run killed before it could clean up can be cleaned up by the next.
 * Stopping: SIGINT (Ctrl-C) is ``serve run``'s own shutdown, in which Serve drains the ingress replicas
   for 30 s (``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``); a second SIGINT, SIGTERM and SIGHUP
   stop it at once (SIGTERM to its process group; SIGKILL if it has not exited 15 s later). Once ``serve
@@ -64,7 +64,9 @@ keeps them equal to Ray's, so that the launcher does not import Ray)."""
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8000, 9000
 
 TICK_S = 0.25
-"""How often the launcher looks at its processes (and how late it may act on a signal)."""
+"""How often the launcher looks at ``serve run`` and the signals it got (how late it may act on one)."""
+RECORD_S = 1.0
+"""How often it records the processes below it in the PID file (a scan of /proc: a few ms)."""
 GRACEFUL_S = 120.0
 """After SIGINT, how long ``serve run``'s own shutdown may take before it is stopped at once."""
 TERM_S = 15.0
@@ -128,16 +130,17 @@ def running(proc: Proc) -> bool:
 
 def descendants(root: int) -> list[Proc]:
     """Every running process below ``root`` in the process tree."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
-            parents.setdefault(stat[2], []).append(int(entry))
+    stats = {int(e): stat for e in os.listdir("/proc") if e.isdigit() and (stat := _stat(int(e))) is not None}
+    children: dict[int, list[int]] = {}
+    for pid, (_, _, ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
     found, todo = [], [root]
     while todo:
-        for pid in parents.get(todo.pop(), []):
+        for pid in children.get(todo.pop(), []):
             todo.append(pid)
-            if (proc := current(pid)) is not None:
-                found.append(proc)
+            name, state, _, start = stats[pid]
+            if state not in ("Z", "X"):
+                found.append(Proc(pid, start, name))
     return sorted(found, key=Proc.key)
 
 
@@ -361,7 +364,11 @@ def supervise(config: Path, pid_file: Path, signals: Signals) -> int:
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the line above: act as if it had sent SIGTERM
         signals.received.append(signal.SIGTERM)
-    write_pid_file(pid_file, config, me, [])
+    try:
+        write_pid_file(pid_file, config, me, [])
+    except OSError as e:
+        log(f"refusing to start: cannot write the PID file {pid_file} ({e.strerror}): name another with --pid-file")
+        return 1
     if signals.received:
         pid_file.unlink(missing_ok=True)
         return 128 + signals.received[0]
@@ -378,7 +385,7 @@ def supervise(config: Path, pid_file: Path, signals: Signals) -> int:
             os.killpg(child.pid, sig)
 
     graceful = at_once = False
-    handled, deadline, recorded, stopping_since = 0, float("inf"), None, 0.0
+    handled, deadline, recorded, stopping_since, next_record = 0, float("inf"), None, 0.0, 0.0
     while True:
         status = reap().get(child.pid)
         if status is not None:
@@ -404,10 +411,12 @@ def supervise(config: Path, pid_file: Path, signals: Signals) -> int:
             else:
                 deadline = float("inf")
                 signal_child(signal.SIGKILL)
-        procs = descendants(me.pid)
-        if procs != recorded:
-            write_pid_file(pid_file, config, me, procs)
-            recorded = procs
+        if time.monotonic() >= next_record:
+            next_record = time.monotonic() + RECORD_S
+            procs = descendants(me.pid)
+            if procs != recorded:
+                write_pid_file(pid_file, config, me, procs)
+                recorded = procs
         time.sleep(TICK_S)
     left = stop(descendants(me.pid), SWEEP_S)
     reap()
