@@ -373,12 +373,13 @@ def supervise(config: Path, pid_file: Path, signals: Signals) -> int:
         pid_file.unlink(missing_ok=True)
         return 128 + signals.received[0]
 
-    def as_child() -> None:  # in the child, before exec: SIGINT when this launcher dies
+    def as_child() -> None:  # in the child, before exec: a process group of its own, SIGINT when this dies
+        os.setpgid(0, 0)
         _prctl(PR_SET_PDEATHSIG, signal.SIGINT)
         if os.getppid() != me.pid:
             os._exit(1)
 
-    child = subprocess.Popen(_serve_command(config), stdin=subprocess.DEVNULL, process_group=0, preexec_fn=as_child)
+    child = subprocess.Popen(_serve_command(config), stdin=subprocess.DEVNULL, preexec_fn=as_child)
 
     def signal_child(sig: int) -> None:  # serve run's process group: it, and Ray's GCS and raylet
         with contextlib.suppress(ProcessLookupError):
@@ -441,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     pid_file = args.pid_file or default_pid_file(config)
     environ = dict(os.environ)
     try:
-        content = yaml.safe_load(config.read_text()) or {}
+        try:
+            content = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise Refusal(f"cannot read {config}: {' '.join(str(e).split())}") from e
         refusal = exposure_refusal(content, environ)
         if refusal is not None:
             log(f"refusing to start: {refusal}")
