@@ -9,6 +9,7 @@ and the PID file is gone (so the next `make run` can start at once, and did).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve_app import launch
 from serve_app.launch import _bindable, ports
+from tests.helpers import wait_for
 from tests.lifecycle.conftest import APP_ADDRESS, MakeRun, Node
 
 pytestmark = pytest.mark.lifecycle
@@ -90,19 +93,20 @@ def check_stopped(run: MakeRun, sig: signal.Signals, seconds: float) -> None:
 
 def test_the_pid_file_records_every_process_that_holds_a_port(make_runs, node, config, tmp_path_factory):
     # What lets the next `make run` clear what a killed one left: every process that listens, HAProxy
-    # among them, is in the PID file with its start time.
+    # among them, is in the PID file with its start time (within the launcher's RECORD_S of starting).
     run = running(make_runs, node, config, tmp_path_factory)
-    from serve_app.launch import current, read_pid_file
-
-    recorded = read_pid_file(run.pid_file)
-    assert recorded is not None
-    _, procs = recorded
-    holders = {current(s["pid"]) for s in _listening(run)}
-    assert holders and None not in holders, "nothing of the app listens"
-    unrecorded = {p.key() for p in holders} - {p.key() for p in procs}
-    assert unrecorded == set(), [p for p in holders if p.key() in unrecorded]
+    listening = _listening(run)
     fixed = {p.port for p in ports(yaml.safe_load(config.read_text()), run.env)}
-    assert fixed <= {s["port"] for s in _listening(run)}  # HTTP, gRPC, HAProxy's stats and metrics
+    assert fixed <= {s["port"] for s in listening}  # HTTP, gRPC, HAProxy's stats and metrics
+    holders = {launch.current(s["pid"]) for s in listening}
+    assert None not in holders and "haproxy" in {p.name for p in holders}
+
+    def unrecorded() -> list[launch.Proc]:
+        recorded = launch.read_pid_file(run.pid_file)
+        keys = {p.key() for p in recorded[1]} if recorded else set()
+        return [p for p in holders if p.key() not in keys and launch.running(p)]
+
+    assert wait_for(lambda: not unrecorded(), timeout=10 * launch.RECORD_S), unrecorded()
 
 
 def test_nothing_of_the_app_answers_on_a_non_loopback_address(make_runs, node, config, tmp_path_factory):
@@ -140,11 +144,18 @@ def test_nothing_of_the_app_answers_on_a_non_loopback_address(make_runs, node, c
 def _haproxy_grpc_targets(listening: list[dict]) -> set[int]:
     """The ports of the ingress replicas' gRPC servers, as HAProxy's config names them (``server
     SERVE_REPLICA_<app>-Ingress-<id> 127.0.0.1:<port> proto h2``)."""
-    ports = set()
-    for pid in {s["pid"] for s in listening if s["name"] == "haproxy"}:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        config = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
-        ports |= {int(p) for p in re.findall(r"^\s*server SERVE_REPLICA_\S+ \S+:(\d+) proto h2", config, re.M)}
+    ports: set[int] = set()
+
+    def read() -> bool:
+        for pid in {s["pid"] for s in listening if s["name"] == "haproxy"}:
+            with contextlib.suppress(OSError):  # an HAProxy replaced by a reload meanwhile
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                config = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
+                servers = re.findall(r"^\s*server SERVE_REPLICA_\S+ \S+:(\d+) proto h2", config, re.M)
+                ports.update(map(int, servers))
+        return bool(ports)
+
+    wait_for(read, interval=0.5)  # HAProxy's gRPC backend may follow its HTTP one by a moment
     return ports
 
 
