@@ -10,7 +10,8 @@ RayService's ``serveConfigV2``: ``serve_app.reload``) changes the registry in th
 without restarting them. A bad registry stops the build here, with messages that name its fields.
 
 An app with auth off is built only when Serve listens on a loopback address (``listen_refusal``): the
-build fails, with that one line as the reason, when Serve's ``http_options.host`` is any other address.
+build fails, with that one line as the reason, when the running Serve's ``http_options.host`` (with none
+running yet, the default address of the one ``serve.run`` will start) is any other address.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from deployments.ingress.deployment import Ingress
 from deployments.registry_check.deployment import RegistryCheck
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
-from serve_app.core.config import AppArgs, listen_refusal
+from serve_app.core.config import AppArgs, default_http_host, listen_refusal
 from serve_app.core.live_registry import registry_user_config
 from serve_app.core.registry import read_registry_file
 
@@ -44,7 +45,10 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):  # called from Python with a plain mapping
         args = AppArgs.model_validate(args or {})
     ray_internals.check()
-    refusal = listen_refusal(ray_internals.serve_http_host(), args.auth)
+    # With no Serve instance yet (``serve.run(build_app(...))`` from Python), the one serve.run starts listens
+    # on Ray's default address.
+    host = ray_internals.serve_http_host() or default_http_host()
+    refusal = listen_refusal(host, args.auth)
     if refusal is not None:
         raise ValueError(f"refusing to start: {refusal}")
     cap = ray_internals.replica_grpc_max_message_bytes()

@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from serve_app.core.config import AuthArgs, listen_refusal
+from serve_app.core.config import AuthArgs, default_http_host, listen_refusal
 
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 """The ports HAProxy binds beside Serve's, by the variable that moves each, with Ray's defaults (a unit test
@@ -248,7 +248,7 @@ def http_host(config: dict[str, Any], environ: dict[str, str]) -> str | None:
     options = config.get("http_options") or {}
     if "host" in options:
         return options["host"]
-    return environ.get("RAY_SERVE_DEFAULT_HTTP_HOST") or "127.0.0.1"
+    return default_http_host(environ)
 
 
 def exposure_refusal(config: dict[str, Any], environ: dict[str, str]) -> str | None:

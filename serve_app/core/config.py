@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -153,6 +155,12 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def default_http_host(environ: Mapping[str, str] = os.environ) -> str:
+    """The address Ray Serve's HTTP entries listen on when ``http_options.host`` is not set: Ray's default,
+    ``RAY_SERVE_DEFAULT_HTTP_HOST`` if set, else 127.0.0.1."""
+    return environ.get("RAY_SERVE_DEFAULT_HTTP_HOST") or "127.0.0.1"
 
 
 def listen_refusal(host: str | None, auth: AuthArgs) -> str | None:

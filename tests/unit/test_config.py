@@ -184,6 +184,12 @@ def test_the_builder_refuses_auth_off_when_serve_listens_on_another_address(monk
         build_app(AppArgs(auth={"mode": "off"}))
     monkeypatch.setattr(ray_internals, "serve_http_host", lambda: "127.0.0.1")
     assert build_app(AppArgs(auth={"mode": "off"}))
+    # No Serve yet: serve.run will start one on Ray's default address, which the environment can move.
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: None)
+    assert build_app(AppArgs(auth={"mode": "off"}))
+    monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_HOST", "0.0.0.0")
+    with pytest.raises(ValueError, match=r"http_options\.host is '0\.0\.0\.0'"):
+        build_app(AppArgs(auth={"mode": "off"}))
 
 
 def test_serve_config_listens_on_the_loopback_with_auth_off():
