@@ -11,10 +11,15 @@ SERVE_ENV := $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$$/\1=\2/p' con
 $(foreach kv,$(SERVE_ENV),$(eval $(firstword $(subst =, ,$(kv))) ?= $(patsubst $(firstword $(subst =, ,$(kv)))=%,%,$(kv))))
 export $(foreach kv,$(SERVE_ENV),$(firstword $(subst =, ,$(kv))))
 
-.PHONY: run reload test lint install models unit integration cluster bench clean
+.PHONY: run reload test lint install models unit integration cluster lifecycle bench clean
 
+# `serve run $(SERVE_CONFIG)` under serve_app/launch.py: Ctrl-C, TERM (to make or its process group) and HUP
+# (to the group, from a closed terminal) stop everything it started, HAProxy included, before make returns;
+# a run that finds what a killed one left (its PID file, .run/) clears it; a port held by anything else is
+# named in one line (docs/operations.md).
+SERVE_CONFIG ?= serve_config.yaml
 run: install models
-	$(VENV)/bin/serve run serve_config.yaml
+	$(PY) -m serve_app.launch $(SERVE_CONFIG)
 
 # Deploys an edited config/models.json to the app `make run` (or `serve deploy`) runs, without restarting
 # a replica: checks it, writes it into serve_config.yaml's deployments as their user_config, `serve deploy`s
@@ -23,11 +28,13 @@ run: install models
 reload: install
 	$(PY) -m serve_app.reload serve_config.yaml
 
-# Two pytest sessions, each starting Ray once: one node for unit and integration tests,
-# then a three-node cluster (ray.cluster_utils) for the cluster tests.
+# Three pytest sessions: one node for unit and integration tests, then a three-node cluster
+# (ray.cluster_utils) for the cluster tests, each starting Ray once; then `make run` itself, started and
+# stopped three times (as root, in a network namespace of its own).
 test: install models lint
 	$(PY) -m pytest tests/unit tests/integration
 	$(PY) -m pytest tests/cluster
+	$(PY) -m pytest tests/lifecycle
 
 # ruff: the linter and formatter configured in pyproject.toml (`ruff format .` fixes the formatting).
 lint: install
@@ -47,6 +54,9 @@ integration: install models
 
 cluster: install
 	$(PY) -m pytest tests/cluster
+
+lifecycle: install models
+	$(PY) -m pytest tests/lifecycle
 
 install: $(STAMP)
 

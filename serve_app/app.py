@@ -8,6 +8,10 @@ The registry reaches the replicas as Serve's ``user_config`` of the three deploy
 argument of their constructors: a deploy that changes only the ``user_config`` (``make reload``, a
 RayService's ``serveConfigV2``: ``serve_app.reload``) changes the registry in the running replicas
 without restarting them. A bad registry stops the build here, with messages that name its fields.
+
+An app with auth off is built only when Serve listens on a loopback address (``listen_refusal``): the
+build fails, with that one line as the reason, when the running Serve's ``http_options.host`` (with none
+running yet, the default address of the one ``serve.run`` will start) is any other address.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from deployments.registry_check.deployment import RegistryCheck
 from deployments.worker.cache import MAX_MODELS_PER_REPLICA
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
-from serve_app.core.config import AppArgs, RegistryRules
+from serve_app.core.config import AppArgs, RegistryRules, default_http_host, listen_refusal
 from serve_app.core.live_registry import registry_user_config
 from serve_app.core.registry import read_registry_file
 
@@ -47,6 +51,12 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):  # called from Python with a plain mapping
         args = AppArgs.model_validate(args or {})
     ray_internals.check()
+    # With no Serve instance yet (``serve.run(build_app(...))`` from Python), the one serve.run starts listens
+    # on Ray's default address.
+    host = ray_internals.serve_http_host() or default_http_host()
+    refusal = listen_refusal(host, args.auth)
+    if refusal is not None:
+        raise ValueError(f"refusing to start: {refusal}")
     cap = ray_internals.replica_grpc_max_message_bytes()
     if cap is not None and args.largest_worker_message() > cap:
         raise ValueError(

@@ -2,15 +2,21 @@
 
 With auth on, every call but the health probes needs ``Bearer <API key or admin key>``, and the admin
 calls (loading and unloading models) need the admin key. Keys are compared in constant time.
+
+With auth off, the app is for this machine alone: it starts only on a loopback address (the builder's
+``listen_refusal``), and a gRPC call from any other address is refused (``require_loopback``). Ray Serve
+binds the HTTP servers to that address, but not every gRPC server: the ingress replicas' own gRPC servers
+(direct ingress) and the fallback proxy's listen on every interface, whatever ``http_options.host`` says.
 """
 
 from __future__ import annotations
 
 import hmac
 import re
+from urllib.parse import unquote
 
-from serve_app.core.config import Keys
-from serve_app.core.errors import AdminKeyRequired, Unauthorized
+from serve_app.core.config import Keys, is_loopback
+from serve_app.core.errors import AdminKeyRequired, LoopbackOnly, Unauthorized
 
 # HTTP routes that answer without a key: liveness and readiness probes.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -51,3 +57,25 @@ def authorize(keys: Keys, authorization: str | bytes | None, admin: bool = False
             "loading and unloading models needs the admin key: send 'Authorization: Bearer <admin key>'"
         )
     raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def peer_host(peer: str) -> str | None:
+    """The address in a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``); None for a
+    Unix socket (``unix:...``), which only this machine reaches."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind == "unix":
+        return None
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]")
+
+
+def require_loopback(keys: Keys, peer: str) -> None:
+    """With auth off, raise LoopbackOnly for a gRPC call from anywhere but this machine's loopback."""
+    if keys.on:
+        return
+    host = peer_host(peer)
+    if host is not None and not is_loopback(host):
+        raise LoopbackOnly(
+            "auth is off (auth.mode: off), so this app answers callers on its own machine only: "
+            "turn auth on (auth.mode: api_key) to serve other machines"
+        )

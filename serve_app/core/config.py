@@ -7,7 +7,10 @@ the builder (``serve_app.app:build_app``), so a typo or a wrong type stops
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -201,6 +204,37 @@ class RegistryRules(_Strict):
         from serve_app.core.tasks import TaskCatalog
 
         return TaskCatalog.load(self.tasks, self.runtime_modules)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, ``localhost``, or an IPv4 address mapped into IPv6) is this machine's
+    loopback, which no other machine reaches. ``0.0.0.0``, ``::``, an empty host and any other name are not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip().strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def default_http_host(environ: Mapping[str, str] = os.environ) -> str:
+    """The address Ray Serve's HTTP entries listen on when ``http_options.host`` is not set: Ray's default,
+    ``RAY_SERVE_DEFAULT_HTTP_HOST`` if set, else 127.0.0.1."""
+    return environ.get("RAY_SERVE_DEFAULT_HTTP_HOST") or "127.0.0.1"
+
+
+def listen_refusal(host: str | None, auth: AuthArgs) -> str | None:
+    """Why an app with these auth settings must not listen on ``host`` (Serve's ``http_options.host``), in
+    one line; None when it may. With auth off, anyone who reaches the app may predict, load and unload
+    models, so it listens on the loopback only. ``host`` None: not known (no Serve instance runs yet)."""
+    if auth.mode != "off" or host is None or is_loopback(host):
+        return None
+    return (
+        f"auth.mode is off and http_options.host is {host!r}: anyone who reaches that address could predict, "
+        "load and unload models; listen on 127.0.0.1, or set auth.mode: api_key with its keys"
+    )
 
 
 class EnvSettings(BaseSettings):

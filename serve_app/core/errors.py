@@ -72,6 +72,14 @@ class AdminKeyRequired(ServeAppError):
     error = "admin_key_required"
 
 
+class LoopbackOnly(ServeAppError):
+    """A call from another address while auth is off: with auth off, the app answers callers on this
+    machine's loopback only (deployments.ingress.auth.require_loopback)."""
+
+    status_code = 403
+    error = "loopback_only"
+
+
 class LimitExceeded(ServeAppError):
     """The request is over one of the app's limits (body size, list length, image bytes or pixels)."""
 

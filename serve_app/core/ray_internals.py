@@ -8,6 +8,9 @@ Public APIs are used wherever Ray has one; what is left has no public equivalent
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
 * ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance;
 * ``delete_app_in_background``: the tests remove an app without waiting out its ingress replica's drain.
+* ``serve_http_host``: the address the running Serve instance listens on (``http_options.host``), which
+  the builder checks against the app's auth settings; ``haproxy_ports``: Ray's defaults for the ports
+  HAProxy binds beside it, which ``make run``'s launcher checks before it starts (without importing Ray).
 * ``RequestRouter._choose_replica_for_request``: the model workers' router overrides it to learn which
   replica each model's request is sent to, as Serve sends it (``deployments/routing/router.py``).
 
@@ -45,6 +48,9 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve._private.constants", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"),
     ("ray.serve._private.constants", "RAY_SERVE_USE_GRPC_BY_DEFAULT"),
     ("ray.serve._private.controller", "ServeController.get_serve_instance_details"),
+    ("ray.serve._private.controller", "ServeController.get_http_config"),
+    ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_STATS_PORT"),
+    ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_METRICS_PORT"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.models"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._push_multiplexed_replica_info"),
@@ -149,6 +155,33 @@ def replica_grpc_max_message_bytes() -> int | None:
     from ray.serve._private import constants
 
     return constants.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH if constants.RAY_SERVE_USE_GRPC_BY_DEFAULT else None
+
+
+# -- where Serve listens -----------------------------------------------------------------------------
+
+
+def serve_http_host() -> str | None:
+    """The address the running Serve instance's HTTP entries listen on (its ``http_options.host``: HAProxy,
+    the proxies, the ingress replicas' own HTTP servers), or None when no Serve instance runs yet (or Ray
+    does not: this starts none). Ray has no public API for a running instance's HTTP options."""
+    if not ray.is_initialized():
+        return None
+    try:
+        controller = _controller()
+    except ValueError:  # no Serve controller in this cluster
+        return None
+    return ray.get(controller.get_http_config.remote()).host
+
+
+def haproxy_ports() -> dict[str, int]:
+    """The ports HAProxy binds on every node beside Serve's HTTP and gRPC ports, by the variable that moves
+    each: Ray's defaults, or the values set in this process's environment."""
+    from ray.serve._private import constants
+
+    return {
+        "RAY_SERVE_HAPROXY_STATS_PORT": constants.RAY_SERVE_HAPROXY_STATS_PORT,
+        "RAY_SERVE_HAPROXY_METRICS_PORT": constants.RAY_SERVE_HAPROXY_METRICS_PORT,
+    }
 
 
 # -- what the tests read -----------------------------------------------------------------------------

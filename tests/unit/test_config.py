@@ -137,6 +137,70 @@ def test_start_up_refuses_limits_that_messages_between_replicas_cannot_carry(mon
     assert build_app(AppArgs(auth={"mode": "off"}, **small))
 
 
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.0.1.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("192.0.2.2", False),
+        ("fd00::2", False),
+        ("myhost", False),
+    ],
+)
+def test_only_loopback_addresses_count_as_this_machine_alone(host, loopback):
+    from serve_app.core.config import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_auth_off_is_refused_on_any_address_but_the_loopback_in_one_line():
+    from serve_app.core.config import listen_refusal
+
+    off, on = _auth(mode="off"), _auth(mode="api_key")
+    assert listen_refusal("127.0.0.1", off) is None
+    assert listen_refusal(None, off) is None  # not known yet: the builder checks once Serve runs
+    assert listen_refusal("0.0.0.0", on) is None
+    refusal = listen_refusal("0.0.0.0", off)
+    assert "\n" not in refusal and "'0.0.0.0'" in refusal and "auth.mode: api_key" in refusal
+
+
+def test_the_builder_refuses_auth_off_when_serve_listens_on_another_address(monkeypatch):
+    import ray
+
+    from serve_app.app import build_app
+    from serve_app.core import ray_internals
+
+    if not ray.is_initialized():
+        assert ray_internals.serve_http_host() is None  # no Serve to ask, and none is started to ask it
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: "0.0.0.0")
+    with pytest.raises(ValueError, match=r"^refusing to start: auth.mode is off and http_options.host is '0.0.0.0'"):
+        build_app(AppArgs(auth={"mode": "off"}))
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: "127.0.0.1")
+    assert build_app(AppArgs(auth={"mode": "off"}))
+    # No Serve yet: serve.run will start one on Ray's default address, which the environment can move.
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: None)
+    assert build_app(AppArgs(auth={"mode": "off"}))
+    monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_HOST", "0.0.0.0")
+    with pytest.raises(ValueError, match=r"http_options\.host is '0\.0\.0\.0'"):
+        build_app(AppArgs(auth={"mode": "off"}))
+
+
+def test_serve_config_listens_on_the_loopback_with_auth_off():
+    from serve_app.core.config import listen_refusal
+
+    config = _serve_config()
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    assert (config["http_options"]["host"], args.auth.mode) == ("127.0.0.1", "off")
+    assert listen_refusal(config["http_options"]["host"], args.auth) is None
+
+
 def test_the_shipped_environment_carries_the_largest_request(monkeypatch):
     from serve_app.devtools import serve_env
 

@@ -5,12 +5,15 @@ checks on live Ray nodes, in network namespaces: scripts/netns-cluster-check.sh 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import importlib
 import math
 import os
 import re
 import shlex
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from serve_app.core.config import AppArgs
+from serve_app.core.config import AppArgs, listen_refusal
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.core.ray_internals import TESTED_RAY_VERSION
 from serve_app.devtools import serve_env
@@ -48,8 +51,10 @@ K8S_ONLY = {
     # Messages about a bad registry name where it came from: on the cluster, serveConfigV2 (written once, with a
     # YAML anchor, for the three deployments).
     **{("applications", 0, "deployments", i, "user_config", "origin"): "serveConfigV2" for i in range(3)},
-    # `make run` keeps auth off so the README's examples answer as written; on a cluster, the API is
-    # reachable by every pod and Service in it, so it needs keys: each pod takes them from the Secret.
+    # `make run` listens on the loopback with auth off so the README's examples answer as written; on a
+    # cluster, the Service and the other pods' HAProxy reach every pod, so it listens on every interface
+    # and needs keys: each pod takes them from the Secret.
+    ("http_options", "host"): "0.0.0.0",
     ("applications", 0, "args", "auth", "mode"): "api_key",
     # One worker replica per pod: the minimum of two replicas runs on two pods (no single pod holds them
     # all), and a replica past the minimum needs a pod of its own, which the autoscaler adds. On one
@@ -353,6 +358,23 @@ def test_the_dockerfile_builds_what_the_manifest_runs(dockerfile):
     for source in sources:
         for pattern in ignored:
             assert not fnmatch.fnmatch(source, pattern) and not source.startswith(pattern + "/"), (source, pattern)
+
+
+def test_the_image_listens_on_its_network_and_requires_the_keys(dockerfile, serve_config, tmp_path):
+    # The image rewrites serve_config.yaml at build time: the Dockerfile's own command, run here on a copy.
+    (rewrite,) = [r for r in _args(dockerfile, "RUN") if "serve_config.yaml" in r]
+    assert _args(dockerfile, "CMD") == ['["serve", "run", "serve_config.yaml"]']
+    program, flag, code = shlex.split(rewrite)
+    assert (program, flag) == ("python", "-c")
+    (tmp_path / "serve_config.yaml").write_text((PROJECT_ROOT / "serve_config.yaml").read_text())
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+    image = yaml.safe_load((tmp_path / "serve_config.yaml").read_text())
+    assert serve_config["http_options"]["host"] == "127.0.0.1"  # make run: the loopback, auth off
+    expected = copy.deepcopy(serve_config)
+    expected["http_options"]["host"] = "0.0.0.0"
+    expected["applications"][0]["args"]["auth"] = {"mode": "api_key"}
+    assert image == expected  # nothing else differs
+    assert listen_refusal("0.0.0.0", AppArgs.model_validate(image["applications"][0]["args"]).auth) is None
 
 
 def test_the_manifest_passes_the_rayservice_crd_schema(service):

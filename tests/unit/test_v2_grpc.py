@@ -192,12 +192,16 @@ def test_only_the_outputs_asked_for_and_an_unknown_one_is_refused():
 class Context:
     """Ray Serve's RayServegRPCContext, as far as the adapter uses it."""
 
-    def __init__(self, key: str | None = None):
+    def __init__(self, key: str | None = None, peer: str = "ipv6:%5B::ffff:127.0.0.1%5D:40512"):
         self.metadata = [("authorization", f"Bearer {key}")] if key else []
         self.code, self.details = None, None
+        self._peer = peer  # HAProxy on the same machine, as Serve's direct-ingress gRPC server sees it
 
     def invocation_metadata(self):
         return self.metadata
+
+    def peer(self):
+        return self._peer
 
     def set_code(self, code):
         self.code = code
@@ -236,8 +240,8 @@ def service(*outcomes, keys=KEYS, held=(), max_message_bytes=1024, **args):
     return V2Grpc(plane, keys, max_message_bytes, "9.9"), worker, metrics
 
 
-def call(svc, rpc, message, key="api-key"):
-    ctx = Context(key)
+def call(svc, rpc, message, key="api-key", **context):
+    ctx = Context(key, **context)
     return asyncio.run(getattr(svc, rpc)(message, ctx)), ctx
 
 
@@ -298,6 +302,40 @@ def test_auth_off_lets_every_call_through():
     svc, _, _ = service(keys=Keys(api=None, admin=None))
     _, ctx = call(svc, "ServerMetadata", pb.ServerMetadataRequest(), key=None)
     assert ctx.code is None
+
+
+@pytest.mark.parametrize(
+    "peer, local",
+    [
+        ("ipv4:127.0.0.1:51234", True),
+        ("ipv6:%5B::1%5D:51234", True),
+        ("ipv6:[::ffff:127.0.0.1]:51234", True),
+        ("unix:/tmp/socket", True),
+        ("ipv4:10.214.9.2:51234", False),
+        ("ipv6:%5B::ffff:192.0.2.7%5D:51234", False),
+        ("ipv6:%5Bfd00::2%5D:51234", False),
+        ("", False),
+    ],
+)
+def test_with_auth_off_only_callers_on_the_loopback_are_served(peer, local):
+    # Serve's direct-ingress gRPC servers and its fallback proxy listen on every interface whatever
+    # http_options.host says: with auth off, a call from another address is refused, every RPC alike.
+    svc, worker, _ = service(ANSWER, keys=Keys(api=None, admin=None))
+    for rpc, message in (("ServerLive", pb.ServerLiveRequest()), ("ModelInfer", request())):
+        _, ctx = call(svc, rpc, message, key=None, peer=peer)
+        if local:
+            assert ctx.code is None, (rpc, ctx.details)
+        else:
+            assert ctx.code is S.PERMISSION_DENIED and "auth is off" in ctx.details, rpc
+    assert worker.calls == ([("predict", "m")] if local else [])
+
+
+def test_with_auth_on_the_key_decides_wherever_the_caller_is():
+    svc, _, _ = service(ANSWER)
+    _, ctx = call(svc, "ModelInfer", request(), peer="ipv4:10.214.9.2:51234")
+    assert ctx.code is None
+    _, ctx = call(svc, "ModelInfer", request(), key=None, peer="ipv4:10.214.9.2:51234")
+    assert ctx.code is S.UNAUTHENTICATED
 
 
 def test_metadata_and_the_repository_from_the_data_plane():

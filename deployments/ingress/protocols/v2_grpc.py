@@ -9,6 +9,8 @@ The message classes are tritonclient's generated ``service_pb2``; Serve register
 
 * Auth: the API key of REST, as ``authorization: Bearer <key>`` metadata, through ``auth.authorize``;
   ServerLive and ServerReady are open, RepositoryModelLoad and RepositoryModelUnload need the admin key.
+  With auth off, only callers on the loopback are served (``auth.require_loopback``): some of Serve's gRPC
+  servers listen on every interface, whatever address the app's HTTP listens on.
 * Limits: the data plane's (inputs per request, image bytes and pixels), and ``max_body_bytes`` on the
   request message, as REST has it on the body.
 * Inputs: one BYTES tensor, its elements in ``contents.bytes_contents`` or, in the binary BYTES form,
@@ -32,7 +34,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
-from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorize
+from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorize, require_loopback
 from deployments.ingress.dataplane import DataPlane, InferenceRequest, InferenceResult
 from deployments.ingress.protocols import v2
 from serve_app.core.config import Keys
@@ -42,6 +44,7 @@ from serve_app.core.errors import (
     ForbiddenPath,
     InvalidInput,
     LimitExceeded,
+    LoopbackOnly,
     ModelChanged,
     ModelNotFound,
     ModelUnavailable,
@@ -70,6 +73,7 @@ GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
     AdminKeyRequired: grpc.StatusCode.PERMISSION_DENIED,
     ForbiddenPath: grpc.StatusCode.PERMISSION_DENIED,
+    LoopbackOnly: grpc.StatusCode.PERMISSION_DENIED,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 """The one mapping of the app's errors to gRPC status codes. An error takes the status of the first of
@@ -85,6 +89,8 @@ class Context(Protocol):
     """What the adapter uses of the RPC's context (Ray Serve's ``RayServegRPCContext``)."""
 
     def invocation_metadata(self) -> list[tuple[str, str | bytes]]: ...
+
+    def peer(self) -> str: ...
 
     def set_code(self, code: grpc.StatusCode) -> None: ...
 
@@ -183,6 +189,7 @@ def rpc(response: type[Message]) -> Callable[[_Rpc], _Rpc]:
         @functools.wraps(method)
         async def handler(self: V2Grpc, request: Message, context: Context) -> Message:
             try:
+                require_loopback(self.keys, context.peer())
                 if name not in OPEN_RPCS:
                     authorize(self.keys, dict(context.invocation_metadata()).get("authorization"), name in ADMIN_RPCS)
                 if request.ByteSize() > self.max_message_bytes:
