@@ -32,10 +32,24 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> dict[str,
 
 
 def own_fixed_ports() -> dict[str, str]:
-    """Free ports for what Ray Serve binds at fixed numbers on every node (HAProxy's Prometheus endpoint,
-    9101, and stats page, 8404), so that a second Ray session on one machine (a test run beside `make run`)
-    can start. The mode and everything else stay as config/serve.env sets them."""
-    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+    """Ports of its own for what Ray Serve binds at fixed numbers on every node, so that a second Ray session on
+    one machine (a test run beside `make run`) starts, and answers its own calls: HAProxy's Prometheus endpoint
+    (9101) and stats page (8404), the fallback proxy's HTTP and gRPC ports (8500, 9500), and the ranges the
+    ingress replicas' own servers take their ports from (HTTP 30000-31000, gRPC 40000-41000). gRPC servers
+    bind with SO_REUSEPORT, so two sessions on one gRPC port do not fail: the kernel splits the connections
+    between their apps, and a call reaches the other session's. Each session takes a block of 100 ports of
+    each range, at random, beside the defaults. The mode and everything else stay as config/serve.env sets."""
+    http, grpc = random.randrange(31000, 32700, 100), random.randrange(41000, 50000, 100)
+    return {
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + 99),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 99),
+    }
 
 
 FREE_PORTS = range(20000, 30000)
