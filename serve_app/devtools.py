@@ -31,11 +31,27 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> dict[str,
     return {key: environ[key] for key in serve_env()}
 
 
+OWN_GRPC_PORTS = range(41000, 49000, 200)
+"""Where ``own_fixed_ports`` puts a session's block of 200 direct-ingress gRPC ports: above Serve's default
+block (40000 and up, which `make run` takes), below the kernel's ephemeral range."""
+
+
 def own_fixed_ports() -> dict[str, str]:
     """Free ports for what Ray Serve binds at fixed numbers on every node (HAProxy's Prometheus endpoint,
-    9101, and stats page, 8404), so that a second Ray session on one machine (a test run beside `make run`)
-    can start. The mode and everything else stay as config/serve.env sets them."""
-    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+    9101, and stats page, 8404; the fallback proxy's gRPC port, 9500), and a block of its own for the ingress
+    replicas' gRPC servers (40000 and up), so that a second Ray session on one machine (a test run beside
+    `make run`) can start, and its gRPC calls reach its own replicas: Ray 2.60 asks those servers for
+    ``("grpc.so_reuseport", "0")``, a string, which grpc ignores, so two sessions' replicas bind the same port
+    and the kernel hands each one half of the other's connections ("Application 'demo' not found"). The mode
+    and everything else stay as config/serve.env sets them."""
+    grpc_base = random.choice(OWN_GRPC_PORTS)
+    return {
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_base),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_base + OWN_GRPC_PORTS.step - 1),
+    }
 
 
 FREE_PORTS = range(20000, 30000)
