@@ -208,7 +208,7 @@ def test_a_removed_model_is_404_and_its_memory_is_freed_while_the_others_stay(cl
 
 
 BAD = {
-    "an invalid field": ({"task": "translation"}, "models.1.task: Input should be"),
+    "an invalid field": ({"task": "translation"}, "models.1.task: unknown task 'translation'"),
     "a duplicate id": ({"id": "alpha"}, "models.1.id: duplicate model id 'alpha'"),
     "a bad hub id": ({"source": {"hub_id": "not a hub id", "revision": "main"}}, "models.1.source"),
 }
