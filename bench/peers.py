@@ -130,6 +130,7 @@ def start_app(registry: Path, logs: Path, name: str, worker: dict | None = None,
     config["grpc_options"]["port"] = grpc_port
     args = config["applications"][0]["args"]
     args["registry_path"] = str(registry)
+    args["model_roots"] = ["models", str(registry.parent)]  # the bench's own models sit beside its registry
     args["worker"].pop("autoscaling", None)
     args["worker"]["num_replicas"] = 2
     args["worker"].update(worker or {})

@@ -12,6 +12,8 @@ without restarting them. A bad registry stops the build here, with messages that
 
 from __future__ import annotations
 
+import logging
+
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -23,6 +25,8 @@ from serve_app.core.config import AppArgs
 from serve_app.core.live_registry import registry_user_config
 from serve_app.core.registry import read_registry_file
 from serve_app.core.tasks import TaskCatalog
+
+logger = logging.getLogger("ray.serve")
 
 ROUTER = "deployments.routing.router:ModelAwareRouter"
 """The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
@@ -49,6 +53,19 @@ def build_app(args: AppArgs) -> Application:
             f"more than Serve's gRPC message cap of {cap}: raise RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH "
             "(config/serve.env) or lower max_body_bytes, max_image_bytes, max_list_items or max_text_chars"
         )
+    entry = ray_internals.grpc_entry_max_message_bytes()
+    if entry < args.max_body_bytes:
+        raise ValueError(
+            f"Serve's gRPC entry takes messages of at most {entry} bytes, less than max_body_bytes "
+            f"({args.max_body_bytes}): raise RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (config/serve.env) to max_body_bytes"
+        )
+    if entry > args.max_body_bytes:
+        logger.warning(
+            "Serve's gRPC entry reads messages of up to %d bytes before this app refuses those over max_body_bytes "
+            "(%d): set RAY_SERVE_GRPC_MAX_MESSAGE_SIZE to max_body_bytes (config/serve.env) to refuse them unread",
+            entry,
+            args.max_body_bytes,
+        )
     catalog = args.catalog_args.catalog()  # imports the task modules: a missing one stops the build here
     registry = registry_config(args.registry_path, catalog)
     w = args.worker
@@ -68,7 +85,7 @@ def build_app(args: AppArgs) -> Application:
         request_router_config=router,
         user_config=registry,
         **scaling,
-    ).bind(w.torch_threads, w.batching, w.load_failure_backoff_s, args.catalog_args)
+    ).bind(w.torch_threads, w.batching, w.load_failure_backoff_s, args.catalog_args, w.max_concurrent_decodes)
     check = RegistryCheck.options(user_config=registry).bind(args.catalog_args)
     i = args.ingress
     return Ingress.options(

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from deployments.runtimes.base import runtime_for
 from deployments.worker.copies import ModelCopy
 from serve_app.core import ray_internals
-from serve_app.core.errors import ModelUnavailable, ServeAppError
+from serve_app.core.errors import ModelUnavailable, ServeAppError, error_text
 from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
 from serve_app.core.metrics import WorkerMetrics
 from serve_app.core.paths import PROJECT_ROOT
@@ -55,6 +55,12 @@ def redact_paths(text: str, spec: ModelSpec) -> str:
     named = spec.source.describe()
     shown = named if not named.startswith("/") else f"<files of model {spec.id!r}>"
     return text.replace(resolved, shown).replace(f"{PROJECT_ROOT}/", "")
+
+
+def failure_reason(e: BaseException, spec: ModelSpec) -> str:
+    """Why a model's code failed, as a client may read it: the exception's type and message without server
+    paths or object addresses, bounded (``errors.error_text``); the log has the whole of it."""
+    return error_text(e, lambda text: redact_paths(text, spec))
 
 
 def build_copy(live: LiveRegistry, spec: ModelSpec) -> ModelCopy:
@@ -97,15 +103,18 @@ class ModelCache:
             copy = build_copy(self._live, spec)
             await asyncio.to_thread(copy.load)  # reads files and builds tensors: off the event loop
         except Exception as e:
-            reason = redact_paths(f"{type(e).__name__}: {e}", spec)
-            logger.error("loading model %r failed: %s", model_id, reason)
+            reason = failure_reason(e, spec)
+            logger.error("loading model %r failed: %s", model_id, redact_paths(f"{type(e).__name__}: {e}", spec))
             now = time.time()
             status.state = ModelState.FAILED
             status.last_error, status.last_error_at = reason, now
             status.load_failures += 1
             status.retry_after = now + self._backoff_s
             self._metrics.load_failed(model_id, spec.task)
-            raise ModelUnavailable(f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id) from None
+            again = {"retry_after_s": self._backoff_s} if self._backoff_s > 0 else {}
+            raise ModelUnavailable(
+                f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id, **again
+            ) from None
         status.load_count += 1
         status.last_loaded_at = time.time()
         status.last_load_seconds = copy.load_seconds
@@ -140,10 +149,11 @@ class ModelCache:
         status = self.status.get(model_id)
         if status is not None and status.retry_after is not None and time.time() < status.retry_after:
             self._counters.refused_in_backoff += 1
+            left = status.retry_after - time.time()
             raise ModelUnavailable(
-                f"Model {model_id!r} could not be loaded: {status.last_error} "
-                f"(not tried again for {status.retry_after - time.time():.0f}s)",
+                f"Model {model_id!r} could not be loaded: {status.last_error} (not tried again for {left:.0f}s)",
                 model_id=model_id,
+                retry_after_s=left,
             )
         if model_id in self.held:
             self._metrics.cache_hit(model_id)

@@ -28,6 +28,10 @@ SHIPPED_TASKS = (
 )
 """The task modules the app serves unless its args name others (``serve_app.core.tasks``)."""
 
+MODEL_ROOTS = ("models",)
+"""Where a registry entry's local source may lie unless the app's args name other folders: the project's
+``models/``, where ``make models`` builds the demo models."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -122,6 +126,12 @@ class WorkerArgs(_Strict):
     load_failure_backoff_s: float = Field(
         30.0, ge=0, description="after a failed load, requests for that model get 503 for this long, evicting nothing"
     )
+    max_concurrent_decodes: int = Field(
+        1,
+        ge=1,
+        description="requests whose inputs (images) one replica decodes at once; the others wait their turn, so "
+        "that a flood of costly images takes this many threads of a replica, not every core of its node",
+    )
 
     @model_validator(mode="after")
     def _batches_fit(self) -> WorkerArgs:
@@ -176,11 +186,16 @@ class CatalogArgs(_Strict):
         description='modules a registry entry may take a runtime class from ("runtime": "module:Class"), '
         "besides the task modules",
     )
+    model_roots: list[str] = Field(
+        default_factory=lambda: list(MODEL_ROOTS),
+        min_length=1,
+        description="folders a registry entry's local source (source.path) must lie under, symlinks resolved",
+    )
 
     def catalog(self):  # -> serve_app.core.tasks.TaskCatalog (imported here: it imports this module)
         from serve_app.core.tasks import TaskCatalog
 
-        return TaskCatalog.load(self.tasks, self.runtime_modules)
+        return TaskCatalog.load(self.tasks, self.runtime_modules, self.model_roots)
 
 
 class EnvSettings(BaseSettings):
@@ -200,12 +215,29 @@ class AppArgs(_Strict):
     )
     max_list_items: int = Field(32, ge=1, description="most inputs in one request's input_data list")
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1, description="largest encoded image accepted")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) accepted")
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="largest image (width x height) accepted: a 24-megapixel photo (6000 x 4000); the image models "
+        "resize to a few hundred pixels a side",
+    )
     max_request_pixels: int = Field(
-        80_000_000, ge=1, description="most pixels of all the images of one request together"
+        50_000_000, ge=1, description="most pixels of all the images of one request together"
+    )
+    max_pixels_per_byte: int = Field(
+        1024,
+        ge=1,
+        description="most pixels an image of a format decoded whole (PNG, WebP, GIF, BMP: all but JPEG) may have per "
+        "byte of its file: more is a decompression bomb (a photo has a few pixels a byte; RGB PNG cannot pass ~344)",
     )
     max_text_chars: int = Field(20_000, ge=1, description="longest text input, in characters")
     request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="time a client has to send its whole request body once the ingress has its headers; after it, "
+        "408 and the connection closes, so that slow senders cannot hold the ingress's requests",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024,
         ge=1,
@@ -223,13 +255,19 @@ class AppArgs(_Strict):
         description='modules a registry entry may take its own runtime class from ("runtime": '
         '"module:Class"), besides the task modules: only the operator sets these',
     )
+    model_roots: list[str] = Field(
+        default_factory=lambda: list(MODEL_ROOTS),
+        min_length=1,
+        description="folders a registry entry's local source (source.path) must lie under, symlinks resolved; "
+        "relative to the project root. Only the operator sets these: the registry cannot widen them",
+    )
     url_fetch: UrlFetchArgs = Field(default_factory=UrlFetchArgs)
     worker: WorkerArgs = Field(default_factory=WorkerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
 
     @property
     def catalog_args(self) -> CatalogArgs:
-        return CatalogArgs(tasks=self.tasks, runtime_modules=self.runtime_modules)
+        return CatalogArgs(tasks=self.tasks, runtime_modules=self.runtime_modules, model_roots=self.model_roots)
 
     @property
     def max_request_bytes(self) -> int:

@@ -75,6 +75,9 @@ class ReplicaCounters(BaseModel):
     revived: int = Field(0, description="evicted models taken back by a new request before they were freed")
     refused_in_backoff: int = Field(0, description="requests answered 503 from a failed load's back-off")
     live_models: int = Field(0, description="models whose weights are in memory now (held or still in use)")
+    most_decodes_at_once: int = Field(
+        0, description="most requests whose inputs (images) this replica decoded at once (max_concurrent_decodes)"
+    )
 
 
 class RefusedRegistry(BaseModel):

@@ -17,6 +17,7 @@ def test_benchmark_smoke_run(deploy, grpc_target, tmp_path):
         "bench",
         {
             "registry_path": str(registry),
+            "model_roots": [str(registry.parent)],
             "auth": {"mode": "off"},
             "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1},
         },
