@@ -151,9 +151,11 @@ def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
 
     from deployments.runtimes import runtime_for
     from serve_app.core.registry import Registry
+    from serve_app.core.tasks import TaskCatalog
 
     torch.set_num_threads(1)  # as a worker replica runs it
-    spec = Registry.from_file(registry).get("sentiment")
+    roots = TaskCatalog.load(model_roots=["models", str(registry.parent)])  # the bench's models beside its registry
+    spec = Registry.from_file(registry, roots).get("sentiment")
     runtime = runtime_for(spec, device="cpu")
     t0 = time.perf_counter()
     runtime.load()
