@@ -130,6 +130,7 @@ def start_app(registry: Path, logs: Path, name: str, worker: dict | None = None,
     config["grpc_options"]["port"] = grpc_port
     args = config["applications"][0]["args"]
     args["registry_path"] = str(registry)
+    args["model_roots"] = ["models", str(registry.parent)]  # the bench's own models sit beside its registry
     args["worker"].pop("autoscaling", None)
     args["worker"]["num_replicas"] = 2
     args["worker"].update(worker or {})
@@ -150,9 +151,11 @@ def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
 
     from deployments.runtimes import runtime_for
     from serve_app.core.registry import Registry
+    from serve_app.core.tasks import TaskCatalog
 
     torch.set_num_threads(1)  # as a worker replica runs it
-    spec = Registry.from_file(registry).get("sentiment")
+    roots = TaskCatalog.load(model_roots=["models", str(registry.parent)])  # the bench's models beside its registry
+    spec = Registry.from_file(registry, roots).get("sentiment")
     runtime = runtime_for(spec, device="cpu")
     t0 = time.perf_counter()
     runtime.load()

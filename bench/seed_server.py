@@ -30,8 +30,10 @@ from serve_app.core.tasks import TaskCatalog
 
 CAPACITY = 2
 
-catalog = TaskCatalog.load()
-registry = Registry.from_file(os.environ.get("SEED_REGISTRY", "config/models.json"), catalog)
+REGISTRY = os.environ.get("SEED_REGISTRY", "config/models.json")
+# The bench's own models lie beside its registry; the app's model roots (models/) besides.
+catalog = TaskCatalog.load(model_roots=["models", str(resolve_project_path(REGISTRY).parent)])
+registry = Registry.from_file(REGISTRY, catalog)
 app = FastAPI(title="seed-style baseline")
 
 

@@ -32,6 +32,8 @@ from serve_app.core.registry import read_registry_file
 
 logger = logging.getLogger("ray.serve")
 
+logger = logging.getLogger("ray.serve")
+
 ROUTER = "deployments.routing.router:ModelAwareRouter"
 """The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
 
@@ -63,6 +65,19 @@ def build_app(args: AppArgs) -> Application:
             f"a request within this app's limits can reach {args.largest_worker_message()} bytes between replicas, "
             f"more than Serve's gRPC message cap of {cap}: raise RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH "
             "(config/serve.env) or lower max_body_bytes, max_image_bytes, max_list_items or max_text_chars"
+        )
+    entry = ray_internals.grpc_entry_max_message_bytes()
+    if entry < args.max_body_bytes:
+        raise ValueError(
+            f"Serve's gRPC entry takes messages of at most {entry} bytes, less than max_body_bytes "
+            f"({args.max_body_bytes}): raise RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (config/serve.env) to max_body_bytes"
+        )
+    if entry > args.max_body_bytes:
+        logger.warning(
+            "Serve's gRPC entry reads messages of up to %d bytes before this app refuses those over max_body_bytes "
+            "(%d): set RAY_SERVE_GRPC_MAX_MESSAGE_SIZE to max_body_bytes (config/serve.env) to refuse them unread",
+            entry,
+            args.max_body_bytes,
         )
     # Imports the task modules (a missing one stops the build here) and checks the registry against them.
     registry = registry_config(args.registry_path, args.registry_rules)

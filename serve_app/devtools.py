@@ -35,9 +35,10 @@ def own_fixed_ports() -> dict[str, str]:
     """Ports of its own for what Ray Serve binds at fixed numbers on every node, so that a second Ray session on
     one machine (a test run beside `make run`) starts, and answers its own calls: HAProxy's Prometheus endpoint
     (9101) and stats page (8404), the fallback proxy's HTTP and gRPC ports (8500, 9500), and the ranges the
-    ingress replicas' own servers take their ports from (HTTP 30000-31000, gRPC 40000-41000). gRPC servers
-    bind with SO_REUSEPORT, so two sessions on one gRPC port do not fail: the kernel splits the connections
-    between their apps, and a call reaches the other session's. Each session takes a block of 100 ports of
+    ingress replicas' own servers take their ports from (HTTP 30000-31000, gRPC 40000-41000). Ray 2.60 asks
+    those gRPC servers for ``("grpc.so_reuseport", "0")``, a string, which grpc ignores: two sessions on one
+    port do not fail, the kernel splits the connections between their apps, and a call reaches the other
+    session's ("Application 'demo' not found"). Each session takes a block of 100 ports of
     each range, at random, beside the defaults. The mode and everything else stay as config/serve.env sets."""
     http, grpc = random.randrange(31000, 32700, 100), random.randrange(41000, 50000, 100)
     return {

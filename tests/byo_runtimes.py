@@ -60,6 +60,16 @@ class BreaksItsContract(ModelRuntime):
         return ["positive" for _ in inputs]
 
 
+class FailsNoisily(ModelRuntime):
+    """Loads, then fails on every input as a library might: naming an object by its address, at length."""
+
+    def load(self) -> None:
+        pass
+
+    def predict(self, inputs: list[str]) -> list[str]:
+        raise RuntimeError(f"cannot handle {object()!r}: " + "more about it " * 5000)
+
+
 class NotARuntime:
     """A class that does not subclass ModelRuntime."""
 

@@ -1,6 +1,8 @@
 """Helpers shared by the integration and cluster tests."""
 
+import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -10,6 +12,10 @@ import httpx
 
 API_KEY = "test-key-4f9c2a"  # the keys of the 'limits' test app, which reads them from MMS_API_KEY / MMS_ADMIN_KEY
 ADMIN_KEY = "test-admin-key-93be01"
+
+MODEL_ROOTS = ["models", str(Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()).resolve())]
+"""The model roots (args.model_roots) of the tests' apps: the project's models/ and the folder pytest makes its
+temporary folders in, where the tests build their tiny models."""
 
 EVENTUALLY_S = 120.0
 """How long a test waits for something the app does asynchronously (a replica reporting a load, Ray
@@ -81,7 +87,13 @@ def live_registry(*specs):
 def tiny_args(registry: Path, replicas: int, **extra) -> dict:
     worker = {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1}
     worker.update(extra.pop("worker", {}))
-    return {"registry_path": str(registry), "auth": {"mode": "off"}, "worker": worker, **extra}
+    return {
+        "registry_path": str(registry),
+        "auth": {"mode": "off"},
+        "model_roots": MODEL_ROOTS,
+        "worker": worker,
+        **extra,
+    }
 
 
 def replica_pids(app: str, deployment: str = "ModelWorker") -> dict[str, int]:

@@ -3,8 +3,11 @@
 A JSON body small in bytes can still hold a million values (``[[],[],...]``): parsed whole, it costs
 seconds of CPU and hundreds of megabytes before any list limit is checked. ``check_json_budget`` streams
 the body through a C JSON tokenizer (ijson, yajl2_c) and stops at the first value past the budget, so a
-body is parsed into Python objects only once it is known to be small. Protocol adapters run their parsers
-through ``parse_bounded``: a body of at most ``INLINE_PARSE_BYTES`` on the event loop, a larger one in a thread.
+body is parsed into Python objects only once it is known to be small. A body the tokenizer cannot read is
+refused there and then (400): it is not JSON, and the full parse must never see it, for that parse would
+take what the tokenizer refused (pydantic reads ``NaN`` and ``Infinity``) and run unbounded. Protocol
+adapters run their parsers through ``parse_bounded``: a body of at most ``INLINE_PARSE_BYTES`` on the event
+loop, a larger one in a thread.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import TypeVar
 
 import ijson
 
-from serve_app.core.errors import InvalidInput
+from serve_app.core.errors import InvalidInput, MalformedRequest
 
 
 def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
     """Raise InvalidInput if ``body`` holds more than ``max_values`` JSON values (scalars, lists, objects
-    and keys all count). Malformed JSON is left to the full parse, which names the error."""
+    and keys all count), MalformedRequest if it is not JSON (``NaN``, ``Infinity``, a number of more digits
+    than Python reads, trailing bytes, ...): either way while it is read, before any full parse."""
     count = 0
     try:
         for _ in ijson.basic_parse(body):
@@ -30,8 +34,14 @@ def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
                     f"the request body holds more JSON values than {limit_hint} needs (at most {max_values})",
                     field="body",
                 )
-    except ijson.JSONError:
-        return
+    except InvalidInput:
+        raise
+    except Exception as e:  # ijson's JSONError, or what a value it cannot convert raises (SystemError, ValueError)
+        reason = str(e).strip().splitlines()[0][:100] if isinstance(e, ijson.JSONError) and str(e).strip() else ""
+        raise MalformedRequest(
+            "the request body is not valid JSON (NaN and Infinity are not JSON)" + (f": {reason}" if reason else ""),
+            field="body",
+        ) from None
 
 
 T = TypeVar("T")

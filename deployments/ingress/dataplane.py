@@ -203,6 +203,7 @@ class DataPlane:
             max_text_chars=args.max_text_chars,
             max_request_pixels=args.max_request_pixels,
             max_request_bytes=args.max_request_bytes,
+            max_pixels_per_byte=args.max_pixels_per_byte,
         )
         self.replicas = replicas or ReplicaDirectory(worker)
         self.metrics = metrics or IngressMetrics()

@@ -67,6 +67,7 @@ class Ingress:
         self.plane = DataPlane(self.live, worker, args, replicas=replicas)
         api.state.keys = keys = resolve_keys(args.auth)  # refuses to start on a missing or empty key
         api.state.max_body_bytes = args.max_body_bytes
+        api.state.body_timeout_s = args.body_timeout_s
         self.grpc = v2_grpc.V2Grpc(self.plane, keys, args.max_body_bytes, VERSION, args.max_list_items)
         if not keys.on:
             logger.warning(
@@ -182,7 +183,8 @@ class Ingress:
     # -- Open Inference Protocol over gRPC (inference.GRPCInferenceService) --------------------------------
     # The message annotations are strings: the generated classes are named after a module that does not
     # exist ("grpc_service_pb2"), so cloudpickle, which pickles this class with the FastAPI app, cannot
-    # pickle them by reference.
+    # pickle them by reference. ModelInfer and the repository's load and unload get their message as bytes,
+    # which the adapter decodes within bounds (protocols/grpc_wire.py).
 
     async def ServerLive(self, request: "pb.ServerLiveRequest", grpc_context: RayServegRPCContext):
         return await self.grpc.ServerLive(request, grpc_context)
@@ -199,18 +201,16 @@ class Ingress:
     async def ModelMetadata(self, request: "pb.ModelMetadataRequest", grpc_context: RayServegRPCContext):
         return await self.grpc.ModelMetadata(request, grpc_context)
 
-    async def ModelInfer(self, request: "pb.ModelInferRequest", grpc_context: RayServegRPCContext):
+    async def ModelInfer(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ModelInfer(request, grpc_context)
 
     async def RepositoryIndex(self, request: "pb.RepositoryIndexRequest", grpc_context: RayServegRPCContext):
         return await self.grpc.RepositoryIndex(request, grpc_context)
 
-    async def RepositoryModelLoad(self, request: "pb.RepositoryModelLoadRequest", grpc_context: RayServegRPCContext):
+    async def RepositoryModelLoad(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.RepositoryModelLoad(request, grpc_context)
 
-    async def RepositoryModelUnload(
-        self, request: "pb.RepositoryModelUnloadRequest", grpc_context: RayServegRPCContext
-    ):
+    async def RepositoryModelUnload(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.RepositoryModelUnload(request, grpc_context)
 
     # The service's other RPCs answer UNIMPLEMENTED.

@@ -19,25 +19,45 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from serve_app.core import errors
-from serve_app.core.errors import ServeAppError, field_path, unwrap
+from serve_app.core.errors import ServeAppError, field_path, retry_after_s, unwrap
 
 logger = logging.getLogger("ray.serve")
 
 _HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-class PayloadTooLarge(StarletteHTTPException):
-    """A body over ``max_body_bytes``: answered before it is read when its Content-Length says so, else
-    raised while it streams in (FastAPI lets HTTP exceptions through its body parsing). It carries the
-    core error, so that HTTP and gRPC say the same."""
+class BodyError(StarletteHTTPException):
+    """An error of the request body found while it streams in (FastAPI lets HTTP exceptions through its body
+    parsing), carrying the core error, so that HTTP and gRPC say the same."""
 
-    def __init__(self, limit: int) -> None:
-        self.error = errors.PayloadTooLarge(limit)
-        super().__init__(self.error.status_code, self.error.message)
-        self.limit = limit
+    def __init__(self, error: ServeAppError, headers: dict[str, str] | None = None) -> None:
+        self.error = error
+        super().__init__(error.status_code, error.message, headers)
 
     def body(self) -> dict[str, Any]:
         return self.error.body()
+
+
+class PayloadTooLarge(BodyError):
+    """A body over ``max_body_bytes``: answered before it is read when its Content-Length says so, else
+    raised while it streams in."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(errors.PayloadTooLarge(limit))
+        self.limit = limit
+
+
+class BodyTimeout(BodyError):
+    """A body not received whole within ``body_timeout_s``: 408, and the connection is closed (the rest of
+    the body is never read)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            errors.RequestBodyTimeout(
+                f"the request body did not arrive within {timeout_s:g}s (body_timeout_s)", timeout_s=timeout_s
+            ),
+            headers={"connection": "close"},
+        )
 
 
 def route_path(scope: Scope) -> str:
@@ -58,12 +78,22 @@ def _json(request: Request, status: int, body: dict[str, Any], headers: dict[str
     return JSONResponse(status_code=status, content=error_body(request.scope, body), headers=headers)
 
 
+def error_headers(exc: ServeAppError) -> dict[str, str] | None:
+    """The headers an error's answer carries: ``Retry-After`` when the error says when to come again."""
+    retry = retry_after_s(exc)
+    return {"Retry-After": str(retry)} if retry is not None else None
+
+
+def _app_json(request: Request, exc: ServeAppError) -> JSONResponse:
+    return _json(request, exc.status_code, exc.body(), error_headers(exc))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to the JSON shape above."""
 
     @app.exception_handler(ServeAppError)
     async def _app_error(request: Request, exc: ServeAppError) -> JSONResponse:
-        return _json(request, exc.status_code, exc.body())
+        return _app_json(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -75,8 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc, PayloadTooLarge):
-            return _json(request, 413, exc.body())
+        if isinstance(exc, BodyError):
+            return _json(request, exc.status_code, exc.body(), exc.headers)
         error = _HTTP_ERRORS.get(exc.status_code, "http_error")
         return _json(request, exc.status_code, {"error": error, "message": str(exc.detail)}, exc.headers)
 
@@ -84,6 +114,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         inner = unwrap(exc)
         if isinstance(inner, ServeAppError):
-            return _json(request, inner.status_code, inner.body())
+            return _app_json(request, inner)
         logger.exception("unhandled error: %s", exc)  # the details go to the log, not to the client
         return _json(request, 500, {"error": "internal_error", "message": f"internal error ({type(inner).__name__})"})

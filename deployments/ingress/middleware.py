@@ -1,4 +1,4 @@
-"""ASGI middleware of the ingress: auth and the body-size limit, before any route runs.
+"""ASGI middleware of the ingress: auth, and the body's size limit and read deadline, before any route runs.
 
 Both read their settings from ``app.state`` (set when the ingress replica starts), so they apply to every
 route, the OpenAPI docs included.
@@ -6,13 +6,14 @@ route, the OpenAPI docs included.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.ingress.auth import OPEN_PATHS, authorize, is_admin_path
-from deployments.ingress.http_errors import PayloadTooLarge, error_body, route_path
+from deployments.ingress.http_errors import BodyError, BodyTimeout, PayloadTooLarge, error_body, route_path
 from serve_app.core.config import Keys
 from serve_app.core.errors import ServeAppError, Unauthorized
 
@@ -56,8 +57,13 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over ``app.state.max_body_bytes``: by its Content-Length before reading it,
-    or while it streams in when it has none."""
+    """413 for a body over ``app.state.max_body_bytes``: by its Content-Length before reading it, or while it
+    streams in when it has none. 408, and the connection closed, for a body not received whole within
+    ``app.state.body_timeout_s`` of the request reaching the app: a request holds one of the ingress replica's
+    ``max_ongoing_requests`` while its body arrives, and a client that sends a byte every few seconds would
+    hold it for as long as it likes. (Headers: in the mode make run starts, HAProxy reads them whole before
+    the app sees the request, and its ``timeout client`` bounds each wait; Ray 2.60 sets no
+    ``timeout http-request``.)"""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -66,21 +72,35 @@ class BodyLimitMiddleware:
         limit: int | None = getattr(scope["app"].state, "max_body_bytes", None) if scope["type"] == "http" else None
         if limit is None:
             return await self.app(scope, receive, send)
+        timeout_s: float | None = getattr(scope["app"].state, "body_timeout_s", None)
         too_large = PayloadTooLarge(limit)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_json(send, scope, 413, too_large.body())
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s if timeout_s is not None else None
         received = 0
+        body_done = False
         started = False
 
+        async def next_message() -> Message:
+            if body_done or deadline is None:  # after the body: waits for a disconnect, unbounded
+                return await receive()
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                    return await receive()
+            except TimeoutError:
+                raise BodyTimeout(timeout_s) from None
+
         async def limited_receive() -> Message:
-            nonlocal received
-            msg = await receive()
+            nonlocal received, body_done
+            msg = await next_message()
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > limit:
                     raise too_large
+                body_done = not msg.get("more_body", False)
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -90,6 +110,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except PayloadTooLarge:  # where no exception handler of the app caught it
+        except BodyError as e:  # where no exception handler of the app caught it
             if not started:
-                await _send_json(send, scope, 413, too_large.body())
+                headers = [(k.encode(), v.encode()) for k, v in (e.headers or {}).items()]
+                await _send_json(send, scope, e.status_code, e.body(), headers)

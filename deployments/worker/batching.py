@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.worker.cache import redact_paths
+from deployments.worker.cache import failure_reason
 from deployments.worker.copies import ModelCopy
 from serve_app.core.config import BatchingArgs
-from serve_app.core.errors import ModelUnavailable, ServeAppError
+from serve_app.core.errors import ModelUnavailable, ServeAppError, bounded
 from serve_app.core.outputs import ContractError
 from serve_app.core.schemas import ReplicaCounters
 
@@ -178,13 +178,13 @@ class Batcher:
             raise
         except ContractError as e:
             raise ModelUnavailable(
-                f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {e}", model_id=copy.spec.id
+                f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {bounded(str(e))}",
+                model_id=copy.spec.id,
             ) from None
         except Exception as e:
-            logger.exception("model %r failed on a request", copy.spec.id)
-            reason = redact_paths(f"{type(e).__name__}: {e}", copy.spec)
+            logger.exception("model %r failed on a request", copy.spec.id)  # the whole text, for the operator
             raise ModelUnavailable(
-                f"Model {copy.spec.id!r} failed on this input: {reason}", model_id=copy.spec.id
+                f"Model {copy.spec.id!r} failed on this input: {failure_reason(e, copy.spec)}", model_id=copy.spec.id
             ) from None
 
     async def _infer_or_error(self, copy: ModelCopy, inputs: list[Any]) -> Answer | Exception:

@@ -36,7 +36,7 @@ from deployments.runtimes.base import runtime_for
 from deployments.worker.copies import ModelCopy
 from deployments.worker.memory import MemoryBudget
 from serve_app.core import ray_internals
-from serve_app.core.errors import ModelUnavailable, ServeAppError
+from serve_app.core.errors import ModelUnavailable, ServeAppError, error_text
 from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
 from serve_app.core.metrics import WorkerMetrics
 from serve_app.core.paths import PROJECT_ROOT
@@ -66,6 +66,12 @@ def redact_paths(text: str, spec: ModelSpec) -> str:
     named = spec.source.describe()
     shown = named if not named.startswith("/") else f"<files of model {spec.id!r}>"
     return text.replace(resolved, shown).replace(f"{PROJECT_ROOT}/", "")
+
+
+def failure_reason(e: BaseException, spec: ModelSpec) -> str:
+    """Why a model's code failed, as a client may read it: the exception's type and message without server
+    paths or object addresses, bounded (``errors.error_text``); the log has the whole of it."""
+    return error_text(e, lambda text: redact_paths(text, spec))
 
 
 def build_copy(live: LiveRegistry, spec: ModelSpec) -> ModelCopy:
@@ -126,9 +132,8 @@ class ModelCache:
         except Exception as e:
             if copy is not None:
                 await asyncio.to_thread(copy.free)  # what a half-done load holds
-            reason = redact_paths(f"{type(e).__name__}: {e}", spec)
-            self._failed(spec, status, reason)
-            raise ModelUnavailable(f"Model {model_id!r} could not be loaded: {reason}", model_id=model_id) from None
+            logger.error("loading model %r failed: %s", model_id, redact_paths(f"{type(e).__name__}: {e}", spec))
+            raise self._failed(spec, status, failure_reason(e, spec)) from None
         status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.size_bytes = copy.size_bytes
         try:
@@ -152,14 +157,16 @@ class ModelCache:
         if hint is not None:
             self._hints[model_id] = hint
 
-    def _failed(self, spec: ModelSpec, status: ReplicaModelStatus, reason: str) -> None:
-        logger.error("loading model %r failed: %s", spec.id, reason)
+    def _failed(self, spec: ModelSpec, status: ReplicaModelStatus, reason: str) -> ModelUnavailable:
+        """Record a failed load (not tried again during the back-off) and return the 503 its request gets."""
         now = time.time()
         status.state = ModelState.FAILED
         status.last_error, status.last_error_at = reason, now
         status.load_failures += 1
         status.retry_after = now + self._backoff_s
         self._metrics.load_failed(spec.id, spec.task)
+        again = {"retry_after_s": self._backoff_s} if self._backoff_s > 0 else {}
+        return ModelUnavailable(f"Model {spec.id!r} could not be loaded: {reason}", model_id=spec.id, **again)
 
     def _refuse_if_never_fits(self, spec: ModelSpec, size: int) -> None:
         """A copy larger than the whole budget can never be loaded here: a failed load that says so (and is
@@ -172,8 +179,8 @@ class ModelCache:
             f"(worker.memory_bytes less the replica's baseline of {self.memory.baseline} bytes)"
         )
         self._counters.refused_over_budget += 1
-        self._failed(spec, self.model_status(spec.id), reason)
-        raise ModelUnavailable(f"Model {spec.id!r} could not be loaded: {reason}", model_id=spec.id)
+        logger.error("loading model %r refused: %s", spec.id, reason)
+        raise self._failed(spec, self.model_status(spec.id), reason)
 
     async def _make_room(self, model_id: str, size: int) -> None:
         """Evict, from inside the load, the least recently used copies (those no request holds first) until at
@@ -271,10 +278,11 @@ class ModelCache:
         status = self.status.get(model_id)
         if status is not None and status.retry_after is not None and time.time() < status.retry_after:
             self._counters.refused_in_backoff += 1
+            left = status.retry_after - time.time()
             raise ModelUnavailable(
-                f"Model {model_id!r} could not be loaded: {status.last_error} "
-                f"(not tried again for {status.retry_after - time.time():.0f}s)",
+                f"Model {model_id!r} could not be loaded: {status.last_error} (not tried again for {left:.0f}s)",
                 model_id=model_id,
+                retry_after_s=left,
             )
         if model_id in self.held:
             self._metrics.cache_hit(model_id)

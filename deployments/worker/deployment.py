@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -83,6 +85,11 @@ class ModelWorker:
         )
         self._threads = args.torch_threads or torch_threads()
         self._batcher = Batcher(self._counters, args.batching, self._threads)
+        # Requests' inputs (images) are decoded on these threads only: a flood of costly images waits its turn
+        # here instead of taking a thread, and a core, each (a cancelled request's decode not yet started is
+        # dropped; one running finishes on its thread).
+        self._decoders = ThreadPoolExecutor(max_workers=args.max_concurrent_decodes, thread_name_prefix="decode")
+        self._decoding, self._decoding_lock = 0, threading.Lock()
 
     # -- the registry ---------------------------------------------------------------------------------
 
@@ -135,8 +142,10 @@ class ModelWorker:
                         "the registry changed while the request was on its way; send it again",
                         model_id=model_id,
                     )
-                if copy.prepares:  # e.g. decoding images: in a thread
-                    inputs = await asyncio.to_thread(copy.prepare, inputs)
+                if copy.prepares:  # e.g. decoding images: on the decode threads
+                    inputs = await asyncio.get_running_loop().run_in_executor(
+                        self._decoders, self._prepare, copy, inputs
+                    )
                 answer = await self._batcher.predict(inputs, copy, route.threads if route else None)
             finally:
                 copy.release()
@@ -147,6 +156,17 @@ class ModelWorker:
             raise answer
         self._cache.used(model_id)
         return WorkerResult(outputs=answer, loaded=loaded)
+
+    def _prepare(self, copy: ModelCopy, inputs: list[Any]) -> list[Any]:
+        """A request's inputs as its model takes them (on a decode thread), counting the decodes at once."""
+        with self._decoding_lock:
+            self._decoding += 1
+            self._counters.most_decodes_at_once = max(self._counters.most_decodes_at_once, self._decoding)
+        try:
+            return copy.prepare(inputs)
+        finally:
+            with self._decoding_lock:
+                self._decoding -= 1
 
     # -- explicit load and unload -------------------------------------------------------------------
 

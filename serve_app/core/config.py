@@ -31,6 +31,10 @@ SHIPPED_TASKS = (
 )
 """The task modules the app serves unless its args name others (``serve_app.core.tasks``)."""
 
+MODEL_ROOTS = ("models",)
+"""Where a registry entry's local source may lie unless the app's args name other folders: the project's
+``models/``, where ``make models`` builds the demo models."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -144,6 +148,12 @@ class WorkerArgs(_Strict):
         description="on a CUDA device: the device memory a replica keeps its models within (null: the device's "
         "memory less what torch reserved at start)",
     )
+    max_concurrent_decodes: int = Field(
+        1,
+        ge=1,
+        description="requests whose inputs (images) one replica decodes at once; the others wait their turn, so "
+        "that a flood of costly images takes this many threads of a replica, not every core of its node",
+    )
 
     @model_validator(mode="after")
     def _batches_fit(self) -> WorkerArgs:
@@ -193,17 +203,19 @@ class AuthArgs(_Strict):
 
 class RegistryRules(_Strict):
     """What a registry may name and declare: the tasks, the modules runtime classes may come from
-    (``serve_app.core.tasks``), and the bytes a worker replica's models may take. Only the operator who deploys
+    (``serve_app.core.tasks``), the folders its models' files may lie in, and the bytes a worker replica's
+    models may take. Only the operator who deploys
     the app sets these (its args): the registry, which changes live, cannot widen them."""
 
     tasks: list[str] = Field(default_factory=lambda: list(SHIPPED_TASKS), min_length=1)
     runtime_modules: list[str] = Field(default_factory=list)
+    model_roots: list[str] = Field(default_factory=lambda: list(MODEL_ROOTS), min_length=1)
     model_budget_bytes: int | None = Field(None, description="a declared model size above it is refused")
 
     def catalog(self):  # -> serve_app.core.tasks.TaskCatalog (imported here: it imports this module)
         from serve_app.core.tasks import TaskCatalog
 
-        return TaskCatalog.load(self.tasks, self.runtime_modules)
+        return TaskCatalog.load(self.tasks, self.runtime_modules, self.model_roots)
 
 
 def is_loopback(host: str) -> bool:
@@ -254,12 +266,29 @@ class AppArgs(_Strict):
     )
     max_list_items: int = Field(32, ge=1, description="most inputs in one request's input_data list")
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1, description="largest encoded image accepted")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) accepted")
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="largest image (width x height) accepted: a 24-megapixel photo (6000 x 4000); the image models "
+        "resize to a few hundred pixels a side",
+    )
     max_request_pixels: int = Field(
-        80_000_000, ge=1, description="most pixels of all the images of one request together"
+        50_000_000, ge=1, description="most pixels of all the images of one request together"
+    )
+    max_pixels_per_byte: int = Field(
+        1024,
+        ge=1,
+        description="most pixels an image of a format decoded whole (PNG, WebP, GIF, BMP: all but JPEG) may have per "
+        "byte of its file: more is a decompression bomb (a photo has a few pixels a byte; RGB PNG cannot pass ~344)",
     )
     max_text_chars: int = Field(20_000, ge=1, description="longest text input, in characters")
     request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="time a client has to send its whole request body once the ingress has its headers; after it, "
+        "408 and the connection closes, so that slow senders cannot hold the ingress's requests",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024,
         ge=1,
@@ -277,6 +306,12 @@ class AppArgs(_Strict):
         description='modules a registry entry may take its own runtime class from ("runtime": '
         '"module:Class"), besides the task modules: only the operator sets these',
     )
+    model_roots: list[str] = Field(
+        default_factory=lambda: list(MODEL_ROOTS),
+        min_length=1,
+        description="folders a registry entry's local source (source.path) must lie under, symlinks resolved; "
+        "relative to the project root. Only the operator sets these: the registry cannot widen them",
+    )
     url_fetch: UrlFetchArgs = Field(default_factory=UrlFetchArgs)
     worker: WorkerArgs = Field(default_factory=WorkerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
@@ -284,7 +319,10 @@ class AppArgs(_Strict):
     @property
     def registry_rules(self) -> RegistryRules:
         return RegistryRules(
-            tasks=self.tasks, runtime_modules=self.runtime_modules, model_budget_bytes=self.worker.model_budget_bytes
+            tasks=self.tasks,
+            runtime_modules=self.runtime_modules,
+            model_roots=self.model_roots,
+            model_budget_bytes=self.worker.model_budget_bytes,
         )
 
     @property

@@ -12,7 +12,41 @@ Errors raised in a worker replica travel back through Ray: they pickle with thei
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
+
+ECHO_CHARS = 80
+"""The most characters of a client's own input (a model id, a tensor name) an error message quotes."""
+MESSAGE_CHARS = 200
+"""The most characters of a foreign exception's message (a decoder's, a model's) an error message carries."""
+
+_OBJECT = re.compile(r"\s*<[^<>]{0,200} at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+
+
+def echo(text: object, quote: bool = True) -> str:
+    """A client's input for an error message (quoted, with ``repr``, unless ``quote`` is false): at most
+    ECHO_CHARS characters of it."""
+    s = str(text)
+    s = s if len(s) <= ECHO_CHARS else s[:ECHO_CHARS] + "..."
+    return repr(s) if quote else s
+
+
+def bounded(text: str, redact: Callable[[str], str] | None = None) -> str:
+    """Text from code outside this app, as a client may read it: ``redact`` applied first (server paths), then
+    object addresses removed (Pillow's "<_io.BytesIO object at 0x...>"), on one line, at most MESSAGE_CHARS
+    characters."""
+    text = redact(text) if redact is not None else text
+    text = " ".join(_ADDRESS.sub("0x...", _OBJECT.sub("", text)).split())
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
+
+
+def error_text(e: BaseException, redact: Callable[[str], str] | None = None) -> str:
+    """An exception raised by code outside this app (a decoder, a model runtime, a library) as a client may
+    read it: its type and its message, ``bounded``. Its whole text goes to the log, not to the client."""
+    message = bounded(str(e), redact)
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
 def _rebuild(cls: type[ServeAppError], message: str, details: dict[str, Any]) -> ServeAppError:
@@ -44,6 +78,16 @@ class InvalidInput(ServeAppError):
 
     status_code = 422
     error = "invalid_input"
+
+
+class MalformedRequest(InvalidInput):
+    """The request cannot be read as what it claims to be: a body that is not JSON (``NaN`` and ``Infinity``
+    included), a message that is not the protocol's, or parts that disagree with one another (a tensor's
+    shape and its data, a stated length and the bytes sent). HTTP 400, where a well-formed request that does
+    not fit the model is 422; gRPC INVALID_ARGUMENT, as for any bad input."""
+
+    status_code = 400
+    error = "malformed_request"
 
 
 class BadImage(ServeAppError):
@@ -107,11 +151,11 @@ class ModelNotFound(ServeAppError):
     error = "model_not_found"
 
     def __init__(self, model_id: str, known: list[str]) -> None:
-        super().__init__(
-            f"Unknown model {model_id!r}. Known models: {', '.join(known)}",
-            model_id=model_id,
-            known_models=known,
-        )
+        # The id is the client's, up to a body's size: quoted in part only (a registry id has at most 64
+        # characters, so no known id is ever cut).
+        shown = model_id if len(model_id) <= ECHO_CHARS else model_id[:ECHO_CHARS] + "..."
+        super().__init__(f"Unknown model {echo(model_id)}. Known models: {', '.join(known)}", model_id=shown)
+        self.details["known_models"] = known
 
 
 class ModelChanged(ServeAppError):
@@ -123,10 +167,27 @@ class ModelChanged(ServeAppError):
 
 
 class ModelUnavailable(ServeAppError):
-    """The model is registered but could not be loaded or run (missing files, crash)."""
+    """The model is registered but could not be loaded or run (missing files, crash). ``retry_after_s``, when
+    set, is how long the app will not try the model again: HTTP sends it as ``Retry-After``, gRPC as
+    ``retry-after`` trailing metadata."""
 
     status_code = 503
     error = "model_unavailable"
+
+
+class RequestBodyTimeout(ServeAppError):
+    """The client did not send its whole request body within ``body_timeout_s``."""
+
+    status_code = 408
+    error = "request_timeout"
+
+
+def retry_after_s(exc: BaseException) -> int | None:
+    """The whole seconds a client should wait before it sends the request again, if the error says (at least 1)."""
+    seconds = exc.details.get("retry_after_s") if isinstance(exc, ServeAppError) else None
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return None
+    return max(1, int(-(-seconds // 1)))
 
 
 class RequestTimeout(ServeAppError):

@@ -17,8 +17,13 @@ Text is taken as it is, up to ``max_text_chars`` characters. Images arrive in on
 * an http(s) URL, only when ``url_fetch.enabled`` is set, and then only with an allowed scheme and host,
   within a time and a size limit; redirects are not followed.
 
-The ingress checks each image's header here (an allowed format, its pixel count) without decoding its
-pixels, so that a bad image is refused before it reaches a worker replica; the worker decodes it, once.
+The ingress checks each image's header here (an allowed format, its pixel count, and for the formats the
+worker decodes whole, its pixels per byte of file) without decoding its pixels, so that a bad image is
+refused before it reaches a worker replica; the worker decodes it, once. A decompression bomb is cheap to
+send and costly to decode: a lossless WebP of 6324 x 6324 pixels fits in 1,588 bytes and costs 0.57 s and
+210 MB to decode. Pillow shrinks a JPEG while it decodes it (``draft``), but a PNG, WebP, GIF or BMP is
+decoded whole, so such an image may hold at most ``max_pixels_per_byte`` pixels per byte: a photo holds a
+few, an RGB PNG cannot hold more than about 344 (deflate compresses at most 1032:1), a bomb thousands.
 Every check is bounded by the input's size, and the work that grows with it (base64, file reads, header
 parsing) runs in a thread, off the event loop. Error messages name the input, never a server path.
 """
@@ -40,7 +45,7 @@ from PIL import Image
 
 from serve_app.core.config import UrlFetchArgs
 from serve_app.core.errors import BadImage, ForbiddenPath, ImageOverLimit, InputOverLimit, InvalidInput
-from serve_app.core.images import IMAGE_FORMATS, IMAGE_SUFFIXES, decoder_error, open_image
+from serve_app.core.images import IMAGE_FORMATS, IMAGE_SUFFIXES, SHRUNK_WHILE_DECODED, decoder_error, open_image
 from serve_app.core.paths import resolve_project_path
 
 _DATA_URI = re.compile(r"data:(?:[\w.+-]+/[\w.+-]+)?(?:;base64)?,")  # matched on a bounded prefix only
@@ -67,6 +72,7 @@ class InputLimits:
     max_text_chars: int = 20_000
     max_request_pixels: int = 0
     max_request_bytes: int = 0
+    max_pixels_per_byte: int = 1024
 
 
 def _where(i: int) -> str:
@@ -219,6 +225,11 @@ class ImageInput(InputKind):
                     raise ImageOverLimit(
                         f"{where}: {width}x{height} pixels is more than the limit of {limits.max_image_pixels}"
                     )
+                if img.format not in SHRUNK_WHILE_DECODED and width * height > limits.max_pixels_per_byte * len(data):
+                    raise ImageOverLimit(
+                        f"{where}: {width}x{height} pixels in {len(data)} bytes is more than "
+                        f"{limits.max_pixels_per_byte} pixels a byte (max_pixels_per_byte): a decompression bomb"
+                    )
                 img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
                 return width * height
         except BadImage:
@@ -299,6 +310,7 @@ class InputDecoder:
         max_text_chars: int = 20_000,
         max_request_pixels: int | None = None,
         max_request_bytes: int | None = None,
+        max_pixels_per_byte: int = 1024,
     ) -> None:
         self.limits = InputLimits(
             image_root=resolve_project_path(image_root).resolve(),
@@ -309,6 +321,7 @@ class InputDecoder:
             max_text_chars=max_text_chars,
             max_request_pixels=max_request_pixels or max_items * max_image_pixels,
             max_request_bytes=max_request_bytes or max_items * max_image_bytes,
+            max_pixels_per_byte=max_pixels_per_byte,
         )
 
     async def decode(self, kind: InputKind, inputs: str | Sequence[str | bytes]) -> list[Any]:

@@ -6,6 +6,8 @@ Public APIs are used wherever Ray has one; what is left has no public equivalent
   ``evict_during_load`` does so from inside a load (to keep a replica within its memory budget), and
   ``cached_model_ids`` reads the cache's LRU order;
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
+* ``grpc_entry_max_message_bytes``: the cap on request messages of Serve's gRPC entry (proxy and ingress
+  replicas);
 * ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance;
 * ``delete_app_in_background``: the tests remove an app without waiting out its ingress replica's drain.
 * ``serve_http_host``: the address the running Serve instance listens on (``http_options.host``), which
@@ -47,6 +49,7 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve._private.constants", "SERVE_NAMESPACE"),
     ("ray.serve._private.constants", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"),
     ("ray.serve._private.constants", "RAY_SERVE_USE_GRPC_BY_DEFAULT"),
+    ("ray.serve._private.constants", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"),
     ("ray.serve._private.controller", "ServeController.get_serve_instance_details"),
     ("ray.serve._private.controller", "ServeController.get_http_config"),
     ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_STATS_PORT"),
@@ -155,6 +158,15 @@ def replica_grpc_max_message_bytes() -> int | None:
     from ray.serve._private import constants
 
     return constants.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH if constants.RAY_SERVE_USE_GRPC_BY_DEFAULT else None
+
+
+def grpc_entry_max_message_bytes() -> int:
+    """The largest request message Serve's gRPC servers for clients (the proxies', and the ingress replicas' in
+    direct-ingress mode) take: grpc refuses a larger one before it is read. Read in this process, like the cap
+    above (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, config/serve.env)."""
+    from ray.serve._private import constants
+
+    return constants.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
 
 
 # -- where Serve listens -----------------------------------------------------------------------------

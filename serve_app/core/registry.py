@@ -52,7 +52,8 @@ def _budget(info: ValidationInfo) -> int | None:
 
 
 class LocalSource(BaseModel):
-    """A folder in ``save_pretrained`` format; a relative path is relative to the project root."""
+    """A folder in ``save_pretrained`` format; a relative path is relative to the project root. Read from a
+    registry, it must lie under the app's model roots (``TaskCatalog.check_path``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
@@ -114,6 +115,17 @@ class ModelSpec(BaseModel):
         if problem:
             raise PydanticCustomError("unknown_task", problem)
         return task
+
+    @field_validator("source")
+    @classmethod
+    def _under_the_model_roots(cls, source: LocalSource | HubSource, info: ValidationInfo) -> LocalSource | HubSource:
+        # Checked for every entry read from a registry (Registry.from_dict passes a context); a spec built in
+        # code (tests, internals) has none.
+        read = isinstance(source, LocalSource) and info.context is not None
+        problem = read and _catalog(info).check_path(source.path)
+        if problem:
+            raise PydanticCustomError("path_outside_model_roots", problem)
+        return source
 
     @field_validator("runtime")
     @classmethod

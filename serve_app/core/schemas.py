@@ -104,6 +104,9 @@ class ReplicaCounters(BaseModel):
         0, description="batches of a lone request on an idle node, run with the node's idle threads as well"
     )
     most_threads: int = Field(0, description="the most intra-op threads a batch has run with")
+    most_decodes_at_once: int = Field(
+        0, description="most requests whose inputs (images) this replica decoded at once (max_concurrent_decodes)"
+    )
 
 
 class ReplicaMemory(BaseModel):

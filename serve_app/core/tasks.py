@@ -13,7 +13,8 @@ a registry entry may name a runtime class of its own (``runtime_modules``): ``Ta
 make. The registry selects a task by name from the catalog and may choose a runtime class
 (``"runtime": "package.module:Class"``) among the task modules' and the allowed modules' classes only:
 the registry changes live (``make reload``), so it may choose among the classes the operator allowed, but
-never widen the list.
+never widen the list. The same holds for where a registry entry's local source may lie: under the
+operator's model roots (``model_roots``), never elsewhere on the machine.
 
 Nothing here imports a task module by name at import time: the catalog imports the configured modules when
 it is built, in every process that needs it (the ingress, the worker replicas, the registry check).
@@ -28,9 +29,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from serve_app.core.config import SHIPPED_TASKS
+from serve_app.core.config import MODEL_ROOTS, SHIPPED_TASKS
+from serve_app.core.errors import echo
 from serve_app.core.inputs import InputKind
 from serve_app.core.outputs import OutputKind
+from serve_app.core.paths import resolve_project_path
 
 if TYPE_CHECKING:
     from serve_app.core.registry import ModelSpec
@@ -76,7 +79,10 @@ class RuntimeImportError(ImportError):
 class TaskCatalog:
     """The tasks the app serves, by name, and the modules runtime classes may come from."""
 
-    def __init__(self, tasks: Iterable[Task], runtime_modules: Iterable[str] = ()) -> None:
+    def __init__(
+        self, tasks: Iterable[Task], runtime_modules: Iterable[str] = (), model_roots: Iterable[str] = MODEL_ROOTS
+    ) -> None:
+        self.model_roots = tuple(resolve_project_path(root).resolve() for root in model_roots)
         self._tasks: dict[str, Task] = {}
         for task in tasks:
             if task.name in self._tasks:
@@ -86,9 +92,14 @@ class TaskCatalog:
         self._allowed = self.runtime_modules | {cls.__module__ for t in self._tasks.values() for cls in t.runtimes}
 
     @classmethod
-    def load(cls, modules: Sequence[str] = SHIPPED_TASKS, runtime_modules: Sequence[str] = ()) -> TaskCatalog:
+    def load(
+        cls,
+        modules: Sequence[str] = SHIPPED_TASKS,
+        runtime_modules: Sequence[str] = (),
+        model_roots: Sequence[str] = MODEL_ROOTS,
+    ) -> TaskCatalog:
         """The catalog of the named task modules (imported once per process)."""
-        return _load(tuple(modules), tuple(runtime_modules))
+        return _load(tuple(modules), tuple(runtime_modules), tuple(model_roots))
 
     @property
     def names(self) -> list[str]:
@@ -122,6 +133,21 @@ class TaskCatalog:
             )
         return None
 
+    def check_path(self, path: str) -> str | None:
+        """Why a registry entry's local source may not be this folder, or None: it must lie under one of the
+        model roots once resolved (``..`` and symlinks included), so that a registry, which changes live,
+        cannot point a replica at any other folder of the machine."""
+        try:
+            resolved = resolve_project_path(path).resolve()
+        except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL character
+            return f"path {echo(path)} cannot be resolved"
+        if any(resolved.is_relative_to(root) and resolved != root for root in self.model_roots):
+            return None
+        return (
+            f"path {echo(path)} is outside the model roots, the folders the operator allows models from "
+            "(args.model_roots)"
+        )
+
     def runtime_of(self, spec: ModelSpec) -> str:
         """The runtime class a model runs on: its entry's, or its task's default."""
         return spec.runtime or self.task_of(spec).default_runtime
@@ -146,7 +172,7 @@ class TaskCatalog:
 
 
 @functools.cache
-def _load(modules: tuple[str, ...], runtime_modules: tuple[str, ...]) -> TaskCatalog:
+def _load(modules: tuple[str, ...], runtime_modules: tuple[str, ...], model_roots: tuple[str, ...]) -> TaskCatalog:
     tasks = []
     for name in modules:
         try:
@@ -157,4 +183,4 @@ def _load(modules: tuple[str, ...], runtime_modules: tuple[str, ...]) -> TaskCat
         if not isinstance(task, Task):
             raise TaskConfigError(f"task module {name!r} defines no TASK (a serve_app.core.tasks.Task)")
         tasks.append(task)
-    return TaskCatalog(tasks, runtime_modules)
+    return TaskCatalog(tasks, runtime_modules, model_roots)

@@ -6,7 +6,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.helpers import Background, replica_pids, wait_for
+from tests.helpers import MODEL_ROOTS, Background, replica_pids, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -20,6 +20,7 @@ def autoscale_url(deploy, tiny_registry):
         {
             "registry_path": str(tiny_registry),
             "auth": {"mode": "off"},
+            "model_roots": MODEL_ROOTS,
             "worker": {
                 "autoscaling": {
                     "min_replicas": 1,

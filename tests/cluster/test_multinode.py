@@ -14,7 +14,7 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.core import ray_internals
 from serve_app.core.config import AppArgs
-from tests.helpers import wait_for
+from tests.helpers import MODEL_ROOTS, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -25,6 +25,7 @@ def _args(tiny_registry, **worker) -> dict:
     return {
         "registry_path": str(tiny_registry),
         "auth": {"mode": "off"},
+        "model_roots": MODEL_ROOTS,
         "worker": {"num_cpus": 0.5, "torch_threads": 1, **worker},
     }
 

@@ -23,7 +23,7 @@ from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.devtools import free_port, no_haproxy_left
-from tests.helpers import ADMIN_KEY, API_KEY, tiny_args
+from tests.helpers import ADMIN_KEY, API_KEY, MODEL_ROOTS, tiny_args
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +199,10 @@ def limits_env(tiny_dir, tmp_path_factory):
     return {"base": base, "root": root, "broken": broken, "registry": registry}
 
 
+LIMITS_BODY_TIMEOUT_S = 2
+"""The 'limits' app's body_timeout_s: short, so that the slow senders' test is short."""
+
+
 @pytest.fixture(scope="session")
 def limits_url(deploy, limits_env, image_server) -> str:
     """One worker replica, small limits, an API key, URL fetching on for the local image server only."""
@@ -206,8 +210,10 @@ def limits_url(deploy, limits_env, image_server) -> str:
         "limits",
         {
             "registry_path": str(limits_env["registry"]),
+            "model_roots": MODEL_ROOTS,
             "auth": {"mode": "api_key"},  # keys from MMS_API_KEY and MMS_ADMIN_KEY (see serve_url)
             "image_root": str(limits_env["root"]),
+            "body_timeout_s": LIMITS_BODY_TIMEOUT_S,
             "max_body_bytes": 64 * 1024,
             "max_image_bytes": 1024 * 1024,
             "max_request_pixels": 40_000_000,

@@ -21,6 +21,7 @@ def bench_app(deploy, tmp_path_factory):
         "bench",
         {
             "registry_path": str(registry),
+            "model_roots": [str(registry.parent)],
             "auth": {"mode": "off"},
             "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1},
         },

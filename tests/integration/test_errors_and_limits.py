@@ -8,6 +8,8 @@ files are broken. docs/errors-and-limits.md names, for each row, the test here t
 import base64
 import io
 import shutil
+import socket
+import threading
 
 import httpx
 import pytest
@@ -48,6 +50,18 @@ def test_unknown_model_is_404_listing_the_known_ids(authed, limits_url):
     assert body["message"] == f"Unknown model 'nope'. Known models: {', '.join(KNOWN)}"
 
 
+def test_an_unknown_model_id_is_echoed_in_part_only(authed, limits_url):
+    # A model id as long as the body allows (64 KiB here, 8 MiB in the demo app): the answer quotes 80 of its
+    # characters, and so does every route that looks a model up by a name in its path.
+    r = post(authed, limits_url, "a" * 60_000, "x")
+    body = assert_error(r, 404, "model_not_found")
+    assert body["model_id"] == "a" * 80 + "..." and body["message"].startswith(f"Unknown model '{'a' * 80}...'.")
+    assert len(r.content) < 600
+    long_id = "b" * 6000  # (not an inference: test_operations counts this app's requests for unknown models)
+    for r in (authed.get(f"{limits_url}/v2/models/{long_id}"), authed.get(f"{limits_url}/models/{long_id}")):
+        assert r.status_code == 404 and len(r.content) < 600 and "b" * 81 not in r.text, (r.status_code, r.text[:200])
+
+
 def test_a_hub_id_or_path_is_never_loaded_from_a_request(authed, limits_url):
     for model_id in ["bert-base-uncased", "distilbert/distilbert-base-uncased", "/etc", "../models/sentiment"]:
         body = assert_error(post(authed, limits_url, model_id, "x"), 404, "model_not_found")
@@ -71,13 +85,11 @@ def test_missing_empty_or_wrongly_typed_fields_are_422_naming_the_field(authed, 
     assert field in {p["field"].split(".")[0] for p in r["problems"]}
 
 
-def test_malformed_json_is_422(authed, limits_url):
-    r = authed.post(
-        f"{limits_url}/predict",
-        content=b'{"model_id": "alpha", "input_data": ',
-        headers={"content-type": "application/json"},
-    )
-    assert_error(r, 422, "invalid_request", "JSON")
+def test_malformed_json_is_400(authed, limits_url):
+    # Refused by the bounded reader of the body, which never hands what it cannot read to the full parse.
+    for body in (b'{"model_id": "alpha", "input_data": ', b'{"model_id": "alpha", "input_data": NaN}'):
+        r = authed.post(f"{limits_url}/predict", content=body, headers={"content-type": "application/json"})
+        assert_error(r, 400, "malformed_request", "not valid JSON")
 
 
 def test_text_to_an_image_model_and_an_image_to_a_text_model_are_422(authed, limits_url):
@@ -128,15 +140,15 @@ def test_a_truncated_image_is_400(authed, limits_url):
 
 @pytest.mark.parametrize("width, height", [(10_000, 10_000), (100_000, 100_000)])
 def test_a_decompression_bomb_is_400_by_the_apps_own_pixel_limit(authed, limits_url, width, height):
-    # A PNG whose header claims 100 megapixels (over this app's limit of 40) or 10 gigapixels (over Pillow's
+    # A PNG whose header claims 100 megapixels (over this app's limit of 25) or 10 gigapixels (over Pillow's
     # own limit too), in a few hundred bytes: refused by this app's limit, named in the message, both times.
     bomb = png_claiming(width, height)
     assert len(bomb) < 1024
     body = assert_error(
-        post(authed, limits_url, "pixels", b64(bomb)), 400, "bad_image", "more than the limit of 40000000"
+        post(authed, limits_url, "pixels", b64(bomb)), 400, "bad_image", "more than the limit of 25000000"
     )
     if width == 10_000:
-        assert body["message"] == "input_data[0]: 10000x10000 pixels is more than the limit of 40000000"
+        assert body["message"] == "input_data[0]: 10000x10000 pixels is more than the limit of 25000000"
 
 
 def test_a_very_large_valid_image_is_answered(authed, limits_url, limits_env):
@@ -251,17 +263,19 @@ def test_a_broken_model_is_503_without_evicting_a_healthy_one_and_loads_once_fix
         return replicas(authed, limits_url)[0]["counters"]
 
     assert post(authed, limits_url, "alpha", "hello").status_code == 200
-    body = assert_error(
-        post(authed, limits_url, "broken", "hello"), 503, "model_unavailable", "'broken' could not be loaded"
-    )
+    first = post(authed, limits_url, "broken", "hello")
+    body = assert_error(first, 503, "model_unavailable", "'broken' could not be loaded")
     assert str(limits_env["base"]) not in body["message"] and str(PROJECT_ROOT) not in body["message"]
+    assert first.headers["retry-after"] == "5" and body["retry_after_s"] == 5  # load_failure_backoff_s
     assert wait_for(lambda: model("broken")["state"] == "failed" and model("broken")["last_error"])
     assert str(limits_env["base"]) not in model("broken")["last_error"]
     held, refused = replicas(authed, limits_url)[0]["models"], counters()["refused_in_backoff"]
     failures = model("broken")["load_failures"]
     assert "alpha" in held and failures >= 1
 
-    again = assert_error(post(authed, limits_url, "broken", "hello"), 503, "model_unavailable", "not tried again for")
+    in_backoff = post(authed, limits_url, "broken", "hello")
+    again = assert_error(in_backoff, 503, "model_unavailable", "not tried again for")
+    assert 1 <= int(in_backoff.headers["retry-after"]) <= 5  # the seconds left of the back-off, rounded up
     assert str(limits_env["base"]) not in again["message"]
     assert wait_for(lambda: counters()["refused_in_backoff"] == refused + 1)
     assert model("broken")["load_failures"] == failures  # no attempt meanwhile...
@@ -340,3 +354,76 @@ def test_the_api_key_is_never_logged(authed, limits_url):
     assert wait_for(lambda: search()[0]), "the request's log lines never reached the log files"
     found, leaked = search()
     assert found and not leaked, leaked
+
+
+# -- slow senders ----------------------------------------------------------------------------------
+
+
+def test_slow_senders_are_cut_off_at_the_body_deadline_and_a_probe_is_answered_meanwhile(limits_url):
+    """As many connections as the ingress replica takes requests at once (max_ongoing_requests, 64) each
+    announce a 60,000-byte body and send a byte a second: each holds one of those requests until
+    body_timeout_s (2 s here). A probe of the app's own route, sent once every slow request has reached the
+    ingress, is answered while the senders go on sending, and every one of them is answered 408. (Without the
+    deadline, the probe waits until the senders stop: here, when the test gives up on it.)"""
+    url = httpx.URL(limits_url)
+    senders = 64
+    head = (
+        f"POST {url.path}/predict HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 60000\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    stop, reached = threading.Event(), threading.Semaphore(0)
+    outcomes: list[str] = ["not started"] * senders
+
+    def slow_sender(i: int) -> None:
+        seen, counted = b"", False
+        outcomes[i] = "still sending"
+        try:
+            with socket.create_connection((url.host, url.port), timeout=30) as sock:
+                sock.sendall(head)
+                sock.settimeout(1.0)
+                while not stop.is_set():
+                    try:
+                        data = sock.recv(4096)
+                    except TimeoutError:  # nothing to read this second: one more byte of the body
+                        sock.sendall(b" ")
+                        continue
+                    if not data:
+                        outcomes[i] = "closed"
+                        break
+                    seen += data
+                    if b"100 Continue" in seen and not counted:  # the request has reached the ingress's app
+                        reached.release()
+                        counted = True
+                    final = [s for s in seen.split(b"\r\n") if s.startswith(b"HTTP/1.1 ") and b" 100 " not in s]
+                    if final:
+                        outcomes[i] = final[0].decode()
+                        break
+        except OSError:  # reset by the server: a byte sent after its answer and close discards the answer
+            outcomes[i] = "closed"
+        finally:
+            if not counted:
+                reached.release()
+
+    threads = [threading.Thread(target=slow_sender, args=(i,), daemon=True) for i in range(senders)]
+    for t in threads:
+        t.start()
+    give_up = threading.Timer(30, stop.set)  # the senders' own end: they send for 30 s at most
+    give_up.start()
+    try:
+        for _ in range(senders):
+            assert reached.acquire(timeout=60)
+        probe = httpx.get(f"{limits_url}/healthz", timeout=120)
+        answered_while_sending = not stop.is_set()
+        for t in threads:  # the server ends each slow request at its deadline: the senders stop on their own
+            t.join(timeout=20)
+    finally:
+        stop.set()
+        give_up.cancel()
+        for t in threads:
+            t.join(timeout=30)
+    assert probe.status_code == 200
+    assert answered_while_sending, "the probe was answered only once the slow senders stopped"
+    # Every slow request was ended by the server, before the senders would have stopped: answered 408, or its
+    # connection closed (a byte sent just after the answer resets the connection, which discards the answer).
+    assert set(outcomes) <= {"HTTP/1.1 408 Request Timeout", "closed"}, outcomes
+    assert outcomes.count("HTTP/1.1 408 Request Timeout") >= senders // 2, outcomes

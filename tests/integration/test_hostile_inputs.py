@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.helpers import settled
+
 pytestmark = pytest.mark.integration
 
 
@@ -50,6 +52,10 @@ async def _probe_first(url: str, body: bytes, path: str = "/predict", headers: d
     assert probe_response.status_code == 200
     assert order == ["probe", "hostile"], order
     return response
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def _predict_body(model_id: str, input_data) -> bytes:
@@ -100,6 +106,83 @@ def test_millions_of_empty_binary_elements_are_refused_at_the_limit(demo_url):
         timeout=60,
     )
     assert r.status_code == 422 and r.json() == {"error": "the input tensor has more than the limit of 32 elements"}
+
+
+def test_nan_and_infinity_are_refused_at_once_as_not_json(demo_url):
+    """ijson cannot read NaN or Infinity, and pydantic can: a body the bounded reader cannot read is refused
+    there (400), not handed to the full parse, which would read the 4 million values after it unbounded."""
+    data = b",".join([b"1"] * 4_000_000)
+    body = b'{"parameters":{"a":NaN},"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":[' + data + b"]}]}"
+    r = httpx.post(f"{demo_url}/v2/models/sentiment/infer", content=body, timeout=120)
+    assert r.status_code == 400 and r.json()["error"].startswith("the request body is not valid JSON"), r.text[:300]
+    r = httpx.post(
+        f"{demo_url}/predict",
+        content=b'{"model_id": "sentiment", "input_data": "hi", "x": -Infinity}',
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"] == "malformed_request", r.text
+    # A number of more digits than Python reads made the reader raise a SystemError: a 500 before.
+    r = httpx.post(f"{demo_url}/predict", content=b'{"model_id": ' + b"9" * 5000 + b"}", timeout=60)
+    assert r.status_code == 400 and r.json()["error"] == "malformed_request", r.text
+
+
+def _webp(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="WEBP", lossless=True, quality=0, method=0)
+    return buf.getvalue()
+
+
+def test_a_flood_of_images_cheap_to_send_and_costly_to_decode_leaves_the_ingress_answering(demo_url):
+    """Decompression bombs (lossless WebP: a whole 24-megapixel image in 38 bytes, 0.4 s and 100 MB to decode)
+    are refused from their headers by their pixels per byte; images within every limit that still cost a
+    decode (9 megapixels in 16 KB) are decoded at most max_concurrent_decodes (1) requests at a time on each
+    worker replica. A flood of both, 12 requests at once: every answer under 500, the bombs 400, the others
+    200, a probe of the ingress sent once the flood is under way is answered before it ends, and no replica
+    decoded two requests' images at once."""
+    bomb = b64(_webp(Image.new("RGB", (4900, 4900), (10, 200, 30))))
+    heavy = Image.new("RGB", (3000, 3000), (40, 90, 160))
+    heavy.paste(Image.frombytes("RGB", (60, 60), os.urandom(60 * 60 * 3)), (10, 10))
+    heavy = b64(_webp(heavy))
+    # The issue's own bomb, 6324 x 6324 pixels, under the 40-megapixel limit of before: over the new one.
+    issue = httpx.post(
+        f"{demo_url}/predict",
+        json={"model_id": "image", "input_data": b64(_webp(Image.new("RGB", (6324, 6324))))},
+        timeout=60,
+    )
+    assert issue.status_code == 400 and "more than the limit of 25000000" in issue.json()["message"], issue.text
+
+    async def flood() -> tuple[list[str], list[int]]:
+        order, statuses, first = [], [], asyncio.Event()
+        async with httpx.AsyncClient(timeout=300) as c:
+
+            async def send(images: list[str]) -> None:
+                r = await c.post(f"{demo_url}/predict", json={"model_id": "image", "input_data": images})
+                statuses.append(r.status_code)
+                order.append("bomb" if images[0] == bomb else "image")
+                assert r.status_code == (400 if images[0] == bomb else 200), r.text
+                if images[0] == bomb:
+                    assert "pixels a byte (max_pixels_per_byte)" in r.json()["message"], r.text
+                first.set()
+
+            async def probe() -> None:
+                await first.wait()
+                r = await c.get(f"{demo_url}/healthz")
+                assert r.status_code == 200
+                order.append("probe")
+
+            await asyncio.gather(probe(), *(send([bomb, bomb]) for _ in range(8)), *(send([heavy]) for _ in range(4)))
+        return order, statuses
+
+    order, statuses = asyncio.run(flood())
+    assert sorted(statuses) == [200] * 4 + [400] * 8
+    assert order.index("probe") < len(order) - 1, order  # answered before the flood's last answer
+
+    def most_at_once() -> int:  # what the replicas report, once their reports have caught up
+        replicas = httpx.get(f"{demo_url}/models", timeout=60).json()["replicas"]
+        return max(r["counters"]["most_decodes_at_once"] for r in replicas)
+
+    assert settled(most_at_once, interval=1.0) == 1
 
 
 def test_the_largest_valid_image_and_texts_are_answered_between_replicas(demo_url):

@@ -211,6 +211,10 @@ BAD = {
     "an invalid field": ({"task": "translation"}, "models.1.task: unknown task 'translation'"),
     "a duplicate id": ({"id": "alpha"}, "models.1.id: duplicate model id 'alpha'"),
     "a bad hub id": ({"source": {"hub_id": "not a hub id", "revision": "main"}}, "models.1.source"),
+    "a path out of the model roots": (
+        {"source": {"path": "../../../../etc"}},
+        "models.1.source: path '../../../../etc' is outside the model roots",
+    ),
 }
 
 

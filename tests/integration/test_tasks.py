@@ -23,7 +23,7 @@ from demo.tiny_models import labels_for
 from serve_app.core.config import SHIPPED_TASKS
 from serve_app.core.paths import PROJECT_ROOT
 from tests.byo_runtimes import KEYWORDS, write_training_data
-from tests.helpers import wait_for
+from tests.helpers import MODEL_ROOTS, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -240,6 +240,7 @@ def tasks_url(deploy, tiny_dir, tmp_path_factory):
         entry("alpha", path=tiny_dir / "alpha", labels=labels_for("alpha")),
         entry("no-license", runtime=f"{own}:FailsToLoad"),
         entry("wrong", runtime=f"{own}:BreaksItsContract"),
+        entry("noisy", runtime=f"{own}:FailsNoisily"),
         entry("plain", runtime=f"{own}:NotARuntime"),
         entry("missing", runtime=f"{own}:Missing"),
     ]
@@ -248,6 +249,7 @@ def tasks_url(deploy, tiny_dir, tmp_path_factory):
     args = {
         "registry_path": str(registry),
         "auth": {"mode": "off"},
+        "model_roots": MODEL_ROOTS,
         "tasks": [*SHIPPED_TASKS, "tests.text_stats_task"],
         "runtime_modules": [own],
         "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
@@ -332,6 +334,16 @@ def test_a_runtime_that_fails_to_load_is_a_503_with_its_reason_and_shows_failed(
         grpc_client.infer(model_id, [text_input("hello")], headers=TASKS)
     assert e.value.status() == "StatusCode.UNAVAILABLE" and reason in e.value.message()
     assert predict(client, tasks_url, "stats", "still served").status_code == 200
+
+
+def test_a_runtime_that_fails_on_its_input_is_a_503_naming_the_failure_without_addresses(client, tasks_url):
+    # The model's own exception names the failure; what it says goes to the client without an object's address
+    # (Pillow's and numpy's say "<... at 0x7f...>") and bounded; the log has all of it.
+    r = predict(client, tasks_url, "noisy", "hello")
+    assert r.status_code == 503 and r.json()["error"] == "model_unavailable", r.text[:300]
+    message = r.json()["message"]
+    assert message.startswith("Model 'noisy' failed on this input: RuntimeError: cannot handle")
+    assert " at 0x" not in message and len(message) < 320, message
 
 
 def test_a_runtime_that_answers_outside_its_tasks_contract_is_a_503_naming_it(client, tasks_url):

@@ -83,6 +83,18 @@ def test_errors_have_the_protocol_shape(v2, demo_url, client):
     assert r.status_code == 422 and set(r.json()) == {"error"}
 
 
+@pytest.mark.parametrize(
+    "shape, data",
+    [([-7, 99999999999], ["hi"]), ([2], ["hi"]), ([1, 2], ["a", "b", "c"]), ([], ["a", "b"])],
+)
+def test_a_shape_that_disagrees_with_its_data_is_400(demo_url, client, shape, data):
+    body = {"inputs": [{"name": "text", "shape": shape, "datatype": "BYTES", "data": data}]}
+    r = client.post(f"{demo_url}/v2/models/sentiment/infer", json=body)
+    assert r.status_code == 400 and "shape" in r.json()["error"], r.text
+    body["inputs"][0]["shape"] = [len(data)]
+    assert client.post(f"{demo_url}/v2/models/sentiment/infer", json=body).status_code == 200
+
+
 def test_model_repository_extension(v2, demo_url, client):
     index = {m["name"]: m for m in v2.get_model_repository_index()}
     assert set(index) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}

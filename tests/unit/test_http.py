@@ -1,5 +1,7 @@
 """The HTTP layer on its own: the error mapping and the middleware, on a small FastAPI app (no Ray)."""
 
+import json
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -148,3 +150,57 @@ def test_load_and_unload_need_the_admin_key_which_also_opens_every_other_route()
 def test_with_auth_off_every_route_is_open():
     client = TestClient(make_app())
     assert client.post("/predict", json={"model_id": "ok"}).status_code == 200
+
+
+def test_a_body_not_received_within_its_deadline_is_408_and_the_connection_closes():
+    import asyncio
+    from types import SimpleNamespace
+
+    async def read_body(scope, receive, send):  # the routes read the body to its end
+        while (await receive()).get("more_body"):
+            pass
+
+    sent: list[dict] = []
+
+    async def slow_receive():
+        await asyncio.sleep(0.15)  # a byte every 0.15 s: each wait short, the whole past the deadline
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    state = SimpleNamespace(max_body_bytes=1000, body_timeout_s=0.5)
+    scope = {"type": "http", "path": "/predict", "headers": [], "app": SimpleNamespace(state=state)}
+    asyncio.run(BodyLimitMiddleware(read_body)(scope, slow_receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    body = next(m for m in sent if m["type"] == "http.response.body")["body"]
+    assert json.loads(body)["error"] == "request_timeout"
+
+    sent.clear()  # a body that arrives in time is read to its end, and the route answers
+    quick = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+    asyncio.run(BodyLimitMiddleware(read_body)(scope, lambda: asyncio.sleep(0, next(quick)), send))
+    assert sent == []
+
+
+def test_a_model_in_its_back_off_is_503_with_retry_after():
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/m")
+    async def m() -> dict:
+        raise ModelUnavailable("Model 'm' could not be loaded (not tried again for 3s)", retry_after_s=2.4)
+
+    r = TestClient(app).get("/m")
+    assert r.status_code == 503 and r.headers["retry-after"] == "3" and r.json()["retry_after_s"] == 2.4
+
+
+def test_a_long_unknown_model_id_is_quoted_in_part():
+    e = ModelNotFound("x" * 10_000, ["a"])
+    assert e.details["model_id"] == "x" * 80 + "..." and len(e.message) < 120
+    assert ModelNotFound("nope", ["a"]).body() == {
+        "error": "model_not_found",
+        "message": "Unknown model 'nope'. Known models: a",
+        "model_id": "nope",
+        "known_models": ["a"],
+    }

@@ -191,3 +191,29 @@ def test_a_decoders_message_reaches_the_client_without_object_addresses(decoder)
         decoder.decode(IMAGE, base64.b64encode(b"definitely not an image at all").decode())
     assert "UnidentifiedImageError: cannot identify image file" in e.value.message
     assert "0x" not in e.value.message and "BytesIO" not in e.value.message
+
+
+def _saved(image: Image.Image, format: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=format, **options)
+    return buf.getvalue()
+
+
+def test_an_image_decoded_whole_with_too_many_pixels_a_byte_is_a_bomb_but_a_jpeg_is_not():
+    d = _Sync(
+        InputDecoder(
+            image_root="samples/images",
+            max_image_bytes=1 << 20,
+            max_image_pixels=25_000_000,
+            max_items=4,
+            max_pixels_per_byte=1024,
+        )
+    )
+    flat = Image.new("RGB", (2000, 2000), (10, 200, 30))
+    bomb = _saved(flat, "WEBP", lossless=True)  # 4 megapixels in a few hundred bytes
+    with pytest.raises(BadImage, match=r"2000x2000 pixels in \d+ bytes is more than 1024 pixels a byte") as e:
+        d.decode(IMAGE, [base64.b64encode(bomb).decode()])
+    assert e.value.status_code == 400
+    # A flat RGB PNG is at most about 344 pixels a byte (deflate's 1032:1), a flat JPEG shrinks while decoded.
+    for data in (_saved(flat, "PNG"), _saved(flat, "JPEG", quality=60)):
+        assert d.decode(IMAGE, [base64.b64encode(data).decode()]) == [data]

@@ -160,3 +160,28 @@ def test_a_declared_size_over_a_replicas_model_budget_refuses_the_registry():
     assert live.apply(registry_user_config(too_big, origin="models.json")) is None  # refused: the old one serves
     assert live.version == good.version and "can never be loaded" in live.status().refused.message
     assert Registry.from_dict(too_big).get("sentiment").memory_bytes  # no budget (count only): any size is taken
+
+
+@pytest.mark.parametrize(
+    "path", ["../../../../etc", "/etc", "models", "models/x/../../config", "samples/images", "models/../models/../x"]
+)
+def test_a_local_source_out_of_the_model_roots_is_refused(path):
+    with pytest.raises(RegistryError, match=r"models\.0\.source: path .* is outside the model roots"):
+        Registry.from_dict(_with(0, source={"path": path}))
+
+
+def test_the_model_roots_are_the_operators_and_links_out_of_them_are_refused(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "m").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "link").symlink_to(elsewhere)
+    catalog = TaskCatalog.load(model_roots=[str(root)])
+    ok = Registry.from_dict(_with(0, source={"path": str(root / "m")}), catalog=catalog)
+    assert ok.get("sentiment").source.path == str(root / "m")
+    for path in (str(root / "link"), str(elsewhere), "models/sentiment"):
+        with pytest.raises(RegistryError, match="outside the model roots"):
+            Registry.from_dict(_with(0, source={"path": path}), catalog=catalog)
+    # A spec built in code (no registry read) is not checked: the tests' and the worker's own.
+    from serve_app.core.registry import ModelSpec
+
+    assert ModelSpec(id="m", task="text-classification", source={"path": "/anywhere"}).source.path == "/anywhere"

@@ -18,7 +18,9 @@ from serve_app.core.paths import PROJECT_ROOT
 @pytest.fixture
 def registry(tmp_path):
     path = tmp_path / "models.json"
-    path.write_text(json.dumps({"models": [{"id": "a", "task": "text-classification", "source": {"path": "m/a"}}]}))
+    path.write_text(
+        json.dumps({"models": [{"id": "a", "task": "text-classification", "source": {"path": "models/a"}}]})
+    )
     return path
 
 
@@ -62,7 +64,7 @@ def test_the_written_config_holds_the_registry_once(registry, capsys):
     config_path.write_text(yaml.safe_dump(config(registry)))
     assert reload.main([str(config_path), "--print"]) == 0
     out = capsys.readouterr().out
-    assert out.count('"m/a"') + out.count(" m/a") == 1 and len(re.findall(r"\*id\d+", out)) == 2
+    assert out.count('"models/a"') + out.count(" models/a") == 1 and len(re.findall(r"\*id\d+", out)) == 2
     assert yaml.safe_load(out) == reload.render(config(registry))[0]
 
 

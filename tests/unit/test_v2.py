@@ -105,3 +105,30 @@ def test_the_clients_timeout_parameter_is_its_deadline(timeout, expected):
     assert client_timeout_s(request) == expected
     with pytest.raises(InvalidInput, match=r"parameters\.timeout"):
         client_timeout_s(request.model_copy(update={"parameters": {"timeout": "soon"}}))
+
+
+@pytest.mark.parametrize(
+    "shape, data",
+    [([-7, 99999999999], ["a"]), ([2], ["a"]), ([1, 2], ["a", "b", "c"]), ([], ["a", "b"]), ([0, 5], ["a"])],
+)
+def test_a_shape_that_disagrees_with_its_data_is_a_malformed_request(shape, data):
+    from serve_app.core.errors import MalformedRequest
+
+    body = json.dumps({"inputs": [{"name": "text", "shape": shape, "datatype": "BYTES", "data": data}]}).encode()
+    with pytest.raises(MalformedRequest, match="shape") as e:
+        parse_infer_request(body, None, 32)
+    assert e.value.status_code == 400
+    ok = json.dumps({"inputs": [{"name": "text", "shape": [1, len(data)], "datatype": "BYTES", "data": data}]})
+    assert parse_infer_request(ok.encode(), None, 32)[1] == data
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"inputs": [], "parameters": {"a": NaN}}', b'{"a": Infinity}', b'{"a": 1} x', b"[" + b"9" * 5000 + b"]"],
+)
+def test_a_body_that_is_not_json_is_refused_by_the_bounded_reader(body):
+    from serve_app.core.errors import MalformedRequest
+
+    with pytest.raises(MalformedRequest, match="not valid JSON") as e:
+        parse_infer_request(body, None, 32)
+    assert e.value.status_code == 400

@@ -38,7 +38,7 @@ class FakeRuntime(ModelRuntime):
         return [[("x", 1.0)] for _ in inputs]
 
 
-def fake_copy(model_id: str = "m", path: str = "x") -> ModelCopy:
+def fake_copy(model_id: str = "m", path: str = "models/x") -> ModelCopy:
     spec = ModelSpec(id=model_id, task="text-classification", source={"path": path})
     return ModelCopy(spec, FakeRuntime(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
 
@@ -77,7 +77,7 @@ def model_cache(load_s: float = 0.05) -> tuple[ModelCache, Owner]:
 
 
 def cached(load_s: float = 0) -> tuple[ModelCache, Owner]:
-    """A cache that holds model 'm' (files 'x'), loaded through the cache's own hold, in Serve's cache."""
+    """A cache that holds model 'm' (files 'models/x'), loaded through the cache's own hold, in Serve's cache."""
     c, owner = model_cache(load_s)
     c._hold("m", owner.copy)
     c.status["m"].load_count = 1
@@ -89,7 +89,7 @@ def registry(*entries):
     return registry_user_config({"models": list(entries)}, origin="test")
 
 
-def spec(model_id="m", path="x", task="text-classification", **extra):
+def spec(model_id="m", path="models/x", task="text-classification", **extra):
     return {"id": model_id, "task": task, "source": {"path": path}, **extra}
 
 
@@ -151,7 +151,7 @@ def test_a_load_of_a_runtime_of_ones_own_records_its_sizes(tmp_path):
     from tests.byo_runtimes import KEYWORDS, write_training_data
 
     folder = write_training_data(tmp_path / "tickets", KEYWORDS)
-    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"]))
+    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"], model_roots=[str(tmp_path)]))
     live.apply(registry(spec(path=str(folder), runtime="tests.byo_runtimes:TfidfClassifier")))
     c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 30.0)
     loaded = asyncio.run(c.load("m"))
@@ -169,7 +169,7 @@ def test_a_changed_model_leaves_the_cache_at_once_and_is_freed_when_its_request_
 
     async def scenario():
         assert owner.copy.hold()  # a request is running on the old copy
-        await c.apply(live.apply(registry(spec(path="y"))))
+        await c.apply(live.apply(registry(spec(path="models/y"))))
         assert getattr(owner, ray_internals._MULTIPLEX_ATTR).models == {}
         assert owner.copy.loaded and "m" not in c.lingering  # the request finishes on it; nobody takes it back
         owner.copy.release()
@@ -211,8 +211,8 @@ def test_what_a_change_keeps_and_what_it_loads_again(change, stays):
 def test_a_stale_copy_handed_out_before_the_change_reached_the_cache_is_evicted_and_loaded_again():
     c, owner = cached()
     stale = owner.copy
-    c._live.apply(registry(spec(path="y")))  # applied; the cache still holds the copy of 'x'
-    fresh = fake_copy(path="y")
+    c._live.apply(registry(spec(path="models/y")))  # applied; the cache still holds the copy of 'models/x'
+    fresh = fake_copy(path="models/y")
     owner.handed = [stale, fresh]
     got = asyncio.run(c._get_and_hold("m"))
     assert got is fresh and fresh.in_use == 1
@@ -262,11 +262,15 @@ def test_a_request_sent_under_a_registry_this_replica_has_not_applied_waits_for_
 # -- the deployment -------------------------------------------------------------------------------------
 
 
-def worker_of(c: ModelCache) -> ModelWorker:
+def worker_of(c: ModelCache, max_concurrent_decodes: int = 1) -> ModelWorker:
     """A ModelWorker instance around a cache, without Serve."""
+    from concurrent.futures import ThreadPoolExecutor
+
     w = ModelWorker.func_or_class.__new__(ModelWorker.func_or_class)
     w._live, w._counters, w._cache = c._live, c._counters, c
     w._batcher = Batcher(c._counters)
+    w._decoders = ThreadPoolExecutor(max_workers=max_concurrent_decodes)
+    w._decoding, w._decoding_lock = 0, threading.Lock()
     return w
 
 
@@ -274,13 +278,13 @@ def test_a_bad_registry_changes_nothing_on_a_running_worker_and_stops_a_starting
     c, owner = cached()
     w = worker_of(c)
     version = c._live.version
-    asyncio.run(w.reconfigure(registry(spec(path="y"), spec(path="z"))))  # a duplicate id
+    asyncio.run(w.reconfigure(registry(spec(path="models/y"), spec(path="models/z"))))  # a duplicate id
     assert c._live.version == version and "duplicate model id 'm'" in c._live.status().refused.message
     assert getattr(owner, ray_internals._MULTIPLEX_ATTR).models == {"m": owner.copy} and owner.copy.loaded
     starting = ModelWorker.func_or_class.__new__(ModelWorker.func_or_class)
     starting._live = LiveRegistry()
     with pytest.raises(RegistryError, match=r"models\.1\.id: duplicate model id 'm'"):
-        asyncio.run(starting.reconfigure(registry(spec(path="y"), spec(path="z"))))
+        asyncio.run(starting.reconfigure(registry(spec(path="models/y"), spec(path="models/z"))))
 
 
 def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_come_again(monkeypatch):
@@ -292,6 +296,43 @@ def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_co
     with pytest.raises(ModelChanged, match="text-classification model now, no longer image-classification") as e:
         asyncio.run(w.predict(["bytes of an image"], task="image-classification"))
     assert e.value.status_code == 409 and owner.copy.in_use == 0  # let go of the model
+
+
+def _decodes_at_once(threads: int) -> int:
+    """The most requests' images a worker with ``threads`` decode threads decoded at once, of 3 sent together
+    (with 3 threads, the decodes wait for each other)."""
+    together = threading.Barrier(3, timeout=10) if threads == 3 else None
+
+    class Decoding(FakeRuntime):
+        def prepare(self, inputs):
+            together.wait() if together is not None else time.sleep(0.05)
+            return inputs
+
+    spec = ModelSpec(id="m", task="image-classification", source={"path": "models/x"})
+    copy = ModelCopy(spec, Decoding(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    c = ModelCache(Owner(copy, 0), live_registry(spec), ReplicaCounters(), FakeMetrics(), 30.0)
+    w = worker_of(c, max_concurrent_decodes=threads)
+
+    async def answer(inputs, copy, threads=None):
+        return {"label": inputs}
+
+    w._batcher = SimpleNamespace(predict=answer)  # the decodes are what counts here, not the batches
+
+    async def flood():
+        await asyncio.gather(*(w.predict([b"image"], task="image-classification") for _ in range(3)))
+
+    asyncio.run(flood())
+    return c._counters.most_decodes_at_once
+
+
+def test_the_inputs_of_concurrent_requests_are_decoded_at_most_max_concurrent_decodes_at_a_time(monkeypatch):
+    """Requests whose images a replica decodes wait for the decode threads (worker.max_concurrent_decodes):
+    a flood of costly images takes that many threads, not one each."""
+    from deployments.worker import deployment
+
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    assert _decodes_at_once(1) == 1
+    assert _decodes_at_once(3) == 3  # the counter counts what overlaps
 
 
 # -- batching -------------------------------------------------------------------------------------------
@@ -471,7 +512,7 @@ def test_requests_on_two_copies_of_a_model_in_one_batch_each_run_on_their_own_co
     """Serve batches by model id: after a registry change replaced a model's copy, requests still on the old
     copy and new ones on the new copy can share a batch. Each copy gets a model call of its own, so that a
     request finishes on the copy it started on; both copies are held while their call runs."""
-    old, new = fake_copy(), fake_copy(path="y")
+    old, new = fake_copy(), fake_copy(path="models/y")
     b = Batcher(ReplicaCounters())
     calls = []
 

@@ -16,7 +16,7 @@ Both JSON tensors and the binary tensor data extension (the
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from deployments.ingress.bodies import check_json_budget, parse_bounded
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
-from serve_app.core.errors import InputOverLimit, InvalidInput, field_path
+from serve_app.core.errors import InputOverLimit, InvalidInput, MalformedRequest, echo, field_path
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState
 from serve_app.core.tasks import Task
@@ -137,11 +137,11 @@ def bytes_elements(buffer: bytes, max_items: int) -> list[bytes]:
         if len(items) == max_items:
             raise too_many_elements(max_items)
         if offset + 4 > len(buffer):
-            raise InvalidInput("binary BYTES tensor data is truncated", field="inputs")
+            raise MalformedRequest("binary BYTES tensor data is truncated", field="inputs")
         (n,) = struct.unpack_from("<I", buffer, offset)
         offset += 4
         if offset + n > len(buffer):
-            raise InvalidInput("binary BYTES tensor data is truncated", field="inputs")
+            raise MalformedRequest("binary BYTES tensor data is truncated", field="inputs")
         items.append(buffer[offset : offset + n])
         offset += n
     return items
@@ -157,16 +157,39 @@ def check_input_tensor(count: int, name: str, datatype: str) -> None:
     if count != 1:
         raise InvalidInput(f"this model takes one input tensor, got {count}", field="inputs")
     if datatype != "BYTES":
-        raise InvalidInput(f"input {name!r} must be BYTES, not {datatype}", field="inputs")
+        raise InvalidInput(f"input {echo(name)} must be BYTES, not {echo(datatype, quote=False)}", field="inputs")
 
 
 def no_data(name: str) -> InvalidInput:
-    return InvalidInput(f"input {name!r} has no data", field="inputs")
+    return InvalidInput(f"input {echo(name)} has no data", field="inputs")
 
 
 def check_not_empty(name: str, elements: list) -> None:
     if not elements:
-        raise InvalidInput(f"input {name!r} is empty", field="inputs")
+        raise InvalidInput(f"input {echo(name)} is empty", field="inputs")
+
+
+def check_shape(name: str, shape: Sequence[int], count: int) -> None:
+    """A tensor's shape must describe its data: no negative dimension, and as many elements as the
+    dimensions multiply to (the protocol's rule; a shape that disagrees is a malformed request)."""
+    if any(d < 0 for d in shape):
+        raise MalformedRequest(
+            f"input {echo(name)}: a shape has no negative dimension, got {_shape_text(shape)}", field="inputs"
+        )
+    product = 1
+    for d in shape:
+        product *= d
+        if product > count:  # no need to multiply on: already more than the elements sent
+            break
+    if product != count:
+        raise MalformedRequest(
+            f"input {echo(name)}: shape {_shape_text(shape)} does not match its {count} element(s)", field="inputs"
+        )
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 80 else text[:80] + "...]"
 
 
 def json_budget(max_items: int) -> int:
@@ -181,9 +204,9 @@ def parse_infer_request(
     try:
         json_end = int(header_length) if header_length is not None else len(body)
     except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length is not a number", field="headers") from None
+        raise MalformedRequest("Inference-Header-Content-Length is not a number", field="headers") from None
     if not 0 < json_end <= len(body):
-        raise InvalidInput("Inference-Header-Content-Length does not fit the body", field="headers")
+        raise MalformedRequest("Inference-Header-Content-Length does not fit the body", field="headers")
     check_json_budget(body[:json_end], json_budget(max_items), f"one input tensor of at most {max_items} elements")
     try:
         request = InferRequest.model_validate_json(body[:json_end])
@@ -196,13 +219,14 @@ def parse_infer_request(
     binary_size = (tensor.parameters or {}).get("binary_data_size")
     if binary_size is not None:
         if not isinstance(binary_size, int) or not 0 <= binary_size <= len(body) - json_end:
-            raise InvalidInput("binary_data_size does not fit the binary data sent", field="inputs")
+            raise MalformedRequest("binary_data_size does not fit the binary data sent", field="inputs")
         elements: list[str | bytes] = list(bytes_elements(body[json_end : json_end + binary_size], max_items))
     elif tensor.data is not None:
         elements = [e if isinstance(e, str) else str(e) for e in _flatten(tensor.data)]
     else:
         raise no_data(tensor.name)
     check_not_empty(tensor.name, elements)
+    check_shape(tensor.name, tensor.shape, len(elements))
     return request, elements
 
 
@@ -246,10 +270,8 @@ def chosen_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> dic
     if wanted:
         unknown = set(wanted) - set(tensors)
         if unknown:
-            raise InvalidInput(
-                f"unknown output(s): {', '.join(sorted(unknown))}; this model has {', '.join(tensors)}",
-                field="outputs",
-            )
+            named = ", ".join(echo(n, quote=False) for n in sorted(unknown)[:4]) + (", ..." if len(unknown) > 4 else "")
+            raise InvalidInput(f"unknown output(s): {named}; this model has {', '.join(tensors)}", field="outputs")
         tensors = {name: array for name, array in tensors.items() if name in wanted}
     return tensors
 

@@ -12,17 +12,21 @@ The message classes are tritonclient's generated ``service_pb2``; Serve register
   With auth off, only callers on the loopback are served (``auth.require_loopback``): some of Serve's gRPC
   servers listen on every interface, whatever address the app's HTTP listens on.
 * Limits: the data plane's (inputs per request, image bytes and pixels), and ``max_body_bytes`` on the
-  request message, as REST has it on the body.
+  request message, as REST has it on the body. The transport refuses a larger message unread
+  (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, config/serve.env), and the messages that hold repeated fields reach
+  the app as bytes, decoded within bounds on their counts (``grpc_wire``): no message within the limits
+  costs more than its size allows.
 * Inputs: one BYTES tensor, its elements in ``contents.bytes_contents`` or, in the binary BYTES form,
   in ``raw_input_contents``. Outputs are the model's task's tensors, and come back the way the inputs came:
   in ``raw_output_contents`` when the request used ``raw_input_contents`` (as ``tritonclient.grpc``
   does), else in each output's typed ``contents``.
-* Errors: the RPC ends with the status ``GRPC_STATUS`` gives the error and the message REST gives it.
+* Errors: the RPC ends with the status ``GRPC_STATUS`` gives the error and the message REST gives it, and
+  an error that says when to come again (a model in its load back-off) sends ``retry-after`` (seconds) as
+  trailing metadata, as REST sends ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -35,8 +39,10 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
 from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorize, require_loopback
+from deployments.ingress.bodies import parse_bounded
 from deployments.ingress.dataplane import DataPlane, InferenceRequest, InferenceResult
 from deployments.ingress.protocols import v2
+from deployments.ingress.protocols.grpc_wire import RAW_RPCS, BoundedDecoder
 from serve_app.core.config import Keys
 from serve_app.core.errors import (
     AdminKeyRequired,
@@ -49,9 +55,11 @@ from serve_app.core.errors import (
     ModelNotFound,
     ModelUnavailable,
     PayloadTooLarge,
+    RequestBodyTimeout,
     RequestTimeout,
     ServeAppError,
     Unauthorized,
+    retry_after_s,
     unwrap,
 )
 from serve_app.core.tensors import as_bytes, datatype_of, raw_data
@@ -59,7 +67,9 @@ from serve_app.core.tensors import as_bytes, datatype_of, raw_data
 logger = logging.getLogger("ray.serve")
 
 SERVICE = "inference.GRPCInferenceService"
-SERVICER_FUNCTION = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+SERVICER_FUNCTION = "deployments.ingress.protocols.grpc_wire.add_servicer"
+"""Serve's servicer function for the service: tritonclient's registration, with the messages that hold repeated
+fields handed to the app as bytes (``grpc_wire``)."""
 API = "v2_grpc"
 """The ``api`` tag of the data plane's metrics for this protocol."""
 
@@ -70,6 +80,7 @@ GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     BadImage: grpc.StatusCode.INVALID_ARGUMENT,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    RequestBodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
     AdminKeyRequired: grpc.StatusCode.PERMISSION_DENIED,
     ForbiddenPath: grpc.StatusCode.PERMISSION_DENIED,
@@ -96,15 +107,18 @@ class Context(Protocol):
 
     def set_details(self, details: str) -> None: ...
 
+    def set_trailing_metadata(self, trailing_metadata: list[tuple[str, str]]) -> None: ...
+
 
 # -- requests and responses -----------------------------------------------------------------------------
 
 
 def inference_request(request: pb.ModelInferRequest, max_items: int) -> InferenceRequest:
-    """The request's one BYTES input tensor, and its deadline (Triton's ``timeout`` parameter)."""
-    parameters = {k: json_format.MessageToDict(v).get("int64Param") for k, v in request.parameters.items()}
-    if "timeout" in parameters and parameters["timeout"] is not None:
-        parameters["timeout"] = int(parameters["timeout"])
+    """The request's one BYTES input tensor, and its deadline (Triton's ``timeout`` parameter, an int64; a
+    ``timeout`` of another type is ignored, as before). Only that parameter is read."""
+    timeout = request.parameters.get("timeout")
+    int64 = timeout is not None and timeout.WhichOneof("parameter_choice") == "int64_param"
+    parameters = {"timeout": timeout.int64_param} if int64 else {}
     return InferenceRequest(inputs=input_elements(request, max_items), timeout_s=v2.timeout_from_parameters(parameters))
 
 
@@ -128,6 +142,7 @@ def input_elements(request: pb.ModelInferRequest, max_items: int) -> list[bytes]
     else:
         raise v2.no_data(tensor.name)
     v2.check_not_empty(tensor.name, elements)
+    v2.check_shape(tensor.name, tensor.shape, len(elements))
     return elements
 
 
@@ -187,18 +202,24 @@ def rpc(response: type[Message]) -> Callable[[_Rpc], _Rpc]:
         name = method.__name__
 
         @functools.wraps(method)
-        async def handler(self: V2Grpc, request: Message, context: Context) -> Message:
+        async def handler(self: V2Grpc, request: Message | bytes, context: Context) -> Message:
             try:
                 require_loopback(self.keys, context.peer())
                 if name not in OPEN_RPCS:
                     authorize(self.keys, dict(context.invocation_metadata()).get("authorization"), name in ADMIN_RPCS)
-                if request.ByteSize() > self.max_message_bytes:
+                if name in RAW_RPCS and isinstance(request, Message):  # an in-process caller's message
+                    request = request.SerializeToString()
+                size = len(request) if isinstance(request, bytes) else request.ByteSize()
+                if size > self.max_message_bytes:
                     raise PayloadTooLarge(self.max_message_bytes)
                 return await method(self, request, context)
             except Exception as e:
                 inner = unwrap(e)
                 if isinstance(inner, ServeAppError):
                     code, details = grpc_status(inner), inner.message
+                    retry = retry_after_s(inner)
+                    if retry is not None:
+                        context.set_trailing_metadata([("retry-after", str(retry))])
                 else:
                     logger.exception("unhandled error in %s: %s", name, e)  # the details go to the log
                     code, details = grpc.StatusCode.INTERNAL, f"internal error ({type(inner).__name__})"
@@ -221,6 +242,13 @@ class V2Grpc:
         self.max_message_bytes = max_message_bytes
         self.version = version
         self.max_items = max_items
+        self.decoders = {
+            name: BoundedDecoder(message, max_items, v2.too_many_elements) for name, message in RAW_RPCS.items()
+        }
+
+    async def _decode(self, name: str, data: bytes) -> Message:
+        """A raw RPC's message, decoded within bounds (on the event loop when small, else in a thread)."""
+        return await parse_bounded(self.decoders[name].decode, data)
 
     @rpc(pb.ServerLiveResponse)
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -244,12 +272,21 @@ class V2Grpc:
         return _message(v2.model_metadata(spec, self.plane.task(spec)), pb.ModelMetadataResponse)
 
     @rpc(pb.ModelInferResponse)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: bytes, context: Context) -> pb.ModelInferResponse:
         # The inputs are read once the model is known, as REST does: an unknown model is NOT_FOUND whatever
-        # the request holds.
-        parse = functools.partial(asyncio.to_thread, inference_request, request, self.max_items)
-        result = await self.plane.infer(request.model_name, parse, api=API)
-        return infer_response(request, result)
+        # the request holds. Its envelope (one pass over the message's top level) names the model; the rest is
+        # counted and built from it once the model is known.
+        decoder = self.decoders["ModelInfer"]
+        envelope = await parse_bounded(decoder.envelope, request)
+        message = None
+
+        def parse(_: bytes) -> InferenceRequest:
+            nonlocal message
+            message = decoder.build(envelope)
+            return inference_request(message, self.max_items)
+
+        result = await self.plane.infer(envelope.model_name, functools.partial(parse_bounded, parse, request), api=API)
+        return infer_response(message, result)
 
     @rpc(pb.RepositoryIndexResponse)
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
@@ -259,17 +296,15 @@ class V2Grpc:
         return _message({"models": [m.model_dump(include=set(fields)) for m in models]}, pb.RepositoryIndexResponse)
 
     @rpc(pb.RepositoryModelLoadResponse)
-    async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: Context
-    ) -> pb.RepositoryModelLoadResponse:
-        await self.plane.load(request.model_name)
+    async def RepositoryModelLoad(self, request: bytes, context: Context) -> pb.RepositoryModelLoadResponse:
+        message = await self._decode("RepositoryModelLoad", request)
+        await self.plane.load(message.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @rpc(pb.RepositoryModelUnloadResponse)
-    async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: Context
-    ) -> pb.RepositoryModelUnloadResponse:
-        await self.plane.unload(request.model_name)
+    async def RepositoryModelUnload(self, request: bytes, context: Context) -> pb.RepositoryModelUnloadResponse:
+        message = await self._decode("RepositoryModelUnload", request)
+        await self.plane.unload(message.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
