@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serve_app.core import ray_internals
-from tests.helpers import wait_for
+from tests.helpers import MODEL_ROOTS, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +47,7 @@ def memory_url(deploy, tmp_path_factory):
         "registry_path": str(base / "registry.json"),
         "auth": {"mode": "off"},
         "runtime_modules": ["tests.byo_runtimes"],
+        "model_roots": MODEL_ROOTS,
         "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "memory_bytes": MEMORY},
     }
     return deploy("memory", args)

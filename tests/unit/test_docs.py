@@ -1,0 +1,63 @@
+"""The docs name real things: each test docs/errors-and-limits.md names exists, and each link between the
+README and the docs leads to a file and a heading that exist."""
+
+import re
+
+import pytest
+
+from serve_app.core.paths import PROJECT_ROOT
+
+DOCS = PROJECT_ROOT / "docs"
+FOLDERS = {"i": "integration", "u": "unit", "l": "lifecycle", "c": "cluster"}
+
+
+def _named_tests() -> list[tuple[str, str]]:
+    """(file, test) for each test the errors-and-limits table names; ``::name`` alone means the file named last
+    in the same cell, or in the table's first test file (``test_errors_and_limits.py``) when none came before."""
+    named = []
+    for line in (DOCS / "errors-and-limits.md").read_text().splitlines():
+        if not line.startswith("|"):
+            continue
+        cell = line.rstrip("|").rsplit("|", 1)[-1]
+        current = "integration/test_errors_and_limits.py"
+        for folder, file, name in re.findall(r"(?:([iulc])/(test_\w+\.py))?::(test_\w+)", cell):
+            if file:
+                current = f"{FOLDERS[folder]}/{file}"
+            named.append((current, name))
+    return named
+
+
+def test_every_test_the_errors_table_names_exists():
+    named = _named_tests()
+    assert len(named) > 60
+    missing = []
+    for file, name in named:
+        path = PROJECT_ROOT / "tests" / file
+        if not path.exists() or not re.search(rf"^(?:async )?def {name}\(", path.read_text(), re.M):
+            missing.append(f"{file}::{name}")
+    assert missing == []
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(p.relative_to(PROJECT_ROOT).as_posix() for p in DOCS.glob("*.md"))]
+)
+def test_links_between_the_pages_lead_to_a_file_and_a_heading(page):
+    path = PROJECT_ROOT / page
+    broken = []
+    for target, anchor in re.findall(r"\]\(((?!https?:)[^)#\s]*\.md)?(?:#([\w\-]+))?\)", path.read_text()):
+        if not target and not anchor:
+            continue
+        linked = (path.parent / target).resolve() if target else path
+        if not linked.exists():
+            broken.append(f"{target} (no such file)")
+            continue
+        if anchor:
+            headings = {_anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), re.M)}
+            if anchor not in headings:
+                broken.append(f"{target}#{anchor}")
+    assert broken == []
