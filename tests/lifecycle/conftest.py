@@ -119,7 +119,14 @@ def write_config(path: Path, registry: Path, node: Node) -> Path:
         config["http_options"]["port"], config["grpc_options"]["port"] = free_port(), free_port()
     args = config["applications"][0]["args"]
     args["registry_path"] = str(registry)
-    args["worker"] = {"num_replicas": 1, "num_cpus": 0.5, "torch_threads": 1}
+    args["model_roots"] = [str(registry.parent)]  # the tiny model's folder, besides the project's models/
+    # One worker replica; the shipped memory setting, so that the app runs as make run starts it.
+    args["worker"] = {
+        "num_replicas": 1,
+        "num_cpus": 0.5,
+        "torch_threads": 1,
+        "memory_bytes": args["worker"]["memory_bytes"],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
