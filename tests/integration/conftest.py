@@ -46,8 +46,11 @@ def serve_url() -> Iterator[str]:
     os.environ.update({"MMS_API_KEY": API_KEY, "MMS_ADMIN_KEY": ADMIN_KEY})
     # Logical CPUs, not cores: several small apps share the machine during the session. The environment
     # (config/serve.env, set by tests/conftest.py) reaches every Ray process from this one.
-    # The dashboard serves Serve's REST API, which `serve deploy` (and `make reload`) talk to.
+    # The dashboard serves Serve's REST API, which `serve deploy` (and `make reload`) talk to. A Ray of its own
+    # ("local"), even where another session's Ray runs on this machine (make run, another test run): without
+    # it, ray.init joins the newest one it finds.
     ray.init(
+        address="local",
         num_cpus=8,
         include_dashboard=True,
         dashboard_port=DASHBOARD_PORT,
