@@ -307,7 +307,7 @@ def build_ner_model(out: Path, force: bool) -> None:
     model = BertForTokenClassification.from_pretrained(
         base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}
     )
-    train = entities.sentences(600, entities.TRAIN_NAMES, seed=1)
+    train = entities.sentences(360, entities.TRAIN_NAMES, seed=1)
 
     def encode(batch: list[entities.Sentence]) -> dict:
         enc = tokenizer(
