@@ -30,7 +30,7 @@ from serve_app.core.tasks import TaskCatalog
 
 CAPACITY = 2
 
-catalog = TaskCatalog.load()
+catalog = TaskCatalog.load(runtime_modules=["bench.sized_runtime"])  # the bench registry's smoke fleet names it
 registry = Registry.from_file(os.environ.get("SEED_REGISTRY", "config/models.json"), catalog)
 app = FastAPI(title="seed-style baseline")
 
