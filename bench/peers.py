@@ -90,14 +90,16 @@ FLEET = (
 mixed over the ranks, so that the two most requested models (a large one among them) fit a replica's budget
 together and the next large one does not fit beside either of them."""
 
-FLEET_SIZES = {"small": 25 * MB, "medium": 100 * MB, "large": 450 * MB}
-"""``make bench``'s fleet: random-initialised BERT-shaped classifiers of about these sizes (``build_text_model``
-with a wide feed-forward layer, which every prediction reads whole)."""
+FLEET_SHAPES = {"small": (256, 8), "medium": (512, 8), "large": (1024, 9)}
+"""``make bench``'s fleet: random-initialised BERT classifiers of these hidden sizes and layers (four times the
+hidden size in each feed-forward layer, as BERT has), about 25 MB, 100 MB and 450 MB of weights. Their
+weights mean nothing (sizing only); a prediction reads every one of them, and their activations stay small
+beside their weights, as a trained model's do."""
 
 SMOKE_FLEET_SIZES = {"small": 25 * MB, "medium": 300 * MB, "large": 450 * MB}
 """The smoke run's fleet: models that declare these sizes and allocate nothing (``bench/sized_runtime.py``). The
-medium is larger than ``make bench``'s, so that a replica budget between large + small and large + medium
-is wide enough for a baseline not measured first (``SMOKE_MEMORY_BYTES``)."""
+medium is larger than ``make bench``'s (about 25, 100 and 450 MB), so that the budgets between large + small
+and large + medium are a window wide enough for a baseline not measured first (``SMOKE_MEMORY_BYTES``)."""
 
 SMOKE_MEMORY_BYTES = 1_200_000_000
 """The smoke app's ``worker.memory_bytes``: with a replica baseline of 450 to 725 MB (563 MB on the machine
@@ -113,10 +115,6 @@ def read_bench_registry(path: Path):
     from serve_app.core.tasks import TaskCatalog
 
     return Registry.from_file(path, TaskCatalog.load(runtime_modules=SMOKE_APP["runtime_modules"]))
-
-
-BYTES_PER_UNIT = 132
-"""Bytes of one unit of a tiny text model's feed-forward layer: 16 weights in, 16 out, and a bias (float32)."""
 
 
 class Fleet(NamedTuple):
@@ -144,10 +142,40 @@ class Fleet(NamedTuple):
         return (low + high) // 2
 
 
+def build_sized_model(folder: Path, model_id: str, hidden: int, layers: int, seed: int = 0) -> Path:
+    """A random-initialised BERT text classifier of ``hidden`` units and ``layers`` layers (4 x ``hidden`` in each
+    feed-forward layer, a head per 64 units), with the tiny models' vocabulary (``demo.tiny_models``); its weights
+    take about 48 x hidden^2 bytes a layer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from demo.tiny_models import WORDS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
+    labels = [f"{model_id}-0", f"{model_id}-1"]
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=32,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_fleet(folder: Path, smoke: bool) -> Fleet:
-    """The mixed-size fleet (``FLEET``), built offline into ``folder``: in ``make bench`` random-initialised
-    BERT-shaped classifiers whose feed-forward width gives about ``FLEET_SIZES`` (their sizes: their weights
-    files); in a smoke run, entries of ``bench.sized_runtime:DeclaredSize`` that declare ``SMOKE_FLEET_SIZES``."""
+    """The mixed-size fleet (``FLEET``), built offline into ``folder``: in ``make bench`` random-initialised BERT
+    classifiers of the shapes ``FLEET_SHAPES`` (their sizes: their weights files); in a smoke run, entries of
+    ``bench.sized_runtime:DeclaredSize`` that declare ``SMOKE_FLEET_SIZES``."""
     folder.mkdir(parents=True, exist_ok=True)
     entries, sizes, kinds = [], {}, {}
     for k, (model_id, kind) in enumerate(FLEET):
@@ -159,7 +187,7 @@ def build_fleet(folder: Path, smoke: bool) -> Fleet:
             sizes[model_id] = SMOKE_FLEET_SIZES[kind]
             entry |= {"runtime": "bench.sized_runtime:DeclaredSize", "parameters": {"size": sizes[model_id]}}
         else:
-            build_text_model(path, model_id, seed=k, dense_size=FLEET_SIZES[kind] // BYTES_PER_UNIT)
+            build_sized_model(path, model_id, *FLEET_SHAPES[kind], seed=k)
             sizes[model_id] = (path / "model.safetensors").stat().st_size
             entry["labels"] = [f"{model_id}-0", f"{model_id}-1"]
         entries.append(entry)
@@ -180,7 +208,7 @@ def fleet_registry(folder: Path) -> tuple[Path, Fleet]:
 def replica_pids(app_name: str, root: int | None = None) -> list[int]:
     """The worker replicas' processes of Serve application ``app_name`` below ``root`` in the process tree (this
     process by default; a ``serve run`` this run started, whose Ray is its own): Ray titles each
-    ``ray::ServeReplica:<app>:ModelWorker``."""
+    ``ray::ServeReplica:<app>:ModelWorker``, followed by the method it runs at the moment, if any."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -203,7 +231,7 @@ def replica_pids(app_name: str, root: int | None = None) -> list[int]:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
             except OSError:
                 continue
-            if cmdline == title or cmdline.startswith(title + " "):
+            if cmdline == title or cmdline.startswith((title + " ", title + ".")):  # ".": the method running now
                 found.append(pid)
     return sorted(found)
 

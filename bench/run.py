@@ -202,11 +202,7 @@ def run(
         seed.stop()
         servers.remove(seed)
         print("tasks: embeddings and entities, the app and their single-process peers side by side", flush=True)
-        configured = None if app_url else yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["worker"]
-        report.tasks = {
-            "peer": wait_task_peer(task_peer, task_url),
-            "app": app_threads(url, configured and configured.get("torch_threads")),
-        }
+        report.tasks = {"peer": wait_task_peer(task_peer, task_url)}
         report.tasks.update(
             scenarios.tasks(
                 {"peer": task_url, "app": url},
@@ -217,6 +213,8 @@ def run(
                 p.hot_requests,
             )
         )
+        configured = None if app_url else yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["worker"]
+        report.tasks["app"] = app_threads(url, configured and configured.get("torch_threads"))
         task_peer.stop()
         servers.remove(task_peer)
         if grpc_target:

@@ -509,6 +509,29 @@ class MemoryWatch:
         }
 
 
+def split_misses(
+    trace: list[int], models: list[str], latencies: list[float], loads: dict[str, int]
+) -> tuple[list[float], list[float], list[float]]:
+    """The latencies of a trace's hits and of its misses, sorted, and for each model requested both as a hit and
+    as a miss the gap between its fastest miss and its slowest hit. One client sent the trace, so the
+    latencies are in trace order; of each model's requests, the slowest, as many as the replicas loaded it, are
+    its misses (a load takes longer than a hit of the same model: the gaps show by how much)."""
+    if len(latencies) != len(trace):
+        raise ValueError(f"{len(latencies)} latencies for a trace of {len(trace)}")
+    by_model: dict[str, list[float]] = {}
+    for m, latency in zip(trace, latencies, strict=True):
+        by_model.setdefault(models[m], []).append(latency)
+    hits, misses, gaps = [], [], []
+    for model, values in by_model.items():
+        ordered = sorted(values)
+        k = max(0, len(ordered) - loads.get(model, 0))
+        hits += ordered[:k]
+        misses += ordered[k:]
+        if 0 < k < len(ordered):
+            gaps.append(ordered[k] - ordered[k - 1])
+    return sorted(hits), sorted(misses), gaps
+
+
 def sized_trace(url: str, models: list[str], n: int, pids: list[int] = (), seed: int = 2) -> dict:
     """A Zipf (s = 1) trace of `n` requests over the mixed-size fleet `models` (most requested first), sent in
     trace order by one client after every model was unloaded (every slot and every byte free, as in the
@@ -548,8 +571,7 @@ def sized_trace(url: str, models: list[str], n: int, pids: list[int] = (), seed:
     misses = sum(loads.values())
     requested = sum(sizes[models[m]] for m in trace)
     loaded = sum(loads[m] * sizes[m] for m in models)
-    ordered = sorted(run.latencies)
-    hit_lat, miss_lat = ordered[: n - misses], ordered[n - misses :]
+    hit_lat, miss_lat, gaps = split_misses(trace, models, run.latencies, loads)
     budgets = [r["memory"]["budget_bytes"] for r in reports]
     slots = min((r.get("slots", 2) for r in reports), default=2)
     simulated = None
@@ -589,8 +611,7 @@ def sized_trace(url: str, models: list[str], n: int, pids: list[int] = (), seed:
             "miss_p50_ms": ms(miss_lat, 50),
             "miss_p99_ms": ms(miss_lat, 99),
             "hit_p50_ms": ms(hit_lat, 50),
-            "fastest_miss_ms": 1000 * miss_lat[0] if miss_lat else float("nan"),
-            "slowest_hit_ms": 1000 * hit_lat[-1] if hit_lat else float("nan"),
+            "least_gap_ms": 1000 * min(gaps) if gaps else float("nan"),
             "counters": {k: counters[k] - counters_before[k] for k in EVICTION_COUNTERS},
         },
         "memory": watch.result(),

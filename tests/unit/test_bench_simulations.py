@@ -213,3 +213,17 @@ def test_sized_pool_report_covers_every_workload_consistently():
     assert report["sizes"]["max"] == max(sizes) <= report["budget_bytes"]
     for name, result in report["workloads"].items():
         assert_consistent(result, WORKLOADS[name](40, 400), sizes, name)
+
+
+def test_each_models_slowest_requests_are_its_misses():
+    """One client's trace: latencies in trace order; of each model's requests, as many as its loads, the slowest
+    are its misses, even where another model's hits are slower than them."""
+    from bench.scenarios import split_misses
+
+    trace = [0, 1, 0, 0, 1, 1, 2]
+    latencies = [0.30, 0.90, 0.02, 0.03, 0.50, 0.40, 0.05]  # model 1's hits (0.5, 0.4) are slower than 0's miss
+    hits, misses, gaps = split_misses(trace, ["a", "b", "c"], latencies, {"a": 1, "b": 1, "c": 1})
+    assert misses == [0.05, 0.30, 0.90] and hits == [0.02, 0.03, 0.40, 0.50]
+    assert gaps == pytest.approx([0.30 - 0.03, 0.90 - 0.50])  # c, requested once, has no gap
+    with pytest.raises(ValueError):
+        split_misses(trace, ["a", "b", "c"], latencies[:-1], {"a": 1})
