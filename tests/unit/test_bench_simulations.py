@@ -138,6 +138,16 @@ def test_the_pool_applies_the_routers_victims_under_a_budget():
     assert lru.loaded_bytes == 60 + 30 + 35 + 30
 
 
+def test_the_pool_places_a_miss_where_its_bytes_fit():
+    """Two replicas of 100 bytes: A (60) on one, B (30) on the other. D (50) fits beside B as it is, and not
+    beside A: the router, told D's size, places it beside B and evicts nothing, so A hits next. (Placed by
+    count alone, D would go to the first replica with a free slot, and A would go.)"""
+    a, b, d = 0, 1, 2
+    run = pool_run([a, b, d, a], 2, 2, [60, 30, 50], budget=100)
+    assert (run.hits, run.router_evictions, run.lru_evictions) == (1, 0, 0)
+    assert sorted(run.peak_bytes) == [60, 80]
+
+
 def test_pool_replicas_keep_within_their_budget_and_their_cap():
     rng = random.Random(5)
     sizes = model_sizes(60, seed=2, low=5 * MB, high=100 * MB)
