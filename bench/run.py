@@ -241,7 +241,10 @@ def run(
             report.profile, report.generator["profile_load"] = profile_load(url)
 
         if not smoke and not app_url:
-            baseline = max(r["memory"]["baseline_bytes"] or 0 for r in scenarios.replica_reports(url))
+            # The fleet app's budgets from the replicas' measured baseline (the same code, the same machine), else
+            # from the one the registry check assumes (worker.baseline_bytes' default)
+            measured = [r["memory"]["baseline_bytes"] for r in scenarios.replica_reports(url)]
+            baseline = max((b for b in measured if b), default=640 * 1024 * 1024)
             app.stop()
             servers.remove(app)
             report.sized = measure_fleet(work / "fleet", logs, baseline, p.sized_requests)
