@@ -354,8 +354,12 @@ def start_app(
     path = logs / f"serve-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = str(Path(sys.executable).parent / "serve")
+    # A Ray instance of its own ("local"): without an address, `serve run` joins the newest Ray cluster that
+    # `ray start` started on this machine, if one runs (another session's), and deploys the app there.
     server = Server(
-        [serve, "run", str(path)], {**serve_env(), **own_fixed_ports(), **(env or {})}, logs / f"{name}.log"
+        [serve, "run", "--address", "local", str(path)],
+        {**serve_env(), **own_fixed_ports(), **(env or {})},
+        logs / f"{name}.log",
     )
     url = f"http://127.0.0.1:{port}"
     try:

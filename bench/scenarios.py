@@ -340,25 +340,16 @@ def app_loads(url: str) -> int:
     return sum(m["load_count"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"])
 
 
-def model_loads(url: str, models: list[str]) -> dict[str, int]:
-    """Each model's load count over the app's worker replicas (GET /models)."""
-    listing = httpx.get(f"{url}/models", timeout=60).json()["models"]
-    counts = {m["id"]: m["load_count"] for m in listing}
-    return {m: counts.get(m, 0) for m in models}
-
-
-def settled_loads(url: str, quiet_s: float = 2.0, every_s: float = 0.5, limit_s: float = 30.0, read=None):
-    """The app's load count (or what ``read(url)`` returns) once it has not changed for `quiet_s`. GET /models
-    answers from a snapshot up to 1 s old (the ingress's FRESH_S) of what the worker replicas report every
-    0.5 s (the router's stats_period_s), so read at once after a trace it missed the trace's last loads: 2 to 4
-    of 178 on the 600 requests of `make bench` (0.3 to 0.7 points of hit ratio), and every one of a smoke
-    run's."""
-    read = read or app_loads
-    value, since = read(url), time.monotonic()
+def settled_loads(url: str, quiet_s: float = 2.0, every_s: float = 0.5, limit_s: float = 30.0) -> int:
+    """The app's load count once it has not changed for `quiet_s`. GET /models answers from a snapshot up
+    to 1 s old (the ingress's FRESH_S) of what the worker replicas report every 0.5 s (the router's
+    stats_period_s), so read at once after a trace it missed the trace's last loads: 2 to 4 of 178 on the
+    600 requests of `make bench` (0.3 to 0.7 points of hit ratio), and every one of a smoke run's."""
+    value, since = app_loads(url), time.monotonic()
     deadline = since + limit_s
     while time.monotonic() < deadline:
         time.sleep(every_s)
-        now = read(url)
+        now = app_loads(url)
         if now != value:
             value, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
@@ -532,22 +523,35 @@ def split_misses(
     return sorted(hits), sorted(misses), gaps
 
 
+def unload_all(url: str, models: list[str]) -> dict[str, dict]:
+    """Unload the models from every replica, at once (a thread each), and return each one's entry as the
+    answer of its unload gives it: fresh, the ingress asking each replica directly (GET /models answers from a
+    snapshot up to about 1.5 s old), with its load count over the replicas and its measured size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def unload(model: str) -> dict:
+        r = httpx.post(f"{url}/models/{model}/unload", timeout=120)
+        r.raise_for_status()
+        return r.json()
+
+    with ThreadPoolExecutor(max(1, min(16, len(models)))) as pool:
+        return dict(zip(models, pool.map(unload, models), strict=True))
+
+
 def sized_trace(url: str, models: list[str], n: int, pids: list[int] = (), seed: int = 2) -> dict:
     """A Zipf (s = 1) trace of `n` requests over the mixed-size fleet `models` (most requested first), sent in
     trace order by one client after every model was unloaded (every slot and every byte free, as in the
     simulation). Measured in the app: its hits and the bytes it loaded, from its replicas' own load counts and
-    measured sizes (GET /models, once settled); their peak resident memory (``MemoryWatch``, against each
-    replica's budget and baseline); the latency of its misses, taken as the slowest requests, as many as it
-    loaded models (a load takes far longer than a hit: ``fastest_miss_ms`` against ``slowest_hit_ms`` shows the
-    split). Simulated on the same trace, with the sizes the replicas measured: the router's policy over the
-    app's replicas and budgets, Ray's default router, and the global byte-LRU and GDSF peers with the replicas'
-    total bytes and count cap (``simulate.sized_peers``)."""
+    measured sizes (fresh: the answers of unloads before and after the trace); their peak resident memory
+    (``MemoryWatch``, against each replica's budget and baseline); the latency of its misses
+    (``split_misses``). Simulated on the same trace, with the sizes the replicas measured: the router's policy
+    over the app's replicas and budgets, Ray's default router, and the global byte-LRU and GDSF peers with the
+    replicas' total bytes and count cap (``simulate.sized_peers``)."""
     from bench.simulate import sized_peers
 
     trace = zipf_trace(len(models), n, s=1.0, seed=seed)
-    for model in httpx.get(f"{url}/models", timeout=60).json()["models"]:  # every slot and byte free
-        httpx.post(f"{url}/models/{model['id']}/unload", timeout=120)
-    before = settled_loads(url, read=lambda u: model_loads(u, models))
+    every = [m["id"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"]]
+    before = unload_all(url, every)  # every slot and byte free; the load counts, fresh
     counters_before = eviction_counters(replica_reports(url))
     reqs = [
         loadgen.Request(
@@ -560,14 +564,13 @@ def sized_trace(url: str, models: list[str], n: int, pids: list[int] = (), seed:
     ]
     with MemoryWatch(url, pids) as watch:
         run = Run.of(loadgen.run_http(loadgen.Plan(url, [reqs])))
-        after = settled_loads(url, read=lambda u: model_loads(u, models))
     if run.errors or run.sent != n:
         raise RuntimeError(f"mixed sizes: {run.sent} of {n} requests sent, {run.errors} failed: {run.first_error}")
-    listing = httpx.get(f"{url}/models", timeout=60).json()
-    sizes = {m["id"]: m.get("size_bytes") or 0 for m in listing["models"] if m["id"] in models}
-    reports = listing["replicas"]
+    reports = replica_reports(url)  # the replicas' counters, a report period old at most (not fresh)
+    after = unload_all(url, models)  # each model's fresh load count and measured size
+    sizes = {m: after[m].get("size_bytes") or 0 for m in models}
     counters = eviction_counters(reports)
-    loads = {m: after[m] - before[m] for m in models}
+    loads = {m: after[m]["load_count"] - before[m]["load_count"] for m in models}
     misses = sum(loads.values())
     requested = sum(sizes[models[m]] for m in trace)
     loaded = sum(loads[m] * sizes[m] for m in models)
