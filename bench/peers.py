@@ -437,6 +437,10 @@ if __name__ == "__main__":  # the registry an app must serve for `python -m benc
 
     ap = argparse.ArgumentParser(description="Build the benchmark's registry and models into a folder.")
     ap.add_argument("folder", type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny models only")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny models only, and the smoke fleet, which the app must allow: its args updated by {SMOKE_APP}",
+    )
     cli = ap.parse_args()
     print(bench_registry(cli.folder, cli.smoke))

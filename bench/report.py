@@ -286,7 +286,9 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "uvicorn with an in-process LRU of two models, `bench/seed_server.py`), **app** (this application via "
         "`serve run` in the environment of `make run`, `config/serve.env`: throughput-optimized mode with "
         "HAProxy; 2 worker replicas x 1 torch thread, dynamic batching on, the model-aware router; "
-        "`serve_config.yaml` with a fixed replica count).",
+        "`serve_config.yaml` with a fixed replica count), and for the embedding and entity models **peer** "
+        "(one FastAPI process serving them as their users write it: sentence-transformers' `encode`, "
+        "transformers' token-classification pipeline; `bench/task_peer.py`).",
         "",
         *_generator_intro(r),
         "## Targets",

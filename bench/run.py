@@ -305,7 +305,8 @@ def fleet_report(fleet, memory_bytes: int | None, declared: bool) -> dict:
 def measure_fleet(folder: Path, logs: Path, baseline: int, n: int) -> dict:
     """``make bench``'s mixed-size fleet, built offline into ``folder``, on an app of its own whose worker replicas'
     budgets fit one large model and one small one (``worker.memory_bytes``: the main app's measured baseline plus
-    the middle of the window), then on the same app with Ray's default router."""
+    the middle of the window), then on another such app with Ray's default router (``routing.policy:
+    ray_default``)."""
     path, fleet = fleet_registry(folder)
     memory = baseline + fleet.budget_target()
     out = fleet_report(fleet, memory, declared=False)
