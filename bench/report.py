@@ -19,7 +19,28 @@ TARGETS = {
     "churn": "churn (Zipf over 8 models, 2 replicas x 2 slots): hit ratio at least one LRU of 4 slots'",
     "sim": "simulator, 1,000 models over 64 replicas x 2: hit ratio at least one global LRU's, every workload",
     "overload": "throughput at 64 clients at least 0.9x throughput at 16 (one model, and two hot models)",
+    "sized_memory": "mixed-size fleet: no worker replica's resident memory above its budget plus baseline, plus 15 %",
+    "sized_hits": "mixed-size fleet: hit ratio at least one global byte-LRU's with the same bytes and count cap",
+    "sized_sim": "simulator with sizes, 1,000 models over 64 replicas: hit ratio at least one global byte-LRU's, "
+    "every workload",
+    "embed": "embeddings at 16 clients: at least 1.5x the sentence-transformers peer's requests per second",
+    "ner": "token classification p50 at one client at most 1.3x the transformers pipeline peer's",
 }
+
+
+def _mb(x: Any) -> str:
+    """Bytes as MB (10^6), or n/a."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x / 1e6:,.1f} MB"
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
+
+
+def sized_memory(run: dict) -> tuple[float | None, float | None, float | None]:
+    """(peak resident bytes of any worker replica, budget + baseline, the limit: that plus 15 %) of a fleet run."""
+    m = run.get("memory", {})
+    return m.get("peak_bytes"), m.get("budget_plus_baseline_bytes"), m.get("limit_bytes")
 
 
 def _f(x: Any) -> str:
@@ -80,6 +101,8 @@ def targets(r: Any) -> list[tuple[str, str, bool | None]]:
         gains = {w: 100 * (v["model-aware"] - v["global LRU"]) for w, v in r.simulation["workloads"].items()}
         measured = f"{min(gains.values()):+.1f} to {max(gains.values()):+.1f} points on LRU"
         out.append((TARGETS["sim"], measured, min(gains.values()) >= 0))
+    out += _sized_targets(r)
+    out += _task_targets(r)
     ratios = []
     for workload in ("one model", "two hot models"):
         at16, at64 = _rps(r, "app", workload, 16), _rps(r, "app", workload, 64)
@@ -88,6 +111,56 @@ def targets(r: Any) -> list[tuple[str, str, bool | None]]:
     if ratios:
         measured = ", ".join(f"{w}: {x:.2f}x" for w, x in ratios)
         out.append((TARGETS["overload"], measured, min(x for _, x in ratios) >= 0.9))
+    return out
+
+
+def _sized_targets(r: Any) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    run = (r.sized or {}).get("app")
+    if run:
+        peak, limit_0, limit = sized_memory(run)
+        if peak and limit:
+            out.append(
+                (
+                    TARGETS["sized_memory"],
+                    f"peak {_mb(peak)} against {_mb(limit)} ({_mb(limit_0)} + 15 %): {peak / limit_0:.2f}x budget + "
+                    "baseline",
+                    peak <= limit,
+                )
+            )
+        else:
+            out.append((TARGETS["sized_memory"], "not measured in this run (no budget)", None))
+        sim = run.get("simulated")
+        if sim:
+            app, lru, gd = run["app"]["hit_ratio"], sim["global byte-LRU"]["hit_ratio"], sim["global GDSF"]["hit_ratio"]
+            measured = f"{_pct(app)} against {_pct(lru)} ({100 * (app - lru):+.1f} points); GDSF {_pct(gd)}"
+            out.append((TARGETS["sized_hits"], measured, app >= lru))
+    if r.sized_simulation:
+        w = r.sized_simulation["workloads"]
+        gains = {k: 100 * (v["model-aware"]["hit_ratio"] - v["global byte-LRU"]["hit_ratio"]) for k, v in w.items()}
+        gdsf = {k: 100 * (v["model-aware"]["hit_ratio"] - v["global GDSF"]["hit_ratio"]) for k, v in w.items()}
+        measured = (
+            f"{min(gains.values()):+.1f} to {max(gains.values()):+.1f} points on byte-LRU "
+            f"({min(gdsf.values()):+.1f} to {max(gdsf.values()):+.1f} on GDSF)"
+        )
+        out.append((TARGETS["sized_sim"], measured, min(gains.values()) >= 0))
+    return out
+
+
+def _task_targets(r: Any) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    if not r.tasks:
+        return out
+    emb = r.tasks.get("embeddings", {})
+    app, peer = emb.get("app", {}).get(16), emb.get("peer", {}).get(16)
+    if app and peer:
+        ratio = app["rps"] / peer["rps"]
+        out.append((TARGETS["embed"], f"{ratio:.2f}x ({app['rps']:.1f} against {peer['rps']:.1f} req/s)", ratio >= 1.5))
+    ner = r.tasks.get("ner", {})
+    if "app" in ner and "peer" in ner:
+        ratio = ner["app"]["p50_ms"] / ner["peer"]["p50_ms"]
+        measured = f"{ratio:.2f}x ({ner['app']['p50_ms']:.1f} against {ner['peer']['p50_ms']:.1f} ms)"
+        out.append((TARGETS["ner"], measured, ratio <= 1.3))
     return out
 
 
@@ -168,6 +241,26 @@ def _plots(r: Any, out: Path) -> dict[str, str]:
         )
         ax.legend(fontsize=8)
         plots["simulation"] = _save(fig, folder, "simulation")
+
+    if r.sized_simulation:
+        sim = r.sized_simulation["workloads"]
+        policies = [key for key, _ in SIZED_ROWS]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+        width = 0.2
+        for k, policy in enumerate(policies):
+            at = [i + (k - 1.5) * width for i in range(len(sim))]
+            axes[0].bar(at, [100 * v[policy]["hit_ratio"] for v in sim.values()], width, label=policy)
+            axes[1].bar(at, [v[policy]["bytes_per_1000"] / 1e9 for v in sim.values()], width, label=policy)
+        for ax, label in zip(axes, ("hit ratio (%)", "GB loaded per 1,000 requests"), strict=True):
+            ax.set_xticks(range(len(sim)), list(sim), fontsize=7)
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
+        axes[0].set_ylim(0, 100)
+        fig.suptitle(
+            f"Simulated with sizes: {r.sized_simulation['models']} models over {r.sized_simulation['replicas']} "
+            f"replicas, {r.sized_simulation['requests']} requests"
+        )
+        plots["sized_simulation"] = _save(fig, folder, "sized_simulation")
     return plots
 
 
@@ -193,7 +286,9 @@ def render(r: Any, out: Path, smoke: bool) -> str:
         "uvicorn with an in-process LRU of two models, `bench/seed_server.py`), **app** (this application via "
         "`serve run` in the environment of `make run`, `config/serve.env`: throughput-optimized mode with "
         "HAProxy; 2 worker replicas x 1 torch thread, dynamic batching on, the model-aware router; "
-        "`serve_config.yaml` with a fixed replica count).",
+        "`serve_config.yaml` with a fixed replica count), and for the embedding and entity models **peer** "
+        "(one FastAPI process serving them as their users write it: sentence-transformers' `encode`, "
+        "transformers' token-classification pipeline; `bench/task_peer.py`).",
         "",
         *_generator_intro(r),
         "## Targets",
@@ -262,6 +357,8 @@ def render(r: Any, out: Path, smoke: bool) -> str:
     if r.protocols:
         parts += _protocols(r)
     parts += _routing(r, plots)
+    parts += _sized(r, plots)
+    parts += _tasks(r)
     parts += [
         "## Cold load",
         "",
@@ -329,6 +426,13 @@ def generator_points(r: Any) -> list[tuple[str, str, dict]]:
     for name in ("app", "ray-default"):
         if r.churn and name in r.churn and "generator" in r.churn[name]:
             out.append(("churn", name, r.churn[name]))
+    for peer, series in (r.tasks or {}).get("embeddings", {}).items():
+        out += [("embeddings", f"{peer}, {c} clients", s) for c, s in sorted(series.items(), key=lambda kv: int(kv[0]))]
+    for peer, s_ in (r.tasks or {}).get("ner", {}).items():
+        out.append(("entities, hot path", peer, s_))
+    for name in ("app", "ray-default"):
+        if name in (r.sized or {}):
+            out.append(("mixed-size fleet", name, r.sized[name]["app"]))
     if "app" in r.cold:
         out.append(("cold load", "app", r.cold["app"]))
     for variant, v in r.variants.items():
@@ -493,6 +597,235 @@ def _routing(r: Any, plots: dict[str, str]) -> list[str]:
             "times a request): requests each replica served, and the busiest over the least busy.",
             "",
             _table(["case", "model-aware: served", "ratio", "Ray's default: served", "ratio"], rows),
+            "",
+        ]
+    return parts
+
+
+SIZED_ROWS = (
+    ("model-aware", "the router's policy (the app's)"),
+    ("ray-default", "Ray's default router"),
+    ("global byte-LRU", "one global byte-LRU"),
+    ("global GDSF", "one global GDSF"),
+)
+
+
+def _sized_row(name: str, v: dict) -> list[Any]:
+    return [name, _pct(v["hit_ratio"]), _pct(v["byte_hit_ratio"]), _mb(v["bytes_per_1000"])]
+
+
+def _sized(r: Any, plots: dict[str, str]) -> list[str]:
+    parts: list[str] = []
+    if r.sized_simulation:
+        sim = r.sized_simulation
+        sz = sim["sizes"]
+        rows = []
+        for workload, v in sim["workloads"].items():
+            for key, label in SIZED_ROWS:
+                rows.append([workload, *_sized_row(label, v[key])[0:]])
+            rows.append([workload, "Belady, count only (a bound)", _pct(v["Belady (count)"]["hit_ratio"]), "", ""])
+        parts += [
+            "## Memory: models of many sizes",
+            "",
+            "**At scale, simulated, with sizes** (`bench/simulate.py`: `pool_run`, `byte_lru`, `gdsf`): "
+            f"{sim['models']} models of log-normal sizes from {_mb(sz['low'])} to {_mb(sz['high'])} "
+            f"(median {_mb(sz['median'])}, mean {_mb(sz['mean'])}; drawn independently of their popularity), "
+            f"over {sim['replicas']} replicas of {sim['slots']} slots and {_mb(sim['budget_bytes'])} each (the "
+            f"largest model and the smallest fit together), {sim['requests']} requests one at a time, 10 a second. "
+            "The pool replays each trace through the router's own policy (`policy.rank` with each model's size, "
+            "replicas with their budget); on a miss each replica evicts the victims the policy names "
+            "(`policy.eviction`), as the app's replicas do when the router tells them, within its budget and its "
+            "two slots. Ray's default router: a holder, else a replica with the fewest models, which evicts by LRU. "
+            "The global peers are one cache with the pool's total bytes and count cap (two copies a replica, "
+            "summed): byte-LRU evicts the least recently used until both fit; GDSF (Greedy-Dual-Size-Frequency, a "
+            "load costing 1) the lowest priority L + requests / size. Byte hit ratio: the share of the requested "
+            "bytes that were loaded already; bytes loaded per 1,000 requests: what the misses read. Belady's "
+            "optimum of one cache of the same count cap bounds every policy's hit ratio.",
+            "",
+            _table(["workload", "policy", "hit ratio", "byte hit ratio", "bytes loaded per 1,000 requests"], rows),
+            "",
+        ]
+        if "sized_simulation" in plots:
+            parts += [f"![simulation with sizes]({plots['sized_simulation']})", ""]
+    if r.sized and "app" in r.sized:
+        parts += _sized_app(r)
+    return parts
+
+
+def _sized_app(r: Any) -> list[str]:
+    sized = r.sized
+    run = sized["app"]
+    kinds = sized.get("kinds", {})
+    by_kind: dict[str, list[str]] = {}
+    for m in run["models"]:
+        by_kind.setdefault(kinds.get(m, "?"), []).append(f"{m} {_mb(run['sizes'].get(m) or sized['sizes'].get(m))}")
+    low, high = sized.get("window", [None, None])
+    listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(by_kind.items()))
+    budgets = ", ".join(_mb(b) for b in run["budgets"])
+    baselines = ", ".join(_mb(b) for b in run["baselines"])
+    fits = all(b is not None and low <= b < high for b in run["budgets"]) if low else None
+    parts = [
+        "**A mixed-size fleet in the app.** "
+        + (
+            "Models that declare their sizes and allocate nothing (`bench/sized_runtime.py`: the smoke run's), "
+            if sized.get("declared")
+            else "Random-initialised BERT-shaped classifiers built offline for sizing (their weights mean nothing; "
+            "a prediction reads every one of them), "
+        )
+        + f"by size: {listed}. A Zipf (s = 1) trace "
+        f"of {run['requests']} requests, most requested first as listed ({run['distinct']} models requested), sent "
+        f"one at a time to {len(run['budgets'])} worker replicas of {run['slots']} slots, `worker.memory_bytes` "
+        f"{_mb(sized.get('memory_bytes'))}: budgets {budgets} (baselines {baselines}), "
+        + ("which fit one large model and one small one, not one large and one medium." if fits else "")
+        + ("which do **not** all fall between large + small and large + medium." if fits is False else "")
+        + " Every model was unloaded first. The app's hits and bytes come from its replicas' own load counts and "
+        "measured sizes; the simulated policies replay the same trace with the same sizes, the pool with the "
+        "replicas' budget, the global caches with their total bytes and count cap.",
+        "",
+    ]
+    rows = []
+    for name, label in (
+        ("app", "this app (model-aware router)"),
+        ("ray-default", "this app with Ray's default router"),
+    ):
+        if name in sized:
+            rows.append(_sized_row(label, sized[name]["app"]))
+    sim = run.get("simulated") or {}
+    for key, label in SIZED_ROWS:
+        if key in sim:
+            rows.append(_sized_row(f"simulated: {label}", sim[key]))
+    if "Belady (count)" in sim:
+        rows.append(["simulated: Belady, count only (a bound)", _pct(sim["Belady (count)"]["hit_ratio"]), "", ""])
+    parts += [_table(["policy", "hit ratio", "byte hit ratio", "bytes loaded per 1,000 requests"], rows), ""]
+    rows = []
+    for name, label in (("app", "model-aware router"), ("ray-default", "Ray's default router")):
+        if name not in sized:
+            continue
+        a, mem = sized[name]["app"], sized[name]["memory"]
+        peak, limit_0, _ = sized_memory(sized[name])
+        hwm = [p["peak_resident_bytes"] for p in mem.get("processes", []) if p.get("peak_resident_bytes")]
+        reported = [v["peak_resident_bytes"] for v in mem.get("replicas", {}).values()]
+        rows.append(
+            [
+                label,
+                ", ".join(_mb(x) for x in hwm) or "n/a",
+                ", ".join(_mb(x) for x in reported) or "n/a",
+                _mb(limit_0),
+                f"{peak / limit_0:.2f}x" if peak and limit_0 else "n/a",
+                a["misses"],
+                a["miss_p50_ms"],
+                a["miss_p99_ms"],
+                a["least_gap_ms"],
+                a["hit_p50_ms"],
+            ]
+        )
+    parts += [
+        "Peak resident memory of each worker replica: its process's VmHWM (`/proc`, the peak over its life, start "
+        "included) and the largest the replica itself reported (`GET /models`: `replicas[].memory.resident_bytes`, "
+        "sampled every 0.25 s), against its budget plus its measured baseline (the target allows 15 % more). "
+        "Misses: of each model's requests, the slowest, as many as the replicas loaded it (one client sent the "
+        "trace, so each latency is known by its request); *least gap*: the smallest, over the models, of the "
+        "gap between a model's fastest miss and its slowest hit, which shows how clean that split is.",
+        "",
+        _table(
+            [
+                "router",
+                "peak resident (VmHWM)",
+                "peak reported",
+                "budget + baseline",
+                "peak / (budget + baseline)",
+                "misses",
+                "miss p50 (ms)",
+                "miss p99 (ms)",
+                "least gap (ms)",
+                "hit p50 (ms)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    counters = [(name, sized[name]["app"].get("counters", {})) for name in ("app", "ray-default") if name in sized]
+    if counters:
+        parts += [
+            "The replicas' own counts over the trace: copies evicted because the router named them (and of those, "
+            "not the least recently used), by Ray's LRU for a slot, by the replica itself to keep a load within its "
+            "budget (the router did not know the model's size yet, before its first load), evicted while in use, "
+            "loads that waited for memory, and loads refused as larger than the budget.",
+            "",
+            _table(
+                ["router", *EVICTION_COUNTER_NAMES.values()],
+                [[name, *(c.get(k, 0) for k in EVICTION_COUNTER_NAMES)] for name, c in counters],
+            ),
+            "",
+        ]
+    return parts
+
+
+EVICTION_COUNTER_NAMES = {
+    "evicted_by_router": "router's victims",
+    "router_victim_not_lru": "not the LRU's",
+    "evicted_by_lru": "Ray's LRU",
+    "evicted_for_memory": "for memory",
+    "evicted_in_use": "in use",
+    "waited_for_memory": "waited",
+    "refused_over_budget": "refused",
+}
+
+
+def _tasks(r: Any) -> list[str]:
+    if not r.tasks:
+        return []
+    t = r.tasks
+    peer_threads = t.get("peer", {}).get("torch_threads", "n/a")
+    app = t.get("app", {})
+    app_threads = app.get("torch_threads") or "its configured"
+    emb = t.get("embeddings", {})
+    rows = []
+    for c in sorted(emb.get("app", {}), key=int):
+        mine, peer = emb["app"][c], emb.get("peer", {}).get(c, {})
+        rows.append(
+            [
+                c,
+                peer.get("rps", float("nan")),
+                peer.get("p99_ms", float("nan")),
+                mine["rps"],
+                mine["p99_ms"],
+                mine["rps"] / peer["rps"] if peer.get("rps") else float("nan"),
+                mine["errors"] + peer.get("errors", 0),
+            ]
+        )
+    ner = t.get("ner", {})
+    parts = [
+        "## Tasks: embeddings and entities",
+        "",
+        "The `embed` (feature-extraction) and `ner` (token-classification) models against single-process servers "
+        "of the same files, written as their users write them (`bench/task_peer.py`: one FastAPI process on "
+        "uvicorn, a synchronous route, so FastAPI's thread pool runs concurrent requests at once): "
+        "sentence-transformers' `SentenceTransformer(path).encode(texts)` for embeddings, and transformers' "
+        '`pipeline("token-classification", aggregation_strategy="simple")` for entities, each request one call, '
+        f"no batching across requests, on torch's default threads ({peer_threads} here). The app: "
+        f"{app.get('replicas', 'its')} worker replicas of {app_threads} torch thread(s) each, requests for one "
+        "model batched together (up to 8), a lone request on an idle node run on the node's idle threads (at "
+        f"most {app.get('most_threads', 'n/a')} in this run). Both run at once; each point is measured in rounds "
+        "that take them in turn.",
+        "",
+        _table(
+            ["clients", "peer req/s", "peer p99 (ms)", "app req/s", "app p99 (ms)", "app / peer", "errors"],
+            rows,
+        ),
+        "",
+    ]
+    if "app" in ner and "peer" in ner:
+        parts += [
+            "Token classification, one client, one sentence of a few entities per request, in ten alternating rounds:",
+            "",
+            _table(
+                ["peer", "requests", "p50 (ms)", "p99 (ms)"],
+                [
+                    [name, v["n"], v["p50_ms"], v["p99_ms"]]
+                    for name, v in (("pipeline", ner["peer"]), ("app", ner["app"]))
+                ],
+            ),
             "",
         ]
     return parts

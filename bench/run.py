@@ -7,7 +7,10 @@ The peers are in ``bench/peers.py``, the load they get in ``bench/scenarios.py``
 ``bench/simulate.py``, the profile in ``bench/profile.py`` and the report in ``bench/report.py``; this
 module runs them in order and writes the report. Variants of the app (bench/peers.py: VARIANTS) are
 measured on the hot path and at 16 clients, and so is the app over each of its protocols (the native REST
-API, the Open Inference Protocol over REST and over gRPC).
+API, the Open Inference Protocol over REST and over gRPC). The embedding and entity models are measured
+against single-process servers of them as their users write them (``bench/task_peer.py``), and the memory
+budget on a mixed-size fleet: in ``make bench`` models of about 25, 100 and 450 MB built offline, on an app of
+its own (and again with Ray's default router); in a smoke run, models that declare their sizes, on the app.
 
 The load comes from ``bench/loadgen.py``: wrk where it is installed (``apt-get install wrk``), else its own
 raw-socket generator (``--generator`` or BENCH_GENERATOR choose); the report names the one that ran and
@@ -25,12 +28,30 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from bench import loadgen, scenarios
-from bench.peers import VARIANTS, Server, bench_registry, direct_hot, start_app, start_seed
+from bench.peers import (
+    APP_NAME,
+    SMOKE_APP,
+    VARIANTS,
+    Server,
+    bench_registry,
+    build_fleet,
+    direct_hot,
+    fleet_registry,
+    replica_pids,
+    start_app,
+    start_seed,
+    start_task_peer,
+    wait_task_peer,
+)
 from bench.profile import profile_load
 from bench.scenarios import median
-from bench.simulate import pool_report, spread_report
+from bench.simulate import pool_report, sized_pool_report, spread_report
 from serve_app.core.paths import PROJECT_ROOT
+
+SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
 
 @dataclass
@@ -48,6 +69,8 @@ class Profile:
     sim_models: int = 1000  # the pool simulation: models, replicas of 2 slots, requests
     sim_replicas: int = 64
     sim_requests: int = 20_000
+    sized_requests: int = 300  # the mixed-size fleet's trace
+    task_clients: tuple[int, ...] = (1, 16)  # embeddings against the sentence-transformers peer
 
 
 SMOKE = Profile(
@@ -62,6 +85,7 @@ SMOKE = Profile(
     sim_models=40,
     sim_replicas=4,
     sim_requests=400,
+    sized_requests=40,
 )
 
 
@@ -76,6 +100,9 @@ class Report:
     variants: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
     simulation: dict = field(default_factory=dict)  # the pool at scale, simulated: workload -> policy -> hit ratio
+    sized_simulation: dict = field(default_factory=dict)  # the same with model sizes and budgets (sized_pool_report)
+    sized: dict = field(default_factory=dict)  # the mixed-size fleet in the app: "app", "ray-default" (sized_trace)
+    tasks: dict = field(default_factory=dict)  # embeddings and entities against their single-process peers
     spread: dict = field(default_factory=dict)  # a hot model's requests over the replicas, simulated
     overhead: dict = field(default_factory=dict)
     protocols: dict = field(default_factory=dict)  # protocol -> {"hot": summary, "16 clients": summary}
@@ -130,11 +157,17 @@ def run(
         print("simulation: the pool at scale, and a hot model's spread", flush=True)
         report.simulation = pool_report(p.sim_models, p.sim_replicas, 2, p.sim_requests)
         report.spread = spread_report([(2, 16), (4, 64)], 200 if smoke else 2000, spread_at=4)
+        print("simulation: the pool at scale with model sizes and budgets", flush=True)
+        report.sized_simulation = sized_pool_report(p.sim_models, p.sim_replicas, 2, p.sim_requests)
 
         print("direct: in-process pipeline", flush=True)
         direct, load_times = direct_hot(registry, p.hot_requests)
         report.hot["direct"] = direct.summary()
         report.cold["direct_load_s"] = median(load_times)
+
+        print("task peer: sentence-transformers and the token-classification pipeline (starting)", flush=True)
+        task_peer, task_url = start_task_peer(registry, logs)
+        servers.append(task_peer)
 
         print("seed-style server", flush=True)
         seed, seed_url = start_seed(registry, logs)
@@ -144,7 +177,9 @@ def run(
         if app_url:
             url = app_url
         else:
-            app, url, grpc_target, report.startup["app_s"] = start_app(registry, logs, "app")
+            app, url, grpc_target, report.startup["app_s"] = start_app(
+                registry, logs, "app", args=SMOKE_APP if smoke else None
+            )
             servers.append(app)
         print("hot path: the seed-style server (idle since) and the app in alternating rounds", flush=True)
         hot = scenarios.hot_side_by_side({"seed": seed_url, "app": url}, p.hot_requests)
@@ -166,6 +201,22 @@ def run(
         report.overhead.update({name: run.summary() for name, run in overhead.items()})
         seed.stop()
         servers.remove(seed)
+        print("tasks: embeddings and entities, the app and their single-process peers side by side", flush=True)
+        report.tasks = {"peer": wait_task_peer(task_peer, task_url)}
+        report.tasks.update(
+            scenarios.tasks(
+                {"peer": task_url, "app": url},
+                p.task_clients,
+                p.requests_per_client,
+                p.max_requests,
+                p.min_requests,
+                p.hot_requests,
+            )
+        )
+        configured = None if app_url else yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["worker"]
+        report.tasks["app"] = app_threads(url, configured and configured.get("torch_threads"))
+        task_peer.stop()
+        servers.remove(task_peer)
         if grpc_target:
             print("app over each protocol: REST /predict, REST /v2 infer, gRPC ModelInfer", flush=True)
             n16 = min(16 * p.requests_per_client, p.max_requests)
@@ -174,6 +225,14 @@ def run(
         else:
             report.notes.append("gRPC not measured: the app's gRPC address was not given (--app-grpc)")
         report.churn = scenarios.churn(url, p.churn_requests)
+        if smoke:  # the smoke fleet (models that declare their sizes) is in the app's registry
+            print("mixed-size fleet on the app", flush=True)
+            fleet = build_fleet(work / "fleet", smoke=True)
+            root = os.getpid() if app_url else app.proc.pid
+            report.sized = fleet_report(fleet, SMOKE_APP["worker"]["memory_bytes"], declared=True)
+            report.sized["app"] = scenarios.sized_trace(
+                url, fleet.ids, p.sized_requests, replica_pids(app_name or APP_NAME, root)
+            )
         cold = scenarios.cold(url, p.cold_repeats)
         report.cold["app_s"] = median(cold.latencies)
         report.cold["app"] = cold.summary()
@@ -181,9 +240,18 @@ def run(
             print("profile at 16 clients", flush=True)
             report.profile, report.generator["profile_load"] = profile_load(url)
 
-        if p.variants and not app_url:
+        if not smoke and not app_url:
+            # The fleet app's budgets from the replicas' measured baseline (the same code, the same machine), else
+            # from the one the registry check assumes (worker.baseline_bytes' default)
+            measured = [r["memory"]["baseline_bytes"] for r in scenarios.replica_reports(url)]
+            baseline = max((b for b in measured if b), default=640 * 1024 * 1024)
             app.stop()
             servers.remove(app)
+            report.sized = measure_fleet(work / "fleet", logs, baseline, p.sized_requests)
+        elif not smoke:
+            report.notes.append("mixed-size fleet not measured: it needs an app of its own (run without --app-url)")
+
+        if p.variants and not app_url:
             for name, kwargs in VARIANTS.items():
                 print(f"app variant: {name}", flush=True)
                 variant, vurl, _, startup = start_app(registry, logs, f"variant{len(report.variants)}", **kwargs)
@@ -210,6 +278,48 @@ def run(
     shutil.rmtree(work, ignore_errors=True)  # its models and logs: a finished run leaves nothing behind
     write_report(report, out, smoke)
     return report
+
+
+def app_threads(url: str, configured: int | None) -> dict:
+    """How the app's worker replicas run their models: how many (GET /models), their torch threads as configured
+    (``worker.torch_threads``; None where this run did not start the app), and the most threads one of their
+    forward passes has used (a lone request on an idle node takes the node's idle threads)."""
+    reports = scenarios.replica_reports(url)
+    most = max((r.get("counters", {}).get("most_threads", 0) for r in reports), default=0)
+    return {"replicas": len(reports), "torch_threads": configured, "most_threads": most}
+
+
+def fleet_report(fleet, memory_bytes: int | None, declared: bool) -> dict:
+    """The fleet as built: its sizes (``declared``: models that declare them, the smoke run's) and kinds, the budgets
+    that fit one large model and one small one (``window``: [low, high)), and the replicas' memory_bytes."""
+    low, high = fleet.budget_window()
+    return {
+        "sizes": fleet.sizes,
+        "kinds": fleet.kinds,
+        "window": [low, high],
+        "memory_bytes": memory_bytes,
+        "declared": declared,
+    }
+
+
+def measure_fleet(folder: Path, logs: Path, baseline: int, n: int) -> dict:
+    """``make bench``'s mixed-size fleet, built offline into ``folder``, on an app of its own whose worker replicas'
+    budgets fit one large model and one small one (``worker.memory_bytes``: the main app's measured baseline plus
+    the middle of the window), then on another such app with Ray's default router (``routing.policy:
+    ray_default``)."""
+    path, fleet = fleet_registry(folder)
+    memory = baseline + fleet.budget_target()
+    out = fleet_report(fleet, memory, declared=False)
+    warm = next(m for m in fleet.ids if fleet.kinds[m] == "small")
+    for name, routing in (("app", {}), ("ray-default", {"policy": "ray_default"})):
+        print(f"mixed-size fleet: {name}, worker.memory_bytes {memory}", flush=True)
+        worker = {"memory_bytes": memory, **({"routing": routing} if routing else {})}
+        app = start_app(path, logs, f"fleet-{name}", worker=worker, warm_model=warm)
+        try:
+            out[name] = scenarios.sized_trace(app.url, fleet.ids, n, replica_pids(APP_NAME, app.server.proc.pid))
+        finally:
+            app.server.stop()
+    return out
 
 
 def write_report(report: Report, out: Path, smoke: bool) -> None:
@@ -242,6 +352,9 @@ def main() -> None:
             for peer in data[scenario].values():
                 for workload, series in peer.items():
                     peer[workload] = {int(k): v for k, v in series.items()}
+        embeddings = data.get("tasks", {}).get("embeddings", {})
+        for peer, series in embeddings.items():
+            embeddings[peer] = {int(k): v for k, v in series.items()}
         write_report(Report(**data), args.out, smoke=False)
         return
     run(

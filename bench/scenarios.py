@@ -11,10 +11,12 @@ models, reading the app's load counts).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import statistics
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -114,15 +116,28 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+TEXTS = {
+    "ner": [
+        "Alice Smith flew from Paris to Berlin to meet the board of Acme Corp.",
+        "Bob Jones works for Globex in London.",
+        "Maria Garcia moved from Madrid to Toronto last spring.",
+        "The Initech office in Austin hired Peter Gibbons.",
+    ],
+}
+"""Texts of the models that need their own (entities to find), by model id; the others get ``TEXT``."""
+
+TEXT = [
+    "This movie was great!",
+    "Win a free iPhone now!",
+    "See you at lunch tomorrow.",
+    "The service was slow and the food was cold.",
+]
+
+
 def body_for(model_id: str, images: dict[str, str], i: int) -> dict:
     if model_id in images:
         return {"model_id": model_id, "input_data": images[model_id]}
-    texts = [
-        "This movie was great!",
-        "Win a free iPhone now!",
-        "See you at lunch tomorrow.",
-        "The service was slow and the food was cold.",
-    ]
+    texts = TEXTS.get(model_id, TEXT)
     return {"model_id": model_id, "input_data": texts[i % len(texts)]}
 
 
@@ -394,3 +409,247 @@ def cold(url: str, repeats: int, model: str = "sentiment") -> Run:
             raise RuntimeError(f"cold: the request for {model} failed: {part.first_error}")
         run.add_round(part)
     return run
+
+
+# -- the mixed-size fleet ----------------------------------------------------------------------------------------
+
+EVICTION_COUNTERS = (
+    "evicted_by_router",
+    "router_victim_not_lru",
+    "evicted_by_lru",
+    "evicted_for_memory",
+    "evicted_in_use",
+    "waited_for_memory",
+    "refused_over_budget",
+)
+"""The worker replicas' counters of evictions and memory waits (GET /models), summed, that a trace changes."""
+
+MEMORY_SLACK = 0.15
+"""The mixed-size target: no replica's resident memory above its budget plus its baseline, plus 15 %."""
+
+
+def replica_reports(url: str) -> list[dict]:
+    return httpx.get(f"{url}/models", timeout=60).json()["replicas"]
+
+
+def eviction_counters(reports: list[dict]) -> dict[str, int]:
+    return {k: sum(r.get("counters", {}).get(k, 0) for r in reports) for k in EVICTION_COUNTERS}
+
+
+class MemoryWatch:
+    """While a trace runs: each worker replica's own report of its memory (GET /models: replicas[].memory) every
+    ``every_s`` (its resident memory is up to a report period old), and the resident memory of the replicas'
+    processes (``pids``, where this run can see them: /proc VmRSS); at the end each process's peak resident
+    memory over its life (VmHWM), which no sample misses."""
+
+    def __init__(self, url: str, pids: list[int], every_s: float = 0.25) -> None:
+        self.url, self.pids, self.every_s = url, list(pids), every_s
+        self.replicas: dict[str, dict] = {}
+        self.rss: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _sample(self) -> None:
+        from bench.peers import process_memory
+
+        for r in replica_reports(self.url):
+            memory = r.get("memory") or {}
+            seen = self.replicas.setdefault(r["replica_id"], {"peak_resident_bytes": 0, "peak_used_bytes": 0})
+            seen["budget_bytes"], seen["baseline_bytes"] = memory.get("budget_bytes"), memory.get("baseline_bytes")
+            seen["peak_resident_bytes"] = max(seen["peak_resident_bytes"], memory.get("resident_bytes") or 0)
+            seen["peak_used_bytes"] = max(seen["peak_used_bytes"], memory.get("used_bytes") or 0)
+        for pid in self.pids:
+            self.rss[pid] = max(self.rss.get(pid, 0), process_memory(pid).get("VmRSS", 0))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with contextlib.suppress(httpx.HTTPError):
+                self._sample()
+
+    def __enter__(self) -> MemoryWatch:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def result(self) -> dict:
+        from bench.peers import process_memory
+
+        limits = [
+            r["budget_bytes"] + r["baseline_bytes"]
+            for r in self.replicas.values()
+            if r.get("budget_bytes") is not None and r.get("baseline_bytes") is not None
+        ]
+        limit = max(limits) if limits else None  # budget + baseline: the replica's memory_bytes, on every replica
+        processes = [
+            {"pid": pid, "peak_resident_bytes": process_memory(pid).get("VmHWM"), "sampled_resident_bytes": rss}
+            for pid, rss in self.rss.items()
+        ]
+        peaks = [r["peak_resident_bytes"] for r in self.replicas.values()]
+        peaks += [p["peak_resident_bytes"] or 0 for p in processes]
+        return {
+            "replicas": self.replicas,
+            "processes": processes,
+            "budget_plus_baseline_bytes": limit,
+            "limit_bytes": None if limit is None else int(limit * (1 + MEMORY_SLACK)),
+            "peak_bytes": max(peaks, default=None),
+        }
+
+
+def split_misses(
+    trace: list[int], models: list[str], latencies: list[float], loads: dict[str, int]
+) -> tuple[list[float], list[float], list[float]]:
+    """The latencies of a trace's hits and of its misses, sorted, and for each model requested both as a hit and
+    as a miss the gap between its fastest miss and its slowest hit. One client sent the trace, so the
+    latencies are in trace order; of each model's requests, the slowest, as many as the replicas loaded it, are
+    its misses (a load takes longer than a hit of the same model: the gaps show by how much)."""
+    if len(latencies) != len(trace):
+        raise ValueError(f"{len(latencies)} latencies for a trace of {len(trace)}")
+    by_model: dict[str, list[float]] = {}
+    for m, latency in zip(trace, latencies, strict=True):
+        by_model.setdefault(models[m], []).append(latency)
+    hits, misses, gaps = [], [], []
+    for model, values in by_model.items():
+        ordered = sorted(values)
+        k = max(0, len(ordered) - loads.get(model, 0))
+        hits += ordered[:k]
+        misses += ordered[k:]
+        if 0 < k < len(ordered):
+            gaps.append(ordered[k] - ordered[k - 1])
+    return sorted(hits), sorted(misses), gaps
+
+
+def unload_all(url: str, models: list[str]) -> dict[str, dict]:
+    """Unload the models from every replica, at once (a thread each), and return each one's entry as the
+    answer of its unload gives it: fresh, the ingress asking each replica directly (GET /models answers from a
+    snapshot up to about 1.5 s old), with its load count over the replicas and its measured size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def unload(model: str) -> dict:
+        r = httpx.post(f"{url}/models/{model}/unload", timeout=120)
+        r.raise_for_status()
+        return r.json()
+
+    with ThreadPoolExecutor(max(1, min(16, len(models)))) as pool:
+        return dict(zip(models, pool.map(unload, models), strict=True))
+
+
+def sized_trace(url: str, models: list[str], n: int, pids: list[int] = (), seed: int = 2) -> dict:
+    """A Zipf (s = 1) trace of `n` requests over the mixed-size fleet `models` (most requested first), sent in
+    trace order by one client after every model was unloaded (every slot and every byte free, as in the
+    simulation). Measured in the app: its hits and the bytes it loaded, from its replicas' own load counts and
+    measured sizes (fresh: the answers of unloads before and after the trace); their peak resident memory
+    (``MemoryWatch``, against each replica's budget and baseline); the latency of its misses
+    (``split_misses``). Simulated on the same trace, with the sizes the replicas measured: the router's policy
+    over the app's replicas and budgets, Ray's default router, and the global byte-LRU and GDSF peers with the
+    replicas' total bytes and count cap (``simulate.sized_peers``)."""
+    from bench.simulate import sized_peers
+
+    trace = zipf_trace(len(models), n, s=1.0, seed=seed)
+    every = [m["id"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"]]
+    before = unload_all(url, every)  # every slot and byte free; the load counts, fresh
+    counters_before = eviction_counters(replica_reports(url))
+    reqs = [
+        loadgen.Request(
+            "POST",
+            "/predict",
+            json.dumps({"model_id": models[m], "input_data": "hello world"}).encode(),
+            ("model_id", models[m]),
+        )
+        for m in trace
+    ]
+    with MemoryWatch(url, pids) as watch:
+        run = Run.of(loadgen.run_http(loadgen.Plan(url, [reqs])))
+    if run.errors or run.sent != n:
+        raise RuntimeError(f"mixed sizes: {run.sent} of {n} requests sent, {run.errors} failed: {run.first_error}")
+    reports = replica_reports(url)  # the replicas' counters, a report period old at most (not fresh)
+    after = unload_all(url, models)  # each model's fresh load count and measured size
+    sizes = {m: after[m].get("size_bytes") or 0 for m in models}
+    counters = eviction_counters(reports)
+    loads = {m: after[m]["load_count"] - before[m]["load_count"] for m in models}
+    misses = sum(loads.values())
+    requested = sum(sizes[models[m]] for m in trace)
+    loaded = sum(loads[m] * sizes[m] for m in models)
+    hit_lat, miss_lat, gaps = split_misses(trace, models, run.latencies, loads)
+    budgets = [r["memory"]["budget_bytes"] for r in reports]
+    slots = min((r.get("slots", 2) for r in reports), default=2)
+    simulated = None
+    if budgets and all(b is not None for b in budgets):
+        simulated = sized_peers(
+            trace, [sizes[m] for m in models], len(budgets), slots, min(budgets), total_bytes=sum(budgets)
+        )
+
+    def ms(values: list[float], q: float) -> float:
+        return 1000 * values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+    return {
+        "requests": n,
+        "models": models,
+        "sizes": sizes,
+        "distinct": len(set(trace)),
+        "budgets": budgets,
+        "baselines": [r["memory"]["baseline_bytes"] for r in reports],
+        "slots": slots,
+        "app": {
+            "hit_ratio": 1 - misses / n,
+            "hits": n - misses,
+            "loads": loads,
+            "misses": misses,
+            "loads_per_1000": 1000 * misses / n,
+            "requested_bytes": requested,
+            "loaded_bytes": loaded,
+            "byte_hit_ratio": 1 - loaded / requested if requested else float("nan"),
+            "bytes_per_1000": 1000 * loaded / n,
+            "sent": run.sent,
+            "n": len(run.latencies),
+            "errors": run.errors,
+            "generator": run.generator,
+            "cpu_ms_per_request": run.cpu_ms_per_request,
+            "p50_ms": run.pct(50) * 1000,
+            "p99_ms": run.pct(99) * 1000,
+            "miss_p50_ms": ms(miss_lat, 50),
+            "miss_p99_ms": ms(miss_lat, 99),
+            "hit_p50_ms": ms(hit_lat, 50),
+            "least_gap_ms": 1000 * min(gaps) if gaps else float("nan"),
+            "counters": {k: counters[k] - counters_before[k] for k in EVICTION_COUNTERS},
+        },
+        "memory": watch.result(),
+        "simulated": simulated,
+    }
+
+
+# -- tasks: embeddings and entities against their users' single-process servers -----------------------------------
+
+
+def tasks(
+    urls: dict[str, str],
+    clients: tuple[int, ...],
+    requests_per_client: int,
+    max_requests: int,
+    min_requests: int,
+    hot_n: int,
+    rounds: int = ROUNDS,
+) -> dict:
+    """The app against the single-process task peers (``bench/task_peer.py``), both running at once, by name in
+    ``urls`` ("peer", "app"): embeddings (``embed``) in a closed loop at each client count, each point in
+    ``rounds`` rounds that take the servers in turn (req/s: the median of the rounds'); token classification
+    (``ner``) on the hot path, one client, in ten alternating rounds (``hot_side_by_side``)."""
+    for url in urls.values():  # warm: the model on its replicas at the highest concurrency, connections
+        closed_loop(url, ["embed"], max(clients), 2 * max(clients))
+    embeddings: dict = {name: {} for name in urls}
+    turn = 0
+    for c in clients:
+        n = min(max(c * requests_per_client, min_requests), max_requests)
+        runs = {name: Run() for name in urls}
+        for _ in range(rounds):
+            for name in in_turn(urls, turn):
+                runs[name].add_round(closed_loop(urls[name], ["embed"], c, n, seed=c))
+            turn += 1
+        for name, run in runs.items():
+            embeddings[name][c] = run.summary()
+    ner = hot_side_by_side(urls, hot_n, model="ner")
+    return {"embeddings": embeddings, "ner": {name: run.summary() for name, run in ner.items()}}

@@ -31,8 +31,11 @@ from serve_app.core.tasks import TaskCatalog
 CAPACITY = 2
 
 REGISTRY = os.environ.get("SEED_REGISTRY", "config/models.json")
-# The bench's own models lie beside its registry; the app's model roots (models/) besides.
-catalog = TaskCatalog.load(model_roots=["models", str(resolve_project_path(REGISTRY).parent)])
+# The bench's own models lie beside its registry, besides the app's model roots (models/); the smoke fleet's
+# runtime module (bench.sized_runtime) is allowed as the bench registry names it.
+catalog = TaskCatalog.load(
+    runtime_modules=["bench.sized_runtime"], model_roots=["models", str(resolve_project_path(REGISTRY).parent)]
+)
 registry = Registry.from_file(REGISTRY, catalog)
 app = FastAPI(title="seed-style baseline")
 

@@ -45,6 +45,36 @@ def build_text_model(folder: Path, model_id: str, seed: int = 0, dense_size: int
     return folder
 
 
+ENTITY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+"""The tags of the tiny token classifiers (``build_token_model``)."""
+
+
+def build_token_model(folder: Path, model_id: str, seed: int = 0) -> Path:
+    """A tiny BERT token classifier (named-entity tags ``ENTITY_LABELS``), for token-classification: random
+    weights, so the entities it finds mean nothing, but the pipeline and the app answer them alike."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        id2label=dict(enumerate(ENTITY_LABELS)),
+        label2id={label: i for i, label in enumerate(ENTITY_LABELS)},
+    )
+    BertForTokenClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_image_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessorPil

@@ -1,6 +1,7 @@
 """A smoke run of the benchmark (seconds): every scenario runs against the app, the seed-style server and
-the in-process floor, the app over REST and gRPC, and the report is written, so that `make bench` does
-not rot. It runs the benchmark's own load generator (rawhttp: no apt package needed, so a broken generator
+the in-process floor, the app over REST and gRPC, the embedding and entity models against their
+single-process peers, the memory budget on a fleet of mixed sizes, and the report is written, so that `make
+bench` does not rot. It runs the benchmark's own load generator (rawhttp: no apt package needed, so a broken generator
 fails the suite everywhere); wrk, where installed, runs against the same app in a test of its own."""
 
 import math
@@ -12,8 +13,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def bench_app(deploy, tmp_path_factory):
-    """The app on the benchmark's smoke registry: (its URL, the registry)."""
-    from bench.peers import bench_registry
+    """The app on the benchmark's smoke registry, with what its mixed-size fleet needs (SMOKE_APP: the fleet's
+    runtime allowed, a memory budget): (its URL, the registry)."""
+    from bench.peers import SMOKE_APP, bench_registry
     from serve_app.core import ray_internals
 
     registry = bench_registry(tmp_path_factory.mktemp("bench") / "models", smoke=True)
@@ -23,7 +25,8 @@ def bench_app(deploy, tmp_path_factory):
             "registry_path": str(registry),
             "model_roots": [str(registry.parent)],
             "auth": {"mode": "off"},
-            "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1},
+            "runtime_modules": SMOKE_APP["runtime_modules"],
+            "worker": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, **SMOKE_APP["worker"]},
         },
     )
     yield url, registry
@@ -41,7 +44,23 @@ def assert_point(summary: dict, planned: int, generator: str, rounds: int, where
     assert math.isfinite(summary["rps"]) and summary["rps"] > 0, where
 
 
+def assert_sized_consistent(result: dict, n: int, total_bytes: int, copies: int, where: str) -> None:
+    """The simulated policies on one trace with sizes (simulate.sized_peers): ratios within [0, 1], no policy above
+    Belady's count-only optimum nor the compulsory misses' bound, the bytes loaded those of the misses, and the
+    global peers with the pool's bytes and count cap."""
+    bound, compulsory = result["Belady (count)"]["hit_ratio"], result["compulsory"]
+    assert 0 <= bound <= compulsory["hit_ratio"] <= 1, where
+    assert result["total"] == {"bytes": total_bytes, "copies": copies}, where
+    for policy in ("model-aware", "ray-default", "global byte-LRU", "global GDSF"):
+        v, at = result[policy], f"{where}: {policy}"
+        assert v["requests"] == n and 0 <= v["hit_ratio"] <= bound, at
+        assert 0 <= v["byte_hit_ratio"] <= compulsory["byte_hit_ratio"] <= 1, at
+        assert v["loaded_bytes"] == pytest.approx((1 - v["byte_hit_ratio"]) * v["requested_bytes"]), at
+        assert v["bytes_per_1000"] == pytest.approx(1000 * v["loaded_bytes"] / n), at
+
+
 def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
+    from bench.peers import SMOKE_FLEET_SIZES, SMOKE_MEMORY_BYTES
     from bench.run import SMOKE, run
     from bench.scenarios import ROUNDS, WORKLOADS, split
     from bench.simulate import zipf_trace
@@ -103,6 +122,51 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     for workload, hit in report.simulation["workloads"].items():  # the pool at scale, simulated
         assert hit["Belady"] >= hit["global LRU"] and 0 < hit["model-aware"] <= 1, workload
     assert report.spread, "a hot model's spread over the replicas, simulated"
+    sim = report.sized_simulation  # the same with sizes: every workload, every policy, consistent
+    assert set(sim["workloads"]) == set(report.simulation["workloads"])
+    for workload, result in sim["workloads"].items():
+        replicas = sim["replicas"]
+        assert_sized_consistent(result, p.sim_requests, replicas * sim["budget_bytes"], 2 * replicas, workload)
+
+    # embeddings and entities: the app and the single-process peer, side by side, every request answered
+    tasks = report.tasks
+    assert tasks["peer"]["torch_threads"] >= 1 and tasks["app"]["replicas"] == 2
+    for peer in ("peer", "app"):
+        assert sorted(tasks["embeddings"][peer]) == sorted(p.task_clients), peer
+        for c, s in tasks["embeddings"][peer].items():
+            planned = ROUNDS * min(max(c * p.requests_per_client, p.min_requests), p.max_requests)
+            assert_point(s, planned, "rawhttp", ROUNDS, f"embeddings {peer} {c}")
+        assert_point(tasks["ner"][peer], p.hot_requests, "rawhttp", 10, f"entities {peer}")
+
+    # the mixed-size fleet on the app: the trace answered; hits and bytes from the replicas' own counts and sizes
+    sized = report.sized
+    fleet = sized["app"]
+    a, n = fleet["app"], p.sized_requests
+    trace = zipf_trace(len(fleet["models"]), n, s=1.0, seed=2)
+    assert (a["sent"], a["n"], a["errors"]) == (n, n, 0) and a["generator"] == "rawhttp"
+    assert math.isfinite(a["cpu_ms_per_request"]) and a["cpu_ms_per_request"] > 0
+    requested = {fleet["models"][m] for m in trace}
+    assert {m: fleet["sizes"][m] for m in requested} == {m: SMOKE_FLEET_SIZES[sized["kinds"][m]] for m in requested}
+    assert a["misses"] == sum(a["loads"].values()) >= len(requested) and a["hits"] + a["misses"] == n
+    assert 0 <= a["hit_ratio"] <= 1 - len(requested) / n
+    assert a["loaded_bytes"] == sum(count * fleet["sizes"][m] for m, count in a["loads"].items())
+    assert a["requested_bytes"] == sum(fleet["sizes"][fleet["models"][m]] for m in trace)
+    assert 0 <= a["byte_hit_ratio"] <= 1 and a["bytes_per_1000"] == pytest.approx(1000 * a["loaded_bytes"] / n)
+    assert a["miss_p50_ms"] <= a["miss_p99_ms"] and a["p50_ms"] <= a["p99_ms"]
+    assert a["least_gap_ms"] >= 0  # each model's misses: its slowest requests, as many as its loads
+    assert a["counters"]["refused_over_budget"] == 0
+    # the budget: memory_bytes less each replica's own baseline; the processes found and their peak read
+    assert len(fleet["budgets"]) == 2
+    for budget, baseline in zip(fleet["budgets"], fleet["baselines"], strict=True):
+        assert budget == SMOKE_MEMORY_BYTES - baseline > 0
+    memory = fleet["memory"]
+    assert memory["budget_plus_baseline_bytes"] == SMOKE_MEMORY_BYTES
+    assert memory["limit_bytes"] == int(SMOKE_MEMORY_BYTES * 1.15)
+    assert len(memory["processes"]) == 2 and all(p_["peak_resident_bytes"] > 0 for p_ in memory["processes"])
+    for replica in memory["replicas"].values():  # the budget held: models never above it, as the replica counts
+        assert 0 < replica["peak_used_bytes"] <= replica["budget_bytes"]
+    assert memory["peak_bytes"] >= max(p_["peak_resident_bytes"] for p_ in memory["processes"])
+    assert_sized_consistent(fleet["simulated"], n, sum(fleet["budgets"]), 4, "the fleet's trace")
 
     md = (tmp_path / "out" / "benchmarks.md").read_text()
     for heading in (
@@ -111,6 +175,8 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
         "## 2. Throughput",
         "## gRPC and REST",
         "## Routing",
+        "## Memory: models of many sizes",
+        "## Tasks: embeddings and entities",
         "## Cold load",
         "## Load generator",
     ):
@@ -119,9 +185,10 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     assert f"Load generator: **{report.generator['http_description']}**" in md
     table = md.split("## Load generator")[1]
     rows = [line for line in table.splitlines() if "| rawhttp |" in line or "| grpc |" in line]
-    # one row per point: 2 hot, 2 routes, 2 peers x 3 workloads x the client counts, 3 protocols x 2, churn, cold
-    assert len(rows) == 2 + 2 + 2 * 3 * len(p.clients) + 6 + 2
-    for png in ("hot_path", "throughput", "churn", "simulation"):
+    # one row per point: 2 hot, 2 routes, 2 peers x 3 workloads x the client counts, 3 protocols x 2, 2 peers x
+    # the embeddings' client counts, 2 entities, churn, the fleet, cold
+    assert len(rows) == 2 + 2 + 2 * 3 * len(p.clients) + 6 + 2 * len(p.task_clients) + 2 + 3
+    for png in ("hot_path", "throughput", "churn", "simulation", "sized_simulation"):
         assert (tmp_path / "out" / "bench" / f"{png}.png").stat().st_size > 5000
 
 
