@@ -46,8 +46,11 @@ def serve_url() -> Iterator[str]:
     os.environ.update({"MMS_API_KEY": API_KEY, "MMS_ADMIN_KEY": ADMIN_KEY})
     # Logical CPUs, not cores: several small apps share the machine during the session. The environment
     # (config/serve.env, set by tests/conftest.py) reaches every Ray process from this one.
-    # The dashboard serves Serve's REST API, which `serve deploy` (and `make reload`) talk to.
+    # The dashboard serves Serve's REST API, which `serve deploy` (and `make reload`) talk to. A Ray of its own
+    # (address "local"): with no address, ray.init joins the cluster another user's `ray start` left on this
+    # machine, if there is one.
     ray.init(
+        address="local",
         num_cpus=8,
         include_dashboard=True,
         dashboard_port=DASHBOARD_PORT,

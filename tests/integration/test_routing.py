@@ -70,11 +70,16 @@ def _watch(url):
     return Background(lambda c, i: [len(r["models"]) for r in replicas(c, url)], threads=1)
 
 
+def _counts(client, url) -> dict[str, int]:
+    """Each replica's prediction requests since it started, as the replicas last reported them."""
+    return {r["replica_id"]: r["counters"]["requests"] for r in replicas(client, url)}
+
+
 def _requests(client, url) -> dict[str, int]:
     """Each replica's prediction requests since it started, once the reports have caught up."""
     from tests.helpers import settled
 
-    return dict(settled(lambda: tuple((r["replica_id"], r["counters"]["requests"]) for r in replicas(client, url))))
+    return dict(settled(lambda: tuple(sorted(_counts(client, url).items()))))
 
 
 def test_a_hot_model_gets_a_copy_on_the_other_replica_and_the_copy_goes_after_the_load(client, routing_url):
@@ -102,10 +107,6 @@ def test_a_hot_model_gets_a_copy_on_the_other_replica_and_the_copy_goes_after_th
         # (Wait for the whole outcome: a replica's report can fall between an eviction and the load after it.)
         assert wait_for(lambda: _one_alpha_and_all_four(_held(client, routing_url))), _held(client, routing_url)
     assert watcher.results and max(max(sample) for sample in watcher.results) <= 2
-
-
-def _counts(client, url) -> dict[str, int]:
-    return {r["replica_id"]: r["counters"]["requests"] for r in replicas(client, url)}
 
 
 def _one_alpha_and_all_four(held: list[frozenset[str]]) -> bool:
