@@ -128,21 +128,29 @@ def _loads(client, url, models) -> int:
 
 def test_memory_is_stable_over_many_load_unload_cycles(client, lru_url):
     """Three 25.6 MB models through two slots, round robin: every request loads one and evicts one. The worker
-    replica's RSS after 60 more cycles stays within 15 % of its RSS after 10, where keeping every evicted
-    model would add 1.5 GB; and only the two held models' weights are alive."""
+    replica's RSS after 60 more cycles stays within 15 % of its RSS after 12, where keeping every evicted
+    model would add 1.5 GB; and only the two held models' weights are alive. Each RSS is read once the
+    replica has freed every copy it evicted (frees run in threads, after the request that evicted)."""
     (pid,) = replica_pids("lru").values()
 
     def cycles(n: int, start: int) -> None:
         for i in range(start, start + n):
             _predict(client, lru_url, FAT[i % 3])
 
+    def freed(loads: int) -> bool:
+        """Whether a report that counts every load so far shows two copies alive: the evicted ones freed."""
+        listing = client.get(f"{lru_url}/models").json()  # models and replicas from the same reports
+        (replica,) = listing["replicas"]
+        done = sum(m["load_count"] for m in listing["models"] if m["id"] in FAT) - loads_before == loads
+        return done and replica["counters"]["live_models"] == 2 and replica["memory"]["lingering_bytes"] == 0
+
     loads_before = _loads(client, lru_url, FAT)
     cycles(12, 0)
-    after_10 = rss_bytes(pid)
+    assert wait_for(lambda: freed(12)), _counters(client, lru_url)  # every request of this test loaded
+    after_12 = rss_bytes(pid)
     cycles(60, 12)
-    after_70 = rss_bytes(pid)
-    ratio = after_70 / after_10
-    print(f"\nworker RSS after 10 cycles: {after_10 / 2**20:.1f} MiB, after 70: {after_70 / 2**20:.1f} MiB")
-    assert wait_for(lambda: _loads(client, lru_url, FAT) - loads_before == 72)  # every request of this test loaded
-    assert wait_for(lambda: _counters(client, lru_url)["live_models"] <= 2), _counters(client, lru_url)
+    assert wait_for(lambda: freed(72)), _counters(client, lru_url)
+    after_72 = rss_bytes(pid)
+    ratio = after_72 / after_12
+    print(f"\nworker RSS after 12 cycles: {after_12 / 2**20:.1f} MiB, after 72: {after_72 / 2**20:.1f} MiB")
     assert ratio <= 1.15

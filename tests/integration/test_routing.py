@@ -70,13 +70,38 @@ def _watch(url):
     return Background(lambda c, i: [len(r["models"]) for r in replicas(c, url)], threads=1)
 
 
+def _counts(client, url) -> dict[str, int]:
+    """Each replica's prediction requests since it started, as the replicas last reported them."""
+    return {r["replica_id"]: r["counters"]["requests"] for r in replicas(client, url)}
+
+
+def _requests(client, url) -> dict[str, int]:
+    """Each replica's prediction requests since it started, once the reports have caught up."""
+    from tests.helpers import settled
+
+    return dict(settled(lambda: tuple(sorted(_counts(client, url).items()))))
+
+
 def test_a_hot_model_gets_a_copy_on_the_other_replica_and_the_copy_goes_after_the_load(client, routing_url):
+    """The policy's choices, which Ray's default router does not make: a copy on the other replica once every
+    holder has spread_at (4) requests in flight, before the holder is full (max_ongoing_requests: 8); then,
+    the load gone, every request on the holder that served last, while the other copy ages."""
     _unload_everything(client, routing_url)
     with _watch(routing_url) as watcher:
-        _burst(routing_url, "alpha")  # 16 clients on one model: its holder gets busy, the other replica takes a copy
+        _predict(client, routing_url, "alpha")  # one holder, which every router knows of before the burst
+        assert wait_for(lambda: sorted(map(len, _held(client, routing_url))) == [0, 1]), _held(client, routing_url)
+        # 6 clients on alpha: up to 6 in flight on its holder, which takes 8 (Ray's router would never leave it)
+        _burst(routing_url, "alpha", concurrency=6)
         assert wait_for(lambda: _held(client, routing_url) == [frozenset({"alpha"})] * 2), _held(client, routing_url)
-        # The load stops. Three other models arrive one at a time: two take the free slots, and the third
-        # evicts one of the two alpha copies (a duplicate is worth half), not the only copy of anything.
+        # The load stops: one request at a time, each goes where alpha ran last (Ray's router picks at random).
+        before = _requests(client, routing_url)
+        for _ in range(20):
+            _predict(client, routing_url, "alpha")
+        assert wait_for(lambda: sum(_counts(client, routing_url).values()) == sum(before.values()) + 20)
+        after = _counts(client, routing_url)
+        assert sorted(after[r] - before[r] for r in before) == [0, 20], (before, after)
+        # Three other models arrive one at a time: two take the free slots, and the third evicts one of the
+        # two alpha copies (a duplicate is worth half), not the only copy of anything.
         for model_id in ["beta", "gamma", "delta"]:
             _predict(client, routing_url, model_id)
         # (Wait for the whole outcome: a replica's report can fall between an eviction and the load after it.)

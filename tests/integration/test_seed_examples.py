@@ -83,8 +83,15 @@ def test_models_shows_what_is_loaded(client, demo_url):
         return m["loaded"] and len(m["replicas"]) >= 1
 
     assert wait_for(spam_loaded)
-    replicas = client.get(f"{demo_url}/models").json()["replicas"]
-    assert len(replicas) >= 2 and all(len(r["models"]) <= 2 for r in replicas)
+    holders = client.get(f"{demo_url}/models/spam").json()["replicas"]
+    listing = client.get(f"{demo_url}/models").json()
+    assert sorted(r["replica_id"] for r in listing["replicas"] if "spam" in r["models"]) == sorted(holders)
+
+    def every_running_replica_listed() -> bool:  # Serve's count of running worker replicas
+        running = client.get(f"{demo_url}/readyz").json()["worker_replicas"]
+        return len(client.get(f"{demo_url}/models").json()["replicas"]) == running
+
+    assert wait_for(every_running_replica_listed)
 
 
 def test_unknown_model_is_a_404_listing_known_ids(client, demo_url):

@@ -95,15 +95,25 @@ def test_a_shape_that_disagrees_with_its_data_is_400(demo_url, client, shape, da
     assert client.post(f"{demo_url}/v2/models/sentiment/infer", json=body).status_code == 200
 
 
+def _states(v2, demo_url, client) -> tuple[dict, dict]:
+    """Each model's state in the repository index, and in GET /models as the protocol names it."""
+    protocol = {"loaded": "READY", "loading": "LOADING", "not_loaded": "UNAVAILABLE", "failed": "FAILED"}
+    index = {m["name"]: m["state"] for m in v2.get_model_repository_index()}
+    native = {m["id"]: protocol[m["state"]] for m in client.get(f"{demo_url}/models").json()["models"]}
+    return index, native
+
+
 def test_model_repository_extension(v2, demo_url, client):
-    index = {m["name"]: m for m in v2.get_model_repository_index()}
+    index, native = _states(v2, demo_url, client)
     assert set(index) == {"sentiment", "spam", "image", "embed", "ner", "image-embed"}
-    assert all(m["state"] in {"READY", "UNAVAILABLE", "LOADING", "FAILED"} for m in index.values())
+    assert index == native  # the index reports what the replicas report
 
     v2.load_model("spam")
     assert v2.is_model_ready("spam")
-    replicas = client.get(f"{demo_url}/models").json()["replicas"]
-    assert all(len(r["models"]) <= 2 for r in replicas)
+    holders = client.get(f"{demo_url}/models/spam").json()["replicas"]
+    assert holders and {r["replica_id"] for r in client.get(f"{demo_url}/models").json()["replicas"]} >= set(holders)
+    index, native = _states(v2, demo_url, client)
+    assert index["spam"] == "READY" and index == native
 
     v2.unload_model("spam")
     assert wait_for(lambda: not v2.is_model_ready("spam"))

@@ -85,6 +85,10 @@ def test_the_status_a_failed_request_is_recorded_with():
     assert status_of(RuntimeError("boom")) == 500
 
 
+NEVER = object()
+"""The outcome of a worker call that never answers."""
+
+
 class FakeResponse:
     def __init__(self, outcome):
         self._outcome = outcome
@@ -94,9 +98,8 @@ class FakeResponse:
         return self._run().__await__()
 
     async def _run(self):
-        if isinstance(self._outcome, float):  # a replica that takes this long
-            await asyncio.sleep(self._outcome)
-            return WorkerResult(outputs=CLASSIFICATION.encode([]))
+        if self._outcome is NEVER:  # a replica that does not answer (until the call is cancelled)
+            await asyncio.Event().wait()
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         return self._outcome
@@ -262,17 +265,17 @@ def test_an_application_error_from_the_worker_is_not_retried():
 
 
 def test_a_client_deadline_shorter_than_the_configured_timeout_applies():
-    p, worker, metrics = plane(5.0, timeout_s=30.0)
+    p, worker, metrics = plane(NEVER, timeout_s=30.0)
     with pytest.raises(RequestTimeout, match=r"within 0\.05s"):
         asyncio.run(p.infer("m", InferenceRequest(["hello"], timeout_s=0.05), api="v2"))
     assert worker.responses[0].cancelled and metrics.observed == [("m", "text-classification", "v2", 504)]
-    p, _, _ = plane(5.0, timeout_s=0.05)
+    p, _, _ = plane(NEVER, timeout_s=0.05)
     with pytest.raises(RequestTimeout, match=r"within 0\.05s"):  # a longer client deadline does not extend it
         asyncio.run(p.infer("m", InferenceRequest(["hello"], timeout_s=60.0), api="v2"))
 
 
 def test_a_request_over_the_timeout_is_504_and_its_work_on_the_replica_is_cancelled():
-    p, worker, metrics = plane(5.0, timeout_s=0.05)
+    p, worker, metrics = plane(NEVER, timeout_s=0.05)
     with pytest.raises(RequestTimeout, match=r"0\.05s"):
         asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
     assert worker.responses[0].cancelled
@@ -280,7 +283,7 @@ def test_a_request_over_the_timeout_is_504_and_its_work_on_the_replica_is_cancel
 
 
 def test_a_client_that_goes_away_is_recorded_as_499_and_its_work_is_cancelled():
-    p, worker, metrics = plane(5.0)
+    p, worker, metrics = plane(NEVER)
 
     async def leave():
         task = asyncio.ensure_future(p.infer("m", InferenceRequest(["hello"]), api="native"))

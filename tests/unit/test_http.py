@@ -1,59 +1,79 @@
-"""The HTTP layer on its own: the error mapping and the middleware, on a small FastAPI app (no Ray)."""
+"""The HTTP layer without Ray: the ingress's own FastAPI app (``api`` in deployments/ingress/deployment.py),
+its middleware, error handlers and routes as the ingress replica serves them, with the settings a replica
+sets at start and a stand-in for the replica behind the routes (its data plane answers as each test says).
+"""
 
+import contextlib
 import json
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from pydantic import BaseModel
 
-from deployments.ingress.http_errors import install_error_handlers
-from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
+from deployments.ingress.dataplane import merge_model_status
+from deployments.ingress.deployment import api
+from deployments.ingress.middleware import BodyLimitMiddleware
 from serve_app.core.config import Keys
 from serve_app.core.errors import BadImage, ModelNotFound, ModelUnavailable
+from serve_app.core.registry import ModelSpec
+from tests.helpers import inference_result
+
+SPEC = ModelSpec(id="ok", task="text-classification", source={"path": "models/ok"})
 
 
-class Body(BaseModel):
-    model_id: str
+class Plane:
+    """The data plane behind the routes: a model id says how it answers."""
 
+    def __init__(self) -> None:
+        self.inferred: list[str] = []
 
-def make_app(api_key: bytes | None = None, max_body_bytes: int = 100, admin_key: bytes | None = None) -> FastAPI:
-    app = FastAPI()
-    install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(AuthMiddleware)
-    app.state.keys, app.state.max_body_bytes = Keys(api=api_key, admin=admin_key), max_body_bytes
-
-    @app.post("/predict")
-    async def predict(body: Body) -> dict:
-        if body.model_id == "missing":
+    async def infer(self, model_id, request, api):
+        self.inferred.append(model_id)
+        if model_id == "missing":
             raise ModelNotFound("missing", ["a", "b"])
-        if body.model_id == "crash":
+        if model_id == "crash":
             raise RuntimeError("secret detail /srv/models")
-        return {"ok": body.model_id}
+        if model_id == "image":
+            raise BadImage("input_data[0]: not a readable image")
+        if model_id == "backoff":
+            raise ModelUnavailable("Model 'backoff' could not be loaded (not tried again for 3s)", retry_after_s=2.4)
+        if model_id != "ok":
+            raise ModelUnavailable(f"Model {model_id!r} could not be loaded", model_id=model_id)
+        return inference_result(SPEC, [[("ok-label", 1.0)]])
 
-    @app.post("/v2/models/{name}/infer")
-    async def infer(name: str) -> dict:
-        raise ModelUnavailable(f"Model {name!r} could not be loaded", model_id=name)
+    async def load(self, model_id):
+        return merge_model_status(SPEC, [])
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def unload(self, model_id):
+        return merge_model_status(SPEC, [])
 
-    @app.get("/image")
-    async def image() -> dict:
-        raise BadImage("input_data[0]: not a readable image")
 
-    return app
+@contextlib.contextmanager
+def ingress_api(
+    api_key: bytes | None = None, admin_key: bytes | None = None, max_body_bytes: int = 100
+) -> Iterator[tuple[TestClient, Plane]]:
+    """A client of the ingress's ``api`` as a replica serves it (``Ingress.__init__`` sets the keys and the body
+    limit on ``api.state``; Serve hands each route its replica), and the data plane behind it."""
+    plane = Plane()
+    replica = SimpleNamespace(max_items=8, plane=plane, replica_id="ingress-test")
+    with pytest.MonkeyPatch.context() as mp:
+        from ray import serve
+
+        mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=replica))
+        mp.setattr(api.state, "keys", Keys(api=api_key, admin=admin_key), raising=False)
+        mp.setattr(api.state, "max_body_bytes", max_body_bytes, raising=False)
+        yield TestClient(api, raise_server_exceptions=False), plane
 
 
 @pytest.fixture
-def client() -> TestClient:
-    return TestClient(make_app(), raise_server_exceptions=False)
+def client() -> Iterator[TestClient]:
+    with ingress_api() as (c, _):
+        yield c
 
 
 def test_application_errors_map_to_their_status_and_body(client):
-    r = client.post("/predict", json={"model_id": "missing"})
+    r = client.post("/predict", json={"model_id": "missing", "input_data": "x"})
     assert r.status_code == 404
     assert r.json() == {
         "error": "model_not_found",
@@ -61,11 +81,13 @@ def test_application_errors_map_to_their_status_and_body(client):
         "model_id": "missing",
         "known_models": ["a", "b"],
     }
-    assert client.get("/image").json()["error"] == "bad_image" and client.get("/image").status_code == 400
+    r = client.post("/predict", json={"model_id": "image", "input_data": "x"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_image"
 
 
 def test_under_v2_errors_have_the_protocol_shape(client):
-    r = client.post("/v2/models/m/infer")
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    r = client.post("/v2/models/m/infer", json=body)
     assert r.status_code == 503 and r.json() == {"error": "Model 'm' could not be loaded"}
 
 
@@ -78,7 +100,7 @@ def test_body_validation_names_each_field(client):
 
 
 def test_an_unexpected_error_is_a_500_without_its_details(client):
-    r = client.post("/predict", json={"model_id": "crash"})
+    r = client.post("/predict", json={"model_id": "crash", "input_data": "x"})
     assert r.status_code == 500
     assert r.json() == {"error": "internal_error", "message": "internal error (RuntimeError)"}
 
@@ -88,73 +110,75 @@ def test_unknown_routes_and_methods_keep_the_shape(client):
     assert client.get("/predict").json()["error"] == "method_not_allowed"
 
 
-def test_a_body_over_the_limit_is_413_by_its_length_or_as_it_streams():
-    client = TestClient(make_app(max_body_bytes=100))
-    r = client.post("/predict", content=b"x" * 101, headers={"content-type": "application/json"})
-    assert r.status_code == 413
-    assert r.json() == {
-        "error": "payload_too_large",
-        "message": "the request body is larger than 100 bytes",
-        "limit": 100,
-    }
-    chunked = client.post(
-        "/predict", content=iter([b"x" * 60, b"x" * 60]), headers={"content-type": "application/json"}
-    )
-    assert chunked.status_code == 413 and chunked.json()["limit"] == 100
-    assert client.post("/predict", json={"model_id": "ok"}).status_code == 200
+def test_a_body_over_the_limit_is_413_by_its_length_or_as_it_streams_before_any_route_reads_it():
+    with ingress_api(max_body_bytes=100) as (client, plane):
+        r = client.post("/predict", content=b"x" * 101, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert r.json() == {
+            "error": "payload_too_large",
+            "message": "the request body is larger than 100 bytes",
+            "limit": 100,
+        }
+        for path in ("/predict", "/v2/models/ok/infer"):  # no Content-Length: counted as it streams in
+            chunked = client.post(
+                path, content=iter([b"x" * 60, b"x" * 60]), headers={"content-type": "application/json"}
+            )
+            assert chunked.status_code == 413, path
+        assert chunked.json() == {"error": "the request body is larger than 100 bytes"}  # the v2 shape
+        assert plane.inferred == []
+        assert client.post("/predict", json={"model_id": "ok", "input_data": "x"}).status_code == 200
 
 
 def test_the_api_key_guards_every_route_but_health():
-    client = TestClient(make_app(api_key=b"s3cret", admin_key=b"admin-s3cret"))
-    r = client.post("/predict", json={"model_id": "ok"})
-    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-    assert r.json()["error"] == "unauthorized"
-    assert client.post("/v2/models/m/infer").json() == {
-        "error": "missing or wrong API key: send 'Authorization: Bearer <key>'"
-    }
-    assert (
-        client.post("/predict", json={"model_id": "ok"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    )
-    assert (
-        client.post("/predict", json={"model_id": "ok"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    )
-    assert (
-        client.post("/predict", json={"model_id": "ok"}, headers={"Authorization": "bearer s3cret"}).status_code == 200
-    )
-    assert client.get("/healthz").status_code == 200
+    with ingress_api(api_key=b"s3cret", admin_key=b"admin-s3cret") as (client, plane):
+        r = client.post("/predict", json={"model_id": "ok", "input_data": "x"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"] == "unauthorized"
+        assert client.post("/v2/models/m/infer").json() == {
+            "error": "missing or wrong API key: send 'Authorization: Bearer <key>'"
+        }
+        for path in ("/models", "/docs", "/openapi.json", "/v2"):
+            assert client.get(path).status_code == 401, path
+        body = {"model_id": "ok", "input_data": "x"}
+        assert client.post("/predict", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert plane.inferred == []
+        assert client.post("/predict", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.post("/predict", json=body, headers={"Authorization": "bearer s3cret"}).status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/v2/health/live").status_code == 200
+
+
+def test_the_key_is_checked_before_the_body_limit():
+    """An unauthenticated caller learns nothing of the app, its limits included: auth runs first."""
+    with ingress_api(api_key=b"s3cret", admin_key=b"admin-s3cret", max_body_bytes=100) as (client, _):
+        r = client.post("/predict", content=b"x" * 101, headers={"content-type": "application/json"})
+        assert r.status_code == 401
 
 
 def test_load_and_unload_need_the_admin_key_which_also_opens_every_other_route():
-    app = make_app(api_key=b"s3cret", admin_key=b"admin-s3cret")
-
-    @app.post("/models/{model_id}/load")
-    @app.post("/v2/repository/models/{model_id}/unload")
-    async def admin(model_id: str) -> dict:
-        return {"done": model_id}
-
-    client = TestClient(app)
-    user, admin_key = {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer admin-s3cret"}
-    for path in ["/models/m/load", "/v2/repository/models/m/unload"]:
-        r = client.post(path, headers=user)
-        assert r.status_code == 403, path
-        body = r.json()
-        if path.startswith("/v2"):  # the Open Inference Protocol's error shape
-            assert set(body) == {"error"} and "needs the admin key" in body["error"]
-        else:
-            assert body["error"] == "admin_key_required" and "needs the admin key" in body["message"]
-        assert client.post(path).status_code == 401
-        assert client.post(path, headers=admin_key).json() == {"done": "m"}
-    assert client.post("/predict", json={"model_id": "ok"}, headers=admin_key).status_code == 200
+    with ingress_api(api_key=b"s3cret", admin_key=b"admin-s3cret") as (client, _):
+        user, admin_key = {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer admin-s3cret"}
+        for path in ["/models/ok/load", "/models/ok/unload", "/v2/repository/models/ok/unload"]:
+            r = client.post(path, headers=user)
+            assert r.status_code == 403, path
+            body = r.json()
+            if path.startswith("/v2"):  # the Open Inference Protocol's error shape
+                assert set(body) == {"error"} and "needs the admin key" in body["error"]
+            else:
+                assert body["error"] == "admin_key_required" and "needs the admin key" in body["message"]
+            assert client.post(path).status_code == 401
+            assert client.post(path, headers=admin_key).status_code == 200, path
+        assert client.post("/models/ok/load", headers=admin_key).json()["id"] == "ok"
+        body = {"model_id": "ok", "input_data": "x"}
+        assert client.post("/predict", json=body, headers=admin_key).status_code == 200
 
 
-def test_with_auth_off_every_route_is_open():
-    client = TestClient(make_app())
-    assert client.post("/predict", json={"model_id": "ok"}).status_code == 200
+def test_with_auth_off_every_route_is_open(client):
+    assert client.post("/predict", json={"model_id": "ok", "input_data": "x"}).status_code == 200
+    assert client.post("/models/ok/load").status_code == 200
 
 
 def test_a_body_not_received_within_its_deadline_is_408_and_the_connection_closes():
     import asyncio
-    from types import SimpleNamespace
 
     async def read_body(scope, receive, send):  # the routes read the body to its end
         while (await receive()).get("more_body"):
@@ -183,15 +207,8 @@ def test_a_body_not_received_within_its_deadline_is_408_and_the_connection_close
     assert sent == []
 
 
-def test_a_model_in_its_back_off_is_503_with_retry_after():
-    app = FastAPI()
-    install_error_handlers(app)
-
-    @app.get("/m")
-    async def m() -> dict:
-        raise ModelUnavailable("Model 'm' could not be loaded (not tried again for 3s)", retry_after_s=2.4)
-
-    r = TestClient(app).get("/m")
+def test_a_model_in_its_back_off_is_503_with_retry_after(client):
+    r = client.post("/predict", json={"model_id": "backoff", "input_data": "x"})
     assert r.status_code == 503 and r.headers["retry-after"] == "3" and r.json()["retry_after_s"] == 2.4
 
 

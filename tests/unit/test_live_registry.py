@@ -126,8 +126,9 @@ def test_a_waiter_wakes_at_the_next_change_or_gives_up():
     live.apply(config(entry("a")))
 
     async def scenario():
-        waiter = asyncio.ensure_future(live.wait_for_change(5))
-        await asyncio.sleep(0.01)
+        waiter = asyncio.ensure_future(live.wait_for_change(30))
+        await asyncio.sleep(0)  # one step of the loop: the waiter waits for the next change now
+        assert not waiter.done()
         live.apply(config(entry("b")))
         woke = await waiter
         return woke, await live.wait_for_change(0.01)

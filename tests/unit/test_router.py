@@ -1,12 +1,19 @@
 """The model workers' router (deployments/routing/router.py) between the replicas' reports: what it has
-just sent and carried counts before the replicas' pushed model ids show it."""
+just sent and carried counts before the replicas' pushed model ids show it.
+
+Every ranking goes through the router's public ``choose_replicas``, as Serve asks it; the tests at the end
+run requests through Serve's own routing loop (``RequestRouter``'s, unpatched: its queue probes, its
+back-off and its FIFO matching), on replicas that answer its probes, as a full pool at saturation does."""
 
 import asyncio
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
+from ray.serve.request_router import PendingRequest
 
 from deployments.routing.router import OWN_REPLICA_WAIT_S, ModelAwareRouter
 from serve_app.core.config import RoutingArgs
@@ -43,18 +50,46 @@ def router():
     return r
 
 
+def routing_context():
+    """A new PendingRequest's routing context (Serve's, where its router records its attempts)."""
+    (field,) = [f for f in dataclasses.fields(PendingRequest) if f.name == "routing_context"]
+    return field.default_factory()
+
+
 def request(model_id: str, method: str = "__call__", **kwargs) -> SimpleNamespace:
     """What the router reads of a PendingRequest: the method called, its model id, its keyword arguments,
-    when it reached the router (now)."""
+    when it reached the router (now), and the routing context it tells Serve to back off in."""
     return SimpleNamespace(
         kwargs=kwargs,
         metadata=SimpleNamespace(call_method=method, multiplexed_model_id=model_id),
         created_at=time.time(),
+        routing_context=routing_context(),
     )
 
 
+class Failures(logging.Handler):
+    """The errors the router logs (its fallback when ranking fails) while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def routed(router, replicas, pending) -> list[str]:
-    return [group[0].name for group in router._ranked(replicas, pending)]
+    """The replicas ``choose_replicas`` ranks for the request, one per group, best first (its ranking, not
+    the fallback to every candidate that a failure takes)."""
+    failures = Failures()
+    logging.getLogger("ray.serve").addHandler(failures)
+    try:
+        groups = asyncio.run(router.choose_replicas(replicas, pending))
+    finally:
+        logging.getLogger("ray.serve").removeHandler(failures)
+    assert not failures.records, [r.getMessage() for r in failures.records]
+    assert all(len(group) == 1 for group in groups), groups
+    return [group[0].name for group in groups]
 
 
 def test_the_routing_knobs_of_the_config_are_the_routers_arguments():
@@ -104,8 +139,10 @@ def test_a_hit_goes_to_the_holder_with_fewer_requests_sent_and_not_completed(rou
 
 @pytest.fixture
 def send(router, monkeypatch):
-    """Serve's sending of a request, after the ranking: the base router hands the replica it chose to
-    ``_choose_replica_for_request``, then Serve counts the send (``on_send_request``)."""
+    """Serve's sending of a request to a replica the test names, for the router's bookkeeping: the base
+    router hands that replica to ``_choose_replica_for_request`` (whatever the ranking: the tests through
+    Serve's own loop are at the end), then Serve counts the send (``on_send_request``). ``send.many`` sends
+    several in one event loop."""
     from ray.serve.request_router import RequestRouter
 
     chosen = {}
@@ -115,13 +152,21 @@ def send(router, monkeypatch):
 
     monkeypatch.setattr(RequestRouter, "_choose_replica_for_request", base_choice)
 
-    def sent(replica, model_id: str, request_id: str) -> None:
+    async def one(replica, model_id: str, request_id: str) -> None:
         chosen["replica"] = replica
         pending = request(model_id)
         pending.metadata.internal_request_id = request_id
-        assert asyncio.run(router._choose_replica_for_request(pending)) is replica
+        assert await router._choose_replica_for_request(pending) is replica
         router.on_send_request(replica.replica_id)
 
+    async def many(sends) -> None:
+        for args in sends:
+            await one(*args)
+
+    def sent(replica, model_id: str, request_id: str) -> None:
+        asyncio.run(one(replica, model_id, request_id))
+
+    sent.many = lambda sends: asyncio.run(many(sends))
     return sent
 
 
@@ -209,14 +254,20 @@ async def _ready(value):
 
 
 @pytest.fixture
-def routing_set(router, monkeypatch):
+def clock(monkeypatch):
+    """The router's clock, which the test moves (Serve's own keeps the real time)."""
+    from deployments.routing import router as module
+
+    now = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: now.now))
+    return now
+
+
+@pytest.fixture
+def routing_set(router, clock, monkeypatch):
     """Serve's updates of the routing set, on the fake replicas, and a clock the test moves."""
     from ray.serve.request_router import RequestRouter
 
-    from deployments.routing import router as module
-
-    clock = SimpleNamespace(now=1000.0)
-    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: clock.now))
     monkeypatch.setattr(
         RequestRouter,
         "update_replicas",
@@ -371,3 +422,206 @@ def test_a_request_alone_on_an_idle_node_may_use_the_threads_of_its_replicas(rou
     assert threads(a, b, far) == 3
     router.update_replicas([a, far])  # a alone on its node: no idle neighbour
     assert threads(a, far) is None
+
+
+# -- choose_replicas, Serve's entry point ---------------------------------------------------------------
+
+
+def test_every_answer_asks_serve_to_back_off_since_its_groups_cover_every_candidate(router):
+    a, b = FakeReplica("a", {"m"}), FakeReplica("b")
+    for pending in (request("m"), request("new")):  # a hit, a miss
+        assert asyncio.run(router.choose_replicas([a, b], pending))
+        assert pending.routing_context.should_backoff is True
+
+
+def test_a_ranking_that_fails_falls_back_to_every_candidate_instead_of_hanging_the_request(router):
+    """An exception out of choose_replicas would hang the request in Serve's routing loop: a replica whose
+    report the router cannot read makes the ranking fail, and every candidate comes back, in one group."""
+    a, b = FakeReplica("a", {"m"}, {"models": {"m": {"state": "no such state"}}}), FakeReplica("b")
+    failures = Failures()
+    logging.getLogger("ray.serve").addHandler(failures)
+    pending = request("m")
+    try:
+        groups = asyncio.run(router.choose_replicas([a, b], pending))
+    finally:
+        logging.getLogger("ray.serve").removeHandler(failures)
+    assert groups == [[a, b]] and pending.routing_context.should_backoff is True
+    assert [r.getMessage() for r in failures.records] == ["model-aware routing failed; routing to any replica"]
+
+
+def test_its_bookkeeping_of_requests_sent_stays_bounded_to_the_replicas_that_run(router, send, routing_set):
+    """Requests sent to replicas that are gone (and never completed there) are forgotten once the router's
+    records pass 4096 entries; what it knows of the replicas that run stays."""
+    a = FakeReplica("a", {"m"})
+    router.update_replicas([a])
+    send(a, "m", "on-a")  # running on a
+    # each on a replica that left the routing set since, and never completed
+    send.many((FakeReplica(f"gone-{i}", {"m"}), "m", f"gone-{i}") for i in range(4096))
+    # Pruned as the last one was recorded (Serve counts its send just after)
+    assert len(router._running) == 1 and set(router._last_used) == {("a", "m")} and len(router._sent) == 2
+    assert router._view(a, routing_set.now).copy_of("m").in_flight == 1 and router._sent["a"] == 1  # a's counts
+    router.on_request_completed(a.replica_id, "on-a")
+    assert router._running == {} and router._sent["a"] == 0
+
+
+# -- through Serve's routing loop ------------------------------------------------------------------------
+
+
+@dataclass
+class ServedReplica(FakeReplica):
+    """A replica as Serve's routing loop sees it too: what it answers its queue probes (``queue``, the
+    requests it runs), and how many it takes at once."""
+
+    max_ongoing_requests: int = 2
+    queue: int = 0
+    probes: int = 0
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        self.probes += 1
+        return self.queue
+
+
+class Serve:
+    """Serve's side of the router, unpatched: requests go through ``RequestRouter``'s routing loop (its
+    queue probes and back-off, one routing task at a time), and each request the loop places is sent as
+    Serve sends it: counted on the replica (its queue) and by the router (``on_send_request``)."""
+
+    def __init__(self, router, replicas: list[ServedReplica]) -> None:
+        self.router, self.replicas = router, replicas
+        router.max_num_routing_tasks_cap = 1  # one request placed at a time: no two probe the same free slot
+        router.update_replicas(replicas)
+        self.ids = iter(range(1_000_000))
+
+    def submit(self, model_id: str, created_at: float | None = None) -> asyncio.Task:
+        """A request for ``model_id``, sent once the loop has placed it; the task's result is its replica."""
+        n = next(self.ids)
+        metadata = SimpleNamespace(  # what Serve reads of a request's metadata
+            request_id=f"r{n}", internal_request_id=f"r{n}", call_method="predict", multiplexed_model_id=model_id
+        )
+        pending = PendingRequest(args=[], kwargs={}, metadata=metadata)
+        if created_at is not None:
+            pending.created_at = created_at
+
+        async def send() -> tuple[ServedReplica, str]:
+            replica = await self.router._choose_replica_for_request(pending)
+            replica.queue += 1  # Serve sends it: the replica runs it, the router counts it
+            self.router.on_send_request(replica.replica_id)
+            return replica, metadata.internal_request_id
+
+        return asyncio.ensure_future(send())
+
+    async def place(self, model_id: str) -> tuple[ServedReplica, str]:
+        return await asyncio.wait_for(self.submit(model_id), 30)
+
+    def complete(self, replica: ServedReplica, request_id: str) -> None:
+        replica.queue -= 1
+        self.router.on_request_completed(replica.replica_id, request_id)
+
+    async def probed(self, replica: ServedReplica, times: int) -> None:
+        """Until Serve's loop has probed ``replica`` ``times`` more times: it has tried and backed off again."""
+        target = replica.probes + times
+        await until(lambda: replica.probes >= target)
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    """Wait, stepping the event loop, until ``condition()`` holds (a TimeoutError fails the test instead of
+    hanging it)."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+async def saturated(router) -> tuple[Serve, ServedReplica, ServedReplica, list[tuple[ServedReplica, str]]]:
+    """Two replicas that hold m and n, placed through Serve's loop: a runs two requests for m, b two for n.
+    Every replica has max_ongoing_requests (2) in flight."""
+    a, b = ServedReplica("a", {"m", "n"}), ServedReplica("b", {"m", "n"})
+    serve = Serve(router, [a, b])
+    running = [await serve.place(model) for model in ("m", "n", "m", "n")]
+    return serve, a, b, running
+
+
+def test_at_saturation_a_request_waits_for_its_models_replica_up_to_the_bound_and_none_is_dropped(clock):
+    """Every replica is full. Three requests for m wait in Serve's loop for a, which runs m, and not for b,
+    which runs n, though b frees first: while they have waited less than OWN_REPLICA_WAIT_S, b is not even
+    probed. The first goes to a when a slot frees there; once the others have waited OWN_REPLICA_WAIT_S, b
+    follows a in their ranking, and they go to b. Each of the three is placed, once. (The router the builder
+    configures by default.)"""
+    router = built_router()
+
+    async def scenario():
+        serve, a, b, running = await saturated(router)
+        assert [(r.name, r.queue) for r in (a, b)] == [("a", 2), ("b", 2)]
+        assert [replica.name for replica, _ in running] == ["a", "b", "a", "b"]
+        waiting = [serve.submit("m", created_at=clock.now) for _ in range(3)]
+        await serve.probed(a, 2)  # tried a, which is full, and tried again
+        for replica, request_id in running:
+            if replica is b:
+                serve.complete(replica, request_id)  # b is free now
+        b_probes = b.probes
+        await serve.probed(a, 3)
+        assert not any(w.done() for w in waiting) and b.probes == b_probes  # they wait for a, not for b
+        serve.complete(*running[0])  # a slot frees on a
+        first = await asyncio.wait_for(waiting[0], 30)
+        assert first[0] is a and not any(w.done() for w in waiting[1:])  # a is full again
+        await serve.probed(a, 2)
+        clock.now += OWN_REPLICA_WAIT_S  # the other two have waited the bound
+        rest = await asyncio.wait_for(asyncio.gather(*waiting[1:]), 30)
+        return [first[0].name] + [replica.name for replica, _ in rest]
+
+    assert asyncio.run(scenario()) == ["a", "b", "b"]
+
+
+def built_router(**routing) -> ModelAwareRouter:
+    """The worker deployment's router as Serve makes it from the app the builder binds with these
+    ``worker.routing`` args: its class and keyword arguments, from the deployment's request-router config."""
+    import importlib
+
+    from serve_app.app import build_app
+    from serve_app.core.config import AppArgs
+
+    ingress = build_app(AppArgs(auth={"mode": "off"}, worker={"routing": routing}))._bound_deployment
+    (worker,) = [
+        a._bound_deployment
+        for a in ingress.init_args
+        if hasattr(a, "_bound_deployment") and a._bound_deployment.name == "ModelWorker"
+    ]
+    config = worker._deployment_config.request_router_config
+    module, _, name = config.request_router_class.partition(":")
+    r = getattr(importlib.import_module(module), name)(
+        SimpleNamespace(name="ModelWorker", app_name="built"), handle_source=SimpleNamespace(value="test")
+    )
+    r.initialize_state(**config.request_router_kwargs)
+    return r
+
+
+def test_with_ray_default_a_request_at_saturation_takes_the_first_free_holder_whatever_it_runs(clock):
+    """The comparison (worker.routing.policy: ray_default, Ray Serve's own multiplexed routing, in the router
+    the builder configures, through the same loop): the request for m goes to b as soon as b frees, beside
+    n's requests."""
+    router = built_router(policy="ray_default")
+
+    async def scenario():
+        serve, a, b, running = await saturated(router)
+        waiting = serve.submit("m", created_at=clock.now)
+        await serve.probed(a, 2)
+        assert not waiting.done()
+        for replica, request_id in running:
+            if replica is b:
+                serve.complete(replica, request_id)
+        return (await asyncio.wait_for(waiting, 30))[0].name
+
+    assert asyncio.run(scenario()) == "b"
+
+
+def test_a_request_whose_ranking_fails_is_still_placed(router, clock):
+    """Serve's loop with a replica whose report the router cannot read: the request gets a replica."""
+
+    async def scenario():
+        a = ServedReplica("a", {"m"}, {"models": {"m": {"state": "no such state"}}})
+        serve = Serve(router, [a, ServedReplica("b")])
+        return (await serve.place("m"))[0]
+
+    assert asyncio.run(scenario()).name in {"a", "b"}

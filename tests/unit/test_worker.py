@@ -62,11 +62,12 @@ class Owner:
     hands out ``copy`` (or the next of ``handed``) after ``load_s``."""
 
     def __init__(self, copy: ModelCopy, load_s: float = 0.05) -> None:
-        self.copy, self.load_s, self.loads, self.handed = copy, load_s, [], []
+        self.copy, self.load_s, self.loads, self.loaded, self.handed = copy, load_s, [], [], []
 
     async def get_model(self, model_id):
-        self.loads.append(model_id)
+        self.loads.append(model_id)  # begun
         await asyncio.sleep(self.load_s)
+        self.loaded.append(model_id)  # finished
         return self.handed.pop(0) if self.handed else self.copy
 
 
@@ -101,14 +102,16 @@ def test_a_cancelled_request_does_not_cancel_its_load_and_lets_the_model_go():
 
     async def scenario():
         request = asyncio.ensure_future(c.acquire("m"))
-        await asyncio.sleep(0.01)  # the load is under way
+        await until(lambda: owner.loads)  # the load is under way
+        assert not request.done()
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
-        await until(lambda: owner.copy.in_use == 0 and owner.loads)  # the load finishes after its request left
+        await until(lambda: owner.loaded)  # the load finishes after its request left...
+        await until(lambda: owner.copy.in_use == 0)  # ...and lets the model go
 
     asyncio.run(scenario())
-    assert owner.loads == ["m"] and owner.copy.loaded  # held by the load, then let go for the request that left
+    assert owner.loads == owner.loaded == ["m"] and owner.copy.loaded  # held by the load, let go for no request
 
 
 def test_an_acquired_model_is_held_until_released():
