@@ -415,7 +415,10 @@ def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
 
     from deployments.runtimes import runtime_for
 
-    torch.set_num_threads(1)  # as a worker replica runs it
+    # As a worker replica runs a lone request on an idle node (the router's RouteHint.threads, capped at the
+    # machine's cores in deployments/worker/batching.py): the app's 2 worker replicas' shares of 1 thread each.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(min(2, cores))
     spec = read_bench_registry(registry).get("sentiment")
     runtime = runtime_for(spec, device="cpu")
     t0 = time.perf_counter()

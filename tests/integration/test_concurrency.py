@@ -66,13 +66,19 @@ RETRIED = "worker replica died during a predict of"
 """What the ingress logs each time it runs a request again because its worker replica died under it
 (deployments/ingress/dataplane.py)."""
 
+UNAVAILABLE = "Replica(id='{}', deployment='ModelWorker', app='{}') is temporarily unavailable"
+"""What Serve's own router logs in the ingress when it sends a request again, elsewhere, because the replica it
+chose cannot be reached (Ray raised ActorUnavailableError before the death was known)."""
 
-def _retries(app: str) -> int:
-    """The requests the app's ingress replicas have run again after a worker replica died, from their logs."""
+
+def _retries(app: str, victim_id: str) -> int:
+    """The requests the app's ingress replicas have run again after worker replica ``victim_id`` died, from their
+    logs: by the data plane's retry, or by Serve's router before it knew the replica dead."""
     from serve_app.core import ray_internals
 
     logs = (ray_internals.logs_dir() / "serve").glob(f"replica_{app}_Ingress_*.log")
-    return sum(path.read_text(errors="replace").count(RETRIED) for path in logs)
+    texts = [path.read_text(errors="replace") for path in logs]
+    return sum(t.count(RETRIED) + t.count(UNAVAILABLE.format(victim_id, app)) for t in texts)
 
 
 def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answered(mixed_url):
@@ -84,7 +90,8 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
 
     before = replica_pids("mixed")
     assert len(before) == 2
-    retried = _retries("mixed")
+    victim_id, victim_pid = sorted(before.items())[0]
+    retried = _retries("mixed", victim_id)
 
     def one(c: httpx.Client, i: int):
         model_id = MODELS[i]  # thread i asks for the i-th text model
@@ -93,7 +100,6 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
 
     with Background(one, threads=4) as traffic:
         traffic.wait_until(40)  # traffic flows on both replicas
-        victim_id, victim_pid = sorted(before.items())[0]
         os.kill(victim_pid, signal.SIGKILL)  # a replica process this test session's Ray started
         assert wait_for(lambda: len(replica_pids("mixed")) == 2 and victim_id not in replica_pids("mixed"))
         served_when_replaced = len(traffic.results)
@@ -105,4 +111,4 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
         assert body["model_id"] == model_id and body["predictions"][0]["label"].startswith(f"{model_id}-")
     # Requests were running on the killed replica, or sent to it before Serve knew it dead, and each of them
     # was answered by its second run (logged before it ran; the ingress writes its log within a second).
-    assert wait_for(lambda: _retries("mixed") > retried), "no request was run again: the kill hit no request"
+    assert wait_for(lambda: _retries("mixed", victim_id) > retried), "no request was run again: the kill hit none"

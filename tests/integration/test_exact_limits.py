@@ -1,5 +1,5 @@
 """The limits at their exact values, through the running 'limits' app (max_body_bytes 64 KiB, max_image_pixels
-at its default of 40 M): a body of exactly the limit and an image of exactly the limit are answered, and one
+at its default of 25 M): a body of exactly the limit and an image of exactly the limit are answered, and one
 byte or one pixel more is refused (docs/errors-and-limits.md). tests/unit/test_exact_limits.py has the same
 without Ray."""
 
@@ -8,10 +8,12 @@ import json
 import pytest
 from PIL import Image
 
+from serve_app.core.config import AppArgs
+
 pytestmark = pytest.mark.integration
 
 MAX_BODY_BYTES = 64 * 1024  # the 'limits' app's (tests/integration/conftest.py)
-MAX_IMAGE_PIXELS = 40_000_000  # AppArgs' default, which the 'limits' app keeps
+MAX_IMAGE_PIXELS = AppArgs.model_fields["max_image_pixels"].default  # which the 'limits' app keeps
 
 
 def body_of(size: int) -> bytes:
@@ -35,12 +37,12 @@ def test_a_body_of_exactly_max_body_bytes_is_answered_and_one_byte_more_is_413(a
 
 @pytest.fixture(scope="module")
 def images(limits_env):
-    """In the app's image root: a JPEG of exactly the pixel limit (8000 x 5000), and a PNG of one pixel more
-    (53 x 754,717: 40,000,001 is 53 times a prime), each a real image within the byte limit."""
+    """In the app's image root: a JPEG of exactly the pixel limit (5000 x 5000), and a PNG of one pixel more
+    (5101 x 4901: 25,000,001 is 5101 x 13 x 13 x 29), each a real image within the byte limit."""
     root = limits_env["root"]
-    Image.new("RGB", (8000, 5000), (40, 90, 160)).save(root / "exact.jpg", quality=60)
-    Image.new("L", (754_717, 53), 7).save(root / "one-more.png")
-    assert (MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS + 1) == (8000 * 5000, 754_717 * 53)
+    assert (MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS + 1) == (5000 * 5000, 5101 * 4901)
+    Image.new("RGB", (5000, 5000), (40, 90, 160)).save(root / "exact.jpg", quality=60)
+    Image.new("L", (5101, 4901), 7).save(root / "one-more.png")
     return root / "exact.jpg", root / "one-more.png"
 
 
@@ -51,4 +53,4 @@ def test_an_image_of_exactly_max_image_pixels_is_answered_and_one_pixel_more_is_
     assert r.json()["predictions"][0]["label"].startswith("pixels-")
     r = authed.post(f"{limits_url}/predict", json={"model_id": "pixels", "input_data": str(one_more)})
     assert r.status_code == 400 and r.json()["error"] == "bad_image", r.text
-    assert r.json()["message"] == f"input_data[0]: 754717x53 pixels is more than the limit of {MAX_IMAGE_PIXELS}"
+    assert r.json()["message"] == f"input_data[0]: 5101x4901 pixels is more than the limit of {MAX_IMAGE_PIXELS}"

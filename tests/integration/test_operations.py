@@ -60,7 +60,7 @@ def test_preload_loads_registry_order_until_the_replica_is_full_and_survives_a_b
             "beta": ("loaded", 1, None),
             "gamma": ("not_loaded", 0, None),
         }
-        assert [r["models"] for r in listing["replicas"]] == [["alpha", "beta"]]
+        assert [(r["models"], r["slots"], r["threads"]) for r in listing["replicas"]] == [(["alpha", "beta"], 2, 1)]
     finally:
         ray_internals.delete_app_in_background("preload")
 

@@ -69,6 +69,10 @@ class ReplicaModels(BaseModel):
     replica_id: str
     node_id: str | None = None
     models: list[str] = Field(description="models this replica holds or is loading now")
+    slots: int = Field(description="most models it holds at once")
+    threads: int = Field(
+        description="its forward passes' intra-op threads under load (a lone request on an idle node may use more)"
+    )
     memory: ReplicaMemory = Field(description="its memory: the budget its models may take, what they take")
     counters: ReplicaCounters = Field(description="what this replica has done since it started")
     registry: RegistryStatus | None = Field(None, description="the registry this replica runs (null: not reported yet)")
@@ -165,6 +169,8 @@ def model_list(listing: ModelListing, replica_id: str | None = None) -> ModelLis
                 replica_id=r.replica_id,
                 node_id=r.node_id,
                 models=r.held,
+                slots=r.slots,
+                threads=r.threads,
                 memory=r.memory,
                 counters=r.counters,
                 registry=r.registry,
