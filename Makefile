@@ -47,7 +47,7 @@ unit: install
 # Every benchmark scenario against the running app, side by side with its peers (several minutes):
 # writes docs/benchmarks.md and docs/bench/*.png.
 bench: install models
-	$(PY) -m bench.run --out docs
+	$(PY) -m bench.run --out docs --runs 3
 
 integration: install models
 	$(PY) -m pytest tests/integration

@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,10 @@ def run(
     grpc_target: str | None = None,
     app_name: str | None = None,
     generator: str | None = None,
+    keep_runs: int = 0,
 ) -> Report:
-    """Measure every peer and write the report. With `app_url`, the app running there must serve
+    """Measure every peer and write the report (``keep_runs``: one of a series of that many runs, kept in
+    OUT/bench/runs/, whose targets the report gives side by side). With `app_url`, the app running there must serve
     `registry` (see bench_registry), over gRPC at `grpc_target` if given (`app_name`: its Serve application,
     where several run); otherwise this run starts it with `serve run`. `generator` is the HTTP load
     generator, "wrk" or "rawhttp" (by default wrk where it is installed)."""
@@ -276,7 +279,7 @@ def run(
         for s in servers:
             s.stop()
     shutil.rmtree(work, ignore_errors=True)  # its models and logs: a finished run leaves nothing behind
-    write_report(report, out, smoke)
+    write_report(report, out, smoke, runs=keep_run(report, out, keep_runs) if keep_runs else None)
     return report
 
 
@@ -322,13 +325,51 @@ def measure_fleet(folder: Path, logs: Path, baseline: int, n: int) -> dict:
     return out
 
 
-def write_report(report: Report, out: Path, smoke: bool) -> None:
+def write_report(report: Report, out: Path, smoke: bool, runs: list[Report] | None = None) -> None:
+    """benchmarks.json and benchmarks.md in ``out``; ``runs``: the earlier runs of the same series, oldest
+    first, whose targets the report gives beside this run's."""
     from bench.report import render
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(report.__dict__, indent=1, default=str))
-    (out / "benchmarks.md").write_text(render(report, out, smoke))
+    (out / "benchmarks.md").write_text(render(report, out, smoke, runs=runs))
     print(f"wrote {out / 'benchmarks.md'}")
+
+
+def read_report(path: Path) -> Report:
+    """A run's report from its benchmarks.json."""
+    data = json.loads(path.read_text())
+    for peer in data["throughput"].values():  # JSON turned the client counts into strings
+        for workload, series in peer.items():
+            peer[workload] = {int(k): v for k, v in series.items()}
+    embeddings = data.get("tasks", {}).get("embeddings", {})
+    for peer, series in embeddings.items():
+        embeddings[peer] = {int(k): v for k, v in series.items()}
+    return Report(**data)
+
+
+def runs_folder(out: Path) -> Path:
+    return out / "bench" / "runs"
+
+
+def earlier_runs(out: Path, latest: Path | None = None) -> list[Report]:
+    """The runs kept in OUT/bench/runs/, oldest first, but the one at ``latest``."""
+    paths = sorted(runs_folder(out).glob("run-*.json"))
+    return [read_report(p) for p in paths if latest is None or p.resolve() != latest.resolve()]
+
+
+def keep_run(report: Report, out: Path, series: int) -> list[Report]:
+    """Keep this run in OUT/bench/runs/ as the newest of a series of ``series`` runs (the oldest beyond it
+    removed); returns the earlier ones, oldest first."""
+    folder = runs_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = sorted(folder.glob("run-*.json"))
+    for old in paths[: max(0, len(paths) - (series - 1))]:
+        old.unlink()
+    earlier = [read_report(p) for p in sorted(folder.glob("run-*.json"))]
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    (folder / f"run-{stamp}.json").write_text(json.dumps(report.__dict__, indent=1, default=str))
+    return earlier
 
 
 def main() -> None:
@@ -345,27 +386,30 @@ def main() -> None:
         help="the HTTP load generator (default: BENCH_GENERATOR, else wrk where installed, else rawhttp)",
     )
     ap.add_argument("--render", type=Path, help="only render the report again from this benchmarks.json")
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="full runs, one after the other (make bench: 3); each is kept in OUT/bench/runs/, and the report "
+        "gives every target in each of them, met only where it holds in all",
+    )
     args = ap.parse_args()
     if args.render:
-        data = json.loads(args.render.read_text())
-        for scenario in ("throughput",):  # JSON turned the client counts into strings
-            for peer in data[scenario].values():
-                for workload, series in peer.items():
-                    peer[workload] = {int(k): v for k, v in series.items()}
-        embeddings = data.get("tasks", {}).get("embeddings", {})
-        for peer, series in embeddings.items():
-            embeddings[peer] = {int(k): v for k, v in series.items()}
-        write_report(Report(**data), args.out, smoke=False)
+        write_report(read_report(args.render), args.out, smoke=False, runs=earlier_runs(args.out, args.render))
         return
-    run(
-        args.out,
-        args.smoke,
-        args.app_url,
-        args.registry,
-        grpc_target=args.app_grpc,
-        app_name=args.app_name,
-        generator=args.generator,
-    )
+    for i in range(1, args.runs + 1):
+        if args.runs > 1:
+            print(f"run {i} of {args.runs}", flush=True)
+        run(
+            args.out,
+            args.smoke,
+            args.app_url,
+            args.registry,
+            grpc_target=args.app_grpc,
+            app_name=args.app_name,
+            generator=args.generator,
+            keep_runs=args.runs if args.runs > 1 else 0,
+        )
 
 
 if __name__ == "__main__":
