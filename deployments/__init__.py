@@ -1,8 +1,12 @@
-"""The two Ray Serve deployments of the application, and the model runtimes the worker runs.
+"""The three Ray Serve deployments of the application, its request router, its tasks and what their runtimes
+share.
 
-* ``ingress``: the HTTP ingress (FastAPI): protocol adapters over one data plane;
+* ``ingress``: the HTTP and gRPC ingress (FastAPI): protocol adapters over one data plane;
 * ``worker``: the model workers, each holding at most two models (``@serve.multiplexed``);
-* ``runtimes``: one model runtime per task, behind one small interface.
+* ``registry_check``: one replica that refuses a bad registry before the others apply it;
+* ``routing``: the worker replicas' request router (a pure policy and its adapter to Serve);
+* ``tasks``: one module per task (its input and output kinds, its runtime classes);
+* ``runtimes``: ``ModelRuntime``, the base every runtime subclasses, and what the shipped runtimes share.
 
-Both deployments import ``serve_app.core``; neither imports the other. ``serve_app.app`` binds them.
+The deployments import ``serve_app.core``; none imports another. ``serve_app.app`` binds them.
 """

@@ -6,7 +6,8 @@ sets it from ``config/models.json``, and a deploy whose config changes only the 
 without restarting them. Each replica applies it with ``LiveRegistry.apply``:
 
 * a valid registry replaces the one in force at once, and ``apply`` says what changed (``RegistryChange``):
-  models added, models whose source or task changed (their loaded copies must go), models removed;
+  models added, models whose source, task, runtime or parameters changed (their loaded copies must go),
+  models removed;
 * a bad one (an invalid field, a duplicate id, a bad path or hub id) is refused whole with the messages of
   start-up: the replica keeps the registry it has and reports the refusal (``RegistryStatus.refused``).
   A replica that has no registry yet (it is starting) has nothing to keep: ``apply`` raises, and the
@@ -81,7 +82,7 @@ class RegistryChange:
     version: str
     previous: str | None = None
     added: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)  # files, task or runtime changed: loaded copies must go
+    changed: list[str] = field(default_factory=list)  # files, task, runtime or parameters changed: copies must go
     removed: list[str] = field(default_factory=list)
 
     @property

@@ -23,6 +23,7 @@ from ray import serve
 from demo.tiny_models import build_text_model, write_registry
 from serve_app.core import ray_internals
 from serve_app.core.live_registry import content_version
+from serve_app.core.paths import PROJECT_ROOT
 from serve_app.reload import IMPORT_PATH, serve_env
 from tests.helpers import Background, replica_pids, settled, tiny_args, wait_for
 
@@ -69,9 +70,13 @@ def _app_status():
     return app.status if app else None
 
 
-def push(app: LiveApp, models: dict[str, str], *options: str) -> tuple[subprocess.CompletedProcess, str]:
-    """Write the registry file (id -> folder name under app.folders) and run `make reload`'s command."""
-    write_registry(app.registry, {m: (TEXT, app.folders[folder]) for m, folder in models.items()})
+def push(
+    app: LiveApp, models: dict[str, str], *options: str, tasks: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, str]:
+    """Write the registry file (id -> folder name under app.folders; ``tasks``: id -> task where not text
+    classification) and run `make reload`'s command."""
+    tasks = tasks or {}
+    write_registry(app.registry, {m: (tasks.get(m, TEXT), app.folders[folder]) for m, folder in models.items()})
     return reload(app, *options), content_version(json.loads(app.registry.read_text()))
 
 
@@ -118,6 +123,8 @@ def model(client, app, model_id) -> dict:
 
 
 def test_a_model_added_answers_at_once_and_no_replica_restarts(client, app):
+    """An embeddings model (the demo's `embed`, another task than the registry's others) added live."""
+    app.folders["embed"] = PROJECT_ROOT / "models" / "embed"
     for model_id in ("alpha", "beta"):
         assert predict(client, app, model_id).status_code == 200
     assert wait_for(lambda: model(client, app, "alpha")["loaded"] and model(client, app, "beta")["loaded"])
@@ -125,21 +132,26 @@ def test_a_model_added_answers_at_once_and_no_replica_restarts(client, app):
     with Background(traffic(app, ["alpha", "beta"]), threads=2) as flow:  # two models, four slots: no eviction
         flow.wait_until(4)
         counts = {m: model(client, app, m) for m in ("alpha", "beta")}
-        assert predict(client, app, "delta").status_code == 404
-        done, version = push(app, {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "delta": "delta"})
+        assert predict(client, app, "embed").status_code == 404
+        done, version = push(
+            app,
+            {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "embed": "embed"},
+            tasks={"embed": "feature-extraction"},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"registry {version}" in done.stdout and "RUNNING" in done.stdout
         for model_id, was in counts.items():  # unchanged models stay loaded, with their counts
             now = model(client, app, model_id)
             assert now["loaded"] and now["unload_count"] == was["unload_count"], (was, now)
             assert now["load_count"] >= was["load_count"] and now["last_used_at"] >= was["last_used_at"]
-        answer = predict(client, app, "delta")  # the next request for it
+        answer = predict(client, app, "embed")  # the next request for it
         assert answer.status_code == 200, answer.text
-        assert answer.json()["predictions"][0]["label"].startswith("delta-")
+        assert answer.json()["task"] == "feature-extraction"
+        assert len(answer.json()["predictions"][0]["embedding"]) == 384  # all-MiniLM-L6-v2's size
         flow.wait_until(len(flow.results) + 4)
     assert [r for r in flow.results if r[1] != 200] == []  # no request failed during the change
     assert wait_for(lambda: runs_everywhere(client, app, version))
-    assert [m["id"] for m in listing(client, app)["models"]] == ["alpha", "beta", "gamma", "delta"]
+    assert [m["id"] for m in listing(client, app)["models"]] == ["alpha", "beta", "gamma", "embed"]
     assert replica_ids(client, app) == before
 
 
