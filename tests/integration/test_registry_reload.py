@@ -237,7 +237,9 @@ def write_bad(app, change: dict) -> None:
     app.registry.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("kind", list(BAD))
+# Each kind's message is the registry's own (tests/unit/test_registry.py has every kind); through `make reload`,
+# one field error and the one refusal that depends on the operator's model roots.
+@pytest.mark.parametrize("kind", ["an invalid field", "a path out of the model roots"])
 def test_make_reload_refuses_a_bad_registry_before_it_deploys_anything(client, app, kind):
     done, version = push(app, {"alpha": "alpha", "beta": "beta"})
     assert done.returncode == 0, done.stdout + done.stderr
