@@ -210,6 +210,14 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                     self._evicting[top.replica_id][victim.model_id] = now
                 self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
                 self._assigned[top.replica_id][model_id] = now
+                holders = {r.replica_id: c.in_flight for r in view.values() if (c := r.copy_of(model_id)) is not None}
+                if holders:  # a hot model's copy on one more replica: an event the operator sees in the log
+                    logger.info(
+                        "spreading model %r to replica %s: its holders had %s of its requests in flight",
+                        model_id,
+                        top.replica_id,
+                        holders,
+                    )
             if pending.metadata.call_method in HINTED:
                 # Without a budget the victim is Ray's LRU's own: nothing to tell.
                 evict = tuple(v.model_id for v in victims) if top.budget is not None else ()

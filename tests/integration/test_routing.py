@@ -82,10 +82,26 @@ def _requests(client, url) -> dict[str, int]:
     return dict(settled(lambda: tuple(sorted(_counts(client, url).items()))))
 
 
+SPREAD = "spreading model 'alpha' to replica "
+"""What the router logs in the ingress when the policy puts a hot model's copy on one more replica
+(deployments/routing/router.py)."""
+
+
+def _spreads(app: str) -> int:
+    """The spreads of 'alpha' the app's router has logged (Ray's default router, which can also load a second
+    copy once a request has waited out its matching timeout, logs none)."""
+    from serve_app.core import ray_internals
+
+    logs = (ray_internals.logs_dir() / "serve").glob(f"replica_{app}_Ingress_*.log")
+    return sum(path.read_text(errors="replace").count(SPREAD) for path in logs)
+
+
 def test_a_hot_model_gets_a_copy_on_the_other_replica_and_the_copy_goes_after_the_load(client, routing_url):
     """The policy's choices, which Ray's default router does not make: a copy on the other replica once every
-    holder has spread_at (4) requests in flight, before the holder is full (max_ongoing_requests: 8); then,
-    the load gone, every request on the holder that served last, while the other copy ages."""
+    holder has spread_at (4) requests in flight, before the holder is full (max_ongoing_requests: 8), which
+    the router logs; then, the load gone, every request on the holder that served last, while the other copy
+    ages."""
+    spreads = _spreads("routing")
     _unload_everything(client, routing_url)
     with _watch(routing_url) as watcher:
         _predict(client, routing_url, "alpha")  # one holder, which every router knows of before the burst
@@ -93,6 +109,7 @@ def test_a_hot_model_gets_a_copy_on_the_other_replica_and_the_copy_goes_after_th
         # 6 clients on alpha: up to 6 in flight on its holder, which takes 8 (Ray's router would never leave it)
         _burst(routing_url, "alpha", concurrency=6)
         assert wait_for(lambda: _held(client, routing_url) == [frozenset({"alpha"})] * 2), _held(client, routing_url)
+        assert wait_for(lambda: _spreads("routing") > spreads), "the second copy was not the policy's spread"
         # The load stops: one request at a time, each goes where alpha ran last (Ray's router picks at random).
         before = _requests(client, routing_url)
         for _ in range(20):
