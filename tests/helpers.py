@@ -1,5 +1,6 @@
-"""Helpers shared by the integration and cluster tests."""
+"""Helpers shared by the tests."""
 
+import asyncio
 import os
 import re
 import tempfile
@@ -171,3 +172,37 @@ def inference_result(spec, rows: list):
 
     task = TaskCatalog.load().task_of(spec)
     return InferenceResult(spec=spec, task=task, outputs=task.output.encode(rows), count=len(rows))
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.005) -> None:
+    """Wait, stepping the event loop, until ``condition()`` holds (a TimeoutError fails the test instead of
+    hanging it)."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(interval_s)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+# -- protobuf's wire form, for messages no client library would build ---------------------------------------
+
+
+def pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_field(number: int, payload: bytes = b"") -> bytes:
+    """A length-delimited protobuf field: the wire form the tests build messages of millions of fields in."""
+    return pb_varint(number << 3 | 2) + pb_varint(len(payload)) + payload
+
+
+def pb_parameters(count: int, number: int = 4) -> bytes:
+    """``count`` entries of a parameters map (field ``number``), each an int64 parameter of its own key."""
+    one = pb_varint(2 << 3) + b"\x01"  # InferParameter.int64_param = 1
+    return b"".join(pb_field(number, pb_field(1, b"p%d" % i) + pb_field(2, one)) for i in range(count))

@@ -20,7 +20,18 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serve_app.core.paths import PROJECT_ROOT
-from tests.helpers import ADMIN_KEY, API_KEY, metric_sum, png_claiming, settled, tiny_args, wait_for
+from tests.helpers import (
+    ADMIN_KEY,
+    API_KEY,
+    metric_sum,
+    pb_field,
+    pb_parameters,
+    pb_varint,
+    png_claiming,
+    settled,
+    tiny_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -214,26 +225,6 @@ def test_up_to_max_body_bytes_reaches_the_app_and_more_is_resource_exhausted(cli
 # -- messages of many fields: counted before they are built ---------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes = b"") -> bytes:
-    """A length-delimited protobuf field: the wire form the tests build messages of millions of fields in."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _parameters(count: int, number: int = 4) -> bytes:
-    """``count`` entries of a parameters map (field ``number``), each an int64 parameter of its own key."""
-    one = _varint(2 << 3) + b"\x01"  # InferParameter.int64_param = 1
-    return b"".join(_field(number, _field(1, b"p%d" % i) + _field(2, one)) for i in range(count))
-
-
 @pytest.fixture(scope="module")
 def raw_infer(grpc_target, demo_url):
     """ModelInfer with a message sent as the bytes given (messages no client library would build)."""
@@ -252,13 +243,13 @@ def raw_error(raw_infer, message: bytes, headers: dict = DEMO) -> tuple[grpc.Sta
 
 
 def test_the_fields_of_a_message_are_counted_before_it_is_built(raw_infer):
-    name = _field(1, b"sentiment")
+    name = pb_field(1, b"sentiment")
     cases = [
         # The issue's message: 100,000 parameters and no input (1.4 MB) was decoded whole, then read entry by entry.
-        (name + _parameters(100_000), "parameters: 100000 entries, more than the 64 this server takes"),
-        (name + _field(5) * 4_000_000, "inputs: 4000000 entries, more than the 16 this server takes"),
-        (name + _field(5, _parameters(1000)), "inputs[0].parameters: 1000 entries, more than the 64"),
-        (name + _field(6, _parameters(100, number=2)), "outputs[0].parameters: 100 entries, more than the 64"),
+        (name + pb_parameters(100_000), "parameters: 100000 entries, more than the 64 this server takes"),
+        (name + pb_field(5) * 4_000_000, "inputs: 4000000 entries, more than the 16 this server takes"),
+        (name + pb_field(5, pb_parameters(1000)), "inputs[0].parameters: 1000 entries, more than the 64"),
+        (name + pb_field(6, pb_parameters(100, number=2)), "outputs[0].parameters: 100 entries, more than the 64"),
     ]
     for message, words in cases:
         code, details = raw_error(raw_infer, message)
@@ -270,10 +261,10 @@ def test_the_fields_of_a_message_are_counted_before_it_is_built(raw_infer):
 def _worst_within_the_limits() -> bytes:
     """8 MiB that the app decodes and builds whole: 16 input tensors and 16 outputs of 64 parameters each, 64
     parameters, and about 4 million one-byte-key unknown fields (answered: the model takes one input tensor)."""
-    tensor = _field(5, _parameters(64) + _field(1, b"text"))
-    output = _field(6, _parameters(64, number=2) + _field(1, b"label"))
-    head = _field(1, b"sentiment") + tensor * 16 + output * 16 + _parameters(64)
-    filler = _varint(15 << 3) + b"\x01"  # field 15, unknown to ModelInferRequest
+    tensor = pb_field(5, pb_parameters(64) + pb_field(1, b"text"))
+    output = pb_field(6, pb_parameters(64, number=2) + pb_field(1, b"label"))
+    head = pb_field(1, b"sentiment") + tensor * 16 + output * 16 + pb_parameters(64)
+    filler = pb_varint(15 << 3) + b"\x01"  # field 15, unknown to ModelInferRequest
     return head + filler * ((8 * 1024 * 1024 - len(head)) // 2)
 
 
@@ -282,7 +273,7 @@ def test_a_flood_of_the_costliest_messages_leaves_the_ingress_answering(raw_infe
     three clients sending four each: every one answered as it should be, and a probe of the ingress (ServerLive)
     sent once the first is answered is answered before the last. docs/errors-and-limits.md has the CPU cost
     of each (tests/unit/test_v2_grpc.py measures it)."""
-    worst, crowd = _worst_within_the_limits(), _field(1, b"sentiment") + _parameters(400_000)
+    worst, crowd = _worst_within_the_limits(), pb_field(1, b"sentiment") + pb_parameters(400_000)
     assert len(worst) <= 8 * 1024 * 1024
     order, first, errors = [], threading.Event(), []
 

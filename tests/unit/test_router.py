@@ -18,6 +18,7 @@ from ray.serve.request_router import PendingRequest
 from deployments.routing.router import OWN_REPLICA_WAIT_S, ModelAwareRouter
 from serve_app.core.config import RoutingArgs
 from serve_app.core.schemas import ON_REPLICA, WorkerCall
+from tests.helpers import until
 
 UNLOAD = WorkerCall.UNLOAD.value
 
@@ -520,18 +521,7 @@ class Serve:
     async def probed(self, replica: ServedReplica, times: int) -> None:
         """Until Serve's loop has probed ``replica`` ``times`` more times: it has tried and backed off again."""
         target = replica.probes + times
-        await until(lambda: replica.probes >= target)
-
-
-async def until(condition, timeout_s: float = 30.0) -> None:
-    """Wait, stepping the event loop, until ``condition()`` holds (a TimeoutError fails the test instead of
-    hanging it)."""
-
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.001)
-
-    await asyncio.wait_for(poll(), timeout_s)
+        await until(lambda: replica.probes >= target, timeout_s=30.0, interval_s=0.001)
 
 
 async def saturated(router) -> tuple[Serve, ServedReplica, ServedReplica, list[tuple[ServedReplica, str]]]:

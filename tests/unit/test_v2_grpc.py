@@ -26,7 +26,7 @@ from serve_app.core.outputs import CLASSIFICATION
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ReplicaModelStatus, ReplicaStatus, WorkerResult
-from tests.helpers import inference_result, live_registry
+from tests.helpers import inference_result, live_registry, pb_field, pb_parameters, pb_varint
 from tests.unit.test_dataplane import FakeMetrics, FakeWorker
 
 S = grpc.StatusCode
@@ -412,26 +412,8 @@ def test_serve_config_registers_the_service_on_port_9000():
 # -- the wire: messages decoded within bounds -----------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes = b"") -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _parameters(count: int, number: int = 4) -> bytes:
-    one = _varint(2 << 3) + b"\x01"  # InferParameter.int64_param = 1
-    return b"".join(_field(number, _field(1, b"p%d" % i) + _field(2, one)) for i in range(count))
-
-
 def _unknown(size: int) -> bytes:
-    return (_varint(15 << 3) + b"\x01") * (size // 2)  # one-byte fields of a number ModelInferRequest lacks
+    return (pb_varint(15 << 3) + b"\x01") * (size // 2)  # one-byte fields of a number ModelInferRequest lacks
 
 
 def decoder(max_items: int = 32):
@@ -462,31 +444,31 @@ def worst_messages() -> dict[str, tuple[bytes, str | None]]:
     """Messages of 8 MiB built to cost the most, by name: each with the error it gets, or None if it is decoded
     whole. (Built when asked: 80 MB made at import would skew the memory tests that run before.)"""
     return {
-        "4 million empty parameters": (_field(4) * (MIB8 // 2), "parameters: 4194304 entries, more than the 64"),
-        "4 million empty inputs": (_field(5) * (MIB8 // 2), "inputs: 4194304 entries, more than the 16"),
-        "4 million empty outputs": (_field(6) * (MIB8 // 2), "outputs: 4194304 entries, more than the 16"),
-        "4 million empty raw contents": (_field(7) * (MIB8 // 2), "raw_input_contents: 4194304 entries"),
+        "4 million empty parameters": (pb_field(4) * (MIB8 // 2), "parameters: 4194304 entries, more than the 64"),
+        "4 million empty inputs": (pb_field(5) * (MIB8 // 2), "inputs: 4194304 entries, more than the 16"),
+        "4 million empty outputs": (pb_field(6) * (MIB8 // 2), "outputs: 4194304 entries, more than the 16"),
+        "4 million empty raw contents": (pb_field(7) * (MIB8 // 2), "raw_input_contents: 4194304 entries"),
         "a shape of 4 million dimensions": (
-            _field(5, (_varint(3 << 3) + b"\x01") * (MIB8 // 2 - 8)),
+            pb_field(5, (pb_varint(3 << 3) + b"\x01") * (MIB8 // 2 - 8)),
             "inputs[0].shape: 4194296 entries, more than the 16",
         ),
         "4 million empty bytes_contents": (
-            _field(5, _field(5, _field(8) * (MIB8 // 2 - 8))),
+            pb_field(5, pb_field(5, pb_field(8) * (MIB8 // 2 - 8))),
             "the input tensor has more than the limit of 32 elements",
         ),
         "4 million unknown fields": (_unknown(MIB8), None),
-        "an input of 4 million unknown fields": (_field(5, _unknown(MIB8 - 8)), None),
-        "contents of 4 million unknown fields": (_field(5, _field(5, _unknown(MIB8 - 16))), None),
+        "an input of 4 million unknown fields": (pb_field(5, _unknown(MIB8 - 8)), None),
+        "contents of 4 million unknown fields": (pb_field(5, pb_field(5, _unknown(MIB8 - 16))), None),
         "every limit full, and 4 million unknown fields": (
             (
-                head := _field(5, _parameters(64) + _field(1, b"text")) * 16
-                + _field(6, _parameters(64, number=2) + _field(1, b"label")) * 16
-                + _parameters(64)
+                head := pb_field(5, pb_parameters(64) + pb_field(1, b"text")) * 16
+                + pb_field(6, pb_parameters(64, number=2) + pb_field(1, b"label")) * 16
+                + pb_parameters(64)
             )
             + _unknown(MIB8 - len(head)),
             None,
         ),
-        "two contents merged": (_field(5, _field(5) * 2), "inputs[0].contents is given 2 times"),
+        "two contents merged": (pb_field(5, pb_field(5) * 2), "inputs[0].contents is given 2 times"),
     }
 
 

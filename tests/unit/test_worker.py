@@ -24,7 +24,7 @@ from serve_app.core.live_registry import LiveRegistry, content_version, registry
 from serve_app.core.registry import ModelSpec, RegistryError
 from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus
 from serve_app.core.tasks import TaskCatalog
-from tests.helpers import live_registry
+from tests.helpers import live_registry, until
 
 
 class FakeRuntime(ModelRuntime):
@@ -339,17 +339,6 @@ def test_the_inputs_of_concurrent_requests_are_decoded_at_most_max_concurrent_de
 
 
 # -- batching -------------------------------------------------------------------------------------------
-
-
-async def until(condition, timeout_s: float = 10.0) -> None:
-    """Wait, polling the event loop, until ``condition()`` holds (a TimeoutError fails the test instead of
-    hanging it)."""
-
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 def blocking_copy(copy: ModelCopy):
