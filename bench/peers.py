@@ -28,7 +28,14 @@ import httpx
 import yaml
 
 from bench.scenarios import Run
-from demo.tiny_models import build_image_model, build_text_model, build_token_model, write_registry
+from demo.tiny_models import (
+    build_bert,
+    build_image_model,
+    build_text_model,
+    build_token_model,
+    labels_for,
+    write_registry,
+)
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.devtools import free_port, no_haproxy_left, own_fixed_ports, serve_env
 
@@ -147,30 +154,16 @@ def build_sized_model(folder: Path, model_id: str, hidden: int, layers: int, see
     """A random-initialised BERT text classifier of ``hidden`` units and ``layers`` layers (4 x ``hidden`` in each
     feed-forward layer, a head per 64 units), with the tiny models' vocabulary (``demo.tiny_models``); its weights
     take about 48 x hidden^2 bytes a layer."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    from demo.tiny_models import WORDS
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
-    labels = [f"{model_id}-0", f"{model_id}-1"]
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=32,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+    return build_bert(
+        folder,
+        "BertForSequenceClassification",
+        labels_for(model_id),
+        seed,
+        hidden=hidden,
+        layers=layers,
+        heads=hidden // 64,
+        intermediate=4 * hidden,
     )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def build_fleet(folder: Path, smoke: bool) -> Fleet:

@@ -17,32 +17,48 @@ def labels_for(model_id: str, n: int = 2) -> list[str]:
     return [f"{model_id}-{k}" for k in range(n)]
 
 
-def build_text_model(folder: Path, model_id: str, seed: int = 0, dense_size: int = 32) -> Path:
-    """A tiny BERT classifier. ``dense_size`` widens its one feed-forward layer (32 floats a unit), which
-    every prediction reads whole, to make the model as heavy in memory as a test needs. (Weights that no
-    prediction reads, such as unused embedding rows, would stay on disk: the weights are memory-mapped.)"""
+def build_bert(
+    folder: Path,
+    head: str,
+    labels: list[str],
+    seed: int = 0,
+    *,
+    hidden: int = 16,
+    layers: int = 1,
+    heads: int = 2,
+    intermediate: int = 32,
+) -> Path:
+    """A randomly initialised BERT model with ``head`` (a transformers class: ``BertForSequenceClassification``,
+    ``BertForTokenClassification``) over ``labels``, and a word-level tokenizer of ``WORDS``, saved in
+    ``folder``."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
-    labels = labels_for(model_id)
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = transformers.BertConfig(
         vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=dense_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
         max_position_embeddings=32,
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    getattr(transformers, head)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_text_model(folder: Path, model_id: str, seed: int = 0, dense_size: int = 32) -> Path:
+    """A tiny BERT classifier. ``dense_size`` widens its one feed-forward layer (32 floats a unit), which
+    every prediction reads whole, to make the model as heavy in memory as a test needs. (Weights that no
+    prediction reads, such as unused embedding rows, would stay on disk: the weights are memory-mapped.)"""
+    return build_bert(folder, "BertForSequenceClassification", labels_for(model_id), seed, intermediate=dense_size)
 
 
 ENTITY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -52,27 +68,7 @@ ENTITY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 def build_token_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     """A tiny BERT token classifier (named-entity tags ``ENTITY_LABELS``), for token-classification: random
     weights, so the entities it finds mean nothing, but the pipeline and the app answer them alike."""
-    import torch
-    from transformers import BertConfig, BertForTokenClassification, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        id2label=dict(enumerate(ENTITY_LABELS)),
-        label2id={label: i for i, label in enumerate(ENTITY_LABELS)},
-    )
-    BertForTokenClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_bert(folder, "BertForTokenClassification", ENTITY_LABELS, seed)
 
 
 def build_image_model(folder: Path, model_id: str, seed: int = 0) -> Path:
