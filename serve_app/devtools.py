@@ -14,6 +14,7 @@ from collections.abc import Iterator, MutableMapping
 from dotenv import dotenv_values
 
 from serve_app.core.paths import PROJECT_ROOT
+from serve_app.launch import current, descendants
 
 ENV_FILE = PROJECT_ROOT / "config" / "serve.env"
 
@@ -80,45 +81,24 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port in {FREE_PORTS}")
 
 
-def _stat(pid: int) -> tuple[str, str, int] | None:
-    """A process's name, state and parent (/proc/PID/stat), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    end = stat.rindex(")")
-    state, ppid = stat[end + 2 :].split()[:2]
-    return stat[stat.index("(") + 1 : end], state, int(ppid)
-
-
-def _running_as(stat: tuple[str, str, int] | None, name: str) -> bool:
-    return stat is not None and stat[0] == name and stat[1] != "Z"  # a zombie has ended already
+def _running_as(pid: int, name: str) -> bool:
+    proc = current(pid)  # None once it has ended (a zombie included)
+    return proc is not None and proc.name == name
 
 
 def haproxy_processes(root: int | None = None) -> list[int]:
     """The HAProxy processes below ``root`` (this process by default) in the process tree."""
-    stats = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := _stat(int(e))) is not None}
-    children: dict[int, list[int]] = {}
-    for pid, (_, _, ppid) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root or os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            if _running_as(stats[child], "haproxy"):
-                found.append(child)
-    return found
+    return [p.pid for p in descendants(root or os.getpid()) if p.name == "haproxy"]
 
 
 def stop_processes(pids: list[int], name: str = "haproxy", wait_s: float = 5.0) -> None:
     """SIGTERM each of ``pids`` still running as ``name`` (a PID can be reused), then SIGKILL what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [p for p in pids if _running_as(_stat(p), name)]:
+        for pid in [p for p in pids if _running_as(p, name)]:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
-        while any(_running_as(_stat(p), name) for p in pids) and time.monotonic() < deadline:
+        while any(_running_as(p, name) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
