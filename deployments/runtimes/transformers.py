@@ -4,6 +4,7 @@ revision, never with remote code."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from deployments.runtimes.base import ModelRuntime
@@ -22,6 +23,11 @@ def forward_batch(tokenizer: Any) -> int:
     """Most inputs in one forward pass: MAX_FORWARD_BATCH, or one for a tokenizer without a pad token, which
     cannot pad a batch."""
     return MAX_FORWARD_BATCH if tokenizer is None or tokenizer.pad_token_id is not None else 1
+
+
+def in_forward_passes(inputs: list[Any], step: int, forward: Callable[[list[Any]], list[Any]]) -> list[Any]:
+    """``forward`` over ``inputs`` in passes of at most ``step`` inputs: each input's row, in order."""
+    return [row for i in range(0, len(inputs), step) for row in forward(inputs[i : i + step])]
 
 
 class PipelineRuntime(ModelRuntime):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
-from deployments.runtimes.transformers import forward_batch, quiet_tokenizers
+from deployments.runtimes.transformers import forward_batch, in_forward_passes, quiet_tokenizers
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -113,8 +113,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         model, tokenizer = self.model, self.tokenizer  # local references: an unload meanwhile breaks nothing
         if model is None:
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
-        step = forward_batch(tokenizer)
-        return [row for i in range(0, len(inputs), step) for row in self._embed(model, tokenizer, inputs[i : i + step])]
+        return in_forward_passes(inputs, forward_batch(tokenizer), lambda texts: self._embed(model, tokenizer, texts))
 
     def _embed(self, model: Any, tokenizer: Any, texts: list[str]) -> list[Any]:
         import torch

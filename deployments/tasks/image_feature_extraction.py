@@ -12,7 +12,7 @@ from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.images import decode_images
-from deployments.runtimes.transformers import MAX_FORWARD_BATCH
+from deployments.runtimes.transformers import MAX_FORWARD_BATCH, in_forward_passes
 from serve_app.core.inputs import IMAGE
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -40,9 +40,9 @@ class ImageEmbeddingRuntime(ModelRuntime):
         model, processor = self.model, self.processor
         if model is None:
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
-        images = decode_images(inputs)
-        step = MAX_FORWARD_BATCH
-        return [row for i in range(0, len(images), step) for row in self._embed(model, processor, images[i : i + step])]
+        return in_forward_passes(
+            decode_images(inputs), MAX_FORWARD_BATCH, lambda images: self._embed(model, processor, images)
+        )
 
     def _embed(self, model: Any, processor: Any, images: list[Any]) -> list[Any]:
         import torch

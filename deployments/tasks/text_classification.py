@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from deployments.runtimes.transformers import PipelineRuntime, forward_batch
+from deployments.runtimes.transformers import PipelineRuntime, forward_batch, in_forward_passes
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import CLASSIFICATION
 from serve_app.core.tasks import Task
@@ -30,8 +30,7 @@ class TextClassificationRuntime(PipelineRuntime):
 
     def predict(self, inputs: list[str]) -> list[list[tuple[str, float]]]:
         pipe = self.loaded_pipeline
-        step = forward_batch(pipe.tokenizer)
-        return [row for i in range(0, len(inputs), step) for row in self._classify(pipe, inputs[i : i + step])]
+        return in_forward_passes(inputs, forward_batch(pipe.tokenizer), lambda texts: self._classify(pipe, texts))
 
     def _classify(self, pipe: Any, texts: list[str]) -> list[list[tuple[str, float]]]:
         import torch
