@@ -313,6 +313,10 @@ VARIANTS: dict[str, dict] = {
 arguments."""
 
 
+FLOOR_APP = {"name": "floor", "route_prefix": "/floor", "import_path": "bench.serve_floor:app"}
+"""Ray Serve's floor (bench/serve_floor.py) as an application beside the app's."""
+
+
 class App(NamedTuple):
     server: Server
     url: str
@@ -329,11 +333,13 @@ def start_app(
     env: dict | None = None,
     args: dict | None = None,
     warm_model: str = "sentiment",
+    floor: bool = False,
 ) -> App:
     """`serve run` on serve_config.yaml with the bench registry and 2 fixed worker replicas (the worker's
     arguments updated by `worker`, the app's other arguments by `args`), in the environment of `make run`
     (config/serve.env) updated by `env`, on free ports (HTTP, gRPC, HAProxy's metrics and stats) so that it
-    runs beside `make run`. Started once `warm_model` answers a prediction."""
+    runs beside `make run`. Started once `warm_model` answers a prediction. ``floor``: with Serve's floor
+    (``bench/serve_floor.py``) beside it under /floor, an application of the same Serve instance."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     port, grpc_port = free_port(), free_port()
     config["http_options"]["port"] = port
@@ -346,6 +352,8 @@ def start_app(
     app_args["worker"]["num_replicas"] = 2
     app_args["worker"].update((args or {}).get("worker", {}))
     app_args["worker"].update(worker or {})
+    if floor:
+        config["applications"].append(FLOOR_APP)
     path = logs / f"serve-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = str(Path(sys.executable).parent / "serve")

@@ -364,10 +364,15 @@ def render(r: Any, out: Path, smoke: bool, runs: list[Any] | None = None) -> str
         f"![hot path]({plots['hot']})",
         "",
         "The fixed cost of each serving path, measured on a route that runs no model (both servers at once, "
-        "in alternating rounds):",
+        "in alternating rounds), and Ray Serve's own floor on this machine (`bench/serve_floor.py`: an "
+        "application of the app's Serve instance, behind the same HAProxy, with none of the app's code):",
         "",
-        _table(["route", "p50 (ms)", "p99 (ms)"], [[k, v["p50_ms"], v["p99_ms"]] for k, v in r.overhead.items()]),
+        _table(
+            ["route", "p50 (ms)", "mean (ms)", "p99 (ms)"],
+            [[k, v["p50_ms"], v.get("mean_ms", float("nan")), v["p99_ms"]] for k, v in r.overhead.items()],
+        ),
         "",
+        *_breakdown(r),
         "## 2. Throughput",
         "",
         "Closed loop: each client sends its next request when the last is answered. *one model*: `sentiment`; "
@@ -899,6 +904,41 @@ def _knobs(r: Any) -> list[str]:
     ]
 
 
+def _breakdown(r: Any) -> list[str]:
+    """Where a hot-path request's time goes, by part (scenarios.hot_breakdown), if this run measured it."""
+    b = getattr(r, "breakdown", None)
+    if not b:
+        return []
+    app, seed = b["app"], b["seed"]
+    return [
+        "Where a hot-path request's time goes: means per request over the same rounds (means add up, percentiles "
+        "do not), from the clients' latencies and the servers' own counts of the time they spent on the requests "
+        f"(the app's worker replicas counted {app['counted']} of its {app['requests']} requests, in "
+        f"{app['batches']} batches; the seed-style server {seed['counted']} of {seed['requests']}):",
+        "",
+        _table(
+            ["part", "app (ms)", "seed-style (ms)"],
+            [
+                ["end to end, as the client sees it", app["end_to_end_ms"], seed["end_to_end_ms"]],
+                ["the model's call: forward pass and encoding the answer", app["model_ms"], seed["model_ms"]],
+                [
+                    "the worker replica around it: its request handling, the batch queue, the hop to the model's "
+                    "thread and back",
+                    app["worker_own_ms"],
+                    "",
+                ],
+                [
+                    "the rest of the path: the app's HAProxy, the ingress (HTTP, FastAPI, the router), gRPC to the "
+                    "worker and back; the seed-style server's HTTP and FastAPI",
+                    app["outside_worker_ms"],
+                    seed["outside_model_ms"],
+                ],
+            ],
+        ),
+        "",
+    ]
+
+
 def _analysis(r: Any) -> list[str]:
     """What this run's own figures say about the missed targets."""
     out = []
@@ -913,6 +953,27 @@ def _analysis(r: Any) -> list[str]:
             f"({r.hot['direct']['p50_ms']:.1f} ms), the seed-style server "
             f"{r.hot['seed']['p50_ms'] - r.hot['direct']['p50_ms']:.1f} ms."
         )
+    b = getattr(r, "breakdown", None)
+    if b:
+        app, seed = b["app"], b["seed"]
+        out.append(
+            f"- **The app's time over the seed-style server's, by part** (means per hot-path request: "
+            f"{app['end_to_end_ms'] - seed['end_to_end_ms']:.1f} ms in all). The model's call "
+            f"{app['model_ms'] - seed['model_ms']:+.1f} ms ({app['model_ms']:.1f} against {seed['model_ms']:.1f}); "
+            f"the worker replica around it {app['worker_own_ms']:+.1f} ms; the path between the client and the "
+            f"worker replica {app['outside_worker_ms'] - seed['outside_model_ms']:+.1f} ms "
+            f"({app['outside_worker_ms']:.1f} against the seed-style server's HTTP, {seed['outside_model_ms']:.1f})."
+        )
+        floor = {k.split(":")[0]: v.get("mean_ms") for k, v in r.overhead.items()}
+        if floor.get("floor hop") is not None:
+            out.append(
+                f"- **Ray Serve's own floor here** (means): an HTTP request into an ingress replica "
+                f"{floor['floor']:.1f} ms, with one hop to a replica of another deployment and back "
+                f"{floor['floor hop']:.1f} ms. The app's path outside its worker replicas took "
+                f"{app['outside_worker_ms']:.1f} ms, so its own code there (routes and validation, the model-aware "
+                f"router) cost {app['outside_worker_ms'] - floor['floor hop']:+.1f} ms over Serve's, and its worker "
+                f"replica's handling around the model {app['worker_own_ms']:.1f} ms more."
+            )
     busy = worker_busy(r)
     serving = sum(v["busy"] for k, v in r.profile.items() if not k.startswith("worker"))
     if busy:

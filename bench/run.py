@@ -106,9 +106,15 @@ class Report:
     tasks: dict = field(default_factory=dict)  # embeddings and entities against their single-process peers
     spread: dict = field(default_factory=dict)  # a hot model's requests over the replicas, simulated
     overhead: dict = field(default_factory=dict)
+    breakdown: dict = field(default_factory=dict)  # the hot path's time per request, by part (hot_breakdown)
     protocols: dict = field(default_factory=dict)  # protocol -> {"hot": summary, "16 clients": summary}
     generator: dict = field(default_factory=dict)  # the load generators that ran: names, descriptions
     notes: list[str] = field(default_factory=list)
+
+
+FLOOR_GET = "floor: GET /floor/healthz (Ray Serve alone: HAProxy + an ingress replica)"
+FLOOR_HOP = "floor hop: POST /floor/hop (Ray Serve alone: the same + one gRPC hop to another replica and back)"
+"""The overhead routes of Ray Serve's floor (bench/serve_floor.py), by the names the report gives them."""
 
 
 def machine_info() -> dict:
@@ -181,12 +187,23 @@ def run(
             url = app_url
         else:
             app, url, grpc_target, report.startup["app_s"] = start_app(
-                registry, logs, "app", args=SMOKE_APP if smoke else None
+                registry, logs, "app", args=SMOKE_APP if smoke else None, floor=True
             )
             servers.append(app)
         print("hot path: the seed-style server (idle since) and the app in alternating rounds", flush=True)
-        hot = scenarios.hot_side_by_side({"seed": seed_url, "app": url}, p.hot_requests)
+        hot_urls = {"seed": seed_url, "app": url}
+        scenarios.warm(hot_urls)
+        counted = {"app": scenarios.settled_worker_timings(url), "seed": scenarios.seed_timings(seed_url)}
+        hot = scenarios.hot_side_by_side(hot_urls, p.hot_requests, warmed=True)
         report.hot.update({name: run.summary() for name, run in hot.items()})
+        app_after = scenarios.settled_worker_timings(url, counted["app"]["requests"] + len(hot["app"].latencies))
+        seed_after = scenarios.seed_timings(seed_url)
+        report.breakdown = scenarios.hot_breakdown(
+            hot["app"],
+            hot["seed"],
+            {k: app_after[k] - counted["app"][k] for k in app_after},
+            {k: seed_after[k] - counted["seed"][k] for k in seed_after},
+        )
         print("throughput: the seed-style server and the app, each point on both in turn", flush=True)
         report.throughput.update(
             scenarios.throughput(
@@ -194,13 +211,14 @@ def run(
             )
         )
         print("the fixed cost of each serving path: a route that runs no model, on both in turn", flush=True)
-        overhead = scenarios.trivial_side_by_side(
-            {
-                "seed: GET /models (no model run)": (seed_url, "/models"),
-                "app: GET /healthz (proxy + ingress, no model run)": (url, "/healthz"),
-            },
-            p.hot_requests,
-        )
+        routes = {
+            "seed: GET /models (no model run)": (seed_url, "/models"),
+            "app: GET /healthz (proxy + ingress, no model run)": (url, "/healthz"),
+        }
+        if not app_url:  # Serve's floor runs beside an app this run started (bench/serve_floor.py)
+            routes[FLOOR_GET] = (url, "/floor/healthz")
+            routes[FLOOR_HOP] = (url, *scenarios.FLOOR_HOP)
+        overhead = scenarios.trivial_side_by_side(routes, p.hot_requests)
         report.overhead.update({name: run.summary() for name, run in overhead.items()})
         seed.stop()
         servers.remove(seed)

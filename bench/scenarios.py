@@ -96,6 +96,7 @@ class Run:
             "errors": self.errors,
             "p50_ms": self.pct(50) * 1000,
             "p99_ms": self.pct(99) * 1000,
+            "mean_ms": 1000 * statistics.fmean(self.latencies) if self.latencies else float("nan"),
             "rps": self.rps,
             "rounds": max(1, len(self.round_rps)),
             "generator": self.generator,
@@ -239,12 +240,21 @@ def in_turn(names, k: int) -> list[str]:
     return names[j:] + names[:j]
 
 
-def hot_side_by_side(urls: dict[str, str], n: int, rounds: int = 10, model: str = "sentiment") -> dict[str, Run]:
-    """The hot path of servers that run at once, by name: `n` requests each, in alternating rounds. This
-    machine's speed drifts by tens of percent within a minute (one in-process forward pass measured 10 to
-    17 ms), so servers measured minutes apart would compare the drift, not the servers."""
+def warm(urls: dict[str, str], model: str = "sentiment") -> None:
+    """A few requests for the model to each server: loaded, connections open."""
     for url in urls.values():
-        closed_loop(url, [model], 1, 5)  # warm
+        closed_loop(url, [model], 1, 5)
+
+
+def hot_side_by_side(
+    urls: dict[str, str], n: int, rounds: int = 10, model: str = "sentiment", warmed: bool = False
+) -> dict[str, Run]:
+    """The hot path of servers that run at once, by name: `n` requests each, in alternating rounds (after
+    ``warm``, unless ``warmed``). This machine's speed drifts by tens of percent within a minute (one
+    in-process forward pass measured 10 to 17 ms), so servers measured minutes apart would compare the drift,
+    not the servers."""
+    if not warmed:
+        warm(urls, model)
     runs = {name: Run() for name in urls}
     for k, size in enumerate(split(n, rounds)):
         for name in in_turn(urls, k):
@@ -289,14 +299,23 @@ def protocols(
     return {name: {point: run.summary() for point, run in points.items()} for name, points in runs.items()}
 
 
-def trivial_side_by_side(routes: dict[str, tuple[str, str]], n: int, rounds: int = ROUNDS) -> dict[str, Run]:
+FLOOR_HOP = ("/floor/hop", json.dumps({"model_id": "floor", "input_data": "This movie was great!"}).encode())
+"""The request to Serve's floor that crosses to a second deployment (bench/serve_floor.py): it echoes the body."""
+
+
+def trivial_side_by_side(
+    routes: dict[str, tuple[str, str] | tuple[str, str, bytes]], n: int, rounds: int = ROUNDS
+) -> dict[str, Run]:
     """Latency of routes that run no model (the fixed cost of each serving path), by name: (server URL,
-    path) each, one client, `n` GET requests each over rounds that take the routes in turn."""
+    path) each for a GET, or (server URL, path, body) for a POST whose answer names the model "floor" (Serve's
+    floor: FLOOR_HOP); one client, `n` requests each over rounds that take the routes in turn."""
     runs = {name: Run() for name in routes}
     for k, size in enumerate(split(n, rounds)):
         for name in in_turn(routes, k):
-            url, path = routes[name]
-            plan = loadgen.Plan(url, [[loadgen.Request("GET", path)] * size])
+            url, path, *body = routes[name]
+            method = ("POST", path, body[0], ("model_id", "floor")) if body else ("GET", path)
+            request = loadgen.Request(*method)
+            plan = loadgen.Plan(url, [[request] * size])
             runs[name].add_round(Run.of(loadgen.run_http(plan)))
     return runs
 
@@ -355,6 +374,65 @@ def settled_loads(url: str, quiet_s: float = 2.0, every_s: float = 0.5, limit_s:
         elif time.monotonic() - since >= quiet_s:
             return value
     raise RuntimeError(f"the app's load count did not settle within {limit_s}s")
+
+
+TIMING_COUNTERS = ("requests", "batches", "predict_seconds", "model_seconds")
+"""The worker replicas' counters (GET /models: replicas[].counters) that the hot path's breakdown reads."""
+
+
+def worker_timings(url: str) -> dict[str, float]:
+    """The app's worker replicas' timing counters, summed over the replicas."""
+    return {k: sum(r.get("counters", {}).get(k, 0) for r in replica_reports(url)) for k in TIMING_COUNTERS}
+
+
+def settled_worker_timings(url: str, requests: int = 0, every_s: float = 0.5, limit_s: float = 30.0) -> dict:
+    """``worker_timings`` once they count at least ``requests`` requests and read the same twice in a row: GET
+    /models answers from a snapshot of the replicas' reports up to 1.5 s old (settled_loads)."""
+    last, deadline = worker_timings(url), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = worker_timings(url)
+        if now == last and now["requests"] >= requests:
+            return now
+        last = now
+    raise RuntimeError(f"the worker replicas' counters did not settle within {limit_s}s")
+
+
+def seed_timings(url: str) -> dict[str, float]:
+    """The seed-style server's count and time of its model calls (GET /models)."""
+    answer = httpx.get(f"{url}/models", timeout=60).json()
+    return {"model_calls": answer["model_calls"], "model_seconds": answer["model_seconds"]}
+
+
+def hot_breakdown(app: Run, seed: Run, app_counted: dict, seed_counted: dict) -> dict:
+    """Where a hot-path request's time goes, in means per request (means add up; percentiles do not), from the
+    client's latencies and what the servers counted over the same requests (the difference of their counters
+    before and after): in the app, the worker replica's time on the request (its predict call) and, within it,
+    the model's (forward pass and encoding: model_seconds); in the seed-style server, the model's."""
+    ms = lambda seconds, count: 1000 * seconds / count if count else float("nan")  # noqa: E731
+    app_e2e, seed_e2e = ms(sum(app.latencies), len(app.latencies)), ms(sum(seed.latencies), len(seed.latencies))
+    requests = app_counted["requests"]
+    worker = ms(app_counted["predict_seconds"], requests)
+    model = ms(app_counted["model_seconds"], requests)
+    seed_model = ms(seed_counted["model_seconds"], seed_counted["model_calls"])
+    return {
+        "app": {
+            "requests": len(app.latencies),
+            "counted": requests,
+            "batches": app_counted["batches"],
+            "end_to_end_ms": app_e2e,
+            "model_ms": model,
+            "worker_own_ms": worker - model,
+            "outside_worker_ms": app_e2e - worker,
+        },
+        "seed": {
+            "requests": len(seed.latencies),
+            "counted": seed_counted["model_calls"],
+            "end_to_end_ms": seed_e2e,
+            "model_ms": seed_model,
+            "outside_model_ms": seed_e2e - seed_model,
+        },
+    }
 
 
 def churn(url: str, n: int) -> dict:

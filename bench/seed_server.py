@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ class _Entry:
 _cache: OrderedDict[str, _Entry] = OrderedDict()
 _lock = threading.Lock()
 loads = 0
+model_calls, model_seconds = 0, 0.0  # as the app's worker replicas count them (ReplicaCounters.model_seconds)
 
 
 class Body(BaseModel):
@@ -93,7 +95,13 @@ def _model(model_id: str) -> Iterator[ModelRuntime]:
 
 @app.get("/models")
 def models() -> dict:
-    return {"models": registry.ids, "loaded": list(_cache), "loads": loads}
+    return {
+        "models": registry.ids,
+        "loaded": list(_cache),
+        "loads": loads,
+        "model_calls": model_calls,
+        "model_seconds": model_seconds,
+    }
 
 
 @app.post("/predict")
@@ -106,7 +114,12 @@ def predict(body: Body) -> dict:
     task = catalog.task_of(spec)
     if task.input is IMAGE:
         items = [resolve_project_path(p).read_bytes() for p in items]
+    global model_calls, model_seconds
     with _model(spec.id) as runtime:
-        rows = runtime.predict(runtime.prepare(items))
-    predictions = task.output.native(task.output.encode(rows), len(items))
+        start = time.perf_counter()
+        outputs = task.output.encode(runtime.predict(runtime.prepare(items)))
+        seconds = time.perf_counter() - start
+    with _lock:
+        model_calls, model_seconds = model_calls + 1, model_seconds + seconds
+    predictions = task.output.native(outputs, len(items))
     return {"model_id": spec.id, "task": spec.task, "predictions": predictions}

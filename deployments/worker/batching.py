@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,13 @@ replica idle still waits in Serve's batch queue for company (below it, it runs a
 BATCH_SIZE_WEIGHT = 0.2
 """The weight of the newest batch in that average (an exponential moving average: from a steady 3 requests a
 batch, about 7 batches of one bring it under COMPANY_AT)."""
+
+
+def _timed_answer(copy: ModelCopy, requests: list[list[Any]], threads: int | None) -> tuple[list[Answer], float]:
+    """``copy.answer`` on the copy's thread, and the seconds it took there (the replica's ``model_seconds``)."""
+    start = time.perf_counter()
+    answers = copy.answer(requests, threads)
+    return answers, time.perf_counter() - start
 
 
 class Batcher:
@@ -173,7 +181,9 @@ class Batcher:
     async def infer(self, copy: ModelCopy, requests: list[list[Any]], threads: int | None = None) -> list[Answer]:
         """The copy's answers, on its own thread; a failure of the model is a 503 naming the reason."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(copy.thread, copy.answer, requests, threads)
+            answers, seconds = await asyncio.get_running_loop().run_in_executor(
+                copy.thread, _timed_answer, copy, requests, threads
+            )
         except ServeAppError:
             raise
         except ContractError as e:
@@ -186,6 +196,8 @@ class Batcher:
             raise ModelUnavailable(
                 f"Model {copy.spec.id!r} failed on this input: {failure_reason(e, copy.spec)}", model_id=copy.spec.id
             ) from None
+        self._counters.model_seconds += seconds
+        return answers
 
     async def _infer_or_error(self, copy: ModelCopy, inputs: list[Any]) -> Answer | Exception:
         try:

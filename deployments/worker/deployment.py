@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -128,6 +129,7 @@ class ModelWorker:
         ``declared_bytes`` is for the router; ``route``: what the router tells this replica (RouteHint)."""
         model_id = serve.get_multiplexed_model_id()
         self._counters.requests += 1
+        start = time.perf_counter()
         try:
             await self._cache.catch_up(registry_version)
             loaded = model_id not in self._cache.held
@@ -152,6 +154,8 @@ class ModelWorker:
         except asyncio.CancelledError:
             self._counters.requests_cancelled += 1
             raise
+        finally:
+            self._counters.predict_seconds += time.perf_counter() - start
         if isinstance(answer, Exception):
             raise answer
         self._cache.used(model_id)

@@ -104,6 +104,14 @@ class ReplicaCounters(BaseModel):
         0, description="batches of a lone request on an idle node, run with the node's idle threads as well"
     )
     most_threads: int = Field(0, description="the most intra-op threads a batch has run with")
+    predict_seconds: float = Field(
+        0.0, description="time spent on prediction requests in this replica, from each call's start to its answer"
+    )
+    model_seconds: float = Field(
+        0.0,
+        description="of that, time the model copies spent on their batches (forward passes and encoding the answers), "
+        "summed over batches",
+    )
     most_decodes_at_once: int = Field(
         0, description="most requests whose inputs (images) this replica decoded at once (max_concurrent_decodes)"
     )

@@ -84,6 +84,12 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
         assert_point(report.hot[peer], p.hot_requests, "rawhttp", 10, f"hot {peer}")
     direct = report.hot["direct"]
     assert (direct["n"], direct["errors"]) == (p.hot_requests, 0) and direct["p50_ms"] <= direct["p99_ms"]
+    # the hot path's breakdown: the servers counted every request of the rounds, each part within the whole
+    app, seed = report.breakdown["app"], report.breakdown["seed"]
+    assert (app["requests"], app["counted"], app["batches"]) == (p.hot_requests,) * 3, app  # one client: lone
+    assert (seed["requests"], seed["counted"]) == (p.hot_requests,) * 2, seed
+    assert 0 < app["model_ms"] < app["model_ms"] + app["worker_own_ms"] < app["end_to_end_ms"], app
+    assert 0 < seed["model_ms"] < seed["end_to_end_ms"], seed
     for route, figures in report.overhead.items():
         assert_point(figures, p.hot_requests, "rawhttp", ROUNDS, route)
     assert [route.split(":")[0] for route in report.overhead] == ["seed", "app"]

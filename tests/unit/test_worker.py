@@ -301,6 +301,23 @@ def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_co
     assert e.value.status_code == 409 and owner.copy.in_use == 0  # let go of the model
 
 
+def test_a_replica_counts_the_time_of_its_requests_and_of_its_models_passes_within_it(monkeypatch):
+    """predict_seconds covers each request from its call to its answer; model_seconds the model's own calls,
+    which lie within it (the benchmark's breakdown of the hot path subtracts one from the other)."""
+    from deployments.worker import deployment
+
+    c, owner = model_cache(load_s=0)
+    w = worker_of(c)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    monkeypatch.setattr(owner.copy.runtime, "predict", lambda inputs: time.sleep(0.02) or [[("x", 1.0)]] * len(inputs))
+    asyncio.run(w.predict(["a"]))
+    first = w._counters.model_copy()
+    asyncio.run(w.predict(["b", "c"]))
+    assert first.model_seconds >= 0.02 and first.predict_seconds >= first.model_seconds
+    assert w._counters.model_seconds >= first.model_seconds + 0.02  # a second batch, counted on top
+    assert w._counters.predict_seconds - first.predict_seconds >= w._counters.model_seconds - first.model_seconds
+
+
 def _decodes_at_once(threads: int) -> int:
     """The most requests' images a worker with ``threads`` decode threads decoded at once, of 3 sent together
     (with 3 threads, the decodes wait for each other)."""
