@@ -189,6 +189,7 @@ def run(
             app, url, grpc_target, report.startup["app_s"] = start_app(
                 registry, logs, "app", args=SMOKE_APP if smoke else None, floor=True
             )
+            app_name = APP_NAME  # Serve's floor is a second application: gRPC calls name theirs
             servers.append(app)
         print("hot path: the seed-style server (idle since) and the app in alternating rounds", flush=True)
         hot_urls = {"seed": seed_url, "app": url}
