@@ -18,7 +18,9 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from tritonclient.grpc import service_pb2 as pb
@@ -359,21 +361,34 @@ def app_loads(url: str) -> int:
     return sum(m["load_count"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"])
 
 
-def settled_loads(url: str, quiet_s: float = 2.0, every_s: float = 0.5, limit_s: float = 30.0) -> int:
-    """The app's load count once it has not changed for `quiet_s`. GET /models answers from a snapshot up
-    to 1 s old (the ingress's FRESH_S) of what the worker replicas report every 0.5 s (the router's
-    stats_period_s), so read at once after a trace it missed the trace's last loads: 2 to 4 of 178 on the
-    600 requests of `make bench` (0.3 to 0.7 points of hit ratio), and every one of a smoke run's."""
-    value, since = app_loads(url), time.monotonic()
+def settled(
+    read: Callable[[], Any],
+    what: str,
+    quiet_s: float,
+    ready: Callable[[Any], bool] = lambda _: True,
+    every_s: float = 0.5,
+    limit_s: float = 30.0,
+) -> Any:
+    """``read()`` once ``ready`` with it and it has not changed for ``quiet_s`` (read every ``every_s``). GET
+    /models answers from a snapshot up to 1 s old (the ingress's FRESH_S) of what the worker replicas report
+    every 0.5 s (the router's stats_period_s), so what the app counts lags behind what it did."""
+    value, since = read(), time.monotonic()
     deadline = since + limit_s
     while time.monotonic() < deadline:
         time.sleep(every_s)
-        now = app_loads(url)
+        now = read()
         if now != value:
             value, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
+        elif time.monotonic() - since >= quiet_s and ready(value):
             return value
-    raise RuntimeError(f"the app's load count did not settle within {limit_s}s")
+    raise RuntimeError(f"{what} did not settle within {limit_s}s")
+
+
+def settled_loads(url: str) -> int:
+    """The app's load count once it has not changed for 2 s (``settled``): read at once after a trace, it
+    missed the trace's last loads: 2 to 4 of 178 on the 600 requests of `make bench` (0.3 to 0.7 points of hit
+    ratio), and every one of a smoke run's."""
+    return settled(lambda: app_loads(url), "the app's load count", quiet_s=2.0)
 
 
 TIMING_COUNTERS = ("requests", "batches", "predict_seconds", "model_seconds")
@@ -385,17 +400,15 @@ def worker_timings(url: str) -> dict[str, float]:
     return {k: sum(r.get("counters", {}).get(k, 0) for r in replica_reports(url)) for k in TIMING_COUNTERS}
 
 
-def settled_worker_timings(url: str, requests: int = 0, every_s: float = 0.5, limit_s: float = 30.0) -> dict:
-    """``worker_timings`` once they count at least ``requests`` requests and read the same twice in a row: GET
-    /models answers from a snapshot of the replicas' reports up to 1.5 s old (settled_loads)."""
-    last, deadline = worker_timings(url), time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        time.sleep(every_s)
-        now = worker_timings(url)
-        if now == last and now["requests"] >= requests:
-            return now
-        last = now
-    raise RuntimeError(f"the worker replicas' counters did not settle within {limit_s}s")
+def settled_worker_timings(url: str, requests: int = 0) -> dict:
+    """``worker_timings`` once they count at least ``requests`` requests and read the same twice in a row
+    (``settled``)."""
+    return settled(
+        lambda: worker_timings(url),
+        "the worker replicas' counters",
+        quiet_s=0.5,
+        ready=lambda timings: timings["requests"] >= requests,
+    )
 
 
 def seed_timings(url: str) -> dict[str, float]:
