@@ -82,6 +82,11 @@ class Run:
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
     @property
+    def mean(self) -> float:
+        """The mean latency, in seconds (means add up over the parts of a request; percentiles do not)."""
+        return statistics.fmean(self.latencies) if self.latencies else float("nan")
+
+    @property
     def rps(self) -> float:
         if self.round_rps:
             return median(self.round_rps)
@@ -98,7 +103,7 @@ class Run:
             "errors": self.errors,
             "p50_ms": self.pct(50) * 1000,
             "p99_ms": self.pct(99) * 1000,
-            "mean_ms": 1000 * statistics.fmean(self.latencies) if self.latencies else float("nan"),
+            "mean_ms": self.mean * 1000,
             "rps": self.rps,
             "rounds": max(1, len(self.round_rps)),
             "generator": self.generator,
@@ -423,7 +428,7 @@ def hot_breakdown(app: Run, seed: Run, app_counted: dict, seed_counted: dict) ->
     before and after): in the app, the worker replica's time on the request (its predict call) and, within it,
     the model's (forward pass and encoding: model_seconds); in the seed-style server, the model's."""
     ms = lambda seconds, count: 1000 * seconds / count if count else float("nan")  # noqa: E731
-    app_e2e, seed_e2e = ms(sum(app.latencies), len(app.latencies)), ms(sum(seed.latencies), len(seed.latencies))
+    app_e2e, seed_e2e = 1000 * app.mean, 1000 * seed.mean
     requests = app_counted["requests"]
     worker = ms(app_counted["predict_seconds"], requests)
     model = ms(app_counted["model_seconds"], requests)
