@@ -218,7 +218,7 @@ def run(
         }
         if not app_url:  # Serve's floor runs beside an app this run started (bench/serve_floor.py)
             routes[FLOOR_GET] = (url, "/floor/healthz")
-            routes[FLOOR_HOP] = (url, *scenarios.FLOOR_HOP)
+            routes[FLOOR_HOP] = (url, *scenarios.FLOOR_HOP_REQUEST)
         overhead = scenarios.trivial_side_by_side(routes, p.hot_requests)
         report.overhead.update({name: run.summary() for name, run in overhead.items()})
         seed.stop()

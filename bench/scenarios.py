@@ -306,7 +306,7 @@ def protocols(
     return {name: {point: run.summary() for point, run in points.items()} for name, points in runs.items()}
 
 
-FLOOR_HOP = ("/floor/hop", json.dumps({"model_id": "floor", "input_data": "This movie was great!"}).encode())
+FLOOR_HOP_REQUEST = ("/floor/hop", json.dumps({"model_id": "floor", "input_data": "This movie was great!"}).encode())
 """The request to Serve's floor that crosses to a second deployment (bench/serve_floor.py): it echoes the body."""
 
 
@@ -315,7 +315,7 @@ def trivial_side_by_side(
 ) -> dict[str, Run]:
     """Latency of routes that run no model (the fixed cost of each serving path), by name: (server URL,
     path) each for a GET, or (server URL, path, body) for a POST whose answer names the model "floor" (Serve's
-    floor: FLOOR_HOP); one client, `n` requests each over rounds that take the routes in turn."""
+    floor: FLOOR_HOP_REQUEST); one client, `n` requests each over rounds that take the routes in turn."""
     runs = {name: Run() for name in routes}
     for k, size in enumerate(split(n, rounds)):
         for name in in_turn(routes, k):
