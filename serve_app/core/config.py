@@ -119,7 +119,10 @@ class WorkerArgs(_Strict):
     num_cpus: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per worker replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker replica (models go to CUDA when one is visible)")
     max_ongoing_requests: int = Field(
-        16, ge=1, description="requests a worker replica takes at once (at least batching.max_batch_size)"
+        32,
+        ge=1,
+        description="requests a worker replica takes at once (at least batching.max_batch_size); what the ingress "
+        "takes over the replicas, so that no request waits in the router's back-off while a batch queue could hold it",
     )
     torch_threads: int | None = Field(
         1, ge=1, description="torch intra-op threads per replica; null keeps torch's default"
