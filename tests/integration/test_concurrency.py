@@ -119,7 +119,7 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
         # Three text models: with the image model they fill the 2 replicas' 4 slots, so nothing is evicted
         # before the kill. With four, their churn evicted the image model from its holder (Ray's LRU: the
         # text models are used more recently), the images went to the other replica, and the kill found
-        # none of them on the victim (1 run in 6).
+        # none of them on the victim (2 runs in 7, run alone).
         model_id = MODELS[i % 3]
         r = c.post(f"{mixed_url}/predict", json={"model_id": model_id, "input_data": "hello"})
         return model_id, r.status_code, r.json()
