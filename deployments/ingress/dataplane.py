@@ -280,8 +280,9 @@ class DataPlane:
     async def _with_timeout(self, model_id: str, coro: Any, timeout_s: float | None = None) -> Any:
         timeout_s = timeout_s or self.timeout_s
         try:
-            return await asyncio.wait_for(coro, timeout=timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):  # in this task: wait_for would run the call as a task of its own
+                return await coro
+        except TimeoutError:
             raise RequestTimeout(
                 f"Model {model_id!r} did not answer within {timeout_s:g}s", model_id=model_id
             ) from None

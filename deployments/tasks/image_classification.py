@@ -24,8 +24,6 @@ class ImageClassificationRuntime(PipelineRuntime):
 
     def predict(self, inputs: list[Any]) -> list[list[tuple[str, float]]]:
         out = self.run_pipeline(decode_images(inputs), top_k=None)
-        if out and isinstance(out[0], dict):  # a single input gives a flat list of {label, score}
-            out = [out]
         return [[(d["label"], float(d["score"])) for d in row] for row in out]
 
 

@@ -28,11 +28,11 @@ class TokenClassificationRuntime(PipelineRuntime):
             raise ValueError(f"aggregation_strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         return {"aggregation_strategy": strategy}
 
+    def call_kwargs(self) -> dict[str, Any]:
+        return {"is_split_into_words": False, "delimiter": None}  # as the pipeline's __call__ sets them for text
+
     def predict(self, inputs: list[str]) -> list[list[dict[str, Any]]]:
-        out = self.run_pipeline(inputs)
-        if len(inputs) == 1 and (not out or isinstance(out[0], dict)):  # one input: its entities, not a list of them
-            out = [out]
-        return out
+        return self.run_pipeline(inputs)
 
 
 TASK = Task(

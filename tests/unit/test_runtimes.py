@@ -1,6 +1,7 @@
 """The shipped runtimes, one per task, on tiny models: what each answers, and that it answers what
 transformers' own pipeline (or sentence-transformers) answers for the same model."""
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -99,6 +100,34 @@ def test_image_runtime_takes_encoded_bytes(tiny_dir):
     assert {label for label, _ in scores} == {"pixels-0", "pixels-1", "pixels-2"}
     with pytest.raises(BadImage):
         rt.predict([b"not an image"])
+
+
+@contextlib.contextmanager
+def _no_pipeline_call(pipe):
+    """Within it, a call of the pipeline itself (its ``__call__``, which wraps a list in a data loader) fails."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline's __call__ ran for one input")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(pipe), "__call__", refuse)
+        yield
+
+
+def test_one_image_alone_scores_as_the_image_classification_pipeline_scores_it(tiny_dir):
+    from transformers import pipeline
+
+    rt = runtime_for(_spec("pixels", "image-classification", tiny_dir / "pixels"), device="cpu")
+    rt.load()
+    images = rt.prepare([(PROJECT_ROOT / "samples/images" / name).read_bytes() for name in ("square.jpg", "image.jpg")])
+    want = pipeline("image-classification", model=str(tiny_dir / "pixels"), device="cpu")(images, top_k=None)
+    for image, theirs in zip(images, want, strict=True):
+        with _no_pipeline_call(rt.pipeline):
+            (scores,) = rt.predict([image])
+        assert [label for label, _ in scores] == [d["label"] for d in theirs]
+        assert [score for _, score in scores] == pytest.approx([d["score"] for d in theirs], abs=1e-6)
+    for batched, theirs in zip(rt.predict(images), want, strict=True):  # a batch: one forward pass, same scores
+        assert [score for _, score in batched] == pytest.approx([d["score"] for d in theirs], abs=1e-5)
 
 
 def test_a_truncated_image_is_a_bad_image_when_the_worker_decodes_it(tiny_dir):
@@ -236,8 +265,13 @@ def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny
         assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in ours] == [
             (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
         ]
-    (one,) = rt.predict(texts[:1])  # one input: its entities, as a list of one row
-    assert one == got[0]
+    for text, theirs in zip(texts, want, strict=True):  # one input alone: the pipeline's own steps for one input
+        with _no_pipeline_call(rt.pipeline):
+            (one,) = rt.predict([text])
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in one] == [
+            (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
+        ]
+        assert [float(e["score"]) for e in one] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-6)
 
 
 def test_an_unknown_aggregation_strategy_fails_the_load(tiny_dir):
