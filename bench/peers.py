@@ -27,6 +27,7 @@ from typing import NamedTuple
 import httpx
 import yaml
 
+from bench import cpu
 from bench.scenarios import Run
 from demo.tiny_models import (
     build_bert,
@@ -38,6 +39,7 @@ from demo.tiny_models import (
 )
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.devtools import free_port, no_haproxy_left, own_fixed_ports, serve_env
+from serve_app.launch import descendants
 
 
 def bench_registry(folder: Path, smoke: bool) -> Path:
@@ -203,30 +205,12 @@ def replica_pids(app_name: str, root: int | None = None) -> list[int]:
     """The worker replicas' processes of Serve application ``app_name`` below ``root`` in the process tree (this
     process by default; a ``serve run`` this run started, whose Ray is its own): Ray titles each
     ``ray::ServeReplica:<app>:ModelWorker``, followed by the method it runs at the moment, if any."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    title = f"ray::ServeReplica:{app_name}:ModelWorker"
-    found, todo = [], [root or os.getpid()]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                continue
-            if cmdline == title or cmdline.startswith((title + " ", title + ".")):  # ".": the method running now
-                found.append(pid)
+    wanted = f"ray::ServeReplica:{app_name}:ModelWorker"
+    found = []
+    for proc in descendants(root or os.getpid()):
+        name = cpu.title(proc.pid) or ""
+        if name == wanted or name.startswith((wanted + " ", wanted + ".")):  # ".": the method running now
+            found.append(proc.pid)
     return sorted(found)
 
 

@@ -409,6 +409,7 @@ def render(r: Any, out: Path, smoke: bool, runs: list[Any] | None = None) -> str
         "",
         f"![throughput]({plots['throughput']})",
         "",
+        *_cpu(r),
     ]
     if r.protocols:
         parts += _protocols(r)
@@ -904,6 +905,49 @@ def _knobs(r: Any) -> list[str]:
     ]
 
 
+CPU_WORKLOADS = ("one model", "two hot models")
+
+
+def cpu_point(r: Any) -> tuple[int | None, dict[tuple[str, str], dict]]:
+    """The throughput points whose servers' CPU this run measured, at 16 clients (or the most clients under
+    it that the run measured): the client count, and (peer, workload) -> the point's summary."""
+    found: dict[int, dict[tuple[str, str], dict]] = {}
+    for peer, series in r.throughput.items():
+        for workload in CPU_WORKLOADS:
+            for clients, point in series.get(workload, {}).items():
+                if point.get("server_cpu_ms_per_request") and int(clients) <= 16:
+                    found.setdefault(int(clients), {})[(peer, workload)] = point
+    if not found:
+        return None, {}
+    clients = max(found)
+    return clients, found[clients]
+
+
+def _cpu(r: Any) -> list[str]:
+    """Where the CPU went at 16 clients, by process (scenarios.throughput, bench/cpu.py), if measured."""
+    from bench.cpu import ROLES
+
+    clients, points = cpu_point(r)
+    if not points:
+        return []
+    columns = [(peer, workload) for peer in ("app", "seed") for workload in CPU_WORKLOADS if (peer, workload) in points]
+    roles = [role for role in ROLES if any(role in points[c]["server_cpu_ms_per_request"] for c in columns)]
+    two = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    rows = [[role, *(two(points[c]["server_cpu_ms_per_request"].get(role)) for c in columns)] for role in roles]
+    rows.append(["all", *(two(sum(points[c]["server_cpu_ms_per_request"].values())) for c in columns)])
+    rows.append(["CPUs in use (its CPU time over its rounds' time)", *(two(points[c]["server_cpus"]) for c in columns)])
+    rows.append(["the load generator (not in *all*)", *(f"{points[c]['cpu_ms_per_request']:.3f}" for c in columns)])
+    names = {"app": "app", "seed": "seed-style server"}
+    return [
+        f"Where the CPU went at {clients} clients: each server's CPU time (user and system, from `/proc`) over "
+        "its rounds of the point, by the role of its processes, per request sent (ms; `bench/cpu.py`). "
+        f"The machine has {r.machine.get('cpus', '?')} CPUs.",
+        "",
+        _table(["process", *(f"{names[peer]}, {workload}" for peer, workload in columns)], rows),
+        "",
+    ]
+
+
 def _breakdown(r: Any) -> list[str]:
     """Where a hot-path request's time goes, by part (scenarios.hot_breakdown), if this run measured it."""
     b = getattr(r, "breakdown", None)
@@ -974,6 +1018,20 @@ def _analysis(r: Any) -> list[str]:
                 f"router) cost {app['outside_worker_ms'] - floor['floor hop']:+.1f} ms over Serve's, and its worker "
                 f"replica's handling around the model {app['worker_own_ms']:.1f} ms more."
             )
+    clients, points = cpu_point(r)
+    app, seed = points.get(("app", "one model")), points.get(("seed", "one model"))
+    if app and seed and seed.get("rps"):
+        per = app["server_cpu_ms_per_request"]
+        total, seed_total = sum(per.values()), sum(seed["server_cpu_ms_per_request"].values())
+        by_role = ", ".join(f"{role} {ms:.2f}" for role, ms in per.items())
+        need = 2.2 * seed["rps"] * total / 1000
+        out.append(
+            f"- **CPU per request at {clients} clients, one model** (from `/proc`): the app "
+            f"{total:.2f} ms ({by_role}), using {app['server_cpus']:.2f} CPUs at {app['rps']:.1f} req/s; the "
+            f"seed-style server {seed_total:.2f} ms in its one process at {seed['rps']:.1f} req/s. At 2.2x the "
+            f"seed-style server's rate, {total:.2f} ms a request would take {need:.2f} CPUs, against the "
+            f"{r.machine.get('cpus', '?')} of this machine, shared with the load generator."
+        )
     busy = worker_busy(r)
     serving = sum(v["busy"] for k, v in r.profile.items() if not k.startswith("worker"))
     if busy:

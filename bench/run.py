@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import loadgen, scenarios
+from bench import cpu, loadgen, scenarios
 from bench.peers import (
     APP_NAME,
     SMOKE_APP,
@@ -206,9 +206,17 @@ def run(
             {k: seed_after[k] - counted["seed"][k] for k in seed_after},
         )
         print("throughput: the seed-style server and the app, each point on both in turn", flush=True)
+        processes = {"seed": (seed.proc.pid, cpu.ONE_PROCESS)}
+        if not app_url:
+            processes["app"] = (app.proc.pid, cpu.REST)  # serve run, and the Ray instance it started
         report.throughput.update(
             scenarios.throughput(
-                {"seed": seed_url, "app": url}, p.clients, p.requests_per_client, p.max_requests, p.min_requests
+                {"seed": seed_url, "app": url},
+                p.clients,
+                p.requests_per_client,
+                p.max_requests,
+                p.min_requests,
+                processes=processes,
             )
         )
         print("the fixed cost of each serving path: a route that runs no model, on both in turn", flush=True)

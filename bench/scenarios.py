@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from tritonclient.grpc import service_pb2 as pb
 
-from bench import loadgen
+from bench import cpu, loadgen
 from bench.simulate import belady_misses, lru_misses, zipf_trace
 from serve_app.core.paths import PROJECT_ROOT
 
@@ -47,6 +47,7 @@ class Run:
     round_rps: list[float] = field(default_factory=list)
     error_kinds: dict[str, int] = field(default_factory=dict)  # kind or status code -> count
     first_error: str = ""
+    server_cpu_s: dict[str, float] = field(default_factory=dict)  # the server's CPU time over the run, by role
 
     @classmethod
     def of(cls, result: loadgen.Result) -> Run:
@@ -74,6 +75,8 @@ class Run:
         for k, v in part.error_kinds.items():
             self.error_kinds[k] = self.error_kinds.get(k, 0) + v
         self.first_error = self.first_error or part.first_error
+        for k, v in part.server_cpu_s.items():
+            self.server_cpu_s[k] = self.server_cpu_s.get(k, 0.0) + v
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -110,6 +113,13 @@ class Run:
             "cpu_ms_per_request": self.cpu_ms_per_request,
             "error_kinds": self.error_kinds,
             "first_error": self.first_error,
+            # the server's CPU per request sent, by the role of its processes (bench/cpu.py), where measured
+            "server_cpu_ms_per_request": {k: 1000 * v / self.sent for k, v in self.server_cpu_s.items()}
+            if self.sent
+            else {},
+            "server_cpus": sum(self.server_cpu_s.values()) / self.elapsed
+            if self.server_cpu_s and self.elapsed
+            else None,
         }
 
 
@@ -341,12 +351,15 @@ def throughput(
     max_requests: int,
     min_requests: int = 20,
     rounds: int = ROUNDS,
+    processes: dict[str, tuple[int, str]] | None = None,
 ) -> dict:
     """Closed-loop throughput of servers that run at once, by name, for each workload at each client count:
     name -> workload -> clients -> summary. Each point is measured in `rounds` rounds, each round on every
     server back to back, in turns (first one server first, then the other), for the same reason as
     ``hot_side_by_side``: measured minutes apart, the seed-style server's figure at 16 clients on one model
-    was 56.2 req/s in one run and 29.8 in the next. A point's rate is the median of its rounds'."""
+    was 56.2 req/s in one run and 29.8 in the next. A point's rate is the median of its rounds'.
+    ``processes``: by server name, the root of its process tree and the role of that root process; the
+    server's CPU per request is measured over each of its rounds, by role (bench/cpu.py)."""
     out: dict = {name: {} for name in urls}
     turn = 0
     for workload, models in WORKLOADS.items():
@@ -355,7 +368,12 @@ def throughput(
             runs = {name: Run() for name in urls}
             for _ in range(rounds):
                 for name in in_turn(urls, turn):
-                    runs[name].add_round(closed_loop(urls[name], models, c, n, seed=c))
+                    tree = (processes or {}).get(name)
+                    before = cpu.snapshot(*tree) if tree else None
+                    part = closed_loop(urls[name], models, c, n, seed=c)
+                    if tree:
+                        part.server_cpu_s = cpu.spent(before, cpu.snapshot(*tree))
+                    runs[name].add_round(part)
                 turn += 1
             for name, run in runs.items():
                 out[name].setdefault(workload, {})[c] = run.summary()

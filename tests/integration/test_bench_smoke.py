@@ -5,6 +5,7 @@ bench` does not rot. It runs the benchmark's own load generator (rawhttp: no apt
 fails the suite everywhere); wrk, where installed, runs against the same app in a test of its own."""
 
 import math
+import os
 
 import pytest
 
@@ -60,6 +61,7 @@ def assert_sized_consistent(result: dict, n: int, total_bytes: int, copies: int,
 
 
 def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
+    from bench import cpu
     from bench.peers import SMOKE_FLEET_SIZES, SMOKE_MEMORY_BYTES
     from bench.run import SMOKE, run
     from bench.scenarios import ROUNDS, WORKLOADS, split
@@ -101,6 +103,18 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
             for c, s in series.items():
                 planned = ROUNDS * min(max(c * p.requests_per_client, p.min_requests), p.max_requests)
                 assert_point(s, planned, "rawhttp", ROUNDS, f"{peer} {workload} {c}")
+                # the server's CPU per request over its rounds, by process role: the seed-style server's one
+                # process; the app's only where the run started it (here it runs in the test session's Ray)
+                cpu_ms = s["server_cpu_ms_per_request"]
+                if peer == "seed":
+                    assert set(cpu_ms) == {cpu.ONE_PROCESS} and cpu_ms[cpu.ONE_PROCESS] > 0, (workload, c, cpu_ms)
+                    assert s["server_cpus"] > 0, (workload, c)
+                else:
+                    assert cpu_ms == {} and s["server_cpus"] is None, (workload, c)
+    # the roles bench/cpu.py sees in a Ray Serve instance as it runs in the shipped mode (this session's): each
+    # part of the app, by the titles Ray gives its processes
+    roles = {role for role, _ in cpu.snapshot(os.getpid(), "the test session").values()}
+    assert {cpu.WORKERS, cpu.INGRESS, cpu.HAPROXY, cpu.CONTROLLER, cpu.REST} <= roles, roles
     # each protocol: the hot path over the rounds, and 16 clients in each round
     assert list(report.protocols) == ["REST /predict", "REST /v2 infer", "gRPC ModelInfer"]
     n16 = min(16 * p.requests_per_client, p.max_requests)

@@ -1,0 +1,90 @@
+"""What each part of a server costs a request in CPU: the CPU time of its processes, by role, from /proc.
+
+A server is a process tree: the seed-style server is one process; the app is ``serve run`` and the Ray
+instance below it, where Ray titles each actor's process (``ray::ServeReplica:<app>:<deployment>``, with
+the method it runs at the moment after a dot) and HAProxy runs as a child of Ray's HAProxy manager actor.
+``snapshot`` reads the CPU time (user and system) of the root and every process below it; ``spent`` is
+what each role used between two snapshots. Per request, it says where a point's CPU went: the benchmark
+measures it on every throughput point (``scenarios.throughput``), and the report shows it at 16 clients.
+"""
+
+from __future__ import annotations
+
+import os
+
+from serve_app.launch import descendants
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+WORKERS = "worker replicas"
+INGRESS = "ingress replica"
+HAPROXY = "HAProxy and its manager"
+CONTROLLER = "Serve's controller"
+REST = "the rest of Ray"
+ONE_PROCESS = "the server's one process"
+ROLES = (WORKERS, INGRESS, HAPROXY, CONTROLLER, REST, ONE_PROCESS)
+"""The roles, in the order the report lists them: the app's, and a single-process server's."""
+
+Snapshot = dict[int, tuple[str, float]]
+"""PID -> (role, CPU seconds so far)."""
+
+
+def role(title: str, name: str) -> str:
+    """The role of an app's process, from its title (its command line, which Ray sets for its actors) and its
+    name (``/proc/PID/stat``)."""
+    if name == "haproxy" or title.startswith("ray::HAProxyManager"):
+        return HAPROXY
+    if title.startswith("ray::ServeController"):
+        return CONTROLLER
+    parts = title.split(" ", 1)[0].split(":")  # ray, "", ServeReplica, <app>, <deployment>[.<method>]
+    if len(parts) == 5 and parts[2] == "ServeReplica":
+        deployment = parts[4].split(".", 1)[0]
+        if deployment == "ModelWorker":
+            return WORKERS
+        if deployment == "Ingress":
+            return INGRESS
+    return REST
+
+
+def title(pid: int) -> str | None:
+    """A process's title: its command line, which Ray rewrites for its actors (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _cpu_and_title(pid: int) -> tuple[float, str, str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None  # gone
+    command = title(pid)
+    if command is None:
+        return None
+    end = stat.rindex(")")
+    fields = stat[end + 2 :].split()  # field 3 on: utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / TICK, command, stat[stat.index("(") + 1 : end]
+
+
+def snapshot(root: int, root_role: str) -> Snapshot:
+    """The CPU time so far of ``root`` (as ``root_role``) and of every process below it (by ``role``)."""
+    out: Snapshot = {}
+    for proc in [None, *descendants(root)]:
+        pid = root if proc is None else proc.pid
+        found = _cpu_and_title(pid)
+        if found is not None:
+            seconds, command, name = found
+            out[pid] = (root_role if proc is None else role(command, name), seconds)
+    return out
+
+
+def spent(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """CPU seconds each role used between two snapshots: of the processes in ``after``, each one's time since
+    ``before`` (all of it for a process started since)."""
+    out: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        out[name] = out.get(name, 0.0) + max(0.0, cpu - before.get(pid, (name, 0.0))[1])
+    return out
