@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench.cpu import ROLES
+
 TARGETS = {
     "one": "one hot model at 16 clients: at least 2.2x the seed-style server's requests per second",
     "two": "two hot models mixed at 16 clients: at least 2.0x the seed-style server's",
@@ -925,8 +927,6 @@ def cpu_point(r: Any) -> tuple[int | None, dict[tuple[str, str], dict]]:
 
 def _cpu(r: Any) -> list[str]:
     """Where the CPU went at 16 clients, by process (scenarios.throughput, bench/cpu.py), if measured."""
-    from bench.cpu import ROLES
-
     clients, points = cpu_point(r)
     if not points:
         return []
@@ -1023,7 +1023,7 @@ def _analysis(r: Any) -> list[str]:
     if app and seed and seed.get("rps"):
         per = app["server_cpu_ms_per_request"]
         total, seed_total = sum(per.values()), sum(seed["server_cpu_ms_per_request"].values())
-        by_role = ", ".join(f"{role} {ms:.2f}" for role, ms in per.items())
+        by_role = ", ".join(f"{role} {per[role]:.2f}" for role in ROLES if role in per)
         need = 2.2 * seed["rps"] * total / 1000
         out.append(
             f"- **CPU per request at {clients} clients, one model** (from `/proc`): the app "

@@ -51,7 +51,8 @@ def point(rps: float, per_role: dict[str, float], cpus: float) -> dict:
 
 
 def test_the_report_shows_each_servers_cpu_per_request_by_role_at_16_clients_and_what_the_target_needs():
-    app = {cpu.WORKERS: 4.0, cpu.INGRESS: 1.5, cpu.HAPROXY: 0.2, cpu.CONTROLLER: 0.1, cpu.REST: 0.2}
+    # in the order /proc lists the processes, not the table's
+    app = {cpu.REST: 0.2, cpu.CONTROLLER: 0.1, cpu.HAPROXY: 0.2, cpu.INGRESS: 1.5, cpu.WORKERS: 4.0}
     r = Report(
         machine={"cpus": 2},
         throughput={
@@ -68,5 +69,6 @@ def test_the_report_shows_each_servers_cpu_per_request_by_role_at_16_clients_and
     assert "| all | 6.00 | 6.00 | 12.00 |" in table
     (line,) = [line for line in _analysis(r) if "CPU per request at 16 clients" in line]
     # 2.2 x 150 req/s at 6 ms a request: 1.98 CPUs
-    assert "the app 6.00 ms" in line and "1.98 CPUs" in line and "the seed-style server 12.00 ms" in line
+    assert "the app 6.00 ms (worker replicas 4.00, ingress replica 1.50, HAProxy" in line  # in the table's order
+    assert "1.98 CPUs" in line and "the seed-style server 12.00 ms" in line
     assert _cpu(Report(throughput={"app": {"one model": {"16": {"rps": 1.0}}}})) == []  # not measured: no table
