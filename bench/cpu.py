@@ -6,13 +6,17 @@ the method it runs at the moment after a dot) and HAProxy runs as a child of Ray
 ``snapshot`` reads the CPU time (user and system) of the root and every process below it; ``spent`` is
 what each role used between two snapshots. Per request, it says where a point's CPU went: the benchmark
 measures it on every throughput point (``scenarios.throughput``), and the report shows it at 16 clients.
+
+What it leaves out: a process that ended between the two readings (its time is gone from /proc with it).
+What "the rest of Ray" holds besides Ray's own processes: every replica of another deployment or
+application in the same instance (the benchmark's Serve floor, the app's registry check), idle then.
 """
 
 from __future__ import annotations
 
 import os
 
-from serve_app.launch import descendants
+from serve_app.launch import current, descendants
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -25,8 +29,8 @@ ONE_PROCESS = "the server's one process"
 ROLES = (WORKERS, INGRESS, HAPROXY, CONTROLLER, REST, ONE_PROCESS)
 """The roles, in the order the report lists them: the app's, and a single-process server's."""
 
-Snapshot = dict[int, tuple[str, float]]
-"""PID -> (role, CPU seconds so far)."""
+Snapshot = dict[tuple[int, int], tuple[str, float]]
+"""(PID, start time) -> (role, CPU seconds so far): a PID used again by a new process is a new key."""
 
 
 def role(title: str, name: str) -> str:
@@ -72,12 +76,12 @@ def _cpu_and_title(pid: int) -> tuple[float, str, str] | None:
 def snapshot(root: int, root_role: str) -> Snapshot:
     """The CPU time so far of ``root`` (as ``root_role``) and of every process below it (by ``role``)."""
     out: Snapshot = {}
-    for proc in [None, *descendants(root)]:
-        pid = root if proc is None else proc.pid
-        found = _cpu_and_title(pid)
+    top = current(root)
+    for proc in [top, *descendants(root)] if top else []:
+        found = _cpu_and_title(proc.pid)
         if found is not None:
             seconds, command, name = found
-            out[pid] = (root_role if proc is None else role(command, name), seconds)
+            out[proc.key()] = (root_role if proc is top else role(command, name), seconds)
     return out
 
 
@@ -85,6 +89,6 @@ def spent(before: Snapshot, after: Snapshot) -> dict[str, float]:
     """CPU seconds each role used between two snapshots: of the processes in ``after``, each one's time since
     ``before`` (all of it for a process started since)."""
     out: dict[str, float] = {}
-    for pid, (name, cpu) in after.items():
-        out[name] = out.get(name, 0.0) + max(0.0, cpu - before.get(pid, (name, 0.0))[1])
+    for key, (name, cpu) in after.items():
+        out[name] = out.get(name, 0.0) + cpu - before.get(key, (name, 0.0))[1]
     return out

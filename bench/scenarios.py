@@ -359,7 +359,9 @@ def throughput(
     ``hot_side_by_side``: measured minutes apart, the seed-style server's figure at 16 clients on one model
     was 56.2 req/s in one run and 29.8 in the next. A point's rate is the median of its rounds'.
     ``processes``: by server name, the root of its process tree and the role of that root process; the
-    server's CPU per request is measured over each of its rounds, by role (bench/cpu.py)."""
+    server's CPU per request is measured over each of its rounds, by role (bench/cpu.py). The readings
+    bracket the whole round, the load generator's start and end included, while ``server_cpus`` divides by
+    the load's own time: both lean a little high, by what the servers do while idle for that long."""
     out: dict = {name: {} for name in urls}
     turn = 0
     for workload, models in WORKLOADS.items():

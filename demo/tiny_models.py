@@ -71,11 +71,11 @@ def build_token_model(folder: Path, model_id: str, seed: int = 0) -> Path:
     return build_bert(folder, "BertForTokenClassification", ENTITY_LABELS, seed)
 
 
-def build_image_model(folder: Path, model_id: str, seed: int = 0) -> Path:
+def build_image_model(folder: Path, model_id: str, seed: int = 0, labels: int = 3) -> Path:
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessorPil
 
-    labels = labels_for(model_id, 3)
+    labels = labels_for(model_id, labels)
     torch.manual_seed(seed)
     config = ResNetConfig(
         embedding_size=8,

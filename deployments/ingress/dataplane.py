@@ -280,7 +280,7 @@ class DataPlane:
     async def _with_timeout(self, model_id: str, coro: Any, timeout_s: float | None = None) -> Any:
         timeout_s = timeout_s or self.timeout_s
         try:
-            async with asyncio.timeout(timeout_s):  # in this task: wait_for would run the call as a task of its own
+            async with asyncio.timeout(timeout_s):  # in this task (Python 3.11's wait_for runs a task of its own)
                 return await coro
         except TimeoutError:
             raise RequestTimeout(

@@ -68,11 +68,6 @@ class PipelineRuntime(ModelRuntime):
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
         return pipe
 
-    def call_kwargs(self) -> dict[str, Any]:
-        """What the pipeline's own ``__call__`` adds to a call's keyword arguments before it splits them into
-        its steps' parameters (a task's pipeline may add some)."""
-        return {}
-
     def run_pipeline(self, inputs: list[Any], **kwargs: Any) -> list[Any]:
         """The pipeline over a batch, in as few forward passes as it allows (its default runs inputs one by one:
         several times slower per input on one CPU thread). One input runs through the pipeline's own steps for
@@ -87,7 +82,7 @@ class PipelineRuntime(ModelRuntime):
         """The parameters of the pipeline's preprocess, forward and postprocess for a call with ``kwargs``,
         fused with those it was built with, as its ``__call__`` fuses them (transformers' own split of them,
         ``_sanitize_parameters``; a unit test holds the answers to the pipeline's)."""
-        pre, forward, post = pipe._sanitize_parameters(**self.call_kwargs(), **kwargs)
+        pre, forward, post = pipe._sanitize_parameters(**kwargs)
         return (
             {**pipe._preprocess_params, **pre},
             {**pipe._forward_params, **forward},

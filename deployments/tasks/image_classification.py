@@ -23,7 +23,8 @@ class ImageClassificationRuntime(PipelineRuntime):
         return decode_images(inputs)
 
     def predict(self, inputs: list[Any]) -> list[list[tuple[str, float]]]:
-        out = self.run_pipeline(decode_images(inputs), top_k=None)
+        # every label: the pipeline's own default is its top 5 (top_k=None keeps that default)
+        out = self.run_pipeline(decode_images(inputs), top_k=self.loaded_pipeline.model.config.num_labels)
         return [[(d["label"], float(d["score"])) for d in row] for row in out]
 
 

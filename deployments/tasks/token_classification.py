@@ -28,9 +28,6 @@ class TokenClassificationRuntime(PipelineRuntime):
             raise ValueError(f"aggregation_strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         return {"aggregation_strategy": strategy}
 
-    def call_kwargs(self) -> dict[str, Any]:
-        return {"is_split_into_words": False, "delimiter": None}  # as the pipeline's __call__ sets them for text
-
     def predict(self, inputs: list[str]) -> list[list[dict[str, Any]]]:
         return self.run_pipeline(inputs)
 

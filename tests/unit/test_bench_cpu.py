@@ -1,9 +1,9 @@
 """The benchmark's CPU per request by process: which role each of a server's processes plays, what each
 role spent between two readings of /proc, and the report's table of it."""
 
+import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -29,21 +29,32 @@ def test_each_process_of_the_app_has_the_role_its_title_says(title, name, role):
     assert cpu.role(title, name) == role
 
 
-def test_the_cpu_a_process_tree_spent_between_two_readings_goes_to_each_process_role():
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
-    before = cpu.snapshot(subprocess.os.getpid(), "this test")
-    child = subprocess.Popen([sys.executable, "-c", burn])
+def test_a_reading_finds_each_process_below_the_root_with_its_role_and_cpu_time():
+    burn = (
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint('burnt', flush=True)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # the child has burnt its 0.3 s and sleeps
-        after = cpu.snapshot(subprocess.os.getpid(), "this test")
+        assert child.stdout.readline() == "burnt\n"  # it has used its 0.3 s of CPU
+        reading = cpu.snapshot(os.getpid(), "this test")
     finally:
         child.kill()
         child.wait()
-    assert after[child.pid][0] == cpu.REST and child.pid not in before  # started between the readings
-    spent = cpu.spent(before, after)
-    assert 0.25 <= spent[cpu.REST] < 0.9  # all of the child's time: it started after the first reading
-    assert set(spent) == {"this test", cpu.REST}
-    assert cpu.spent(after, after) == {"this test": 0.0, cpu.REST: 0.0}
+    (key,) = [key for key in reading if key[0] == child.pid]
+    assert reading[key][0] == cpu.REST and reading[key][1] >= 0.25
+    assert [role for (pid, _), (role, _) in reading.items() if pid == os.getpid()] == ["this test"]
+
+
+def test_what_each_role_spent_between_two_readings():
+    before = {(10, 1): (cpu.WORKERS, 5.0), (11, 1): (cpu.INGRESS, 2.0), (12, 1): (cpu.REST, 1.0)}
+    after = {
+        (10, 1): (cpu.WORKERS, 7.5),  # the same process: its time since the first reading
+        (11, 1): (cpu.INGRESS, 2.5),
+        (13, 9): (cpu.WORKERS, 0.5),  # started since: all of its time
+        (12, 9): (cpu.REST, 0.25),  # PID 12 used again by a new process: not the old one's time subtracted
+    }
+    assert cpu.spent(before, after) == {cpu.WORKERS: 3.0, cpu.INGRESS: 0.5, cpu.REST: 0.25}
+    assert cpu.spent(after, after) == {cpu.WORKERS: 0.0, cpu.INGRESS: 0.0, cpu.REST: 0.0}
 
 
 def point(rps: float, per_role: dict[str, float], cpus: float) -> dict:

@@ -120,7 +120,7 @@ def test_one_image_alone_scores_as_the_image_classification_pipeline_scores_it(t
     rt = runtime_for(_spec("pixels", "image-classification", tiny_dir / "pixels"), device="cpu")
     rt.load()
     images = rt.prepare([(PROJECT_ROOT / "samples/images" / name).read_bytes() for name in ("square.jpg", "image.jpg")])
-    want = pipeline("image-classification", model=str(tiny_dir / "pixels"), device="cpu")(images, top_k=None)
+    want = pipeline("image-classification", model=str(tiny_dir / "pixels"), device="cpu")(images, top_k=3)
     for image, theirs in zip(images, want, strict=True):
         with _no_pipeline_call(rt.pipeline):
             (scores,) = rt.predict([image])
@@ -128,6 +128,19 @@ def test_one_image_alone_scores_as_the_image_classification_pipeline_scores_it(t
         assert [score for _, score in scores] == pytest.approx([d["score"] for d in theirs], abs=1e-6)
     for batched, theirs in zip(rt.predict(images), want, strict=True):  # a batch: one forward pass, same scores
         assert [score for _, score in batched] == pytest.approx([d["score"] for d in theirs], abs=1e-5)
+
+
+def test_an_image_model_answers_every_label_not_the_pipelines_top_five(tmp_path):
+    from demo.tiny_models import build_image_model
+
+    folder = build_image_model(tmp_path / "many", "many", labels=7)
+    rt = runtime_for(_spec("many", "image-classification", folder), device="cpu")
+    rt.load()
+    raw = [(PROJECT_ROOT / "samples/images" / name).read_bytes() for name in ("square.jpg", "image.jpg")]
+    for rows in (rt.predict(raw[:1]), rt.predict(raw)):  # one image alone, and a batch
+        for scores in rows:
+            assert sorted(label for label, _ in scores) == [f"many-{k}" for k in range(7)]
+            assert sum(score for _, score in scores) == pytest.approx(1.0, abs=1e-5)  # the whole softmax
 
 
 def test_a_truncated_image_is_a_bad_image_when_the_worker_decodes_it(tiny_dir):
@@ -255,12 +268,13 @@ def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     config = BertConfig.from_pretrained(folder, num_labels=5, id2label=dict(enumerate(labels)))
     BertForTokenClassification(config).save_pretrained(folder)
-    texts = ["hello world this movie was great", "win a free iphone now", "bad"]
+    # the last text is longer than the model's 32 tokens: truncated, as the pipeline truncates it
+    texts = ["hello world this movie was great", "win a free iphone now", "bad", "hello world " * 40]
     want = pipeline("token-classification", model=str(folder), aggregation_strategy="simple")(texts)
     rt = runtime_for(_spec("ner", "token-classification", folder), device="cpu")
     rt.load()
     got = rt.predict(texts)
-    assert len(got) == 3 and sum(len(row) for row in got) > 0
+    assert len(got) == 4 and sum(len(row) for row in got) > 0
     for ours, theirs in zip(got, want, strict=True):
         assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in ours] == [
             (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
@@ -272,6 +286,18 @@ def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny
             (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
         ]
         assert [float(e["score"]) for e in one] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-6)
+
+
+def test_a_text_with_no_entities_answers_an_empty_list_alone_and_in_a_batch(tiny_dir, tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    folder = shutil.copytree(tiny_dir / "alpha", tmp_path / "nothing")
+    config = BertConfig.from_pretrained(folder, num_labels=1, id2label={0: "O"})  # every token outside an entity
+    BertForTokenClassification(config).save_pretrained(folder)
+    rt = runtime_for(_spec("nothing", "token-classification", folder), device="cpu")
+    rt.load()
+    assert rt.predict(["hello world"]) == [[]]
+    assert rt.predict(["hello world", "win a free iphone now"]) == [[], []]
 
 
 def test_an_unknown_aggregation_strategy_fails_the_load(tiny_dir):
