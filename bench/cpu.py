@@ -29,8 +29,20 @@ ONE_PROCESS = "the server's one process"
 ROLES = (WORKERS, INGRESS, HAPROXY, CONTROLLER, REST, ONE_PROCESS)
 """The roles, in the order the report lists them: the app's, and a single-process server's."""
 
+REPLICA_TITLE = "ray::ServeReplica:"
+
 Snapshot = dict[tuple[int, int], tuple[str, float]]
 """(PID, start time) -> (role, CPU seconds so far): a PID used again by a new process is a new key."""
+
+
+def serve_replica(title: str) -> tuple[str, str] | None:
+    """The application and deployment of a Serve replica's process, from the title Ray gives it
+    (``ray::ServeReplica:<app>:<deployment>``, then ``.<method>`` while it runs one); None for any other."""
+    command = title.split(" ", 1)[0]
+    if not command.startswith(REPLICA_TITLE):
+        return None
+    app, sep, deployment = command[len(REPLICA_TITLE) :].rpartition(":")
+    return (app, deployment.split(".", 1)[0]) if sep else None
 
 
 def role(title: str, name: str) -> str:
@@ -40,14 +52,8 @@ def role(title: str, name: str) -> str:
         return HAPROXY
     if title.startswith("ray::ServeController"):
         return CONTROLLER
-    parts = title.split(" ", 1)[0].split(":")  # ray, "", ServeReplica, <app>, <deployment>[.<method>]
-    if len(parts) == 5 and parts[2] == "ServeReplica":
-        deployment = parts[4].split(".", 1)[0]
-        if deployment == "ModelWorker":
-            return WORKERS
-        if deployment == "Ingress":
-            return INGRESS
-    return REST
+    _, deployment = serve_replica(title) or (None, None)
+    return {"ModelWorker": WORKERS, "Ingress": INGRESS}.get(deployment, REST)
 
 
 def title(pid: int) -> str | None:
@@ -59,18 +65,15 @@ def title(pid: int) -> str | None:
         return None
 
 
-def _cpu_and_title(pid: int) -> tuple[float, str, str] | None:
+def cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time so far, user and system (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
-        return None  # gone
-    command = title(pid)
-    if command is None:
         return None
-    end = stat.rindex(")")
-    fields = stat[end + 2 :].split()  # field 3 on: utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / TICK, command, stat[stat.index("(") + 1 : end]
+    fields = stat[stat.rindex(")") + 2 :].split()  # field 3 on: utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def snapshot(root: int, root_role: str) -> Snapshot:
@@ -78,10 +81,9 @@ def snapshot(root: int, root_role: str) -> Snapshot:
     out: Snapshot = {}
     top = current(root)
     for proc in [top, *descendants(root)] if top else []:
-        found = _cpu_and_title(proc.pid)
-        if found is not None:
-            seconds, command, name = found
-            out[proc.key()] = (root_role if proc is top else role(command, name), seconds)
+        seconds, command = cpu_seconds(proc.pid), title(proc.pid)
+        if seconds is not None and command is not None:  # not gone meanwhile
+            out[proc.key()] = (root_role if proc is top else role(command, proc.name), seconds)
     return out
 
 

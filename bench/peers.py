@@ -205,13 +205,11 @@ def replica_pids(app_name: str, root: int | None = None) -> list[int]:
     """The worker replicas' processes of Serve application ``app_name`` below ``root`` in the process tree (this
     process by default; a ``serve run`` this run started, whose Ray is its own): Ray titles each
     ``ray::ServeReplica:<app>:ModelWorker``, followed by the method it runs at the moment, if any."""
-    wanted = f"ray::ServeReplica:{app_name}:ModelWorker"
-    found = []
-    for proc in descendants(root or os.getpid()):
-        name = cpu.title(proc.pid) or ""
-        if name == wanted or name.startswith((wanted + " ", wanted + ".")):  # ".": the method running now
-            found.append(proc.pid)
-    return sorted(found)
+    return sorted(
+        proc.pid
+        for proc in descendants(root or os.getpid())
+        if cpu.serve_replica(cpu.title(proc.pid) or "") == (app_name, "ModelWorker")
+    )
 
 
 def process_memory(pid: int) -> dict[str, int]:
