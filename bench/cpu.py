@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from serve_app.launch import current, descendants
+from serve_app.launch import current, descendants, stat_fields
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -67,12 +67,10 @@ def title(pid: int) -> str | None:
 
 def cpu_seconds(pid: int) -> float | None:
     """A process's CPU time so far, user and system (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+    read = stat_fields(pid)
+    if read is None:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # field 3 on: utime and stime are fields 14 and 15
+    _, fields = read  # utime and stime: fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / TICK
 
 

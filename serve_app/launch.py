@@ -102,16 +102,25 @@ class Proc:
         return self.pid, self.start
 
 
-def _stat(pid: int) -> tuple[str, str, int, int] | None:
-    """Name, state, parent PID and start time of a process (/proc/PID/stat), or None once it is gone."""
+def stat_fields(pid: int) -> tuple[str, list[str]] | None:
+    """A process's name and the fields of /proc/PID/stat from field 3 on (state, ppid, ...; field N is at
+    index N - 3), or None once it is gone. The name, in parentheses, may hold spaces and parentheses itself."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
     end = stat.rindex(")")
-    fields = stat[end + 2 :].split()  # fields 3 and on: state, ppid, ..., starttime (22)
-    return stat[stat.index("(") + 1 : end], fields[0], int(fields[1]), int(fields[19])
+    return stat[stat.index("(") + 1 : end], stat[end + 2 :].split()
+
+
+def _stat(pid: int) -> tuple[str, str, int, int] | None:
+    """Name, state, parent PID and start time (field 22) of a process, or None once it is gone."""
+    read = stat_fields(pid)
+    if read is None:
+        return None
+    name, fields = read
+    return name, fields[0], int(fields[1]), int(fields[19])
 
 
 def current(pid: int) -> Proc | None:

@@ -259,6 +259,11 @@ def test_an_unknown_pooling_fails_the_load(tiny_dir):
 # -- token classification ------------------------------------------------------------------------------
 
 
+def _spans(entities: list[dict]) -> list[tuple]:
+    """Each entity's label, word and place in the text."""
+    return [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities]
+
+
 def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny_dir, tmp_path):
     import torch
     from transformers import BertConfig, BertForTokenClassification, pipeline
@@ -276,15 +281,11 @@ def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny
     got = rt.predict(texts)
     assert len(got) == 4 and sum(len(row) for row in got) > 0
     for ours, theirs in zip(got, want, strict=True):
-        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in ours] == [
-            (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
-        ]
+        assert _spans(ours) == _spans(theirs)
     for text, theirs in zip(texts, want, strict=True):  # one input alone: the pipeline's own steps for one input
         with _no_pipeline_call(rt.pipeline):
             (one,) = rt.predict([text])
-        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in one] == [
-            (e["entity_group"], e["word"], e["start"], e["end"]) for e in theirs
-        ]
+        assert _spans(one) == _spans(theirs)
         assert [float(e["score"]) for e in one] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-6)
 
 
