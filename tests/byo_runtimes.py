@@ -50,6 +50,32 @@ class FailsToLoad(ModelRuntime):
         raise AssertionError("never loaded")
 
 
+class FailsToLoadAndToUnload(ModelRuntime):
+    """Fails its load before it has a model, then fails in ``unload`` too, which drops a model it never got."""
+
+    def load(self) -> None:
+        raise RuntimeError("the license server did not answer")
+
+    def unload(self) -> None:
+        del self.model
+
+    def predict(self, inputs):
+        raise AssertionError("never loaded")
+
+
+class FailsToPrepare(ModelRuntime):
+    """Loads, then fails in ``prepare``, before its inputs join a batch."""
+
+    def load(self) -> None:
+        pass
+
+    def prepare(self, inputs: list[str]) -> list[str]:
+        raise ValueError("no tokenizer for this language")
+
+    def predict(self, inputs):
+        raise AssertionError("never prepared")
+
+
 class BreaksItsContract(ModelRuntime):
     """Loads, then answers a text-classification request with something that is not label scores."""
 

@@ -11,8 +11,9 @@ operator lists in ``args.runtime_modules``) subclasses ``ModelRuntime``:
 
 * ``load()``: read the model from ``self.spec.source`` (``self.spec.source.reference()`` gives a local
   folder, or a hub id and revision) and keep it on ``self``;
-* ``predict(inputs)``: one row per input, in input order, in the form of the task's output kind (a
-  text-classification row is label scores, a feature-extraction row a vector, ...: docs/models.md);
+* ``predict(inputs)``: one row per input, in input order (a list, or an array or tensor whose first axis
+  is the inputs), in the form of the task's output kind (a text-classification row is label scores, a
+  feature-extraction row a vector, ...: docs/models.md);
   the inputs are what the task's input kind decodes (``str`` for text, encoded image bytes for images,
   after ``prepare``);
 * ``unload()``: drop every reference to the model, so that its memory can be freed;
@@ -20,11 +21,14 @@ operator lists in ``args.runtime_modules``) subclasses ``ModelRuntime``:
   then counts the growth of the process's resident memory during the load); the default counts the
   parameters and buffers of every torch module among the runtime's attributes.
 
-Optional: ``prepare(inputs)`` turns one request's inputs into what ``predict`` takes before they join a
-batch (in a thread; an input it cannot take raises a ``ServeAppError`` that fails its own request only),
-and ``task``, the name of the one task the class serves (a registry entry of another task is refused at
-load). Exceptions raised by ``load`` make the load fail (the model shows ``failed``, requests get 503 with
-the reason); exceptions raised by ``predict`` fail the batch's requests with 503.
+Optional: ``prepare(inputs)`` turns one request's inputs into one item per input (a list, a tuple or an
+array along its first axis), what ``predict`` takes, before they join a batch (in a thread; an input it
+cannot take raises a ``ServeAppError``, such as ``InvalidInput`` (422) or ``BadImage`` (400), that fails
+its own request only; any other exception, or another number of items, fails it with 503), and ``task``,
+the name of the one task the class serves (a registry entry of another task is refused at load).
+Exceptions raised by ``load`` make the load fail (the model shows ``failed``, requests get 503 with the
+reason; an ``unload`` that then raises is logged, not raised); exceptions raised by ``predict`` fail the
+batch's requests with 503.
 """
 
 from __future__ import annotations

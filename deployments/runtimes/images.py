@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from serve_app.core.errors import BadImage
 from serve_app.core.images import IMAGE_FORMATS, decoder_error, open_image
@@ -24,6 +24,10 @@ def decode_image(data: bytes) -> Image.Image:
         raise BadImage(
             f"not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): {decoder_error(e)}"
         ) from None
+    try:  # upright, as a camera's orientation tag says (as transformers' load_image turns it)
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # EXIF that cannot be read: the pixels as stored, and no EXIF left to trip on later
+        img.info.pop("exif", None)
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE))
     return img

@@ -19,6 +19,30 @@ def quiet_tokenizers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def position_limit(model: Any) -> int | None:
+    """The most tokens ``model`` takes: the rows of its table of absolute position embeddings, less those
+    before the first position for a model whose position ids start after the padding token's (RoBERTa and
+    its kin: ``padding_idx + 1``, as sentence-transformers counts them). None for a model without such a
+    table (relative or rotary positions: DeBERTa v2 and v3, ModernBERT), which takes any length."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(module, torch.nn.Embedding):
+            offset = module.padding_idx + 1 if isinstance(module.padding_idx, int) else 0
+            return module.num_embeddings - offset
+    return None
+
+
+def bound_tokenizer(tokenizer: Any, model: Any) -> int | None:
+    """Cap ``tokenizer.model_max_length``, the length its truncation keeps, at the tokens the model can take
+    (``position_limit``), and return that limit: a tokenizer saved without a maximum reports about 1e30 and
+    would truncate nothing, and a longer text would then fail in the model instead of being truncated."""
+    limit = position_limit(model)
+    if tokenizer is not None and limit is not None and tokenizer.model_max_length > limit:
+        tokenizer.model_max_length = limit
+    return limit
+
+
 def forward_batch(tokenizer: Any) -> int:
     """Most inputs in one forward pass: MAX_FORWARD_BATCH, or one for a tokenizer without a pad token, which
     cannot pad a batch."""
@@ -52,6 +76,7 @@ class PipelineRuntime(ModelRuntime):
             device=self.device,
             **self.pipeline_kwargs(),
         )
+        bound_tokenizer(getattr(self.pipeline, "tokenizer", None), self.pipeline.model)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """More arguments of ``transformers.pipeline``."""

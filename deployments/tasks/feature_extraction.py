@@ -2,10 +2,15 @@
 
 The pooling comes from the model's own sentence-transformers files, when it has them: ``modules.json``
 (the modules in order: the transformer, its folder; a ``Normalize`` module means unit-length vectors) and
-the pooling module's ``config.json`` (``pooling_mode_mean_tokens``, ``..._cls_token``, ``..._max_tokens``,
-``..._mean_sqrt_len_tokens``), with ``sentence_bert_config.json``'s ``max_seq_length``. A model without
-them is mean-pooled and not normalised. Registry ``parameters`` override either: ``{"pooling": "mean" |
-"cls" | "max" | "mean_sqrt_len", "normalize": true | false, "max_seq_length": 128}``.
+the pooling module's ``config.json``: ``pooling_mode`` (a mode, or a list of modes whose vectors are
+concatenated, as sentence-transformers 5 and later write it) or the older ``pooling_mode_*_token(s)`` flags
+(none set: mean, as sentence-transformers reads them), with ``sentence_bert_config.json``'s
+``max_seq_length``. The modes are sentence-transformers': ``cls``, ``max``, ``mean``, ``mean_sqrt_len``
+(its ``mean_sqrt_len_tokens``), ``weightedmean`` and ``lasttoken``. A model without those files is
+mean-pooled and not normalised. Registry ``parameters`` override either: ``{"pooling": "mean" (or a list
+of modes), "normalize": true | false, "max_seq_length": 128}``. A model whose sentence-transformers config
+prepends a prompt to every input by default (``default_prompt_name``), or that has modules other than the
+transformer, the pooling and ``Normalize`` (a ``Dense`` layer), fails its load with the reason.
 
 Each batch is one tokenizer call and one forward pass (up to 32 sentences a pass), as sentence-transformers'
 ``encode`` computes it.
@@ -18,17 +23,43 @@ from pathlib import Path
 from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
-from deployments.runtimes.transformers import forward_batch, in_forward_passes, quiet_tokenizers
+from deployments.runtimes.transformers import bound_tokenizer, forward_batch, in_forward_passes, quiet_tokenizers
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
 
-POOLING_MODES = {
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
+"""The pooling modes, by this runtime's names (sentence-transformers calls ``mean_sqrt_len``
+``mean_sqrt_len_tokens``)."""
+
+_ST_MODES = {**{m: m for m in POOLING_MODES}, "mean_sqrt_len_tokens": "mean_sqrt_len"}
+_LEGACY_FLAGS = {  # sentence-transformers' order, which is the order of their vectors
     "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
     "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
 }
+
+
+def pooling_modes(config: dict[str, Any]) -> tuple[str, ...]:
+    """The modes of a sentence-transformers pooling module's ``config.json``, in order."""
+    modes = config.get("pooling_mode")
+    if modes is None:
+        unknown = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _LEGACY_FLAGS]
+        if unknown:
+            raise ValueError(f"unsupported sentence-transformers pooling: {unknown}")
+        modes = [mode for key, mode in _LEGACY_FLAGS.items() if config.get(key)] or ["mean"]
+    return checked_modes(modes, "sentence-transformers pooling")
+
+
+def checked_modes(modes: Any, what: str) -> tuple[str, ...]:
+    """Pooling modes (a name or a list of names) by this runtime's names; ValueError for an unknown one."""
+    names = [modes] if isinstance(modes, str) else list(modes) if isinstance(modes, (list, tuple)) else []
+    if not names or not all(isinstance(m, str) and m in _ST_MODES for m in names):
+        raise ValueError(f"unknown {what} {modes!r}: one of {', '.join(POOLING_MODES)}, or a list of them")
+    return tuple(_ST_MODES[m] for m in names)
 
 
 def _file(model: str, revision: str | None, name: str) -> Path | None:
@@ -53,6 +84,11 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
         return {}
     modules = json.loads(modules_file.read_text())
     config: dict[str, Any] = {"normalize": any(m["type"].endswith(".Normalize") for m in modules)}
+    st_file = _file(model, revision, "config_sentence_transformers.json")
+    st_config = json.loads(st_file.read_text()) if st_file is not None else {}
+    prompt = (st_config.get("prompts") or {}).get(st_config.get("default_prompt_name") or "")
+    if prompt:
+        raise ValueError(f"the model prepends a prompt to every input by default ({prompt!r}), not supported")
     for m in modules:
         kind, path = m["type"].rsplit(".", 1)[-1], m.get("path", "")
         if kind == "Transformer":
@@ -61,27 +97,36 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
             if bert is not None:
                 config["max_seq_length"] = json.loads(bert.read_text()).get("max_seq_length")
         elif kind == "Pooling":
-            pooling = json.loads(_file(model, revision, f"{path}/config.json").read_text())
-            modes = [mode for key, mode in POOLING_MODES.items() if pooling.get(key)]
-            other = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k not in POOLING_MODES]
-            if other or len(modes) != 1:
-                raise ValueError(f"unsupported sentence-transformers pooling: {other or modes}")
-            config["pooling"] = modes[0]
+            pooling = _file(model, revision, f"{path}/config.json" if path else "config.json")
+            config["pooling"] = pooling_modes(json.loads(pooling.read_text()) if pooling is not None else {})
         elif kind not in ("Normalize",):
             raise ValueError(f"unsupported sentence-transformers module {m['type']!r}")
     return config
 
 
-def pool(hidden: Any, mask: Any, mode: str) -> Any:
-    """Token embeddings ``[batch, tokens, dim]`` to sentence embeddings ``[batch, dim]``, padding left out."""
+def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...]) -> Any:
+    """Token embeddings ``[batch, tokens, dim]`` to sentence embeddings ``[batch, dim]`` (times the number
+    of modes: their vectors concatenated), padding left out on either side, as sentence-transformers
+    pools them."""
     import torch
 
-    if mode == "cls":
-        return hidden[:, 0]
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    if not isinstance(modes, str):
+        return torch.cat([pool(hidden, mask, mode) for mode in modes], dim=1)
+    hidden = hidden.float()  # sums in float32, as sentence-transformers sums them, whatever the model's dtype
+    mode, rows, tokens = modes, torch.arange(hidden.shape[0], device=hidden.device), hidden.shape[1]
+    if mode == "cls":  # the first token that is not padding
+        return hidden[rows, mask.to(torch.int).argmax(dim=1)]
+    if mode == "lasttoken":  # the last token that is not padding
+        found, from_end = mask.to(torch.int).flip(1).max(dim=1)
+        return hidden[rows, torch.where(found == 0, 0, tokens - 1 - from_end)]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "max":
-        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
-    summed, counts = (hidden * mask).sum(dim=1), mask.sum(dim=1).clamp(min=1e-9)
+        return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    if mode == "weightedmean":  # token i of a text weighs i + 1, counted from its first token
+        first = mask.to(torch.int).argmax(dim=1).view(-1, 1, 1)
+        weights = weights * (torch.arange(1, tokens + 1, device=hidden.device).view(1, -1, 1) - first)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    summed, counts = (hidden * weights).sum(dim=1), weights.sum(dim=1).clamp(min=1e-9)
     return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
 
 
@@ -93,18 +138,19 @@ class SentenceEmbeddingRuntime(ModelRuntime):
 
         quiet_tokenizers()
         model, revision = self.spec.source.reference()
-        config = {"pooling": "mean", "normalize": False, **sentence_transformers_config(model, revision)}
+        config = {"pooling": ("mean",), "normalize": False, **sentence_transformers_config(model, revision)}
         config.update(
             {k: v for k, v in self.spec.parameters.items() if k in ("pooling", "normalize", "max_seq_length")}
         )
-        if config["pooling"] not in POOLING_MODES.values():
-            raise ValueError(f"unknown pooling {config['pooling']!r}: one of {', '.join(POOLING_MODES.values())}")
+        config["pooling"] = checked_modes(config["pooling"], "pooling")
         sub = {"subfolder": config["subfolder"]} if config.get("subfolder") else {}
         self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, **sub)
         self.model = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=False, **sub)
         self.model.to(self.device).eval()
+        limit = bound_tokenizer(self.tokenizer, self.model)
         self.pooling, self.normalize = config["pooling"], bool(config["normalize"])
-        self.max_length = config.get("max_seq_length") or None
+        max_length = config.get("max_seq_length")  # sentence-transformers' own, which wins over the tokenizer's
+        self.max_length = min(max_length, limit or max_length) if max_length else None
 
     def unload(self) -> None:
         self.model = self.tokenizer = None

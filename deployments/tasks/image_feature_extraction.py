@@ -1,9 +1,13 @@
 """``image-feature-extraction``: images in, one embedding each.
 
 The runtime loads the model's backbone (``AutoModel``: an image classifier's weights without its head)
-and its image processor, and answers each image's pooled features (the model's ``pooler_output``,
-flattened; the mean of the last hidden state for a model without a pooler): for a classifier, the layer
-before its head. Registry ``parameters``: ``{"normalize": true}`` for unit-length vectors (default false).
+and its image processor, and answers each image's pooled features: for a classifier, the layer before its
+head. That is the model's ``pooler_output``, flattened, where the checkpoint holds the pooler's weights (a
+ResNet's average pool has none); else the last hidden state, averaged over its positions for a
+convolutional model, or its first token for a transformer (the class token, which the ViT family's
+classifiers read: their checkpoints do not keep the pooler that ``AutoModel`` adds, which would be random).
+A checkpoint that lacks any other weight of the backbone fails its load with their names: they would be
+random too. Registry ``parameters``: ``{"normalize": true}`` for unit-length vectors (default false).
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ class ImageEmbeddingRuntime(ModelRuntime):
 
         model, revision = self.spec.source.reference()
         self.processor = AutoImageProcessor.from_pretrained(model, revision=revision)
-        self.model = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=False)
+        self.model, info = AutoModel.from_pretrained(
+            model, revision=revision, trust_remote_code=False, output_loading_info=True
+        )
+        missing = sorted(info.get("missing_keys") or ())
+        self.pooler_trained = not any(key.startswith("pooler.") for key in missing)
+        untrained = [key for key in missing if not key.startswith("pooler.")]
+        if untrained:
+            more = f" and {len(untrained) - 5} more" if len(untrained) > 5 else ""
+            raise ValueError(f"the checkpoint lacks weights of the model, which would be random: {untrained[:5]}{more}")
         self.model.to(self.device).eval()
         self.normalize = bool(self.spec.parameters.get("normalize", False))
 
@@ -50,8 +62,12 @@ class ImageEmbeddingRuntime(ModelRuntime):
         with torch.inference_mode():
             pixels = processor(images, return_tensors="pt")["pixel_values"].to(model.device)
             out = model(pixel_values=pixels)
-            pooled = getattr(out, "pooler_output", None)
-            vectors = pooled.flatten(1) if pooled is not None else out.last_hidden_state.flatten(2).mean(-1)
+            pooled = getattr(out, "pooler_output", None) if self.pooler_trained else None
+            if pooled is not None:
+                vectors = pooled.flatten(1)
+            else:  # [batch, tokens, dim]: the class token; [batch, channels, height, width]: the mean per channel
+                hidden = out.last_hidden_state
+                vectors = hidden[:, 0] if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             return list(vectors.float().cpu().numpy())

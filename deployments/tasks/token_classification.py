@@ -2,8 +2,11 @@
 
 The runtime runs transformers' token-classification pipeline with ``aggregation_strategy="simple"``
 (tokens of one entity merged into one span; ``start`` and ``end`` index the input text), a batch in as
-few forward passes as the tokenizer allows. Registry ``parameters`` may name another strategy:
-``{"aggregation_strategy": "first" | "average" | "max" | "simple"}``.
+few forward passes as the tokenizer allows. A text longer than the model takes is truncated, as the
+pipeline truncates it, and the entities past the cut are not found; with ``stride`` (a number of tokens)
+the pipeline reads the whole text instead, in windows of the model's length that overlap by ``stride``
+tokens, one forward pass a window (a text of ``max_text_chars`` can take tens of them). Registry
+``parameters``: ``{"aggregation_strategy": "first" | "average" | "max" | "simple", "stride": 128}``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,17 @@ class TokenClassificationRuntime(PipelineRuntime):
         strategy = self.spec.parameters.get("aggregation_strategy", "simple")
         if strategy not in STRATEGIES:
             raise ValueError(f"aggregation_strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
-        return {"aggregation_strategy": strategy}
+        stride = self.spec.parameters.get("stride")
+        if stride is not None and (type(stride) is not int or stride < 0):
+            raise ValueError(f"stride {stride!r}: a number of tokens, 0 or more")
+        return {"aggregation_strategy": strategy, **({"stride": stride} if stride is not None else {})}
+
+    def load(self) -> None:
+        super().load()
+        stride, room = self.spec.parameters.get("stride"), self.pipeline.tokenizer.model_max_length - 2
+        if stride is not None and stride >= room:  # the model's length less its two special tokens
+            self.pipeline = None
+            raise ValueError(f"stride {stride}: less than the {room} tokens of text the model takes at once")
 
     def predict(self, inputs: list[str]) -> list[list[dict[str, Any]]]:
         return self.run_pipeline(inputs)

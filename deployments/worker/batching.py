@@ -58,6 +58,20 @@ BATCH_SIZE_WEIGHT = 0.2
 batch, about 7 batches of one bring it under COMPANY_AT)."""
 
 
+def model_failure(copy: ModelCopy, e: Exception, doing: str = "failed on this input") -> ServeAppError:
+    """What a request gets when the model's code raised ``e``: itself for the app's own errors, else a 503
+    naming the reason (a ``ContractError``: the task's contract it broke)."""
+    if isinstance(e, ServeAppError):
+        return e
+    if isinstance(e, ContractError):
+        return ModelUnavailable(
+            f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {bounded(str(e))}",
+            model_id=copy.spec.id,
+        )
+    logger.error("model %r %s", copy.spec.id, doing, exc_info=e)  # the whole text, for the operator
+    return ModelUnavailable(f"Model {copy.spec.id!r} {doing}: {failure_reason(e, copy.spec)}", model_id=copy.spec.id)
+
+
 def _timed_answer(copy: ModelCopy, requests: list[list[Any]], threads: int | None) -> tuple[list[Answer], float]:
     """``copy.answer`` on the copy's thread, and the seconds it took there (the replica's ``model_seconds``)."""
     start = time.perf_counter()
@@ -184,18 +198,8 @@ class Batcher:
             answers, seconds = await asyncio.get_running_loop().run_in_executor(
                 copy.thread, _timed_answer, copy, requests, threads
             )
-        except ServeAppError:
-            raise
-        except ContractError as e:
-            raise ModelUnavailable(
-                f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {bounded(str(e))}",
-                model_id=copy.spec.id,
-            ) from None
         except Exception as e:
-            logger.exception("model %r failed on a request", copy.spec.id)  # the whole text, for the operator
-            raise ModelUnavailable(
-                f"Model {copy.spec.id!r} failed on this input: {failure_reason(e, copy.spec)}", model_id=copy.spec.id
-            ) from None
+            raise model_failure(copy, e) from None
         self._counters.model_seconds += seconds
         return answers
 

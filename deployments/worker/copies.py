@@ -176,6 +176,8 @@ class ModelCopy:
         flat = [item for inputs in requests for item in inputs]
         with with_threads(threads):
             rows = self.runtime.predict(flat)
+        if not isinstance(rows, Sequence) and hasattr(rows, "__len__") and hasattr(rows, "__getitem__"):
+            rows = list(rows)  # an array or a tensor of one row per input, as an encoder returns them
         if not isinstance(rows, Sequence) or len(rows) != len(flat):
             got = len(rows) if isinstance(rows, Sequence) else type(rows).__name__
             raise ContractError(f"predict must answer one row per input: {len(flat)} inputs, got {got}")
@@ -276,6 +278,8 @@ class ModelCopy:
             return
         try:
             runtime.unload()
+        except Exception:  # its references go with the runtime below, whatever its unload did
+            logger.exception("unloading model %r raised; its runtime is dropped", self.spec.id)
         finally:
             del runtime
             gc.collect()

@@ -25,7 +25,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.worker.batching import Batcher
+from deployments.worker.batching import Batcher, model_failure
 from deployments.worker.cache import MAX_MODELS_PER_REPLICA, ModelCache
 from deployments.worker.copies import ModelCopy
 from deployments.worker.memory import MemoryBudget
@@ -34,6 +34,7 @@ from serve_app.core.config import RegistryRules, WorkerArgs
 from serve_app.core.errors import ModelChanged
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import WorkerMetrics
+from serve_app.core.outputs import ContractError
 from serve_app.core.schemas import ReplicaCounters, RouteHint, WorkerResult
 
 logger = logging.getLogger("ray.serve")
@@ -167,10 +168,20 @@ class ModelWorker:
             self._decoding += 1
             self._counters.most_decodes_at_once = max(self._counters.most_decodes_at_once, self._decoding)
         try:
-            return copy.prepare(inputs)
+            prepared = copy.prepare(inputs)
+        except Exception as e:
+            raise model_failure(copy, e, "failed to prepare this input") from None
         finally:
             with self._decoding_lock:
                 self._decoding -= 1
+        if not isinstance(prepared, list) and hasattr(prepared, "__len__") and hasattr(prepared, "__getitem__"):
+            prepared = list(prepared)  # a tuple, an array: one item per input along its first axis
+        if not isinstance(prepared, list) or len(prepared) != len(inputs):
+            got = len(prepared) if isinstance(prepared, list) else type(prepared).__name__
+            raise model_failure(
+                copy, ContractError(f"prepare must answer one item per input: {len(inputs)} inputs, got {got}")
+            )
+        return prepared
 
     # -- explicit load and unload -------------------------------------------------------------------
 

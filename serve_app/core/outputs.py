@@ -52,7 +52,10 @@ class OutputKind(ABC):
 
 def _floats(values: Any, what: str) -> np.ndarray:
     try:
-        array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float32)
+        if hasattr(values, "detach"):  # a torch tensor, on any device and of any float type (numpy has no bf16)
+            values = values.detach().cpu()
+            values = values.float() if values.is_floating_point() else values
+        array = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise ContractError(f"{what} must be numbers: {e}") from None
     return array

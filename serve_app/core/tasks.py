@@ -38,7 +38,7 @@ from serve_app.core.paths import resolve_project_path
 if TYPE_CHECKING:
     from serve_app.core.registry import ModelSpec
 
-RUNTIME_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+RUNTIME_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 """``package.module:Class``."""
 
 
@@ -123,7 +123,7 @@ class TaskCatalog:
     def check_runtime(self, path: str) -> str | None:
         """Why a registry entry may not name this runtime class, or None. Only the module is checked here;
         the class is imported when a replica loads the model."""
-        if not RUNTIME_PATH.match(path):
+        if not RUNTIME_PATH.fullmatch(path):
             return f"{path!r} is not of the form package.module:Class"
         module = path.partition(":")[0]
         if module not in self._allowed:

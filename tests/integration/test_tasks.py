@@ -239,6 +239,8 @@ def tasks_url(deploy, tiny_dir, tmp_path_factory):
         entry("stats", task="text-statistics"),
         entry("alpha", path=tiny_dir / "alpha", labels=labels_for("alpha")),
         entry("no-license", runtime=f"{own}:FailsToLoad"),
+        entry("no-license-nor-unload", runtime=f"{own}:FailsToLoadAndToUnload"),
+        entry("unprepared", runtime=f"{own}:FailsToPrepare"),
         entry("wrong", runtime=f"{own}:BreaksItsContract"),
         entry("noisy", runtime=f"{own}:FailsNoisily"),
         entry("plain", runtime=f"{own}:NotARuntime"),
@@ -319,6 +321,7 @@ def test_a_runtime_of_ones_own_is_served_batched_and_evicted_like_any_other(clie
     "model_id, reason",
     [
         ("no-license", "RuntimeError: the license server did not answer"),
+        ("no-license-nor-unload", "RuntimeError: the license server did not answer"),
         ("plain", "is not a subclass of deployments.runtimes.ModelRuntime"),
         ("missing", "module 'tests.byo_runtimes' has no class 'Missing'"),
     ],
@@ -344,6 +347,14 @@ def test_a_runtime_that_fails_on_its_input_is_a_503_naming_the_failure_without_a
     message = r.json()["message"]
     assert message.startswith("Model 'noisy' failed on this input: RuntimeError: cannot handle")
     assert " at 0x" not in message and len(message) < 320, message
+
+
+def test_a_runtime_whose_prepare_fails_is_a_503_naming_the_failure(client, tasks_url):
+    r = predict(client, tasks_url, "unprepared", "hello")
+    assert r.status_code == 503 and r.json()["error"] == "model_unavailable", r.text[:300]
+    assert r.json()["message"] == (
+        "Model 'unprepared' failed to prepare this input: ValueError: no tokenizer for this language"
+    )
 
 
 def test_a_runtime_that_answers_outside_its_tasks_contract_is_a_503_naming_it(client, tasks_url):

@@ -46,6 +46,44 @@ def test_a_runtime_that_cannot_tell_its_size_is_measured_by_resident_memory(tiny
     assert copy.weights_bytes is None and copy.size_bytes == copy.rss_growth_bytes >= 8 << 20
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch", "bfloat16"])
+def test_an_embedding_runtime_may_answer_one_array_of_a_row_per_input(kind):
+    """``predict`` may return what an encoder returns: an array or a tensor, its first axis the inputs."""
+    import numpy as np
+    import torch
+
+    class Encoder(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            vectors = np.arange(len(inputs) * 3, dtype=np.float32).reshape(len(inputs), 3)
+            tensor = torch.from_numpy(vectors)
+            return vectors if kind == "numpy" else tensor if kind == "torch" else tensor.to(torch.bfloat16)
+
+    spec = ModelSpec(id="e", task="feature-extraction", source={"path": "x"})
+    copy = ModelCopy(spec, Encoder(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    first, second = copy.answer([["a", "b"], ["c"]])
+    assert first["embedding"].tolist() == [[0, 1, 2], [3, 4, 5]] and second["embedding"].tolist() == [[6, 7, 8]]
+
+
+def test_an_unload_that_raises_still_drops_the_runtime_and_releases_the_copy():
+    class Careless(ModelRuntime):
+        def load(self):
+            pass
+
+        def unload(self):
+            raise RuntimeError("already gone")
+
+        def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+    spec = ModelSpec(id="c", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Careless(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    copy.free()
+    assert not copy.loaded and copy.released.is_set()
+
+
 def test_unload_drops_every_reference_to_the_weights(tiny_dir):
     copy = copy_of(tiny_dir, "beta").load()
     model_ref = weakref.ref(copy.runtime.pipeline.model)

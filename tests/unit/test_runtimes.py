@@ -187,6 +187,38 @@ def test_a_very_large_image_is_shrunk_to_1024_pixels_a_side_when_decoded():
     assert decode_image(buf.getvalue()).size == (MAX_SIDE, 683) and MAX_SIDE == 1024
 
 
+def test_a_photo_is_decoded_upright_as_its_orientation_tag_says():
+    """A camera's JPEG stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view) is
+    decoded upright, for every image task alike (the classification pipeline would turn it, the
+    embedding runtime's processor would not)."""
+    import io
+
+    from PIL import Image
+
+    img, exif = Image.new("RGB", (200, 100), "white"), Image.Exif()
+    img.paste((255, 0, 0), (0, 0, 20, 100))  # a red band along the stored image's left edge
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    decoded = decode_image(buf.getvalue())
+    assert decoded.size == (100, 200)
+    assert decoded.getpixel((50, 5))[0] > 200 and decoded.getpixel((50, 5))[1] < 80  # the band is now on top
+
+
+def test_an_image_whose_exif_cannot_be_read_is_decoded_as_stored():
+    """EXIF that is not EXIF (a camera's or an editor's bug) does not make the image unreadable: its pixels
+    as stored, and no EXIF left for the classification pipeline's own turn to trip on."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), "white").save(buf, format="JPEG", exif=b"Exif\x00\x00not a TIFF header")
+    decoded = decode_image(buf.getvalue())
+    assert decoded.size == (20, 10) and "exif" not in decoded.info
+    assert ImageOps.exif_transpose(decoded).size == (20, 10)
+
+
 def test_only_the_allowed_image_formats_are_decoded():
     import io
 
@@ -217,7 +249,7 @@ def test_sentence_embeddings_are_sentence_transformers_encodes(minilm):
     st = pytest.importorskip("sentence_transformers")
     rt = runtime_for(_spec("embed", "feature-extraction", minilm), device="cpu")
     rt.load()
-    assert (rt.pooling, rt.normalize, rt.max_length) == ("mean", True, 256)
+    assert (rt.pooling, rt.normalize, rt.max_length) == (("mean",), True, 256)
     ours = np.stack(rt.predict(SENTENCES))
     theirs = st.SentenceTransformer(minilm, device="cpu").encode(SENTENCES)
     assert ours.shape == (4, 384) and ours.dtype == np.float32
@@ -246,14 +278,175 @@ def test_parameters_override_the_pooling_and_normalisation(minilm, pooling):
 def test_a_model_without_sentence_transformers_files_is_mean_pooled(tiny_dir):
     rt = runtime_for(_spec("alpha", "feature-extraction", tiny_dir / "alpha"), device="cpu")
     rt.load()
-    assert (rt.pooling, rt.normalize) == ("mean", False)
+    assert (rt.pooling, rt.normalize) == (("mean",), False)
     assert [v.shape for v in rt.predict(["hello", "win a free iphone now"])] == [(16,), (16,)]
+
+
+def _sentence_transformer(folder, tmp_path, modes, padding_side="right", legacy=False):
+    """A sentence-transformers model of the tiny text model ``folder`` with the pooling ``modes`` and
+    normalisation, saved by the installed sentence-transformers, its tokenizer padding on ``padding_side``
+    (``legacy``: its pooling config rewritten in the ``pooling_mode_*`` flags that older releases wrote),
+    and that model as sentence-transformers loads it from its folder."""
+    import json
+
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    transformer = Transformer(str(folder))
+    pooling = Pooling(transformer.get_embedding_dimension(), list(modes))
+    out = tmp_path / "st"
+    st.SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(str(out))
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": padding_side}))
+    if legacy:
+        flags = {
+            "cls": "cls_token",
+            "max": "max_tokens",
+            "mean": "mean_tokens",
+            "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+            "weightedmean": "weightedmean_tokens",
+            "lasttoken": "lasttoken",
+        }
+        config = {"word_embedding_dimension": transformer.get_embedding_dimension()}
+        config.update({f"pooling_mode_{flag}": mode in modes for mode, flag in flags.items()})
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    model = st.SentenceTransformer(str(out), device="cpu")
+    assert model.tokenizer.padding_side == padding_side
+    return out, model
+
+
+ST_POOLINGS = [
+    (["mean"], "right", False),
+    (["cls"], "right", False),
+    (["max"], "right", False),
+    (["mean_sqrt_len_tokens"], "right", False),
+    (["weightedmean"], "left", False),
+    (["lasttoken"], "left", False),
+    (["lasttoken"], "right", False),
+    (["cls", "mean"], "right", False),
+    (["cls"], "left", True),
+    (["max", "mean"], "right", True),
+    (["mean_sqrt_len_tokens", "weightedmean"], "right", True),
+]
+
+
+@pytest.mark.parametrize(("modes", "padding_side", "legacy"), ST_POOLINGS)
+def test_every_sentence_transformers_pooling_is_what_it_encodes(tiny_dir, tmp_path, modes, padding_side, legacy):
+    """Each pooling mode of sentence-transformers, and two concatenated, read from the files that the
+    installed sentence-transformers saves (``pooling_mode``) and that older ones saved (``pooling_mode_*``
+    flags), with padding on either side: the vectors are what sentence-transformers encodes."""
+    folder, st_model = _sentence_transformer(tiny_dir / "alpha", tmp_path, modes, padding_side, legacy)
+    rt = runtime_for(_spec("e", "feature-extraction", folder), device="cpu")
+    rt.load()
+    texts = ["hello world", "win a free iphone now please", "bad"]
+    ours, theirs = np.stack(rt.predict(texts)), st_model.encode(texts)
+    assert ours.shape == theirs.shape == (3, 16 * len(modes))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_token_embeddings_are_pooled_in_float32(dtype):
+    """A model that runs in half precision: its pooled vectors are those of its token embeddings summed in
+    float32 (in float16, the weights of 600 tokens add up past its largest number, and the vector was 0)."""
+    import torch
+
+    from deployments.tasks.feature_extraction import POOLING_MODES, pool
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 600, 8)
+    mask = torch.ones(2, 600, dtype=torch.long)
+    mask[1, 450:] = 0
+    half = hidden.to(getattr(torch, dtype))
+    for mode in POOLING_MODES:
+        got, want = pool(half, mask, mode), pool(half.float(), mask, mode)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all() and got.abs().sum() > 0, mode
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_pooling_config_without_a_mode_is_mean_pooled_as_sentence_transformers_reads_it(tiny_dir, tmp_path):
+    folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["cls"])
+    (folder / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 16, "pooling_mode_cls_token": false}'
+    )
+    rt = runtime_for(_spec("e", "feature-extraction", folder), device="cpu")
+    rt.load()
+    assert rt.pooling == ("mean",)
+
+
+def test_a_default_prompt_fails_the_load(tiny_dir, tmp_path):
+    """A model that prepends a prompt to every input by default would embed other text than it was sent."""
+    import json
+
+    folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["mean"])
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    config.update(prompts={"query": "query: "}, default_prompt_name="query")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="prompt"):
+        runtime_for(_spec("e", "feature-extraction", folder)).load()
 
 
 def test_an_unknown_pooling_fails_the_load(tiny_dir):
     rt = runtime_for(_spec("alpha", "feature-extraction", tiny_dir / "alpha", parameters={"pooling": "sum"}))
     with pytest.raises(ValueError, match="unknown pooling 'sum'"):
         rt.load()
+
+
+@pytest.mark.parametrize("task", ["text-classification", "token-classification", "feature-extraction"])
+def test_a_text_longer_than_the_model_takes_is_truncated_even_when_its_tokenizer_names_no_maximum(
+    tiny_dir, tmp_path, task
+):
+    """A tokenizer saved without ``model_max_length`` would truncate nothing: the model's own limit (its 32
+    position embeddings here) truncates a text of 200 words, which is answered like its first 30 words."""
+    import json
+
+    from demo.tiny_models import build_token_model
+
+    folder = tmp_path / "m"
+    if task == "token-classification":
+        build_token_model(folder, "m")
+    else:
+        shutil.copytree(tiny_dir / "alpha", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "model_max_length"})
+    )
+    rt = runtime_for(_spec("m", task, folder), device="cpu")
+    rt.load()
+    words = ("hello world this movie was great " * 40).split()
+    long, head = " ".join(words[:200]), " ".join(words[:30])  # 30 words and the two special tokens: 32
+    (got,), (want,) = rt.predict([long]), rt.predict([head])
+    if task == "feature-extraction":
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    elif task == "token-classification":
+        assert _spans(got) == _spans(want)
+    else:
+        assert [label for label, _ in got] == [label for label, _ in want]
+        assert [score for _, score in got] == pytest.approx([score for _, score in want], abs=1e-6)
+
+
+def _tiny(config_class, **extra):
+    from transformers import AutoModel
+
+    config = config_class(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **extra
+    )
+    return AutoModel.from_config(config)
+
+
+def test_the_tokens_a_model_takes_are_its_absolute_positions_less_those_before_the_first():
+    """BERT takes its 512 positions; RoBERTa 514 less the 2 before its first (after the padding token's);
+    DeBERTa v3 (relative positions) and ModernBERT (rotary) have no table of positions and take any length,
+    so their tokenizers' own maximum stands."""
+    from transformers import BertConfig, DebertaV2Config, ModernBertConfig, RobertaConfig
+
+    from deployments.runtimes.transformers import position_limit
+
+    assert position_limit(_tiny(BertConfig, max_position_embeddings=512)) == 512
+    assert position_limit(_tiny(RobertaConfig, max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(_tiny(DebertaV2Config, max_position_embeddings=512, position_biased_input=False)) is None
+    assert position_limit(_tiny(DebertaV2Config, max_position_embeddings=512, position_biased_input=True)) == 512
+    assert position_limit(_tiny(ModernBertConfig, max_position_embeddings=8192, pad_token_id=0)) is None
 
 
 # -- token classification ------------------------------------------------------------------------------
@@ -301,6 +494,36 @@ def test_a_text_with_no_entities_answers_an_empty_list_alone_and_in_a_batch(tiny
     assert rt.predict(["hello world", "win a free iphone now"]) == [[], []]
 
 
+def test_with_a_stride_the_entities_of_a_whole_long_text_are_found_as_the_pipeline_finds_them(tmp_path):
+    """``stride``: a text past the model's 32 tokens is read in overlapping windows, alone and in a batch,
+    as the pipeline with the same stride reads it, and entities past the first window are found."""
+    from transformers import pipeline
+
+    from demo.tiny_models import build_token_model
+
+    folder = build_token_model(tmp_path / "ner", "ner", seed=1)
+    texts = [" ".join(("hello world this movie was great win a free iphone now " * 10).split()[:100]), "bad"]
+    want = pipeline("token-classification", model=str(folder), aggregation_strategy="simple", stride=8)(texts)
+    rt = runtime_for(_spec("ner", "token-classification", folder, parameters={"stride": 8}), device="cpu")
+    rt.load()
+    batch, alone = rt.predict(texts), [rt.predict([text])[0] for text in texts]
+    for ours in (batch, alone):
+        assert [_spans(row) for row in ours] == [_spans(row) for row in want]
+    first_window = len(" ".join(texts[0].split()[:30]))
+    assert any(e["start"] > first_window for e in batch[0])  # past where truncation would have cut
+
+
+@pytest.mark.parametrize(
+    ("stride", "error"), [(-1, "0 or more"), ("8", "a number of tokens"), (30, "less than the 30")]
+)
+def test_a_stride_the_model_cannot_take_fails_the_load(tmp_path, stride, error):
+    from demo.tiny_models import build_token_model
+
+    folder = build_token_model(tmp_path / "ner", "ner")
+    with pytest.raises(ValueError, match=error):
+        runtime_for(_spec("ner", "token-classification", folder, parameters={"stride": stride})).load()
+
+
 def test_an_unknown_aggregation_strategy_fails_the_load(tiny_dir):
     spec = _spec("n", "token-classification", tiny_dir / "alpha", parameters={"aggregation_strategy": "none!"})
     with pytest.raises(ValueError, match="aggregation_strategy 'none!'"):
@@ -326,3 +549,53 @@ def test_image_embeddings_are_the_backbones_pooled_features(tiny_dir):
         pooled = model(**processor(rt.prepare(images), return_tensors="pt")).pooler_output.flatten(1)
     np.testing.assert_allclose(np.stack(got), pooled.numpy(), atol=1e-5)
     assert got[0].shape == (16,)
+
+
+def _tiny_vit_classifier(folder):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(5)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_a_vit_classifiers_image_embedding_is_its_heads_input_on_every_load(tmp_path):
+    """A ViT classifier's checkpoint has no weights for the pooler that the backbone adds: the embedding is
+    the class token its head reads, the same on every load, not the output of a random pooler."""
+    import torch
+    from transformers import AutoImageProcessor, ViTForImageClassification
+
+    folder = _tiny_vit_classifier(tmp_path / "vit")
+    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
+    vectors = []
+    for _ in range(2):
+        rt = runtime_for(_spec("vit", "image-feature-extraction", folder), device="cpu")
+        rt.load()
+        vectors.append(np.stack(rt.predict(images)))
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    classifier, processor = (
+        ViTForImageClassification.from_pretrained(folder),
+        AutoImageProcessor.from_pretrained(folder),
+    )
+    with torch.inference_mode():
+        pixels = processor(rt.prepare(images), return_tensors="pt")["pixel_values"]
+        head_input = classifier.vit(pixel_values=pixels).last_hidden_state[:, 0]
+    assert vectors[0].shape == (2, 16)
+    np.testing.assert_allclose(vectors[0], head_input.numpy(), atol=1e-5)
+
+
+def test_a_checkpoint_that_lacks_backbone_weights_fails_the_image_embedding_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _tiny_vit_classifier(tmp_path / "vit")
+    weights = load_file(folder / "model.safetensors")
+    del weights["vit.embeddings.cls_token"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights of the model.*embeddings\.cls_token"):
+        runtime_for(_spec("vit", "image-feature-extraction", folder)).load()

@@ -190,6 +190,8 @@ def test_a_runtime_that_cannot_be_imported_is_a_load_error_naming_why(fake_modul
         ("tests_fake_rt:Thing", "has no class 'Thing'"),
         ("tests_fake_broken:X", "importing 'tests_fake_broken' failed: ModuleNotFoundError"),
         ("elsewhere:X", "not in args.runtime_modules"),
+        ("tests_fake_rt:Thing\n", "is not of the form package.module:Class"),
+        ("tests_fake_rt:Thing.attr", "is not of the form package.module:Class"),
     ]:
         spec = ModelSpec.model_construct(id="m", task="t", runtime=runtime)
         with pytest.raises(RuntimeImportError, match=match):

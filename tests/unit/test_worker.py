@@ -150,6 +150,18 @@ def test_a_runtime_class_that_cannot_be_imported_is_a_failed_load_with_its_reaso
     assert status.retry_after is not None and status.load_failures == 1
 
 
+def test_a_load_whose_clean_up_raises_too_is_a_failed_load_with_the_loads_reason():
+    """A runtime whose load fails, and whose unload then fails on what the load never made: the request
+    gets the load's 503, the model shows failed with the load's reason, and is not tried again at once."""
+    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"]))
+    live.apply(registry(spec(runtime="tests.byo_runtimes:FailsToLoadAndToUnload")))
+    c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 30.0)
+    with pytest.raises(ModelUnavailable, match="could not be loaded: RuntimeError: the license server did not answer"):
+        asyncio.run(c.load("m"))
+    status = c.status["m"]
+    assert status.state is ModelState.FAILED and status.retry_after is not None and status.load_failures == 1
+
+
 def test_a_load_of_a_runtime_of_ones_own_records_its_sizes(tmp_path):
     from tests.byo_runtimes import KEYWORDS, write_training_data
 
@@ -343,6 +355,54 @@ def _decodes_at_once(threads: int) -> int:
 
     asyncio.run(flood())
     return c._counters.most_decodes_at_once
+
+
+@pytest.mark.parametrize(
+    ("prepare", "reason"),
+    [
+        (lambda inputs: int("not a number"), "failed to prepare this input: ValueError: invalid literal"),
+        (lambda inputs: inputs[:-1], "outside the image-classification contract: prepare must answer one item per"),
+        (lambda inputs: None, "prepare must answer one item per input: 2 inputs, got NoneType"),
+    ],
+)
+def test_a_prepare_that_raises_or_answers_another_number_of_inputs_fails_its_request_with_503(
+    monkeypatch, prepare, reason
+):
+    from deployments.worker import deployment
+
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+
+    class Preparing(FakeRuntime):
+        pass
+
+    Preparing.prepare = lambda self, inputs: prepare(inputs)
+    model = ModelSpec(id="m", task="image-classification", source={"path": "models/x"})
+    copy = ModelCopy(model, Preparing(model, "cpu"), TaskCatalog.load().task_of(model)).load()
+    w = worker_of(ModelCache(Owner(copy, 0), live_registry(model), ReplicaCounters(), FakeMetrics(), 30.0))
+    with pytest.raises(ModelUnavailable, match=reason) as e:
+        asyncio.run(w.predict([b"one image", b"another"], task="image-classification"))
+    assert e.value.status_code == 503 and copy.in_use == 0
+
+
+def test_a_prepare_may_answer_a_tuple_or_an_array_of_one_item_per_input(monkeypatch):
+    import numpy as np
+
+    from deployments.worker import deployment
+
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+
+    class Stacking(FakeRuntime):
+        def prepare(self, inputs):
+            return np.stack([np.frombuffer(i, dtype=np.uint8) for i in inputs])  # [inputs, bytes]
+
+        def predict(self, inputs):
+            return [[(f"sum {int(row.sum())}", 1.0)] for row in inputs]
+
+    model = ModelSpec(id="m", task="image-classification", source={"path": "models/x"})
+    copy = ModelCopy(model, Stacking(model, "cpu"), TaskCatalog.load().task_of(model)).load()
+    w = worker_of(ModelCache(Owner(copy, 0), live_registry(model), ReplicaCounters(), FakeMetrics(), 30.0))
+    result = asyncio.run(w.predict([b"\x01\x02", b"\x03\x04"], task="image-classification"))
+    assert result.outputs["labels"][:, 0].tolist() == ["sum 3", "sum 7"]
 
 
 def test_the_inputs_of_concurrent_requests_are_decoded_at_most_max_concurrent_decodes_at_a_time(monkeypatch):
