@@ -43,6 +43,19 @@ def bound_tokenizer(tokenizer: Any, model: Any) -> int | None:
     return limit
 
 
+def trained_weights(info: dict[str, Any], may_lack: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """The weights a model's checkpoint lacks (``from_pretrained``'s ``output_loading_info``), which
+    transformers initialised at random, less those ``may_lack`` allows: their names, sorted. ValueError
+    when any are left: a model with random weights answers noise (a base checkpoint registered as a
+    classifier gets a random head), and transformers' warning of it is silenced in the replicas."""
+    missing = sorted(info.get("missing_keys") or ())
+    untrained = [key for key in missing if not may_lack(key)]
+    if untrained:
+        more = f" and {len(untrained) - 5} more" if len(untrained) > 5 else ""
+        raise ValueError(f"the checkpoint lacks weights of the model, which would be random: {untrained[:5]}{more}")
+    return missing
+
+
 def forward_batch(tokenizer: Any) -> int:
     """Most inputs in one forward pass: MAX_FORWARD_BATCH, or one for a tokenizer without a pad token, which
     cannot pad a batch."""
@@ -55,22 +68,35 @@ def in_forward_passes(inputs: list[Any], step: int, forward: Callable[[list[Any]
 
 
 class PipelineRuntime(ModelRuntime):
-    """A model behind ``transformers.pipeline`` for its task (``pipeline_task``)."""
+    """A model behind ``transformers.pipeline`` for its task (``pipeline_task``), loaded with the
+    transformers class of that task (``model_class``, as the pipeline would load it) and refused if its
+    checkpoint lacks any of the model's weights (``trained_weights``)."""
 
     pipeline_task: ClassVar[str]
+    model_class: ClassVar[str]
+    """The transformers auto class the pipeline loads for its task: ``AutoModelForSequenceClassification``."""
+    preprocessor: ClassVar[str] = "tokenizer"
+    """The pipeline's argument that takes its preprocessor (``image_processor`` for images), read from the
+    model's files."""
 
     def __init__(self, spec, device: str | None = None) -> None:
         super().__init__(spec, device)
         self.pipeline: Any = None
 
     def load(self) -> None:
-        from transformers import pipeline
+        import transformers
 
         quiet_tokenizers()
         model, revision = self.spec.source.reference()
-        self.pipeline = pipeline(
+        auto_class = getattr(transformers, self.model_class)
+        loaded, info = auto_class.from_pretrained(
+            model, revision=revision, trust_remote_code=False, output_loading_info=True
+        )
+        trained_weights(info)
+        self.pipeline = transformers.pipeline(  # the model as loaded, its preprocessor from the same files
             task=self.pipeline_task,
-            model=model,
+            model=loaded,
+            **{self.preprocessor: model},
             revision=revision,
             trust_remote_code=False,
             device=self.device,

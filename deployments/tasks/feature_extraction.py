@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
-from deployments.runtimes.transformers import bound_tokenizer, forward_batch, in_forward_passes, quiet_tokenizers
+from deployments.runtimes.transformers import (
+    bound_tokenizer,
+    forward_batch,
+    in_forward_passes,
+    quiet_tokenizers,
+    trained_weights,
+)
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -145,7 +151,10 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         config["pooling"] = checked_modes(config["pooling"], "pooling")
         sub = {"subfolder": config["subfolder"]} if config.get("subfolder") else {}
         self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, **sub)
-        self.model = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=False, **sub)
+        self.model, info = AutoModel.from_pretrained(
+            model, revision=revision, trust_remote_code=False, output_loading_info=True, **sub
+        )
+        trained_weights(info, may_lack=lambda key: key.startswith("pooler."))  # the pooler is not read here
         self.model.to(self.device).eval()
         limit = bound_tokenizer(self.tokenizer, self.model)
         self.pooling, self.normalize = config["pooling"], bool(config["normalize"])

@@ -18,6 +18,8 @@ from serve_app.core.tasks import Task
 class ImageClassificationRuntime(PipelineRuntime):
     task = "image-classification"
     pipeline_task = "image-classification"
+    model_class = "AutoModelForImageClassification"
+    preprocessor = "image_processor"
 
     def prepare(self, inputs: list[Any]) -> list[Any]:
         return decode_images(inputs)

@@ -16,7 +16,7 @@ from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.images import decode_images
-from deployments.runtimes.transformers import MAX_FORWARD_BATCH, in_forward_passes
+from deployments.runtimes.transformers import MAX_FORWARD_BATCH, in_forward_passes, trained_weights
 from serve_app.core.inputs import IMAGE
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -33,12 +33,8 @@ class ImageEmbeddingRuntime(ModelRuntime):
         self.model, info = AutoModel.from_pretrained(
             model, revision=revision, trust_remote_code=False, output_loading_info=True
         )
-        missing = sorted(info.get("missing_keys") or ())
-        self.pooler_trained = not any(key.startswith("pooler.") for key in missing)
-        untrained = [key for key in missing if not key.startswith("pooler.")]
-        if untrained:
-            more = f" and {len(untrained) - 5} more" if len(untrained) > 5 else ""
-            raise ValueError(f"the checkpoint lacks weights of the model, which would be random: {untrained[:5]}{more}")
+        missing = trained_weights(info, may_lack=lambda key: key.startswith("pooler."))
+        self.pooler_trained = not missing  # else its pooler is random: the hidden state instead (below)
         self.model.to(self.device).eval()
         self.normalize = bool(self.spec.parameters.get("normalize", False))
 

@@ -21,6 +21,7 @@ from serve_app.core.tasks import Task
 class TextClassificationRuntime(PipelineRuntime):
     task = "text-classification"
     pipeline_task = "text-classification"
+    model_class = "AutoModelForSequenceClassification"
 
     def load(self) -> None:
         super().load()

@@ -24,6 +24,7 @@ STRATEGIES = ("simple", "first", "average", "max")
 class TokenClassificationRuntime(PipelineRuntime):
     task = "token-classification"
     pipeline_task = "token-classification"
+    model_class = "AutoModelForTokenClassification"
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         strategy = self.spec.parameters.get("aggregation_strategy", "simple")

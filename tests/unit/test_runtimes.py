@@ -590,6 +590,47 @@ def test_a_vit_classifiers_image_embedding_is_its_heads_input_on_every_load(tmp_
     np.testing.assert_allclose(vectors[0], head_input.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("task", "head"),
+    [
+        ("text-classification", "classifier.weight"),
+        ("token-classification", "classifier.weight"),
+        ("image-classification", "classifier.1.weight"),
+    ],
+)
+def test_a_checkpoint_without_its_tasks_head_fails_the_load_instead_of_answering_noise(tmp_path, task, head):
+    """A base model's checkpoint registered for a classification task: transformers would add a random head
+    (and the replicas silence its warning); the load fails naming the weights the checkpoint lacks."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast, ResNetConfig, ResNetModel
+
+    from demo.tiny_models import build_bert, build_image_model
+
+    folder = tmp_path / "base"
+    if task == "image-classification":
+        build_image_model(folder, "base")
+        ResNetModel(ResNetConfig.from_pretrained(folder)).save_pretrained(folder)  # the backbone alone
+    else:
+        build_bert(folder, "BertModel", ["a", "b"])
+        assert BertTokenizerFast.from_pretrained(folder) and isinstance(
+            BertModel.from_pretrained(folder), torch.nn.Module
+        )
+        assert BertConfig.from_pretrained(folder).architectures == ["BertModel"]
+    with pytest.raises(ValueError, match=f"lacks weights of the model, which would be random: .*{head}"):
+        runtime_for(_spec("base", task, folder)).load()
+
+
+def test_a_checkpoint_that_lacks_encoder_weights_fails_the_sentence_embedding_load(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_dir / "alpha", tmp_path / "alpha")
+    weights = load_file(folder / "model.safetensors")
+    del weights["bert.encoder.layer.0.output.dense.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights of the model.*encoder\.layer\.0\.output\.dense\.weight"):
+        runtime_for(_spec("alpha", "feature-extraction", folder)).load()
+
+
 def test_a_checkpoint_that_lacks_backbone_weights_fails_the_image_embedding_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
