@@ -3,9 +3,10 @@
 The runtime runs transformers' token-classification pipeline with ``aggregation_strategy="simple"``
 (tokens of one entity merged into one span; ``start`` and ``end`` index the input text), a batch in as
 few forward passes as the tokenizer allows. A text longer than the model takes is truncated, as the
-pipeline truncates it, and the entities past the cut are not found; with ``stride`` (a number of tokens)
-the pipeline reads the whole text instead, in windows of the model's length that overlap by ``stride``
-tokens, one forward pass a window (a text of ``max_text_chars`` can take tens of them). Registry
+pipeline truncates it, and the entities past the cut are not found; with ``stride`` (a number of tokens,
+at most half the model's length) the pipeline reads the whole text instead, in windows of the model's
+length that overlap by ``stride`` tokens, one forward pass a window (a text of ``max_text_chars`` can take
+tens of them). Registry
 ``parameters``: ``{"aggregation_strategy": "first" | "average" | "max" | "simple", "stride": 128}``.
 """
 
@@ -37,10 +38,14 @@ class TokenClassificationRuntime(PipelineRuntime):
 
     def load(self) -> None:
         super().load()
+        # The model's length less its two special tokens; windows overlap by at most half of it, so that a text
+        # of max_text_chars takes at most about twice the passes it would take without overlap.
         stride, room = self.spec.parameters.get("stride"), self.pipeline.tokenizer.model_max_length - 2
-        if stride is not None and stride >= room:  # the model's length less its two special tokens
+        if stride is not None and stride > room // 2:
             self.pipeline = None
-            raise ValueError(f"stride {stride}: less than the {room} tokens of text the model takes at once")
+            raise ValueError(
+                f"stride {stride}: at most {room // 2}, half the {room} tokens of text the model takes at once"
+            )
 
     def predict(self, inputs: list[str]) -> list[list[dict[str, Any]]]:
         return self.run_pipeline(inputs)

@@ -514,7 +514,7 @@ def test_with_a_stride_the_entities_of_a_whole_long_text_are_found_as_the_pipeli
 
 
 @pytest.mark.parametrize(
-    ("stride", "error"), [(-1, "0 or more"), ("8", "a number of tokens"), (30, "less than the 30")]
+    ("stride", "error"), [(-1, "0 or more"), ("8", "a number of tokens"), (16, "at most 15, half the 30 tokens")]
 )
 def test_a_stride_the_model_cannot_take_fails_the_load(tmp_path, stride, error):
     from demo.tiny_models import build_token_model
