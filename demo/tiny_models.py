@@ -37,7 +37,10 @@ def build_bert(
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32)
+    # ``vocab``: transformers 5 takes the vocabulary there (a ``vocab_file`` argument is ignored, and every
+    # word would be [UNK])
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=32)
+    assert tokenizer.tokenize("hello world") == ["hello", "world"], "the tiny tokenizer knows no words"
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=len(vocab),

@@ -7,10 +7,14 @@ concatenated, as sentence-transformers 5 and later write it) or the older ``pool
 (none set: mean, as sentence-transformers reads them), with ``sentence_bert_config.json``'s
 ``max_seq_length``. The modes are sentence-transformers': ``cls``, ``max``, ``mean``, ``mean_sqrt_len``
 (its ``mean_sqrt_len_tokens``), ``weightedmean`` and ``lasttoken``. A model without those files is
-mean-pooled and not normalised. Registry ``parameters`` override either: ``{"pooling": "mean" (or a list
-of modes), "normalize": true | false, "max_seq_length": 128}``. A model whose sentence-transformers config
-prepends a prompt to every input by default (``default_prompt_name``), or that has modules other than the
-transformer, the pooling and ``Normalize`` (a ``Dense`` layer), fails its load with the reason.
+mean-pooled and not normalised. ``Dense`` modules between the pooling and ``Normalize`` (LaBSE's kind
+of model: an activation of a linear map, with or without a residual) run in order, and
+``sentence_bert_config.json``'s ``do_lower_case`` lowercases every text before the tokenizer's own
+normalisation, as sentence-transformers does. Registry ``parameters`` override the pooling and the
+normalisation: ``{"pooling": "mean" (or a list of modes), "normalize": true | false, "max_seq_length":
+128}``. A model whose sentence-transformers config prepends a prompt to every input by default
+(``default_prompt_name``), or that has other modules (or these in another order), fails its load with the
+reason.
 
 Each batch is one tokenizer call and one forward pass (up to 32 sentences a pass), as sentence-transformers'
 ``encode`` computes it.
@@ -89,7 +93,11 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
     if modules_file is None:
         return {}
     modules = json.loads(modules_file.read_text())
-    config: dict[str, Any] = {"normalize": any(m["type"].endswith(".Normalize") for m in modules)}
+    config: dict[str, Any] = {
+        "normalize": any(m["type"].endswith(".Normalize") for m in modules),
+        "dense": [],
+        "normalize_seen": False,
+    }
     st_file = _file(model, revision, "config_sentence_transformers.json")
     st_config = json.loads(st_file.read_text()) if st_file is not None else {}
     prompt = (st_config.get("prompts") or {}).get(st_config.get("default_prompt_name") or "")
@@ -101,13 +109,80 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
             config["subfolder"] = path
             bert = _file(model, revision, f"{path}/sentence_bert_config.json" if path else "sentence_bert_config.json")
             if bert is not None:
-                config["max_seq_length"] = json.loads(bert.read_text()).get("max_seq_length")
+                transformer = json.loads(bert.read_text())
+                config["max_seq_length"] = transformer.get("max_seq_length")
+                config["lowercase"] = bool(transformer.get("do_lower_case", False))
         elif kind == "Pooling":
             pooling = _file(model, revision, f"{path}/config.json" if path else "config.json")
             config["pooling"] = pooling_modes(json.loads(pooling.read_text()) if pooling is not None else {})
-        elif kind not in ("Normalize",):
-            raise ValueError(f"unsupported sentence-transformers module {m['type']!r}")
+        elif kind == "Dense" and "pooling" in config and not config["normalize_seen"]:
+            config["dense"].append(dense_layer(model, revision, path))
+        elif kind == "Normalize":
+            config["normalize_seen"] = True
+        else:
+            raise ValueError(f"unsupported sentence-transformers module {m['type']!r} (or not in this order)")
+    config.pop("normalize_seen", None)
     return config
+
+
+def dense_layer(model: str, revision: str | None, path: str) -> Any:
+    """A sentence-transformers ``Dense`` module (after the pooling, before ``Normalize``): its activation
+    of a linear map of the pooled vector, plus the vector (or a linear map of it) with ``use_residual``.
+    Its activation is a ``torch.nn`` module class, as sentence-transformers takes it without remote code;
+    anything else fails the load."""
+    import importlib
+
+    import torch
+
+    folder = f"{path}/" if path else ""
+    config = json.loads(_file(model, revision, f"{folder}config.json").read_text())
+    if config.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+        raise ValueError(f"unsupported sentence-transformers Dense input {config['module_input_name']!r}")
+    activation = config.get("activation_function") or "torch.nn.modules.activation.Tanh"
+    module_name, _, class_name = activation.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None) if activation.startswith("torch.") else None
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"unsupported sentence-transformers Dense activation {activation!r}: a torch.nn module")
+    residual = bool(config.get("use_residual", False))
+
+    class Dense(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+            self.activation = cls()
+            if residual and config["in_features"] != config["out_features"]:
+                self.residual = torch.nn.Linear(config["in_features"], config["out_features"], bias=False)
+
+        def forward(self, x: Any) -> Any:
+            out = self.activation(self.linear(x))
+            if residual:
+                out = out + (self.residual(x) if hasattr(self, "residual") else x)
+            return out
+
+    layer = Dense()
+    safetensors, pickled = _file(model, revision, f"{folder}model.safetensors"), None
+    if safetensors is None:
+        pickled = _file(model, revision, f"{folder}pytorch_model.bin")
+        if pickled is None:
+            raise ValueError(f"the Dense module in {path!r} has no weights (model.safetensors, pytorch_model.bin)")
+    if safetensors is not None:
+        from safetensors.torch import load_file
+
+        weights = load_file(safetensors)
+    else:
+        weights = torch.load(pickled, map_location="cpu", weights_only=True)
+    layer.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: every weight, none other
+    return layer.eval()
+
+
+def lowercase_first(tokenizer: Any) -> None:
+    """Lowercase every text before the tokenizer's own normalisation (a fast tokenizer's normaliser)."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    if not tokenizer.is_fast:
+        raise ValueError("do_lower_case needs a fast tokenizer")
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    tokenizer.backend_tokenizer.normalizer = Sequence([Lowercase(), normalizer]) if normalizer else Lowercase()
 
 
 def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...]) -> Any:
@@ -144,7 +219,13 @@ class SentenceEmbeddingRuntime(ModelRuntime):
 
         quiet_tokenizers()
         model, revision = self.spec.source.reference()
-        config = {"pooling": ("mean",), "normalize": False, **sentence_transformers_config(model, revision)}
+        config = {
+            "pooling": ("mean",),
+            "normalize": False,
+            "dense": [],
+            "lowercase": False,
+            **sentence_transformers_config(model, revision),
+        }
         config.update(
             {k: v for k, v in self.spec.parameters.items() if k in ("pooling", "normalize", "max_seq_length")}
         )
@@ -158,6 +239,9 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         self.model.to(self.device).eval()
         limit = bound_tokenizer(self.tokenizer, self.model)
         self.pooling, self.normalize = config["pooling"], bool(config["normalize"])
+        self.dense = [layer.to(self.device) for layer in config["dense"]]
+        if config["lowercase"]:  # sentence_bert_config.json's do_lower_case, as sentence-transformers applies it
+            lowercase_first(self.tokenizer)
         max_length = config.get("max_seq_length")  # sentence-transformers' own, which wins over the tokenizer's
         self.max_length = min(max_length, limit or max_length) if max_length else None
 
@@ -179,6 +263,8 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             ).to(model.device)
             hidden = model(**encoded).last_hidden_state
             vectors = pool(hidden, encoded["attention_mask"], self.pooling)
+            for layer in self.dense:
+                vectors = layer(vectors)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             return list(vectors.float().cpu().numpy())

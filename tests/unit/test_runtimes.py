@@ -364,6 +364,68 @@ def test_half_precision_token_embeddings_are_pooled_in_float32(dtype):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("dense", "lowercase"),
+    [
+        ({"out_features": 8}, False),  # the default activation (Tanh)
+        ({"out_features": 16, "activation_function": "identity", "use_residual": True}, False),
+        ({"out_features": 12, "activation_function": "gelu", "use_residual": True, "bias": False}, False),
+        (None, True),
+    ],
+)
+def test_dense_layers_and_lowercasing_are_what_sentence_transformers_encodes(tiny_dir, tmp_path, dense, lowercase):
+    """A ``Dense`` module between the pooling and ``Normalize`` (LaBSE's kind of model), with or without a
+    residual, and ``do_lower_case`` for a tokenizer that keeps case: the vectors sentence-transformers
+    encodes from the same saved files."""
+    import json
+
+    import torch
+
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    modules = [Transformer(str(tiny_dir / "alpha")), Pooling(16, "mean")]
+    if dense is not None:
+        torch.manual_seed(2)
+        activation = {"identity": torch.nn.Identity(), "gelu": torch.nn.GELU()}.get(
+            dense.pop("activation_function", "")
+        )
+        modules.append(Dense(16, **dense, **({"activation_function": activation} if activation else {})))
+    out = tmp_path / "st"
+    st.SentenceTransformer(modules=[*modules, Normalize()], device="cpu").save(str(out))
+    if lowercase:  # a tokenizer that keeps case, and do_lower_case as earlier releases wrote it
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "do_lower_case": False}))
+        transformer_config = json.loads((out / "sentence_bert_config.json").read_text())
+        (out / "sentence_bert_config.json").write_text(json.dumps({**transformer_config, "do_lower_case": True}))
+    theirs_model = st.SentenceTransformer(str(out), device="cpu")
+    rt = runtime_for(_spec("e", "feature-extraction", out), device="cpu")
+    rt.load()
+    texts = ["Hello World", "WIN a free iPhone now please", "bad"]
+    ours, theirs = np.stack(rt.predict(texts)), theirs_model.encode(texts)
+    assert ours.shape == theirs.shape and ours.shape[1] == (dense or {}).get("out_features", 16)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    if lowercase:  # only do_lower_case finds the words of its lower-case vocabulary
+        assert rt.tokenizer.tokenize("Hello") == ["hello"] and theirs_model.tokenizer.tokenize("Hello") == ["hello"]
+
+
+def test_a_dense_layer_whose_activation_is_not_a_torch_module_fails_the_load(tiny_dir, tmp_path):
+    import json
+
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.base.modules import Dense, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    out = tmp_path / "st"
+    st.SentenceTransformer(modules=[Transformer(str(tiny_dir / "alpha")), Pooling(16), Dense(16, 8)]).save(str(out))
+    config_file = next(out.glob("*_Dense/config.json"))
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "activation_function": "os.system"}))
+    with pytest.raises(ValueError, match=r"Dense activation 'os\.system': a torch\.nn module"):
+        runtime_for(_spec("e", "feature-extraction", out)).load()
+
+
 def test_a_pooling_config_without_a_mode_is_mean_pooled_as_sentence_transformers_reads_it(tiny_dir, tmp_path):
     folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["cls"])
     (folder / "1_Pooling" / "config.json").write_text(
