@@ -7,7 +7,9 @@ ResNet's average pool has none); else the last hidden state, averaged over its p
 convolutional model, or its first token for a transformer (the class token, which the ViT family's
 classifiers read: their checkpoints do not keep the pooler that ``AutoModel`` adds, which would be random).
 A checkpoint that lacks any other weight of the backbone fails its load with their names: they would be
-random too. Registry ``parameters``: ``{"normalize": true}`` for unit-length vectors (default false).
+random too. A model of images and texts in one space (CLIP, SigLIP: ``get_image_features``) answers its
+image embeddings, the vectors its texts are compared with. Registry ``parameters``: ``{"normalize": true}``
+for unit-length vectors (default false).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class ImageEmbeddingRuntime(ModelRuntime):
 
         with torch.inference_mode():
             pixels = processor(images, return_tensors="pt")["pixel_values"].to(model.device)
+            if hasattr(model, "get_image_features"):  # images and texts in one space: its projected image vector
+                features = model.get_image_features(pixel_values=pixels)
+                vectors = features if isinstance(features, torch.Tensor) else features.pooler_output
+                return self._finish(vectors)
             out = model(pixel_values=pixels)
             pooled = getattr(out, "pooler_output", None) if self.pooler_trained else None
             if pooled is not None:
@@ -64,9 +70,14 @@ class ImageEmbeddingRuntime(ModelRuntime):
             else:  # [batch, tokens, dim]: the class token; [batch, channels, height, width]: the mean per channel
                 hidden = out.last_hidden_state
                 vectors = hidden[:, 0] if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
-            if self.normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            return list(vectors.float().cpu().numpy())
+            return self._finish(vectors)
+
+    def _finish(self, vectors: Any) -> list[Any]:
+        import torch
+
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return list(vectors.float().cpu().numpy())
 
 
 TASK = Task(

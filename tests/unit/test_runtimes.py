@@ -693,6 +693,33 @@ def test_a_checkpoint_that_lacks_encoder_weights_fails_the_sentence_embedding_lo
         runtime_for(_spec("alpha", "feature-extraction", folder)).load()
 
 
+def test_a_clip_models_image_embedding_is_its_projected_image_features(tmp_path):
+    """A model of images and texts in one space answers the image vector its texts are compared with."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(7)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**small, "vocab_size": 64},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=12,
+    )
+    folder = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    rt = runtime_for(_spec("clip", "image-feature-extraction", folder), device="cpu")
+    rt.load()
+    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
+    got = np.stack(rt.predict(images))
+    model, processor = CLIPModel.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+    with torch.inference_mode():
+        pixels = processor(rt.prepare(images), return_tensors="pt")["pixel_values"]
+        want = model.get_image_features(pixel_values=pixels).pooler_output
+    assert got.shape == (2, 12)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
 def test_a_checkpoint_that_lacks_backbone_weights_fails_the_image_embedding_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
