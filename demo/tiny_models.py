@@ -93,6 +93,25 @@ def build_image_model(folder: Path, model_id: str, seed: int = 0, labels: int = 
     return folder
 
 
+def build_clip_model(folder: Path, tokenizer_of: Path, seed: int = 7) -> Path:
+    """A tiny CLIP (random weights: texts and images in one space of 12 floats) with an image processor and,
+    for its texts, the tokenizer of the tiny text model in ``tokenizer_of``."""
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**small, "vocab_size": 64, "max_position_embeddings": 32, "eos_token_id": 3},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=12,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_of).save_pretrained(folder)
+    return folder
+
+
 def write_registry(path: Path, models: dict[str, tuple[str, Path]], preload: list[str] = ()) -> Path:
     """models: id -> (task, folder); preload: ids marked to load when a replica starts."""
     entries = [

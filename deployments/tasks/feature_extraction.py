@@ -7,7 +7,9 @@ concatenated, as sentence-transformers 5 and later write it) or the older ``pool
 (none set: mean, as sentence-transformers reads them), with ``sentence_bert_config.json``'s
 ``max_seq_length``. The modes are sentence-transformers': ``cls``, ``max``, ``mean``, ``mean_sqrt_len``
 (its ``mean_sqrt_len_tokens``), ``weightedmean`` and ``lasttoken``. A model without those files is
-mean-pooled and not normalised. ``Dense`` modules between the pooling and ``Normalize`` (LaBSE's kind
+mean-pooled and not normalised; a model of texts and images in one space (CLIP, SigLIP:
+``get_text_features``) answers its projected text features, which its image embeddings are compared with.
+``Dense`` modules between the pooling and ``Normalize`` (LaBSE's kind
 of model: an activation of a linear map, with or without a residual) run in order, and
 ``sentence_bert_config.json``'s ``do_lower_case`` lowercases every text before the tokenizer's own
 normalisation, as sentence-transformers does. Registry ``parameters`` override the pooling and the
@@ -240,6 +242,9 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         limit = bound_tokenizer(self.tokenizer, self.model)
         self.pooling, self.normalize = config["pooling"], bool(config["normalize"])
         self.dense = [layer.to(self.device) for layer in config["dense"]]
+        # A model of texts and images in one space (CLIP, SigLIP): its projected text features, which its image
+        # embeddings (image-feature-extraction) are compared with, in place of pooling its hidden states.
+        self.joint = hasattr(self.model, "get_text_features")
         if config["lowercase"]:  # sentence_bert_config.json's do_lower_case, as sentence-transformers applies it
             lowercase_first(self.tokenizer)
         max_length = config.get("max_seq_length")  # sentence-transformers' own, which wins over the tokenizer's
@@ -261,8 +266,14 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             encoded = tokenizer(
                 texts, truncation=True, max_length=self.max_length, padding=len(texts) > 1, return_tensors="pt"
             ).to(model.device)
-            hidden = model(**encoded).last_hidden_state
-            vectors = pool(hidden, encoded["attention_mask"], self.pooling)
+            if self.joint:
+                features = model.get_text_features(
+                    input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+                )
+                vectors = features if isinstance(features, torch.Tensor) else features.pooler_output
+            else:
+                hidden = model(**encoded).last_hidden_state
+                vectors = pool(hidden, encoded["attention_mask"], self.pooling)
             for layer in self.dense:
                 vectors = layer(vectors)
             if self.normalize:

@@ -19,7 +19,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from demo import entities
-from demo.tiny_models import labels_for
+from demo.tiny_models import build_clip_model, labels_for
 from serve_app.core.config import SHIPPED_TASKS
 from serve_app.core.paths import PROJECT_ROOT
 from tests.byo_runtimes import KEYWORDS, write_training_data
@@ -226,9 +226,16 @@ def test_bad_v2_inputs_for_each_task_over_rest_and_grpc(client, demo_url, grpc_c
 
 
 @pytest.fixture(scope="module")
-def tasks_url(deploy, tiny_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("own")
+def own_models(tmp_path_factory):
+    """The folder of the models of the app of one's own tasks and runtimes (``tasks_url``)."""
+    return tmp_path_factory.mktemp("own")
+
+
+@pytest.fixture(scope="module")
+def tasks_url(deploy, tiny_dir, own_models):
+    base = own_models
     tickets = write_training_data(base / "tickets", KEYWORDS)
+    clip = build_clip_model(base / "clip", tokenizer_of=tiny_dir / "alpha")
     own = "tests.byo_runtimes"
 
     def entry(model_id, task="text-classification", path=base, **extra):
@@ -245,6 +252,8 @@ def tasks_url(deploy, tiny_dir, tmp_path_factory):
         entry("noisy", runtime=f"{own}:FailsNoisily"),
         entry("plain", runtime=f"{own}:NotARuntime"),
         entry("missing", runtime=f"{own}:Missing"),
+        entry("clip-text", task="feature-extraction", path=clip),
+        entry("clip-image", task="image-feature-extraction", path=clip),
     ]
     registry = base / "registry.json"
     registry.write_text(json.dumps({"models": models}))
@@ -363,3 +372,26 @@ def test_a_runtime_that_answers_outside_its_tasks_contract_is_a_503_naming_it(cl
     assert (
         "answered outside the text-classification contract: a classification row is label scores" in r.json()["message"]
     )
+
+
+def test_one_clip_folder_serves_texts_and_images_in_one_space_for_text_to_image_search(client, tasks_url, own_models):
+    """A CLIP model registered under both embedding tasks: a query's text vector and the images' vectors
+    come from its two towers, of one size, as CLIP computes them."""
+    import torch
+    from transformers import AutoTokenizer, CLIPModel
+
+    assert client.get(f"{tasks_url}/models/clip-text").json()["task"] == "feature-extraction"
+    image = (IMAGES / "square.jpg").read_bytes()
+    text = predict(client, tasks_url, "clip-text", ["a free iphone"])
+    pictures = predict(client, tasks_url, "clip-image", [base64.b64encode(image).decode()])
+    assert text.status_code == pictures.status_code == 200, (text.text, pictures.text)
+    (query,), (picture,) = (np.array([p["embedding"] for p in r.json()["predictions"]]) for r in (text, pictures))
+    assert query.shape == picture.shape == (12,)
+
+    folder = own_models / "clip"
+    model, tokenizer = CLIPModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    with torch.inference_mode():
+        encoded = tokenizer(["a free iphone"], return_tensors="pt")
+        want_text = model.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    np.testing.assert_allclose(query, want_text.pooler_output[0].numpy(), atol=1e-5)
+    assert np.isfinite(picture).all() and np.abs(picture).sum() > 0  # the image tower's values: the unit tests

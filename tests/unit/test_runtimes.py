@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from demo.tiny_models import build_clip_model
 from deployments.runtimes import ModelRuntime, runtime_for
 from deployments.runtimes.images import MAX_SIDE, decode_image
 from deployments.tasks.image_classification import ImageClassificationRuntime
@@ -693,21 +694,31 @@ def test_a_checkpoint_that_lacks_encoder_weights_fails_the_sentence_embedding_lo
         runtime_for(_spec("alpha", "feature-extraction", folder)).load()
 
 
-def test_a_clip_models_image_embedding_is_its_projected_image_features(tmp_path):
+def test_a_clip_models_text_embedding_is_its_projected_text_features(tiny_dir, tmp_path):
+    """A model of texts and images in one space answers, for texts, the vector its images are compared
+    with (a text-to-image search embeds the query with it)."""
+    import torch
+    from transformers import AutoTokenizer, CLIPModel
+
+    folder = build_clip_model(tmp_path / "clip", tokenizer_of=tiny_dir / "alpha")
+    rt = runtime_for(_spec("clip-text", "feature-extraction", folder), device="cpu")
+    rt.load()
+    texts = ["hello world", "win a free iphone now"]
+    got = np.stack(rt.predict(texts))
+    model, tokenizer = CLIPModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    with torch.inference_mode():
+        encoded = tokenizer(texts, padding=True, return_tensors="pt")
+        want = model.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    assert got.shape == (2, 12)
+    np.testing.assert_allclose(got, want.pooler_output.numpy(), atol=1e-5)
+
+
+def test_a_clip_models_image_embedding_is_its_projected_image_features(tiny_dir, tmp_path):
     """A model of images and texts in one space answers the image vector its texts are compared with."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPImageProcessor, CLIPModel
 
-    torch.manual_seed(7)
-    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config={**small, "vocab_size": 64},
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=12,
-    )
-    folder = tmp_path / "clip"
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    folder = build_clip_model(tmp_path / "clip", tokenizer_of=tiny_dir / "alpha")
     rt = runtime_for(_spec("clip", "image-feature-extraction", folder), device="cpu")
     rt.load()
     images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
