@@ -49,7 +49,8 @@ def trained_weights(info: dict[str, Any], may_lack: Callable[[str], bool] = lamb
     when any are left: a model with random weights answers noise (a base checkpoint registered as a
     classifier gets a random head), and transformers' warning of it is silenced in the replicas."""
     missing = sorted(info.get("missing_keys") or ())
-    untrained = [key for key in missing if not may_lack(key)]
+    # BatchNorm's counters of training steps (which inference never reads) may be missing, as torch allows
+    untrained = [key for key in missing if not (may_lack(key) or key.endswith("num_batches_tracked"))]
     if untrained:
         more = f" and {len(untrained) - 5} more" if len(untrained) > 5 else ""
         raise ValueError(f"the checkpoint lacks weights of the model, which would be random: {untrained[:5]}{more}")
@@ -92,7 +93,11 @@ class PipelineRuntime(ModelRuntime):
         loaded, info = auto_class.from_pretrained(
             model, revision=revision, trust_remote_code=False, output_loading_info=True
         )
-        trained_weights(info)
+        try:
+            trained_weights(info)
+        except ValueError:
+            del loaded  # not held by the traceback while the worker frees what the failed load made
+            raise
         self.pipeline = transformers.pipeline(  # the model as loaded, its preprocessor from the same files
             task=self.pipeline_task,
             model=loaded,

@@ -151,12 +151,12 @@ def dense_layer(model: str, revision: str | None, path: str) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
-            self.activation = cls()
+            self.activation_function = cls()  # sentence-transformers' name: a PReLU's weight is saved under it
             if residual and config["in_features"] != config["out_features"]:
                 self.residual = torch.nn.Linear(config["in_features"], config["out_features"], bias=False)
 
         def forward(self, x: Any) -> Any:
-            out = self.activation(self.linear(x))
+            out = self.activation_function(self.linear(x))
             if residual:
                 out = out + (self.residual(x) if hasattr(self, "residual") else x)
             return out
@@ -217,7 +217,8 @@ class SentenceEmbeddingRuntime(ModelRuntime):
     task = "feature-extraction"
 
     def load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
         quiet_tokenizers()
         model, revision = self.spec.source.reference()
@@ -234,7 +235,11 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         config["pooling"] = checked_modes(config["pooling"], "pooling")
         sub = {"subfolder": config["subfolder"]} if config.get("subfolder") else {}
         self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, **sub)
-        self.model, info = AutoModel.from_pretrained(
+        # An encoder-decoder's encoder alone (sentence-T5, GTR: T5EncoderModel), as sentence-transformers loads it.
+        config_of = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False, **sub)
+        encoder = MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(config_of.model_type, "").endswith("EncoderModel")
+        auto = AutoModelForTextEncoding if encoder or getattr(config_of, "is_encoder_decoder", False) else AutoModel
+        self.model, info = auto.from_pretrained(
             model, revision=revision, trust_remote_code=False, output_loading_info=True, **sub
         )
         trained_weights(info, may_lack=lambda key: key.startswith("pooler."))  # the pooler is not read here
@@ -244,7 +249,10 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         self.dense = [layer.to(self.device) for layer in config["dense"]]
         # A model of texts and images in one space (CLIP, SigLIP): its projected text features, which its image
         # embeddings (image-feature-extraction) are compared with, in place of pooling its hidden states.
-        self.joint = hasattr(self.model, "get_text_features")
+        self.joint = hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")
+        # SigLIP reads a text's last position and was trained on texts padded to the tokenizer's length: every
+        # text is padded to it, alone or in a batch, as transformers' zero-shot image pipeline pads them.
+        self.pad_to_length = self.joint and "siglip" in (getattr(self.model.config, "model_type", "") or "")
         if config["lowercase"]:  # sentence_bert_config.json's do_lower_case, as sentence-transformers applies it
             lowercase_first(self.tokenizer)
         max_length = config.get("max_seq_length")  # sentence-transformers' own, which wins over the tokenizer's
@@ -263,8 +271,9 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         import torch
 
         with torch.inference_mode():
+            padding = "max_length" if self.pad_to_length else len(texts) > 1
             encoded = tokenizer(
-                texts, truncation=True, max_length=self.max_length, padding=len(texts) > 1, return_tensors="pt"
+                texts, truncation=True, max_length=self.max_length, padding=padding, return_tensors="pt"
             ).to(model.device)
             if self.joint:
                 features = model.get_text_features(

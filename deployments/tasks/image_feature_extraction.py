@@ -14,6 +14,7 @@ for unit-length vectors (default false).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
@@ -38,6 +39,10 @@ class ImageEmbeddingRuntime(ModelRuntime):
         missing = trained_weights(info, may_lack=lambda key: key.startswith("pooler."))
         self.pooler_trained = not missing  # else its pooler is random: the hidden state instead (below)
         self.model.to(self.device).eval()
+        # A model of images and texts in one space (both towers: CLIP, SigLIP, SigLIP 2): its projected image
+        # features, with every input of its processor's that the method takes (SigLIP 2's patch masks).
+        joint = hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")
+        self.image_features = inspect.signature(self.model.get_image_features).parameters if joint else None
         self.normalize = bool(self.spec.parameters.get("normalize", False))
 
     def unload(self) -> None:
@@ -58,12 +63,13 @@ class ImageEmbeddingRuntime(ModelRuntime):
         import torch
 
         with torch.inference_mode():
-            pixels = processor(images, return_tensors="pt")["pixel_values"].to(model.device)
-            if hasattr(model, "get_image_features"):  # images and texts in one space: its projected image vector
-                features = model.get_image_features(pixel_values=pixels)
+            processed = processor(images, return_tensors="pt")
+            if self.image_features is not None:
+                taken = {k: v.to(model.device) for k, v in processed.items() if k in self.image_features}
+                features = model.get_image_features(**taken)
                 vectors = features if isinstance(features, torch.Tensor) else features.pooler_output
                 return self._finish(vectors)
-            out = model(pixel_values=pixels)
+            out = model(pixel_values=processed["pixel_values"].to(model.device))
             pooled = getattr(out, "pooler_output", None) if self.pooler_trained else None
             if pooled is not None:
                 vectors = pooled.flatten(1)

@@ -371,6 +371,7 @@ def test_half_precision_token_embeddings_are_pooled_in_float32(dtype):
         ({"out_features": 8}, False),  # the default activation (Tanh)
         ({"out_features": 16, "activation_function": "identity", "use_residual": True}, False),
         ({"out_features": 12, "activation_function": "gelu", "use_residual": True, "bias": False}, False),
+        ({"out_features": 8, "activation_function": "prelu"}, False),  # an activation with a weight of its own
         (None, True),
     ],
 )
@@ -389,7 +390,7 @@ def test_dense_layers_and_lowercasing_are_what_sentence_transformers_encodes(tin
     modules = [Transformer(str(tiny_dir / "alpha")), Pooling(16, "mean")]
     if dense is not None:
         torch.manual_seed(2)
-        activation = {"identity": torch.nn.Identity(), "gelu": torch.nn.GELU()}.get(
+        activation = {"identity": torch.nn.Identity(), "gelu": torch.nn.GELU(), "prelu": torch.nn.PReLU(init=0.1)}.get(
             dense.pop("activation_function", "")
         )
         modules.append(Dense(16, **dense, **({"activation_function": activation} if activation else {})))
@@ -409,6 +410,31 @@ def test_dense_layers_and_lowercasing_are_what_sentence_transformers_encodes(tin
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     if lowercase:  # only do_lower_case finds the words of its lower-case vocabulary
         assert rt.tokenizer.tokenize("Hello") == ["hello"] and theirs_model.tokenizer.tokenize("Hello") == ["hello"]
+
+
+def test_a_sentence_t5_is_its_encoder_alone_as_sentence_transformers_encodes(tiny_dir, tmp_path):
+    """An encoder-decoder's sentence model (sentence-T5, GTR: the encoder, mean pooling, a Dense layer):
+    the encoder is loaded alone, not refused for lacking the decoder it never had."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    torch.manual_seed(6)
+    encoder = tmp_path / "t5"
+    config = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    T5EncoderModel(config).save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(tiny_dir / "alpha").save_pretrained(encoder)
+    out = tmp_path / "st"
+    modules = [Transformer(str(encoder)), Pooling(16, "mean"), Dense(16, 8, activation_function=torch.nn.Identity())]
+    st.SentenceTransformer(modules=[*modules, Normalize()], device="cpu").save(str(out))
+    rt = runtime_for(_spec("gtr", "feature-extraction", out), device="cpu")
+    rt.load()
+    texts = ["hello world", "win a free iphone now please"]
+    theirs = st.SentenceTransformer(str(out), device="cpu").encode(texts)
+    np.testing.assert_allclose(np.stack(rt.predict(texts)), theirs, atol=1e-5)
 
 
 def test_a_dense_layer_whose_activation_is_not_a_torch_module_fails_the_load(tiny_dir, tmp_path):
@@ -729,6 +755,74 @@ def test_a_clip_models_image_embedding_is_its_projected_image_features(tiny_dir,
         want = model.get_image_features(pixel_values=pixels).pooler_output
     assert got.shape == (2, 12)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
+_SMALL = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def test_a_siglip_text_is_embedded_alike_alone_and_in_a_batch_padded_to_its_training_length(tiny_dir, tmp_path):
+    """SigLIP reads a text's last position and was trained on texts padded to the tokenizer's length: a
+    query's vector does not depend on what else shares its batch, and is SigLIP's own for that padding."""
+    import torch
+    from transformers import AutoTokenizer, SiglipConfig, SiglipModel
+
+    torch.manual_seed(3)
+    config = SiglipConfig(
+        text_config={**_SMALL, "vocab_size": 64, "max_position_embeddings": 32},
+        vision_config={**_SMALL, "image_size": 32, "patch_size": 8},
+    )
+    folder = tmp_path / "siglip"
+    SiglipModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_dir / "alpha").save_pretrained(folder)
+    rt = runtime_for(_spec("siglip-text", "feature-extraction", folder), device="cpu")
+    rt.load()
+    (alone,), batch = rt.predict(["hello world"]), rt.predict(["hello world", "win a free iphone now please"])
+    np.testing.assert_allclose(alone, batch[0], atol=1e-5)
+    model, tokenizer = SiglipModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    with torch.inference_mode():
+        encoded = tokenizer(["hello world"], padding="max_length", max_length=32, return_tensors="pt")
+        want = model.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    np.testing.assert_allclose(alone, want.pooler_output[0].numpy(), atol=1e-5)
+
+
+def test_a_siglip2_image_embedding_takes_every_input_its_processor_makes(tmp_path):
+    """SigLIP 2 reads patches of varying number with their mask and shapes, which its processor makes."""
+    import torch
+    from transformers import Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model
+
+    torch.manual_seed(4)
+    config = Siglip2Config(
+        text_config={**_SMALL, "vocab_size": 64, "max_position_embeddings": 32},
+        vision_config={**_SMALL, "patch_size": 8, "num_patches": 16},
+    )
+    folder = tmp_path / "siglip2"
+    Siglip2Model(config).save_pretrained(folder)
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16).save_pretrained(folder)
+    rt = runtime_for(_spec("siglip2", "image-feature-extraction", folder), device="cpu")
+    rt.load()
+    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
+    got = np.stack(rt.predict(images))
+    model, processor = Siglip2Model.from_pretrained(folder), Siglip2ImageProcessorPil.from_pretrained(folder)
+    with torch.inference_mode():
+        want = model.get_image_features(**processor(rt.prepare(images), return_tensors="pt")).pooler_output
+    assert got.shape == (2, 16)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
+def test_a_checkpoint_without_batch_norms_step_counters_loads(tmp_path):
+    """BatchNorm's counters of training steps are not weights: a checkpoint without them is served."""
+    from safetensors.torch import load_file, save_file
+
+    from demo.tiny_models import build_image_model
+
+    folder = build_image_model(tmp_path / "shapes", "shapes")
+    weights = load_file(folder / "model.safetensors")
+    counters = [k for k in weights if k.endswith("num_batches_tracked")]
+    assert counters
+    save_file({k: v for k, v in weights.items() if k not in counters}, folder / "model.safetensors", {"format": "pt"})
+    rt = runtime_for(_spec("shapes", "image-classification", folder), device="cpu")
+    rt.load()
+    assert len(rt.predict([(PROJECT_ROOT / "samples/images/square.jpg").read_bytes()])) == 1
 
 
 def test_a_checkpoint_that_lacks_backbone_weights_fails_the_image_embedding_load(tmp_path):
