@@ -739,16 +739,21 @@ def test_a_clip_models_text_embedding_is_its_projected_text_features(tiny_dir, t
     np.testing.assert_allclose(got, want.pooler_output.numpy(), atol=1e-5)
 
 
+def _embedded_samples(folder):
+    """The image-embedding runtime of ``folder``, two sample images, and their vectors as it answers them."""
+    rt = runtime_for(_spec("m", "image-feature-extraction", folder), device="cpu")
+    rt.load()
+    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
+    return rt, images, np.stack(rt.predict(images))
+
+
 def test_a_clip_models_image_embedding_is_its_projected_image_features(tiny_dir, tmp_path):
     """A model of images and texts in one space answers the image vector its texts are compared with."""
     import torch
     from transformers import CLIPImageProcessor, CLIPModel
 
     folder = build_clip_model(tmp_path / "clip", tokenizer_of=tiny_dir / "alpha")
-    rt = runtime_for(_spec("clip", "image-feature-extraction", folder), device="cpu")
-    rt.load()
-    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
-    got = np.stack(rt.predict(images))
+    rt, images, got = _embedded_samples(folder)
     model, processor = CLIPModel.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
     with torch.inference_mode():
         pixels = processor(rt.prepare(images), return_tensors="pt")["pixel_values"]
@@ -760,19 +765,23 @@ def test_a_clip_models_image_embedding_is_its_projected_image_features(tiny_dir,
 _SMALL = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
+def _two_towers(config_class, model_class, folder, seed: int, **vision):
+    """A tiny model of texts and images in one space (random weights), saved in ``folder``."""
+    import torch
+
+    torch.manual_seed(seed)
+    text = {**_SMALL, "vocab_size": 64, "max_position_embeddings": 32}
+    model_class(config_class(text_config=text, vision_config={**_SMALL, **vision})).save_pretrained(folder)
+    return folder
+
+
 def test_a_siglip_text_is_embedded_alike_alone_and_in_a_batch_padded_to_its_training_length(tiny_dir, tmp_path):
     """SigLIP reads a text's last position and was trained on texts padded to the tokenizer's length: a
     query's vector does not depend on what else shares its batch, and is SigLIP's own for that padding."""
     import torch
     from transformers import AutoTokenizer, SiglipConfig, SiglipModel
 
-    torch.manual_seed(3)
-    config = SiglipConfig(
-        text_config={**_SMALL, "vocab_size": 64, "max_position_embeddings": 32},
-        vision_config={**_SMALL, "image_size": 32, "patch_size": 8},
-    )
-    folder = tmp_path / "siglip"
-    SiglipModel(config).save_pretrained(folder)
+    folder = _two_towers(SiglipConfig, SiglipModel, tmp_path / "siglip", seed=3, image_size=32, patch_size=8)
     AutoTokenizer.from_pretrained(tiny_dir / "alpha").save_pretrained(folder)
     rt = runtime_for(_spec("siglip-text", "feature-extraction", folder), device="cpu")
     rt.load()
@@ -790,18 +799,9 @@ def test_a_siglip2_image_embedding_takes_every_input_its_processor_makes(tmp_pat
     import torch
     from transformers import Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model
 
-    torch.manual_seed(4)
-    config = Siglip2Config(
-        text_config={**_SMALL, "vocab_size": 64, "max_position_embeddings": 32},
-        vision_config={**_SMALL, "patch_size": 8, "num_patches": 16},
-    )
-    folder = tmp_path / "siglip2"
-    Siglip2Model(config).save_pretrained(folder)
+    folder = _two_towers(Siglip2Config, Siglip2Model, tmp_path / "siglip2", seed=4, patch_size=8, num_patches=16)
     Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16).save_pretrained(folder)
-    rt = runtime_for(_spec("siglip2", "image-feature-extraction", folder), device="cpu")
-    rt.load()
-    images = [(PROJECT_ROOT / f"samples/images/{n}.jpg").read_bytes() for n in ("square", "circle")]
-    got = np.stack(rt.predict(images))
+    rt, images, got = _embedded_samples(folder)
     model, processor = Siglip2Model.from_pretrained(folder), Siglip2ImageProcessorPil.from_pretrained(folder)
     with torch.inference_mode():
         want = model.get_image_features(**processor(rt.prepare(images), return_tensors="pt")).pooler_output
