@@ -57,6 +57,29 @@ def trained_weights(info: dict[str, Any], may_lack: Callable[[str], bool] = lamb
     return missing
 
 
+def joint_space(model: Any) -> bool:
+    """Whether ``model`` puts texts and images in one space (CLIP, SigLIP: a tower of each, projected)."""
+    return hasattr(model, "get_text_features") and hasattr(model, "get_image_features")
+
+
+def projected(features: Any) -> Any:
+    """A joint-space model's ``get_text_features`` or ``get_image_features``, as vectors: a tensor, or (as
+    transformers 5 answers) its output's ``pooler_output``."""
+    import torch
+
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def embedding_rows(vectors: Any, normalize: bool) -> list[Any]:
+    """An embedding runtime's answer for a batch of vectors ``[batch, dim]``: one float32 vector a row, of unit
+    length if ``normalize``."""
+    import torch
+
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+    return list(vectors.float().cpu().numpy())
+
+
 def forward_batch(tokenizer: Any) -> int:
     """Most inputs in one forward pass: MAX_FORWARD_BATCH, or one for a tokenizer without a pad token, which
     cannot pad a batch."""

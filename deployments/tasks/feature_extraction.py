@@ -31,8 +31,11 @@ from typing import Any
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.transformers import (
     bound_tokenizer,
+    embedding_rows,
     forward_batch,
     in_forward_passes,
+    joint_space,
+    projected,
     quiet_tokenizers,
     trained_weights,
 )
@@ -74,13 +77,14 @@ def checked_modes(modes: Any, what: str) -> tuple[str, ...]:
     return tuple(_ST_MODES[m] for m in names)
 
 
-def _file(model: str, revision: str | None, name: str) -> Path | None:
-    """One file of a model (a local folder's, or a hub revision's from the local cache), or None."""
+def _file(model: str, revision: str | None, name: str, folder: str = "") -> Path | None:
+    """One file of a model, in its ``folder`` (a sentence-transformers module's; "" for the model's own), from
+    a local folder or a hub revision in the local cache; None if it has none."""
     from transformers.utils import cached_file
 
     found = cached_file(
         model,
-        name,
+        f"{folder}/{name}" if folder else name,
         revision=revision,
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_gated_repo=False,
@@ -95,11 +99,7 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
     if modules_file is None:
         return {}
     modules = json.loads(modules_file.read_text())
-    config: dict[str, Any] = {
-        "normalize": any(m["type"].endswith(".Normalize") for m in modules),
-        "dense": [],
-        "normalize_seen": False,
-    }
+    config: dict[str, Any] = {"normalize": False, "dense": []}
     st_file = _file(model, revision, "config_sentence_transformers.json")
     st_config = json.loads(st_file.read_text()) if st_file is not None else {}
     prompt = (st_config.get("prompts") or {}).get(st_config.get("default_prompt_name") or "")
@@ -109,21 +109,20 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
         kind, path = m["type"].rsplit(".", 1)[-1], m.get("path", "")
         if kind == "Transformer":
             config["subfolder"] = path
-            bert = _file(model, revision, f"{path}/sentence_bert_config.json" if path else "sentence_bert_config.json")
+            bert = _file(model, revision, "sentence_bert_config.json", path)
             if bert is not None:
                 transformer = json.loads(bert.read_text())
                 config["max_seq_length"] = transformer.get("max_seq_length")
                 config["lowercase"] = bool(transformer.get("do_lower_case", False))
         elif kind == "Pooling":
-            pooling = _file(model, revision, f"{path}/config.json" if path else "config.json")
+            pooling = _file(model, revision, "config.json", path)
             config["pooling"] = pooling_modes(json.loads(pooling.read_text()) if pooling is not None else {})
-        elif kind == "Dense" and "pooling" in config and not config["normalize_seen"]:
+        elif kind == "Dense" and "pooling" in config and not config["normalize"]:
             config["dense"].append(dense_layer(model, revision, path))
         elif kind == "Normalize":
-            config["normalize_seen"] = True
+            config["normalize"] = True
         else:
             raise ValueError(f"unsupported sentence-transformers module {m['type']!r} (or not in this order)")
-    config.pop("normalize_seen", None)
     return config
 
 
@@ -136,8 +135,7 @@ def dense_layer(model: str, revision: str | None, path: str) -> Any:
 
     import torch
 
-    folder = f"{path}/" if path else ""
-    config = json.loads(_file(model, revision, f"{folder}config.json").read_text())
+    config = json.loads(_file(model, revision, "config.json", path).read_text())
     if config.get("module_input_name", "sentence_embedding") != "sentence_embedding":
         raise ValueError(f"unsupported sentence-transformers Dense input {config['module_input_name']!r}")
     activation = config.get("activation_function") or "torch.nn.modules.activation.Tanh"
@@ -162,16 +160,15 @@ def dense_layer(model: str, revision: str | None, path: str) -> Any:
             return out
 
     layer = Dense()
-    safetensors, pickled = _file(model, revision, f"{folder}model.safetensors"), None
-    if safetensors is None:
-        pickled = _file(model, revision, f"{folder}pytorch_model.bin")
-        if pickled is None:
-            raise ValueError(f"the Dense module in {path!r} has no weights (model.safetensors, pytorch_model.bin)")
+    safetensors = _file(model, revision, "model.safetensors", path)
     if safetensors is not None:
         from safetensors.torch import load_file
 
         weights = load_file(safetensors)
     else:
+        pickled = _file(model, revision, "pytorch_model.bin", path)
+        if pickled is None:
+            raise ValueError(f"the Dense module in {path!r} has no weights (model.safetensors, pytorch_model.bin)")
         weights = torch.load(pickled, map_location="cpu", weights_only=True)
     layer.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: every weight, none other
     return layer.eval()
@@ -240,7 +237,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         encoder = MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(config_of.model_type, "").endswith("EncoderModel")
         auto = AutoModelForTextEncoding if encoder or getattr(config_of, "is_encoder_decoder", False) else AutoModel
         self.model, info = auto.from_pretrained(
-            model, revision=revision, trust_remote_code=False, output_loading_info=True, **sub
+            model, config=config_of, revision=revision, trust_remote_code=False, output_loading_info=True, **sub
         )
         trained_weights(info, may_lack=lambda key: key.startswith("pooler."))  # the pooler is not read here
         self.model.to(self.device).eval()
@@ -249,7 +246,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         self.dense = [layer.to(self.device) for layer in config["dense"]]
         # A model of texts and images in one space (CLIP, SigLIP): its projected text features, which its image
         # embeddings (image-feature-extraction) are compared with, in place of pooling its hidden states.
-        self.joint = hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")
+        self.joint = joint_space(self.model)
         # SigLIP reads a text's last position and was trained on texts padded to the tokenizer's length: every
         # text is padded to it, alone or in a batch, as transformers' zero-shot image pipeline pads them.
         self.pad_to_length = self.joint and "siglip" in (getattr(self.model.config, "model_type", "") or "")
@@ -279,15 +276,13 @@ class SentenceEmbeddingRuntime(ModelRuntime):
                 features = model.get_text_features(
                     input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
                 )
-                vectors = features if isinstance(features, torch.Tensor) else features.pooler_output
+                vectors = projected(features)
             else:
                 hidden = model(**encoded).last_hidden_state
                 vectors = pool(hidden, encoded["attention_mask"], self.pooling)
             for layer in self.dense:
                 vectors = layer(vectors)
-            if self.normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            return list(vectors.float().cpu().numpy())
+            return embedding_rows(vectors, self.normalize)
 
 
 TASK = Task(

@@ -19,7 +19,14 @@ from typing import Any
 
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.images import decode_images
-from deployments.runtimes.transformers import MAX_FORWARD_BATCH, in_forward_passes, trained_weights
+from deployments.runtimes.transformers import (
+    MAX_FORWARD_BATCH,
+    embedding_rows,
+    in_forward_passes,
+    joint_space,
+    projected,
+    trained_weights,
+)
 from serve_app.core.inputs import IMAGE
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -41,7 +48,7 @@ class ImageEmbeddingRuntime(ModelRuntime):
         self.model.to(self.device).eval()
         # A model of images and texts in one space (both towers: CLIP, SigLIP, SigLIP 2): its projected image
         # features, with every input of its processor's that the method takes (SigLIP 2's patch masks).
-        joint = hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")
+        joint = joint_space(self.model)
         self.image_features = inspect.signature(self.model.get_image_features).parameters if joint else None
         self.normalize = bool(self.spec.parameters.get("normalize", False))
 
@@ -66,9 +73,7 @@ class ImageEmbeddingRuntime(ModelRuntime):
             processed = processor(images, return_tensors="pt")
             if self.image_features is not None:
                 taken = {k: v.to(model.device) for k, v in processed.items() if k in self.image_features}
-                features = model.get_image_features(**taken)
-                vectors = features if isinstance(features, torch.Tensor) else features.pooler_output
-                return self._finish(vectors)
+                return embedding_rows(projected(model.get_image_features(**taken)), self.normalize)
             out = model(pixel_values=processed["pixel_values"].to(model.device))
             pooled = getattr(out, "pooler_output", None) if self.pooler_trained else None
             if pooled is not None:
@@ -76,14 +81,7 @@ class ImageEmbeddingRuntime(ModelRuntime):
             else:  # [batch, tokens, dim]: the class token; [batch, channels, height, width]: the mean per channel
                 hidden = out.last_hidden_state
                 vectors = hidden[:, 0] if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
-            return self._finish(vectors)
-
-    def _finish(self, vectors: Any) -> list[Any]:
-        import torch
-
-        if self.normalize:
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-        return list(vectors.float().cpu().numpy())
+            return embedding_rows(vectors, self.normalize)
 
 
 TASK = Task(

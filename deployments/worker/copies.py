@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -95,6 +95,17 @@ def with_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def one_per_input(values: Any, count: int, what: str) -> list[Any]:
+    """``values`` as a list of ``count`` items, one per input: a list, a tuple, or an array or tensor along its
+    first axis (as an encoder returns them); else a ``ContractError`` that says ``what`` (the rule broken)."""
+    if not isinstance(values, list | Mapping) and hasattr(values, "__len__") and hasattr(values, "__getitem__"):
+        values = list(values)
+    if not isinstance(values, list) or len(values) != count:
+        got = len(values) if isinstance(values, list) else type(values).__name__
+        raise ContractError(f"{what}: {count} inputs, got {got}")
+    return values
 
 
 class ModelCopy:
@@ -175,12 +186,7 @@ class ModelCopy:
         (``with_threads``)."""
         flat = [item for inputs in requests for item in inputs]
         with with_threads(threads):
-            rows = self.runtime.predict(flat)
-        if not isinstance(rows, Sequence) and hasattr(rows, "__len__") and hasattr(rows, "__getitem__"):
-            rows = list(rows)  # an array or a tensor of one row per input, as an encoder returns them
-        if not isinstance(rows, Sequence) or len(rows) != len(flat):
-            got = len(rows) if isinstance(rows, Sequence) else type(rows).__name__
-            raise ContractError(f"predict must answer one row per input: {len(flat)} inputs, got {got}")
+            rows = one_per_input(self.runtime.predict(flat), len(flat), "predict must answer one row per input")
         out, start = [], 0
         for inputs in requests:
             out.append(self.task.output.encode(rows[start : start + len(inputs)]))

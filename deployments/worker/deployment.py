@@ -27,7 +27,7 @@ from ray import serve
 
 from deployments.worker.batching import Batcher, model_failure
 from deployments.worker.cache import MAX_MODELS_PER_REPLICA, ModelCache
-from deployments.worker.copies import ModelCopy
+from deployments.worker.copies import ModelCopy, one_per_input
 from deployments.worker.memory import MemoryBudget
 from serve_app.core import logs
 from serve_app.core.config import RegistryRules, WorkerArgs
@@ -174,14 +174,10 @@ class ModelWorker:
         finally:
             with self._decoding_lock:
                 self._decoding -= 1
-        if not isinstance(prepared, list) and hasattr(prepared, "__len__") and hasattr(prepared, "__getitem__"):
-            prepared = list(prepared)  # a tuple, an array: one item per input along its first axis
-        if not isinstance(prepared, list) or len(prepared) != len(inputs):
-            got = len(prepared) if isinstance(prepared, list) else type(prepared).__name__
-            raise model_failure(
-                copy, ContractError(f"prepare must answer one item per input: {len(inputs)} inputs, got {got}")
-            )
-        return prepared
+        try:
+            return one_per_input(prepared, len(inputs), "prepare must answer one item per input")
+        except ContractError as e:
+            raise model_failure(copy, e) from None
 
     # -- explicit load and unload -------------------------------------------------------------------
 
