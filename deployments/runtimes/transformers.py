@@ -44,13 +44,14 @@ def bound_tokenizer(tokenizer: Any, model: Any) -> int | None:
 
 
 def trained_weights(info: dict[str, Any], may_lack: Callable[[str], bool] = lambda key: False) -> list[str]:
-    """The weights a model's checkpoint lacks (``from_pretrained``'s ``output_loading_info``), which
-    transformers initialised at random, less those ``may_lack`` allows: their names, sorted. ValueError
-    when any are left: a model with random weights answers noise (a base checkpoint registered as a
-    classifier gets a random head), and transformers' warning of it is silenced in the replicas."""
-    missing = sorted(info.get("missing_keys") or ())
-    # BatchNorm's counters of training steps (which inference never reads) may be missing, as torch allows
-    untrained = [key for key in missing if not (may_lack(key) or key.endswith("num_batches_tracked"))]
+    """Check that a model's checkpoint holds its weights (``from_pretrained``'s ``output_loading_info``): a
+    ValueError naming those it lacks, which transformers initialised at random, except those ``may_lack``
+    allows; those are returned, sorted (random, so the caller must not read them). A model with random
+    weights answers noise (a base checkpoint registered as a classifier gets a random head), and
+    transformers' warning of it is silenced in the replicas. BatchNorm's counters of training steps
+    (``num_batches_tracked``, which inference never reads) may always be missing, as torch allows."""
+    missing = [key for key in sorted(info.get("missing_keys") or ()) if not key.endswith("num_batches_tracked")]
+    untrained = [key for key in missing if not may_lack(key)]
     if untrained:
         more = f" and {len(untrained) - 5} more" if len(untrained) > 5 else ""
         raise ValueError(f"the checkpoint lacks weights of the model, which would be random: {untrained[:5]}{more}")

@@ -43,8 +43,8 @@ class ImageEmbeddingRuntime(ModelRuntime):
         self.model, info = AutoModel.from_pretrained(
             model, revision=revision, trust_remote_code=False, output_loading_info=True
         )
-        missing = trained_weights(info, may_lack=lambda key: key.startswith("pooler."))
-        self.pooler_trained = not missing  # else its pooler is random: the hidden state instead (below)
+        random = trained_weights(info, may_lack=lambda key: key.startswith("pooler."))
+        self.pooler_trained = not random  # else its pooler is random: the hidden state instead (below)
         self.model.to(self.device).eval()
         # A model of images and texts in one space (both towers: CLIP, SigLIP, SigLIP 2): its projected image
         # features, with every input of its processor's that the method takes (SigLIP 2's patch masks).

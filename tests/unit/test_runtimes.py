@@ -823,6 +823,9 @@ def test_a_checkpoint_without_batch_norms_step_counters_loads(tmp_path):
     rt = runtime_for(_spec("shapes", "image-classification", folder), device="cpu")
     rt.load()
     assert len(rt.predict([(PROJECT_ROOT / "samples/images/square.jpg").read_bytes()])) == 1
+    embeddings = runtime_for(_spec("shapes", "image-feature-extraction", folder), device="cpu")
+    embeddings.load()
+    assert embeddings.pooler_trained  # the counters are no sign of a random pooler
 
 
 def test_a_checkpoint_that_lacks_backbone_weights_fails_the_image_embedding_load(tmp_path):
