@@ -123,9 +123,10 @@ KEYWORDS = [
 class Sized(ModelRuntime):
     """A model of the size its entry's ``parameters`` say (``{"size": bytes}``), that allocates nothing: for
     the memory budget's rules. Each input is answered with its own text as the label; an input that starts
-    with "slow" takes ``parameters["delay_s"]`` seconds."""
+    with "slow" takes ``parameters["delay_s"]`` seconds, and the load ``parameters["load_s"]``."""
 
     def load(self) -> None:
+        time.sleep(float(self.spec.parameters.get("load_s", 0)))
         self.loaded = True
 
     def predict(self, inputs: list[str]) -> list[dict[str, float]]:

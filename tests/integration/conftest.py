@@ -119,8 +119,21 @@ def tiny_registry(tiny_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def mixed_url(deploy, tiny_registry) -> str:
-    """Two worker replicas over the tiny models."""
-    return deploy("mixed", tiny_args(tiny_registry, replicas=2))
+    """Two worker replicas over the tiny models, and 'sleeper', a model of the tests' own whose load takes
+    8 s (tests.byo_runtimes:Sized): a request that loads it stays on its replica that long."""
+    import json
+
+    registry = json.loads(tiny_registry.read_text())
+    sleeper = {
+        "id": "sleeper",
+        "task": "text-classification",
+        "source": {"path": str(tiny_registry.parent)},
+        "runtime": "tests.byo_runtimes:Sized",
+        "parameters": {"size": 1000, "load_s": 8},
+    }
+    path = tiny_registry.with_name("mixed-registry.json")
+    path.write_text(json.dumps({"models": [*registry["models"], sleeper]}, indent=1))
+    return deploy("mixed", tiny_args(path, replicas=2, runtime_modules=["tests.byo_runtimes"]))
 
 
 @pytest.fixture
