@@ -22,12 +22,19 @@ def quiet_tokenizers() -> None:
 def position_limit(model: Any) -> int | None:
     """The most tokens ``model`` takes: the rows of its table of absolute position embeddings, less those
     before the first position for a model whose position ids start after the padding token's (RoBERTa and
-    its kin: ``padding_idx + 1``, as sentence-transformers counts them). None for a model without such a
-    table (relative or rotary positions: DeBERTa v2 and v3, ModernBERT), which takes any length."""
+    its kin: ``padding_idx + 1``, as sentence-transformers counts them). A model of texts and images (CLIP,
+    SigLIP: ``position_embedding``) counts its text tower's table, not its image patches'. None for a model
+    without such a table (relative or rotary positions: DeBERTa v2 and v3, ModernBERT), which takes any
+    length."""
     import torch
 
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(module, torch.nn.Embedding):
+        path = name.split(".")
+        if (
+            path[-1] in ("position_embeddings", "position_embedding")
+            and not any(part.startswith(("vision", "visual")) for part in path)
+            and isinstance(module, torch.nn.Embedding)
+        ):
             offset = module.padding_idx + 1 if isinstance(module.padding_idx, int) else 0
             return module.num_embeddings - offset
     return None

@@ -8,8 +8,9 @@ convolutional model, or its first token for a transformer (the class token, whic
 classifiers read: their checkpoints do not keep the pooler that ``AutoModel`` adds, which would be random).
 A checkpoint that lacks any other weight of the backbone fails its load with their names: they would be
 random too. A model of images and texts in one space (CLIP, SigLIP: ``get_image_features``) answers its
-image embeddings, the vectors its texts are compared with. Registry ``parameters``: ``{"normalize": true}``
-for unit-length vectors (default false).
+image embeddings, the vectors its texts are compared with. A model that reads text as well as images (a
+vision-language model such as LLaVA) fails its load: it cannot embed an image alone. Registry
+``parameters``: ``{"normalize": true}`` for unit-length vectors (default false).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class ImageEmbeddingRuntime(ModelRuntime):
         # A model of images and texts in one space (both towers: CLIP, SigLIP, SigLIP 2): its projected image
         # features, with every input of its processor's that the method takes (SigLIP 2's patch masks).
         joint = joint_space(self.model)
+        if not joint and self.model.main_input_name != "pixel_values":
+            # A vision-language model (LLaVA) reads text too: every request would fail in its forward pass.
+            raise ValueError(
+                f"{type(self.model).__name__} reads {self.model.main_input_name}, not images alone: this task "
+                "serves image models and models of texts and images in one space (CLIP, SigLIP)"
+            )
         self.image_features = inspect.signature(self.model.get_image_features).parameters if joint else None
         self.normalize = bool(self.spec.parameters.get("normalize", False))
 

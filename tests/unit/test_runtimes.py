@@ -538,6 +538,25 @@ def test_the_tokens_a_model_takes_are_its_absolute_positions_less_those_before_t
     assert position_limit(_tiny(ModernBertConfig, max_position_embeddings=8192, pad_token_id=0)) is None
 
 
+def test_a_text_longer_than_a_clip_text_tower_takes_is_truncated_to_its_positions(tiny_dir, tmp_path):
+    """CLIP's text tower has 32 positions here (77 in OpenAI's) and its image tower a table of patches of
+    its own: the cap is the text tower's, so a tokenizer saved without a maximum truncates a long query to
+    it, where the model would have failed on it."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from deployments.runtimes.transformers import position_limit
+
+    folder = _two_towers(CLIPConfig, CLIPModel, tmp_path / "clip", seed=5, image_size=32, patch_size=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "alpha")
+    tokenizer.model_max_length = int(1e30)  # as a tokenizer saved without one reports
+    tokenizer.save_pretrained(folder)
+    assert position_limit(CLIPModel.from_pretrained(folder)) == 32
+    rt = runtime_for(_spec("clip-text", "feature-extraction", folder), device="cpu")
+    rt.load()
+    long, short = rt.predict(["hello world " * 40, "hello world " * 15])
+    np.testing.assert_allclose(long, short, atol=1e-5)  # [CLS], the first 30 words, [SEP]: the same 32 tokens
+
+
 # -- token classification ------------------------------------------------------------------------------
 
 
@@ -837,3 +856,20 @@ def test_a_checkpoint_that_lacks_backbone_weights_fails_the_image_embedding_load
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks weights of the model.*embeddings\.cls_token"):
         runtime_for(_spec("vit", "image-feature-extraction", folder)).load()
+
+
+def test_a_vision_language_model_fails_the_image_embedding_load_as_it_cannot_embed_an_image_alone(tmp_path):
+    """LLaVA reads a prompt's tokens with its image: each request would fail in its forward pass, so the
+    load fails instead, saying why."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **_SMALL, "image_size": 32, "patch_size": 8},
+        text_config={"model_type": "llama", **_SMALL, "vocab_size": 64},
+        image_token_index=63,
+    )
+    folder = tmp_path / "llava"
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    with pytest.raises(ValueError, match="LlavaModel reads input_ids, not images alone"):
+        runtime_for(_spec("llava", "image-feature-extraction", folder)).load()
