@@ -14,9 +14,11 @@ of model: an activation of a linear map, with or without a residual) run in orde
 ``sentence_bert_config.json``'s ``do_lower_case`` lowercases every text before the tokenizer's own
 normalisation, as sentence-transformers does. Registry ``parameters`` override the pooling and the
 normalisation: ``{"pooling": "mean" (or a list of modes), "normalize": true | false, "max_seq_length":
-128}``. A model whose sentence-transformers config prepends a prompt to every input by default
-(``default_prompt_name``), or that has other modules (or these in another order), fails its load with the
-reason.
+128}``. Prompts are put before every input as ``encode`` puts them: the model's default
+(``config_sentence_transformers.json``'s ``default_prompt_name``), or the one the registry's
+``"prompt_name": "query"`` names among the model's ``prompts``, or its ``"prompt": "query: "`` (``""``
+for none); a pooling module with ``include_prompt`` false leaves the prompt's tokens out of the pooling. A
+model with other modules (or these in another order) fails its load with the reason.
 
 Each batch is one tokenizer call and one forward pass (up to 32 sentences a pass), as sentence-transformers'
 ``encode`` computes it.
@@ -102,9 +104,8 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
     config: dict[str, Any] = {"normalize": False, "dense": []}
     st_file = _file(model, revision, "config_sentence_transformers.json")
     st_config = json.loads(st_file.read_text()) if st_file is not None else {}
-    prompt = (st_config.get("prompts") or {}).get(st_config.get("default_prompt_name") or "")
-    if prompt:
-        raise ValueError(f"the model prepends a prompt to every input by default ({prompt!r}), not supported")
+    config["prompts"] = st_config.get("prompts") or {}
+    config["prompt_name"] = st_config.get("default_prompt_name")
     for m in modules:
         kind, path = m["type"].rsplit(".", 1)[-1], m.get("path", "")
         if kind == "Transformer":
@@ -115,8 +116,10 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
                 config["max_seq_length"] = transformer.get("max_seq_length")
                 config["lowercase"] = bool(transformer.get("do_lower_case", False))
         elif kind == "Pooling":
-            pooling = _file(model, revision, "config.json", path)
-            config["pooling"] = pooling_modes(json.loads(pooling.read_text()) if pooling is not None else {})
+            pooling_file = _file(model, revision, "config.json", path)
+            pooling = json.loads(pooling_file.read_text()) if pooling_file is not None else {}
+            config["pooling"] = pooling_modes(pooling)
+            config["include_prompt"] = bool(pooling.get("include_prompt", True))
         elif kind == "Dense" and "pooling" in config and not config["normalize"]:
             config["dense"].append(dense_layer(model, revision, path))
         elif kind == "Normalize":
@@ -210,6 +213,36 @@ def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...]) -> Any:
     return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
 
 
+def chosen_prompt(prompts: dict[str, Any], default_name: str | None, parameters: dict[str, Any]) -> str:
+    """The text put before every input, as sentence-transformers' ``encode`` puts it: the registry's
+    ``prompt`` (a text; "" for none), else the prompt its ``prompt_name`` names, else the model's default
+    (``default_prompt_name``), else none. ValueError for a name the model has no prompt of."""
+    if "prompt" in parameters and "prompt_name" in parameters:
+        raise ValueError("parameters name a prompt and give one: prompt_name or prompt, not both")
+    if "prompt" in parameters:
+        if not isinstance(parameters["prompt"], str):
+            raise ValueError(f"prompt {parameters['prompt']!r} is not a text")
+        return parameters["prompt"]
+    name = parameters.get("prompt_name", default_name)
+    if name is None:
+        return ""
+    if not isinstance(name, str) or not isinstance(prompts.get(name), str):
+        known = ", ".join(repr(n) for n in prompts) or "none"
+        raise ValueError(f"unknown prompt_name {name!r}: the model's prompts are {known}")
+    return prompts[name]
+
+
+def without_prompt(mask: Any, prompt_tokens: int) -> Any:
+    """The attention mask for pooling, its first ``prompt_tokens`` tokens after any left padding left out."""
+    if not prompt_tokens:
+        return mask
+    import torch
+
+    first = mask.to(torch.int).argmax(dim=1, keepdim=True)  # the first token that is not padding
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return mask * (positions >= first + prompt_tokens).to(mask.dtype)
+
+
 class SentenceEmbeddingRuntime(ModelRuntime):
     task = "feature-extraction"
 
@@ -224,12 +257,16 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             "normalize": False,
             "dense": [],
             "lowercase": False,
+            "prompts": {},
+            "prompt_name": None,
+            "include_prompt": True,
             **sentence_transformers_config(model, revision),
         }
         config.update(
             {k: v for k, v in self.spec.parameters.items() if k in ("pooling", "normalize", "max_seq_length")}
         )
         config["pooling"] = checked_modes(config["pooling"], "pooling")
+        prompt = chosen_prompt(config["prompts"], config["prompt_name"], self.spec.parameters)
         sub = {"subfolder": config["subfolder"]} if config.get("subfolder") else {}
         self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, **sub)
         # An encoder-decoder's encoder alone (sentence-T5, GTR: T5EncoderModel), as sentence-transformers loads it.
@@ -254,6 +291,15 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             lowercase_first(self.tokenizer)
         max_length = config.get("max_seq_length")  # sentence-transformers' own, which wins over the tokenizer's
         self.max_length = min(max_length, limit or max_length) if max_length else None
+        self.prompt = prompt
+        # A pooling without the prompt (include_prompt false, INSTRUCTOR's kind of model) leaves out its tokens.
+        self.prompt_tokens = 0 if config["include_prompt"] or not prompt else self._prompt_tokens(prompt)
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        """The tokens the prompt takes at the start of a text, as sentence-transformers counts them: the prompt
+        tokenized alone, less its closing special token (``[SEP]``, ``</s>``)."""
+        ids = self.tokenizer([prompt], truncation=True, max_length=self.max_length)["input_ids"][0]
+        return len(ids) - 1 if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
 
     def unload(self) -> None:
         self.model = self.tokenizer = None
@@ -269,6 +315,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
 
         with torch.inference_mode():
             padding = "max_length" if self.pad_to_length else len(texts) > 1
+            texts = [self.prompt + text for text in texts] if self.prompt else texts
             encoded = tokenizer(
                 texts, truncation=True, max_length=self.max_length, padding=padding, return_tensors="pt"
             ).to(model.device)
@@ -279,7 +326,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
                 vectors = projected(features)
             else:
                 hidden = model(**encoded).last_hidden_state
-                vectors = pool(hidden, encoded["attention_mask"], self.pooling)
+                vectors = pool(hidden, without_prompt(encoded["attention_mask"], self.prompt_tokens), self.pooling)
             for layer in self.dense:
                 vectors = layer(vectors)
             return embedding_rows(vectors, self.normalize)

@@ -4,6 +4,7 @@ transformers' own pipeline (or sentence-transformers) answers for the same model
 import contextlib
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -463,16 +464,61 @@ def test_a_pooling_config_without_a_mode_is_mean_pooled_as_sentence_transformers
     assert rt.pooling == ("mean",)
 
 
-def test_a_default_prompt_fails_the_load(tiny_dir, tmp_path):
-    """A model that prepends a prompt to every input by default would embed other text than it was sent."""
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+ST_PROMPTS = [  # the model's default, the registry's parameters, and what sentence-transformers is asked
+    (None, {"prompt_name": "passage"}, {"prompt_name": "passage"}, ["mean"], True, "right"),
+    ("query", {}, {}, ["mean"], True, "right"),
+    ("query", {"prompt": "search: "}, {"prompt": "search: "}, ["mean"], True, "right"),
+    (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["mean"], False, "right"),
+    (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["cls"], False, "left"),
+]
+
+
+@pytest.mark.parametrize(("default", "parameters", "encode_with", "modes", "include_prompt", "side"), ST_PROMPTS)
+def test_prompts_are_put_before_each_input_as_sentence_transformers_encode_puts_them(
+    tiny_dir, tmp_path, default, parameters, encode_with, modes, include_prompt, side
+):
+    """The model's default prompt, or the one the registry names or gives, before every input; with a
+    pooling that leaves the prompt out (include_prompt false), its tokens are not pooled, padding on either
+    side: the vectors of sentence-transformers' ``encode`` of the same saved files, asked for that prompt."""
+    import json
+
+    st = pytest.importorskip("sentence_transformers")
+    folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, modes, padding_side=side)
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({**config, "prompts": PROMPTS, "default_prompt_name": default})
+    )
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": include_prompt}))
+    texts = ["hello world", "win a free iphone now please", "bad"]
+    theirs = st.SentenceTransformer(str(folder), device="cpu").encode(texts, **encode_with)
+    rt = runtime_for(_spec("e", "feature-extraction", folder, parameters=parameters), device="cpu")
+    rt.load()
+    ours = np.stack(rt.predict(texts))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    no_prompt = runtime_for(_spec("e", "feature-extraction", folder, parameters={"prompt": ""}), device="cpu")
+    no_prompt.load()
+    assert not np.allclose(ours, np.stack(no_prompt.predict(texts)), atol=1e-3)  # the prompt was read
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"prompt_name": "title"}, "unknown prompt_name 'title': the model's prompts are 'query', 'passage'"),
+        ({"prompt_name": "query", "prompt": "q: "}, "prompt_name or prompt, not both"),
+        ({"prompt": 3}, "prompt 3 is not a text"),
+    ],
+)
+def test_a_prompt_the_model_has_not_or_two_of_them_fail_the_load(tiny_dir, tmp_path, parameters, message):
     import json
 
     folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["mean"])
     config = json.loads((folder / "config_sentence_transformers.json").read_text())
-    config.update(prompts={"query": "query: "}, default_prompt_name="query")
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="prompt"):
-        runtime_for(_spec("e", "feature-extraction", folder)).load()
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": PROMPTS}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        runtime_for(_spec("e", "feature-extraction", folder, parameters=parameters)).load()
 
 
 def test_an_unknown_pooling_fails_the_load(tiny_dir):
