@@ -122,8 +122,10 @@ KEYWORDS = [
 
 class Sized(ModelRuntime):
     """A model of the size its entry's ``parameters`` say (``{"size": bytes}``), that allocates nothing: for
-    the memory budget's rules. Each input is answered with its own text as the label; an input that starts
-    with "slow" takes ``parameters["delay_s"]`` seconds, and the load ``parameters["load_s"]``."""
+    the memory budget's rules. Each input is answered with its own text as the label. A batch with an input
+    that starts with "slow" waits until the file ``parameters["gate"]`` exists (a test opens the gate once
+    what must happen beside the slow request has happened), or ``parameters["delay_s"]`` seconds; the load
+    takes ``parameters["load_s"]``."""
 
     def load(self) -> None:
         time.sleep(float(self.spec.parameters.get("load_s", 0)))
@@ -131,7 +133,13 @@ class Sized(ModelRuntime):
 
     def predict(self, inputs: list[str]) -> list[dict[str, float]]:
         if any(str(text).startswith("slow") for text in inputs):
-            time.sleep(float(self.spec.parameters.get("delay_s", 0)))
+            gate = self.spec.parameters.get("gate")
+            if gate is None:
+                time.sleep(float(self.spec.parameters.get("delay_s", 0)))
+            else:
+                deadline = time.monotonic() + 120  # a test that never opens it fails, and frees the replica
+                while not Path(str(gate)).exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
         return [{str(text): 1.0} for text in inputs]
 
     def size_bytes(self) -> int:

@@ -23,8 +23,14 @@ MEMORY = 2 * 1024**3
 
 
 @pytest.fixture(scope="module")
-def memory_url(deploy, tmp_path_factory):
-    base = tmp_path_factory.mktemp("memory")
+def memory_base(tmp_path_factory):
+    """The models' folder, and that of big1's gate (tests.byo_runtimes:Sized)."""
+    return tmp_path_factory.mktemp("memory")
+
+
+@pytest.fixture(scope="module")
+def memory_url(deploy, memory_base):
+    base = memory_base
     sized = "tests.byo_runtimes:Sized"
 
     def entry(model_id, size, **extra):
@@ -37,7 +43,7 @@ def memory_url(deploy, tmp_path_factory):
         }
 
     models = [
-        entry("big1", 900 * MB, delay_s=6),
+        entry("big1", 900 * MB, gate=str(base / "big1-gate")),
         entry("big2", 900 * MB),
         entry("small", 100 * MB),
         entry("huge", 3000 * MB),
@@ -101,28 +107,33 @@ def test_a_model_larger_than_the_budget_is_refused_with_its_size_and_the_others_
     assert client.get(f"{memory_url}/models/huge").json()["state"] == "failed"
 
 
-def test_a_copy_still_in_use_counts_until_freed_so_a_load_that_needs_its_memory_waits_for_it(client, memory_url):
-    """big1 answers a slow request; big2 needs big1's memory: it evicts big1, which lingers while its request
-    runs, and waits for it to be freed. big2's answer comes after the slow request's, never beside it."""
+def test_a_copy_still_in_use_counts_until_freed_so_a_load_that_needs_its_memory_waits_for_it(
+    client, memory_url, memory_base
+):
+    """big1 answers a slow request (it runs until the test opens big1's gate); big2 needs big1's memory: it
+    evicts big1, which lingers while its request runs, and waits for it to be freed. big2's answer comes
+    after the slow request's, never beside it."""
     assert predict(client, memory_url, "big1").status_code == 200
     done: list[str] = []
     counters = replica(client, memory_url)["counters"]
 
-    def slow():
+    def send(model_id: str, text: str) -> None:
         with httpx.Client(timeout=120) as c:
-            r = predict(c, memory_url, "big1", "slow request")
-            done.append(f"big1 {r.status_code}")
+            done.append(f"{model_id} {predict(c, memory_url, model_id, text).status_code}")
 
-    thread = threading.Thread(target=slow)
-    thread.start()
-    # The slow request is on the replica (its 6 s forward pass runs) before big2 is asked for.
+    slow = threading.Thread(target=send, args=("big1", "slow request"))
+    slow.start()
+    # The slow request is on the replica (it waits at the gate) before big2 is asked for.
     assert wait_for(lambda: replica(client, memory_url)["counters"]["requests"] > counters["requests"])
-    before = counters["waited_for_memory"]
-    r = predict(client, memory_url, "big2")
-    done.append(f"big2 {r.status_code}")
-    thread.join()
+    big2 = threading.Thread(target=send, args=("big2", "hello"))
+    big2.start()
+    waited = counters["waited_for_memory"]
+    assert wait_for(lambda: replica(client, memory_url)["counters"]["waited_for_memory"] == waited + 1)
+    assert done == []  # big2 waits for big1's memory while the slow request runs on big1
+    (memory_base / "big1-gate").touch()
+    slow.join()
+    big2.join()
     assert done == ["big1 200", "big2 200"]
-    assert replica(client, memory_url)["counters"]["waited_for_memory"] == before + 1
 
 
 def test_v2_readiness_follows_a_predict_that_loaded_the_model_at_once(memory_url, client):

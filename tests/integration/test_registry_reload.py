@@ -45,11 +45,11 @@ def app(serve_url, dashboard_url, tiny_dir, tmp_path_factory):
     live = LiveApp(serve_url + PREFIX, dashboard_url, base, base / "models.json", base / "serve_config.yaml")
     live.folders = {name: tiny_dir / name for name in ["alpha", "beta", "gamma", "delta"]}
     write_registry(live.registry, {m: (TEXT, live.folders[m]) for m in ["alpha", "beta", "gamma"]})
-    config = {
-        "applications": [
-            {"name": APP, "route_prefix": PREFIX, "import_path": IMPORT_PATH, "args": tiny_args(live.registry, 2)}
-        ]
-    }
+    # A request for a model whose only holder is applying a change waits for it up to holder_grace_s (3 s by
+    # default), then loads a copy elsewhere. The tests count loads across a change: a holder that takes
+    # longer on a slow machine must not add one.
+    args = tiny_args(live.registry, 2, worker={"routing": {"holder_grace_s": 60}})
+    config = {"applications": [{"name": APP, "route_prefix": PREFIX, "import_path": IMPORT_PATH, "args": args}]}
     live.config.write_text(yaml.safe_dump(config))
     deployed = subprocess.run(
         [str(Path(sys.executable).with_name("serve")), "deploy", str(live.config), "--address", dashboard_url],

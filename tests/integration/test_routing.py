@@ -136,7 +136,8 @@ def test_an_unload_reaches_every_copy_of_a_model(client, routing_url):
     assert wait_for(lambda: _held(client, routing_url) == [frozenset({"beta"})] * 2), _held(client, routing_url)
     r = client.post(f"{routing_url}/models/beta/unload")
     assert r.status_code == 200 and r.json()["state"] == "not_loaded" and r.json()["replicas"] == []
-    assert _held(client, routing_url) == [frozenset(), frozenset()]
+    # The listing after the answer's fresh look: within a second the same look, later the replicas' reports.
+    assert wait_for(lambda: _held(client, routing_url) == [frozenset(), frozenset()]), _held(client, routing_url)
 
 
 def test_misses_go_to_a_free_slot_then_to_the_replica_with_the_coldest_victim(client, routing_url):
@@ -167,17 +168,23 @@ def test_misses_go_to_a_free_slot_then_to_the_replica_with_the_coldest_victim(cl
 
 
 @pytest.fixture(scope="module")
-def threads_url(deploy, tmp_path_factory):
-    """Two worker replicas on this node, one thread each; 'slow' takes 4 s on an input starting with "slow"
-    (tests.byo_runtimes:Sized), 'fast' answers at once."""
+def threads_base(tmp_path_factory):
+    """The 'threads' app's folder, and that of its slow model's gate."""
+    return tmp_path_factory.mktemp("threads")
+
+
+@pytest.fixture(scope="module")
+def threads_url(deploy, threads_base):
+    """Two worker replicas on this node, one thread each; 'slow' answers an input starting with "slow" once
+    the file ``slow-gate`` exists in ``threads_base`` (tests.byo_runtimes:Sized), 'fast' answers at once."""
     import json
 
     from serve_app.core import ray_internals
 
-    base = tmp_path_factory.mktemp("threads")
+    base = threads_base
     sized = {"task": "text-classification", "source": {"path": str(base)}, "runtime": "tests.byo_runtimes:Sized"}
     models = [
-        {"id": "slow", **sized, "parameters": {"size": 1000, "delay_s": 4}},
+        {"id": "slow", **sized, "parameters": {"size": 1000, "gate": str(base / "slow-gate")}},
         {"id": "fast", **sized, "parameters": {"size": 1000}},
     ]
     (base / "registry.json").write_text(json.dumps({"models": models}))
@@ -201,7 +208,9 @@ def _by_model(client, url, settle: bool = True) -> dict[str, dict]:
     return {m: {"requests": n, "batches": b, "extra": e} for m, n, b, e in (settled(read) if settle else read())}
 
 
-def test_a_lone_request_on_an_idle_node_runs_with_its_idle_threads_and_not_while_the_node_is_busy(client, threads_url):
+def test_a_lone_request_on_an_idle_node_runs_with_its_idle_threads_and_not_while_the_node_is_busy(
+    client, threads_url, threads_base
+):
     """The router knows every replica's requests in flight. With both replicas of this node idle, a request's
     forward pass may run on their two threads; while the other replica runs a request, it keeps its one."""
     for model_id in ("fast", "slow"):  # one on each replica
@@ -218,13 +227,15 @@ def test_a_lone_request_on_an_idle_node_runs_with_its_idle_threads_and_not_while
         )
     )
     slow.start()
-    # The slow request is on the other replica (its 4 s forward pass runs) before the fast ones go.
+    # The slow request is on the other replica (it waits at its gate) before the fast ones go.
     assert wait_for(
         lambda: _by_model(client, threads_url, settle=False)["slow"]["requests"] > before["slow"]["requests"]
     )
     for _ in range(3):
         r = client.post(f"{threads_url}/predict", json={"model_id": "fast", "input_data": "beside the slow one"})
         assert r.status_code == 200
+    assert answers == []  # still running beside them
+    (threads_base / "slow-gate").touch()
     slow.join()
     assert [a.status_code for a in answers] == [200]
     after = _by_model(client, threads_url)["fast"]

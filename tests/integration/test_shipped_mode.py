@@ -11,6 +11,7 @@ import pytest
 
 from serve_app.devtools import haproxy_processes, serve_env
 from serve_app.launch import listeners
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +44,20 @@ def test_every_replica_runs_in_the_environment_of_config_serve_env(demo_url):
 
 
 def test_haproxy_below_this_sessions_ray_holds_serves_http_and_grpc_ports(demo_url, serve_url, grpc_target):
-    haproxies = set(haproxy_processes(os.getpid()))
-    assert haproxies, "no HAProxy runs below this session's Ray: RAY_SERVE_ENABLE_HA_PROXY is off"
+    assert haproxy_processes(os.getpid()), "no HAProxy runs below this session's Ray: RAY_SERVE_ENABLE_HA_PROXY is off"
     ports = {
         "HTTP": int(serve_url.rsplit(":", 1)[1]),
         "gRPC": int(grpc_target.rsplit(":", 1)[1]),
         "metrics": int(os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]),  # this session's own (tests/conftest.py)
         "stats": int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]),
     }
-    holders = {name: set(listeners(port)) for name, port in ports.items()}
-    assert all(pids and pids <= haproxies for pids in holders.values()), (holders, haproxies)
+    seen: dict = {}
+
+    def held_by_haproxy() -> bool:
+        # One look at the processes and the sockets. Serve reloads HAProxy when replicas change (an app of an
+        # earlier test still stopping): the new process takes the sockets, so a look across a reload is retaken.
+        seen["haproxies"] = haproxies = set(haproxy_processes(os.getpid()))
+        seen["holders"] = holders = {name: set(listeners(port)) for name, port in ports.items()}
+        return all(pids and pids <= haproxies for pids in holders.values())
+
+    assert wait_for(held_by_haproxy, timeout=30), seen

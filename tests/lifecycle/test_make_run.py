@@ -95,11 +95,20 @@ def test_the_pid_file_records_every_process_that_holds_a_port(make_runs, node, c
     # What lets the next `make run` clear what a killed one left: every process that listens, HAProxy
     # among them, is in the PID file with its start time (within the launcher's RECORD_S of starting).
     run = running(make_runs, node, config, tmp_path_factory)
-    listening = _listening(run)
     fixed = {p.port for p in ports(yaml.safe_load(config.read_text()), run.env)}
-    assert fixed <= {s["port"] for s in listening}  # HTTP, gRPC, HAProxy's stats and metrics
-    holders = {launch.current(s["pid"]) for s in listening}
-    assert None not in holders and "haproxy" in {p.name for p in holders}
+    seen: dict = {}
+
+    def every_port_held_by_a_running_process() -> bool:
+        # One look at the sockets and their processes. Serve reloads HAProxy when its replicas change: the
+        # new process takes the sockets and the old one exits, so a look taken across a reload is retaken.
+        listening = _listening(run)
+        seen["holders"] = {launch.current(s["pid"]) for s in listening}
+        seen["ports"] = {s["port"] for s in listening}
+        return fixed <= seen["ports"] and None not in seen["holders"]  # HTTP, gRPC, HAProxy's stats and metrics
+
+    assert wait_for(every_port_held_by_a_running_process, timeout=30), seen
+    holders = seen["holders"]
+    assert "haproxy" in {p.name for p in holders}
 
     def unrecorded() -> list[launch.Proc]:
         recorded = launch.read_pid_file(run.pid_file)
