@@ -6,9 +6,11 @@ controller collects every ``routing.stats_period_s``). Probes and listings read 
 at most ``FRESH_S`` old, so a probe loop, however fast, asks nothing of the replicas that have reported.
 A replica that has not reported yet (it started less than a stats period ago), and every replica after a
 load or an unload (the data plane asks for a fresh look), is asked directly, by a call the router sends
-to it and to no other. Readiness counts the running replicas from Serve's public ``serve.status()``,
-which also tells whether the ingress replicas are still applying a change (Serve reports the ingress
-deployment UPDATING until every replica has run ``reconfigure``).
+to it and to no other; until Serve's next poll of that replica, its answer stands (each report is
+numbered), so that a listing does not go back to what the replica reported before. Readiness counts the
+running replicas from Serve's public ``serve.status()``, which also tells whether the ingress replicas are
+still applying a change (Serve reports the ingress deployment UPDATING until every replica has run
+``reconfigure``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ReplicaDirectory:
     def __init__(self, worker: DeploymentHandle, ingress: str | None = None) -> None:
         """``ingress``: the ingress deployment's name, whose rollouts ``ingress_updating`` tells."""
         self._worker, self._ingress = worker, ingress
+        self._asked: dict[str, dict[str, Any]] = {}  # each replica's answer when last asked directly
         self._statuses = _Snapshot(self._look)
         self._app = _Snapshot(self._app_status)
 
@@ -94,15 +97,20 @@ class ReplicaDirectory:
             stats = r.routing_stats or {}
             if fresh or "models" not in stats:  # asked now; so is a replica Serve has not polled yet (it just
                 return await self._ask(r)  # started: what it pushed does not show a failed load or counts)
+            asked = self._asked.get(r.replica_id.unique_id, {})
+            if asked.get("report", 0) > stats.get("report", 0):  # an answer later than Serve's last poll (an
+                stats = asked  # unload's fresh look): a listing does not go back to before it
             return _status(r.replica_id.unique_id, r.node_id, stats, set(r.multiplexed_model_ids))
 
+        running = {r.replica_id.unique_id for r in replicas}
+        self._asked = {rid: stats for rid, stats in self._asked.items() if rid in running}
         return list(await asyncio.gather(*(look(r) for r in replicas)))
 
     async def _ask(self, replica: Any) -> ReplicaStatus:
         rid = replica.replica_id.unique_id
         try:
             call = getattr(self._worker, WorkerCall.STATUS.value).remote(**{ON_REPLICA: rid})
-            stats = await asyncio.wait_for(call, ASK_TIMEOUT_S)
+            stats = self._asked[rid] = await asyncio.wait_for(call, ASK_TIMEOUT_S)
         except Exception as e:  # a replica that is starting or dying: what it last reported
             logger.warning("replica %s did not report its models: %s", rid, e)
             stats = replica.routing_stats or {}

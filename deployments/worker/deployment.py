@@ -17,6 +17,7 @@ read alone:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -86,6 +87,7 @@ class ModelWorker:
             memory_wait_s=request_timeout_s,
         )
         self._threads = args.torch_threads or torch_threads()
+        self._reports = itertools.count(1)  # each report's number: which of two reports is the later
         self._batcher = Batcher(self._counters, args.batching, self._threads)
         # Requests' inputs (images) are decoded on these threads only: a flood of costly images waits its turn
         # here instead of taking a thread, and a core, each (a cancelled request's decode not yet started is
@@ -217,6 +219,7 @@ class ModelWorker:
         controller polls it every routing.stats_period_s and hands it to the routers, from which the
         ingress reads it too."""
         return {
+            "report": next(self._reports),
             "slots": MAX_MODELS_PER_REPLICA,
             "threads": self._threads,
             "memory": self._cache.memory_report().model_dump(mode="json"),

@@ -90,6 +90,21 @@ def test_a_fresh_look_asks_each_replica_by_name_and_a_silent_one_falls_back(rout
     assert r2.held == ["beta", "gamma"]
 
 
+def test_a_fresh_answer_stands_until_serve_polls_the_replica_again(router, monkeypatch):
+    """An unload's fresh look shows alpha gone; Serve's last poll of r1 (report 4) still has it. A later
+    listing shows the fresh answer (report 5), not the poll before it, until Serve polls r1 again."""
+    router.replicas[0].routing_stats = {"report": 4, "models": {"alpha": {"state": "loaded"}}}
+    worker = FakeWorker({"r1": {"report": 5, "models": {"alpha": {"state": "not_loaded"}}}, "r2": {"report": 1}})
+    directory = ReplicaDirectory(worker)
+    monkeypatch.setattr(replicas_module, "FRESH_S", 0.0)
+    assert asyncio.run(directory.statuses(fresh=True))[0].held == []
+    r1, _ = asyncio.run(directory.statuses())
+    assert r1.held == [] and r1.report == 5
+    router.replicas[0].routing_stats = {"report": 6, "models": {"alpha": {"state": "loaded"}}}  # loaded again
+    r1, _ = asyncio.run(directory.statuses())
+    assert r1.held == ["alpha"] and r1.report == 6
+
+
 def test_probes_and_listings_share_one_snapshot_a_second(router, monkeypatch):
     worker = FakeWorker({"r1": {}, "r2": {}})
     directory = ReplicaDirectory(worker)
