@@ -52,6 +52,11 @@ class _Snapshot:
             return self._value
 
 
+def later(polled: dict[str, Any], asked: dict[str, Any]) -> dict[str, Any]:
+    """Of a replica's two reports, Serve's last poll and its answer when last asked, the later one."""
+    return asked if asked.get("report", 0) > polled.get("report", 0) else polled
+
+
 def _status(replica_id: str, node_id: str | None, stats: dict[str, Any], held: set[str]) -> ReplicaStatus:
     """A replica's report; a replica that has not reported yet shows what it pushed to the router."""
     if "models" not in stats:
@@ -97,9 +102,8 @@ class ReplicaDirectory:
             stats = r.routing_stats or {}
             if fresh or "models" not in stats:  # asked now; so is a replica Serve has not polled yet (it just
                 return await self._ask(r)  # started: what it pushed does not show a failed load or counts)
-            asked = self._asked.get(r.replica_id.unique_id, {})
-            if asked.get("report", 0) > stats.get("report", 0):  # an answer later than Serve's last poll (an
-                stats = asked  # unload's fresh look): a listing does not go back to before it
+            # An answer later than Serve's last poll (an unload's fresh look): a listing does not go back to before it.
+            stats = later(stats, self._asked.get(r.replica_id.unique_id, {}))
             return _status(r.replica_id.unique_id, r.node_id, stats, set(r.multiplexed_model_ids))
 
         running = {r.replica_id.unique_id for r in replicas}
@@ -113,7 +117,7 @@ class ReplicaDirectory:
             stats = self._asked[rid] = await asyncio.wait_for(call, ASK_TIMEOUT_S)
         except Exception as e:  # a replica that is starting or dying: what it last reported
             logger.warning("replica %s did not report its models: %s", rid, e)
-            stats = replica.routing_stats or {}
+            stats = later(replica.routing_stats or {}, self._asked.get(rid, {}))
         return _status(rid, replica.node_id, stats, set(replica.multiplexed_model_ids))
 
     async def running_count(self) -> int:

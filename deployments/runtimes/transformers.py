@@ -19,24 +19,41 @@ def quiet_tokenizers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+POSITION_TABLES = ("position_embeddings", "position_embedding")
+"""Names of a table of absolute positions beside a model's token embeddings (CLIP's and SigLIP's text towers
+use the singular)."""
+
+
+def _token_embeddings(model: Any) -> Any | None:
+    """The embedding of the tokens a text model reads: ``get_input_embeddings()``, or, for a model of texts
+    and images that does not say (CLIP), its text tower's."""
+    try:
+        return model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        text = getattr(model, "text_model", None)
+        embeddings = getattr(text, "embeddings", None)
+        return getattr(embeddings, "token_embedding", None) or getattr(embeddings, "word_embeddings", None)
+
+
 def position_limit(model: Any) -> int | None:
-    """The most tokens ``model`` takes: the rows of its table of absolute position embeddings, less those
-    before the first position for a model whose position ids start after the padding token's (RoBERTa and
-    its kin: ``padding_idx + 1``, as sentence-transformers counts them). A model of texts and images (CLIP,
-    SigLIP: ``position_embedding``) counts its text tower's table, not its image patches'. None for a model
-    without such a table (relative or rotary positions: DeBERTa v2 and v3, ModernBERT), which takes any
-    length."""
+    """The most tokens ``model`` takes: the rows of the table of absolute position embeddings beside its
+    token embeddings (in the same module), less those before the first position for a model whose position
+    ids start after the padding token's (RoBERTa and its kin: ``padding_idx + 1``, as sentence-transformers
+    counts them). Only that table counts: a model of texts and images (CLIP, SigLIP) has one of image
+    patches too, wherever its image tower is. None for a model without such a table (relative or rotary
+    positions: DeBERTa v2 and v3, ModernBERT, T5), which takes any length."""
     import torch
 
-    for name, module in model.named_modules():
-        path = name.split(".")
-        if (
-            path[-1] in ("position_embeddings", "position_embedding")
-            and not any(part.startswith(("vision", "visual")) for part in path)
-            and isinstance(module, torch.nn.Embedding)
-        ):
-            offset = module.padding_idx + 1 if isinstance(module.padding_idx, int) else 0
-            return module.num_embeddings - offset
+    tokens = _token_embeddings(model)
+    if tokens is None:
+        return None
+    for module in model.modules():
+        if any(child is tokens for child in module.children()):
+            for name, table in module.named_children():
+                if name in POSITION_TABLES and isinstance(table, torch.nn.Embedding):
+                    offset = table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
+                    return table.num_embeddings - offset
+            return None
     return None
 
 

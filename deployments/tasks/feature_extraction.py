@@ -18,7 +18,8 @@ normalisation: ``{"pooling": "mean" (or a list of modes), "normalize": true | fa
 (``config_sentence_transformers.json``'s ``default_prompt_name``), or the one the registry's
 ``"prompt_name": "query"`` names among the model's ``prompts``, or its ``"prompt": "query: "`` (``""``
 for none); a pooling module with ``include_prompt`` false leaves the prompt's tokens out of the pooling. A
-model with other modules (or these in another order) fails its load with the reason.
+model with other modules (or these in another order), or that renders its texts through a chat template
+(the ``message`` modality), fails its load with the reason.
 
 Each batch is one tokenizer call and one forward pass (up to 32 sentences a pass), as sentence-transformers'
 ``encode`` computes it.
@@ -113,6 +114,8 @@ def sentence_transformers_config(model: str, revision: str | None) -> dict[str, 
             bert = _file(model, revision, "sentence_bert_config.json", path)
             if bert is not None:
                 transformer = json.loads(bert.read_text())
+                if "message" in (transformer.get("modality_config") or {}):  # sentence-transformers 6's chat models
+                    raise ValueError("the model renders its texts through a chat template (modality 'message')")
                 config["max_seq_length"] = transformer.get("max_seq_length")
                 config["lowercase"] = bool(transformer.get("do_lower_case", False))
         elif kind == "Pooling":
@@ -187,14 +190,16 @@ def lowercase_first(tokenizer: Any) -> None:
     tokenizer.backend_tokenizer.normalizer = Sequence([Lowercase(), normalizer]) if normalizer else Lowercase()
 
 
-def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...]) -> Any:
+def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...], attention: Any = None) -> Any:
     """Token embeddings ``[batch, tokens, dim]`` to sentence embeddings ``[batch, dim]`` (times the number
-    of modes: their vectors concatenated), padding left out on either side, as sentence-transformers
-    pools them."""
+    of modes: their vectors concatenated), the tokens outside ``mask`` (padding on either side, a prompt)
+    left out, as sentence-transformers pools them. ``attention``: the tokenizer's attention mask when
+    ``mask`` also leaves out a prompt (``weightedmean`` counts positions from the first token that is not
+    padding, the prompt's included)."""
     import torch
 
     if not isinstance(modes, str):
-        return torch.cat([pool(hidden, mask, mode) for mode in modes], dim=1)
+        return torch.cat([pool(hidden, mask, mode, attention) for mode in modes], dim=1)
     hidden = hidden.float()  # sums in float32, as sentence-transformers sums them, whatever the model's dtype
     mode, rows, tokens = modes, torch.arange(hidden.shape[0], device=hidden.device), hidden.shape[1]
     if mode == "cls":  # the first token that is not padding
@@ -206,7 +211,7 @@ def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...]) -> Any:
     if mode == "max":
         return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     if mode == "weightedmean":  # token i of a text weighs i + 1, counted from its first token
-        first = mask.to(torch.int).argmax(dim=1).view(-1, 1, 1)
+        first = (mask if attention is None else attention).to(torch.int).argmax(dim=1).view(-1, 1, 1)
         weights = weights * (torch.arange(1, tokens + 1, device=hidden.device).view(1, -1, 1) - first)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     summed, counts = (hidden * weights).sum(dim=1), weights.sum(dim=1).clamp(min=1e-9)
@@ -216,20 +221,25 @@ def pool(hidden: Any, mask: Any, modes: str | tuple[str, ...]) -> Any:
 def chosen_prompt(prompts: dict[str, Any], default_name: str | None, parameters: dict[str, Any]) -> str:
     """The text put before every input, as sentence-transformers' ``encode`` puts it: the registry's
     ``prompt`` (a text; "" for none), else the prompt its ``prompt_name`` names, else the model's default
-    (``default_prompt_name``), else none. ValueError for a name the model has no prompt of."""
-    if "prompt" in parameters and "prompt_name" in parameters:
+    (``default_prompt_name``), else none; a parameter that is null is not given, and a prompt saved as null
+    is "" (as sentence-transformers reads them). ValueError for a name the model has no prompt of, and for
+    both parameters at once."""
+    prompt, name = parameters.get("prompt"), parameters.get("prompt_name")
+    if prompt is not None and name is not None:
         raise ValueError("parameters name a prompt and give one: prompt_name or prompt, not both")
-    if "prompt" in parameters:
-        if not isinstance(parameters["prompt"], str):
-            raise ValueError(f"prompt {parameters['prompt']!r} is not a text")
-        return parameters["prompt"]
-    name = parameters.get("prompt_name", default_name)
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {prompt!r} is not a text")
+        return prompt
+    name = name if name is not None else default_name
     if name is None:
         return ""
-    if not isinstance(name, str) or not isinstance(prompts.get(name), str):
+    if not isinstance(name, str) or name not in prompts:
         known = ", ".join(repr(n) for n in prompts) or "none"
         raise ValueError(f"unknown prompt_name {name!r}: the model's prompts are {known}")
-    return prompts[name]
+    if not isinstance(prompts[name] or "", str):
+        raise ValueError(f"the model's prompt {name!r} is not a text: {prompts[name]!r}")
+    return prompts[name] or ""
 
 
 def without_prompt(mask: Any, prompt_tokens: int) -> Any:
@@ -326,7 +336,8 @@ class SentenceEmbeddingRuntime(ModelRuntime):
                 vectors = projected(features)
             else:
                 hidden = model(**encoded).last_hidden_state
-                vectors = pool(hidden, without_prompt(encoded["attention_mask"], self.prompt_tokens), self.pooling)
+                attention = encoded["attention_mask"]
+                vectors = pool(hidden, without_prompt(attention, self.prompt_tokens), self.pooling, attention)
             for layer in self.dense:
                 vectors = layer(vectors)
             return embedding_rows(vectors, self.normalize)

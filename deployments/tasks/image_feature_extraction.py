@@ -50,11 +50,14 @@ class ImageEmbeddingRuntime(ModelRuntime):
         # A model of images and texts in one space (both towers: CLIP, SigLIP, SigLIP 2): its projected image
         # features, with every input of its processor's that the method takes (SigLIP 2's patch masks).
         joint = joint_space(self.model)
-        if not joint and self.model.main_input_name != "pixel_values":
-            # A vision-language model (LLaVA) reads text too: every request would fail in its forward pass.
+        reads = inspect.signature(self.model.forward).parameters
+        if not joint and ("input_ids" in reads or "pixel_values" not in reads):
+            # A vision-language model (LLaVA) reads text with its images; ImageGPT and Perceiver read other
+            # inputs: every request would fail in their forward pass.
             raise ValueError(
-                f"{type(self.model).__name__} reads {self.model.main_input_name}, not images alone: this task "
-                "serves image models and models of texts and images in one space (CLIP, SigLIP)"
+                f"{type(self.model).__name__} does not embed an image alone (its forward reads "
+                f"{'input_ids' if 'input_ids' in reads else 'no pixel_values'}): this task serves image models "
+                "and models of texts and images in one space (CLIP, SigLIP)"
             )
         self.image_features = inspect.signature(self.model.get_image_features).parameters if joint else None
         self.normalize = bool(self.spec.parameters.get("normalize", False))

@@ -88,6 +88,7 @@ class ModelWorker:
         )
         self._threads = args.torch_threads or torch_threads()
         self._reports = itertools.count(1)  # each report's number: which of two reports is the later
+        self._reporting = threading.Lock()
         self._batcher = Batcher(self._counters, args.batching, self._threads)
         # Requests' inputs (images) are decoded on these threads only: a flood of costly images waits its turn
         # here instead of taking a thread, and a core, each (a cancelled request's decode not yet started is
@@ -218,12 +219,14 @@ class ModelWorker:
         """This replica's view of its models and its counters (a ``ReplicaStatus`` without its ids); Serve's
         controller polls it every routing.stats_period_s and hands it to the routers, from which the
         ingress reads it too."""
-        return {
-            "report": next(self._reports),
-            "slots": MAX_MODELS_PER_REPLICA,
-            "threads": self._threads,
-            "memory": self._cache.memory_report().model_dump(mode="json"),
-            "models": self._cache.report(),
-            "counters": self._counters.model_dump(mode="json"),
-            "registry": self._live.status().model_dump(mode="json"),
-        }
+        with self._reporting:  # Serve's poll and a direct ask may run on threads of their own
+            report = {
+                "slots": MAX_MODELS_PER_REPLICA,
+                "threads": self._threads,
+                "memory": self._cache.memory_report().model_dump(mode="json"),
+                "models": self._cache.report(),
+                "counters": self._counters.model_dump(mode="json"),
+                "registry": self._live.status().model_dump(mode="json"),
+            }
+            report["report"] = next(self._reports)  # numbered once read: a later number, a later state
+            return report

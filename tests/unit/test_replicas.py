@@ -100,6 +100,9 @@ def test_a_fresh_answer_stands_until_serve_polls_the_replica_again(router, monke
     assert asyncio.run(directory.statuses(fresh=True))[0].held == []
     r1, _ = asyncio.run(directory.statuses())
     assert r1.held == [] and r1.report == 5
+    worker.answers["r1"] = TimeoutError()  # a fresh look that r1 does not answer: its later report stands
+    r1, _ = asyncio.run(directory.statuses(fresh=True))
+    assert r1.held == [] and r1.report == 5
     router.replicas[0].routing_stats = {"report": 6, "models": {"alpha": {"state": "loaded"}}}  # loaded again
     r1, _ = asyncio.run(directory.statuses())
     assert r1.held == ["alpha"] and r1.report == 6

@@ -472,6 +472,9 @@ ST_PROMPTS = [  # the model's default, the registry's parameters, and what sente
     ("query", {"prompt": "search: "}, {"prompt": "search: "}, ["mean"], True, "right"),
     (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["mean"], False, "right"),
     (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["cls"], False, "left"),
+    (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["weightedmean"], False, "right"),
+    (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["max", "weightedmean"], False, "left"),
+    ("query", {"prompt_name": None}, {"prompt_name": None}, ["mean"], True, "right"),  # null: the default
 ]
 
 
@@ -503,12 +506,26 @@ def test_prompts_are_put_before_each_input_as_sentence_transformers_encode_puts_
     assert not np.allclose(ours, np.stack(no_prompt.predict(texts)), atol=1e-3)  # the prompt was read
 
 
+def test_a_model_that_renders_its_texts_through_a_chat_template_fails_the_load(tiny_dir, tmp_path):
+    """sentence-transformers 6 puts the texts of a model with the 'message' modality through its chat
+    template (the prompt as a system message): vectors this runtime would not compute alike."""
+    import json
+
+    folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["mean"])
+    config = json.loads((folder / "sentence_bert_config.json").read_text())
+    config["modality_config"]["message"] = {**config["modality_config"]["text"], "format": "auto"}
+    (folder / "sentence_bert_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"through a chat template \(modality 'message'\)"):
+        runtime_for(_spec("e", "feature-extraction", folder)).load()
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
-        ({"prompt_name": "title"}, "unknown prompt_name 'title': the model's prompts are 'query', 'passage'"),
+        ({"prompt_name": "title"}, "unknown prompt_name 'title': the model's prompts are 'query', 'passage', 'broken'"),
         ({"prompt_name": "query", "prompt": "q: "}, "prompt_name or prompt, not both"),
         ({"prompt": 3}, "prompt 3 is not a text"),
+        ({"prompt_name": "broken"}, "the model's prompt 'broken' is not a text: 3"),
     ],
 )
 def test_a_prompt_the_model_has_not_or_two_of_them_fail_the_load(tiny_dir, tmp_path, parameters, message):
@@ -516,7 +533,8 @@ def test_a_prompt_the_model_has_not_or_two_of_them_fail_the_load(tiny_dir, tmp_p
 
     folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["mean"])
     config = json.loads((folder / "config_sentence_transformers.json").read_text())
-    (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": PROMPTS}))
+    prompts = {**PROMPTS, "broken": 3}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": prompts}))
     with pytest.raises(ValueError, match=re.escape(message)):
         runtime_for(_spec("e", "feature-extraction", folder, parameters=parameters)).load()
 
@@ -573,6 +591,7 @@ def test_the_tokens_a_model_takes_are_its_absolute_positions_less_those_before_t
     """BERT takes its 512 positions; RoBERTa 514 less the 2 before its first (after the padding token's);
     DeBERTa v3 (relative positions) and ModernBERT (rotary) have no table of positions and take any length,
     so their tokenizers' own maximum stands."""
+    import torch
     from transformers import BertConfig, DebertaV2Config, ModernBertConfig, RobertaConfig
 
     from deployments.runtimes.transformers import position_limit
@@ -582,6 +601,11 @@ def test_the_tokens_a_model_takes_are_its_absolute_positions_less_those_before_t
     assert position_limit(_tiny(DebertaV2Config, max_position_embeddings=512, position_biased_input=False)) is None
     assert position_limit(_tiny(DebertaV2Config, max_position_embeddings=512, position_biased_input=True)) == 512
     assert position_limit(_tiny(ModernBertConfig, max_position_embeddings=8192, pad_token_id=0)) is None
+    # A table of image positions elsewhere in a model (Phi-4-multimodal's image encoder) is not its text's.
+    rotary = _tiny(ModernBertConfig, max_position_embeddings=8192, pad_token_id=0)
+    rotary.image_embed = torch.nn.Module()
+    rotary.image_embed.position_embedding = torch.nn.Embedding(1024, 4)
+    assert position_limit(rotary) is None
 
 
 def test_a_text_longer_than_a_clip_text_tower_takes_is_truncated_to_its_positions(tiny_dir, tmp_path):
@@ -917,5 +941,5 @@ def test_a_vision_language_model_fails_the_image_embedding_load_as_it_cannot_emb
     folder = tmp_path / "llava"
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    with pytest.raises(ValueError, match="LlavaModel reads input_ids, not images alone"):
+    with pytest.raises(ValueError, match=r"LlavaModel does not embed an image alone \(its forward reads input_ids\)"):
         runtime_for(_spec("llava", "image-feature-extraction", folder)).load()
