@@ -112,6 +112,33 @@ def build_clip_model(folder: Path, tokenizer_of: Path, seed: int = 7) -> Path:
     return folder
 
 
+def build_sentence_model(folder: Path, text_model: Path, prompts: dict[str, str]) -> Path:
+    """A sentence-transformers model of the tiny text model in ``text_model`` (its encoder, mean pooling,
+    normalised) with ``prompts`` (``config_sentence_transformers.json``), written as sentence-transformers
+    saves one, without it."""
+    import shutil
+
+    shutil.copytree(text_model, folder)
+    dimension = json.loads((folder / "config.json").read_text())["hidden_size"]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.sentence_transformer.modules.Pooling",
+        },
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    pooling = {"embedding_dimension": dimension, "pooling_mode": "mean", "include_prompt": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "2_Normalize").mkdir()
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    return folder
+
+
 def write_registry(path: Path, models: dict[str, tuple[str, Path]], preload: list[str] = ()) -> Path:
     """models: id -> (task, folder); preload: ids marked to load when a replica starts."""
     entries = [

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,8 @@ class InferenceRequest:
 
     inputs: Sequence[str | bytes]
     timeout_s: float | None = None  # the client's own deadline, when shorter than request_timeout_s
+    parameters: Mapping[str, Any] | None = None  # what the client gave for the task (Task.request_parameters)
+    other_parameters: bool = False  # the protocol has parameters of its own beside the task's (v2)
 
 
 RequestSource = InferenceRequest | Callable[[], Awaitable[InferenceRequest]]
@@ -227,6 +229,7 @@ class DataPlane:
             task = self.live.catalog.task_of(spec)
             if callable(request):
                 request = await request()
+            parameters = task.request_parameters(request.parameters, others=request.other_parameters)
             decoded = await self.decoder.decode(task.input, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
             call = self._call(
@@ -236,6 +239,7 @@ class DataPlane:
                 task=spec.task,
                 registry_version=version,
                 **{DECLARED_BYTES: spec.memory_bytes},
+                **({"parameters": parameters} if parameters else {}),
             )
             result: WorkerResult = await self._with_timeout(model_id, call, timeout_s)
             if result.loaded:

@@ -81,7 +81,9 @@ class ModelRuntime(ABC):
 
     @abstractmethod
     def predict(self, inputs: list[Any]) -> list[Any]:
-        """One row per input, in input order, in the form of the task's output kind."""
+        """One row per input, in input order, in the form of the task's output kind. A runtime of a task that
+        declares request parameters (``Task.parameters``) takes them as keyword arguments, given only when a
+        request set them: ``predict(self, inputs, prompt_name=None)``; a batch's requests share them."""
 
     def prepare(self, inputs: list[Any]) -> list[Any]:
         """One request's inputs as ``predict`` takes them (called in a thread, before batching)."""

@@ -31,6 +31,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.transformers import (
     bound_tokenizer,
@@ -42,6 +44,7 @@ from deployments.runtimes.transformers import (
     quiet_tokenizers,
     trained_weights,
 )
+from serve_app.core.errors import InvalidInput
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -301,31 +304,49 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             lowercase_first(self.tokenizer)
         max_length = config.get("max_seq_length")  # sentence-transformers' own, which wins over the tokenizer's
         self.max_length = min(max_length, limit or max_length) if max_length else None
-        self.prompt = prompt
-        # A pooling without the prompt (include_prompt false, INSTRUCTOR's kind of model) leaves out its tokens.
-        self.prompt_tokens = 0 if config["include_prompt"] or not prompt else self._prompt_tokens(prompt)
+        self.prompts = {name: text or "" for name, text in config["prompts"].items() if isinstance(text or "", str)}
+        self.include_prompt = config["include_prompt"]
+        self.prompt = prompt  # the entry's: the model's default, or the registry's choice
+        self._prompt_tokens: dict[str, int] = {}
 
-    def _prompt_tokens(self, prompt: str) -> int:
+    def prompt_tokens(self, prompt: str) -> int:
         """The tokens the prompt takes at the start of a text, as sentence-transformers counts them: the prompt
-        tokenized alone, less its closing special token (``[SEP]``, ``</s>``)."""
-        ids = self.tokenizer([prompt], truncation=True, max_length=self.max_length)["input_ids"][0]
-        return len(ids) - 1 if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
+        tokenized alone, less its closing special token (``[SEP]``, ``</s>``). 0 when the pooling takes the
+        prompt's tokens too (``include_prompt``, the default); INSTRUCTOR's kind of model leaves them out."""
+        if self.include_prompt or not prompt:
+            return 0
+        if prompt not in self._prompt_tokens:
+            ids = self.tokenizer([prompt], truncation=True, max_length=self.max_length)["input_ids"][0]
+            self._prompt_tokens[prompt] = (
+                len(ids) - 1 if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
+            )
+        return self._prompt_tokens[prompt]
 
     def unload(self) -> None:
         self.model = self.tokenizer = None
 
-    def predict(self, inputs: list[str]) -> list[Any]:
+    def predict(self, inputs: list[str], prompt_name: str | None = None) -> list[Any]:
+        """``prompt_name``: a request's choice among the model's prompts, in place of the entry's prompt."""
         model, tokenizer = self.model, self.tokenizer  # local references: an unload meanwhile breaks nothing
         if model is None:
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
-        return in_forward_passes(inputs, forward_batch(tokenizer), lambda texts: self._embed(model, tokenizer, texts))
+        prompt = self.prompt if prompt_name is None else self.prompts.get(prompt_name)
+        if prompt is None:
+            known = ", ".join(repr(n) for n in self.prompts) or "none"
+            raise InvalidInput(
+                f"parameters.prompt_name: model {self.spec.id!r} has no prompt {prompt_name!r} (its prompts: {known})",
+                field="parameters.prompt_name",
+            )
+        skip = self.prompt_tokens(prompt)
+        embed = lambda texts: self._embed(model, tokenizer, texts, prompt, skip)  # noqa: E731
+        return in_forward_passes(inputs, forward_batch(tokenizer), embed)
 
-    def _embed(self, model: Any, tokenizer: Any, texts: list[str]) -> list[Any]:
+    def _embed(self, model: Any, tokenizer: Any, texts: list[str], prompt: str, prompt_tokens: int) -> list[Any]:
         import torch
 
         with torch.inference_mode():
             padding = "max_length" if self.pad_to_length else len(texts) > 1
-            texts = [self.prompt + text for text in texts] if self.prompt else texts
+            texts = [prompt + text for text in texts] if prompt else texts
             encoded = tokenizer(
                 texts, truncation=True, max_length=self.max_length, padding=padding, return_tensors="pt"
             ).to(model.device)
@@ -337,10 +358,23 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             else:
                 hidden = model(**encoded).last_hidden_state
                 attention = encoded["attention_mask"]
-                vectors = pool(hidden, without_prompt(attention, self.prompt_tokens), self.pooling, attention)
+                vectors = pool(hidden, without_prompt(attention, prompt_tokens), self.pooling, attention)
             for layer in self.dense:
                 vectors = layer(vectors)
             return embedding_rows(vectors, self.normalize)
+
+
+class EmbeddingParameters(BaseModel):
+    """What a request for a sentence embedding may choose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_name: str | None = Field(
+        None,
+        max_length=256,
+        description="one of the model's prompts (config_sentence_transformers.json's prompts: 'query', "
+        "'passage', ...), put before every input in place of the registry entry's",
+    )
 
 
 TASK = Task(
@@ -348,5 +382,6 @@ TASK = Task(
     input=TEXT,
     output=EMBEDDING,
     runtimes=(SentenceEmbeddingRuntime,),
+    parameters=EmbeddingParameters,
     description="one embedding per sentence, pooled and normalised as the model was trained (search, RAG)",
 )

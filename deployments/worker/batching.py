@@ -72,10 +72,12 @@ def model_failure(copy: ModelCopy, e: Exception, doing: str = "failed on this in
     return ModelUnavailable(f"Model {copy.spec.id!r} {doing}: {failure_reason(e, copy.spec)}", model_id=copy.spec.id)
 
 
-def _timed_answer(copy: ModelCopy, requests: list[list[Any]], threads: int | None) -> tuple[list[Answer], float]:
+def _timed_answer(
+    copy: ModelCopy, requests: list[list[Any]], threads: int | None, parameters: list[dict[str, Any] | None] | None
+) -> tuple[list[Answer], float]:
     """``copy.answer`` on the copy's thread, and the seconds it took there (the replica's ``model_seconds``)."""
     start = time.perf_counter()
-    answers = copy.answer(requests, threads)
+    answers = copy.answer(requests, threads, parameters)
     return answers, time.perf_counter() - start
 
 
@@ -94,11 +96,18 @@ class Batcher:
         self.threads = threads  # this replica's own share of intra-op threads
         self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    async def predict(self, inputs: list[Any], copy: ModelCopy, idle_threads: int | None = None) -> Answer | Exception:
+    async def predict(
+        self,
+        inputs: list[Any],
+        copy: ModelCopy,
+        idle_threads: int | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Answer | Exception:
         """One request's answer, at once as a batch of its own when it is alone on an idle replica of late,
         else through Serve's batch queue once no batch runs, with the requests that waited meanwhile.
         ``idle_threads``: the router saw this replica's node idle (RouteHint.threads): a batch of this request
-        alone may run on that many threads (at most this machine's cores)."""
+        alone may run on that many threads (at most this machine's cores). ``parameters``: the request's for
+        its task (``ModelCopy.answer`` makes one model call for each set of them in a batch)."""
         self.predicting += 1
         try:
             if (
@@ -107,7 +116,7 @@ class Batcher:
                 and self.requests_a_batch < COMPANY_AT
                 and self._batch_starts(copy)  # counted now: a request that arrives before it runs waits
             ):
-                batch = asyncio.ensure_future(self._run_now([inputs], copy, self._extra(idle_threads)))
+                batch = asyncio.ensure_future(self._run_now([inputs], copy, self._extra(idle_threads), [parameters]))
                 # Ended by a callback, which runs however the task ends (even cancelled before its first step).
                 batch.add_done_callback(lambda _: self._batch_ends(copy))
                 self._lone_batches.add(batch)
@@ -116,22 +125,27 @@ class Batcher:
                 # forward pass runs.
                 return (await asyncio.shield(batch))[0]
             await self.no_batch_running.wait()  # join the queue when the model thread is free
-            return await self.run_batch(inputs, copy, self._extra(idle_threads))
+            return await self.run_batch(inputs, copy, self._extra(idle_threads), parameters)
         finally:
             self.predicting -= 1
 
     # Size and wait are set from BatchingArgs in __init__.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def run_batch(
-        self, requests: list[list[Any]], copies: list[ModelCopy], threads: list[int | None] | None = None
+        self,
+        requests: list[list[Any]],
+        copies: list[ModelCopy],
+        threads: list[int | None] | None = None,
+        parameters: list[dict[str, Any] | None] | None = None,
     ) -> list[Answer | Exception]:
         """One model call for the inputs of several requests. Serve never mixes models in a batch, but it
         groups by model id, not by copy: when a registry change replaced a model's copy, requests still on
         the old copy and new ones on the new copy can share a batch, and each copy then gets a call of its
         own, so that requests running on a copy finish on it. If a call fails, each of its requests is run
         alone, so that only the request at fault gets the error. ``threads``: each request's idle threads
-        (``_extra``); a batch of one request that has them runs on them."""
+        (``_extra``); a batch of one request that has them runs on them. ``parameters``: each request's."""
         threads = threads or [None] * len(requests)
+        parameters = parameters or [None] * len(requests)
         out: list[Answer | Exception | None] = [None] * len(requests)
         by_copy: dict[int, list[int]] = {}
         for i, copy in enumerate(copies):
@@ -146,7 +160,8 @@ class Batcher:
             else:
                 try:
                     lone = threads[indices[0]] if len(indices) == 1 else None
-                    answers = await self._run_now([requests[i] for i in indices], copy, lone)
+                    given = [parameters[i] for i in indices]
+                    answers = await self._run_now([requests[i] for i in indices], copy, lone, given)
                 finally:
                     self._batch_ends(copy)
             for i, answer in zip(indices, answers, strict=True):
@@ -177,34 +192,49 @@ class Batcher:
         return threads if threads is not None and threads > self.threads else None
 
     async def _run_now(
-        self, requests: list[list[Any]], copy: ModelCopy, threads: int | None = None
+        self,
+        requests: list[list[Any]],
+        copy: ModelCopy,
+        threads: int | None = None,
+        parameters: list[dict[str, Any] | None] | None = None,
     ) -> list[Answer | Exception]:
-        """One model call on one copy for several requests' inputs: each request's answer, or its error."""
+        """One model call on one copy for several requests' inputs (one for each set of ``parameters`` among
+        them): each request's answer, or its error."""
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         self._counters.most_threads = max(self._counters.most_threads, threads or self.threads)
         self._counters.extra_thread_batches += threads is not None and threads > self.threads
         self.requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self.requests_a_batch)
+        parameters = parameters or [None] * len(requests)
         try:
-            return list(await self.infer(copy, requests, threads))
+            return list(await self.infer(copy, requests, threads, parameters))
         except Exception as e:
             if len(requests) == 1:
                 return [e]
-            return [await self._infer_or_error(copy, inputs) for inputs in requests]
+            alone = zip(requests, parameters, strict=True)
+            return [await self._infer_or_error(copy, inputs, given) for inputs, given in alone]
 
-    async def infer(self, copy: ModelCopy, requests: list[list[Any]], threads: int | None = None) -> list[Answer]:
+    async def infer(
+        self,
+        copy: ModelCopy,
+        requests: list[list[Any]],
+        threads: int | None = None,
+        parameters: list[dict[str, Any] | None] | None = None,
+    ) -> list[Answer]:
         """The copy's answers, on its own thread; a failure of the model is a 503 naming the reason."""
         try:
             answers, seconds = await asyncio.get_running_loop().run_in_executor(
-                copy.thread, _timed_answer, copy, requests, threads
+                copy.thread, _timed_answer, copy, requests, threads, parameters
             )
         except Exception as e:
             raise model_failure(copy, e) from None
         self._counters.model_seconds += seconds
         return answers
 
-    async def _infer_or_error(self, copy: ModelCopy, inputs: list[Any]) -> Answer | Exception:
+    async def _infer_or_error(
+        self, copy: ModelCopy, inputs: list[Any], parameters: dict[str, Any] | None = None
+    ) -> Answer | Exception:
         try:
-            return (await self.infer(copy, [inputs]))[0]
+            return (await self.infer(copy, [inputs], None, [parameters]))[0]
         except Exception as e:
             return e

@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import json
 import logging
 import os
 import threading
@@ -179,19 +180,32 @@ class ModelCopy:
     def prepare(self, inputs: list[Any]) -> list[Any]:
         return self.runtime.prepare(inputs)
 
-    def answer(self, requests: Sequence[list[Any]], threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    def answer(
+        self,
+        requests: Sequence[list[Any]],
+        threads: int | None = None,
+        parameters: Sequence[dict[str, Any] | None] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
         """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
-        request's answer encoded by the task's output kind. ``ContractError`` if the runtime's rows do not
-        fit the task's contract. Runs on ``thread``; ``threads``: the intra-op threads of this forward pass
-        (``with_threads``)."""
-        flat = [item for inputs in requests for item in inputs]
-        with with_threads(threads):
-            rows = one_per_input(self.runtime.predict(flat), len(flat), "predict must answer one row per input")
-        out, start = [], 0
-        for inputs in requests:
-            out.append(self.task.output.encode(rows[start : start + len(inputs)]))
-            start += len(inputs)
-        return out
+        request's answer encoded by the task's output kind: one ``predict`` call for each set of request
+        ``parameters`` among them (keyword arguments; none for requests without). ``ContractError`` if the
+        runtime's rows do not fit the task's contract. Runs on ``thread``; ``threads``: the intra-op threads
+        of this forward pass (``with_threads``)."""
+        given = [params or {} for params in parameters] if parameters is not None else [{}] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, params in enumerate(given):
+            groups.setdefault(json.dumps(params, sort_keys=True), []).append(i)
+        out: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        for indices in groups.values():
+            flat = [item for i in indices for item in requests[i]]
+            with with_threads(threads):
+                answer = self.runtime.predict(flat, **given[indices[0]])
+            rows = one_per_input(answer, len(flat), "predict must answer one row per input")
+            start = 0
+            for i in indices:
+                out[i] = self.task.output.encode(rows[start : start + len(requests[i])])
+                start += len(requests[i])
+        return out  # type: ignore[return-value]
 
     # -- holding and freeing ------------------------------------------------------------------------------
 

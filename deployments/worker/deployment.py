@@ -127,10 +127,12 @@ class ModelWorker:
         registry_version: str | None = None,
         declared_bytes: int | None = None,
         route: RouteHint | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> WorkerResult:
         """Answer one request's inputs; concurrent requests for the same model are batched together.
         ``task`` and ``registry_version``: what the ingress decoded the inputs for, under which registry;
-        ``declared_bytes`` is for the router; ``route``: what the router tells this replica (RouteHint)."""
+        ``declared_bytes`` is for the router; ``route``: what the router tells this replica (RouteHint);
+        ``parameters``: the request's parameters for its task, checked by the ingress."""
         model_id = serve.get_multiplexed_model_id()
         self._counters.requests += 1
         start = time.perf_counter()
@@ -152,7 +154,7 @@ class ModelWorker:
                     inputs = await asyncio.get_running_loop().run_in_executor(
                         self._decoders, self._prepare, copy, inputs
                     )
-                answer = await self._batcher.predict(inputs, copy, route.threads if route else None)
+                answer = await self._batcher.predict(inputs, copy, route.threads if route else None, parameters)
             finally:
                 copy.release()
         except asyncio.CancelledError:

@@ -6,7 +6,9 @@ A task module (the shipped ones are in ``deployments/tasks/``) defines ``TASK``,
 * its input kind (``serve_app.core.inputs``): how a request's inputs are decoded and bounded;
 * its output kind (``serve_app.core.outputs``): how a runtime's answer is encoded between the replicas,
   and shaped for the native API and the Open Inference Protocol, with the v2 metadata that describes it;
-* its runtime classes (subclasses of ``deployments.runtimes.ModelRuntime``), the first one the default.
+* its runtime classes (subclasses of ``deployments.runtimes.ModelRuntime``), the first one the default;
+* the parameters a request may give, if any (``parameters``: feature-extraction's ``prompt_name``), which
+  its runtimes' ``predict`` takes.
 
 The app's args name the task modules (``tasks``, the shipped ones by default) and the modules from which
 a registry entry may name a runtime class of its own (``runtime_modules``): ``TaskCatalog`` is what they
@@ -25,12 +27,14 @@ from __future__ import annotations
 import functools
 import importlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ValidationError
+
 from serve_app.core.config import MODEL_ROOTS, SHIPPED_TASKS
-from serve_app.core.errors import echo
+from serve_app.core.errors import InvalidInput, echo
 from serve_app.core.inputs import InputKind
 from serve_app.core.outputs import OutputKind
 from serve_app.core.paths import resolve_project_path
@@ -53,10 +57,40 @@ class Task:
     description: str = ""
     platform: str = field(default="transformers", compare=False)
     """v2 model metadata's ``platform`` of the default runtime (``<platform>/<task>``)."""
+    parameters: type[BaseModel] | None = None
+    """The parameters a request may give (a pydantic model, extra fields forbidden), which its runtimes'
+    ``predict`` takes as keyword arguments: requests with other values are never in one model call. None:
+    the task takes none."""
 
     def __post_init__(self) -> None:
         if not self.runtimes:
             raise TaskConfigError(f"task {self.name!r} names no runtime class")
+
+    def request_parameters(self, given: Mapping[str, Any] | None, others: bool = False) -> dict[str, Any]:
+        """A request's parameters for this task, checked (InvalidInput naming the field), without those left
+        at their defaults: ``{}`` for none. ``others``: the protocol has parameters of its own (v2's
+        ``timeout``, Triton's), so the ones this task does not take are left to it, not refused."""
+        if not given:
+            return {}
+        fields = self.parameters.model_fields if self.parameters is not None else {}
+        if others:
+            given = {k: v for k, v in given.items() if k in fields}
+        unknown = next((k for k in given if k not in fields), None)
+        if unknown is not None:
+            takes = ", ".join(fields) or "none"
+            raise InvalidInput(
+                f"parameters.{unknown}: a {self.name} model takes no such parameter (it takes: {takes})",
+                field=f"parameters.{unknown}",
+            )
+        if not given or self.parameters is None:
+            return {}
+        try:
+            checked = self.parameters.model_validate(dict(given))
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            where = "parameters." + ".".join(str(part) for part in first["loc"])
+            raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
+        return checked.model_dump(exclude_defaults=True)
 
     @property
     def default_runtime(self) -> str:

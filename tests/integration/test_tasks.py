@@ -19,7 +19,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from demo import entities
-from demo.tiny_models import build_clip_model, labels_for
+from demo.tiny_models import build_clip_model, build_sentence_model, labels_for
 from serve_app.core.config import SHIPPED_TASKS
 from serve_app.core.paths import PROJECT_ROOT
 from tests.byo_runtimes import KEYWORDS, write_training_data
@@ -28,6 +28,7 @@ from tests.helpers import MODEL_ROOTS, wait_for
 pytestmark = pytest.mark.integration
 
 DEMO = {"application": "demo"}
+PROMPTS = {"query": "this is ", "passage": "the movie "}  # words of the tiny models' vocabulary
 TASKS = {"application": "tasks"}
 IMAGES = PROJECT_ROOT / "samples/images"
 
@@ -236,6 +237,7 @@ def tasks_url(deploy, tiny_dir, own_models):
     base = own_models
     tickets = write_training_data(base / "tickets", KEYWORDS)
     clip = build_clip_model(base / "clip", tokenizer_of=tiny_dir / "alpha")
+    prompted = build_sentence_model(base / "prompted", tiny_dir / "alpha", PROMPTS)
     own = "tests.byo_runtimes"
 
     def entry(model_id, task="text-classification", path=base, **extra):
@@ -254,6 +256,8 @@ def tasks_url(deploy, tiny_dir, own_models):
         entry("missing", runtime=f"{own}:Missing"),
         entry("clip-text", task="feature-extraction", path=clip),
         entry("clip-image", task="image-feature-extraction", path=clip),
+        entry("prompted", task="feature-extraction", path=prompted),
+        entry("prompted-query", task="feature-extraction", path=prompted, parameters={"prompt_name": "query"}),
     ]
     registry = base / "registry.json"
     registry.write_text(json.dumps({"models": models}))
@@ -395,3 +399,59 @@ def test_one_clip_folder_serves_texts_and_images_in_one_space_for_text_to_image_
         want_text = model.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
     np.testing.assert_allclose(query, want_text.pooler_output[0].numpy(), atol=1e-5)
     assert np.isfinite(picture).all() and np.abs(picture).sum() > 0  # the image tower's values: the unit tests
+
+
+def test_a_request_chooses_among_a_sentence_models_prompts_over_every_protocol(client, tasks_url, grpc_client):
+    """One copy of a model with a query and a passage prompt serves both: a request's prompt_name does what
+    an entry's does (tests/unit/test_runtimes.py holds both to sentence-transformers' encode), over the
+    native API, v2 REST and gRPC; requests with other prompts in one batch each get their own; a prompt the
+    model has not, or a parameter its task does not take, is the request's 422."""
+    import asyncio
+
+    texts = ["this movie was great", "win a free iphone now"]
+
+    def vectors(model_id, **parameters):
+        body = {"model_id": model_id, "input_data": texts, **({"parameters": parameters} if parameters else {})}
+        r = client.post(f"{tasks_url}/predict", json=body)
+        assert r.status_code == 200, r.text
+        return np.array([p["embedding"] for p in r.json()["predictions"]], dtype=np.float32)
+
+    plain, query, passage = (
+        vectors("prompted"),
+        vectors("prompted", prompt_name="query"),
+        vectors("prompted", prompt_name="passage"),
+    )
+    np.testing.assert_allclose(query, vectors("prompted-query"), atol=1e-5)  # as the entry's prompt
+    assert not np.allclose(plain, query, atol=1e-3) and not np.allclose(query, passage, atol=1e-3)
+
+    infer = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]}
+    rest = client.post(
+        f"{tasks_url}/v2/models/prompted/infer",
+        json={**infer, "parameters": {"prompt_name": "query", "timeout": 10**7}},
+    )
+    assert rest.status_code == 200, rest.text
+    np.testing.assert_allclose(np.array(rest.json()["outputs"][0]["data"]).reshape(2, -1), query, atol=1e-5)
+    result = grpc_client.infer("prompted", [text_input(*texts)], parameters={"prompt_name": "passage"}, headers=TASKS)
+    np.testing.assert_allclose(result.as_numpy("embedding"), passage, atol=1e-5)
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as c:
+            bodies = [
+                {"model_id": "prompted", "input_data": texts, "parameters": {"prompt_name": name}}
+                for name in ["query", "passage", "query", "passage", "query", "passage"]
+            ]
+            return await asyncio.gather(*(c.post(f"{tasks_url}/predict", json=b) for b in bodies))
+
+    for i, r in enumerate(asyncio.run(together())):
+        got = np.array([p["embedding"] for p in r.json()["predictions"]], dtype=np.float32)
+        np.testing.assert_allclose(got, query if i % 2 == 0 else passage, atol=1e-5)
+
+    unknown = client.post(
+        f"{tasks_url}/predict", json={"model_id": "prompted", "input_data": "x", "parameters": {"prompt_name": "title"}}
+    )
+    assert unknown.status_code == 422 and "has no prompt 'title' (its prompts: 'query', 'passage')" in unknown.text
+    other = client.post(
+        f"{tasks_url}/predict", json={"model_id": "alpha", "input_data": "x", "parameters": {"prompt_name": "query"}}
+    )
+    assert other.status_code == 422 and other.json()["error"] == "invalid_input", other.text
+    assert "a text-classification model takes no such parameter" in other.json()["message"]

@@ -135,6 +135,25 @@ def test_answers_are_split_per_request_and_encoded_by_the_task(tiny_dir):
     assert second["scores"].dtype == np.float32
 
 
+def test_requests_of_a_batch_with_other_parameters_get_a_model_call_each_in_request_order():
+    calls = []
+
+    class Prompted(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs, prompt_name=None):
+            calls.append((list(inputs), prompt_name))
+            return [np.full(2, len(prompt_name or ""), dtype=np.float32) for _ in inputs]
+
+    spec = ModelSpec(id="e", task="feature-extraction", source={"path": "x"})
+    copy = ModelCopy(spec, Prompted(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    given = [{"prompt_name": "query"}, None, {"prompt_name": "query"}, {"prompt_name": "doc"}]
+    answers = copy.answer([["a"], ["b", "c"], ["d"], ["e"]], parameters=given)
+    assert calls == [(["a", "d"], "query"), (["b", "c"], None), (["e"], "doc")]
+    assert [a["embedding"][:, 0].tolist() for a in answers] == [[5], [0, 0], [5], [3]]
+
+
 def test_a_runtime_that_answers_outside_its_task_is_a_contract_error():
     class Wrong(ModelRuntime):
         def load(self):

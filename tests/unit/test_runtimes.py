@@ -464,12 +464,12 @@ def test_a_pooling_config_without_a_mode_is_mean_pooled_as_sentence_transformers
     assert rt.pooling == ("mean",)
 
 
-PROMPTS = {"query": "query: ", "passage": "passage: "}
+PROMPTS = {"query": "this is ", "passage": "the movie "}  # words of the tiny models' vocabulary
 
 ST_PROMPTS = [  # the model's default, the registry's parameters, and what sentence-transformers is asked
     (None, {"prompt_name": "passage"}, {"prompt_name": "passage"}, ["mean"], True, "right"),
     ("query", {}, {}, ["mean"], True, "right"),
-    ("query", {"prompt": "search: "}, {"prompt": "search: "}, ["mean"], True, "right"),
+    ("query", {"prompt": "hello world "}, {"prompt": "hello world "}, ["mean"], True, "right"),
     (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["mean"], False, "right"),
     (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["cls"], False, "left"),
     (None, {"prompt_name": "query"}, {"prompt_name": "query"}, ["weightedmean"], False, "right"),
@@ -517,6 +517,32 @@ def test_a_model_that_renders_its_texts_through_a_chat_template_fails_the_load(t
     (folder / "sentence_bert_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"through a chat template \(modality 'message'\)"):
         runtime_for(_spec("e", "feature-extraction", folder)).load()
+
+
+@pytest.mark.parametrize("include_prompt", [True, False])
+def test_a_request_chooses_among_the_models_prompts_as_encode_does(tiny_dir, tmp_path, include_prompt):
+    """A request's prompt_name (the feature-extraction task's parameter) in place of the entry's prompt: the
+    vectors of ``encode(prompt_name=...)``; a name the model has no prompt of is the request's 422."""
+    import json
+
+    from serve_app.core.errors import InvalidInput
+
+    st = pytest.importorskip("sentence_transformers")
+    folder, _ = _sentence_transformer(tiny_dir / "alpha", tmp_path, ["mean"])
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": PROMPTS}))
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": include_prompt}))
+    theirs = st.SentenceTransformer(str(folder), device="cpu")
+    rt = runtime_for(_spec("e", "feature-extraction", folder), device="cpu")
+    rt.load()
+    texts = ["hello world", "win a free iphone now please"]
+    for name in ("query", "passage"):
+        ours = rt.predict(texts, prompt_name=name)
+        np.testing.assert_allclose(ours, theirs.encode(texts, prompt_name=name), atol=1e-5)
+    np.testing.assert_allclose(rt.predict(texts), theirs.encode(texts), atol=1e-5)  # the entry's: none here
+    with pytest.raises(InvalidInput, match=r"model 'e' has no prompt 'title' \(its prompts: 'query', 'passage'\)"):
+        rt.predict(texts, prompt_name="title")
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,24 @@ def test_a_runtime_that_cannot_be_imported_is_a_load_error_naming_why(fake_modul
         spec = ModelSpec.model_construct(id="m", task="t", runtime=runtime)
         with pytest.raises(RuntimeImportError, match=match):
             catalog.runtime_class(spec)
+
+
+# -- request parameters -------------------------------------------------------------------------------
+
+
+def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not_sent():
+    from serve_app.core.errors import InvalidInput
+
+    catalog = TaskCatalog.load()
+    embed, classify = catalog.get("feature-extraction"), catalog.get("text-classification")
+    assert embed.request_parameters({"prompt_name": "query"}) == {"prompt_name": "query"}
+    assert embed.request_parameters({"prompt_name": None}) == {} == embed.request_parameters(None)
+    with pytest.raises(InvalidInput, match=r"parameters\.top_k: a feature-extraction model takes no such parameter"):
+        embed.request_parameters({"prompt_name": "query", "top_k": 3})
+    with pytest.raises(InvalidInput, match=r"parameters\.prompt_name: Input should be a valid string"):
+        embed.request_parameters({"prompt_name": 3})
+    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: none\)"):
+        classify.request_parameters({"prompt_name": "query"})
+    # v2 and gRPC requests carry the protocol's own parameters beside the task's: those are left to it.
+    assert embed.request_parameters({"timeout": 5, "prompt_name": "query"}, others=True) == {"prompt_name": "query"}
+    assert classify.request_parameters({"timeout": 5, "priority": 1}, others=True) == {}

@@ -345,7 +345,7 @@ def _decodes_at_once(threads: int) -> int:
     c = ModelCache(Owner(copy, 0), live_registry(spec), ReplicaCounters(), FakeMetrics(), 30.0)
     w = worker_of(c, max_concurrent_decodes=threads)
 
-    async def answer(inputs, copy, threads=None):
+    async def answer(inputs, copy, threads=None, parameters=None):
         return {"label": inputs}
 
     w._batcher = SimpleNamespace(predict=answer)  # the decodes are what counts here, not the batches
@@ -449,9 +449,10 @@ def lone_request_batcher(requests_a_batch: float):
     batch = Batcher.run_batch.__wrapped__  # the batch function, without Serve's queue
     queued = []
 
-    async def through_the_queue(inputs, copy, threads=None):  # as Serve's queue: a task of its own
+    async def through_the_queue(inputs, copy, threads=None, parameters=None):  # as Serve's queue: a task of its own
         queued.append(list(inputs))
-        return (await asyncio.shield(asyncio.ensure_future(batch(b, [inputs], [copy], [threads]))))[0]
+        batched = batch(b, [inputs], [copy], [threads], [parameters])
+        return (await asyncio.shield(asyncio.ensure_future(batched)))[0]
 
     b.run_batch = through_the_queue
     return b, copy, queued, *blocking_copy(copy)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
 
 from deployments.ingress.bodies import check_json_budget
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
@@ -41,14 +41,21 @@ class PredictRequest(BaseModel):
         )
     )
 
+    parameters: dict[str, JsonValue] | None = Field(
+        None,
+        description="the model's task's request parameters, if it takes any: feature-extraction "
+        '{"prompt_name": "query"} (a prompt of the model\'s own); a parameter the task does not take is a 422',
+    )
+
     def inference_request(self) -> InferenceRequest:
-        return InferenceRequest(inputs=[self.input_data] if isinstance(self.input_data, str) else self.input_data)
+        inputs = [self.input_data] if isinstance(self.input_data, str) else self.input_data
+        return InferenceRequest(inputs=inputs, parameters=self.parameters)
 
 
 def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
     """The body of ``POST /predict``, bounded while it is parsed; a bad body is FastAPI's 422, naming the
     field. Runs through ``bodies.parse_bounded``."""
-    check_json_budget(body, 16 + 2 * max_items, f"an input_data list of at most {max_items} inputs")
+    check_json_budget(body, 32 + 2 * max_items, f"an input_data list of at most {max_items} inputs")
     try:
         return PredictRequest.model_validate_json(body)
     except ValidationError as e:

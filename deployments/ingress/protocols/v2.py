@@ -257,7 +257,12 @@ class BodyParser:
 
     def _parse(self, body: bytes) -> InferenceRequest:
         self.request, elements = parse_infer_request(body, self._header_length, self._max_items)
-        return InferenceRequest(inputs=elements, timeout_s=client_timeout_s(self.request))
+        return InferenceRequest(
+            inputs=elements,
+            timeout_s=client_timeout_s(self.request),
+            parameters=self.request.parameters,  # the task's among them (Triton's own, as timeout, are not)
+            other_parameters=True,
+        )
 
 
 def server_metadata(version: str) -> ServerMetadata:

@@ -114,12 +114,21 @@ class Context(Protocol):
 
 
 def inference_request(request: pb.ModelInferRequest, max_items: int) -> InferenceRequest:
-    """The request's one BYTES input tensor, and its deadline (Triton's ``timeout`` parameter, an int64; a
-    ``timeout`` of another type is ignored, as before). Only that parameter is read."""
+    """The request's one BYTES input tensor, its deadline (Triton's ``timeout`` parameter, an int64; a
+    ``timeout`` of another type is ignored, as before) and its parameters, the task's among them."""
     timeout = request.parameters.get("timeout")
     int64 = timeout is not None and timeout.WhichOneof("parameter_choice") == "int64_param"
-    parameters = {"timeout": timeout.int64_param} if int64 else {}
-    return InferenceRequest(inputs=input_elements(request, max_items), timeout_s=v2.timeout_from_parameters(parameters))
+    deadline = v2.timeout_from_parameters({"timeout": timeout.int64_param} if int64 else {})
+    parameters = {name: parameter_value(p) for name, p in request.parameters.items() if name != "timeout"}
+    return InferenceRequest(
+        inputs=input_elements(request, max_items), timeout_s=deadline, parameters=parameters, other_parameters=True
+    )
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    """An ``InferParameter``'s value: a bool, an int, a float or a string (None if it has none)."""
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice is not None else None
 
 
 def input_elements(request: pb.ModelInferRequest, max_items: int) -> list[bytes]:
