@@ -44,7 +44,7 @@ from deployments.runtimes.transformers import (
     quiet_tokenizers,
     trained_weights,
 )
-from serve_app.core.errors import InvalidInput
+from serve_app.core.errors import InvalidInput, echo
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -332,9 +332,10 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
         prompt = self.prompt if prompt_name is None else self.prompts.get(prompt_name)
         if prompt is None:
-            known = ", ".join(repr(n) for n in self.prompts) or "none"
+            known = ", ".join(repr(n) for n in list(self.prompts)[:20]) or "none"
             raise InvalidInput(
-                f"parameters.prompt_name: model {self.spec.id!r} has no prompt {prompt_name!r} (its prompts: {known})",
+                f"parameters.prompt_name: model {self.spec.id!r} has no prompt {echo(prompt_name)} (its prompts: "
+                f"{known})",
                 field="parameters.prompt_name",
             )
         skip = self.prompt_tokens(prompt)

@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import inspect
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from deployments.runtimes.base import ModelRuntime
+from serve_app.core.errors import InvalidInput, ServeAppError
 from serve_app.core.outputs import ContractError
 from serve_app.core.registry import ModelSpec
 from serve_app.core.tasks import Task
@@ -185,27 +187,49 @@ class ModelCopy:
         requests: Sequence[list[Any]],
         threads: int | None = None,
         parameters: Sequence[dict[str, Any] | None] | None = None,
-    ) -> list[dict[str, np.ndarray]]:
+    ) -> list[dict[str, np.ndarray] | Exception]:
         """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
         request's answer encoded by the task's output kind: one ``predict`` call for each set of request
-        ``parameters`` among them (keyword arguments; none for requests without). ``ContractError`` if the
-        runtime's rows do not fit the task's contract. Runs on ``thread``; ``threads``: the intra-op threads
-        of this forward pass (``with_threads``)."""
+        ``parameters`` among them (keyword arguments; none for requests without). A call that raises one of
+        the app's errors (a request's own fault: a prompt the model has not) answers its requests with it and
+        the others still get theirs. ``ContractError`` if the runtime's rows do not fit the task's contract.
+        Runs on ``thread``; ``threads``: the intra-op threads of this forward pass (``with_threads``)."""
         given = [params or {} for params in parameters] if parameters is not None else [{}] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, params in enumerate(given):
             groups.setdefault(json.dumps(params, sort_keys=True), []).append(i)
-        out: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        out: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
         for indices in groups.values():
             flat = [item for i in indices for item in requests[i]]
-            with with_threads(threads):
-                answer = self.runtime.predict(flat, **given[indices[0]])
+            try:
+                self._takes(given[indices[0]])
+                with with_threads(threads):
+                    answer = self.runtime.predict(flat, **given[indices[0]])
+            except ServeAppError as e:  # the requests' own fault (a prompt the model has not): theirs alone
+                for i in indices:
+                    out[i] = e
+                continue
             rows = one_per_input(answer, len(flat), "predict must answer one row per input")
             start = 0
             for i in indices:
                 out[i] = self.task.output.encode(rows[start : start + len(requests[i])])
                 start += len(requests[i])
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  (every request answered)
+
+    def _takes(self, parameters: dict[str, Any]) -> None:
+        """InvalidInput unless the runtime's ``predict`` takes these keyword arguments (a runtime of one's own
+        written without its task's parameters does not)."""
+        if not parameters:
+            return
+        accepted = inspect.signature(self.runtime.predict).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            return
+        missing = next((name for name in parameters if name not in accepted), None)
+        if missing is not None:
+            raise InvalidInput(
+                f"parameters.{missing}: model {self.spec.id!r} takes no {missing} (its runtime does not)",
+                field=f"parameters.{missing}",
+            )
 
     # -- holding and freeing ------------------------------------------------------------------------------
 

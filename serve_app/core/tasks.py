@@ -78,10 +78,8 @@ class Task:
         unknown = next((k for k in given if k not in fields), None)
         if unknown is not None:
             takes = ", ".join(fields) or "none"
-            raise InvalidInput(
-                f"parameters.{unknown}: a {self.name} model takes no such parameter (it takes: {takes})",
-                field=f"parameters.{unknown}",
-            )
+            where = f"parameters.{echo(unknown, quote=False)}"
+            raise InvalidInput(f"{where}: a {self.name} model takes no such parameter (it takes: {takes})", field=where)
         if not given or self.parameters is None:
             return {}
         try:
@@ -90,7 +88,7 @@ class Task:
             first = e.errors(include_url=False)[0]
             where = "parameters." + ".".join(str(part) for part in first["loc"])
             raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
-        return checked.model_dump(exclude_defaults=True)
+        return checked.model_dump(mode="json", exclude_defaults=True)  # plain values, sent to the worker
 
     @property
     def default_runtime(self) -> str:

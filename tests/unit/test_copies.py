@@ -154,6 +154,36 @@ def test_requests_of_a_batch_with_other_parameters_get_a_model_call_each_in_requ
     assert [a["embedding"][:, 0].tolist() for a in answers] == [[5], [0, 0], [5], [3]]
 
 
+def test_a_request_at_fault_gets_its_error_and_the_rest_of_its_batch_its_answers():
+    """A prompt the model has not fails its own requests (a 422), not the batch; and a runtime of one's own
+    whose predict does not take its task's parameters answers a request that gives one with a 422."""
+    from serve_app.core.errors import InvalidInput
+
+    class Prompted(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs, prompt_name=None):
+            if prompt_name == "nope":
+                raise InvalidInput("parameters.prompt_name: no prompt 'nope'", field="parameters.prompt_name")
+            return [np.ones(2, dtype=np.float32) for _ in inputs]
+
+    class Plain(Prompted):
+        def predict(self, inputs):
+            return [np.ones(2, dtype=np.float32) for _ in inputs]
+
+    spec = ModelSpec(id="e", task="feature-extraction", source={"path": "x"})
+    task = TaskCatalog.load().task_of(spec)
+    copy = ModelCopy(spec, Prompted(spec, "cpu"), task).load()
+    good, bad, plain = copy.answer(
+        [["a"], ["b"], ["c"]], parameters=[{"prompt_name": "q"}, {"prompt_name": "nope"}, None]
+    )
+    assert good["embedding"].shape == (1, 2) and plain["embedding"].shape == (1, 2)
+    assert isinstance(bad, InvalidInput) and "no prompt 'nope'" in str(bad)
+    (refused,) = ModelCopy(spec, Plain(spec, "cpu"), task).load().answer([["a"]], parameters=[{"prompt_name": "q"}])
+    assert isinstance(refused, InvalidInput) and "model 'e' takes no prompt_name" in str(refused)
+
+
 def test_a_runtime_that_answers_outside_its_task_is_a_contract_error():
     class Wrong(ModelRuntime):
         def load(self):
