@@ -7,19 +7,23 @@ pipeline truncates it, and the entities past the cut are not found; with ``strid
 at most half the model's length) the pipeline reads the whole text instead, in windows of the model's
 length that overlap by ``stride`` tokens, one forward pass a window (a text of ``max_text_chars`` can take
 tens of them). Registry
-``parameters``: ``{"aggregation_strategy": "first" | "average" | "max" | "simple", "stride": 128}``.
+``parameters``: ``{"aggregation_strategy": "first" | "average" | "max" | "simple", "stride": 128}``. A
+request may choose its own ``aggregation_strategy`` (``TokenParameters``), in place of the entry's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.runtimes.transformers import PipelineRuntime
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import ENTITIES
 from serve_app.core.tasks import Task
 
-STRATEGIES = ("simple", "first", "average", "max")
+Strategy = Literal["simple", "first", "average", "max"]
+STRATEGIES = get_args(Strategy)
 
 
 class TokenClassificationRuntime(PipelineRuntime):
@@ -47,8 +51,24 @@ class TokenClassificationRuntime(PipelineRuntime):
                 f"stride {stride}: at most {room // 2}, half the {room} tokens of text the model takes at once"
             )
 
-    def predict(self, inputs: list[str]) -> list[list[dict[str, Any]]]:
-        return self.run_pipeline(inputs)
+    def predict(self, inputs: list[str], aggregation_strategy: str | None = None) -> list[list[dict[str, Any]]]:
+        """``aggregation_strategy``: a request's, in place of the entry's."""
+        return self.run_pipeline(
+            inputs, **({"aggregation_strategy": aggregation_strategy} if aggregation_strategy else {})
+        )
+
+
+class TokenParameters(BaseModel):
+    """What a request for entities may choose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aggregation_strategy: Strategy | None = Field(
+        None,
+        description="how the tokens of a word and of an entity are merged (transformers' pipeline's strategies), "
+        "in place of the registry entry's: 'first', 'average' or 'max' label a word by its first token, the "
+        "average of its tokens' scores, or its best token, never splitting it",
+    )
 
 
 TASK = Task(
@@ -56,5 +76,6 @@ TASK = Task(
     input=TEXT,
     output=ENTITIES,
     runtimes=(TokenClassificationRuntime,),
+    parameters=TokenParameters,
     description="labelled spans of a text: named entities (people, places, organisations), PII",
 )

@@ -159,6 +159,39 @@ def test_named_entities_over_every_protocol_are_the_pipelines_on_held_out_names(
     assert [w.decode() for w in result.as_numpy("word")] == [e["word"] for e in answers[0]]
 
 
+def test_a_request_chooses_how_the_entities_tokens_are_merged(client, demo_url):
+    """A request's aggregation_strategy in place of the entry's ("simple"): the pipeline's answer with that
+    strategy, which differs from the simple one on these sentences (a name's pieces labelled as one word);
+    a strategy the pipeline has not is a 422."""
+    from transformers import pipeline
+
+    texts = [s.text for s in entities.sentences(40, entities.HELD_OUT_NAMES, seed=2)]
+    answers = []
+    for i in range(0, len(texts), 8):
+        body = {"model_id": "ner", "input_data": texts[i : i + 8], "parameters": {"aggregation_strategy": "max"}}
+        r = client.post(f"{demo_url}/predict", json=body)
+        assert r.status_code == 200, r.text
+        answers += r.json()["predictions"]
+    model = str(PROJECT_ROOT / "models/ner")
+    want, simple = (
+        pipeline("token-classification", model=model, aggregation_strategy=s)(texts) for s in ("max", "simple")
+    )
+
+    def spans(rows):
+        return [[(e["entity_group"], e["start"], e["end"]) for e in row] for row in rows]
+
+    def scores(rows):
+        return [float(e["score"]) for row in rows for e in row]
+
+    assert spans(answers) == spans(want) and scores(answers) == pytest.approx(scores(want), abs=1e-4)
+    assert (spans(want), scores(want)) != (spans(simple), scores(simple))  # the strategy is what differs
+    r = client.post(
+        f"{demo_url}/predict",
+        json={"model_id": "ner", "input_data": "x", "parameters": {"aggregation_strategy": "none"}},
+    )
+    assert r.status_code == 422 and "parameters.aggregation_strategy" in r.json()["message"], r.text
+
+
 # -- image-feature-extraction ------------------------------------------------------------------------------
 
 

@@ -217,6 +217,10 @@ def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not
     with pytest.raises(InvalidInput) as long_key:  # a client's key is echoed bounded
         classify.request_parameters({"k" * 100_000: 1})
     assert len(str(long_key.value)) < 200 and len(long_key.value.details["field"]) < 100
+    ner = catalog.get("token-classification")
+    assert ner.request_parameters({"aggregation_strategy": "max"}) == {"aggregation_strategy": "max"}
+    with pytest.raises(InvalidInput, match=r"parameters\.aggregation_strategy: Input should be 'simple', 'first'"):
+        ner.request_parameters({"aggregation_strategy": "none"})  # no entity groups: outside the task's contract
     # v2 and gRPC requests carry the protocol's own parameters beside the task's: those are left to it.
     assert embed.request_parameters({"timeout": 5, "prompt_name": "query"}, others=True) == {"prompt_name": "query"}
     assert classify.request_parameters({"timeout": 5, "priority": 1}, others=True) == {}

@@ -44,7 +44,8 @@ class PredictRequest(BaseModel):
     parameters: dict[str, JsonValue] | None = Field(
         None,
         description="the model's task's request parameters, if it takes any: feature-extraction "
-        '{"prompt_name": "query"} (a prompt of the model\'s own); a parameter the task does not take is a 422',
+        '{"prompt_name": "query"} (a prompt of the model\'s own), token-classification {"aggregation_strategy": '
+        '"max"}; a parameter the task does not take is a 422',
     )
 
     def inference_request(self) -> InferenceRequest:
