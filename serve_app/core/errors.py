@@ -201,6 +201,14 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part) for part in loc if part != "body") or "body"
 
 
+def first_invalid(error: Any, within: str = "") -> InvalidInput:
+    """A pydantic ``ValidationError`` as the client's 422: its first problem, at its field (under ``within``,
+    the part of the request the validated value came from)."""
+    first = error.errors(include_url=False)[0]
+    where = f"{within}.{field_path(first['loc'])}" if within else field_path(first["loc"])
+    return InvalidInput(f"{where}: {first['msg']}", field=where)
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The application error behind a Ray wrapper (RayTaskError keeps it as ``cause``)."""
     seen = 0

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from serve_app.core.config import MODEL_ROOTS, SHIPPED_TASKS
-from serve_app.core.errors import InvalidInput, echo
+from serve_app.core.errors import InvalidInput, echo, first_invalid
 from serve_app.core.inputs import InputKind
 from serve_app.core.outputs import OutputKind
 from serve_app.core.paths import resolve_project_path
@@ -85,9 +85,7 @@ class Task:
         try:
             checked = self.parameters.model_validate(dict(given))
         except ValidationError as e:
-            first = e.errors(include_url=False)[0]
-            where = "parameters." + ".".join(str(part) for part in first["loc"])
-            raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
+            raise first_invalid(e, within="parameters") from None
         return checked.model_dump(mode="json", exclude_defaults=True)  # plain values, sent to the worker
 
     @property

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from deployments.ingress.bodies import check_json_budget, parse_bounded
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
-from serve_app.core.errors import InputOverLimit, InvalidInput, MalformedRequest, echo, field_path
+from serve_app.core.errors import InputOverLimit, InvalidInput, MalformedRequest, echo, first_invalid
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState
 from serve_app.core.tasks import Task
@@ -211,9 +211,7 @@ def parse_infer_request(
     try:
         request = InferRequest.model_validate_json(body[:json_end])
     except ValidationError as e:
-        first = e.errors()[0]
-        where = field_path(first["loc"])
-        raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
+        raise first_invalid(e) from None
     tensor = request.inputs[0]
     check_input_tensor(len(request.inputs), tensor.name, tensor.datatype)
     binary_size = (tensor.parameters or {}).get("binary_data_size")
