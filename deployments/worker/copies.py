@@ -132,6 +132,12 @@ class ModelCopy:
         self.released = threading.Event()  # set once the free is done: its memory no longer counts
         self.evicted_by: str | None = None  # who took it out of the cache: None is Ray's LRU
         self.prepares = type(runtime).prepare is not ModelRuntime.prepare
+        # The keyword arguments its predict takes (None: any), read once: requests' parameters are checked against
+        # them in every batch that has some.
+        takes = inspect.signature(runtime.predict).parameters
+        self._predict_takes: frozenset[str] | None = (
+            None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()) else frozenset(takes)
+        )
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -219,12 +225,9 @@ class ModelCopy:
     def _takes(self, parameters: dict[str, Any]) -> None:
         """InvalidInput unless the runtime's ``predict`` takes these keyword arguments (a runtime of one's own
         written without its task's parameters does not)."""
-        if not parameters:
+        if not parameters or self._predict_takes is None:
             return
-        accepted = inspect.signature(self.runtime.predict).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            return
-        missing = next((name for name in parameters if name not in accepted), None)
+        missing = next((name for name in parameters if name not in self._predict_takes), None)
         if missing is not None:
             raise InvalidInput(
                 f"parameters.{missing}: model {self.spec.id!r} takes no {missing} (its runtime does not)",
