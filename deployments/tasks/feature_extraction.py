@@ -238,11 +238,15 @@ def chosen_prompt(prompts: dict[str, Any], default_name: str | None, parameters:
     if name is None:
         return ""
     if not isinstance(name, str) or name not in prompts:
-        known = ", ".join(repr(n) for n in prompts) or "none"
-        raise ValueError(f"unknown prompt_name {name!r}: the model's prompts are {known}")
+        raise ValueError(f"unknown prompt_name {name!r}: the model's prompts are {known_prompts(prompts)}")
     if not isinstance(prompts[name] or "", str):
         raise ValueError(f"the model's prompt {name!r} is not a text: {prompts[name]!r}")
     return prompts[name] or ""
+
+
+def known_prompts(prompts: dict[str, Any]) -> str:
+    """The names of a model's prompts, for a message (at most 20)."""
+    return ", ".join(repr(name) for name in list(prompts)[:20]) or "none"
 
 
 def without_prompt(mask: Any, prompt_tokens: int) -> Any:
@@ -332,10 +336,9 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             raise RuntimeError(f"model {self.spec.id!r} is not loaded")
         prompt = self.prompt if prompt_name is None else self.prompts.get(prompt_name)
         if prompt is None:
-            known = ", ".join(repr(n) for n in list(self.prompts)[:20]) or "none"
             raise InvalidInput(
                 f"parameters.prompt_name: model {self.spec.id!r} has no prompt {echo(prompt_name)} (its prompts: "
-                f"{known})",
+                f"{known_prompts(self.prompts)})",
                 field="parameters.prompt_name",
             )
         skip = self.prompt_tokens(prompt)
