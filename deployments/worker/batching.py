@@ -195,17 +195,16 @@ class Batcher:
         self,
         requests: list[list[Any]],
         copy: ModelCopy,
-        threads: int | None = None,
-        parameters: list[dict[str, Any] | None] | None = None,
+        threads: int | None,
+        parameters: list[dict[str, Any] | None],
     ) -> list[Answer | Exception]:
         """One model call on one copy for several requests' inputs (one for each set of ``parameters`` among
-        them): each request's answer, or its error."""
+        them, a request's own or None): each request's answer, or its error."""
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         self._counters.most_threads = max(self._counters.most_threads, threads or self.threads)
         self._counters.extra_thread_batches += threads is not None and threads > self.threads
         self.requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self.requests_a_batch)
-        parameters = parameters or [None] * len(requests)
         try:
             return list(await self.infer(copy, requests, threads, parameters))
         except Exception as e:
@@ -218,8 +217,8 @@ class Batcher:
         self,
         copy: ModelCopy,
         requests: list[list[Any]],
-        threads: int | None = None,
-        parameters: list[dict[str, Any] | None] | None = None,
+        threads: int | None,
+        parameters: list[dict[str, Any] | None],
     ) -> list[Answer]:
         """The copy's answers, on its own thread; a failure of the model is a 503 naming the reason."""
         try:
@@ -232,7 +231,7 @@ class Batcher:
         return answers
 
     async def _infer_or_error(
-        self, copy: ModelCopy, inputs: list[Any], parameters: dict[str, Any] | None = None
+        self, copy: ModelCopy, inputs: list[Any], parameters: dict[str, Any] | None
     ) -> Answer | Exception:
         try:
             return (await self.infer(copy, [inputs], None, [parameters]))[0]
