@@ -153,10 +153,10 @@ class Batcher:
         for indices in by_copy.values():
             copy = copies[indices[0]]
             if not self._batch_starts(copy):  # defensive: Serve runs a batch only for requests that hold it
-                gone = ModelUnavailable(
-                    f"Model {copy.spec.id!r} was unloaded before its batch ran", model_id=copy.spec.id
-                )
-                answers: list[Answer | Exception] = [gone] * len(indices)
+                answers: list[Answer | Exception] = [
+                    ModelUnavailable(f"Model {copy.spec.id!r} was unloaded before its batch ran", model_id=copy.spec.id)
+                    for _ in indices
+                ]
             else:
                 try:
                     lone = threads[indices[0]] if len(indices) == 1 else None

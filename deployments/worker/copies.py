@@ -197,42 +197,68 @@ class ModelCopy:
         """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
         request's answer encoded by the task's output kind: one ``predict`` call for each set of request
         ``parameters`` among them (keyword arguments; none for requests without). A call that raises one of
-        the app's errors (a request's own fault: a prompt the model has not) answers its requests with it and
-        the others still get theirs. ``ContractError`` if the runtime's rows do not fit the task's contract.
-        Runs on ``thread``; ``threads``: the intra-op threads of this forward pass (``with_threads``)."""
+        the app's errors (a request's own fault: an input its runtime refuses, a prompt the model has not) is
+        made again for each of its requests alone, so that only the requests at fault get an error, each its
+        own. ``ContractError`` if the runtime's rows do not fit the task's contract. Runs on ``thread``;
+        ``threads``: the intra-op threads of this forward pass (``with_threads``)."""
         given = [params or {} for params in parameters] if parameters is not None else [{}] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, params in enumerate(given):
             groups.setdefault(json.dumps(params, sort_keys=True), []).append(i)
         out: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
         for indices in groups.values():
-            flat = [item for i in indices for item in requests[i]]
-            try:
-                self._takes(given[indices[0]])
-                with with_threads(threads):
-                    answer = self.runtime.predict(flat, **given[indices[0]])
-            except ServeAppError as e:  # the requests' own fault (a prompt the model has not): theirs alone
+            params = given[indices[0]]
+            if self._refusal(params) is not None:  # the runtime takes no such parameter: none of them runs
                 for i in indices:
-                    out[i] = e
+                    out[i] = self._refusal(params)
                 continue
-            rows = one_per_input(answer, len(flat), "predict must answer one row per input")
-            start = 0
-            for i in indices:
-                out[i] = self.task.output.encode(rows[start : start + len(requests[i])])
-                start += len(requests[i])
+            try:
+                answers: list[dict[str, np.ndarray] | Exception] = list(
+                    self._predict([requests[i] for i in indices], params, threads)
+                )
+            except ServeAppError as e:
+                if len(indices) == 1:
+                    answers = [e]
+                else:
+                    answers = [self._predict_alone(requests[i], params, threads) for i in indices]
+            for i, answer in zip(indices, answers, strict=True):
+                out[i] = answer
         return out  # type: ignore[return-value]  (every request answered)
 
-    def _takes(self, parameters: dict[str, Any]) -> None:
+    def _predict(
+        self, requests: Sequence[list[Any]], params: dict[str, Any], threads: int | None
+    ) -> list[dict[str, np.ndarray]]:
+        """One ``predict`` call for the inputs of requests with the same parameters: each one's answer."""
+        flat = [item for inputs in requests for item in inputs]
+        with with_threads(threads):
+            answer = self.runtime.predict(flat, **params)
+        rows = one_per_input(answer, len(flat), "predict must answer one row per input")
+        out, start = [], 0
+        for inputs in requests:
+            out.append(self.task.output.encode(rows[start : start + len(inputs)]))
+            start += len(inputs)
+        return out
+
+    def _predict_alone(
+        self, inputs: list[Any], params: dict[str, Any], threads: int | None
+    ) -> dict[str, np.ndarray] | ServeAppError:
+        try:
+            return self._predict([inputs], params, threads)[0]
+        except ServeAppError as e:
+            return e
+
+    def _refusal(self, parameters: dict[str, Any]) -> InvalidInput | None:
         """InvalidInput unless the runtime's ``predict`` takes these keyword arguments (a runtime of one's own
         written without its task's parameters does not)."""
         if not parameters or self._predict_takes is None:
-            return
+            return None
         missing = next((name for name in parameters if name not in self._predict_takes), None)
-        if missing is not None:
-            raise InvalidInput(
-                f"parameters.{missing}: model {self.spec.id!r} takes no {missing} (its runtime does not)",
-                field=f"parameters.{missing}",
-            )
+        if missing is None:
+            return None
+        return InvalidInput(
+            f"parameters.{missing}: model {self.spec.id!r} takes no {missing} (its runtime does not)",
+            field=f"parameters.{missing}",
+        )
 
     # -- holding and freeing ------------------------------------------------------------------------------
 

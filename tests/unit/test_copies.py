@@ -184,6 +184,36 @@ def test_a_request_at_fault_gets_its_error_and_the_rest_of_its_batch_its_answers
     assert isinstance(refused, InvalidInput) and "model 'e' takes no prompt_name" in str(refused)
 
 
+def test_an_input_its_runtime_refuses_fails_only_its_own_request_and_each_error_is_its_own():
+    """A runtime of one's own may refuse one input with the app's error: the requests of the same parameters
+    that shared its call are answered by calls of their own, and only the one at fault gets an error."""
+    from serve_app.core.errors import InvalidInput
+
+    calls = []
+
+    class Picky(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            calls.append(list(inputs))
+            if "bad" in inputs:
+                raise InvalidInput("input_data: 'bad' is refused", field="input_data")
+            return [[("x", 1.0)] for _ in inputs]
+
+    spec = ModelSpec(id="p", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Picky(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    good, bad, fine, worse = copy.answer([["good"], ["bad"], ["fine", "ok"], ["bad"]])
+    assert good["labels"].shape == (1, 1) and fine["labels"].shape == (2, 1)
+    assert isinstance(bad, InvalidInput) and isinstance(worse, InvalidInput) and bad is not worse
+    assert calls == [["good", "bad", "fine", "ok", "bad"], ["good"], ["bad"], ["fine", "ok"], ["bad"]]
+    # A parameter the runtime does not take refuses each of its requests, with an error each, and runs none.
+    calls.clear()
+    one, other = copy.answer([["a"], ["b"]], parameters=[{"top_k": 2}, {"top_k": 2}])
+    assert isinstance(one, InvalidInput) and isinstance(other, InvalidInput) and one is not other
+    assert calls == []
+
+
 def test_a_runtime_that_answers_outside_its_task_is_a_contract_error():
     class Wrong(ModelRuntime):
         def load(self):
