@@ -35,7 +35,21 @@ logger = logging.getLogger("ray.serve")
 
 VERSION = "0.1.0"
 
-api = FastAPI(
+
+class _Api(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's OpenAPI document, with the schemas that the self-parsed request bodies refer to."""
+        if self.openapi_schema is None:
+            components = super().openapi().setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in _BODY_SCHEMAS.items():
+                components.setdefault(name, schema)
+        return self.openapi_schema
+
+
+_BODY_SCHEMAS: dict[str, Any] = {}
+"""The schemas that the request bodies of ``_body`` refer to, added to the OpenAPI document's components."""
+
+api = _Api(
     title="Multi-model serving on Ray Serve",
     description="Many Hugging Face models from a small pool of Ray Serve replicas, loaded on demand. "
     "Native API (/predict, /models) and the Open Inference Protocol v2 (/v2).",
@@ -50,7 +64,9 @@ _errors = {code: {"model": native.ErrorResponse} for code in (400, 401, 403, 404
 
 def _body(model: type) -> dict:
     """The OpenAPI request body of a route that parses its own body (bounded: deployments/ingress/bodies.py)."""
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _BODY_SCHEMAS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
 
 
 @serve.deployment
@@ -166,9 +182,15 @@ class Ingress:
         result = await self.plane.infer(name, parser, api="v2")
         return v2.infer_response(parser.request, result)
 
-    @api.post("/v2/repository/index", response_model=list[v2.RepositoryModel], tags=["v2 repository"])
-    async def v2_repository_index(self) -> list[v2.RepositoryModel]:
-        return v2.repository_index(await self.plane.models())
+    @api.post(
+        "/v2/repository/index",
+        response_model=list[v2.RepositoryModel],
+        tags=["v2 repository"],
+        openapi_extra={"requestBody": {**_body(v2.RepositoryIndexRequest)["requestBody"], "required": False}},
+    )
+    async def v2_repository_index(self, request: Request) -> list[v2.RepositoryModel]:
+        body = await parse_bounded(v2.parse_repository_index_request, await request.body())
+        return v2.repository_index(await self.plane.models(), ready_only=body.ready)
 
     @api.post("/v2/repository/models/{name}/load", tags=["v2 repository"])
     async def v2_repository_load(self, name: str) -> Response:

@@ -221,3 +221,30 @@ def test_a_long_unknown_model_id_is_quoted_in_part():
         "model_id": "nope",
         "known_models": ["a"],
     }
+
+
+def test_every_reference_of_the_openapi_document_resolves_and_the_bodies_are_described():
+    """Swagger UI (/docs) renders the routes' bodies from /openapi.json: each ``$ref`` in it must point at
+    a schema of the document, the request bodies that the routes parse themselves included."""
+    with ingress_api() as (client, _):
+        spec = client.get("/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(spec))
+    assert "#/components/schemas/JsonValue" in found and "#/components/schemas/RequestInput" in found
+    for ref in found:
+        node = spec
+        for part in ref.removeprefix("#/").split("/"):
+            assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
+            node = node[part]
+    predict = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model_id", "input_data", "parameters"} <= set(predict["properties"]) and "$defs" not in predict

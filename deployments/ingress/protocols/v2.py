@@ -292,6 +292,21 @@ def infer_response(request: InferRequest, result: InferenceResult) -> InferRespo
     return InferResponse(model_name=result.spec.id, id=request.id, outputs=outputs)
 
 
+class RepositoryIndexRequest(BaseModel):
+    ready: bool = Field(False, description="list only the models that are ready (loaded)")
+
+
+def parse_repository_index_request(body: bytes) -> RepositoryIndexRequest:
+    """The optional body of ``POST /v2/repository/index``: none, or ``{"ready": true}``."""
+    if not body.strip():
+        return RepositoryIndexRequest()
+    check_json_budget(body, 8, "a repository index request")
+    try:
+        return RepositoryIndexRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise first_invalid(e) from None
+
+
 def repository_index(listing: ModelListing, ready_only: bool = False) -> list[RepositoryModel]:
     """Every model with its state, or only the ready ones."""
     models = [m for m in listing.models if not ready_only or m.state is ModelState.LOADED]
