@@ -9,20 +9,22 @@ from PIL import Image, ImageOps
 
 from serve_app.core.errors import BadImage
 from serve_app.core.images import IMAGE_FORMATS, decoder_error, open_image
+from serve_app.core.inputs import item_where
 
 MAX_SIDE = 1024
 """A larger image is shrunk (keeping its aspect ratio) before preprocessing: image models resize to a few
 hundred pixels anyway."""
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, where: str = "the image") -> Image.Image:
+    """``data`` as an RGB image; ``where`` names it in the error (BadImage) if it cannot be decoded."""
     try:
         img = open_image(data)
         img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # cheap downscale while decoding a JPEG
         img = img.convert("RGB")  # a truncated or corrupt image fails here
     except Exception as e:
         raise BadImage(
-            f"not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): {decoder_error(e)}"
+            f"{where}: not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): {decoder_error(e)}"
         ) from None
     try:  # upright, as a camera's orientation tag says (as transformers' load_image turns it)
         ImageOps.exif_transpose(img, in_place=True)
@@ -34,5 +36,6 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def decode_images(inputs: list[Any]) -> list[Image.Image]:
-    """Encoded images (bytes) as RGB images; images already decoded are kept."""
-    return [i if isinstance(i, Image.Image) else decode_image(i) for i in inputs]
+    """One request's encoded images (bytes) as RGB images, each named by its place in the request in an
+    error; images already decoded are kept."""
+    return [i if isinstance(i, Image.Image) else decode_image(i, item_where(n)) for n, i in enumerate(inputs)]

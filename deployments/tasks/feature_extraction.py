@@ -313,17 +313,15 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         self.prompt = prompt  # the entry's: the model's default, or the registry's choice
         self._prompt_tokens: dict[str, int] = {}
 
-    def prompt_tokens(self, prompt: str) -> int:
+    def prompt_tokens(self, prompt: str, tokenizer: Any) -> int:
         """The tokens the prompt takes at the start of a text, as sentence-transformers counts them: the prompt
         tokenized alone, less its closing special token (``[SEP]``, ``</s>``). 0 when the pooling takes the
         prompt's tokens too (``include_prompt``, the default); INSTRUCTOR's kind of model leaves them out."""
         if self.include_prompt or not prompt:
             return 0
         if prompt not in self._prompt_tokens:
-            ids = self.tokenizer([prompt], truncation=True, max_length=self.max_length)["input_ids"][0]
-            self._prompt_tokens[prompt] = (
-                len(ids) - 1 if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
-            )
+            ids = tokenizer([prompt], truncation=True, max_length=self.max_length)["input_ids"][0]
+            self._prompt_tokens[prompt] = len(ids) - 1 if ids and ids[-1] in tokenizer.all_special_ids else len(ids)
         return self._prompt_tokens[prompt]
 
     def unload(self) -> None:
@@ -341,7 +339,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
                 f"{known_prompts(self.prompts)})",
                 field="parameters.prompt_name",
             )
-        skip = self.prompt_tokens(prompt)
+        skip = self.prompt_tokens(prompt, tokenizer)
         embed = lambda texts: self._embed(model, tokenizer, texts, prompt, skip)  # noqa: E731
         return in_forward_passes(inputs, forward_batch(tokenizer), embed)
 

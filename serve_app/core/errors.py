@@ -26,11 +26,11 @@ _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
 
 
 def echo(text: object, quote: bool = True) -> str:
-    """A client's input for an error message (quoted, with ``repr``, unless ``quote`` is false): at most
-    ECHO_CHARS characters of it."""
+    """A client's input for an error message: at most ECHO_CHARS characters of it, as ``repr`` writes them
+    (control and invisible characters escaped), in quotes unless ``quote`` is false."""
     s = str(text)
     s = s if len(s) <= ECHO_CHARS else s[:ECHO_CHARS] + "..."
-    return repr(s) if quote else s
+    return repr(s) if quote else repr(s)[1:-1]
 
 
 def bounded(text: str, redact: Callable[[str], str] | None = None) -> str:

@@ -75,7 +75,8 @@ class InputLimits:
     max_pixels_per_byte: int = 1024
 
 
-def _where(i: int) -> str:
+def item_where(i: int) -> str:
+    """How error messages name a request's input ``i``, whatever the protocol."""
     return f"input_data[{i}]"
 
 
@@ -104,7 +105,7 @@ class TextInput(InputKind):
         return [self._text(i, item, limits.max_text_chars) for i, item in enumerate(items)]  # bounded: prefix, length
 
     def _text(self, i: int, item: str | bytes, max_chars: int) -> str:
-        where = _where(i)
+        where = item_where(i)
         if isinstance(item, bytes):
             if len(item) > 4 * max_chars:  # no UTF-8 text of the limit's length is longer
                 raise self._too_long(where, len(item), max_chars)
@@ -137,7 +138,7 @@ class ImageInput(InputKind):
 
     async def decode(self, items: Sequence[str | bytes], limits: InputLimits) -> list[bytes]:
         fetched = {
-            i: await _fetch(_where(i), item, limits)
+            i: await _fetch(item_where(i), item, limits)
             for i, item in enumerate(items)
             if isinstance(item, str) and _URL.match(item)
         }
@@ -146,7 +147,7 @@ class ImageInput(InputKind):
     def _images(self, items: Sequence[str | bytes], fetched: dict[int, bytes], limits: InputLimits) -> list[bytes]:
         images, total_bytes, total_pixels = [], 0, 0
         for i, item in enumerate(items):
-            where = _where(i)
+            where = item_where(i)
             data = fetched[i] if i in fetched else self._image_bytes(where, item, limits)
             total_bytes += len(data)
             if total_bytes > limits.max_request_bytes:

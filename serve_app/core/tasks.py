@@ -79,7 +79,9 @@ class Task:
         if unknown is not None:
             takes = ", ".join(fields) or "none"
             where = f"parameters.{echo(unknown, quote=False)}"
-            raise InvalidInput(f"{where}: a {self.name} model takes no such parameter (it takes: {takes})", field=where)
+            raise InvalidInput(
+                f"{where}: a model of task {self.name} takes no such parameter (it takes: {takes})", field=where
+            )
         if not given or self.parameters is None:
             return {}
         try:

@@ -130,12 +130,12 @@ def test_bytes_that_are_not_an_image_are_400(authed, limits_url):
     assert_error(post(authed, limits_url, "pixels", junk), 400, "bad_image", "input_data[0]", "not a readable image")
 
 
-def test_a_truncated_image_is_400(authed, limits_url):
+def test_a_truncated_image_is_400_naming_the_input(authed, limits_url):
+    # Its header is whole, so the ingress passes it; the worker's decode finds it truncated, and names it.
     raw = (PROJECT_ROOT / "samples/images/square.jpg").read_bytes()
     half = b64(raw[: len(raw) // 2])
-    assert_error(
-        post(authed, limits_url, "pixels", f"data:image/jpeg;base64,{half}"), 400, "bad_image", "not a readable image"
-    )
+    inputs = [b64(raw), f"data:image/jpeg;base64,{half}"]
+    assert_error(post(authed, limits_url, "pixels", inputs), 400, "bad_image", "input_data[1]: not a readable image")
 
 
 @pytest.mark.parametrize("width, height", [(10_000, 10_000), (100_000, 100_000)])
@@ -243,7 +243,9 @@ def test_a_body_holding_more_json_values_than_the_limits_need_is_422_before_it_i
     # 60,000 one-character strings in 64 KB: refused while it is read, not after a million-item parse.
     crowd = b'{"model_id": "alpha", "input_data": [' + b",".join([b'"x"'] * 15_000) + b"]}"
     r = authed.post(f"{limits_url}/predict", content=crowd, headers={"content-type": "application/json"})
-    assert_error(r, 422, "invalid_input", "more JSON values than an input_data list of at most 8 inputs needs")
+    assert_error(
+        r, 422, "invalid_input", "more JSON values than a request of at most 8 inputs and its parameters needs"
+    )
 
 
 # -- faults ----------------------------------------------------------------------------------------

@@ -487,4 +487,4 @@ def test_a_request_chooses_among_a_sentence_models_prompts_over_every_protocol(c
         f"{tasks_url}/predict", json={"model_id": "alpha", "input_data": "x", "parameters": {"prompt_name": "query"}}
     )
     assert other.status_code == 422 and other.json()["error"] == "invalid_input", other.text
-    assert "a text-classification model takes no such parameter" in other.json()["message"]
+    assert "a model of task text-classification takes no such parameter" in other.json()["message"]

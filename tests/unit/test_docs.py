@@ -9,14 +9,17 @@ from serve_app.core.paths import PROJECT_ROOT
 
 DOCS = PROJECT_ROOT / "docs"
 FOLDERS = {"i": "integration", "u": "unit", "l": "lifecycle", "c": "cluster"}
+_FULL = r"\b([iulc])/(test_\w+\.py)::(test_\w+)"
 
 
 def _named_tests() -> list[tuple[str, str]]:
-    """(file, test) for each test the errors-and-limits table names; ``::name`` alone means the file named last
-    in the same cell, or in the table's first test file (``test_errors_and_limits.py``) when none came before."""
+    """(file, test) for each test docs/errors-and-limits.md names: in its table, ``::name`` alone means the file
+    named last in the same cell, or the table's first test file (``test_errors_and_limits.py``) when none came
+    before; elsewhere, ``u/test_file.py::name``."""
     named = []
     for line in (DOCS / "errors-and-limits.md").read_text().splitlines():
-        if not line.startswith("|"):
+        if not line.startswith("|"):  # outside the table, only references that name their file
+            named += [(f"{FOLDERS[f]}/{file}", name) for f, file, name in re.findall(_FULL, line)]
             continue
         cell = line.rstrip("|").rsplit("|", 1)[-1]
         current = "integration/test_errors_and_limits.py"
@@ -27,7 +30,7 @@ def _named_tests() -> list[tuple[str, str]]:
     return named
 
 
-def test_every_test_the_errors_table_names_exists():
+def test_every_test_the_errors_page_names_exists():
     named = _named_tests()
     assert len(named) > 60
     missing = []

@@ -208,7 +208,9 @@ def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not
     embed, classify = catalog.get("feature-extraction"), catalog.get("text-classification")
     assert embed.request_parameters({"prompt_name": "query"}) == {"prompt_name": "query"}
     assert embed.request_parameters({"prompt_name": None}) == {} == embed.request_parameters(None)
-    with pytest.raises(InvalidInput, match=r"parameters\.top_k: a feature-extraction model takes no such parameter"):
+    with pytest.raises(
+        InvalidInput, match=r"parameters\.top_k: a model of task feature-extraction takes no such parameter"
+    ):
         embed.request_parameters({"prompt_name": "query", "top_k": 3})
     with pytest.raises(InvalidInput, match=r"parameters\.prompt_name: Input should be a valid string"):
         embed.request_parameters({"prompt_name": 3})
@@ -217,6 +219,9 @@ def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not
     with pytest.raises(InvalidInput) as long_key:  # a client's key is echoed bounded
         classify.request_parameters({"k" * 100_000: 1})
     assert len(str(long_key.value)) < 200 and len(long_key.value.details["field"]) < 100
+    with pytest.raises(InvalidInput) as odd_key:  # and escaped: no line break, NUL or reordering mark of its own
+        classify.request_parameters({"a\nb\u202e\x00": 1})
+    assert odd_key.value.details["field"] == "parameters.a\\nb\\u202e\\x00" and "\n" not in str(odd_key.value)
     ner = catalog.get("token-classification")
     assert ner.request_parameters({"aggregation_strategy": "max"}) == {"aggregation_strategy": "max"}
     with pytest.raises(InvalidInput, match=r"parameters\.aggregation_strategy: Input should be 'simple', 'first'"):

@@ -56,7 +56,7 @@ class PredictRequest(BaseModel):
 def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
     """The body of ``POST /predict``, bounded while it is parsed; a bad body is FastAPI's 422, naming the
     field. Runs through ``bodies.parse_bounded``."""
-    check_json_budget(body, 32 + 2 * max_items, f"an input_data list of at most {max_items} inputs")
+    check_json_budget(body, 32 + 2 * max_items, f"a request of at most {max_items} inputs and its parameters")
     try:
         return PredictRequest.model_validate_json(body)
     except ValidationError as e:
