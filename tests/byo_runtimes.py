@@ -120,15 +120,27 @@ KEYWORDS = [
 """Training data of the tests' TF-IDF support-ticket router: billing or shipping."""
 
 
+def _wait_for_file(gate: Path) -> None:
+    """Until a test creates ``gate``: at most 120 s, so that a test that never opens it fails, and frees the
+    replica."""
+    deadline = time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 class Sized(ModelRuntime):
     """A model of the size its entry's ``parameters`` say (``{"size": bytes}``), that allocates nothing: for
     the memory budget's rules. Each input is answered with its own text as the label. A batch with an input
     that starts with "slow" waits until the file ``parameters["gate"]`` exists (a test opens the gate once
     what must happen beside the slow request has happened), or ``parameters["delay_s"]`` seconds; the load
-    takes ``parameters["load_s"]``."""
+    takes ``parameters["load_s"]``, or waits until the file ``parameters["load_gate"]`` exists."""
 
     def load(self) -> None:
-        time.sleep(float(self.spec.parameters.get("load_s", 0)))
+        gate = self.spec.parameters.get("load_gate")
+        if gate is None:
+            time.sleep(float(self.spec.parameters.get("load_s", 0)))
+        else:
+            _wait_for_file(Path(str(gate)))
         self.loaded = True
 
     def predict(self, inputs: list[str]) -> list[dict[str, float]]:
@@ -137,9 +149,7 @@ class Sized(ModelRuntime):
             if gate is None:
                 time.sleep(float(self.spec.parameters.get("delay_s", 0)))
             else:
-                deadline = time.monotonic() + 120  # a test that never opens it fails, and frees the replica
-                while not Path(str(gate)).exists() and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                _wait_for_file(Path(str(gate)))
         return [{str(text): 1.0} for text in inputs]
 
     def size_bytes(self) -> int:

@@ -16,7 +16,9 @@ when it must load a model. This policy decides only which replica a request goes
   waited a little (the router's ``wait_for_own``).
 * **miss**: a replica where the new copy fits as it is (a free slot, and its bytes within the replica's
   memory budget: the least loaded, then the emptiest, so that models arriving at an idle pool spread over
-  its replicas), else the replica where it fits with the least value evicted (``eviction``).
+  its replicas), else the replica where it fits with the least value evicted (``eviction``); a replica
+  with a load under way comes after every other where the copy can fit, for a replica loads one model at
+  a time: a small model's miss does not wait behind a large model's load of many seconds.
 
 A copy's worth is its model's recent demand (requests, exponentially decayed) shared among the model's
 copies: a duplicate of a model that another replica keeps is the cheapest thing to evict, and the pool
@@ -52,6 +54,7 @@ class Copy:
     in_flight: int = 0  # its requests running on this replica
     recent: float = 0.0  # its requests sent to this replica lately (counted, exponentially decayed)
     size: int = 0  # its bytes (0: not known yet)
+    loading: bool = False  # its load is under way on this replica
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,11 @@ class Replica:
 
     def copy_of(self, model_id: str) -> Copy | None:
         return next((c for c in self.copies if c.model_id == model_id), None)
+
+    @property
+    def loading(self) -> bool:
+        """Whether a load is under way here: a replica loads one model at a time, so another waits for it."""
+        return any(c.loading for c in self.copies)
 
     def serving_others(self, copy: Copy) -> bool:
         """Whether this replica has been serving other models more than ``copy``'s lately (at least one
@@ -170,7 +178,8 @@ def rank(
             )
         )
         never = sorted(((r, ()) for r, e in placed if e is None), key=lambda p: p[0].replica_id)
-        return free + full + never
+        fit = free + full
+        return [p for p in fit if not p[0].loading] + [p for p in fit if p[0].loading] + never
 
     holders = [r for r in replicas if r.copy_of(model_id) is not None]
     others = [r for r in replicas if r.copy_of(model_id) is None]

@@ -47,7 +47,7 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, 
 from deployments.routing import views
 from deployments.routing.policy import Copy, DemandTracker, Replica, eviction, rank, worth_of
 from serve_app.core.config import RoutingArgs
-from serve_app.core.schemas import DECLARED_BYTES, ON_REPLICA, ROUTE, ReplicaStatus, RouteHint, WorkerCall
+from serve_app.core.schemas import DECLARED_BYTES, ON_REPLICA, ROUTE, ModelState, ReplicaStatus, RouteHint, WorkerCall
 
 logger = logging.getLogger("ray.serve")
 
@@ -90,6 +90,9 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._uncounted: set[tuple[str, str]] = set()
         self._holder_grace_s = args.holder_grace_s
         self._reports: dict[str, tuple[object, ReplicaStatus]] = {}  # replica -> (its raw stats, parsed)
+        # (replica, model) -> when a call for the model last completed there: a load under way there (one this
+        # router placed, or one a report shows) is over once a call for its model completed after it began
+        self._completed: dict[tuple[str, str], float] = {}
         self._sizes: dict[str, int] = {}  # model -> the bytes of a copy, as a replica last measured it
         self._away: dict[str, tuple[float, frozenset[str]]] = {}  # replica out of the routing set -> (since, held)
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
@@ -120,7 +123,8 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for corrections in (assigned, evicting):
             for m in [m for m, at in corrections.items() if now - at >= self._load_grace_s]:
                 del corrections[m]
-        held = (pushed | assigned.keys()) - evicting.keys()
+        loading = self._loading(rid, report, assigned)
+        held = (pushed | assigned.keys() | loading) - evicting.keys()
         copies = tuple(
             Copy(
                 model_id=m,
@@ -132,6 +136,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                 in_flight=in_flight[(rid, m)],
                 recent=self._recent.demand((rid, m), now),
                 size=self._sizes.get(m, 0),
+                loading=m in loading,
             )
             for m in held
         )
@@ -149,6 +154,16 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if len(copies) > replica.slots:  # Ray's LRU keeps no more: the least recently used of them are gone
             replica = replace(replica, copies=tuple(sorted(copies, key=lambda c: -c.last_used)[: replica.slots]))
         return replica
+
+    def _loading(self, rid: str, report: ReplicaStatus | None, assigned: dict[str, float]) -> set[str]:
+        """The models whose load is under way on a replica, as far as this router knows: those it placed there
+        (a miss: loading from then on) and those the replica's report shows loading, until a call for the model
+        completes there after the load began. (A replica loads one model at a time: policy.rank.)"""
+        began = dict(assigned)
+        for m, status in (report.models if report is not None else {}).items():
+            if status.state is ModelState.LOADING:
+                began[m] = max(began.get(m, 0.0), report.at or 0.0)
+        return {m for m, t in began.items() if self._completed.get((rid, m), 0.0) < t}
 
     def _report(self, replica: RunningReplica) -> ReplicaStatus | None:
         """What the replica last reported of itself (``ModelWorker.record_routing_stats``), parsed once per
@@ -314,6 +329,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._uncounted = {k for k in self._uncounted if k[1] in live}
             self._running = {k: calls for k, calls in self._running.items() if all(r in live for r, _ in calls)}
             self._last_used = {k: t for k, t in self._last_used.items() if k[0] in live}
+            self._completed = {k: t for k, t in self._completed.items() if k[0] in live}
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
             self._sent = {r: n for r, n in self._sent.items() if r in live}
@@ -339,6 +355,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             # the ingress makes one model call per request, so the replica tells the calls apart.
             if call[0] == replica_id.unique_id:
                 calls.remove(call)
+                self._completed[call] = time.time()
                 break
         if not calls:
             self._running.pop(internal_request_id, None)

@@ -231,4 +231,5 @@ class ModelWorker:
                 "registry": self._live.status().model_dump(mode="json"),
             }
             report["report"] = next(self._reports)  # numbered once read: a later number, a later state
+            report["at"] = time.time()
             return report

@@ -151,6 +151,7 @@ class ReplicaStatus(BaseModel):
     replica_id: str
     node_id: str | None = None
     report: int = Field(0, description="this replica's number for the report: a later report has a larger one")
+    at: float | None = Field(None, description="when the replica made the report (Unix time)")
     slots: int = Field(2, description="most models this replica holds at once")
     threads: int = Field(1, description="the intra-op threads its forward passes use under load")
     memory: ReplicaMemory = Field(default_factory=ReplicaMemory)

@@ -1,11 +1,13 @@
 """Model-aware routing on two worker replicas of two slots each (deployments/routing), seen over HTTP.
 
 A hot model gets a copy on the other replica under load, and the copy goes once the load has stopped;
-misses go to a free slot first, then to the replica whose least recently used model is coldest; an
-unload reaches every copy; and no replica ever holds more than two models.
+misses go to a free slot first, then to the replica whose least recently used model is coldest, and not
+behind another model's load under way; an unload reaches every copy; and no replica ever holds more than two
+models.
 """
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -17,17 +19,33 @@ from tests.helpers import Background, replicas, tiny_args, wait_for
 pytestmark = pytest.mark.integration
 
 MODELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+GATE = "open-gated-load"
 
 
 @pytest.fixture(scope="module")
-def routing_url(deploy, tiny_dir, tmp_path_factory):
+def routing_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("routing")
+
+
+@pytest.fixture(scope="module")
+def routing_url(deploy, tiny_dir, routing_dir):
     from serve_app.core import ray_internals
 
-    base = tmp_path_factory.mktemp("routing")
+    base = routing_dir
     models = {name: ("text-classification", tiny_dir / name) for name in MODELS[:4]}
     for seed, name in enumerate(MODELS[4:], start=4):
         models[name] = ("text-classification", build_text_model(base / name, name, seed=seed))
-    yield deploy("routing", tiny_args(write_registry(base / "registry.json", models), replicas=2))
+    registry = json.loads(write_registry(base / "registry.json", models).read_text())
+    gated = {  # a model of the tests' own whose load waits for a file (GATE) that a test creates
+        "id": "gated",
+        "task": "text-classification",
+        "source": {"path": str(base)},
+        "runtime": "tests.byo_runtimes:Sized",
+        "parameters": {"size": 1000, "load_gate": str(base / GATE)},
+    }
+    (base / "registry.json").write_text(json.dumps({"models": [*registry["models"], gated]}))
+    args = tiny_args(base / "registry.json", replicas=2, runtime_modules=["tests.byo_runtimes"])
+    yield deploy("routing", args)
     ray_internals.delete_app_in_background("routing")
 
 
@@ -165,6 +183,42 @@ def test_misses_go_to_a_free_slot_then_to_the_replica_with_the_coldest_victim(cl
     assert watcher.results and max(max(sample) for sample in watcher.results) <= 2
     loads = {m["id"]: m["load_count"] for m in client.get(f"{routing_url}/models").json()["models"]}
     assert all(loads[m] >= 1 for m in MODELS)  # each miss was one load, where the policy placed it
+
+
+def test_a_miss_does_not_wait_behind_another_models_load_under_way(client, routing_url, routing_dir):
+    """A replica loads one model at a time. While 'gated' loads on one replica (its load waits until the test
+    opens its gate), alpha and beta fill the other; gamma's miss then goes there too, evicting, rather than
+    to the free slot beside the load, and is answered while that load still waits."""
+    _unload_everything(client, routing_url)
+    assert client.post(f"{routing_url}/models/gated/unload").status_code == 200
+    gate = routing_dir / GATE
+    answers: list[httpx.Response] = []
+
+    def send_gated() -> None:
+        with httpx.Client(timeout=180) as c:
+            answers.append(c.post(f"{routing_url}/predict", json={"model_id": "gated", "input_data": "awake"}))
+
+    sender = threading.Thread(target=send_gated)
+    sender.start()
+    try:
+        loader: list[str] = []
+
+        def found_loading() -> bool:
+            loader[:] = [r["replica_id"] for r in replicas(client, routing_url) if "gated" in r["models"]]
+            return client.get(f"{routing_url}/models/gated").json()["state"] == "loading" and len(loader) == 1
+
+        assert wait_for(found_loading)
+        for model_id in ["alpha", "beta", "gamma"]:
+            _predict(client, routing_url, model_id)
+            assert not answers  # answered while gated still loads
+        held = {r["replica_id"]: set(r["models"]) for r in replicas(client, routing_url)}
+        (other,) = set(held) - set(loader)
+        assert "gamma" in held[other] and held[loader[0]] == {"gated"}, held
+    finally:
+        gate.touch()
+        sender.join(180)
+    assert [r.status_code for r in answers] == [200] and answers[0].json()["predictions"][0]["label"] == "awake"
+    assert client.post(f"{routing_url}/models/gated/unload").status_code == 200
 
 
 @pytest.fixture(scope="module")

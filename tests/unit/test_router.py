@@ -615,3 +615,25 @@ def test_a_request_whose_ranking_fails_is_still_placed(router, clock):
         return (await serve.place("m"))[0]
 
     assert asyncio.run(scenario()).name in {"a", "b"}
+
+
+def test_a_miss_avoids_a_replica_whose_report_shows_a_load_under_way_until_a_call_for_it_completes(router, send):
+    """A replica loads one model at a time: its report shows the load (``loading``), and a miss goes to the
+    replica that loads nothing, though it must evict there. Once a call for the loading model completes on
+    its replica, the load is over, whatever the report says until its next one."""
+    slow = report(None, big=0)
+    slow["models"]["big"]["state"], slow["at"] = "loading", time.time()
+    a = FakeReplica("a", set(), slow)
+    b = FakeReplica("b", {"x", "y"}, report(None, x=0, y=0))
+    assert router._view(a, time.time()).loading and not router._view(b, time.time()).loading
+    assert routed(router, [a, b], request("small", "predict"))[0] == "b"
+    send(b, "small", "r0")
+    router.on_request_completed(b.replica_id, "r0")  # small's request answered: its load on b is done
+    send(a, "big", "r1")
+    router.on_request_completed(a.replica_id, "r1")  # big's request answered: its load is done
+    assert not router._view(a, time.time()).loading
+    assert routed(router, [a, b], request("small2", "predict"))[0] == "a"
+    # A miss this router placed is loading from then on, before any report shows it: the next miss goes
+    # elsewhere, here where it evicts, until a call for the placed model completes.
+    assert router._view(a, time.time()).copy_of("small2").loading
+    assert routed(router, [a, b], request("small3", "predict"))[0] == "b"

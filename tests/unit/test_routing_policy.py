@@ -291,3 +291,15 @@ def test_a_hot_models_new_copy_must_fit_where_it_spreads():
     assert flat(rank("hot", [busy, no_room], lambda m: 10.0, size=300 * MB)) == ["a"]
     room = B("c", S("x", 1, 100 * MB), budget=500 * MB)
     assert flat(rank("hot", [busy, room], lambda m: 10.0, size=300 * MB)) == ["c", "a"]
+
+
+def test_a_miss_does_not_wait_behind_a_load_under_way_while_another_replica_can_take_it():
+    # A replica loads one model at a time: a free slot beside a long load is worth less than an eviction on
+    # a replica that loads nothing (and when every replica is loading, the free slot still comes first).
+    loading = Copy("big", 1, in_flight=1, loading=True)
+    replicas = [R("a", loading), R("b", C("x", 5), C("y", 9))]
+    assert flat(rank("m", replicas, no_demand)) == ["b", "a"]
+    busy = [R("a", loading), R("b", C("x", 5), Copy("y", 9, loading=True))]
+    assert flat(rank("m", busy, no_demand)) == ["a", "b"]
+    # A hit still goes to its holder while it loads: the request waits for its own model's load.
+    assert flat(rank("big", replicas, no_demand)) == ["a"]
