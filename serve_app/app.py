@@ -32,13 +32,14 @@ from serve_app.core.registry import read_registry_file
 
 logger = logging.getLogger("ray.serve")
 
-logger = logging.getLogger("ray.serve")
-
 ROUTER = "deployments.routing.router:ModelAwareRouter"
 """The worker deployment's request router; Serve imports it in each caller (the ingress replicas)."""
 
 REGISTRY_DEPLOYMENTS = (Ingress.name, ModelWorker.name, RegistryCheck.name)
 """The deployments whose ``user_config`` is the registry."""
+
+GRACE_OVER_TIMEOUT_S = 5.0
+"""How much longer than ``request_timeout_s`` a worker replica that Serve stops may take to finish."""
 
 
 def registry_config(path: str, rules: RegistryRules | None = None) -> dict:
@@ -103,6 +104,10 @@ def build_app(args: AppArgs) -> Application:
         )
     worker = ModelWorker.options(
         max_ongoing_requests=w.max_ongoing_requests,
+        # A replica that Serve stops (a scale-down, a redeploy) finishes what it runs first: no request may
+        # run longer than request_timeout_s, so none that could still be answered is cut off (Serve's 20 s
+        # default would cut a request, and the load it waits for, short).
+        graceful_shutdown_timeout_s=args.request_timeout_s + GRACE_OVER_TIMEOUT_S,
         ray_actor_options=actor,
         request_router_config=router,
         user_config=registry,

@@ -153,6 +153,16 @@ def test_start_up_refuses_limits_that_messages_between_replicas_cannot_carry(mon
     assert build_app(AppArgs(auth={"mode": "off"}, **small))
 
 
+def test_a_worker_replica_that_serve_stops_may_finish_any_request_it_runs():
+    """A scale-down or a redeploy stops a worker replica once its requests are done, or after Serve's grace
+    period: longer than any request may run, so that none that could still be answered is cut off."""
+    from serve_app.app import build_app
+
+    args = AppArgs(auth={"mode": "off"}, request_timeout_s=90, max_body_bytes=1 << 20, max_image_bytes=1 << 20)
+    (worker, _check, _args) = build_app(args)._bound_deployment.init_args
+    assert worker._bound_deployment._deployment_config.graceful_shutdown_timeout_s > args.request_timeout_s
+
+
 @pytest.mark.parametrize(
     "host, loopback",
     [
