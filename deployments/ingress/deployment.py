@@ -173,9 +173,18 @@ class Ingress:
         return JSONResponse({"name": name, "ready": loaded}, status_code=200 if loaded else 400)
 
     @api.post(
-        "/v2/models/{name}/infer", response_model=v2.InferResponse, tags=["v2"], openapi_extra=_body(v2.InferRequest)
+        "/v2/models/{name}/infer",
+        response_model=v2.InferResponse,
+        response_model_exclude_none=True,  # no "id": null when the request had none
+        tags=["v2"],
+        openapi_extra=_body(v2.InferRequest),
     )
-    @api.post("/v2/models/{name}/versions/{version}/infer", response_model=v2.InferResponse, include_in_schema=False)
+    @api.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        response_model=v2.InferResponse,
+        response_model_exclude_none=True,
+        include_in_schema=False,
+    )
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> v2.InferResponse:
         header_length = request.headers.get("inference-header-content-length")
         parser = v2.BodyParser(await request.body(), header_length, self.max_items)

@@ -27,8 +27,9 @@ cannot take raises a ``ServeAppError``, such as ``InvalidInput`` (422) or ``BadI
 its own request only; any other exception, or another number of items, fails it with 503), and ``task``,
 the name of the one task the class serves (a registry entry of another task is refused at load).
 Exceptions raised by ``load`` make the load fail (the model shows ``failed``, requests get 503 with the
-reason; an ``unload`` that then raises is logged, not raised); exceptions raised by ``predict`` fail the
-batch's requests with 503.
+reason; an ``unload`` that then raises is logged, not raised); an exception raised by ``predict`` makes the
+worker call it again for each request of the batch alone, so that only the requests at fault fail: with
+the status of one of the app's errors (``InvalidInput``: 422), else 503.
 """
 
 from __future__ import annotations

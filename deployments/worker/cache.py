@@ -132,7 +132,8 @@ class ModelCache:
         except Exception as e:
             if copy is not None:
                 await asyncio.to_thread(copy.free)  # what a half-done load holds
-            logger.error("loading model %r failed: %s", model_id, redact_paths(f"{type(e).__name__}: {e}", spec))
+            reason = redact_paths(f"{type(e).__name__}: {e}", spec)
+            logger.error("loading model %r failed: %s", model_id, reason, exc_info=e)  # the runtime's traceback
             raise self._failed(spec, status, failure_reason(e, spec)) from None
         status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.size_bytes = copy.size_bytes

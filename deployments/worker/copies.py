@@ -107,7 +107,7 @@ def one_per_input(values: Any, count: int, what: str) -> list[Any]:
         values = list(values)
     if not isinstance(values, list) or len(values) != count:
         got = len(values) if isinstance(values, list) else type(values).__name__
-        raise ContractError(f"{what}: {count} inputs, got {got}")
+        raise ContractError(f"{what}: {count} input{'s' if count != 1 else ''}, got {got}")
     return values
 
 

@@ -159,9 +159,10 @@ class TaskCatalog:
             return f"{path!r} is not of the form package.module:Class"
         module = path.partition(":")[0]
         if module not in self._allowed:
+            allowed = ", ".join(sorted(self.runtime_modules)) or "none"
             return (
                 f"runtime {path!r}: module {module!r} is not in args.runtime_modules, the modules the operator "
-                "allows runtime classes from"
+                f"allows runtime classes from (now: {allowed}; and the task modules)"
             )
         return None
 
@@ -199,7 +200,10 @@ class TaskCatalog:
             ) from None
         cls: Any = getattr(module, name, None)
         if not isinstance(cls, type):
-            raise RuntimeImportError(f"runtime {path!r}: module {module_name!r} has no class {name!r}")
+            raise RuntimeImportError(
+                f"runtime {path!r}: module {module_name!r} has no class {name!r} (a replica imports a module once: "
+                "a class added since reaches it when it restarts)"
+            )
         return cls
 
 

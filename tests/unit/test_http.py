@@ -40,6 +40,8 @@ class Plane:
             raise ModelUnavailable("Model 'backoff' could not be loaded (not tried again for 3s)", retry_after_s=2.4)
         if model_id != "ok":
             raise ModelUnavailable(f"Model {model_id!r} could not be loaded", model_id=model_id)
+        if callable(request):  # a protocol's parser, called once the model is known (v2)
+            await request()
         return inference_result(SPEC, [[("ok-label", 1.0)]])
 
     async def load(self, model_id):
@@ -89,6 +91,13 @@ def test_under_v2_errors_have_the_protocol_shape(client):
     body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
     r = client.post("/v2/models/m/infer", json=body)
     assert r.status_code == 503 and r.json() == {"error": "Model 'm' could not be loaded"}
+
+
+def test_a_v2_answer_echoes_the_request_id_and_has_none_when_the_request_had_none(client):
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    answer = client.post("/v2/models/ok/infer", json=body).json()
+    assert "id" not in answer and answer["model_name"] == "ok" and answer["outputs"][0]["data"] == ["ok-label"]
+    assert client.post("/v2/models/ok/infer", json={**body, "id": "r-1"}).json()["id"] == "r-1"
 
 
 def test_body_validation_names_each_field(client):

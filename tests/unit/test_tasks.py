@@ -186,10 +186,13 @@ def test_a_runtime_that_cannot_be_imported_is_a_load_error_naming_why(fake_modul
     )
     fake_module("tests_fake_rt", Thing=1)
     for runtime, match in [
-        ("tests_fake_rt:Missing", "has no class 'Missing'"),
+        ("tests_fake_rt:Missing", "has no class .Missing. \\(a replica imports a module once"),
         ("tests_fake_rt:Thing", "has no class 'Thing'"),
         ("tests_fake_broken:X", "importing 'tests_fake_broken' failed: ModuleNotFoundError"),
-        ("elsewhere:X", "not in args.runtime_modules"),
+        (
+            "elsewhere:X",
+            r"not in args.runtime_modules, .* \(now: tests_fake_broken, tests_fake_rt; and the task modules\)",
+        ),
         ("tests_fake_rt:Thing\n", "is not of the form package.module:Class"),
         ("tests_fake_rt:Thing.attr", "is not of the form package.module:Class"),
     ]:
