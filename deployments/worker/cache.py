@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 import weakref
 from typing import Any, Protocol
 
@@ -132,8 +133,10 @@ class ModelCache:
         except Exception as e:
             if copy is not None:
                 await asyncio.to_thread(copy.free)  # what a half-done load holds
+            # The runtime's traceback, for whoever debugs it, without the model's folder (as in every log line).
+            trace = redact_paths("".join(traceback.format_exception(e)).rstrip(), spec)
             reason = redact_paths(f"{type(e).__name__}: {e}", spec)
-            logger.error("loading model %r failed: %s", model_id, reason, exc_info=e)  # the runtime's traceback
+            logger.error("loading model %r failed: %s\n%s", model_id, reason, trace)
             raise self._failed(spec, status, failure_reason(e, spec)) from None
         status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.size_bytes = copy.size_bytes

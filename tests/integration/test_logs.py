@@ -2,6 +2,7 @@
 warning at start-up when auth is off; no request body and no model file path. Read from this session's Ray
 log files, once the lines a test waits for are in them (the replicas write their logs within a second)."""
 
+import re
 import uuid
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def test_request_bodies_and_model_file_paths_are_not_logged(authed, admin, limit
         return request_id in _replica_log("limits", "Ingress") and all(line in worker for line in lines)
 
     assert wait_for(logged), "the request's and the loads' log lines never reached the log files"
+    # A failed load's line carries the runtime's traceback (its folder redacted, below).
+    failed = r"loading model 'broken' failed: .{0,2000}?\nTraceback \(most recent call last\):"
+    assert re.search(failed, _replica_log("limits", "ModelWorker"), re.S), "a failed load logged no traceback"
     assert _search(marker)[marker] == []
     # The app's own log lines (its replicas' log files and their processes' output): no folder of a model.
     pids = {**replica_pids("limits", "Ingress"), **replica_pids("limits", "ModelWorker")}.values()
