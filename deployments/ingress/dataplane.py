@@ -112,6 +112,8 @@ class ModelStatus(BaseModel):
     last_used_at: float | None = None
     last_error: str | None = None
     load_failures: int = 0
+    request_failures: int = 0
+    last_request_error: str | None = None
     size_bytes: int | None = Field(None, description="what a copy takes, as the newest load measured it")
     weights_bytes: int | None = Field(None, description="its weights and buffers, exactly (newest load)")
     rss_growth_bytes: int | None = Field(None, description="the replica's resident memory growth at that load")
@@ -148,6 +150,9 @@ def merge_model_status(
     newest_load = max((v for v in views if v.last_loaded_at), key=lambda v: v.last_loaded_at, default=None)
     measured = newest_load or next((v for v in views if v.size_bytes), None)  # a refused one: its size still
     newest_error = max((v for v in views if v.last_error_at), key=lambda v: v.last_error_at, default=None)
+    newest_failure = max(
+        (v for v in views if v.last_request_error_at), key=lambda v: v.last_request_error_at, default=None
+    )
     last_loaded = newest_load.last_loaded_at if newest_load else None
     if holders:
         state = ModelState.LOADED
@@ -170,6 +175,8 @@ def merge_model_status(
         last_used_at=max((v.last_used_at for v in views if v.last_used_at is not None), default=None),
         last_error=newest_error.last_error if newest_error else None,
         load_failures=sum(v.load_failures for v in views),
+        request_failures=sum(v.request_failures for v in views),
+        last_request_error=newest_failure.last_request_error if newest_failure else None,
         size_bytes=measured.size_bytes if measured else None,
         weights_bytes=measured.weights_bytes if measured else None,
         rss_growth_bytes=measured.rss_growth_bytes if measured else None,

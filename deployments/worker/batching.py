@@ -41,7 +41,7 @@ from ray import serve
 from deployments.worker.cache import failure_reason
 from deployments.worker.copies import ModelCopy
 from serve_app.core.config import BatchingArgs
-from serve_app.core.errors import ModelUnavailable, ServeAppError, bounded
+from serve_app.core.errors import ModelFailed, ModelUnavailable, ServeAppError, bounded
 from serve_app.core.outputs import ContractError
 from serve_app.core.schemas import ReplicaCounters
 
@@ -64,12 +64,12 @@ def model_failure(copy: ModelCopy, e: Exception, doing: str = "failed on this in
     if isinstance(e, ServeAppError):
         return e
     if isinstance(e, ContractError):
-        return ModelUnavailable(
+        return ModelFailed(
             f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {bounded(str(e))}",
             model_id=copy.spec.id,
         )
     logger.error("model %r %s", copy.spec.id, doing, exc_info=e)  # the whole text, for the operator
-    return ModelUnavailable(f"Model {copy.spec.id!r} {doing}: {failure_reason(e, copy.spec)}", model_id=copy.spec.id)
+    return ModelFailed(f"Model {copy.spec.id!r} {doing}: {failure_reason(e, copy.spec)}", model_id=copy.spec.id)
 
 
 def _timed_answer(

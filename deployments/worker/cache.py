@@ -364,6 +364,12 @@ class ModelCache:
         """A request was answered by the model."""
         self.model_status(model_id).last_used_at = time.time()
 
+    def request_failed(self, model_id: str, message: str) -> None:
+        """The model's code failed a request (``ModelFailed``): counted, with the message its client got."""
+        status = self.model_status(model_id)
+        status.request_failures += 1
+        status.last_request_error, status.last_request_error_at = message, time.time()
+
     def report(self) -> dict[str, Any]:
         """The models' status, for ``record_routing_stats``; live copies are counted now."""
         self.lingering = {m: c for m, c in self.lingering.items() if c.loaded}

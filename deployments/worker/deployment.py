@@ -32,7 +32,7 @@ from deployments.worker.copies import ModelCopy, one_per_input
 from deployments.worker.memory import MemoryBudget
 from serve_app.core import logs
 from serve_app.core.config import RegistryRules, WorkerArgs
-from serve_app.core.errors import ModelChanged
+from serve_app.core.errors import ModelChanged, ModelFailed
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import WorkerMetrics
 from serve_app.core.outputs import ContractError
@@ -155,6 +155,8 @@ class ModelWorker:
                         self._decoders, self._prepare, copy, inputs
                     )
                 answer = await self._batcher.predict(inputs, copy, route.threads if route else None, parameters)
+            except ModelFailed as e:  # its prepare failed
+                answer = e
             finally:
                 copy.release()
         except asyncio.CancelledError:
@@ -163,6 +165,8 @@ class ModelWorker:
         finally:
             self._counters.predict_seconds += time.perf_counter() - start
         if isinstance(answer, Exception):
+            if isinstance(answer, ModelFailed):
+                self._cache.request_failed(model_id, answer.message)
             raise answer
         self._cache.used(model_id)
         return WorkerResult(outputs=answer, loaded=loaded)

@@ -175,6 +175,12 @@ class ModelUnavailable(ServeAppError):
     error = "model_unavailable"
 
 
+class ModelFailed(ModelUnavailable):
+    """The model's own code failed on a request: its runtime raised (other than one of this app's errors) or
+    answered outside its task's contract. A 503 as ``ModelUnavailable``; the worker counts it for the model
+    (``GET /models``: ``request_failures``)."""
+
+
 class RequestBodyTimeout(ServeAppError):
     """The client did not send its whole request body within ``body_timeout_s``."""
 

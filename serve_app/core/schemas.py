@@ -76,6 +76,9 @@ class ReplicaModelStatus(BaseModel):
     last_error_at: float | None = None
     load_failures: int = 0
     retry_after: float | None = None  # a failed load is not tried again before this time
+    request_failures: int = 0  # requests its code failed once loaded (errors.ModelFailed: 503)
+    last_request_error: str | None = None  # the newest of them, as its client read it
+    last_request_error_at: float | None = None
     size_bytes: int | None = None  # what a copy takes: its weights, else the growth of resident memory at load
     weights_bytes: int | None = None  # the loaded copy's weights and buffers, exactly, as its runtime reports
     rss_growth_bytes: int | None = None  # how much the replica's resident memory grew while the copy loaded

@@ -404,11 +404,16 @@ def test_a_runtime_whose_prepare_fails_is_a_503_naming_the_failure(client, tasks
 
 
 def test_a_runtime_that_answers_outside_its_tasks_contract_is_a_503_naming_it(client, tasks_url):
+    before = client.get(f"{tasks_url}/models/wrong").json()["request_failures"]
     r = predict(client, tasks_url, "wrong", "hello")
     assert r.status_code == 503 and r.json()["error"] == "model_unavailable"
     assert (
         "answered outside the text-classification contract: a classification row is label scores" in r.json()["message"]
     )
+    # It loaded, and its requests fail: the listing says so, with what the client read.
+    listed = lambda: client.get(f"{tasks_url}/models/wrong").json()  # noqa: E731
+    assert wait_for(lambda: listed()["request_failures"] == before + 1), listed()
+    assert listed()["state"] == "loaded" and listed()["last_request_error"] == r.json()["message"]
 
 
 def test_one_clip_folder_serves_texts_and_images_in_one_space_for_text_to_image_search(client, tasks_url, own_models):

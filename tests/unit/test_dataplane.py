@@ -56,6 +56,18 @@ def test_loaded_on_any_replica_is_loaded_and_counts_add_up():
     assert status.last_used_at == 35
 
 
+def test_requests_a_loaded_models_code_failed_add_up_and_the_newest_message_is_shown():
+    status = merge_model_status(
+        SPEC,
+        [
+            replica("r1", state="loaded", request_failures=2, last_request_error="old", last_request_error_at=10),
+            replica("r2", state="loaded", request_failures=1, last_request_error="new", last_request_error_at=20),
+        ],
+    )
+    assert status.state is ModelState.LOADED  # it loads; its requests fail: a state of its own would hide that
+    assert (status.request_failures, status.last_request_error) == (3, "new")
+
+
 def test_loading_anywhere_is_loading_when_no_replica_holds_it():
     status = merge_model_status(SPEC, [replica("r1", state="loading"), replica("r2", state="not_loaded")])
     assert status.state is ModelState.LOADING and status.replicas == []

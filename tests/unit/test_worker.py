@@ -382,6 +382,9 @@ def test_a_prepare_that_raises_or_answers_another_number_of_inputs_fails_its_req
     with pytest.raises(ModelUnavailable, match=reason) as e:
         asyncio.run(w.predict([b"one image", b"another"], task="image-classification"))
     assert e.value.status_code == 503 and copy.in_use == 0
+    # The model's own code failed the request: GET /models counts it, with what the client read.
+    status = w._cache.model_status("m")
+    assert (status.request_failures, status.last_request_error) == (1, e.value.message)
 
 
 def test_a_prepare_may_answer_a_tuple_or_an_array_of_one_item_per_input(monkeypatch):

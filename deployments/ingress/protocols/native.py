@@ -120,6 +120,12 @@ class ModelInfo(BaseModel):
     last_used_at: float | None = Field(None, description="Unix time of the last prediction")
     last_error: str | None = Field(None, description="the last load error, if any")
     load_failures: int = Field(0, description="failed loads so far, over the replicas running now")
+    request_failures: int = Field(
+        0,
+        description="requests its own code failed once loaded (503: its runtime raised, or answered outside its "
+        "task's contract), over the replicas running now",
+    )
+    last_request_error: str | None = Field(None, description="the newest of them, as its client read it")
     declared_bytes: int | None = Field(None, description="the size its registry entry declares (memory_bytes)")
     size_bytes: int | None = Field(
         None, description="what a copy takes, as the newest load measured it: the larger of the next two"
