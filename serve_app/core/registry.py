@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve_app.core.errors import ModelNotFound, field_path
+from serve_app.core.errors import ModelNotFound, echo, field_path
 from serve_app.core.paths import resolve_project_path
 from serve_app.core.tasks import TaskCatalog
 
@@ -153,8 +153,21 @@ class RegistryError(ValueError):
     """The registry file is missing, not JSON, or does not match the schema."""
 
 
-def _format_validation_error(origin: str, err: ValidationError) -> str:
-    return "\n".join(f"{origin}: {field_path(e['loc']) if e['loc'] else '(root)'}: {e['msg']}" for e in err.errors())
+def _format_validation_error(origin: str, err: ValidationError, data: object = None) -> str:
+    """One line per bad field; a field of an entry whose id can be read names that id too, at the end."""
+    entries = data.get("models") if isinstance(data, dict) else None
+
+    def entry_id(loc: tuple) -> str:
+        if len(loc) < 2 or loc[0] != "models" or not isinstance(loc[1], int) or not isinstance(entries, list):
+            return ""
+        entry = entries[loc[1]] if loc[1] < len(entries) else None
+        model_id = entry.get("id") if isinstance(entry, dict) else None
+        return f" (model {echo(model_id)})" if isinstance(model_id, str) and model_id else ""
+
+    return "\n".join(
+        f"{origin}: {field_path(e['loc']) if e['loc'] else '(root)'}: {e['msg']}{entry_id(e['loc'])}"
+        for e in err.errors()
+    )
 
 
 class Registry(BaseModel):
@@ -184,7 +197,7 @@ class Registry(BaseModel):
         try:
             return cls.model_validate(data, context={"catalog": catalog, "budget_bytes": budget_bytes})
         except ValidationError as e:
-            raise RegistryError(_format_validation_error(origin, e)) from None
+            raise RegistryError(_format_validation_error(origin, e, data)) from None
 
     @classmethod
     def from_file(

@@ -115,6 +115,7 @@ def test_an_unknown_task_is_refused_naming_the_tasks_the_app_serves():
     message = str(e.value)
     assert message.startswith("models.json: models.0.task: unknown task 'translation'")
     assert all(repr(name) in message for name in TaskCatalog.load().names)
+    assert message.endswith(f"(model {GOOD['models'][0]['id']!r})")  # the entry, by its id as well
 
 
 def test_the_tasks_are_the_catalogs_the_app_is_configured_with():
