@@ -118,6 +118,21 @@ def app_status(address: str, name: str) -> dict[str, Any] | None:
     return (out.get("applications") or {}).get(name)
 
 
+def changed_args(address: str, app: dict[str, Any]) -> list[str]:
+    """The args of ``app`` that differ from those the running application was deployed with (``serve config``):
+    a change of them makes Serve build the application again, every replica restarting. [] when none differ,
+    or when the running config cannot be read (no such application yet)."""
+    result = _serve("config", "--address", address, "--name", app.get("name", "default"), check=False)
+    try:
+        running = yaml.safe_load(result.stdout) if result is not None else None
+    except yaml.YAMLError:
+        return []
+    if not isinstance(running, dict) or not isinstance(running.get("args"), dict):
+        return []
+    new, old = app.get("args") or {}, running["args"]
+    return sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+
+
 def refusal(status: dict[str, Any]) -> str:
     """What ``serve status`` says went wrong: the application's message and each failed deployment's, its
     first line and the error at the end of the traceback Serve quotes (a registry's: every bad field)."""
@@ -185,8 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.print:
         yaml.safe_dump(rendered, sys.stdout, sort_keys=False)
         return 0
+    apps = {a.get("name", "default"): a for a in rendered.get("applications") or []}
     for name, version in versions.items():
         print(f"reload: deploying registry {version} to application {name!r} ({options.address})")
+        changed = changed_args(options.address, apps[name])
+        if changed:
+            print(
+                f"reload: application {name!r}: its args changed ({', '.join(changed)}): Serve builds it again and "
+                "every replica restarts, its loaded models gone (a registry change alone restarts none)"
+            )
     statuses = deploy(rendered, options.address, wait=not options.no_wait, timeout_s=options.timeout)
     failed = False
     for name, status in statuses.items():

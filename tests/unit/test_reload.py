@@ -6,6 +6,7 @@ run them against a real dashboard (tests/integration/test_registry_reload.py).""
 import copy
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -150,6 +151,36 @@ def test_it_follows_serve_status_until_the_update_is_over(registry, monkeypatch,
     assert f"every replica runs registry {version}" in out
     assert serve.deployed == reload.render(config(registry))[0]
     assert serve.calls.count("status") >= 5  # before (2 apps), then until RUNNING
+
+
+def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(registry, monkeypatch, capsys):
+    """`serve config` gives the running application's args: when the config's differ, Serve builds the app
+    again, and the reload says so before it deploys; a registry change alone says nothing of the kind."""
+    config_path = registry.parent / "serve_config.yaml"
+    deployed = config(registry)
+    config_path.write_text(yaml.safe_dump(deployed))
+
+    class Running(FakeServe):
+        def __init__(self, args):
+            super().__init__({"status": "RUNNING", "last_deployed_time_s": 2.0})
+            self.args = args
+
+        def __call__(self, *a, check=True):
+            if a[0] == "config":
+                self.calls.append("config")
+                return SimpleNamespace(stdout=yaml.safe_dump({"name": "multimodel", "args": self.args}))
+            return super().__call__(*a, check=check)
+
+    monkeypatch.setattr(reload.time, "sleep", lambda s: None)
+    app = next(a for a in deployed["applications"] if a["name"] == "multimodel")
+    monkeypatch.setattr(reload, "_serve", Running(app["args"]))
+    assert reload.main([str(config_path)]) == 0
+    assert "args changed" not in capsys.readouterr().out
+    monkeypatch.setattr(reload, "_serve", Running({**app["args"], "request_timeout_s": 1, "tasks": ["x"]}))
+    assert reload.main([str(config_path)]) == 0
+    assert "application 'multimodel': its args changed (request_timeout_s, tasks): Serve builds it again" in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, monkeypatch, capsys):
