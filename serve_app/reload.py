@@ -124,7 +124,7 @@ def changed_args(address: str, app: dict[str, Any]) -> list[str]:
     or when the running config cannot be read (no such application yet)."""
     result = _serve("config", "--address", address, "--name", app.get("name", "default"), check=False)
     try:
-        running = yaml.safe_load(result.stdout) if result is not None else None
+        running = yaml.safe_load(result.stdout)
     except yaml.YAMLError:
         return []
     if not isinstance(running, dict) or not isinstance(running.get("args"), dict):
