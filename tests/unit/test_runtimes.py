@@ -9,8 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from demo.tiny_models import build_clip_model
+from demo.tiny_models import WORDS, build_clip_model
 from deployments.runtimes import ModelRuntime, runtime_for
 from deployments.runtimes.images import MAX_SIDE, decode_image
 from deployments.tasks.image_classification import ImageClassificationRuntime
@@ -684,6 +686,72 @@ def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny
             (one,) = rt.predict([text])
         assert _spans(one) == _spans(theirs)
         assert [float(e["score"]) for e in one] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory):
+    """A tiny token classifier of random weights over the tags O, B-PER, I-PER, B-LOC, I-LOC (runs of each
+    kind, with and without a B- first), loaded as the runtime and as transformers' pipeline."""
+    from transformers import pipeline
+
+    from demo.tiny_models import build_token_model
+
+    folder = build_token_model(tmp_path_factory.mktemp("tagger") / "ner", "ner", seed=5)
+    rt = runtime_for(_spec("ner", "token-classification", folder), device="cpu")
+    rt.load()
+    return rt, pipeline("token-classification", model=str(folder), aggregation_strategy="simple", device="cpu")
+
+
+_TAGGED_WORDS = [*WORDS, "Émile", "北京", "🙂", "iPhone's", "x" * 30, "ok.", "-", "(now)"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=st.lists(
+        st.lists(st.sampled_from(_TAGGED_WORDS), max_size=45).map(" ".join)  # past the 32 tokens at times
+        | st.text(max_size=40),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_simple_strategy_runs_without_the_pipeline_and_answers_as_it_does(tagger, texts):
+    """The default strategy runs in the runtime itself (one forward pass a batch, no pipeline step): the same
+    entities as the pipeline's for each text, with the same scores alone and within 1e-5 in a batch (padding
+    moves a float's last bits); words it does not know (``[UNK]``) are named by the text they cover."""
+    rt, pipe = tagger
+    want = [pipe(text) for text in texts]
+    with _no_pipeline_steps(rt.pipeline):
+        alone = [rt.predict([text])[0] for text in texts]
+        batch = rt.predict(texts)
+    for ours, theirs in zip(alone, want, strict=True):
+        assert _spans(ours) == _spans(theirs)
+        assert [float(e["score"]) for e in ours] == [float(e["score"]) for e in theirs]
+    for ours, theirs in zip(batch, want, strict=True):
+        assert _spans(ours) == _spans(theirs)
+        assert [float(e["score"]) for e in ours] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-5)
+
+
+def test_another_strategy_still_runs_through_the_pipeline(tagger):
+    """``first``, ``average`` and ``max`` are the pipeline's: a request that chooses one gets its answer."""
+    rt, pipe = tagger
+    text = "hello world this movie was great"
+    with _no_pipeline_steps(rt.pipeline), pytest.raises(AssertionError, match="pipeline's step"):
+        rt.predict([text], aggregation_strategy="first")
+    assert _spans(rt.predict([text], aggregation_strategy="max")[0]) == _spans(pipe(text, aggregation_strategy="max"))
+
+
+@contextlib.contextmanager
+def _no_pipeline_steps(pipe):
+    """Within it, the pipeline's own steps fail (its ``__call__``, ``preprocess``, ``forward`` and
+    ``postprocess``)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline's step ran")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for step in ("__call__", "preprocess", "forward", "postprocess"):
+            mp.setattr(type(pipe), step, refuse)
+        yield
 
 
 def test_a_text_with_no_entities_answers_an_empty_list_alone_and_in_a_batch(tiny_dir, tmp_path):
