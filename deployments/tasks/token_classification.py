@@ -4,8 +4,8 @@ The runtime answers as transformers' token-classification pipeline answers with
 ``aggregation_strategy="simple"`` (tokens of one entity merged into one span; ``start`` and ``end`` index the
 input text), a batch in as few forward passes as the tokenizer allows. That strategy, the default, it
 computes itself (``simple_entities``: the pipeline's steps without its bookkeeping, which took about half a
-millisecond a text; docs/performance.md); the others, a stride, and a tokenizer without offsets go through
-the pipeline.
+millisecond a text; docs/performance.md); the others, a stride, and a slow tokenizer (no offsets) go
+through the pipeline.
 
 A text longer than the model takes is truncated, as the pipeline truncates it, and the entities past the cut
 are not found; with ``stride`` (a number of tokens, at most half the model's length) the pipeline reads the
@@ -70,9 +70,11 @@ class TokenClassificationRuntime(PipelineRuntime):
 def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     """The entities of each text as ``pipe`` (transformers' token-classification pipeline, with a fast
     tokenizer) finds them with ``aggregation_strategy="simple"`` and no stride, in one forward pass: the texts
-    tokenized and truncated as its ``preprocess`` does them, padded together; the scores of each token a softmax
-    in float32; runs of tokens grouped by the pipeline's own ``get_tag`` rule (a token joins the run before it
-    if it has the same tag and is not a ``B-``); a run of ``O`` dropped before it is made into an entity, which
+    tokenized and truncated as its ``preprocess`` does them, padded together on the right (so that each
+    text's tokens keep the positions they have alone, whatever side the tokenizer pads); the scores of each
+    token a softmax of its logits (float32 for a half-precision model, as the pipeline makes them); the
+    text's tokens grouped in runs by the pipeline's own ``get_tag`` rule (a token joins the run before it if
+    it has the same tag and is not a ``B-``); a run of ``O`` dropped before it is made into an entity, which
     the pipeline does after. An entity's score, ``word`` and span are computed as the pipeline computes them
     (a unit test holds the answers to the pipeline's)."""
     import torch
@@ -81,26 +83,33 @@ def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     encoded = tokenizer(
         texts,
         return_tensors="pt",
-        padding=True,
+        padding=len(texts) > 1,  # one text alone is not padded: a tokenizer without a pad token takes one a pass
+        padding_side="right",
         truncation=bool(tokenizer.model_max_length and tokenizer.model_max_length > 0),
         return_special_tokens_mask=True,
         return_offsets_mapping=True,
     )
     offsets = encoded.pop("offset_mapping").tolist()
-    skip = (encoded.pop("special_tokens_mask").bool() | (encoded["attention_mask"] == 0)).tolist()
+    skip = encoded.pop("special_tokens_mask").bool()
+    if "attention_mask" in encoded:  # padding (a tokenizer may return no mask; it then pads nothing)
+        skip |= encoded["attention_mask"] == 0
     with torch.inference_mode():
-        logits = model(**{k: v.to(model.device) for k, v in encoded.items()}).logits
-    logits = logits.to(torch.float32).cpu().numpy()
+        output = model(**{k: v.to(model.device) for k, v in encoded.items()})
+    logits = output["logits"] if isinstance(output, dict) else output[0]  # a tuple with return_dict false
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.to(torch.float32)
+    logits = logits.cpu().numpy()
     shifted = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
     scores = shifted / shifted.sum(axis=-1, keepdims=True)
     best = scores.argmax(axis=-1)
-    tags = model.config.id2label
     ids, unknown = encoded["input_ids"].tolist(), tokenizer.unk_token_id
     answers = []
-    for row, text in enumerate(texts):
+    for row, (text, skipped) in enumerate(zip(texts, skip.tolist(), strict=True)):
+        # the labels of the text's own tokens only (a label map may have no entry for a special token's best)
+        labels = {i: model.config.id2label[best[row, i]] for i, s in enumerate(skipped) if not s}
         entities = []
-        for run in _runs(pipe, [tags[k] for k in best[row].tolist()], skip[row]):
-            group = tags[best[row, run[0]]].split("-", 1)[-1]
+        for run in _runs(pipe, labels):
+            group = labels[run[0]].split("-", 1)[-1]
             if group == "O":  # the pipeline's ignore_labels
                 continue
             spans = [offsets[row][i] for i in run]
@@ -121,14 +130,13 @@ def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     return answers
 
 
-def _runs(pipe: Any, labels: list[str], skip: list[bool]) -> list[list[int]]:
-    """The positions of a text's tokens (those not skipped), in runs that the pipeline groups into one entity:
-    a token joins the run before it if its tag is the same and it is not a ``B-`` (``pipe.get_tag``)."""
+def _runs(pipe: Any, labels: dict[int, str]) -> list[list[int]]:
+    """The positions of a text's tokens (``labels``: each one's label, in order), in runs that the pipeline
+    groups into one entity: a token joins the run before it if its tag is the same and it is not a ``B-``
+    (``pipe.get_tag``)."""
     runs: list[list[int]] = []
     last = None
-    for i, label in enumerate(labels):
-        if skip[i]:
-            continue
+    for i, label in labels.items():
         bi, tag = pipe.get_tag(label)
         if runs and tag == last and bi != "B":
             runs[-1].append(i)
