@@ -3,8 +3,9 @@
 The runtime loads the model and its tokenizer with transformers' pipeline, then runs a batch as one
 tokenizer call, one forward pass and the pipeline's score function: what the text-classification pipeline
 computes for each input (its scores, to float precision), without its per-input loop (a data loader, and
-its pre- and post-processing per input). docs/performance.md has what that saves. Text longer than the
-model's maximum length is truncated.
+its pre- and post-processing per input). docs/performance.md has what that saves. A batch is padded on the
+right, so that a text's scores do not depend on what shares its batch. Text longer than the model's maximum
+length is truncated.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ class TextClassificationRuntime(PipelineRuntime):
 
         model, config = pipe.model, pipe.model.config
         with torch.inference_mode():
-            encoded = pipe.tokenizer(texts, truncation=True, padding=len(texts) > 1, return_tensors="pt")
+            # padded on the right whatever side the tokenizer pads: a model of absolute positions reads each
+            # text at the positions it has alone (a decoder's classifier finds its last token on either side)
+            encoded = pipe.tokenizer(
+                texts, truncation=True, padding=len(texts) > 1, padding_side="right", return_tensors="pt"
+            )
             logits = model(**encoded.to(model.device), **self._forward_kwargs).logits.float()
             # The pipeline's default score function: none for regression, a sigmoid for multi-label and
             # single-logit models, else a softmax.

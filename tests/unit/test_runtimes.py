@@ -97,6 +97,23 @@ def test_overlong_text_is_truncated_not_a_crash(tiny_dir):
     assert scores[0][0].startswith("alpha-")
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_texts_label_scores_are_the_same_in_a_batch_as_alone(tiny_dir, tmp_path, padding_side):
+    """A batch is padded on the right whatever side the tokenizer pads: a model of absolute positions (BERT)
+    reads each text at the positions it has alone, so its scores do not depend on what shares its batch."""
+    folder = shutil.copytree(tiny_dir / "alpha", tmp_path / "alpha")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": padding_side}))
+    rt = runtime_for(_spec("alpha", "text-classification", folder), device="cpu")
+    rt.load()
+    assert rt.pipeline.tokenizer.padding_side == padding_side
+    texts = ["bad", "hello world this movie was great win a free iphone now", "not good"]
+    alone = [rt.predict([text])[0] for text in texts]
+    for batched, one in zip(rt.predict(texts), alone, strict=True):
+        assert [label for label, _ in batched] == [label for label, _ in one]
+        assert [score for _, score in batched] == pytest.approx([score for _, score in one], abs=1e-5)
+
+
 def test_image_runtime_takes_encoded_bytes(tiny_dir):
     rt = runtime_for(_spec("pixels", "image-classification", tiny_dir / "pixels"), device="cpu")
     assert isinstance(rt, ImageClassificationRuntime)
