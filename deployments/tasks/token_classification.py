@@ -47,6 +47,9 @@ class TokenClassificationRuntime(PipelineRuntime):
 
     def load(self) -> None:
         super().load()
+        # The pipeline's batches are padded on the tokenizer's side: on the right, a model of absolute positions
+        # reads each text at the positions it has alone (simple_entities pads on the right too).
+        self.pipeline.tokenizer.padding_side = "right"
         # The model's length less its two special tokens; windows overlap by at most half of it, so that a text
         # of max_text_chars takes at most about twice the passes it would take without overlap.
         stride, room = self.spec.parameters.get("stride"), self.pipeline.tokenizer.model_max_length - 2

@@ -730,8 +730,9 @@ def tagger(request, tmp_path_factory):
         config.save_pretrained(folder)
     rt = runtime_for(_spec("ner", "token-classification", folder), device="cpu")
     rt.load()
-    assert rt.pipeline.tokenizer.padding_side == ("left" if request.param == "left padding" else "right")
-    return rt, pipeline("token-classification", model=str(folder), aggregation_strategy="simple", device="cpu")
+    pipe = pipeline("token-classification", model=str(folder), aggregation_strategy="simple", device="cpu")
+    assert pipe.tokenizer.padding_side == ("left" if request.param == "left padding" else "right")
+    return rt, pipe
 
 
 _TAGGED_WORDS = [*WORDS, "Émile", "北京", "🙂", "iPhone's", "x" * 30, "ok.", "-", "(now)"]
@@ -765,13 +766,16 @@ def test_the_simple_strategy_runs_without_the_pipeline_and_answers_as_it_does(ta
         assert [float(e["score"]) for e in ours] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-5)
 
 
-def test_another_strategy_still_runs_through_the_pipeline(tagger):
-    """``first``, ``average`` and ``max`` are the pipeline's: a request that chooses one gets its answer."""
+@pytest.mark.parametrize("strategy", ["first", "average", "max"])
+def test_another_strategy_runs_through_the_pipeline_and_answers_a_text_in_a_batch_as_alone(tagger, strategy):
+    """``first``, ``average`` and ``max`` are the pipeline's: a request that chooses one gets the pipeline's
+    answer for each text alone, in a batch too (padded on the right, whatever side the tokenizer pads)."""
     rt, pipe = tagger
-    text = "hello world this movie was great"
+    texts = ["hello world this movie was great", "bad", "win a free iphone now " * 3, "is this spam"]
     with _no_pipeline_steps(rt.pipeline), pytest.raises(AssertionError, match="pipeline's step"):
-        rt.predict([text], aggregation_strategy="first")
-    assert _spans(rt.predict([text], aggregation_strategy="max")[0]) == _spans(pipe(text, aggregation_strategy="max"))
+        rt.predict(texts[:1], aggregation_strategy=strategy)
+    want = [pipe(text, aggregation_strategy=strategy) for text in texts]
+    assert [_spans(row) for row in rt.predict(texts, aggregation_strategy=strategy)] == [_spans(row) for row in want]
 
 
 @contextlib.contextmanager
