@@ -29,6 +29,8 @@ from serve_app.core.tasks import Task
 
 Strategy = Literal["simple", "first", "average", "max"]
 STRATEGIES = get_args(Strategy)
+DEFAULT_STRATEGY: Strategy = "simple"
+"""A registry entry's strategy when it names none (the one ``simple_entities`` computes)."""
 
 
 class TokenClassificationRuntime(PipelineRuntime):
@@ -37,7 +39,7 @@ class TokenClassificationRuntime(PipelineRuntime):
     model_class = "AutoModelForTokenClassification"
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        strategy = self.spec.parameters.get("aggregation_strategy", "simple")
+        strategy = self.spec.parameters.get("aggregation_strategy", DEFAULT_STRATEGY)
         if strategy not in STRATEGIES:
             raise ValueError(f"aggregation_strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         stride = self.spec.parameters.get("stride")
@@ -47,8 +49,8 @@ class TokenClassificationRuntime(PipelineRuntime):
 
     def load(self) -> None:
         super().load()
-        # The pipeline's batches are padded on the tokenizer's side: on the right, a model of absolute positions
-        # reads each text at the positions it has alone (simple_entities pads on the right too).
+        # Batches (the pipeline's and simple_entities') are padded on the tokenizer's side: on the right, a model
+        # of absolute positions reads each text at the positions it has alone.
         self.pipeline.tokenizer.padding_side = "right"
         # The model's length less its two special tokens; windows overlap by at most half of it, so that a text
         # of max_text_chars takes at most about twice the passes it would take without overlap.
@@ -62,8 +64,8 @@ class TokenClassificationRuntime(PipelineRuntime):
     def predict(self, inputs: list[str], aggregation_strategy: str | None = None) -> list[list[dict[str, Any]]]:
         """``aggregation_strategy``: a request's, in place of the entry's."""
         pipe = self.loaded_pipeline
-        strategy = aggregation_strategy or self.spec.parameters.get("aggregation_strategy", "simple")
-        if strategy == "simple" and "stride" not in self.spec.parameters and pipe.tokenizer.is_fast:
+        strategy = aggregation_strategy or self.spec.parameters.get("aggregation_strategy", DEFAULT_STRATEGY)
+        if strategy == "simple" and self.spec.parameters.get("stride") is None and pipe.tokenizer.is_fast:
             return in_forward_passes(inputs, forward_batch(pipe.tokenizer), lambda texts: simple_entities(pipe, texts))
         return self.run_pipeline(
             inputs, **({"aggregation_strategy": aggregation_strategy} if aggregation_strategy else {})
@@ -73,10 +75,10 @@ class TokenClassificationRuntime(PipelineRuntime):
 def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     """The entities of each text as ``pipe`` (transformers' token-classification pipeline, with a fast
     tokenizer) finds them with ``aggregation_strategy="simple"`` and no stride, in one forward pass: the texts
-    tokenized and truncated as its ``preprocess`` does them, padded together on the right (so that each
-    text's tokens keep the positions they have alone, whatever side the tokenizer pads); the scores of each
-    token a softmax of its logits (float32 for a half-precision model, as the pipeline makes them); the
-    text's tokens grouped in runs by the pipeline's own ``get_tag`` rule (a token joins the run before it if
+    tokenized and truncated as its ``preprocess`` does them, padded together on the tokenizer's side (the
+    runtime sets it to the right at load, so that each text's tokens keep the positions they have alone); the
+    scores of each token a softmax of its logits (float32 for a half-precision model, as the pipeline makes
+    them); the text's tokens grouped in runs by the pipeline's own ``get_tag`` rule (a token joins the run before it if
     it has the same tag and is not a ``B-``); a run of ``O`` dropped before it is made into an entity, which
     the pipeline does after. An entity's score, ``word`` and span are computed as the pipeline computes them
     (a unit test holds the answers to the pipeline's)."""
@@ -87,7 +89,6 @@ def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
         texts,
         return_tensors="pt",
         padding=len(texts) > 1,  # one text alone is not padded: a tokenizer without a pad token takes one a pass
-        padding_side="right",
         truncation=bool(tokenizer.model_max_length and tokenizer.model_max_length > 0),
         return_special_tokens_mask=True,
         return_offsets_mapping=True,

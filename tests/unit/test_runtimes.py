@@ -125,15 +125,24 @@ def test_image_runtime_takes_encoded_bytes(tiny_dir):
 
 
 @contextlib.contextmanager
-def _no_pipeline_call(pipe):
-    """Within it, a call of the pipeline itself (its ``__call__``, which wraps a list in a data loader) fails."""
+def _pipeline_refuses(pipe, *methods):
+    """Within it, a call of any of the pipeline's ``methods`` fails (default: its ``__call__``, which wraps a
+    list in a data loader)."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the pipeline's __call__ ran for one input")
+    def refusal(method):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"the pipeline's {method} ran")
+
+        return refuse
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(pipe), "__call__", refuse)
+        for method in methods or ("__call__",):
+            mp.setattr(type(pipe), method, refusal(method))
         yield
+
+
+PIPELINE_STEPS = ("__call__", "preprocess", "forward", "postprocess")
+"""A pipeline's own steps: its ``__call__``, and the three that ``run_single`` runs."""
 
 
 def test_one_image_alone_scores_as_the_image_classification_pipeline_scores_it(tiny_dir):
@@ -144,7 +153,7 @@ def test_one_image_alone_scores_as_the_image_classification_pipeline_scores_it(t
     images = rt.prepare([(PROJECT_ROOT / "samples/images" / name).read_bytes() for name in ("square.jpg", "image.jpg")])
     want = pipeline("image-classification", model=str(tiny_dir / "pixels"), device="cpu")(images, top_k=3)
     for image, theirs in zip(images, want, strict=True):
-        with _no_pipeline_call(rt.pipeline):
+        with _pipeline_refuses(rt.pipeline):
             (scores,) = rt.predict([image])
         assert [label for label, _ in scores] == [d["label"] for d in theirs]
         assert [score for _, score in scores] == pytest.approx([d["score"] for d in theirs], abs=1e-6)
@@ -699,8 +708,8 @@ def test_entities_are_the_token_classification_pipelines_simple_aggregation(tiny
     assert len(got) == 4 and sum(len(row) for row in got) > 0
     for ours, theirs in zip(got, want, strict=True):
         assert _spans(ours) == _spans(theirs)
-    for text, theirs in zip(texts, want, strict=True):  # one input alone: the pipeline's own steps for one input
-        with _no_pipeline_call(rt.pipeline):
+    for text, theirs in zip(texts, want, strict=True):  # one input alone: no data loader around it
+        with _pipeline_refuses(rt.pipeline):
             (one,) = rt.predict([text])
         assert _spans(one) == _spans(theirs)
         assert [float(e["score"]) for e in one] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-6)
@@ -755,7 +764,7 @@ def test_the_simple_strategy_runs_without_the_pipeline_and_answers_as_it_does(ta
     cover."""
     rt, pipe = tagger
     want = [pipe(text) for text in texts]
-    with _no_pipeline_steps(rt.pipeline):
+    with _pipeline_refuses(rt.pipeline, *PIPELINE_STEPS):
         alone = [rt.predict([text])[0] for text in texts]
         batch = rt.predict(texts)
     for ours, theirs in zip(alone, want, strict=True):
@@ -772,24 +781,13 @@ def test_another_strategy_runs_through_the_pipeline_and_answers_a_text_in_a_batc
     answer for each text alone, in a batch too (padded on the right, whatever side the tokenizer pads)."""
     rt, pipe = tagger
     texts = ["hello world this movie was great", "bad", "win a free iphone now " * 3, "is this spam"]
-    with _no_pipeline_steps(rt.pipeline), pytest.raises(AssertionError, match="pipeline's step"):
+    with (
+        _pipeline_refuses(rt.pipeline, *PIPELINE_STEPS),
+        pytest.raises(AssertionError, match=r"the pipeline's \w+ ran"),
+    ):
         rt.predict(texts[:1], aggregation_strategy=strategy)
     want = [pipe(text, aggregation_strategy=strategy) for text in texts]
     assert [_spans(row) for row in rt.predict(texts, aggregation_strategy=strategy)] == [_spans(row) for row in want]
-
-
-@contextlib.contextmanager
-def _no_pipeline_steps(pipe):
-    """Within it, the pipeline's own steps fail (its ``__call__``, ``preprocess``, ``forward`` and
-    ``postprocess``)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a pipeline's step ran")
-
-    with pytest.MonkeyPatch.context() as mp:
-        for step in ("__call__", "preprocess", "forward", "postprocess"):
-            mp.setattr(type(pipe), step, refuse)
-        yield
 
 
 def test_a_text_with_no_entities_answers_an_empty_list_alone_and_in_a_batch(tiny_dir, tmp_path):
