@@ -392,32 +392,40 @@ def wait_task_peer(server: Server, url: str, timeout: float = 300) -> dict:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-def direct_hot(registry: Path, n: int) -> tuple[Run, list[float]]:
-    """The floor: the model runtime in this process. Also returns its from_pretrained (load) times."""
-    import torch
+class Direct:
+    """The floor: the model runtime in this process, on the threads a worker replica gives a lone request on an
+    idle node (the router's RouteHint.threads, capped at the machine's cores in deployments/worker/batching.py:
+    the app's 2 worker replicas' shares of 1 thread each). Loaded once (``load_s``: its from_pretrained time),
+    then measured in rounds (``round``) in turn with the servers' (``scenarios.hot_side_by_side``), so that it
+    sees the machine at the speed they do, and unloaded (``close``)."""
 
-    from deployments.runtimes import runtime_for
+    def __init__(self, registry: Path, model: str = "sentiment") -> None:
+        import torch
 
-    # As a worker replica runs a lone request on an idle node (the router's RouteHint.threads, capped at the
-    # machine's cores in deployments/worker/batching.py): the app's 2 worker replicas' shares of 1 thread each.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(min(2, cores))
-    spec = read_bench_registry(registry).get("sentiment")
-    runtime = runtime_for(spec, device="cpu")
-    t0 = time.perf_counter()
-    runtime.load()
-    load_times = [time.perf_counter() - t0]
-    run = Run()
-    runtime.predict(["warm up"])
-    start = time.perf_counter()
-    for _ in range(n):
+        from deployments.runtimes import runtime_for
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(min(2, cores))
+        self.runtime = runtime_for(read_bench_registry(registry).get(model), device="cpu")
         t0 = time.perf_counter()
-        runtime.predict(["This movie was great!"])
-        run.latencies.append(time.perf_counter() - t0)
-    run.elapsed = time.perf_counter() - start
-    run.sent = n  # no load generator: the runtime called in this process
-    runtime.unload()
-    return run, load_times
+        self.runtime.load()
+        self.load_s = time.perf_counter() - t0
+        self.runtime.predict(["warm up"])
+
+    def round(self, n: int) -> Run:
+        """`n` predictions one after the other, each timed alone."""
+        run = Run()
+        start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.runtime.predict(["This movie was great!"])
+            run.latencies.append(time.perf_counter() - t0)
+        run.elapsed = time.perf_counter() - start
+        run.sent = n  # no load generator: the runtime called in this process
+        return run
+
+    def close(self) -> None:
+        self.runtime.unload()
 
 
 if __name__ == "__main__":  # the registry an app must serve for `python -m bench.run --app-url ...`

@@ -356,7 +356,8 @@ def render(r: Any, out: Path, smoke: bool, runs: list[Any] | None = None) -> str
         "One client, the `sentiment` model loaded, one short sentence per request. The seed-style server and "
         "the app run at once and are measured in ten alternating rounds, so that both see the machine at the "
         "same speed (it drifts by tens of percent within a minute); the percentiles are over every request of "
-        "the rounds. *direct* is measured in the benchmark's own process at its start.",
+        "the rounds. *direct* is measured in the benchmark's own process "
+        + ("in turn with the servers' rounds." if r.hot.get("direct", {}).get("rounds", 1) > 1 else "at its start."),
         "",
         _table(
             ["peer", "requests", "p50 (ms)", "p99 (ms)"],

@@ -36,10 +36,10 @@ from bench.peers import (
     APP_NAME,
     SMOKE_APP,
     VARIANTS,
+    Direct,
     Server,
     bench_registry,
     build_fleet,
-    direct_hot,
     fleet_registry,
     replica_pids,
     start_app,
@@ -169,10 +169,9 @@ def run(
         print("simulation: the pool at scale with model sizes and budgets", flush=True)
         report.sized_simulation = sized_pool_report(p.sim_models, p.sim_replicas, 2, p.sim_requests)
 
-        print("direct: in-process pipeline", flush=True)
-        direct, load_times = direct_hot(registry, p.hot_requests)
-        report.hot["direct"] = direct.summary()
-        report.cold["direct_load_s"] = median(load_times)
+        print("direct: in-process pipeline (loaded)", flush=True)
+        direct = Direct(registry)
+        report.cold["direct_load_s"] = direct.load_s
 
         print("task peer: sentence-transformers and the token-classification pipeline (starting)", flush=True)
         task_peer, task_url = start_task_peer(registry, logs)
@@ -191,11 +190,12 @@ def run(
             )
             app_name = APP_NAME  # Serve's floor is a second application: gRPC calls name theirs
             servers.append(app)
-        print("hot path: the seed-style server (idle since) and the app in alternating rounds", flush=True)
+        print("hot path: the seed-style server (idle since), the app and the floor in alternating rounds", flush=True)
         hot_urls = {"seed": seed_url, "app": url}
         scenarios.warm(hot_urls)
         counted = {"app": scenarios.settled_worker_timings(url), "seed": scenarios.seed_timings(seed_url)}
-        hot = scenarios.hot_side_by_side(hot_urls, p.hot_requests, warmed=True)
+        hot = scenarios.hot_side_by_side(hot_urls, p.hot_requests, warmed=True, local={"direct": direct.round})
+        direct.close()
         report.hot.update({name: run.summary() for name, run in hot.items()})
         app_after = scenarios.settled_worker_timings(url, counted["app"]["requests"] + len(hot["app"].latencies))
         seed_after = scenarios.seed_timings(seed_url)

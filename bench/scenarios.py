@@ -264,18 +264,25 @@ def warm(urls: dict[str, str], model: str = "sentiment") -> None:
 
 
 def hot_side_by_side(
-    urls: dict[str, str], n: int, rounds: int = 10, model: str = "sentiment", warmed: bool = False
+    urls: dict[str, str],
+    n: int,
+    rounds: int = 10,
+    model: str = "sentiment",
+    warmed: bool = False,
+    local: dict[str, Callable[[int], Run]] | None = None,
 ) -> dict[str, Run]:
     """The hot path of servers that run at once, by name: `n` requests each, in alternating rounds (after
-    ``warm``, unless ``warmed``). This machine's speed drifts by tens of percent within a minute (one
-    in-process forward pass measured 10 to 17 ms), so servers measured minutes apart would compare the drift,
-    not the servers."""
+    ``warm``, unless ``warmed``), and of the ``local`` peers, each a function that runs a round of so many
+    calls in this process (the in-process floor: ``peers.Direct.round``), in turn with them. This machine's
+    speed drifts by tens of percent within a minute (one in-process forward pass measured 10 to 17 ms), so
+    peers measured minutes apart would compare the drift, not the peers."""
+    local = local or {}
     if not warmed:
         warm(urls, model)
-    runs = {name: Run() for name in urls}
+    runs = {name: Run() for name in [*urls, *local]}
     for k, size in enumerate(split(n, rounds)):
-        for name in in_turn(urls, k):
-            runs[name].add_round(closed_loop(urls[name], [model], 1, size))
+        for name in in_turn(runs, k):
+            runs[name].add_round(local[name](size) if name in local else closed_loop(urls[name], [model], 1, size))
     return runs
 
 

@@ -81,11 +81,12 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
 
     assert report.generator["http"] == "rawhttp" and "raw sockets" in report.generator["http_description"]
     assert report.generator["grpc_description"].startswith("grpcio ")
-    # the hot path: the peers side by side in ten alternating rounds, and the in-process floor
+    # the hot path: the peers side by side in ten alternating rounds, the in-process floor among them
     for peer in ("seed", "app"):
         assert_point(report.hot[peer], p.hot_requests, "rawhttp", 10, f"hot {peer}")
     direct = report.hot["direct"]
-    assert (direct["n"], direct["errors"]) == (p.hot_requests, 0) and direct["p50_ms"] <= direct["p99_ms"]
+    assert (direct["n"], direct["errors"], direct["rounds"]) == (p.hot_requests, 0, 10), direct
+    assert 0 < direct["p50_ms"] <= direct["p99_ms"], direct
     # the hot path's breakdown: the servers counted every request of the rounds, each part within the whole
     app, seed = report.breakdown["app"], report.breakdown["seed"]
     assert (app["requests"], app["counted"], app["batches"]) == (p.hot_requests,) * 3, app  # one client: lone

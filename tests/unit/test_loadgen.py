@@ -14,7 +14,7 @@ import pytest
 
 from bench import loadgen
 from bench.loadgen import Plan, ProtocolError, Request, Response, ResponseParser
-from bench.scenarios import Run, rounds_of
+from bench.scenarios import Run, hot_side_by_side, rounds_of
 
 # -- parsing answers ---------------------------------------------------------------------------------------
 
@@ -260,6 +260,27 @@ def test_rounds_add_up_counts_and_take_the_median_rate():
     assert s["rps"] == 20.0  # the median of 10, 20 and 40
     assert s["cpu_ms_per_request"] == pytest.approx(30 / 33)
     assert math.isnan(Run(latencies=[0.1], sent=1).summary()["cpu_ms_per_request"])  # no generator: in-process
+
+
+def test_an_in_process_peer_takes_its_rounds_in_turn_with_the_others():
+    """The in-process floor is measured between the servers' rounds, not before them: each round of the hot
+    path takes every peer once, a different one first each time, and each peer gets its share of requests."""
+    order: list[tuple[str, int]] = []
+
+    def peer(name: str):
+        def round_(n: int) -> Run:
+            order.append((name, n))
+            return Run(latencies=[0.001] * n, elapsed=0.001 * n, sent=n)
+
+        return round_
+
+    runs = hot_side_by_side({}, 12, rounds=3, warmed=True, local={"a": peer("a"), "b": peer("b"), "c": peer("c")})
+    assert order == [("a", 4), ("b", 4), ("c", 4), ("b", 4), ("c", 4), ("a", 4), ("c", 4), ("a", 4), ("b", 4)]
+    assert {name: (r.summary()["n"], r.summary()["rounds"]) for name, r in runs.items()} == {
+        "a": (12, 3),
+        "b": (12, 3),
+        "c": (12, 3),
+    }
 
 
 def test_a_result_whose_requests_do_not_add_up_is_refused():
