@@ -393,19 +393,23 @@ def wait_task_peer(server: Server, url: str, timeout: float = 300) -> dict:
 
 
 class Direct:
-    """The floor: the model runtime in this process, on the threads a worker replica gives a lone request on an
-    idle node (the router's RouteHint.threads, capped at the machine's cores in deployments/worker/batching.py:
-    the app's 2 worker replicas' shares of 1 thread each). Loaded once (``load_s``: its from_pretrained time),
-    then measured in rounds (``round``) in turn with the servers' (``scenarios.hot_side_by_side``), so that it
-    sees the machine at the speed they do, and unloaded (``close``)."""
+    """The floor: the model runtime in this process, on a worker replica's own share of threads (1), and on the
+    threads the router gives a lone request on an idle node (RouteHint.threads, capped at the machine's cores in
+    deployments/worker/batching.py: the app's 2 worker replicas' shares of 1 thread each) by the replica's own
+    rule for them (``IdleThreadsRule``: where measured faster). Loaded once (``load_s``: its from_pretrained
+    time), then measured in rounds (``round``) in turn with the servers' (``scenarios.hot_side_by_side``), so
+    that it sees the machine at the speed they do, and unloaded (``close``)."""
 
     def __init__(self, registry: Path, model: str = "sentiment") -> None:
         import torch
 
         from deployments.runtimes import runtime_for
+        from deployments.worker.threads import IdleThreadsRule
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(min(2, cores))
+        torch.set_num_threads(1)  # a replica's own share (worker.torch_threads)
+        self.idle_threads = min(2, cores)
+        self.rule = IdleThreadsRule()
         self.runtime = runtime_for(read_bench_registry(registry).get(model), device="cpu")
         t0 = time.perf_counter()
         self.runtime.load()
@@ -413,13 +417,19 @@ class Direct:
         self.runtime.predict(["warm up"])
 
     def round(self, n: int) -> Run:
-        """`n` predictions one after the other, each timed alone."""
+        """`n` predictions one after the other, each timed alone, each on the threads the rule chooses."""
+        from deployments.worker.copies import with_threads
+
         run = Run()
         start = time.perf_counter()
         for _ in range(n):
-            t0 = time.perf_counter()
-            self.runtime.predict(["This movie was great!"])
-            run.latencies.append(time.perf_counter() - t0)
+            on_idle = self.rule.use()
+            with with_threads(self.idle_threads if on_idle else None):
+                t0 = time.perf_counter()
+                self.runtime.predict(["This movie was great!"])
+                took = time.perf_counter() - t0
+            self.rule.record(on_idle, took)
+            run.latencies.append(took)
         run.elapsed = time.perf_counter() - start
         run.sent = n  # no load generator: the runtime called in this process
         return run

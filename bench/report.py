@@ -316,6 +316,7 @@ def render(r: Any, out: Path, smoke: bool, runs: list[Any] | None = None) -> str
     """The report of run ``r``; ``runs``: the earlier runs of its series, oldest first."""
     plots = _plots(r, out)
     m = r.machine
+    rule = bool(r.hot.get("direct", {}).get("idle_threads"))  # runs whose lone requests took threads by measure
     parts = [
         "# Benchmarks",
         "",
@@ -333,11 +334,17 @@ def render(r: Any, out: Path, smoke: bool, runs: list[Any] | None = None) -> str
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, Ray {m['ray']}.",
         "",
         "Peers: **direct** (the model runtime called in-process: the floor, on the threads a worker replica "
-        "gives a lone request on an idle node: 2 here), **seed** (single-process FastAPI + "
+        + (
+            "gives a lone request on an idle node: 2 here), "
+            if not rule
+            else "would give a lone request on an idle node: 1, or 2 where measured faster), "
+        )
+        + "**seed** (single-process FastAPI + "
         "uvicorn with an in-process LRU of two models, `bench/seed_server.py`), **app** (this application via "
         "`serve run` in the environment of `make run`, `config/serve.env`: throughput-optimized mode with "
-        "HAProxy; 2 worker replicas x 1 torch thread under load, a lone request on an idle node on both CPUs, dynamic "
-        "batching on, the model-aware router; "
+        "HAProxy; 2 worker replicas x 1 torch thread under load, a lone request on an idle node on both CPUs"
+        + (", dynamic " if not rule else " where its model measured that faster, dynamic ")
+        + "batching on, the model-aware router; "
         "`serve_config.yaml` with a fixed replica count), and for the embedding and entity models **peer** "
         "(one FastAPI process serving them as their users write it: sentence-transformers' `encode`, "
         "transformers' token-classification pipeline; `bench/task_peer.py`).",
@@ -357,7 +364,8 @@ def render(r: Any, out: Path, smoke: bool, runs: list[Any] | None = None) -> str
         "the app run at once and are measured in ten alternating rounds, so that both see the machine at the "
         "same speed (it drifts by tens of percent within a minute); the percentiles are over every request of "
         "the rounds. *direct* is measured in the benchmark's own process "
-        + ("in turn with the servers' rounds." if r.hot.get("direct", {}).get("rounds", 1) > 1 else "at its start."),
+        + ("in turn with the servers' rounds." if r.hot.get("direct", {}).get("rounds", 1) > 1 else "at its start.")
+        + _direct_threads(r),
         "",
         _table(
             ["peer", "requests", "p50 (ms)", "p99 (ms)"],
@@ -832,6 +840,40 @@ EVICTION_COUNTER_NAMES = {
 }
 
 
+def _direct_threads(r: Any) -> str:
+    """How the floor chose its threads, in runs that give it the replicas' rule (none before)."""
+    m = r.hot.get("direct", {}).get("idle_threads")
+    if not m:
+        return ""
+    chose = {True: "both", False: "one", None: "both and one in turns (still in its trials)"}[m["uses_idle_threads"]]
+    ms = "/".join("n/a" if m[k] is None else f"{m[k]:.2f}" for k in ("idle_threads_ms", "own_threads_ms"))
+    return (
+        " Like a worker replica's lone request on an idle node, it runs on both CPUs where that was measured "
+        f"faster than on one (`deployments/worker/threads.py`): {ms} ms, medians of the newest, on both / on "
+        f"one, and it ended on {chose}."
+    )
+
+
+def _lone_threads(app: dict) -> str:
+    """How the app ran a lone request on an idle node: on the node's idle threads, or (runs that measured it)
+    where its copy measured them faster, with each model's medians."""
+    most = f"at most {app.get('most_threads', 'n/a')} in this run"
+    measures = app.get("idle_threads")
+    if measures is None:  # a run from before the replicas measured it
+        return f"a lone request on an idle node run on the node's idle threads ({most})"
+
+    def one(model_id: str, m: dict) -> str:
+        ms = "/".join("n/a" if m.get(k) is None else f"{m[k]:.2f}" for k in ("idle_threads_ms", "own_threads_ms"))
+        chose = {True: "idle threads", False: "own thread(s)", None: "in trials"}[m.get("uses_idle_threads")]
+        return f"`{model_id}` {ms} ms an input over {m['lone_batches']} lone batches, {chose}"
+
+    per_model = "; ".join(one(model_id, m) for model_id, m in sorted(measures.items())) or "none measured"
+    return (
+        "a lone request on an idle node run on the node's idle threads where its model copy measured them faster "
+        f"({most}; by model, median time on the idle threads / on the replica's own: {per_model})"
+    )
+
+
 def _tasks(r: Any) -> list[str]:
     if not r.tasks:
         return []
@@ -865,9 +907,8 @@ def _tasks(r: Any) -> list[str]:
         '`pipeline("token-classification", aggregation_strategy="simple")` for entities, each request one call, '
         f"no batching across requests, on torch's default threads ({peer_threads} here). The app: "
         f"{app.get('replicas', 'its')} worker replicas of {app_threads} torch thread(s) each, requests for one "
-        "model batched together (up to 8), a lone request on an idle node run on the node's idle threads (at "
-        f"most {app.get('most_threads', 'n/a')} in this run). Both run at once; each point is measured in rounds "
-        "that take them in turn.",
+        f"model batched together (up to 8), {_lone_threads(app)}. Both run at once; each point is measured in "
+        "rounds that take them in turn.",
         "",
         _table(
             ["clients", "peer req/s", "peer p99 (ms)", "app req/s", "app p99 (ms)", "app / peer", "errors"],

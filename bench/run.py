@@ -197,6 +197,7 @@ def run(
         hot = scenarios.hot_side_by_side(hot_urls, p.hot_requests, warmed=True, local={"direct": direct.round})
         direct.close()
         report.hot.update({name: run.summary() for name, run in hot.items()})
+        report.hot["direct"]["idle_threads"] = direct.rule.report().model_dump()
         app_after = scenarios.settled_worker_timings(url, counted["app"]["requests"] + len(hot["app"].latencies))
         seed_after = scenarios.seed_timings(seed_url)
         report.breakdown = scenarios.hot_breakdown(
@@ -313,10 +314,17 @@ def run(
 def app_threads(url: str, configured: int | None) -> dict:
     """How the app's worker replicas run their models: how many (GET /models), their torch threads as configured
     (``worker.torch_threads``; None where this run did not start the app), and the most threads one of their
-    forward passes has used (a lone request on an idle node takes the node's idle threads)."""
+    forward passes has used (a lone request on an idle node takes the node's idle threads where its copy measured
+    them faster), and each model's measures of that (``idle_threads``: GET /models' ``replicas[].idle_threads``,
+    from the replica with the most lone batches measured)."""
     reports = scenarios.replica_reports(url)
     most = max((r.get("counters", {}).get("most_threads", 0) for r in reports), default=0)
-    return {"replicas": len(reports), "torch_threads": configured, "most_threads": most}
+    measures: dict[str, dict] = {}
+    for r in reports:
+        for model_id, m in r.get("idle_threads", {}).items():
+            if m["lone_batches"] > measures.get(model_id, {}).get("lone_batches", 0):
+                measures[model_id] = m
+    return {"replicas": len(reports), "torch_threads": configured, "most_threads": most, "idle_threads": measures}
 
 
 def fleet_report(fleet, memory_bytes: int | None, declared: bool) -> dict:

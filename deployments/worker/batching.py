@@ -20,8 +20,9 @@ Two rules shape the batches:
 
 A lone request may also use the idle cores: when the router saw its replica's whole node idle, it says how
 many threads the node's worker replicas have between them (``RouteHint.threads``), and a batch of that
-request alone (at once, or through the queue) runs its forward pass on that many (``copies.with_threads``,
-on the copy's own thread, undone after). Under load every batch keeps the replica's own share.
+request alone (at once, or through the queue) may run its forward pass on that many (``copies.with_threads``,
+on the copy's own thread, undone after), where the copy has measured that faster (``threads.IdleThreadsRule``).
+Under load every batch keeps the replica's own share.
 
 Every batch holds its model copy until its forward pass ends, even when the requests that started it
 leave (a timeout, a client gone): an eviction meanwhile waits for the pass to end.
@@ -199,14 +200,20 @@ class Batcher:
         parameters: list[dict[str, Any] | None],
     ) -> list[Answer | Exception]:
         """One model call on one copy for several requests' inputs (one for each set of ``parameters`` among
-        them, a request's own or None): each request's answer, or its error."""
+        them, a request's own or None): each request's answer, or its error. ``threads``: the idle threads
+        offered to a batch of one request (``_extra``), which it runs on if the copy's ``IdleThreadsRule``
+        says so; the rule is told what the call took."""
+        offered = threads is not None
+        if offered:
+            self._counters.idle_thread_offers += 1
+            threads = threads if copy.idle_threads.use() else None
         self._counters.batches += 1
         self._counters.largest_batch = max(self._counters.largest_batch, len(requests))
         self._counters.most_threads = max(self._counters.most_threads, threads or self.threads)
         self._counters.extra_thread_batches += threads is not None and threads > self.threads
         self.requests_a_batch += BATCH_SIZE_WEIGHT * (len(requests) - self.requests_a_batch)
         try:
-            return list(await self.infer(copy, requests, threads, parameters))
+            return list(await self.infer(copy, requests, threads, parameters, measured=offered))
         except Exception as e:
             if len(requests) == 1:
                 return [e]
@@ -219,8 +226,10 @@ class Batcher:
         requests: list[list[Any]],
         threads: int | None,
         parameters: list[dict[str, Any] | None],
+        measured: bool = False,
     ) -> list[Answer]:
-        """The copy's answers, on its own thread; a failure of the model is a 503 naming the reason."""
+        """The copy's answers, on its own thread; a failure of the model is a 503 naming the reason.
+        ``measured``: a lone batch offered the idle threads, whose time per input the copy's rule records."""
         try:
             answers, seconds = await asyncio.get_running_loop().run_in_executor(
                 copy.thread, _timed_answer, copy, requests, threads, parameters
@@ -228,6 +237,8 @@ class Batcher:
         except Exception as e:
             raise model_failure(copy, e) from None
         self._counters.model_seconds += seconds
+        if measured:
+            copy.idle_threads.record(threads is not None, seconds / max(1, sum(len(r) for r in requests)))
         return answers
 
     async def _infer_or_error(

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from deployments.runtimes.base import ModelRuntime
+from deployments.worker.threads import IdleThreadsRule
 from serve_app.core.errors import InvalidInput, ServeAppError
 from serve_app.core.outputs import ContractError
 from serve_app.core.registry import ModelSpec
@@ -131,6 +132,7 @@ class ModelCopy:
         self.on_released: Callable[[], None] | None = None
         self.released = threading.Event()  # set once the free is done: its memory no longer counts
         self.evicted_by: str | None = None  # who took it out of the cache: None is Ray's LRU
+        self.idle_threads = IdleThreadsRule()  # whether its lone requests run faster on a node's idle threads
         self.prepares = type(runtime).prepare is not ModelRuntime.prepare
         # The keyword arguments its predict takes (None: any), read once: requests' parameters are checked against
         # them in every batch that has some.

@@ -63,6 +63,18 @@ class ModelState(str, Enum):
     FAILED = "failed"
 
 
+class IdleThreadsReport(BaseModel):
+    """How a model copy's lone requests on an idle node ran, on the replica's own threads and on the node's
+    idle threads as well (deployments/worker/threads.py): milliseconds per input, medians of the newest."""
+
+    lone_batches: int = Field(0, description="lone batches offered the idle threads and measured")
+    own_threads_ms: float | None = Field(None, description="on the replica's own threads")
+    idle_threads_ms: float | None = Field(None, description="on the node's idle threads")
+    uses_idle_threads: bool | None = Field(
+        None, description="whether such a batch now runs on the idle threads (null: still in its trials)"
+    )
+
+
 class ReplicaModelStatus(BaseModel):
     """One model as one worker replica sees it. Times are Unix seconds."""
 
@@ -82,6 +94,7 @@ class ReplicaModelStatus(BaseModel):
     size_bytes: int | None = None  # what a copy takes: its weights, else the growth of resident memory at load
     weights_bytes: int | None = None  # the loaded copy's weights and buffers, exactly, as its runtime reports
     rss_growth_bytes: int | None = None  # how much the replica's resident memory grew while the copy loaded
+    idle_threads: IdleThreadsReport | None = None  # the loaded copy's lone requests, by thread count
 
 
 class ReplicaCounters(BaseModel):
@@ -103,8 +116,13 @@ class ReplicaCounters(BaseModel):
     evicted_for_memory: int = Field(0, description="copies this replica evicted to keep a load within its budget")
     refused_over_budget: int = Field(0, description="loads refused: the model is larger than the whole budget")
     waited_for_memory: int = Field(0, description="loads that waited for copies still in use to be freed")
+    idle_thread_offers: int = Field(
+        0, description="batches of a lone request on an idle node, offered the node's idle threads by the router"
+    )
     extra_thread_batches: int = Field(
-        0, description="batches of a lone request on an idle node, run with the node's idle threads as well"
+        0,
+        description="of those, the batches run with the node's idle threads as well (where they were measured "
+        "faster, and in the trials that measure them)",
     )
     most_threads: int = Field(0, description="the most intra-op threads a batch has run with")
     predict_seconds: float = Field(

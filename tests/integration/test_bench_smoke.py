@@ -87,6 +87,9 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     direct = report.hot["direct"]
     assert (direct["n"], direct["errors"], direct["rounds"]) == (p.hot_requests, 0, 10), direct
     assert 0 < direct["p50_ms"] <= direct["p99_ms"], direct
+    # the floor takes its threads by the worker replicas' rule: every call measured, both ways tried
+    measured = direct["idle_threads"]
+    assert measured["lone_batches"] == p.hot_requests and measured["idle_threads_ms"] and measured["own_threads_ms"]
     # the hot path's breakdown: the servers counted every request of the rounds, each part within the whole
     app, seed = report.breakdown["app"], report.breakdown["seed"]
     assert (app["requests"], app["counted"], app["batches"]) == (p.hot_requests,) * 3, app  # one client: lone
@@ -152,6 +155,9 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     # embeddings and entities: the app and the single-process peer, side by side, every request answered
     tasks = report.tasks
     assert tasks["peer"]["torch_threads"] >= 1 and tasks["app"]["replicas"] == 2
+    # the entity model's lone requests (one client) were each offered the idle threads, and timed both ways
+    ner_threads = tasks["app"]["idle_threads"]["ner"]
+    assert ner_threads["lone_batches"] >= p.hot_requests and ner_threads["own_threads_ms"] > 0, ner_threads
     for peer in ("peer", "app"):
         assert sorted(tasks["embeddings"][peer]) == sorted(p.task_clients), peer
         for c, s in tasks["embeddings"][peer].items():
@@ -203,6 +209,7 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     ):
         assert heading in md
     assert f"{report.machine['cpus']} CPUs" in md
+    assert "runs on both CPUs where that was measured faster than on one" in md  # the floor's rule, stated
     assert f"Load generator: **{report.generator['http_description']}**" in md
     table = md.split("## Load generator")[1]
     rows = [line for line in table.splitlines() if "| rawhttp |" in line or "| grpc |" in line]

@@ -254,25 +254,30 @@ def _by_model(client, url, settle: bool = True) -> dict[str, dict]:
 
     def read():
         return tuple(
-            (m, r["counters"]["requests"], r["counters"]["batches"], r["counters"]["extra_thread_batches"])
+            (m, json.dumps({k: r["counters"][k] for k in COUNTED} | {"idle_threads": r["idle_threads"].get(m)}))
             for r in replicas(client, url)
             for m in r["models"]
         )
 
-    return {m: {"requests": n, "batches": b, "extra": e} for m, n, b, e in (settled(read) if settle else read())}
+    return {m: json.loads(counted) for m, counted in (settled(read) if settle else read())}
 
 
-def test_a_lone_request_on_an_idle_node_runs_with_its_idle_threads_and_not_while_the_node_is_busy(
+COUNTED = ("requests", "batches", "idle_thread_offers", "extra_thread_batches")
+
+
+def test_a_lone_request_on_an_idle_node_is_offered_its_idle_threads_and_not_while_the_node_is_busy(
     client, threads_url, threads_base
 ):
     """The router knows every replica's requests in flight. With both replicas of this node idle, a request's
-    forward pass may run on their two threads; while the other replica runs a request, it keeps its one."""
+    forward pass may run on their two threads; while the other replica runs a request, it keeps its one. The
+    replica tries its model's lone requests both ways, the idle threads first, and reports the times."""
     for model_id in ("fast", "slow"):  # one on each replica
         assert (
             client.post(f"{threads_url}/predict", json={"model_id": model_id, "input_data": "warm"}).status_code == 200
         )
     before = _by_model(client, threads_url)
     assert set(before) == {"fast", "slow"}
+    assert (before["fast"]["idle_thread_offers"], before["fast"]["extra_thread_batches"]) == (1, 1)  # 1st trial
     assert client.post(f"{threads_url}/predict", json={"model_id": "fast", "input_data": "alone"}).status_code == 200
     answers = []
     slow = threading.Thread(
@@ -294,5 +299,9 @@ def test_a_lone_request_on_an_idle_node_runs_with_its_idle_threads_and_not_while
     assert [a.status_code for a in answers] == [200]
     after = _by_model(client, threads_url)["fast"]
     assert after["requests"] - before["fast"]["requests"] == 4
-    assert after["extra"] - before["fast"]["extra"] == 1  # the lone one, not the three beside the slow one
+    assert after["idle_thread_offers"] - before["fast"]["idle_thread_offers"] == 1  # not the three beside the slow one
+    assert after["extra_thread_batches"] == 1  # the 2nd trial ran on the replica's own thread
+    measured = after["idle_threads"]
+    assert measured["lone_batches"] == 2 and measured["uses_idle_threads"] is None  # in its trials still
+    assert measured["idle_threads_ms"] > 0 and measured["own_threads_ms"] > 0
     assert max(r["counters"]["most_threads"] for r in replicas(client, threads_url)) == 2

@@ -738,10 +738,12 @@ def test_the_routers_victims_go_first_and_a_victim_other_than_the_lru_one_is_cou
 
 def test_a_batch_of_one_request_with_idle_threads_runs_on_them_and_a_larger_batch_does_not():
     """The router's idle threads apply to a batch of that request alone, at once or through the queue (at
-    most the machine's cores); a batch of several keeps the replica's share; the counters say which ran how."""
+    most the machine's cores), where the copy measured them faster; a batch of several keeps the replica's
+    share; the counters say which ran how."""
     import torch
 
     copy = fake_copy()
+    measured_faster(copy.idle_threads)
     seen = []
     copy.runtime.predict = lambda inputs: (
         seen.append((len(inputs), torch.get_num_threads())) or [[("x", 1.0)]] * len(inputs)
@@ -760,5 +762,40 @@ def test_a_batch_of_one_request_with_idle_threads_runs_on_them_and_a_larger_batc
 
     asyncio.run(scenario())
     assert seen == [(1, 1), (1, 2), (1, 4), (2, 1)]
-    assert (b._counters.extra_thread_batches, b._counters.most_threads) == (2, 4)
+    assert (b._counters.idle_thread_offers, b._counters.extra_thread_batches, b._counters.most_threads) == (2, 2, 4)
     assert copy.thread.submit(torch.get_num_threads).result() == 1  # undone after each pass
+
+
+def measured_faster(rule, on_idle: bool = True) -> None:
+    """Give an ``IdleThreadsRule`` its trials, with the idle threads (or, ``on_idle=False``, the own) faster."""
+    from deployments.worker.threads import TRIALS
+
+    for _ in range(TRIALS):
+        rule.record(True, 0.005 if on_idle else 0.010)
+        rule.record(False, 0.010 if on_idle else 0.005)
+
+
+def test_a_lone_request_keeps_its_own_threads_where_its_model_ran_slower_on_the_idle_ones():
+    """The offer is counted, but a copy that measured its lone batches slower on the node's idle threads
+    runs on the replica's own share; each offered batch's time per input is recorded for the copy's rule."""
+    import torch
+
+    copy = fake_copy()
+    measured_faster(copy.idle_threads, on_idle=False)
+    seen = []
+    copy.runtime.predict = lambda inputs: seen.append(torch.get_num_threads()) or [[("x", 1.0)]] * len(inputs)
+    copy.thread.submit(torch.set_num_threads, 1).result()
+    b = Batcher(ReplicaCounters(), threads=1)
+    b._cores = 2
+    before = copy.idle_threads.report().lone_batches
+
+    async def scenario():
+        for _ in range(3):
+            await b.predict(["alone", "two inputs"], copy, idle_threads=2) if copy.hold() else None
+            copy.release()
+
+    asyncio.run(scenario())
+    assert seen == [1, 1, 1]
+    assert (b._counters.idle_thread_offers, b._counters.extra_thread_batches, b._counters.most_threads) == (3, 0, 1)
+    assert copy.idle_threads.report().lone_batches == before + 3
+    assert copy.idle_threads.report().uses_idle_threads is False

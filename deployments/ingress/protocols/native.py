@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints,
 
 from deployments.ingress.bodies import check_json_budget
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
-from serve_app.core.schemas import ModelState, RefusedRegistry, RegistryStatus, ReplicaCounters, ReplicaMemory
+from serve_app.core.schemas import (
+    IdleThreadsReport,
+    ModelState,
+    RefusedRegistry,
+    RegistryStatus,
+    ReplicaCounters,
+    ReplicaMemory,
+)
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -80,6 +87,11 @@ class ReplicaModels(BaseModel):
     slots: int = Field(description="most models it holds at once")
     threads: int = Field(
         description="its forward passes' intra-op threads under load (a lone request on an idle node may use more)"
+    )
+    idle_threads: dict[str, IdleThreadsReport] = Field(
+        default_factory=dict,
+        description="for each model it holds, its lone requests on an idle node timed on these threads and on "
+        "the node's idle threads as well, and which it now uses",
     )
     memory: ReplicaMemory = Field(description="its memory: the budget its models may take, what they take")
     counters: ReplicaCounters = Field(description="what this replica has done since it started")
@@ -185,6 +197,7 @@ def model_list(listing: ModelListing, replica_id: str | None = None) -> ModelLis
                 models=r.held,
                 slots=r.slots,
                 threads=r.threads,
+                idle_threads={m: r.models[m].idle_threads for m in r.held if r.models[m].idle_threads is not None},
                 memory=r.memory,
                 counters=r.counters,
                 registry=r.registry,
