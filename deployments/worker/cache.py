@@ -374,10 +374,10 @@ class ModelCache:
         """The models' status, for ``record_routing_stats``; live copies are counted now."""
         self.lingering = {m: c for m, c in self.lingering.items() if c.loaded}
         self._counters.live_models = len(self.memory.live(self.copies))
-        lingering = [id(c) for c in self.lingering.values()]
-        for copy in list(self.copies):  # a held copy's measure (an evicted one's stays as last reported)
-            if copy.loaded and copy.spec.id in self.held and id(copy) not in lingering:
-                self.model_status(copy.spec.id).idle_threads = copy.idle_threads.report()
+        for copy in list(self.copies):  # the held copies' measures (an evicted one's stays as last reported)
+            status = self.status.get(copy.spec.id)
+            if copy.loaded and copy.on_unload is not None and status is not None:  # on_unload: held, not unloaded
+                status.idle_threads = copy.idle_threads.report()
         return {model_id: s.model_dump(mode="json") for model_id, s in self.status.items()}
 
     def memory_report(self) -> ReplicaMemory:

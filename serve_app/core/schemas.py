@@ -68,6 +68,7 @@ class IdleThreadsReport(BaseModel):
     idle threads as well (deployments/worker/threads.py): milliseconds per input, medians of the newest."""
 
     lone_batches: int = Field(0, description="lone batches offered the idle threads and measured")
+    on_idle_threads: int = Field(0, description="of those, the batches that ran on the idle threads")
     own_threads_ms: float | None = Field(None, description="on the replica's own threads")
     idle_threads_ms: float | None = Field(None, description="on the node's idle threads")
     uses_idle_threads: bool | None = Field(
@@ -117,7 +118,9 @@ class ReplicaCounters(BaseModel):
     refused_over_budget: int = Field(0, description="loads refused: the model is larger than the whole budget")
     waited_for_memory: int = Field(0, description="loads that waited for copies still in use to be freed")
     idle_thread_offers: int = Field(
-        0, description="batches of a lone request on an idle node, offered the node's idle threads by the router"
+        0,
+        description="batches of a lone request on an idle node, offered by the router more threads than the "
+        "replica's own (at most the machine's cores)",
     )
     extra_thread_batches: int = Field(
         0,

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from deployments.worker.threads import TRIALS
+
 pytestmark = pytest.mark.integration
 
 
@@ -156,8 +158,10 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     tasks = report.tasks
     assert tasks["peer"]["torch_threads"] >= 1 and tasks["app"]["replicas"] == 2
     # the entity model's lone requests (one client) were each offered the idle threads, and timed both ways
-    ner_threads = tasks["app"]["idle_threads"]["ner"]
-    assert ner_threads["lone_batches"] >= p.hot_requests and ner_threads["own_threads_ms"] > 0, ner_threads
+    ner_threads = tasks["app"]["idle_threads"].get("ner")
+    assert ner_threads, f"no idle-thread measures for ner: {tasks['app']}"
+    assert ner_threads["lone_batches"] >= p.hot_requests and ner_threads["on_idle_threads"] >= TRIALS, ner_threads
+    assert ner_threads["own_threads_ms"] > 0 and ner_threads["idle_threads_ms"] > 0, ner_threads
     for peer in ("peer", "app"):
         assert sorted(tasks["embeddings"][peer]) == sorted(p.task_clients), peer
         for c, s in tasks["embeddings"][peer].items():

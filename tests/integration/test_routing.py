@@ -302,6 +302,6 @@ def test_a_lone_request_on_an_idle_node_is_offered_its_idle_threads_and_not_whil
     assert after["idle_thread_offers"] - before["fast"]["idle_thread_offers"] == 1  # not the three beside the slow one
     assert after["extra_thread_batches"] == 1  # the 2nd trial ran on the replica's own thread
     measured = after["idle_threads"]
-    assert measured["lone_batches"] == 2 and measured["uses_idle_threads"] is None  # in its trials still
+    assert (measured["lone_batches"], measured["on_idle_threads"], measured["uses_idle_threads"]) == (2, 1, None)
     assert measured["idle_threads_ms"] > 0 and measured["own_threads_ms"] > 0
     assert max(r["counters"]["most_threads"] for r in replicas(client, threads_url)) == 2

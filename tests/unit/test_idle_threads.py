@@ -19,7 +19,7 @@ def run(rule: IdleThreadsRule, n: int, idle_s: float, own_s: float) -> list[bool
 def test_the_trials_alternate_starting_on_the_idle_threads():
     rule = IdleThreadsRule()
     assert run(rule, 2 * TRIALS, 0.010, 0.010) == [True, False] * TRIALS
-    assert rule.report().lone_batches == 2 * TRIALS
+    assert (rule.report().lone_batches, rule.report().on_idle_threads) == (2 * TRIALS, TRIALS)
 
 
 def test_after_the_trials_the_idle_threads_are_used_only_where_they_were_faster():
@@ -69,8 +69,9 @@ def test_one_slow_pass_does_not_turn_the_choice():
 
 
 def test_the_report_before_any_measure_says_nothing_yet():
-    report = IdleThreadsRule().report()
-    assert (report.lone_batches, report.idle_threads_ms, report.own_threads_ms, report.uses_idle_threads) == (
+    r = IdleThreadsRule().report()
+    assert (r.lone_batches, r.on_idle_threads, r.idle_threads_ms, r.own_threads_ms, r.uses_idle_threads) == (
+        0,
         0,
         None,
         None,

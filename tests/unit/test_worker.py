@@ -196,6 +196,29 @@ def test_a_changed_model_leaves_the_cache_at_once_and_is_freed_when_its_request_
     assert status.retry_after is None and status.last_error_at is None  # the old files' failure is forgotten
 
 
+@pytest.mark.parametrize("old_first", [True, False])
+def test_a_models_idle_thread_measures_are_its_held_copys_not_those_of_a_copy_a_change_replaced(old_first):
+    """A registry change replaced the copy while a request still runs on the old one: both are loaded, and
+    the report is the new copy's, whichever of them the replica lists first."""
+    c, owner = cached()
+    old = owner.copy
+    old.idle_threads.record(True, 0.050)
+
+    async def scenario():
+        assert old.hold()  # a request is running on the old copy
+        await c.apply(c._live.apply(registry(spec(path="models/y"))))
+        new = c._hold("m", fake_copy(path="models/y"))
+        new.idle_threads.record(True, 0.005)
+        c.copies = [old, new] if old_first else [new, old]
+        report = c.report()["m"]["idle_threads"]
+        old.release()
+        await until(lambda: not old.loaded)
+        return report
+
+    assert old.loaded
+    assert asyncio.run(scenario())["idle_threads_ms"] == 5.0
+
+
 def test_a_removed_model_is_freed_and_forgotten_and_the_others_stay():
     c, owner = cached()
     other = fake_copy("o")
@@ -763,6 +786,8 @@ def test_a_batch_of_one_request_with_idle_threads_runs_on_them_and_a_larger_batc
     asyncio.run(scenario())
     assert seen == [(1, 1), (1, 2), (1, 4), (2, 1)]
     assert (b._counters.idle_thread_offers, b._counters.extra_thread_batches, b._counters.most_threads) == (2, 2, 4)
+    measured = copy.idle_threads.report()  # the two offered batches, each timed on the way it ran
+    assert (measured.lone_batches, measured.on_idle_threads, measured.own_threads_ms) == (8, 5, 10.0)
     assert copy.thread.submit(torch.get_num_threads).result() == 1  # undone after each pass
 
 
@@ -787,7 +812,6 @@ def test_a_lone_request_keeps_its_own_threads_where_its_model_ran_slower_on_the_
     copy.thread.submit(torch.set_num_threads, 1).result()
     b = Batcher(ReplicaCounters(), threads=1)
     b._cores = 2
-    before = copy.idle_threads.report().lone_batches
 
     async def scenario():
         for _ in range(3):
@@ -797,5 +821,6 @@ def test_a_lone_request_keeps_its_own_threads_where_its_model_ran_slower_on_the_
     asyncio.run(scenario())
     assert seen == [1, 1, 1]
     assert (b._counters.idle_thread_offers, b._counters.extra_thread_batches, b._counters.most_threads) == (3, 0, 1)
-    assert copy.idle_threads.report().lone_batches == before + 3
-    assert copy.idle_threads.report().uses_idle_threads is False
+    measured = copy.idle_threads.report()  # the three timed on the own thread: the idle threads' times as they were
+    assert (measured.lone_batches, measured.on_idle_threads, measured.idle_threads_ms) == (9, 3, 10.0)
+    assert measured.own_threads_ms < 5.0 and measured.uses_idle_threads is False
