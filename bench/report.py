@@ -840,13 +840,18 @@ EVICTION_COUNTER_NAMES = {
 }
 
 
+def _medians(m: dict) -> str:
+    """An IdleThreadsReport's two medians, ``idle/own`` in ms."""
+    return "/".join("n/a" if m.get(k) is None else f"{m[k]:.2f}" for k in ("idle_threads_ms", "own_threads_ms"))
+
+
 def _direct_threads(r: Any) -> str:
     """How the floor chose its threads, in runs that give it the replicas' rule (none before)."""
     m = r.hot.get("direct", {}).get("idle_threads")
     if not m:
         return ""
     chose = {True: "both", False: "one", None: "both and one in turns (still in its trials)"}[m["uses_idle_threads"]]
-    ms = "/".join("n/a" if m[k] is None else f"{m[k]:.2f}" for k in ("idle_threads_ms", "own_threads_ms"))
+    ms = _medians(m)
     return (
         " Like a worker replica's lone request on an idle node, it runs on both CPUs where that was measured "
         f"faster than on one (`deployments/worker/threads.py`): {ms} ms, medians of the newest, on both / on "
@@ -863,7 +868,7 @@ def _lone_threads(app: dict) -> str:
         return f"a lone request on an idle node run on the node's idle threads ({most})"
 
     def one(model_id: str, m: dict) -> str:
-        ms = "/".join("n/a" if m.get(k) is None else f"{m[k]:.2f}" for k in ("idle_threads_ms", "own_threads_ms"))
+        ms = _medians(m)
         chose = {True: "idle threads", False: "own thread(s)", None: "in trials"}[m.get("uses_idle_threads")]
         return f"`{model_id}` {ms} ms an input over {m['lone_batches']} lone batches, {chose}"
 

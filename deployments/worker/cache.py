@@ -220,9 +220,14 @@ class ModelCache:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), left)
 
+    def _held_copy(self, model_id: str) -> ModelCopy | None:
+        """The copy of the model that Serve's cache holds (loaded, not unloaded since: its ``on_unload`` is set);
+        None if it holds none. A copy a change replaced, still running requests, is not it."""
+        return next((c for c in self.copies if c.spec.id == model_id and c.loaded and c.on_unload), None)
+
     def _idle(self, model_id: str) -> bool:
         """Whether Serve's cache holds a copy of the model that no request or batch holds now."""
-        copy = next((c for c in self.copies if c.spec.id == model_id and c.loaded and c.on_unload), None)
+        copy = self._held_copy(model_id)
         return copy is not None and copy.in_use == 0
 
     async def _evict_during_load(self, model_id: str, cause: str) -> None:
@@ -374,9 +379,9 @@ class ModelCache:
         """The models' status, for ``record_routing_stats``; live copies are counted now."""
         self.lingering = {m: c for m, c in self.lingering.items() if c.loaded}
         self._counters.live_models = len(self.memory.live(self.copies))
-        for copy in list(self.copies):  # the held copies' measures (an evicted one's stays as last reported)
-            status = self.status.get(copy.spec.id)
-            if copy.loaded and copy.on_unload is not None and status is not None:  # on_unload: held, not unloaded
+        for model_id in list(self.held):  # the held copies' measures (an evicted one's stays as last reported)
+            copy, status = self._held_copy(model_id), self.status.get(model_id)
+            if copy is not None and status is not None:
                 status.idle_threads = copy.idle_threads.report()
         return {model_id: s.model_dump(mode="json") for model_id, s in self.status.items()}
 
