@@ -114,7 +114,10 @@ class ReplicaDirectory:
         rid = replica.replica_id.unique_id
         try:
             call = getattr(self._worker, WorkerCall.STATUS.value).remote(**{ON_REPLICA: rid})
-            stats = self._asked[rid] = await asyncio.wait_for(call, ASK_TIMEOUT_S)
+            stats = await asyncio.wait_for(call, ASK_TIMEOUT_S)
+            if stats.get("replica_id") != rid:  # never another replica's report under this one's id
+                raise RuntimeError(f"replica {stats.get('replica_id')} answered instead")
+            self._asked[rid] = stats
         except Exception as e:  # a replica that is starting or dying: what it last reported
             logger.warning("replica %s did not report its models: %s", rid, e)
             stats = later(replica.routing_stats or {}, self._asked.get(rid, {}))

@@ -21,8 +21,9 @@ is no measure here: over gRPC (throughput-optimized mode) the replica's count at
 the answer and overwrites it. For the same reason Serve tells the router that a request was routed
 (``on_request_routed``) only when its answer is back, too late to count it: which model went where is
 recorded as Serve sends it, when the replica it chose for a request is known
-(``_choose_replica_for_request``, the one private method overridden here: checked by
-``serve_app.core.ray_internals``). A miss's placement and the eviction it causes are recorded when the
+(``_choose_replica_for_request``, one of two private methods overridden here: checked by
+``serve_app.core.ray_internals``). The other, ``_fulfill_next_pending_request``, hands a chosen replica to a
+waiting request: Serve's would hand the replica chosen for a call meant for one replica to another request. A miss's placement and the eviction it causes are recorded when the
 router decides.
 
 A replica that leaves the routing set is waited for, a little: Serve takes a replica out while it applies
@@ -316,6 +317,36 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         elif model_id:
             self._sending(request_id, rid, model_id)
         return replica
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Serve's step from a replica a routing task chose to the waiting request that gets it. FIFOMixin's
+        would hand it to the oldest waiting request of the chosen request's model, else to the oldest of any:
+        a call for one replica (``on_replica``: a status, an unload) could then reach another replica, and a
+        replica chosen for such a call could carry a waiting prediction where the router did not place it.
+        Here a call for one replica gets only that replica, and before any other request; the others keep
+        FIFOMixin's order (the oldest of the same model, else the oldest), among themselves."""
+        rid = replica.replica_id.unique_id
+        model_id = getattr(request_metadata, "multiplexed_model_id", None)
+        same_model = oldest = None
+        for pending in self._pending_requests_to_fulfill:  # oldest first; answered ones are cleared lazily
+            if pending.future.done():
+                continue
+            target = pending.kwargs.get(ON_REPLICA)
+            if target == rid:
+                return self._fulfill(pending, replica)
+            if target is None:
+                oldest = oldest or pending
+                if same_model is None and model_id and pending.metadata.multiplexed_model_id == model_id:
+                    same_model = pending
+        if same_model is not None or oldest is not None:
+            self._fulfill(same_model or oldest, replica)
+
+    def _fulfill(self, pending: PendingRequest, replica: RunningReplica) -> None:
+        """Give ``pending`` its replica, as Serve's own matching does."""
+        self._cancel_routing_task_for_pending_request(pending)
+        self._record_queue_wait_time(pending)
+        pending.future.set_result(replica)
+        self._remove_pending_request_from_indices(pending)
 
     def _sending(self, request_id: str, rid: str, model_id: str) -> None:
         now = time.time()

@@ -212,7 +212,10 @@ class ModelWorker:
 
     async def unload(self, on_replica: str | None = None) -> bool:
         """Unload the request's model from this replica; False if it did not hold it. ``on_replica`` names
-        the replica the call is for (the router sends it there and nowhere else)."""
+        the replica the call is for (the router sends it there and nowhere else; one that arrives elsewhere
+        unloads nothing)."""
+        if on_replica is not None and on_replica != serve.get_replica_context().replica_id.unique_id:
+            return False
         return await self._cache.evict(serve.get_multiplexed_model_id(), cause="explicit")
 
     # -- status -------------------------------------------------------------------------------------

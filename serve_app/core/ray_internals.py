@@ -14,7 +14,11 @@ Public APIs are used wherever Ray has one; what is left has no public equivalent
   the builder checks against the app's auth settings; ``haproxy_ports``: Ray's defaults for the ports
   HAProxy binds beside it, which ``make run``'s launcher checks before it starts (without importing Ray).
 * ``RequestRouter._choose_replica_for_request``: the model workers' router overrides it to learn which
-  replica each model's request is sent to, as Serve sends it (``deployments/routing/router.py``).
+  replica each model's request is sent to, as Serve sends it (``deployments/routing/router.py``);
+  ``FIFOMixin._fulfill_next_pending_request``, which hands a chosen replica to a waiting request, so that
+  a call for one replica gets that replica and no other (with the queue and the helpers it uses:
+  ``_pending_requests_to_fulfill``, ``_cancel_routing_task_for_pending_request``,
+  ``_record_queue_wait_time``, ``_remove_pending_request_from_indices``).
 
 The worker replicas and their model status come from the public request-router API instead
 (``deployments/routing``): the router's view of the replicas, and calls it sends to one replica by name.
@@ -61,6 +65,11 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve.api", "delete:_blocking"),
     ("ray._private.worker", "_global_node"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._choose_replica_for_request"),
+    ("ray.serve._private.request_router.request_router", "FIFOMixin._fulfill_next_pending_request"),
+    ("ray.serve._private.request_router.request_router", "RequestRouter._pending_requests_to_fulfill"),
+    ("ray.serve._private.request_router.request_router", "RequestRouter._cancel_routing_task_for_pending_request"),
+    ("ray.serve._private.request_router.request_router", "RequestRouter._record_queue_wait_time"),
+    ("ray.serve._private.request_router.request_router", "RequestRouter._remove_pending_request_from_indices"),
 ]
 
 

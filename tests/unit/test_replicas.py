@@ -23,7 +23,8 @@ def running(replica_id, node_id, pushed, stats):
 
 
 class FakeWorker:
-    """A DeploymentHandle whose ``status`` call, sent to one replica by name, answers for that replica."""
+    """A DeploymentHandle whose ``status`` call, sent to one replica by name, answers for that replica (with
+    its id, as a worker replica does, unless the answer names another)."""
 
     app_name, deployment_name = "app", "ModelWorker"
 
@@ -40,7 +41,7 @@ class FakeWorker:
                 answer = worker.answers[on_replica]
                 if isinstance(answer, Exception):
                     raise answer
-                return answer
+                return {"replica_id": on_replica, **answer}
 
         return _Method()
 
@@ -88,6 +89,14 @@ def test_a_fresh_look_asks_each_replica_by_name_and_a_silent_one_falls_back(rout
     assert worker.asked == ["r1", "r2"]
     assert r1.models["alpha"].state is ModelState.NOT_LOADED and r1.held == []
     assert r2.held == ["beta", "gamma"]
+
+
+def test_an_answer_from_another_replica_is_never_shown_as_the_replica_asked(router):
+    """r1 is asked and r2 answers (its counters, its models): r1 shows what Serve last polled of it."""
+    worker = FakeWorker({"r1": {"replica_id": "r2", "counters": {"requests": 99}}, "r2": {"counters": {"requests": 99}}})
+    r1, r2 = asyncio.run(ReplicaDirectory(worker).statuses(fresh=True))
+    assert r1.counters.requests == 7 and r1.held == ["alpha"]
+    assert r2.counters.requests == 99
 
 
 def test_a_fresh_answer_stands_until_serve_polls_the_replica_again(router, monkeypatch):

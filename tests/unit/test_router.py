@@ -487,19 +487,22 @@ class Serve:
     queue probes and back-off, one routing task at a time), and each request the loop places is sent as
     Serve sends it: counted on the replica (its queue) and by the router (``on_send_request``)."""
 
-    def __init__(self, router, replicas: list[ServedReplica]) -> None:
+    def __init__(self, router, replicas: list[ServedReplica], routing_tasks: int = 1) -> None:
         self.router, self.replicas = router, replicas
-        router.max_num_routing_tasks_cap = 1  # one request placed at a time: no two probe the same free slot
+        router.max_num_routing_tasks_cap = routing_tasks  # 1: one request placed at a time
         router.update_replicas(replicas)
         self.ids = iter(range(1_000_000))
 
-    def submit(self, model_id: str, created_at: float | None = None) -> asyncio.Task:
-        """A request for ``model_id``, sent once the loop has placed it; the task's result is its replica."""
+    def submit(
+        self, model_id: str, created_at: float | None = None, method: str = "predict", **kwargs
+    ) -> asyncio.Task:
+        """A call of ``method`` (with ``kwargs``) for ``model_id``, sent once the loop has placed it; the
+        task's result is its replica."""
         n = next(self.ids)
         metadata = SimpleNamespace(  # what Serve reads of a request's metadata
-            request_id=f"r{n}", internal_request_id=f"r{n}", call_method="predict", multiplexed_model_id=model_id
+            request_id=f"r{n}", internal_request_id=f"r{n}", call_method=method, multiplexed_model_id=model_id
         )
-        pending = PendingRequest(args=[], kwargs={}, metadata=metadata)
+        pending = PendingRequest(args=[], kwargs=kwargs, metadata=metadata)
         if created_at is not None:
             pending.created_at = created_at
 
@@ -524,11 +527,13 @@ class Serve:
         await until(lambda: replica.probes >= target, timeout_s=30.0, interval_s=0.001)
 
 
-async def saturated(router) -> tuple[Serve, ServedReplica, ServedReplica, list[tuple[ServedReplica, str]]]:
+async def saturated(
+    router, routing_tasks: int = 1
+) -> tuple[Serve, ServedReplica, ServedReplica, list[tuple[ServedReplica, str]]]:
     """Two replicas that hold m and n, placed through Serve's loop: a runs two requests for m, b two for n.
     Every replica has max_ongoing_requests (2) in flight."""
     a, b = ServedReplica("a", {"m", "n"}), ServedReplica("b", {"m", "n"})
-    serve = Serve(router, [a, b])
+    serve = Serve(router, [a, b], routing_tasks)
     running = [await serve.place(model) for model in ("m", "n", "m", "n")]
     return serve, a, b, running
 
@@ -562,6 +567,53 @@ def test_at_saturation_a_request_waits_for_its_models_replica_up_to_the_bound_an
         return [first[0].name] + [replica.name for replica, _ in rest]
 
     assert asyncio.run(scenario()) == ["a", "b", "b"]
+
+
+@pytest.mark.parametrize("method, model_id", [(WorkerCall.STATUS.value, ""), (UNLOAD, "m")])
+def test_a_call_for_one_replica_takes_only_that_replica_and_that_replica_is_not_handed_to_another_request(
+    clock, method, model_id
+):
+    """Serve matches the replica a routing task chose to the oldest waiting request (of the same model, else
+    any): a call for one replica (a status, an unload) must still reach that replica, and the replica chosen
+    for it must not carry a waiting prediction where the router did not place it. Every replica is full; a
+    request for m waits for a, which runs m, and a call for b waits for b. b frees first: the call goes to
+    b, and the request for m still waits for a, then goes there."""
+    router = built_router()
+
+    async def scenario():
+        serve, a, b, running = await saturated(router, routing_tasks=2)
+        predict = serve.submit("m", created_at=clock.now)
+        await serve.probed(a, 2)
+        call = serve.submit(model_id, method=method, **{ON_REPLICA: "b"})
+        await serve.probed(b, 2)  # the call waits for b, which is full
+        for replica, request_id in running:
+            if replica is b:
+                serve.complete(replica, request_id)  # b is free now
+        called = await asyncio.wait_for(call, 30)
+        assert not predict.done()  # still waiting for a
+        serve.complete(*running[0])  # a slot frees on a
+        return called[0].name, (await asyncio.wait_for(predict, 30))[0].name
+
+    assert asyncio.run(scenario()) == ("b", "a")
+
+
+def test_two_calls_for_two_replicas_each_reach_their_own_whichever_frees_first(clock):
+    """GET /models asks every replica at once, in calls that share the ingress request's id: the call for a
+    waits while b frees first, and b goes to the call for b, not to the older call for a."""
+    router = built_router()
+
+    async def scenario():
+        serve, a, b, running = await saturated(router, routing_tasks=2)
+        for_a = serve.submit("", method=WorkerCall.STATUS.value, **{ON_REPLICA: "a"})
+        for_b = serve.submit("", method=WorkerCall.STATUS.value, **{ON_REPLICA: "b"})
+        await serve.probed(b, 2)
+        serve.complete(*running[1])  # one of b's requests: b is free now
+        got_b = await asyncio.wait_for(for_b, 30)
+        assert not for_a.done()
+        serve.complete(*running[0])
+        return (await asyncio.wait_for(for_a, 30))[0].name, got_b[0].name
+
+    assert asyncio.run(scenario()) == ("a", "b")
 
 
 def built_router(**routing) -> ModelAwareRouter:

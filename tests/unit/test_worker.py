@@ -336,6 +336,21 @@ def test_a_request_decoded_for_another_task_than_the_model_has_now_is_told_to_co
     assert e.value.status_code == 409 and owner.copy.in_use == 0  # let go of the model
 
 
+def test_an_unload_for_another_replica_unloads_nothing_here(monkeypatch):
+    """The router sends an unload for one replica there alone; one that arrived elsewhere leaves the model."""
+    from deployments.worker import deployment
+
+    c, owner = cached()
+    w = worker_of(c)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "m")
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="here"))
+    monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: context)
+    assert asyncio.run(w.unload(on_replica="elsewhere")) is False
+    assert getattr(owner, ray_internals._MULTIPLEX_ATTR).models == {"m": owner.copy} and owner.copy.loaded
+    assert asyncio.run(w.unload(on_replica="here")) is True
+    assert getattr(owner, ray_internals._MULTIPLEX_ATTR).models == {}
+
+
 def test_a_replica_counts_the_time_of_its_requests_and_of_its_models_passes_within_it(monkeypatch):
     """predict_seconds covers each request from its call to its answer; model_seconds the model's own calls,
     which lie within it (the benchmark's breakdown of the hot path subtracts one from the other)."""
