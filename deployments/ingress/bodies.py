@@ -3,9 +3,11 @@
 A JSON body small in bytes can still hold a million values (``[[],[],...]``): parsed whole, it costs
 seconds of CPU and hundreds of megabytes before any list limit is checked. ``check_json_budget`` streams
 the body through a C JSON tokenizer (ijson, yajl2_c) and stops at the first value past the budget, so a
-body is parsed into Python objects only once it is known to be small. A body the tokenizer cannot read is
-refused there and then (400): it is not JSON, and the full parse must never see it, for that parse would
-take what the tokenizer refused (pydantic reads ``NaN`` and ``Infinity``) and run unbounded. Protocol
+body is parsed into Python objects only once it is known to be small. It hands the body over in reads that
+double in size, so that one long string or number costs time linear in its length (``GrowingReads``). A
+body the tokenizer cannot read is refused there and then (400): it is not JSON, and the full parse must
+never see it, for that parse would take what the tokenizer refused (pydantic reads ``NaN`` and
+``Infinity``) and run unbounded. Protocol
 adapters run their parsers through ``parse_bounded``: a body of at most ``INLINE_PARSE_BYTES`` on the event
 loop, a larger one in a thread.
 """
@@ -20,14 +22,37 @@ import ijson
 
 from serve_app.core.errors import InvalidInput, MalformedRequest
 
+FIRST_READ_BYTES = 64 * 1024
+"""The tokenizer's first read of a body; each read after it is twice as large as the one before."""
+
+
+class GrowingReads:
+    """A body handed to the tokenizer in reads that double: FIRST_READ_BYTES, then twice that, and so on. The
+    tokenizer reads a token cut by the end of a read (a string, a number) again from its start at the next
+    read: in reads of one size, a long token costs the square of its length (a string of 4 million escapes:
+    6.5 s, holding the GIL), in doubling reads at most about twice its length, while a body of many small
+    values is still refused within its first read."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body, self._at, self._size = memoryview(body), 0, FIRST_READ_BYTES
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:  # ijson's check of the source's type
+            return b""
+        chunk = bytes(self._body[self._at : self._at + self._size])
+        self._at += len(chunk)
+        self._size *= 2
+        return chunk
+
 
 def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
     """Raise InvalidInput if ``body`` holds more than ``max_values`` JSON values (scalars, lists, objects
     and keys all count), MalformedRequest if it is not JSON (``NaN``, ``Infinity``, a number of more digits
-    than Python reads, trailing bytes, ...): either way while it is read, before any full parse."""
+    than Python reads, trailing bytes, ...): either way while it is read (``GrowingReads``), before any full
+    parse."""
     count = 0
     try:
-        for _ in ijson.basic_parse(body):
+        for _ in ijson.basic_parse(GrowingReads(body)):
             count += 1
             if count > max_values:
                 raise InvalidInput(

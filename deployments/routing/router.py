@@ -23,8 +23,8 @@ the answer and overwrites it. For the same reason Serve tells the router that a 
 recorded as Serve sends it, when the replica it chose for a request is known
 (``_choose_replica_for_request``, one of two private methods overridden here: checked by
 ``serve_app.core.ray_internals``). The other, ``_fulfill_next_pending_request``, hands a chosen replica to a
-waiting request: Serve's would hand the replica chosen for a call meant for one replica to another request. A miss's placement and the eviction it causes are recorded when the
-router decides.
+waiting request: Serve's would hand the replica chosen for a call meant for one replica to another request.
+A miss's placement and the eviction it causes are recorded when the router decides.
 
 A replica that leaves the routing set is waited for, a little: Serve takes a replica out while it applies
 a registry change (``reconfigure``, about a second), and a request for a model only it held would

@@ -20,6 +20,26 @@ SHRUNK_WHILE_DECODED = frozenset({"JPEG"})
 are decoded whole, so their pixels per byte of file are bounded (``max_pixels_per_byte``)."""
 
 
+MAX_JPEG_SCANS = 100
+"""Most scans a JPEG may have. A progressive JPEG is decoded one scan after another over the whole image, so a
+small file of many tiny scans costs seconds (5000 x 5000 pixels, 1,000 scans of 55 bytes: 104 KB, 3.4 s; the
+cost grows with the scans, not the bytes). Encoders write 1 scan (baseline) or about 10 (progressive: libjpeg's
+script has 10 for colour, 6 for grey)."""
+
+MAX_SLOW_DECODED_PIXELS = 1_000_000
+"""Most pixels of an image that Pillow decodes in Python rather than in C: a BMP compressed with RLE (about 0.1 µs
+a pixel: a 5000 x 5000 RLE4 BMP of 210 KB took 2.5 s)."""
+
+BMP_RLE = frozenset({1, 2})
+"""The BMP compressions Pillow decodes in Python (RLE8, RLE4), as its header names them (``info["compression"]``)."""
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans a JPEG holds: its start-of-scan markers (FF DA), which its compressed data cannot hold
+    (a FF there is followed by 00), counted in C. A thumbnail in its EXIF counts too: an upper bound."""
+    return data.count(b"\xff\xda")
+
+
 def open_image(data: bytes) -> Image.Image:
     """A lazily opened image (its header read, its pixels not decoded), of an allowed format only."""
     return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)

@@ -45,7 +45,17 @@ from PIL import Image
 
 from serve_app.core.config import UrlFetchArgs
 from serve_app.core.errors import BadImage, ForbiddenPath, ImageOverLimit, InputOverLimit, InvalidInput
-from serve_app.core.images import IMAGE_FORMATS, IMAGE_SUFFIXES, SHRUNK_WHILE_DECODED, decoder_error, open_image
+from serve_app.core.images import (
+    BMP_RLE,
+    IMAGE_FORMATS,
+    IMAGE_SUFFIXES,
+    MAX_JPEG_SCANS,
+    MAX_SLOW_DECODED_PIXELS,
+    SHRUNK_WHILE_DECODED,
+    decoder_error,
+    jpeg_scans,
+    open_image,
+)
 from serve_app.core.paths import resolve_project_path
 
 _DATA_URI = re.compile(r"data:(?:[\w.+-]+/[\w.+-]+)?(?:;base64)?,")  # matched on a bounded prefix only
@@ -230,6 +240,17 @@ class ImageInput(InputKind):
                     raise ImageOverLimit(
                         f"{where}: {width}x{height} pixels in {len(data)} bytes is more than "
                         f"{limits.max_pixels_per_byte} pixels a byte (max_pixels_per_byte): a decompression bomb"
+                    )
+                if img.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+                    raise ImageOverLimit(
+                        f"{where}: a JPEG of {scans} scans is more than the limit of {MAX_JPEG_SCANS} (each scan "
+                        "is decoded over the whole image): a decompression bomb"
+                    )
+                rle = img.format == "BMP" and img.info.get("compression") in BMP_RLE
+                if rle and width * height > MAX_SLOW_DECODED_PIXELS:
+                    raise ImageOverLimit(
+                        f"{where}: a BMP compressed with RLE of {width}x{height} pixels is more than the limit of "
+                        f"{MAX_SLOW_DECODED_PIXELS} pixels for it (it decodes slowly): send it as PNG"
                     )
                 img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
                 return width * height

@@ -217,3 +217,46 @@ def test_an_image_decoded_whole_with_too_many_pixels_a_byte_is_a_bomb_but_a_jpeg
     # A flat RGB PNG is at most about 344 pixels a byte (deflate's 1032:1), a flat JPEG shrinks while decoded.
     for data in (_saved(flat, "PNG"), _saved(flat, "JPEG", quality=60)):
         assert d.decode(IMAGE, [base64.b64encode(data).decode()]) == [data]
+
+
+def _jpeg_of_scans(extra: int) -> bytes:
+    """A progressive JPEG (grey, libjpeg's 6 scans) with its first scan written ``extra`` more times."""
+    data = _saved(Image.new("L", (64, 64), 128), "JPEG", progressive=True)
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    first = data[starts[0] : starts[1]]
+    return data[: starts[1]] + first * extra + data[starts[1] :]
+
+
+def _rle_bmp(side: int) -> bytes:
+    """A grey BMP of ``side`` x ``side`` pixels compressed with RLE4 (Pillow writes none): each row runs of
+    255 pixels of one value."""
+    import struct
+
+    row = b"".join(bytes([min(255, side - x), 0x5A]) for x in range(0, side, 255)) + b"\x00\x00"
+    body = row * side
+    palette = b"".join(bytes([i * 16, i * 16, i * 16, 0]) for i in range(16))
+    offset = 14 + 40 + len(palette)
+    header = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 4, 2, len(body), 2835, 2835, 16, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + header + palette + body
+
+
+def test_a_jpeg_of_more_scans_than_the_limit_is_a_bomb_and_a_progressive_one_is_not(decoder):
+    """Each scan of a progressive JPEG is decoded over the whole image: a file of many small scans is cheap to
+    send and costs seconds to decode (draft does not shrink that), so a JPEG has at most 100 scans."""
+    progressive = _jpeg_of_scans(0)
+    assert progressive.count(b"\xff\xda") == 6
+    assert decoder.decode(IMAGE, [base64.b64encode(progressive).decode()]) == [progressive]
+    assert decoder.decode(IMAGE, [base64.b64encode(_jpeg_of_scans(94)).decode()]) != []  # 100 scans
+    with pytest.raises(BadImage, match="a JPEG of 101 scans is more than the limit of 100") as e:
+        decoder.decode(IMAGE, [base64.b64encode(_jpeg_of_scans(95)).decode()])
+    assert e.value.status_code == 400
+
+
+def test_a_bmp_compressed_with_rle_which_decodes_in_python_has_at_most_a_million_pixels():
+    decoder = _Sync(
+        InputDecoder(image_root="samples/images", max_image_bytes=1 << 20, max_image_pixels=25_000_000, max_items=4)
+    )
+    small, large = _rle_bmp(1000), _rle_bmp(1001)  # about 100 pixels a byte: within max_pixels_per_byte
+    assert decoder.decode(IMAGE, [base64.b64encode(small).decode()]) == [small]
+    with pytest.raises(BadImage, match="a BMP compressed with RLE of 1001x1001 pixels is more than the limit"):
+        decoder.decode(IMAGE, [base64.b64encode(large).decode()])

@@ -93,7 +93,9 @@ def test_a_fresh_look_asks_each_replica_by_name_and_a_silent_one_falls_back(rout
 
 def test_an_answer_from_another_replica_is_never_shown_as_the_replica_asked(router):
     """r1 is asked and r2 answers (its counters, its models): r1 shows what Serve last polled of it."""
-    worker = FakeWorker({"r1": {"replica_id": "r2", "counters": {"requests": 99}}, "r2": {"counters": {"requests": 99}}})
+    worker = FakeWorker(
+        {"r1": {"replica_id": "r2", "counters": {"requests": 99}}, "r2": {"counters": {"requests": 99}}}
+    )
     r1, r2 = asyncio.run(ReplicaDirectory(worker).statuses(fresh=True))
     assert r1.counters.requests == 7 and r1.held == ["alpha"]
     assert r2.counters.requests == 99

@@ -493,9 +493,7 @@ class Serve:
         router.update_replicas(replicas)
         self.ids = iter(range(1_000_000))
 
-    def submit(
-        self, model_id: str, created_at: float | None = None, method: str = "predict", **kwargs
-    ) -> asyncio.Task:
+    def submit(self, model_id: str, created_at: float | None = None, method: str = "predict", **kwargs) -> asyncio.Task:
         """A call of ``method`` (with ``kwargs``) for ``model_id``, sent once the loop has placed it; the
         task's result is its replica."""
         n = next(self.ids)
@@ -603,7 +601,7 @@ def test_two_calls_for_two_replicas_each_reach_their_own_whichever_frees_first(c
     router = built_router()
 
     async def scenario():
-        serve, a, b, running = await saturated(router, routing_tasks=2)
+        serve, _, b, running = await saturated(router, routing_tasks=2)
         for_a = serve.submit("", method=WorkerCall.STATUS.value, **{ON_REPLICA: "a"})
         for_b = serve.submit("", method=WorkerCall.STATUS.value, **{ON_REPLICA: "b"})
         await serve.probed(b, 2)

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from pydantic import ValidationError
 
@@ -48,3 +50,47 @@ def test_a_body_of_at_most_4_kib_is_parsed_on_the_event_loop_and_a_larger_one_in
     assert asyncio.run(both()) == (4096, 4097)
     assert threads[0] is threading.main_thread()
     assert threads[1] is not threading.main_thread()
+
+
+class CountedReads:
+    """A body source for the tokenizer that counts its reads: the bytes ``check_json_budget`` hands over,
+    read as ijson reads them (a body given as bytes, in reads of ijson's default size)."""
+
+    def __init__(self, source) -> None:
+        import io
+
+        self.source = io.BytesIO(source) if isinstance(source, bytes) else source
+        self.reads: list[int] = []
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.source.read(size)
+        if size:
+            self.reads.append(len(chunk))
+        return chunk
+
+
+def test_a_long_string_reaches_the_tokenizer_in_a_few_reads_that_double_so_it_costs_its_length_once(monkeypatch):
+    """The tokenizer reads a token cut by the end of a read again from its start: a string of 8 MB in reads
+    of one size costs the square of its length (an 8 MB body of escapes held the ingress for 5 s). It gets
+    the body in reads that double, and the body as it was."""
+    import ijson
+
+    from deployments.ingress import bodies
+
+    seen: list[CountedReads] = []
+    real = ijson.basic_parse
+
+    def counting(source, *args, **kwargs):
+        seen.append(CountedReads(source))
+        return real(seen[-1], *args, **kwargs)
+
+    monkeypatch.setattr(bodies.ijson, "basic_parse", counting)
+    body = b'{"model_id":"sentiment","input_data":"' + b"\\n" * 4_000_000 + b'"}'
+    bodies.check_json_budget(body, 10, "a test")
+    (reads,) = [[n for n in c.reads if n] for c in seen]
+    assert sum(reads) == len(body) and len(reads) <= 8  # 123 reads of 64 KiB before
+    assert all(later == 2 * earlier for earlier, later in itertools.pairwise(reads[:-1]))  # the last: the rest
+    assert reads[0] == bodies.FIRST_READ_BYTES  # a body of many small values is refused within its first read
+    with pytest.raises(bodies.InvalidInput):
+        bodies.check_json_budget(b"[" + b"[]," * 100_000 + b"[]]", 10, "a test")
+    assert sum(seen[-1].reads) <= bodies.FIRST_READ_BYTES

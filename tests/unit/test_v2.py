@@ -50,6 +50,12 @@ def test_a_binary_size_that_does_not_fit_is_refused(size):
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}', None, "no data"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', "9999", "does not fit"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', "abc", "not a number"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [null]}]}', None, "string, not null"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", 1]}]}', None, "not a number"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [true]}]}', None, "not a boolean"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [{"a": 1}]}]}', None, "not an object"),
+        (b'{"inputs": [{"name": "x", "shape": [true], "datatype": "BYTES", "data": ["a"]}]}', None, "shape"),
+        (b'{"inputs": [{"name": "x", "shape": ["1"], "datatype": "BYTES", "data": ["a"]}]}', None, "shape"),
     ],
 )
 def test_bad_requests_are_invalid_input(body, header, match):

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictInt, ValidationError
 
 from deployments.ingress.bodies import check_json_budget, parse_bounded
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
@@ -65,7 +65,7 @@ class ModelMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     name: str
-    shape: list[int]
+    shape: list[StrictInt]
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None
@@ -187,6 +187,18 @@ def check_shape(name: str, shape: Sequence[int], count: int) -> None:
         )
 
 
+_JSON_KINDS = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (dict, "an object"), (type(None), "null"))
+
+
+def check_bytes_elements(name: str, elements: list[Any]) -> None:
+    """A BYTES tensor's JSON elements are strings: a number, a boolean, null or an object is no text to read
+    (not turned into one: ``null`` would be classified as the text "None")."""
+    for element in elements:
+        if not isinstance(element, str):
+            kind = next((text for cls, text in _JSON_KINDS if isinstance(element, cls)), type(element).__name__)
+            raise InvalidInput(f"input {echo(name)}: a BYTES element is a string, not {kind}", field="inputs")
+
+
 def _shape_text(shape: Sequence[int]) -> str:
     text = str(list(shape))
     return text if len(text) <= 80 else text[:80] + "...]"
@@ -220,7 +232,8 @@ def parse_infer_request(
             raise MalformedRequest("binary_data_size does not fit the binary data sent", field="inputs")
         elements: list[str | bytes] = list(bytes_elements(body[json_end : json_end + binary_size], max_items))
     elif tensor.data is not None:
-        elements = [e if isinstance(e, str) else str(e) for e in _flatten(tensor.data)]
+        elements = _flatten(tensor.data)
+        check_bytes_elements(tensor.name, elements)
     else:
         raise no_data(tensor.name)
     check_not_empty(tensor.name, elements)
