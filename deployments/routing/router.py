@@ -96,6 +96,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._completed: dict[tuple[str, str], float] = {}
         self._sizes: dict[str, int] = {}  # model -> the bytes of a copy, as a replica last measured it
         self._away: dict[str, tuple[float, frozenset[str]]] = {}  # replica out of the routing set -> (since, held)
+        # (replica, model) -> the victims a miss's placement there chose, and whether its hint names them (a
+        # replica with a budget; without one they are Ray's LRU's own): for a request ranked again, sent later,
+        # or never sent
+        self._victims: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {}
         views.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
     # -- the view of the replicas --------------------------------------------------------------------
@@ -195,12 +199,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         target = pending.kwargs.get(ON_REPLICA)
         model_id = pending.metadata.multiplexed_model_id
         if target is not None:  # a call for one replica: there, or nowhere
-            if target not in by_id:
-                return []
-            if model_id and pending.metadata.call_method == WorkerCall.UNLOAD.value:  # gone before its push says so
-                self._evicting.setdefault(target, {})[model_id] = time.time()
-                self._assigned.setdefault(target, {}).pop(model_id, None)
-            return [[by_id[target]]]
+            return [[by_id[target]]] if target in by_id else []
         if not model_id:
             return [list(candidates)]
         if self._ray_default:  # as Ray's PowerOfTwoChoicesRequestRouter: two random replicas holding the model
@@ -226,6 +225,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                     self._evicting[top.replica_id][victim.model_id] = now
                 self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
                 self._assigned[top.replica_id][model_id] = now
+                self._victims[(top.replica_id, model_id)] = (tuple(v.model_id for v in victims), top.budget is not None)
                 holders = {r.replica_id: c.in_flight for r in view.values() if (c := r.copy_of(model_id)) is not None}
                 if holders:  # a hot model's copy on one more replica: an event the operator sees in the log
                     logger.info(
@@ -234,14 +234,17 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                         top.replica_id,
                         holders,
                     )
-            if pending.metadata.call_method in HINTED:
-                # Without a budget the victim is Ray's LRU's own: nothing to tell.
-                evict = tuple(v.model_id for v in victims) if top.budget is not None else ()
-                threads = self._idle_threads(top.replica_id, candidates)
-                pending.kwargs[ROUTE] = RouteHint(
-                    replica_id=top.replica_id, evict=evict, size_bytes=size or None, threads=threads
-                )
+            if pending.metadata.call_method in HINTED:  # its threads are known once it is sent
+                evict = self._placed_victims(top.replica_id, model_id)  # this ranking's, or an earlier one's
+                pending.kwargs[ROUTE] = RouteHint(replica_id=top.replica_id, evict=evict, size_bytes=size or None)
         return [[by_id[rid] for rid in group] for group in order]
+
+    def _placed_victims(self, rid: str, model_id: str) -> tuple[str, ...]:
+        """The victims this router chose for its placement of ``model_id`` on ``rid``, while that placement
+        holds (a request re-ranked after a back-off finds the model placed there: a hit, with no victims of
+        its own to name)."""
+        victims, named = self._victims.get((rid, model_id), ((), False))
+        return victims if named and model_id in self._assigned.get(rid, {}) else ()
 
     def _idle_threads(self, rid: str, candidates: Sequence[RunningReplica]) -> int | None:
         """The threads a request may use on replica ``rid`` when it would run alone on an idle node: no request
@@ -272,7 +275,11 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for replica in self.replicas:  # the set before this update
             rid = replica.replica_id.unique_id
             if rid not in present:
-                self._away[rid] = (now, frozenset(c.model_id for c in self._view(replica, now).copies))
+                try:
+                    held = frozenset(c.model_id for c in self._view(replica, now).copies)
+                except Exception:  # a report it cannot read: what the replica pushed (Serve's update must run)
+                    held = frozenset(replica.multiplexed_model_ids)
+                self._away[rid] = (now, held)
         for rid in present:
             self._away.pop(rid, None)  # back (its update applied)
         super().update_replicas(replicas)
@@ -302,21 +309,68 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         """Serve's step from the ranked groups to the one replica a request is sent to: on the path of
         ``handle.remote()`` (the ingress's only one), Serve sends it at once and calls
         ``on_request_completed`` for it exactly once. The moment this router learns which model goes where."""
-        replica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
-        hint = pending_request.kwargs.get(ROUTE)
+        try:
+            replica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        except asyncio.CancelledError:  # never sent (its caller gave up): its ranking's placement is not made
+            self._unplace(pending_request)
+            raise
         rid = replica.replica_id.unique_id
-        if hint is not None and hint.replica_id != rid:  # Serve took a later group's: its victims are not known
-            pending_request.kwargs[ROUTE] = RouteHint(replica_id=rid, size_bytes=hint.size_bytes)  # nor its threads
         model_id = pending_request.metadata.multiplexed_model_id
         request_id = pending_request.metadata.internal_request_id
         if pending_request.kwargs.get(ON_REPLICA) is not None:
+            if model_id and pending_request.metadata.call_method == WorkerCall.UNLOAD.value:  # gone before its
+                self._evicting.setdefault(rid, {})[model_id] = time.time()  # push says so
+                self._assigned.setdefault(rid, {}).pop(model_id, None)
             # A status or an unload for one replica: no load on it. Serve counts the send next, with no await
             # in between (on_send_request), and its completion later: neither counts.
             self._uncounted_send = rid
             self._uncounted.add((request_id, rid))
         elif model_id:
+            if pending_request.metadata.call_method in HINTED and not self._ray_default:
+                try:
+                    pending_request.kwargs[ROUTE] = self._hint_at_send(pending_request, replica)
+                except Exception:  # as in choose_replicas: the request goes, without what the router knows
+                    logger.exception("model-aware routing failed; sending the request without a hint")
+                    pending_request.kwargs[ROUTE] = None
             self._sending(request_id, rid, model_id)
         return replica
+
+    def _hint_at_send(self, pending: PendingRequest, replica: RunningReplica) -> RouteHint:
+        """The request's hint as it is sent to ``replica``: its ranking's where Serve sent it to the replica
+        its ranking chose; else (a later group's replica, or one another request's ranking chose, which Serve
+        may hand it) that ranking's placement is undone and the model placed here if this replica does not
+        hold it, its victims this router's own placement's there, if any. The idle threads are counted now,
+        with every request sent before this one (two requests ranked together on an idle node must not both
+        take its threads)."""
+        rid, model_id = replica.replica_id.unique_id, pending.metadata.multiplexed_model_id
+        hint = pending.kwargs.get(ROUTE)
+        if hint is None or hint.replica_id != rid:
+            self._unplace(pending)
+            if not self._holds(replica, model_id):  # a miss here, which no ranking placed here: loading from now
+                self._assigned.setdefault(rid, {})[model_id] = time.time()
+                self._evicting.setdefault(rid, {}).pop(model_id, None)
+            size = hint.size_bytes if hint is not None else (self._size_of(model_id, pending) or None)
+            hint = RouteHint(replica_id=rid, evict=self._placed_victims(rid, model_id), size_bytes=size)
+        return replace(hint, threads=self._idle_threads(rid, self.replicas))
+
+    def _holds(self, replica: RunningReplica, model_id: str) -> bool:
+        """Whether the replica holds ``model_id`` or loads it, as it pushed, reported, or this router placed it."""
+        rid = replica.replica_id.unique_id
+        if model_id in replica.multiplexed_model_ids or model_id in self._assigned.get(rid, {}):
+            return True
+        report = self._report(replica)
+        status = report.models.get(model_id) if report is not None else None
+        return status is not None and status.state in (ModelState.LOADED, ModelState.LOADING)
+
+    def _unplace(self, pending: PendingRequest) -> None:
+        """Undo the miss placement the request's ranking recorded (``_assigned``, its victims' ``_evicting``),
+        unless a call for the model is in flight there (another request's load)."""
+        hint, model_id = pending.kwargs.get(ROUTE), pending.metadata.multiplexed_model_id
+        if hint is None or not model_id or (hint.replica_id, model_id) in self._calls_in_flight():
+            return
+        if self._assigned.get(hint.replica_id, {}).pop(model_id, None) is not None:
+            for victim in self._victims.pop((hint.replica_id, model_id), ((), False))[0]:
+                self._evicting.get(hint.replica_id, {}).pop(victim, None)
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Serve's step from a replica a routing task chose to the waiting request that gets it. FIFOMixin's
@@ -355,13 +409,15 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._recent_all.add(rid, now)
         self._last_used[(rid, model_id)] = now
         self._running.setdefault(request_id, []).append((rid, model_id))
-        if len(self._last_used) > 4096 or len(self._running) > 4096 or len(self._uncounted) > 4096:  # bounded
+        big = max(len(self._last_used), len(self._running), len(self._uncounted), len(self._victims))
+        if big > 4096:  # bounded
             live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
             self._uncounted = {k for k in self._uncounted if k[1] in live}
             self._running = {k: calls for k, calls in self._running.items() if all(r in live for r, _ in calls)}
             self._last_used = {k: t for k, t in self._last_used.items() if k[0] in live}
             self._completed = {k: t for k, t in self._completed.items() if k[0] in live}
             self._assigned = {r: a for r, a in self._assigned.items() if r in live}
+            self._victims = {k: v for k, v in self._victims.items() if k[1] in self._assigned.get(k[0], {})}
             self._evicting = {r: e for r, e in self._evicting.items() if r in live}
             self._sent = {r: n for r, n in self._sent.items() if r in live}
             self._reports = {r: p for r, p in self._reports.items() if r in live}

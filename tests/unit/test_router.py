@@ -111,12 +111,17 @@ def test_misses_into_an_idle_pool_spread_over_its_replicas_before_any_push_shows
     assert routed(router, [a, b], request("m2"))[0] == "b"  # a holds m1, as far as this router knows
 
 
-def test_an_unload_it_carried_frees_the_slot_before_the_replica_pushes_its_model_ids(router):
+def test_an_unload_it_carried_frees_the_slot_before_the_replica_pushes_its_model_ids(router, send):
     """The pushed ids still name the unloaded model on both replicas: a request for it is a miss, and a
-    request for another model takes a free slot on the first replica, not a stale copy's neighbour."""
+    request for another model takes a free slot on the first replica, not a stale copy's neighbour. An
+    unload counts once it is sent: one ranked and never sent (its caller gave up) changes nothing."""
     a, b = FakeReplica("a", {"beta"}), FakeReplica("b", {"beta"})
     for replica in (a, b):
-        assert routed(router, [a, b], request("beta", UNLOAD, **{ON_REPLICA: replica.name})) == [replica.name]
+        unload = request("beta", UNLOAD, **{ON_REPLICA: replica.name})
+        assert routed(router, [a, b], unload) == [replica.name]
+        assert router._view(replica, time.time()).copy_of("beta") is not None  # ranked, not sent yet
+        send(replica, "beta", f"unload-{replica.name}", unload)
+        router.on_request_completed(replica.replica_id, f"unload-{replica.name}")
     assert routed(router, [a, b], request("alpha"))[0] == "a"
     assert routed(router, [a, b], request("beta"))[0] == "b"  # a miss now: the emptier replica
 
@@ -153,9 +158,9 @@ def send(router, monkeypatch):
 
     monkeypatch.setattr(RequestRouter, "_choose_replica_for_request", base_choice)
 
-    async def one(replica, model_id: str, request_id: str) -> None:
+    async def one(replica, model_id: str, request_id: str, pending=None) -> None:
         chosen["replica"] = replica
-        pending = request(model_id)
+        pending = pending or request(model_id)
         pending.metadata.internal_request_id = request_id
         assert await router._choose_replica_for_request(pending) is replica
         router.on_send_request(replica.replica_id)
@@ -164,8 +169,9 @@ def send(router, monkeypatch):
         for args in sends:
             await one(*args)
 
-    def sent(replica, model_id: str, request_id: str) -> None:
-        asyncio.run(one(replica, model_id, request_id))
+    def sent(replica, model_id: str, request_id: str, pending=None) -> None:
+        """``pending``: the request sent (its method and arguments), else a request for ``model_id``."""
+        asyncio.run(one(replica, model_id, request_id, pending))
 
     sent.many = lambda sends: asyncio.run(many(sends))
     return sent
@@ -294,6 +300,14 @@ def test_a_request_waits_for_the_holder_that_left_the_routing_set_then_it_is_a_m
     assert routed(router, [b], request("m")) == ["b"]
 
 
+def test_a_replica_whose_report_cannot_be_read_still_leaves_the_routing_set(router, routing_set):
+    a = FakeReplica("a", {"m"}, {"models": {"m": {"state": "no such state"}}})
+    b = FakeReplica("b", {"n"})
+    router.update_replicas([a, b])
+    router.update_replicas([b])  # Serve's update runs: a is no candidate, its pushed model awaited a while
+    assert [r.name for r in router.replicas] == ["b"] and router._away["a"][1] == {"m"}
+
+
 def test_a_request_does_not_wait_for_a_holder_whose_actor_died(router, routing_set):
     a, b = FakeReplica("a", {"m"}), FakeReplica("b")
     router.update_replicas([a, b])
@@ -400,6 +414,20 @@ def test_a_status_call_gets_no_hint(router):
 # -- idle cores for a lone request ----------------------------------------------------------------------
 
 
+def sent(router, replica, pending, request_id: str = "r") -> None:
+    """``pending`` sent to ``replica`` as Serve sends it: the router's last step, then Serve's count of it."""
+    from ray.serve.request_router import RequestRouter
+
+    pending.metadata.internal_request_id = request_id
+    original = RequestRouter._choose_replica_for_request
+    RequestRouter._choose_replica_for_request = lambda self, pending, is_retry=False: _ready(replica)
+    try:
+        assert asyncio.run(router._choose_replica_for_request(pending)) is replica
+    finally:
+        RequestRouter._choose_replica_for_request = original
+    router.on_send_request(replica.replica_id)
+
+
 def test_a_request_alone_on_an_idle_node_may_use_the_threads_of_its_replicas(router, routing_set):
     """The router knows every replica's requests in flight: when none of the chosen replica's node is busy, a
     request may run on their threads together (each replica reports its own share); under load, or alone on
@@ -412,8 +440,12 @@ def test_a_request_alone_on_an_idle_node_may_use_the_threads_of_its_replicas(rou
     router.update_replicas([a, b, far])
 
     def threads(*replicas):
+        """The threads of the hint the request is sent with, to the replica ranked first."""
         pending = request("m", "predict")
-        routed(router, list(replicas), pending)
+        first = routed(router, list(replicas), pending)[0]
+        assert pending.kwargs[ROUTE].threads is None  # known once it is sent
+        sent(router, next(r for r in replicas if r.name == first), pending)
+        router.on_request_completed(FakeId(first), "r")
         return pending.kwargs[ROUTE].threads
 
     assert threads(a, b, far) == 3  # a and b share node-1: 1 + 2 threads, both idle
@@ -510,7 +542,9 @@ class Serve:
             self.router.on_send_request(replica.replica_id)
             return replica, metadata.internal_request_id
 
-        return asyncio.ensure_future(send())
+        task = asyncio.ensure_future(send())
+        task.pending = pending  # what it was sent with: its hint (ROUTE)
+        return task
 
     async def place(self, model_id: str) -> tuple[ServedReplica, str]:
         return await asyncio.wait_for(self.submit(model_id), 30)
@@ -612,6 +646,90 @@ def test_two_calls_for_two_replicas_each_reach_their_own_whichever_frees_first(c
         return (await asyncio.wait_for(for_a, 30))[0].name, got_b[0].name
 
     assert asyncio.run(scenario()) == ("a", "b")
+
+
+def test_a_miss_that_waits_for_its_replica_is_sent_with_the_victims_its_placement_chose(clock):
+    """A miss placed on a full replica is ranked again at each of Serve's tries, and by then the router's
+    own placement shows the model there: it is still sent with the victims the placement chose (the
+    replica's LRU would take the least recent copy instead)."""
+    from serve_app.core.schemas import ROUTE
+
+    router = built_router()
+
+    async def scenario():
+        a = ServedReplica("a", {"big", "small"}, report(500 * MB, big=300 * MB, small=100 * MB))
+        serve = Serve(router, [a])
+        running = [await serve.place("small") for _ in range(2)]  # a is full
+        task = serve.submit("new", declared_bytes=150 * MB)
+        await serve.probed(a, 3)  # ranked again on each try
+        serve.complete(*running[0])
+        replica, _ = await asyncio.wait_for(task, 30)
+        return replica.name, task.pending.kwargs[ROUTE].evict
+
+    assert asyncio.run(scenario()) == ("a", ("big",))
+
+
+def test_a_miss_serve_sends_to_a_later_groups_replica_is_placed_there_and_not_where_it_was_ranked():
+    """Both replicas are full; a miss for x is ranked to a (its copy p evicted there, as far as the router
+    knows), and b frees first: x goes to b. The router then shows x on b, and a as it is, p included, so
+    that the next request for x goes to b, and one for p to a."""
+    router = built_router()
+
+    async def scenario():
+        a, b = ServedReplica("a", {"m", "p"}), ServedReplica("b", {"n", "q"})
+        serve = Serve(router, [a, b])
+        running = [await serve.place(model) for model in ("m", "n", "m", "n")]
+        assert [replica.name for replica, _ in running] == ["a", "b", "a", "b"]  # both full
+        task = serve.submit("x")
+        await serve.probed(a, 2)
+        serve.complete(*running[1])  # b frees first
+        replica, _ = await asyncio.wait_for(task, 30)
+        now = time.time()
+        return replica.name, {r.name: {c.model_id for c in router._view(r, now).copies} for r in (a, b)}
+
+    name, views = asyncio.run(scenario())
+    assert name == "b" and views["a"] == {"m", "p"} and "x" in views["b"]
+
+
+def test_two_requests_ranked_together_on_an_idle_node_do_not_both_take_its_threads(clock):
+    """The idle threads are counted as a request is sent, after every request sent before it: of two
+    requests that reach an idle node together (both ranked before either is sent), one may run on the
+    node's threads, not both."""
+    from serve_app.core.schemas import ROUTE
+
+    router = built_router()
+
+    async def scenario():
+        a = ServedReplica("a", {"m"}, {"threads": 1, "models": {}})
+        b = ServedReplica("b", {"n"}, {"threads": 1, "models": {}})
+        serve = Serve(router, [a, b], routing_tasks=2)
+        tasks = [serve.submit("m"), serve.submit("n")]
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return [t.pending.kwargs[ROUTE].threads for t in tasks]
+
+    assert asyncio.run(scenario()) == [2, None]
+
+
+@pytest.mark.parametrize("method", [WorkerCall.PREDICT.value, UNLOAD])
+def test_a_call_that_waits_and_is_never_sent_changes_nothing_the_router_knows(clock, method):
+    """A miss for x ranked to a full replica a (p evicted there), or an unload of m from a, whose caller gives
+    up before it is sent (a timeout, a client gone): a still holds m and p as far as the router knows."""
+    router = built_router()
+
+    async def scenario():
+        serve, a, b, _ = await saturated(router)
+        a.multiplexed_model_ids, b.multiplexed_model_ids = {"m", "p"}, {"n", "q"}
+        if method == UNLOAD:
+            task = serve.submit("m", method=UNLOAD, **{ON_REPLICA: "a"})
+        else:
+            task = serve.submit("x", method=method)
+        await serve.probed(a, 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return {c.model_id for c in router._view(a, clock.now).copies}  # the router's clock
+
+    assert asyncio.run(scenario()) == {"m", "p"}
 
 
 def built_router(**routing) -> ModelAwareRouter:
