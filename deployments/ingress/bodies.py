@@ -63,8 +63,11 @@ def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
         raise
     except Exception as e:  # ijson's JSONError, or what a value it cannot convert raises (SystemError, ValueError)
         reason = str(e).strip().splitlines()[0][:100] if isinstance(e, ijson.JSONError) and str(e).strip() else ""
+        nan = b"NaN" in body or b"Infinity" in body  # the likely cause, named (a scan in C, once refused)
         raise MalformedRequest(
-            "the request body is not valid JSON (NaN and Infinity are not JSON)" + (f": {reason}" if reason else ""),
+            "the request body is not valid JSON"
+            + (" (NaN and Infinity are not JSON)" if nan else "")
+            + (f": {reason}" if reason else ""),
             field="body",
         ) from None
 

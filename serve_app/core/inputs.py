@@ -118,7 +118,7 @@ class TextInput(InputKind):
         where = item_where(i)
         if isinstance(item, bytes):
             if len(item) > 4 * max_chars:  # no UTF-8 text of the limit's length is longer
-                raise self._too_long(where, len(item), max_chars)
+                raise self._too_long(where, len(item), max_chars, "bytes of UTF-8")
             try:
                 item = item.decode("utf-8")
             except UnicodeDecodeError:
@@ -132,9 +132,10 @@ class TextInput(InputKind):
         return item
 
     @staticmethod
-    def _too_long(where: str, length: int, max_chars: int) -> InputOverLimit:
+    def _too_long(where: str, length: int, max_chars: int, unit: str = "characters") -> InputOverLimit:
         return InputOverLimit(
-            f"{where}: a text of {length} characters is longer than the limit of {max_chars}", field="input_data"
+            f"{where}: a text of {length} {unit} is longer than the limit of {max_chars} characters",
+            field="input_data",
         )
 
 

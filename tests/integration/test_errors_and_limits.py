@@ -122,7 +122,7 @@ def test_text_over_the_model_length_is_truncated_and_text_over_the_character_lim
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][0]["label"].startswith("alpha-")
     body = assert_error(post(authed, limits_url, "alpha", "x" * 12_001), 422, "invalid_input", "limit of 12000")
-    assert body["message"] == "input_data[0]: a text of 12001 characters is longer than the limit of 12000"
+    assert body["message"] == "input_data[0]: a text of 12001 characters is longer than the limit of 12000 characters"
 
 
 def test_bytes_that_are_not_an_image_are_400(authed, limits_url):

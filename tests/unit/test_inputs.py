@@ -164,8 +164,8 @@ def test_text_over_the_character_limit_is_refused_before_it_is_decoded():
     assert dec.decode(TEXT, ["x" * 10]) == ["x" * 10]
     with pytest.raises(InvalidInput, match="a text of 11 characters is longer than the limit of 10"):
         dec.decode(TEXT, ["x" * 11])
-    with pytest.raises(InvalidInput, match="longer than the limit of 10"):
-        dec.decode(TEXT, [b"x" * 41])  # bytes: refused by their size before decoding
+    with pytest.raises(InvalidInput, match="a text of 41 bytes of UTF-8 is longer than the limit of 10 characters"):
+        dec.decode(TEXT, [b"x" * 41])  # bytes: refused by their size before decoding, counted as bytes
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,16 @@ def test_a_long_string_reaches_the_tokenizer_in_a_few_reads_that_double_so_it_co
     with pytest.raises(bodies.InvalidInput):
         bodies.check_json_budget(b"[" + b"[]," * 100_000 + b"[]]", 10, "a test")
     assert sum(seen[-1].reads) <= bodies.FIRST_READ_BYTES
+
+
+@pytest.mark.parametrize(
+    "body, named",
+    [(b'{"input_data": NaN}', True), (b'{"input_data": Infinity}', True), (b'{"input_data": "x"', False)],
+)
+def test_a_body_that_is_not_json_is_refused_naming_nan_only_where_the_body_has_it(body, named):
+    from deployments.ingress import bodies
+
+    with pytest.raises(bodies.MalformedRequest) as e:
+        bodies.check_json_budget(body, 10, "a test")
+    assert e.value.message.startswith("the request body is not valid JSON")
+    assert ("NaN and Infinity are not JSON" in e.value.message) is named
