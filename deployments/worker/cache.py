@@ -145,6 +145,8 @@ class ModelCache:
             await self._make_room(model_id, copy.size_bytes or 0)  # it took more than expected
         except ModelUnavailable:
             await asyncio.to_thread(copy.free)
+            if status.state is ModelState.LOADING:  # no room now (not a failed load): as it was before
+                status.state = previous
             raise
         status.load_count += 1
         status.last_loaded_at = time.time()
@@ -255,14 +257,14 @@ class ModelCache:
             return
         lru = ray_internals.cached_model_ids(self._owner)
         for victim in victims:
-            if victim != model_id and victim in self.held:
+            if victim != model_id and victim in self.held and await self.evict(victim, cause="router"):
                 self._counters.evicted_by_router += 1
                 self._counters.router_victim_not_lru += bool(lru) and victim != lru[0]
-                await self.evict(victim, cause="router")
 
     def _hold(self, model_id: str, copy: ModelCopy) -> ModelCopy:
         self.model_status(model_id).state = ModelState.LOADED
         self.held.add(model_id)
+        copy.evicted_by = None  # held again (a revived copy): its next eviction names its own cause
         copy.on_unload = lambda deferred: self._unloaded(model_id, copy, deferred)
         return copy
 
@@ -278,12 +280,14 @@ class ModelCache:
             self._counters.evicted_in_use += 1
             self.lingering[model_id] = copy
 
-    async def acquire(self, model_id: str) -> ModelCopy:
-        """The request's model, loaded if need be, and held for the request (the caller releases it).
-
-        A load runs in a task of its own that a cancelled request does not cancel: the load finishes, its
-        status is right, and the next request finds the model. The task holds the copy as soon as it has it,
-        with no await in between, so that no eviction can free it before the request uses it."""
+    def refuse_early(self, model_id: str) -> None:
+        """The 503 a request for a model this replica does not hold gets before anything is evicted for it:
+        the model is in its back-off after a failed load, or its copy is known to be larger than the whole
+        budget (measured here: its load would be refused after Serve's LRU had made room by count, and the
+        router's victims gone too); an id the registry does not have is ModelNotFound."""
+        if model_id in self.held:
+            return
+        spec = self._live.registry.get(model_id)
         status = self.status.get(model_id)
         if status is not None and status.retry_after is not None and time.time() < status.retry_after:
             self._counters.refused_in_backoff += 1
@@ -293,6 +297,16 @@ class ModelCache:
                 model_id=model_id,
                 retry_after_s=left,
             )
+        if status is not None and status.size_bytes:
+            self._refuse_if_never_fits(spec, status.size_bytes)
+
+    async def acquire(self, model_id: str) -> ModelCopy:
+        """The request's model, loaded if need be, and held for the request (the caller releases it).
+
+        A load runs in a task of its own that a cancelled request does not cancel: the load finishes, its
+        status is right, and the next request finds the model. The task holds the copy as soon as it has it,
+        with no await in between, so that no eviction can free it before the request uses it."""
+        self.refuse_early(model_id)
         if model_id in self.held:
             self._metrics.cache_hit(model_id)
         load = asyncio.ensure_future(self._get_and_hold(model_id))
@@ -339,8 +353,12 @@ class ModelCache:
             await self.evict(model_id, cause="registry")
             self.lingering.pop(model_id, None)  # evicted while in use: no new request may take it back
             status = self.status.get(model_id)
-            if status is not None:  # a failed load of the old files says nothing of the new ones
+            if status is not None:  # a failed load of the old files, and their sizes, say nothing of the new ones
                 status.retry_after = status.last_error = status.last_error_at = None
+                status.size_bytes = status.weights_bytes = status.rss_growth_bytes = None
+                if status.state is ModelState.FAILED:
+                    status.state = ModelState.NOT_LOADED
+            self._hints.pop(model_id, None)
         for model_id in change.removed:
             self.status.pop(model_id, None)
 
@@ -365,15 +383,21 @@ class ModelCache:
 
     # -- status ---------------------------------------------------------------------------------------
 
+    def _registered_status(self, model_id: str) -> ReplicaModelStatus | None:
+        """The model's status, None once the registry removed it (a request that ran on its last copy does not
+        bring it back into the report)."""
+        return self.model_status(model_id) if model_id in self._live.registry else None
+
     def used(self, model_id: str) -> None:
         """A request was answered by the model."""
-        self.model_status(model_id).last_used_at = time.time()
+        if (status := self._registered_status(model_id)) is not None:
+            status.last_used_at = time.time()
 
     def request_failed(self, model_id: str, message: str) -> None:
         """The model's code failed a request (``ModelFailed``): counted, with the message its client got."""
-        status = self.model_status(model_id)
-        status.request_failures += 1
-        status.last_request_error, status.last_request_error_at = message, time.time()
+        if (status := self._registered_status(model_id)) is not None:
+            status.request_failures += 1
+            status.last_request_error, status.last_request_error_at = message, time.time()
 
     def report(self) -> dict[str, Any]:
         """The models' status, for ``record_routing_stats``; live copies are counted now."""

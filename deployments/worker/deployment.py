@@ -88,7 +88,6 @@ class ModelWorker:
         )
         self._threads = args.torch_threads or torch_threads()
         self._reports = itertools.count(1)  # each report's number: which of two reports is the later
-        self._reporting = threading.Lock()
         self._batcher = Batcher(self._counters, args.batching, self._threads)
         # Requests' inputs (images) are decoded on these threads only: a flood of costly images waits its turn
         # here instead of taking a thread, and a core, each (a cancelled request's decode not yet started is
@@ -139,6 +138,7 @@ class ModelWorker:
         try:
             await self._cache.catch_up(registry_version)
             loaded = model_id not in self._cache.held
+            self._cache.refuse_early(model_id)  # before the router's victims go for it
             route = await self._routed(model_id, route)
             # Load (or find) and hold the model before joining the batch queue, so that a cold load does not
             # hold up the queue and an eviction cannot free the model while the request needs it.
@@ -196,6 +196,7 @@ class ModelWorker:
         """Load the request's model on this replica (the LRU cap and the memory budget still apply)."""
         model_id = serve.get_multiplexed_model_id()
         await self._cache.catch_up(registry_version)
+        self._cache.refuse_early(model_id)
         await self._routed(model_id, route)
         (await self._cache.acquire(model_id)).release()
 
@@ -220,23 +221,27 @@ class ModelWorker:
 
     # -- status -------------------------------------------------------------------------------------
 
-    def status(self, on_replica: str | None = None) -> dict[str, Any]:
+    async def status(self, on_replica: str | None = None) -> dict[str, Any]:
         """This replica's id and view of its models, now (``on_replica``: as for unload)."""
-        return {"replica_id": serve.get_replica_context().replica_id.unique_id, **self.record_routing_stats()}
+        return {"replica_id": serve.get_replica_context().replica_id.unique_id, **self._report()}
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's view of its models and its counters (a ``ReplicaStatus`` without its ids); Serve's
         controller polls it every routing.stats_period_s and hands it to the routers, from which the
-        ingress reads it too."""
-        with self._reporting:  # Serve's poll and a direct ask may run on threads of their own
-            report = {
-                "slots": MAX_MODELS_PER_REPLICA,
-                "threads": self._threads,
-                "memory": self._cache.memory_report().model_dump(mode="json"),
-                "models": self._cache.report(),
-                "counters": self._counters.model_dump(mode="json"),
-                "registry": self._live.status().model_dump(mode="json"),
-            }
-            report["report"] = next(self._reports)  # numbered once read: a later number, a later state
-            report["at"] = time.time()
-            return report
+        ingress reads it too. A coroutine, as ``status`` is: Serve runs a plain method on a thread of its
+        pool, where the report would read the cache's dicts while the event loop changes them (seen: "dictionary
+        changed size during iteration"); on the event loop it reads them between two steps of the requests."""
+        return self._report()
+
+    def _report(self) -> dict[str, Any]:
+        report = {
+            "slots": MAX_MODELS_PER_REPLICA,
+            "threads": self._threads,
+            "memory": self._cache.memory_report().model_dump(mode="json"),
+            "models": self._cache.report(),
+            "counters": self._counters.model_dump(mode="json"),
+            "registry": self._live.status().model_dump(mode="json"),
+        }
+        report["report"] = next(self._reports)  # numbered once read: a later number, a later state
+        report["at"] = time.time()
+        return report

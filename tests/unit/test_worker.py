@@ -839,3 +839,162 @@ def test_a_lone_request_keeps_its_own_threads_where_its_model_ran_slower_on_the_
     measured = copy.idle_threads.report()  # the three timed on the own thread: the idle threads' times as they were
     assert (measured.lone_batches, measured.on_idle_threads, measured.idle_threads_ms) == (9, 3, 10.0)
     assert measured.own_threads_ms < 5.0 and measured.uses_idle_threads is False
+
+
+# -- what a refused or changed load leaves behind ----------------------------------------------------------
+
+
+def _sized(model_id: str, size: int):
+    return spec(model_id, runtime="tests.byo_runtimes:Sized", parameters={"size": size})
+
+
+def test_a_load_refused_for_room_after_it_measured_its_copy_leaves_the_model_as_it_was():
+    """x's size is not known before it loads; measured, 150 MB does not fit beside a (200 MB, in use) within
+    the wait: the request gets its 503, and x is not shown loading (the router would count it there)."""
+    c, _, serve_cache = sized_cache(300 * MB, a=200 * MB, x=150 * MB)
+
+    async def scenario():
+        a = await load_as_serve(c, serve_cache, "a")
+        assert a.hold()  # a request runs on a
+        with pytest.raises(ModelUnavailable, match="does not fit now"):
+            await load_as_serve(c, serve_cache, "x")
+        a.release()
+
+    asyncio.run(scenario())
+    assert c.status["x"].state is ModelState.NOT_LOADED
+
+
+def test_a_changed_model_is_not_refused_by_the_size_its_old_files_measured():
+    c, _, serve_cache = sized_cache(300 * MB, m=400 * MB)
+
+    async def scenario():
+        with pytest.raises(ModelUnavailable, match="more than this replica's memory budget"):
+            await load_as_serve(c, serve_cache, "m")  # its old files: 400 MB
+        await c.apply(c._live.apply(registry(_sized("m", 100 * MB))))  # the operator points it at new files
+        assert c.status["m"].state is ModelState.NOT_LOADED and c.status["m"].size_bytes is None
+        return await load_as_serve(c, serve_cache, "m")
+
+    assert asyncio.run(scenario()).loaded
+
+
+def test_a_model_known_to_be_larger_than_the_budget_is_refused_before_serves_lru_makes_room_for_it():
+    """After its back-off, a request for a model measured larger than the whole budget is refused at once
+    (and the back-off starts again): Serve's LRU does not evict a healthy model by count for a load that the
+    replica would refuse."""
+    c, owner, _ = sized_cache(300 * MB, a=100 * MB, b=100 * MB, huge=400 * MB)
+
+    async def scenario():
+        w = serve_wrapper(owner, c.load)
+        with pytest.raises(ModelUnavailable):
+            await c.acquire("huge")  # its size not known yet: loaded, measured, refused
+        for m in ("a", "b"):
+            (await c.acquire(m)).release()
+        c.status["huge"].retry_after = None  # the back-off is over
+        before = list(w.models)
+        with pytest.raises(ModelUnavailable, match="more than this replica's memory budget"):
+            await c.acquire("huge")
+        return before, list(w.models)
+
+    before, after = asyncio.run(scenario())
+    assert before == after == ["a", "b"] and c.status["huge"].retry_after is not None
+
+
+def serve_wrapper(owner, loader, n: int = 2):
+    """Ray's own ``@serve.multiplexed`` cache (its LRU, making room by count), without its replica context and
+    metrics, around ``loader``."""
+    from collections import OrderedDict
+
+    from ray.serve.multiplex import _ModelMultiplexWrapper
+
+    w = _ModelMultiplexWrapper.__new__(_ModelMultiplexWrapper)
+    w.models, w._func, w.self_arg, w.max_num_models_per_replica = OrderedDict(), loader, None, n
+    w._model_cache_lock, w._model_load_tasks, w._push_multiplexed_replica_info = asyncio.Lock(), set(), False
+    quiet = SimpleNamespace(inc=lambda *a, **k: None, set=lambda *a, **k: None, observe=lambda *a, **k: None)
+    for gauge in (
+        "model_load_latency_ms",
+        "model_unload_latency_ms",
+        "num_models_gauge",
+        "registered_model_gauge",
+        "get_model_requests_counter",
+        "models_unload_counter",
+        "models_load_counter",
+    ):
+        setattr(w, gauge, quiet)
+    setattr(owner, ray_internals._MULTIPLEX_ATTR, w)
+    owner.get_model = w.load_model
+    return w
+
+
+def test_the_routers_victims_stay_for_a_request_whose_model_is_in_its_back_off(monkeypatch):
+    from deployments.worker import deployment
+    from serve_app.core.schemas import RouteHint
+
+    c, owner = cached()
+    c._live.apply(registry(spec(), spec("x", path="models/y")))  # x registered, in its back-off below
+    status = c.model_status("x")
+    status.retry_after, status.last_error = time.time() + 30, "OSError: gone"
+    w = worker_of(c)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "x")
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="here"))
+    monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: context)
+    with pytest.raises(ModelUnavailable, match="not tried again"):
+        asyncio.run(w.predict(["hi"], route=RouteHint(replica_id="here", evict=("m",))))
+    assert "m" in getattr(owner, ray_internals._MULTIPLEX_ATTR).models
+
+
+def test_a_revived_copy_evicted_later_by_serves_lru_is_counted_as_the_lrus():
+    c, owner = cached()
+    serve_cache = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+
+    async def scenario():
+        copy = owner.copy
+        assert copy.hold()
+        assert await c.evict("m", cause="router")  # in use: it lingers
+        serve_cache.models["m"] = await c.load("m")  # a new request takes it back
+        copy.release()
+        serve_cache.models.pop("m")  # Serve's LRU, making room by count
+        copy.__del__()
+
+    asyncio.run(scenario())
+    assert (c._counters.revived, c._counters.evicted_by_lru) == (1, 1)
+
+
+def test_a_victim_serves_lru_took_first_is_not_counted_as_the_routers_too():
+    c, owner = cached()
+    serve_cache = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+
+    async def scenario():
+        async with serve_cache._model_cache_lock:  # a load under way, under Serve's cache lock
+            task = asyncio.ensure_future(c.evict_for("new", ("m",)))
+            await asyncio.sleep(0)
+            serve_cache.models.pop("m")  # Serve's LRU takes m meanwhile
+            owner.copy.__del__()
+        await task
+
+    asyncio.run(scenario())
+    assert (c._counters.evicted_by_router, c._counters.evicted_by_lru) == (0, 1)
+
+
+def test_a_model_removed_while_a_request_ran_on_it_does_not_come_back_in_the_report():
+    c, owner = cached()
+
+    async def scenario():
+        assert owner.copy.hold()  # a request runs on m
+        await c.apply(c._live.apply(registry(spec("o"))))  # m removed
+        c.used("m")  # its request is answered
+        c.request_failed("m", "boom")
+        owner.copy.release()
+
+    asyncio.run(scenario())
+    assert "m" not in c.report()
+
+
+def test_the_replicas_report_runs_on_its_event_loop_where_the_cache_changes():
+    """Serve runs a plain method on a thread of its pool: the report would read the cache's dicts while the
+    event loop changes them. Coroutines run on the loop, between two steps of the requests."""
+    import inspect
+
+    from deployments.worker.deployment import ModelWorker
+
+    worker = ModelWorker.func_or_class
+    assert inspect.iscoroutinefunction(worker.record_routing_stats) and inspect.iscoroutinefunction(worker.status)
