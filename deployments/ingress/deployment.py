@@ -164,11 +164,14 @@ class Ingress:
     @api.get("/v2/models/{name}/versions/{version}", response_model=v2.ModelMetadata, include_in_schema=False)
     async def v2_model(self, name: str, version: str | None = None) -> v2.ModelMetadata:
         spec = self.plane.spec(name)
+        v2.check_version(name, version)
         return v2.model_metadata(spec, self.plane.task(spec))
 
     @api.get("/v2/models/{name}/ready", tags=["v2"])
     @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
     async def v2_model_ready(self, name: str, version: str | None = None) -> JSONResponse:
+        self.plane.spec(name)
+        v2.check_version(name, version)
         loaded = (await self.plane.model(name)).loaded
         return JSONResponse({"name": name, "ready": loaded}, status_code=200 if loaded else 400)
 
@@ -187,9 +190,17 @@ class Ingress:
     )
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> v2.InferResponse:
         header_length = request.headers.get("inference-header-content-length")
-        parser = v2.BodyParser(await request.body(), header_length, self.max_items)
+        parser = v2.BodyParser(await request.body(), header_length, self.max_items, (name, version))
         result = await self.plane.infer(name, parser, api="v2")
-        return v2.infer_response(parser.request, result)
+        response, binary = v2.infer_response(parser.request, result)
+        if not binary:
+            return response
+        header = response.model_dump_json(exclude_none=True).encode()
+        return Response(  # the binary data extension: the JSON, then the outputs' bytes
+            header + binary,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
 
     @api.post(
         "/v2/repository/index",

@@ -158,6 +158,20 @@ class ModelNotFound(ServeAppError):
         self.details["known_models"] = known
 
 
+class ModelVersionNotFound(ServeAppError):
+    """A version of a model other than the one it has (the Open Inference Protocol's ``versions/{version}``):
+    each model is served at one version, as its metadata lists it."""
+
+    status_code = 404
+    error = "model_version_not_found"
+
+    def __init__(self, model_id: str, version: str, versions: list[str]) -> None:
+        super().__init__(
+            f"Model {echo(model_id)} has no version {echo(version)}; its versions: {', '.join(versions)}",
+            model_id=model_id,
+        )
+
+
 class ModelChanged(ServeAppError):
     """The model's registry entry changed task while the request was on its way: its inputs were decoded for
     the task it had. Sent again, the request reaches the model as it is now."""

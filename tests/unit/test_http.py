@@ -5,6 +5,7 @@ sets at start and a stand-in for the replica behind the routes (its data plane a
 
 import contextlib
 import json
+import struct
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -43,6 +44,16 @@ class Plane:
         if callable(request):  # a protocol's parser, called once the model is known (v2)
             await request()
         return inference_result(SPEC, [[("ok-label", 1.0)]])
+
+    def spec(self, model_id):
+        if model_id != "ok":
+            raise ModelNotFound(model_id, ["ok"])
+        return SPEC
+
+    def task(self, spec):
+        from serve_app.core.tasks import TaskCatalog
+
+        return TaskCatalog.load().task_of(spec)
 
     async def load(self, model_id):
         return merge_model_status(SPEC, [])
@@ -257,3 +268,29 @@ def test_every_reference_of_the_openapi_document_resolves_and_the_bodies_are_des
             node = node[part]
     predict = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"model_id", "input_data", "parameters"} <= set(predict["properties"]) and "$defs" not in predict
+
+
+def test_a_v2_model_answers_at_its_one_version_and_another_version_is_404(client):
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    assert client.post("/v2/models/ok/versions/1/infer", json=body).json()["model_version"] == "1"
+    assert client.get("/v2/models/ok/versions/1").json()["versions"] == ["1"]
+    for r in (client.post("/v2/models/ok/versions/2/infer", json=body), client.get("/v2/models/ok/versions/2")):
+        assert r.status_code == 404 and r.json() == {"error": "Model 'ok' has no version '2'; its versions: 1"}
+    assert client.get("/v2/models/nope/versions/1").status_code == 404  # an unknown model first
+
+
+def test_a_v2_answer_with_binary_outputs_follows_its_json_with_their_bytes():
+    body = {
+        "parameters": {"binary_data_output": True},
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
+    }
+    with ingress_api(max_body_bytes=1000) as (client, _):
+        r = client.post("/v2/models/ok/infer", json=body)
+    length = int(r.headers["inference-header-content-length"])
+    header = json.loads(r.content[:length])
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert [(o["name"], o["parameters"]["binary_data_size"], "data" in o) for o in header["outputs"]] == [
+        ("label", 12, False),
+        ("score", 4, False),
+    ]
+    assert r.content[length:] == b"\x08\x00\x00\x00ok-label" + struct.pack("<f", 1.0)

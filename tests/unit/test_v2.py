@@ -73,8 +73,8 @@ def test_response_tensors_and_requested_outputs():
     )
     spec = ModelSpec(id="spam", task="text-classification", source={"path": "models/spam"})
     predictions = inference_result(spec, [[("spam", 0.9), ("ham", 0.1)]])
-    response = infer_response(request, predictions)
-    assert response.id == "7" and [o.name for o in response.outputs] == ["label"]
+    response, binary = infer_response(request, predictions)
+    assert binary == b"" and response.id == "7" and [o.name for o in response.outputs] == ["label"]
     assert response.outputs[0].data == ["spam"] and response.outputs[0].shape == [1]
     unknown = request.model_copy(update={"outputs": [RequestOutput(name="probabilities")]})
     with pytest.raises(InvalidInput, match="unknown output"):
@@ -138,3 +138,28 @@ def test_a_body_that_is_not_json_is_refused_by_the_bounded_reader(body):
     with pytest.raises(MalformedRequest, match="not valid JSON") as e:
         parse_infer_request(body, None, 32)
     assert e.value.status_code == 400
+
+
+@pytest.mark.parametrize("binary_data_output", [True, False])
+def test_outputs_asked_for_in_binary_form_come_as_tritonclient_reads_them(binary_data_output):
+    """tritonclient asks for every output in binary form by default (``binary_data_output``, and each output's
+    ``binary_data``): the answer's JSON then names each one's ``binary_data_size``, and their bytes follow it,
+    which its ``InferResult`` reads: BYTES as bytes (over JSON they were str, whose ``.decode()`` fails)."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    text = triton.InferInput("text", [2], "BYTES")
+    text.set_data_from_numpy(np.array([b"a", b"b"], dtype=object), binary_data=False)
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary_data_output) for n in ("label", "score")]
+    body, json_size = triton.InferenceServerClient.generate_request_body([text], outputs=outputs)
+    request, _ = parse_infer_request(body, str(json_size) if json_size else None)
+    spec = ModelSpec(id="spam", task="text-classification", source={"path": "models/spam"})
+    response, binary = infer_response(request, inference_result(spec, [[("spam", 0.9)], [("ham", 0.75)]]))
+    header = response.model_dump_json(exclude_none=True).encode()
+    result = triton.InferResult.from_response_body(header + binary, header_length=len(header) if binary else None)
+    labels, scores = result.as_numpy("label"), result.as_numpy("score")
+    assert scores.dtype == np.float32 and scores.tolist() == [0.8999999761581421, 0.75]
+    if binary_data_output:
+        assert labels.tolist() == [b"spam", b"ham"] and [o.data for o in response.outputs] == [None, None]
+    else:
+        assert binary == b"" and labels.tolist() == ["spam", "ham"]

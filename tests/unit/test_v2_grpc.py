@@ -254,6 +254,21 @@ def test_model_infer_is_one_data_plane_call_recorded_under_its_api():
     assert worker.calls == [("predict", "m")] and metrics.observed == [("m", "text-classification", "v2_grpc", 200)]
 
 
+def test_a_model_answers_at_its_one_version_and_another_version_is_not_found():
+    svc, worker, _ = service(ANSWER, ANSWER)
+    asked = request()
+    asked.model_version = "1"
+    assert call(svc, "ModelInfer", asked)[1].code is None
+    asked.model_version = "7"
+    _, ctx = call(svc, "ModelInfer", asked)
+    assert ctx.code is S.NOT_FOUND and ctx.details == "Model 'm' has no version '7'; its versions: 1"
+    assert len(worker.calls) == 1  # not sent to a worker
+    _, ctx = call(svc, "ModelMetadata", pb.ModelMetadataRequest(name="m", version="7"))
+    assert ctx.code is S.NOT_FOUND
+    _, ctx = call(svc, "ModelReady", pb.ModelReadyRequest(name="m", version="7"))
+    assert ctx.code is S.NOT_FOUND
+
+
 def test_an_unknown_model_is_not_found_whatever_the_request_holds():
     svc, worker, metrics = service()
     bad = request(elements=())

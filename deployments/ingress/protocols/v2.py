@@ -24,11 +24,18 @@ from pydantic import BaseModel, Field, StrictInt, ValidationError
 
 from deployments.ingress.bodies import check_json_budget, parse_bounded
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
-from serve_app.core.errors import InputOverLimit, InvalidInput, MalformedRequest, echo, first_invalid
+from serve_app.core.errors import (
+    InputOverLimit,
+    InvalidInput,
+    MalformedRequest,
+    ModelVersionNotFound,
+    echo,
+    first_invalid,
+)
 from serve_app.core.registry import ModelSpec
 from serve_app.core.schemas import ModelState
 from serve_app.core.tasks import Task
-from serve_app.core.tensors import datatype_of, json_data, pack_bytes
+from serve_app.core.tensors import datatype_of, json_data, pack_bytes, raw_data
 
 SERVER_NAME = "multimodel-serve"
 MODEL_VERSION = "1"
@@ -87,7 +94,8 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    parameters: dict[str, Any] | None = None  # binary_data_size: its data follows the JSON, in binary form
+    data: list[Any] | None = None
 
 
 class InferResponse(BaseModel):
@@ -105,6 +113,13 @@ class RepositoryModel(BaseModel):
     size_bytes: int | None = Field(
         None, description="an extension of this server: what a copy takes, as measured (else as declared)"
     )
+
+
+def check_version(name: str, version: str | None) -> None:
+    """A request for a version of the model (a route's ``versions/{version}``, gRPC's ``model_version``):
+    none, or the one it has (MODEL_VERSION); another is a 404 (gRPC NOT_FOUND), not an answer from this one."""
+    if version not in (None, "", MODEL_VERSION):
+        raise ModelVersionNotFound(name, version, [MODEL_VERSION])
 
 
 def model_metadata(spec: ModelSpec, task: Task) -> ModelMetadata:
@@ -259,11 +274,17 @@ class BodyParser:
     """Parses an infer request's body when the data plane asks (through ``bodies.parse_bounded``);
     ``request`` is then the parsed request, for shaping the answer."""
 
-    def __init__(self, body: bytes, header_length: str | None, max_items: int) -> None:
+    def __init__(
+        self, body: bytes, header_length: str | None, max_items: int, model: tuple[str, str | None] = ("", None)
+    ) -> None:
+        """``model``: the model's name and the version the request names (``check_version``), checked once the
+        data plane knows the model."""
         self._body, self._header_length, self._max_items = body, header_length, max_items
+        self._model = model
         self.request: InferRequest | None = None
 
     async def __call__(self) -> InferenceRequest:
+        check_version(*self._model)
         return await parse_bounded(self._parse, self._body)
 
     def _parse(self, body: bytes) -> InferenceRequest:
@@ -300,9 +321,34 @@ def response_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> l
     ]
 
 
-def infer_response(request: InferRequest, result: InferenceResult) -> InferResponse:
-    outputs = response_outputs(result, {o.name for o in request.outputs or ()})
-    return InferResponse(model_name=result.spec.id, id=request.id, outputs=outputs)
+def binary_outputs(request: InferRequest, names: Collection[str]) -> set[str]:
+    """The outputs a request asks for in binary form (the protocol's binary data extension): each output whose
+    ``parameters.binary_data`` is true, and with the request's ``parameters.binary_data_output`` true, every
+    output whose own parameter is not false (tritonclient asks so by default)."""
+    default = (request.parameters or {}).get("binary_data_output") is True
+    own = {o.name: (o.parameters or {}).get("binary_data") for o in request.outputs or ()}
+    return {name for name in names if own.get(name) is True or (default and own.get(name) is not False)}
+
+
+def infer_response(request: InferRequest, result: InferenceResult) -> tuple[InferResponse, bytes]:
+    """The answer's JSON, and the binary data that follows it (empty when every output is JSON): the outputs
+    asked for in binary form carry ``binary_data_size`` instead of ``data``, their bytes in output order
+    (``raw_data``: row-major, little-endian, BYTES length-prefixed)."""
+    tensors = chosen_outputs(result, {o.name for o in request.outputs or ()})
+    binary = binary_outputs(request, tensors)
+    outputs, blobs = [], []
+    for name, array in tensors.items():
+        shape, datatype = list(array.shape), datatype_of(array)
+        if name in binary:
+            blobs.append(raw_data(array))
+            outputs.append(
+                ResponseOutput(
+                    name=name, shape=shape, datatype=datatype, parameters={"binary_data_size": len(blobs[-1])}
+                )
+            )
+        else:
+            outputs.append(ResponseOutput(name=name, shape=shape, datatype=datatype, data=json_data(array)))
+    return InferResponse(model_name=result.spec.id, id=request.id, outputs=outputs), b"".join(blobs)
 
 
 class RepositoryIndexRequest(BaseModel):

@@ -54,6 +54,7 @@ from serve_app.core.errors import (
     ModelChanged,
     ModelNotFound,
     ModelUnavailable,
+    ModelVersionNotFound,
     PayloadTooLarge,
     RequestBodyTimeout,
     RequestTimeout,
@@ -75,6 +76,7 @@ API = "v2_grpc"
 
 GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelVersionNotFound: grpc.StatusCode.NOT_FOUND,
     ModelChanged: grpc.StatusCode.ABORTED,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     BadImage: grpc.StatusCode.INVALID_ARGUMENT,
@@ -273,11 +275,14 @@ class V2Grpc:
 
     @rpc(pb.ModelReadyResponse)
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        self.plane.spec(request.name)
+        v2.check_version(request.name, request.version)
         return pb.ModelReadyResponse(ready=(await self.plane.model(request.name)).loaded)
 
     @rpc(pb.ModelMetadataResponse)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         spec = self.plane.spec(request.name)
+        v2.check_version(request.name, request.version)
         return _message(v2.model_metadata(spec, self.plane.task(spec)), pb.ModelMetadataResponse)
 
     @rpc(pb.ModelInferResponse)
@@ -291,6 +296,7 @@ class V2Grpc:
 
         def parse(_: bytes) -> InferenceRequest:
             nonlocal message
+            v2.check_version(envelope.model_name, envelope.model_version)  # the model is known by now
             message = decoder.build(envelope)
             return inference_request(message, self.max_items)
 
