@@ -223,8 +223,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                 victims = eviction(top, model_id, size, worth_of(list(view.values()), demand)) or ()
                 for victim in victims:
                     self._evicting[top.replica_id][victim.model_id] = now
-                self._evicting[top.replica_id].pop(model_id, None)  # evicted a moment ago, loading again
-                self._assigned[top.replica_id][model_id] = now
+                self._place(top.replica_id, model_id, now)
                 self._victims[(top.replica_id, model_id)] = (tuple(v.model_id for v in victims), top.budget is not None)
                 holders = {r.replica_id: c.in_flight for r in view.values() if (c := r.copy_of(model_id)) is not None}
                 if holders:  # a hot model's copy on one more replica: an event the operator sees in the log
@@ -346,21 +345,17 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         hint = pending.kwargs.get(ROUTE)
         if hint is None or hint.replica_id != rid:
             self._unplace(pending)
-            if not self._holds(replica, model_id):  # a miss here, which no ranking placed here: loading from now
-                self._assigned.setdefault(rid, {})[model_id] = time.time()
-                self._evicting.setdefault(rid, {}).pop(model_id, None)
+            now = time.time()
+            if self._view(replica, now).copy_of(model_id) is None:  # a miss here, which no ranking placed here
+                self._place(rid, model_id, now)
             size = hint.size_bytes if hint is not None else (self._size_of(model_id, pending) or None)
             hint = RouteHint(replica_id=rid, evict=self._placed_victims(rid, model_id), size_bytes=size)
         return replace(hint, threads=self._idle_threads(rid, self.replicas))
 
-    def _holds(self, replica: RunningReplica, model_id: str) -> bool:
-        """Whether the replica holds ``model_id`` or loads it, as it pushed, reported, or this router placed it."""
-        rid = replica.replica_id.unique_id
-        if model_id in replica.multiplexed_model_ids or model_id in self._assigned.get(rid, {}):
-            return True
-        report = self._report(replica)
-        status = report.models.get(model_id) if report is not None else None
-        return status is not None and status.state in (ModelState.LOADED, ModelState.LOADING)
+    def _place(self, rid: str, model_id: str, now: float) -> None:
+        """A miss's copy on ``rid``: loading there from now on (evicted a moment ago or not)."""
+        self._evicting.setdefault(rid, {}).pop(model_id, None)
+        self._assigned.setdefault(rid, {})[model_id] = now
 
     def _unplace(self, pending: PendingRequest) -> None:
         """Undo the miss placement the request's ranking recorded (``_assigned``, its victims' ``_evicting``),

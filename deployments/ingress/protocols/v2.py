@@ -313,14 +313,6 @@ def chosen_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> dic
     return tensors
 
 
-def response_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> list[ResponseOutput]:
-    """The output tensors as JSON, row-major."""
-    return [
-        ResponseOutput(name=name, shape=list(array.shape), datatype=datatype_of(array), data=json_data(array))
-        for name, array in chosen_outputs(result, wanted).items()
-    ]
-
-
 def binary_outputs(request: InferRequest, names: Collection[str]) -> set[str]:
     """The outputs a request asks for in binary form (the protocol's binary data extension): each output whose
     ``parameters.binary_data`` is true, and with the request's ``parameters.binary_data_output`` true, every
