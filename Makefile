@@ -22,11 +22,11 @@ run: install models
 	$(PY) -m serve_app.launch $(SERVE_CONFIG)
 
 # Deploys an edited config/models.json to the app `make run` (or `serve deploy`) runs, without restarting
-# a replica: checks it, writes it into serve_config.yaml's deployments as their user_config, `serve deploy`s
+# a replica: checks it, writes it into $(SERVE_CONFIG)'s deployments as their user_config, `serve deploy`s
 # that, and waits for `serve status`. A bad registry is refused with the messages of start-up; nothing changes.
 # RAY_DASHBOARD_ADDRESS (default http://localhost:8265) names another cluster.
 reload: install
-	$(PY) -m serve_app.reload serve_config.yaml
+	$(PY) -m serve_app.reload $(SERVE_CONFIG)
 
 # Three pytest sessions: one node for unit and integration tests, then a three-node cluster
 # (ray.cluster_utils) for the cluster tests, each starting Ray once; then `make run` itself, started and

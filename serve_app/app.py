@@ -55,8 +55,8 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs.model_validate(args or {})
     ray_internals.check()
     # With no Serve instance yet (``serve.run(build_app(...))`` from Python), the one serve.run starts listens
-    # on Ray's default address.
-    host = ray_internals.serve_http_host() or default_http_host()
+    # on Ray's default address. An empty host is every interface; None, HTTP off.
+    host = ray_internals.serve_http_host(default=default_http_host())
     refusal = listen_refusal(host, args.auth)
     if refusal is not None:
         raise ValueError(f"refusing to start: {refusal}")

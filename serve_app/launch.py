@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from serve_app.core.config import AuthArgs, default_http_host, listen_refusal
+from serve_app.core.config import CONFIG_FILE_HTTP_HOST, AuthArgs, listen_refusal
 
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 """The ports HAProxy binds beside Serve's, by the variable that moves each, with Ray's defaults (a unit test
@@ -251,18 +251,19 @@ class Port:
     """what moves it: a field of the config, or a variable of the environment"""
 
 
-def http_host(config: dict[str, Any], environ: dict[str, str]) -> str | None:
-    """The address Serve's HTTP entries will listen on: ``http_options.host``, else Serve's default
-    (``RAY_SERVE_DEFAULT_HTTP_HOST``, else 127.0.0.1). None: HTTP is off."""
+def http_host(config: dict[str, Any]) -> str | None:
+    """The address Serve's HTTP entries will listen on: ``http_options.host``, else the default of Ray's config
+    schema for a config file, every interface (``CONFIG_FILE_HTTP_HOST``: not the default of Serve started from
+    Python). None: HTTP is off."""
     options = config.get("http_options") or {}
     if "host" in options:
         return options["host"]
-    return default_http_host(environ)
+    return CONFIG_FILE_HTTP_HOST
 
 
-def exposure_refusal(config: dict[str, Any], environ: dict[str, str]) -> str | None:
+def exposure_refusal(config: dict[str, Any]) -> str | None:
     """``listen_refusal`` for each application of the config (the builder refuses the same, once Ray runs)."""
-    host = http_host(config, environ)
+    host = http_host(config)
     for app in config.get("applications") or []:
         auth = (app.get("args") or {}).get("auth")
         try:
@@ -277,7 +278,7 @@ def exposure_refusal(config: dict[str, Any], environ: dict[str, str]) -> str | N
 
 def ports(config: dict[str, Any], environ: dict[str, str]) -> list[Port]:
     """The ports the app will bind on this machine at fixed numbers."""
-    host = http_host(config, environ)
+    host = http_host(config)
     http, grpc = config.get("http_options") or {}, config.get("grpc_options") or {}
     found = []
     if host is not None:
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             content = yaml.safe_load(config.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise Refusal(f"cannot read {config}: {' '.join(str(e).split())}") from e
-        refusal = exposure_refusal(content, environ)
+        refusal = exposure_refusal(content)
         if refusal is not None:
             log(f"refusing to start: {refusal}")
             return 2

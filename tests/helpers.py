@@ -76,6 +76,19 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def built_on_the_loopback(args):
+    """``build_app(args)`` as Serve listening on 127.0.0.1 (serve_config.yaml's) builds it, with no Serve running:
+    the builder would otherwise judge an app with auth off by the address serve.run would start one on (every
+    interface, in config/serve.env's HAProxy mode)."""
+    from unittest import mock
+
+    from serve_app.app import build_app
+    from serve_app.core import ray_internals
+
+    with mock.patch.object(ray_internals, "serve_http_host", lambda default: "127.0.0.1"):
+        return build_app(args)
+
+
 def live_registry(*specs):
     """A replica's live registry serving these ModelSpecs (unit tests of the ingress and the worker)."""
     from serve_app.core.live_registry import LiveRegistry, registry_user_config

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.replicas import ReplicaDirectory
 from serve_app.core.config import AppArgs
-from serve_app.core.errors import ModelUnavailable, RequestTimeout, ServeAppError, unwrap
+from serve_app.core.errors import InvalidInput, ModelUnavailable, RequestTimeout, ServeAppError, echo, unwrap
 from serve_app.core.inputs import InputDecoder
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
@@ -65,6 +65,16 @@ class InferenceRequest:
     timeout_s: float | None = None  # the client's own deadline, when shorter than request_timeout_s
     parameters: Mapping[str, Any] | None = None  # what the client gave for the task (Task.request_parameters)
     other_parameters: bool = False  # the protocol has parameters of its own beside the task's (v2)
+    outputs: Collection[str] = ()  # the output tensors it names (v2; none: every one), checked before the model runs
+
+
+def check_outputs(task: Task, wanted: Collection[str]) -> None:
+    """``InvalidInput`` (422) if a request names an output tensor its model's task has not."""
+    names = [o.name for o in task.output.outputs()]
+    unknown = set(wanted) - set(names)
+    if unknown:
+        named = ", ".join(echo(n, quote=False) for n in sorted(unknown)[:4]) + (", ..." if len(unknown) > 4 else "")
+        raise InvalidInput(f"unknown output(s): {named}; this model has {', '.join(names)}", field="outputs")
 
 
 RequestSource = InferenceRequest | Callable[[], Awaitable[InferenceRequest]]
@@ -81,6 +91,11 @@ class InferenceResult:
     task: Task
     outputs: dict[str, np.ndarray]
     count: int
+
+    @property
+    def elements(self) -> int:
+        """The elements of its arrays: what shaping and serializing it costs grows with them."""
+        return sum(int(array.size) for array in self.outputs.values())
 
     def native(self) -> list[Any]:
         """One native prediction per input, in input order."""
@@ -237,6 +252,7 @@ class DataPlane:
             if callable(request):
                 request = await request()
             parameters = task.request_parameters(request.parameters, others=request.other_parameters)
+            check_outputs(task, request.outputs)
             decoded = await self.decoder.decode(task.input, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
             call = self._call(

@@ -83,6 +83,21 @@ def checked_modes(modes: Any, what: str) -> tuple[str, ...]:
     return tuple(_ST_MODES[m] for m in names)
 
 
+def checked_flag(value: Any, what: str) -> bool:
+    """A registry parameter that is true or false (JSON's ``true``/``false``); ValueError for anything else: the
+    string ``"false"`` would be taken as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} {value!r}: true or false")
+    return value
+
+
+def checked_length(value: Any, what: str) -> int:
+    """A registry parameter that is a number of tokens (at least 1); ValueError for anything else."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{what} {value!r}: a number of tokens, 1 or more")
+    return value
+
+
 def _file(model: str, revision: str | None, name: str, folder: str = "") -> Path | None:
     """One file of a model, in its ``folder`` (a sentence-transformers module's; "" for the model's own), from
     a local folder or a hub revision in the local cache; None if it has none."""
@@ -279,9 +294,16 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             "include_prompt": True,
             **sentence_transformers_config(model, revision),
         }
-        config.update(
-            {k: v for k, v in self.spec.parameters.items() if k in ("pooling", "normalize", "max_seq_length")}
-        )
+        given = {  # the entry's own, a null one not given
+            k: v
+            for k, v in self.spec.parameters.items()
+            if k in ("pooling", "normalize", "max_seq_length") and v is not None
+        }
+        if "normalize" in given:
+            checked_flag(given["normalize"], "normalize")
+        if "max_seq_length" in given:
+            checked_length(given["max_seq_length"], "max_seq_length")
+        config.update(given)
         config["pooling"] = checked_modes(config["pooling"], "pooling")
         prompt = chosen_prompt(config["prompts"], config["prompt_name"], self.spec.parameters)
         sub = {"subfolder": config["subfolder"]} if config.get("subfolder") else {}

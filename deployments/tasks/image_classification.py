@@ -11,7 +11,7 @@ from typing import Any
 from deployments.runtimes.images import decode_images
 from deployments.runtimes.transformers import PipelineRuntime
 from serve_app.core.inputs import IMAGE
-from serve_app.core.outputs import CLASSIFICATION
+from serve_app.core.outputs import CLASSIFICATION, ClassificationParameters
 from serve_app.core.tasks import Task
 
 
@@ -34,6 +34,7 @@ TASK = Task(
     name="image-classification",
     input=IMAGE,
     output=CLASSIFICATION,
+    parameters=ClassificationParameters,
     runtimes=(ImageClassificationRuntime,),
     description="labels for an image, each with its score",
 )

@@ -28,6 +28,7 @@ from deployments.runtimes.transformers import (
     projected,
     trained_weights,
 )
+from deployments.tasks.feature_extraction import checked_flag
 from serve_app.core.inputs import IMAGE
 from serve_app.core.outputs import EMBEDDING
 from serve_app.core.tasks import Task
@@ -60,7 +61,8 @@ class ImageEmbeddingRuntime(ModelRuntime):
                 "and models of texts and images in one space (CLIP, SigLIP)"
             )
         self.image_features = inspect.signature(self.model.get_image_features).parameters if joint else None
-        self.normalize = bool(self.spec.parameters.get("normalize", False))
+        normalize = self.spec.parameters.get("normalize")  # null: not given
+        self.normalize = normalize is not None and checked_flag(normalize, "normalize")
 
     def unload(self) -> None:
         self.model = self.processor = None

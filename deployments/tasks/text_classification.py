@@ -15,7 +15,7 @@ from typing import Any
 
 from deployments.runtimes.transformers import PipelineRuntime, forward_batch, in_forward_passes
 from serve_app.core.inputs import TEXT
-from serve_app.core.outputs import CLASSIFICATION
+from serve_app.core.outputs import CLASSIFICATION, ClassificationParameters
 from serve_app.core.tasks import Task
 
 
@@ -62,6 +62,7 @@ TASK = Task(
     name="text-classification",
     input=TEXT,
     output=CLASSIFICATION,
+    parameters=ClassificationParameters,
     runtimes=(TextClassificationRuntime,),
     description="labels for a text, each with its score (sentiment, spam, topic, intent)",
 )

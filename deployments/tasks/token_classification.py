@@ -4,8 +4,9 @@ The runtime answers as transformers' token-classification pipeline answers with
 ``aggregation_strategy="simple"`` (tokens of one entity merged into one span; ``start`` and ``end`` index the
 input text), a batch in as few forward passes as the tokenizer allows. That strategy, the default, it
 computes itself (``simple_entities``: the pipeline's steps without its bookkeeping, which took about half a
-millisecond a text; docs/performance.md); the others, a stride, and a slow tokenizer (no offsets) go
-through the pipeline.
+millisecond a text; docs/performance.md); the others, and a stride, go through the pipeline. A model whose
+tokenizer is not a fast one (a Python tokenizer) is refused at load: it gives no offsets, so no entity would
+have its span, and the pipeline refuses every strategy but ``simple`` with it.
 
 A text longer than the model takes is truncated, as the pipeline truncates it, and the entities past the cut
 are not found; with ``stride`` (a number of tokens, at most half the model's length) the pipeline reads the
@@ -49,6 +50,13 @@ class TokenClassificationRuntime(PipelineRuntime):
 
     def load(self) -> None:
         super().load()
+        if not self.pipeline.tokenizer.is_fast:
+            name = type(self.pipeline.tokenizer).__name__
+            self.pipeline = None
+            raise ValueError(
+                f"its tokenizer ({name}) is not a fast one: token classification needs the offsets of each token in "
+                "the text, which only a fast tokenizer (transformers' tokenizers backend) gives"
+            )
         # Batches (the pipeline's and simple_entities') are padded on the tokenizer's side: on the right, a model
         # of absolute positions reads each text at the positions it has alone.
         self.pipeline.tokenizer.padding_side = "right"
@@ -65,7 +73,7 @@ class TokenClassificationRuntime(PipelineRuntime):
         """``aggregation_strategy``: a request's, in place of the entry's."""
         pipe = self.loaded_pipeline
         strategy = aggregation_strategy or self.spec.parameters.get("aggregation_strategy", DEFAULT_STRATEGY)
-        if strategy == "simple" and self.spec.parameters.get("stride") is None and pipe.tokenizer.is_fast:
+        if strategy == "simple" and self.spec.parameters.get("stride") is None:
             return in_forward_passes(inputs, forward_batch(pipe.tokenizer), lambda texts: simple_entities(pipe, texts))
         return self.run_pipeline(
             inputs, **({"aggregation_strategy": aggregation_strategy} if aggregation_strategy else {})

@@ -28,6 +28,8 @@ import gc
 import inspect
 import json
 import logging
+import math
+import numbers
 import os
 import threading
 import time
@@ -101,6 +103,17 @@ def with_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def byte_count(size: Any) -> int | None:
+    """A runtime's ``size_bytes()`` answer as a plain int (a numpy integer, or a float, rounded up: as the
+    replica's report and the router carry it), or None; a ``ContractError`` (its load fails, saying so) for
+    anything else: a negative, NaN or infinite number, a bool, a string."""
+    if size is None:
+        return None
+    if isinstance(size, numbers.Real) and not isinstance(size, bool) and math.isfinite(size) and size >= 0:
+        return int(size) if isinstance(size, numbers.Integral) else math.ceil(size)
+    raise ContractError(f"size_bytes() must answer a number of bytes (an int of at least 0) or None, got {size!r}")
+
+
 def one_per_input(values: Any, count: int, what: str) -> list[Any]:
     """``values`` as a list of ``count`` items, one per input: a list, a tuple, or an array or tensor along its
     first axis (as an encoder returns them); else a ``ContractError`` that says ``what`` (the rule broken)."""
@@ -166,7 +179,7 @@ class ModelCopy:
         self.load_seconds = time.perf_counter() - t0
         after = resident_bytes()
         self.rss_growth_bytes = max(0, after - before) if after is not None and before is not None else None
-        self.weights_bytes = self.runtime.size_bytes()
+        self.weights_bytes = byte_count(self.runtime.size_bytes())
         logger.info(
             "loaded model %r on %s in %.2fs: %s bytes of weights, resident memory +%s bytes",
             self.spec.id,
@@ -198,12 +211,17 @@ class ModelCopy:
     ) -> list[dict[str, np.ndarray] | Exception]:
         """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
         request's answer encoded by the task's output kind: one ``predict`` call for each set of request
-        ``parameters`` among them (keyword arguments; none for requests without). A call that raises one of
+        ``parameters`` among them (keyword arguments; none for requests without), but those the output kind
+        applies itself (``OutputKind.options``: classification's ``top_k``), which each request's answer gets
+        after its encoding, whatever the runtime. A call that raises one of
         the app's errors (a request's own fault: an input its runtime refuses, a prompt the model has not) is
         made again for each of its requests alone, so that only the requests at fault get an error, each its
         own. ``ContractError`` if the runtime's rows do not fit the task's contract. Runs on ``thread``;
         ``threads``: the intra-op threads of this forward pass (``with_threads``)."""
         given = [params or {} for params in parameters] if parameters is not None else [{}] * len(requests)
+        kind = self.task.output
+        options = [{k: v for k, v in params.items() if k in kind.options} for params in given]
+        given = [{k: v for k, v in params.items() if k not in kind.options} for params in given]
         groups: dict[str, list[int]] = {}
         for i, params in enumerate(given):
             groups.setdefault(json.dumps(params, sort_keys=True), []).append(i)
@@ -224,7 +242,7 @@ class ModelCopy:
                 else:
                     answers = [self._predict_alone(requests[i], params, threads) for i in indices]
             for i, answer in zip(indices, answers, strict=True):
-                out[i] = answer
+                out[i] = kind.apply(answer, **options[i]) if options[i] and isinstance(answer, dict) else answer
         return out  # type: ignore[return-value]  (every request answered)
 
     def _predict(

@@ -186,7 +186,7 @@ class UrlFetchArgs(_Strict):
     enabled: bool = False
     allowed_schemes: list[str] = Field(default_factory=lambda: ["https"])
     allowed_hosts: list[str] = Field(default_factory=list, description="exact host names (or IPs) that may be fetched")
-    timeout_s: float = Field(5.0, gt=0, description="total time for one fetch")
+    timeout_s: float = Field(5.0, gt=0, description="total time for the fetches of one request")
 
 
 class AuthArgs(_Strict):
@@ -234,10 +234,24 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+ALL_INTERFACES = "0.0.0.0"
+
+
 def default_http_host(environ: Mapping[str, str] = os.environ) -> str:
-    """The address Ray Serve's HTTP entries listen on when ``http_options.host`` is not set: Ray's default,
-    ``RAY_SERVE_DEFAULT_HTTP_HOST`` if set, else 127.0.0.1."""
+    """The address Ray Serve's HTTP entries listen on when Serve is started from Python without
+    ``http_options`` (``serve.run(build_app(...))``: Ray's ``HTTPOptions`` default): every interface with
+    HAProxy (``RAY_SERVE_ENABLE_HA_PROXY=1``, as config/serve.env sets: Ray then binds where HAProxy on other
+    nodes reaches the replicas, whatever ``RAY_SERVE_DEFAULT_HTTP_HOST`` says), else
+    ``RAY_SERVE_DEFAULT_HTTP_HOST``, else 127.0.0.1. (A config file's ``http_options`` without a host is
+    another default: ``CONFIG_FILE_HTTP_HOST``.)"""
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # as Ray reads it
+        return ALL_INTERFACES
     return environ.get("RAY_SERVE_DEFAULT_HTTP_HOST") or "127.0.0.1"
+
+
+CONFIG_FILE_HTTP_HOST = ALL_INTERFACES
+"""The address Serve listens on for a config file (``serve run`` or ``serve deploy`` of it) whose
+``http_options`` name no ``host``: the default of Ray's config schema, every interface."""
 
 
 def listen_refusal(host: str | None, auth: AuthArgs) -> str | None:

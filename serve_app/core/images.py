@@ -15,7 +15,11 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 """File names that an image path input may have."""
 
-SHRUNK_WHILE_DECODED = frozenset({"JPEG"})
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+"""What Pillow names a JPEG: ``MPO`` for one with a multi-picture header (as cameras write; its first picture is
+a JPEG, and the same decoder reads it)."""
+
+SHRUNK_WHILE_DECODED = JPEG_FORMATS
 """The formats Pillow decodes at a fraction of their size (``draft``: a JPEG at 1/2 to 1/8 a side); the others
 are decoded whole, so their pixels per byte of file are bounded (``max_pixels_per_byte``)."""
 

@@ -49,6 +49,7 @@ from serve_app.core.images import (
     BMP_RLE,
     IMAGE_FORMATS,
     IMAGE_SUFFIXES,
+    JPEG_FORMATS,
     MAX_JPEG_SCANS,
     MAX_SLOW_DECODED_PIXELS,
     SHRUNK_WHILE_DECODED,
@@ -148,11 +149,8 @@ class ImageInput(InputKind):
     accepts = "a path under the image root, base64 of the encoded image, a data URI, or a list of these"
 
     async def decode(self, items: Sequence[str | bytes], limits: InputLimits) -> list[bytes]:
-        fetched = {
-            i: await _fetch(item_where(i), item, limits)
-            for i, item in enumerate(items)
-            if isinstance(item, str) and _URL.match(item)
-        }
+        urls = {i: item for i, item in enumerate(items) if isinstance(item, str) and _URL.match(item)}
+        fetched = await _fetch_all(urls, limits) if urls else {}
         return await asyncio.to_thread(self._images, items, fetched, limits)
 
     def _images(self, items: Sequence[str | bytes], fetched: dict[int, bytes], limits: InputLimits) -> list[bytes]:
@@ -221,9 +219,12 @@ class ImageInput(InputKind):
                 raise InvalidInput(f"{where}: no image file at {_quote(item)}", field="input_data")
             _check_size(where, path.stat().st_size, limits)
             return path.read_bytes()
-        except OSError as e:  # too long a name, a loop of links, no permission: the client's bad path
+        except (OSError, RuntimeError) as e:  # too long a name, a loop of links, no permission: the client's bad path
+            # (On Python 3.11 Path.resolve raises RuntimeError for a loop of links, and expanduser for a user with
+            # no home; its text names server paths, so it is not echoed.)
+            reason = e.strerror if isinstance(e, OSError) else "the path cannot be resolved"
             raise InvalidInput(
-                f"{where}: no readable image file at {_quote(item)} ({e.strerror})", field="input_data"
+                f"{where}: no readable image file at {_quote(item)} ({reason})", field="input_data"
             ) from None
 
     @staticmethod
@@ -242,7 +243,7 @@ class ImageInput(InputKind):
                         f"{where}: {width}x{height} pixels in {len(data)} bytes is more than "
                         f"{limits.max_pixels_per_byte} pixels a byte (max_pixels_per_byte): a decompression bomb"
                     )
-                if img.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+                if img.format in JPEG_FORMATS and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
                     raise ImageOverLimit(
                         f"{where}: a JPEG of {scans} scans is more than the limit of {MAX_JPEG_SCANS} (each scan "
                         "is decoded over the whole image): a decompression bomb"
@@ -275,9 +276,8 @@ def _check_size(where: str, size: int, limits: InputLimits) -> None:
 # -- URLs -------------------------------------------------------------------------------------------------
 
 
-async def _fetch(where: str, url: str, limits: InputLimits) -> bytes:
-    import httpx  # the ingress's only: not imported where task modules are (the worker replicas)
-
+def _check_url(where: str, url: str, limits: InputLimits) -> None:
+    """ForbiddenPath (403) unless fetching is on and the URL's scheme and host are allowed."""
     cfg = limits.url_fetch
     if not cfg.enabled:
         raise ForbiddenPath(f"{where}: fetching image URLs is disabled (url_fetch.enabled)")
@@ -290,28 +290,45 @@ async def _fetch(where: str, url: str, limits: InputLimits) -> bytes:
         raise ForbiddenPath(f"{where}: URL scheme {parts.scheme!r} is not allowed")
     if host not in {h.lower() for h in cfg.allowed_hosts}:
         raise ForbiddenPath(f"{where}: host {_quote(parts.hostname or '')} is not in url_fetch.allowed_hosts")
+
+
+async def _fetch_all(urls: dict[int, str], limits: InputLimits) -> dict[int, bytes]:
+    """A request's image URLs (by input index), each checked before any is fetched, then fetched one after
+    another within one ``url_fetch.timeout_s`` for them all, and within the request's byte budget
+    (``max_request_bytes``) counted as their bytes arrive: neither grows with the number of URLs."""
+    import httpx  # the ingress's only: not imported where task modules are (the worker replicas)
+
+    for i, url in urls.items():
+        _check_url(item_where(i), url, limits)
+    cfg, fetched, got = limits.url_fetch, {}, 0
+    i = next(iter(urls))
     try:
-        # The timeout bounds the whole fetch, not each read.
-        return await asyncio.wait_for(_download(where, url, limits), timeout=cfg.timeout_s)
-    except (asyncio.TimeoutError, httpx.TimeoutException):
-        raise BadImage(f"{where}: fetching the URL took longer than {cfg.timeout_s:g}s") from None
+        async with httpx.AsyncClient(timeout=cfg.timeout_s, follow_redirects=False) as client:
+            async with asyncio.timeout(cfg.timeout_s):  # every fetch of the request, not each read
+                for i, url in urls.items():  # i names the input in the errors below
+                    fetched[i] = await _download(client, item_where(i), url, limits, got)
+                    got += len(fetched[i])
+    except (TimeoutError, httpx.TimeoutException):
+        raise BadImage(f"{item_where(i)}: fetching the request's URLs took longer than {cfg.timeout_s:g}s") from None
     except (httpx.HTTPError, httpx.InvalidURL) as e:
-        raise BadImage(f"{where}: fetching the URL failed: {type(e).__name__}") from None
+        raise BadImage(f"{item_where(i)}: fetching the URL failed: {type(e).__name__}") from None
+    return fetched
 
 
-async def _download(where: str, url: str, limits: InputLimits) -> bytes:
-    import httpx
-
-    async with (
-        httpx.AsyncClient(timeout=limits.url_fetch.timeout_s, follow_redirects=False) as client,
-        client.stream("GET", url) as r,
-    ):
+async def _download(client: Any, where: str, url: str, limits: InputLimits, before: int) -> bytes:
+    """One URL's bytes; ``before``: the bytes the request's earlier URLs brought."""
+    async with client.stream("GET", url) as r:
         if r.status_code != 200:
             raise BadImage(f"{where}: fetching the URL gave HTTP {r.status_code}")
         chunks, size = [], 0
         async for chunk in r.aiter_bytes():
             size += len(chunk)
             _check_size(where, size, limits)
+            if before + size > limits.max_request_bytes:
+                raise InputOverLimit(
+                    f"{where}: the images of this request add up to more than {limits.max_request_bytes} bytes",
+                    field="input_data",
+                )
             chunks.append(chunk)
     return b"".join(chunks)
 

@@ -8,18 +8,25 @@ An output kind is the contract between a model runtime and the protocols, in thr
 * ``native`` (in the ingress): one prediction per input, as ``POST /predict`` answers it;
 * ``v2``: the Open Inference Protocol's output tensors, which ``outputs`` describes for model metadata.
 
+A kind may also take request parameters of its own (``options``: classification's ``top_k``), which it
+applies to each request's encoded answer in the worker (``apply``), whatever runtime made it: they never
+reach the runtime's ``predict``.
+
 The kinds shipped here: label scores (classification), one vector per input (embeddings), and labelled
 spans of the input text (token classification). A task module may define a kind of its own.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.core.errors import error_text
 from serve_app.core.tensors import TensorSpec, bytes_array
 
 Wire = Mapping[str, np.ndarray]
@@ -44,6 +51,13 @@ class OutputKind(ABC):
     @abstractmethod
     def native(self, wire: Wire, count: int) -> list[Any]:
         """One native prediction for each of the request's ``count`` inputs, in input order."""
+
+    options: ClassVar[frozenset[str]] = frozenset()
+    """The request parameters this kind applies itself (``apply``), not passed to the runtime."""
+
+    def apply(self, wire: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+        """One request's encoded answer with its ``options`` applied (by default there are none)."""
+        return wire
 
     def v2(self, wire: Wire) -> dict[str, np.ndarray]:
         """The v2 output tensors by name, in the order of ``outputs`` (by default, the arrays of that name)."""
@@ -70,23 +84,38 @@ class Classification(OutputKind):
     score. Native: ``{"label", "score", "scores": [{"label", "score"}, ...]}``. v2: ``label`` (BYTES) and
     ``score`` (FP32), the top label of each input and its score."""
 
+    options = frozenset({"top_k"})
+
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec("label", "BYTES", (-1,)), TensorSpec("score", "FP32", (-1,))]
+
+    def apply(self, wire: dict[str, np.ndarray], top_k: int | None = None) -> dict[str, np.ndarray]:
+        """``top_k``: the most likely labels only (``scores`` of each input; its top label is the same)."""
+        if top_k is None:
+            return wire
+        return {"labels": wire["labels"][:, :top_k], "scores": wire["scores"][:, :top_k]}
 
     @staticmethod
     def _pairs(row: Any) -> list[tuple[str, float]]:
         if isinstance(row, Mapping):
             items = list(row.items())
         elif isinstance(row, Sequence) and not isinstance(row, str | bytes):
-            items = [(r["label"], r["score"]) if isinstance(r, Mapping) else tuple(r) for r in row]
+            try:
+                items = [(r["label"], r["score"]) if isinstance(r, Mapping) else tuple(r) for r in row]
+            except (KeyError, TypeError) as e:  # a bare score (predict_proba's rows), a mapping without a key
+                raise ContractError(
+                    f"a classification row is (label, score) pairs or {{'label', 'score'}} objects: {error_text(e)}"
+                ) from None
         else:
             raise ContractError(f"a classification row is label scores, not {type(row).__name__}")
         if not items or any(len(p) != 2 for p in items):
             raise ContractError("a classification row is a non-empty list of (label, score) pairs")
         try:
-            return sorted(((str(label), float(score)) for label, score in items), key=lambda p: -p[1])
-        except (TypeError, ValueError) as e:
-            raise ContractError(f"a classification score must be a number: {e}") from None
+            pairs = [(str(label), float(score)) for label, score in items]
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # RuntimeError: a tensor of several
+            raise ContractError(f"a classification score must be a number: {error_text(e)}") from None
+        # Most likely first; a NaN score (null in the answers) last, where it cannot be taken for the top label.
+        return sorted(pairs, key=lambda p: (math.isnan(p[1]), -p[1]))
 
     def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
         pairs = [self._pairs(row) for row in rows]
@@ -110,6 +139,20 @@ class Classification(OutputKind):
 
     def v2(self, wire: Wire) -> dict[str, np.ndarray]:
         return {"label": wire["labels"][:, 0], "score": wire["scores"][:, 0]}
+
+
+class ClassificationParameters(BaseModel):
+    """What a request for label scores may choose (text and image classification)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="answer the k most likely labels in each input's scores (default: every label); its label "
+        "and score are the most likely one's whatever k is",
+    )
 
 
 class Embedding(OutputKind):
@@ -175,8 +218,8 @@ class Entities(OutputKind):
                 "end": np.array([int(e["end"]) for _, e in found], dtype=np.int64),
                 "input": np.array([i for i, _ in found], dtype=np.int64),
             }
-        except (TypeError, ValueError) as e:
-            raise ContractError(f"an entity's score, start and end must be numbers: {e}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ContractError(f"an entity's score, start and end must be numbers: {error_text(e)}") from None
 
     def native(self, wire: Wire, count: int) -> list[Any]:
         inputs = wire["input"].tolist()

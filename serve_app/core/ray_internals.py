@@ -181,16 +181,17 @@ def grpc_entry_max_message_bytes() -> int:
 # -- where Serve listens -----------------------------------------------------------------------------
 
 
-def serve_http_host() -> str | None:
+def serve_http_host(default: str | None) -> str | None:
     """The address the running Serve instance's HTTP entries listen on (its ``http_options.host``: HAProxy,
-    the proxies, the ingress replicas' own HTTP servers), or None when no Serve instance runs yet (or Ray
-    does not: this starts none). Ray has no public API for a running instance's HTTP options."""
+    the proxies, the ingress replicas' own HTTP servers; None: its HTTP is off), or ``default`` when no Serve
+    instance runs yet (or Ray does not: this starts none). Ray has no public API for a running instance's
+    HTTP options."""
     if not ray.is_initialized():
-        return None
+        return default
     try:
         controller = _controller()
     except ValueError:  # no Serve controller in this cluster
-        return None
+        return default
     return ray.get(controller.get_http_config.remote()).host
 
 

@@ -59,8 +59,9 @@ class Task:
     """v2 model metadata's ``platform`` of the default runtime (``<platform>/<task>``)."""
     parameters: type[BaseModel] | None = None
     """The parameters a request may give (a pydantic model, extra fields forbidden), which its runtimes'
-    ``predict`` takes as keyword arguments: requests with other values are never in one model call. None:
-    the task takes none."""
+    ``predict`` takes as keyword arguments (requests with other values are never in one model call), but
+    those its output kind applies itself (``OutputKind.options``: classification's ``top_k``). None: the task
+    takes none."""
 
     def __post_init__(self) -> None:
         if not self.runtimes:

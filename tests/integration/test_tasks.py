@@ -224,6 +224,39 @@ def test_image_embeddings_over_every_protocol(client, demo_url, grpc_client, v2_
     np.testing.assert_allclose(result.as_numpy("embedding")[0], out["data"], rtol=1e-5, atol=1e-6)
 
 
+def test_a_classification_request_chooses_its_top_k_over_every_protocol(client, demo_url, grpc_client):
+    """top_k keeps each input's k most likely labels in its scores; its label is the same whatever k; a k that is
+    not a whole number of at least 1 is a 422 (gRPC: INVALID_ARGUMENT)."""
+    paths = [f"samples/images/{n}.jpg" for n in ("circle", "square", "triangle")]
+    every = predict(client, demo_url, "image", paths).json()["predictions"]
+    assert min(len(p["scores"]) for p in every) >= 3
+    body = {"model_id": "image", "input_data": paths, "parameters": {"top_k": 2}}
+    top = client.post(f"{demo_url}/predict", json=body).json()["predictions"]
+    assert [p["scores"] for p in top] == [p["scores"][:2] for p in every]
+    assert [p["label"] for p in top] == [p["label"] for p in every]
+
+    images = [base64.b64encode((PROJECT_ROOT / p).read_bytes()).decode() for p in paths]
+    rest = client.post(
+        f"{demo_url}/v2/models/image/infer",
+        json={
+            "inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": images}],
+            "parameters": {"top_k": 1},
+        },
+    )
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["outputs"][0]["data"] == [p["label"] for p in every]
+
+    tensor = triton.InferInput("image", [3], "BYTES")
+    tensor.set_data_from_numpy(np.array([(PROJECT_ROOT / p).read_bytes() for p in paths], dtype=object))
+    result = grpc_client.infer("image", [tensor], parameters={"top_k": 1}, headers=DEMO)
+    assert [label.decode() for label in result.as_numpy("label")] == [p["label"] for p in every]
+
+    bad = client.post(f"{demo_url}/predict", json={**body, "parameters": {"top_k": 0}})
+    assert bad.status_code == 422 and "parameters.top_k" in bad.json()["message"], bad.text
+    with pytest.raises(InferenceServerException, match=r"parameters\.top_k"):
+        grpc_client.infer("image", [tensor], parameters={"top_k": 0}, headers=DEMO)
+
+
 # -- bad inputs, per task ---------------------------------------------------------------------------------
 
 

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -146,6 +150,7 @@ def test_start_up_refuses_limits_that_messages_between_replicas_cannot_carry(mon
     from serve_app.app import build_app
     from serve_app.core import ray_internals
 
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda default: "127.0.0.1")  # serve_config.yaml's
     monkeypatch.setattr(ray_internals, "replica_grpc_max_message_bytes", lambda: 4 * 1024 * 1024)  # Ray's default
     with pytest.raises(ValueError, match="RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"):
         build_app(AppArgs(auth={"mode": "off"}))  # 8 MiB of inputs do not fit 4 MiB
@@ -156,10 +161,10 @@ def test_start_up_refuses_limits_that_messages_between_replicas_cannot_carry(mon
 def test_a_worker_replica_that_serve_stops_may_finish_any_request_it_runs():
     """A scale-down or a redeploy stops a worker replica once its requests are done, or after Serve's grace
     period: longer than any request may run, so that none that could still be answered is cut off."""
-    from serve_app.app import build_app
+    from tests.helpers import built_on_the_loopback
 
     args = AppArgs(auth={"mode": "off"}, request_timeout_s=90, max_body_bytes=1 << 20, max_image_bytes=1 << 20)
-    (worker, _check, _args) = build_app(args)._bound_deployment.init_args
+    (worker, _check, _args) = built_on_the_loopback(args)._bound_deployment.init_args
     assert worker._bound_deployment._deployment_config.graceful_shutdown_timeout_s > args.request_timeout_s
 
 
@@ -204,18 +209,49 @@ def test_the_builder_refuses_auth_off_when_serve_listens_on_another_address(monk
     from serve_app.core import ray_internals
 
     if not ray.is_initialized():
-        assert ray_internals.serve_http_host() is None  # no Serve to ask, and none is started to ask it
-    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: "0.0.0.0")
+        assert ray_internals.serve_http_host(default="x") == "x"  # no Serve to ask, and none is started to ask it
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda default: "0.0.0.0")
     with pytest.raises(ValueError, match=r"^refusing to start: auth.mode is off and http_options.host is '0.0.0.0'"):
         build_app(AppArgs(auth={"mode": "off"}))
-    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: "127.0.0.1")
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda default: "127.0.0.1")
+    assert build_app(AppArgs(auth={"mode": "off"}))
+    # An empty host is every interface (HAProxy writes `bind :8000`), not an unknown one.
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda default: "")
+    with pytest.raises(ValueError, match=r"http_options\.host is ''"):
+        build_app(AppArgs(auth={"mode": "off"}))
+    # A Serve instance with its HTTP off listens on no address.
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda default: None)
     assert build_app(AppArgs(auth={"mode": "off"}))
     # No Serve yet: serve.run will start one on Ray's default address, which the environment can move.
-    monkeypatch.setattr(ray_internals, "serve_http_host", lambda: None)
+    monkeypatch.setattr(ray_internals, "serve_http_host", lambda default: default)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    monkeypatch.delenv("RAY_SERVE_DEFAULT_HTTP_HOST", raising=False)
     assert build_app(AppArgs(auth={"mode": "off"}))
     monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_HOST", "0.0.0.0")
     with pytest.raises(ValueError, match=r"http_options\.host is '0\.0\.0\.0'"):
         build_app(AppArgs(auth={"mode": "off"}))
+    # With HAProxy (config/serve.env), Ray listens on every interface whatever RAY_SERVE_DEFAULT_HTTP_HOST says.
+    monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    with pytest.raises(ValueError, match=r"http_options\.host is '0\.0\.0\.0'"):
+        build_app(AppArgs(auth={"mode": "off"}))
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{}, {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": "127.0.0.1"}],
+    ids=["plain", "haproxy"],
+)
+def test_the_default_address_is_the_one_ray_listens_on(environ):
+    # Ray reads its environment once, at import: a process of its own for each.
+    from serve_app.core.config import default_http_host, is_loopback
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | environ
+    code = "from ray.serve.config import HTTPOptions; print(HTTPOptions().host)"
+    ray_default = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.strip()
+    assert is_loopback(default_http_host(env)) == is_loopback(ray_default), (default_http_host(env), ray_default)
 
 
 def test_serve_config_listens_on_the_loopback_with_auth_off():

@@ -46,6 +46,44 @@ def test_a_runtime_that_cannot_tell_its_size_is_measured_by_resident_memory(tiny
     assert copy.weights_bytes is None and copy.size_bytes == copy.rss_growth_bytes >= 8 << 20
 
 
+@pytest.mark.parametrize(
+    ("told", "counted"), [(np.int64(4096), 4096), (1234.5, 1235), (np.float32(8.0), 8), (None, None), (0, 0)]
+)
+def test_a_size_a_runtime_tells_as_a_number_is_counted_as_a_plain_int(told, counted):
+    """The replica's report (JSON) and the router (whole bytes) carry it: a numpy integer or a float is taken."""
+
+    class Sized(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+        def size_bytes(self):
+            return told
+
+    spec = ModelSpec(id="s", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Sized(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    assert copy.weights_bytes == counted and (counted is None or type(copy.weights_bytes) is int)
+
+
+@pytest.mark.parametrize("told", [-1, float("nan"), float("inf"), True, "4096", np.array([1, 2])])
+def test_a_size_that_is_no_number_of_bytes_fails_the_load_saying_so(told):
+    class Sized(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+        def size_bytes(self):
+            return told
+
+    spec = ModelSpec(id="s", task="text-classification", source={"path": "x"})
+    with pytest.raises(ContractError, match=r"size_bytes\(\) must answer a number of bytes"):
+        ModelCopy(spec, Sized(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+
+
 @pytest.mark.parametrize("kind", ["numpy", "torch", "bfloat16"])
 def test_an_embedding_runtime_may_answer_one_array_of_a_row_per_input(kind):
     """``predict`` may return what an encoder returns: an array or a tensor, its first axis the inputs."""
@@ -154,6 +192,27 @@ def test_requests_of_a_batch_with_other_parameters_get_a_model_call_each_in_requ
     assert [a["embedding"][:, 0].tolist() for a in answers] == [[5], [0, 0], [5], [3]]
 
 
+def test_top_k_is_applied_to_each_requests_answer_and_never_reaches_the_runtime_nor_splits_its_call():
+    """Classification's top_k is the output kind's: a runtime of one's own that knows nothing of it serves it,
+    in one model call for requests with and without it."""
+    calls = []
+
+    class Scores(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            calls.append(list(inputs))
+            return [{"a": 0.1, "b": 0.6, "c": 0.3} for _ in inputs]
+
+    spec = ModelSpec(id="s", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Scores(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    answers = copy.answer([["x"], ["y", "z"], ["w"]], parameters=[{"top_k": 1}, None, {"top_k": 2}])
+    assert calls == [["x", "y", "z", "w"]]
+    assert [a["labels"].tolist() for a in answers] == [[["b"]], [["b", "c", "a"]] * 2, [["b", "c"]]]
+    assert [a["scores"].shape for a in answers] == [(1, 1), (2, 3), (1, 2)]
+
+
 def test_a_request_at_fault_gets_its_error_and_the_rest_of_its_batch_its_answers():
     """A prompt the model has not fails its own requests (a 422), not the batch; and a runtime of one's own
     whose predict does not take its task's parameters answers a request that gives one with a 422."""
@@ -209,7 +268,7 @@ def test_an_input_its_runtime_refuses_fails_only_its_own_request_and_each_error_
     assert calls == [["good", "bad", "fine", "ok", "bad"], ["good"], ["bad"], ["fine", "ok"], ["bad"]]
     # A parameter the runtime does not take refuses each of its requests, with an error each, and runs none.
     calls.clear()
-    one, other = copy.answer([["a"], ["b"]], parameters=[{"top_k": 2}, {"top_k": 2}])
+    one, other = copy.answer([["a"], ["b"]], parameters=[{"temperature": 2}, {"temperature": 2}])
     assert isinstance(one, InvalidInput) and isinstance(other, InvalidInput) and one is not other
     assert calls == []
 

@@ -215,6 +215,16 @@ def test_an_unknown_model_is_recorded_under_one_tag_never_the_requested_id():
     assert worker.calls == [] and metrics.observed == [("(unknown)", "(unknown)", "v2", 404)]
 
 
+def test_an_output_the_models_task_has_not_is_refused_before_the_model_runs():
+    from serve_app.core.errors import InvalidInput
+
+    p, worker, metrics = plane(ANSWER)
+    with pytest.raises(InvalidInput, match=r"unknown output\(s\): probabilities; this model has label, score"):
+        asyncio.run(p.infer("m", InferenceRequest(["hello"], outputs=["label", "probabilities"]), api="v2"))
+    assert worker.calls == [] and metrics.observed == [("m", "text-classification", "v2", 422)]
+    assert asyncio.run(p.infer("m", InferenceRequest(["hello"], outputs=["score"]), api="v2")).native() == PREDICTIONS
+
+
 def test_inputs_parsed_from_the_body_are_parsed_after_the_lookup():
     p, _, _ = plane(ANSWER)
     parsed = []

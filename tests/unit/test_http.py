@@ -39,10 +39,12 @@ class Plane:
             raise BadImage("input_data[0]: not a readable image")
         if model_id == "backoff":
             raise ModelUnavailable("Model 'backoff' could not be loaded (not tried again for 3s)", retry_after_s=2.4)
-        if model_id != "ok":
+        if model_id not in ("ok", "many"):
             raise ModelUnavailable(f"Model {model_id!r} could not be loaded", model_id=model_id)
         if callable(request):  # a protocol's parser, called once the model is known (v2)
             await request()
+        if model_id == "many":  # 20 inputs of 1,001 labels each: 40,040 elements
+            return inference_result(SPEC, [[(f"l{j}", j / 1001) for j in range(1001)] for _ in range(20)])
         return inference_result(SPEC, [[("ok-label", 1.0)]])
 
     def spec(self, model_id):
@@ -294,3 +296,42 @@ def test_a_v2_answer_with_binary_outputs_follows_its_json_with_their_bytes():
         ("score", 4, False),
     ]
     assert r.content[length:] == b"\x08\x00\x00\x00ok-label" + struct.pack("<f", 1.0)
+
+
+def test_a_large_answer_is_shaped_off_the_event_loop_and_reads_as_a_small_one_does(monkeypatch):
+    """An answer of more elements than OFF_LOOP_ELEMENTS is shaped and serialized on a thread (the event loop
+    serves every other request meanwhile); a small one on the loop. Both are the JSON FastAPI would give."""
+    import asyncio
+
+    from deployments.ingress import deployment
+    from deployments.ingress.protocols import native, v2
+
+    on_loop = []
+
+    def running_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    for module, name in ((native, "predict_response"), (v2, "infer_response")):
+        shape = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, shape=shape: on_loop.append(running_loop()) or shape(*a))
+    text = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    with ingress_api(max_body_bytes=1000) as (client, _):
+        small = client.post("/predict", json={"model_id": "ok", "input_data": "x"})
+        large = client.post("/predict", json={"model_id": "many", "input_data": "x"})
+        large_v2 = client.post("/v2/models/many/infer", json={**text, "id": "r-1"})
+        small_v2 = client.post("/v2/models/ok/infer", json=text)
+    assert on_loop == [True, False, False, True]
+    assert small.json()["predictions"] == [
+        {"label": "ok-label", "score": 1.0, "scores": [{"label": "ok-label", "score": 1.0}]}
+    ]
+    predictions = large.json()["predictions"]
+    assert large.headers["content-type"] == "application/json" and len(predictions) == 20
+    assert predictions[0]["label"] == "l1000" and len(predictions[0]["scores"]) == 1001
+    assert deployment.OFF_LOOP_ELEMENTS < 20 * 1001 * 2
+    answer = large_v2.json()
+    assert answer["id"] == "r-1" and [o["name"] for o in answer["outputs"]] == ["label", "score"]
+    assert answer["outputs"][0]["data"] == ["l1000"] * 20 and "id" not in small_v2.json()

@@ -70,6 +70,16 @@ def test_symlink_out_of_the_root_is_forbidden(tmp_path):
         dec.decode(IMAGE, str(root / "link.png"))
 
 
+def test_a_loop_of_links_under_the_root_is_a_bad_path_not_a_crash(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "loop.png").symlink_to(root / "loop.png")
+    dec = _Sync(InputDecoder(image_root=root, max_image_bytes=1 << 20, max_image_pixels=100_000, max_items=4))
+    with pytest.raises(InvalidInput, match=r"no (readable )?image file at") as e:  # Python 3.13 resolves it
+        dec.decode(IMAGE, str(root / "loop.png"))
+    assert e.value.status_code == 422
+
+
 def test_text_sent_to_an_image_model_is_invalid_input(decoder):
     with pytest.raises(InvalidInput) as e:
         decoder.decode(IMAGE, "This movie was great!")
@@ -127,6 +137,59 @@ def test_urls_are_refused_unless_enabled_and_allowed():
         on.decode(IMAGE, "http://images.example.com/cat.jpg")
     with pytest.raises(ForbiddenPath, match="allowed_hosts"):
         on.decode(IMAGE, "https://evil.example.com/cat.jpg")
+
+
+@pytest.fixture
+def image_host():
+    """An HTTP server on the loopback that answers every GET with the same PNG after ``delay`` seconds, and
+    counts the requests it got."""
+    import http.server
+    import threading
+    import time
+
+    class Host(http.server.ThreadingHTTPServer):
+        body, delay, requests = _png((64, 64)), 0.0, 0
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.server.requests += 1
+            time.sleep(self.server.delay)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.server.body)))
+            self.end_headers()
+            self.wfile.write(self.server.body)
+
+        def log_message(self, *args):
+            pass
+
+    server = Host(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _fetching_decoder(timeout_s: float, max_request_bytes: int = 1 << 20) -> _Sync:
+    from serve_app.core.config import UrlFetchArgs
+
+    fetch = UrlFetchArgs(enabled=True, allowed_schemes=["http"], allowed_hosts=["127.0.0.1"], timeout_s=timeout_s)
+    return _Sync(InputDecoder("samples/images", 1 << 20, 100_000, 4, fetch, max_request_bytes=max_request_bytes))
+
+
+def test_the_urls_of_one_request_share_one_timeout_and_one_byte_budget(image_host):
+    url = f"http://127.0.0.1:{image_host.server_port}/cat.png"
+    assert _fetching_decoder(5.0).decode(IMAGE, [url, url]) == [image_host.body] * 2
+    # Four URLs that take 0.4 s each, within a timeout of 1 s for them all (each alone would be within it).
+    image_host.delay, image_host.requests = 0.4, 0
+    with pytest.raises(BadImage, match=r"fetching the request's URLs took longer than 1s"):
+        _fetching_decoder(1.0).decode(IMAGE, [url] * 4)
+    assert image_host.requests < 4
+    # Refused while the second arrives: the third is never fetched.
+    image_host.delay, image_host.requests = 0.0, 0
+    budget = int(1.5 * len(image_host.body))
+    with pytest.raises(InvalidInput, match=r"input_data\[1\]: the images of this request add up to more than"):
+        _fetching_decoder(5.0, max_request_bytes=budget).decode(IMAGE, [url] * 3)
+    assert image_host.requests == 2
 
 
 def test_odd_paths_and_urls_are_client_errors_not_crashes():
@@ -219,9 +282,12 @@ def test_an_image_decoded_whole_with_too_many_pixels_a_byte_is_a_bomb_but_a_jpeg
         assert d.decode(IMAGE, [base64.b64encode(data).decode()]) == [data]
 
 
-def _jpeg_of_scans(extra: int) -> bytes:
-    """A progressive JPEG (grey, libjpeg's 6 scans) with its first scan written ``extra`` more times."""
-    data = _saved(Image.new("L", (64, 64), 128), "JPEG", progressive=True)
+def _jpeg_of_scans(extra: int, format: str = "JPEG") -> bytes:
+    """A progressive JPEG (grey, libjpeg's 6 scans) with its first scan written ``extra`` more times; ``MPO``:
+    one with a multi-picture header and a second picture, as cameras write (Pillow names it MPO)."""
+    grey = Image.new("L", (64, 64), 128)
+    more = {"save_all": True, "append_images": [grey]} if format == "MPO" else {}
+    data = _saved(grey, format, progressive=True, **more)
     starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
     first = data[starts[0] : starts[1]]
     return data[: starts[1]] + first * extra + data[starts[1] :]
@@ -250,6 +316,12 @@ def test_a_jpeg_of_more_scans_than_the_limit_is_a_bomb_and_a_progressive_one_is_
     with pytest.raises(BadImage, match="a JPEG of 101 scans is more than the limit of 100") as e:
         decoder.decode(IMAGE, [base64.b64encode(_jpeg_of_scans(95)).decode()])
     assert e.value.status_code == 400
+    # A JPEG with a multi-picture header is one too: its scans count the same (both pictures': 12 of them).
+    camera = _jpeg_of_scans(0, "MPO")
+    assert Image.open(io.BytesIO(camera)).format == "MPO" and camera.count(b"\xff\xda") == 12
+    assert decoder.decode(IMAGE, [base64.b64encode(camera).decode()]) == [camera]
+    with pytest.raises(BadImage, match="a JPEG of 101 scans is more than the limit of 100"):
+        decoder.decode(IMAGE, [base64.b64encode(_jpeg_of_scans(89, "MPO")).decode()])
 
 
 def test_a_bmp_compressed_with_rle_which_decodes_in_python_has_at_most_a_million_pixels():

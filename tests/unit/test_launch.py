@@ -207,7 +207,20 @@ def test_auth_off_on_another_address_is_refused_in_one_line_before_anything_star
     ]
     assert not (tmp_path / ".run").exists()
     write_config(tmp_path, port, host="0.0.0.0", auth="api_key")
-    assert launch.exposure_refusal(yaml.safe_load((tmp_path / "serve_config.yaml").read_text()), {}) is None
+    assert launch.exposure_refusal(yaml.safe_load((tmp_path / "serve_config.yaml").read_text())) is None
+
+
+def test_a_config_without_a_host_listens_on_every_interface():
+    # Ray's config schema defaults http_options.host to 0.0.0.0 (not serve.run's default from Python), and an
+    # empty host is every interface too: both refused with auth off, before anything starts.
+    from ray.serve.schema import HTTPOptionsSchema
+
+    assert HTTPOptionsSchema().host == launch.http_host({}) == launch.http_host({"http_options": {"port": 8000}})
+    for options in ({"port": 8000}, {"host": "", "port": 8000}):
+        config = {"http_options": options, "applications": [{"name": "m", "args": {"auth": {"mode": "off"}}}]}
+        refusal = launch.exposure_refusal(config)
+        assert refusal is not None and f"http_options.host is {launch.http_host(config)!r}" in refusal
+        assert {p.host for p in launch.ports(config, {})} == {launch.http_host(config)}
 
 
 def test_the_ports_it_checks_are_the_ones_serve_binds():

@@ -75,9 +75,9 @@ def test_the_deployments_named_are_the_builders():
     assert reload.REGISTRY_DEPLOYMENTS == app.REGISTRY_DEPLOYMENTS
 
 
-def test_make_reload_runs_this_command_on_serve_config_yaml():
+def test_make_reload_runs_this_command_on_the_config_make_run_runs():
     recipe = re.search(r"^reload:.*\n((?:\t.*\n)+)", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
-    assert recipe.strip() == "$(PY) -m serve_app.reload serve_config.yaml"
+    assert recipe.strip() == "$(PY) -m serve_app.reload $(SERVE_CONFIG)"  # serve_config.yaml unless told
     _, versions = reload.render(yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text()))
     assert list(versions) == ["multimodel"]  # the shipped config and registry render
 

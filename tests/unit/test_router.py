@@ -737,10 +737,10 @@ def built_router(**routing) -> ModelAwareRouter:
     ``worker.routing`` args: its class and keyword arguments, from the deployment's request-router config."""
     import importlib
 
-    from serve_app.app import build_app
     from serve_app.core.config import AppArgs
+    from tests.helpers import built_on_the_loopback
 
-    ingress = build_app(AppArgs(auth={"mode": "off"}, worker={"routing": routing}))._bound_deployment
+    ingress = built_on_the_loopback(AppArgs(auth={"mode": "off"}, worker={"routing": routing}))._bound_deployment
     (worker,) = [
         a._bound_deployment
         for a in ingress.init_args

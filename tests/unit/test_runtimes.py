@@ -306,6 +306,22 @@ def test_parameters_override_the_pooling_and_normalisation(minilm, pooling):
     assert abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3  # not normalised
 
 
+@pytest.mark.parametrize(
+    ("task", "folder", "parameters", "error"),
+    [
+        ("feature-extraction", "alpha", {"normalize": "false"}, "normalize 'false': true or false"),
+        ("feature-extraction", "alpha", {"normalize": 1}, "normalize 1: true or false"),
+        ("feature-extraction", "alpha", {"max_seq_length": 0}, "max_seq_length 0: a number of tokens, 1 or more"),
+        ("feature-extraction", "alpha", {"max_seq_length": 8.5}, "max_seq_length 8.5: a number of tokens"),
+        ("image-feature-extraction", "pixels", {"normalize": "no"}, "normalize 'no': true or false"),
+    ],
+)
+def test_an_embedding_entrys_parameter_of_the_wrong_kind_fails_the_load(tiny_dir, task, folder, parameters, error):
+    """The string "false" is not false: an entry's parameters are checked, not read as truthy."""
+    with pytest.raises(ValueError, match=error):
+        runtime_for(_spec("e", task, tiny_dir / folder, parameters=parameters), device="cpu").load()
+
+
 def test_a_model_without_sentence_transformers_files_is_mean_pooled(tiny_dir):
     rt = runtime_for(_spec("alpha", "feature-extraction", tiny_dir / "alpha"), device="cpu")
     rt.load()
@@ -830,6 +846,20 @@ def test_a_stride_the_model_cannot_take_fails_the_load(tmp_path, stride, error):
     folder = build_token_model(tmp_path / "ner", "ner")
     with pytest.raises(ValueError, match=error):
         runtime_for(_spec("ner", "token-classification", folder, parameters={"stride": stride})).load()
+
+
+def test_a_token_model_whose_tokenizer_gives_no_offsets_fails_the_load_saying_why(tmp_path, monkeypatch):
+    """A Python (not fast) tokenizer gives no token offsets: no entity would have its span, so the load fails."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from demo.tiny_models import build_token_model
+
+    folder = build_token_model(tmp_path / "ner", "ner")
+    monkeypatch.setattr(TokenizersBackend, "is_fast", property(lambda self: False))
+    rt = runtime_for(_spec("ner", "token-classification", folder), device="cpu")
+    with pytest.raises(ValueError, match=r"its tokenizer \(\w+\) is not a fast one: token classification needs"):
+        rt.load()
+    assert rt.pipeline is None
 
 
 def test_an_unknown_aggregation_strategy_fails_the_load(tiny_dir):

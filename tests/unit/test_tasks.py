@@ -45,11 +45,40 @@ def test_classification_answers_as_the_seed_did_field_for_field():
         (["positive"], "label scores, not str"),
         ([[]], "non-empty"),
         ([[("a", "high")]], "score must be a number"),
+        ([[0.9, 0.1]], r"\(label, score\) pairs or \{'label', 'score'\} objects"),  # predict_proba's rows
+        ([[{"label": "a"}]], r"\(label, score\) pairs"),
+        ([[("a", 10**400)]], "score must be a number"),
+        ([[("a", np.array([0.1, 0.2]))]], "score must be a number"),
     ],
 )
 def test_classification_rows_outside_the_contract_are_refused(rows, match):
     with pytest.raises(ContractError, match=match):
         CLASSIFICATION.encode(rows)
+
+
+def test_top_k_keeps_each_inputs_most_likely_labels_and_the_same_top_label():
+    wire = CLASSIFICATION.encode([{"a": 0.1, "b": 0.6, "c": 0.3}, {"a": 0.5, "b": 0.2, "c": 0.3}])
+    top = CLASSIFICATION.apply(wire, top_k=2)
+    assert [[s["label"] for s in p["scores"]] for p in CLASSIFICATION.native(top, 2)] == [["b", "c"], ["a", "c"]]
+    assert json_data(CLASSIFICATION.v2(top)["label"]) == json_data(CLASSIFICATION.v2(wire)["label"]) == ["b", "a"]
+    assert CLASSIFICATION.apply(wire, top_k=10)["labels"].shape == (2, 3)  # more than the labels: every one
+    assert CLASSIFICATION.apply(wire) is wire
+
+
+@pytest.mark.parametrize("top_k", [0, -1, "5", 2.0, True])
+def test_top_k_is_a_whole_number_of_at_least_one(top_k):
+    from serve_app.core.errors import InvalidInput
+
+    task = TaskCatalog.load().task_of(ModelSpec(id="s", task="text-classification", source={"path": "x"}))
+    assert task.request_parameters({"top_k": 3}) == {"top_k": 3}
+    with pytest.raises(InvalidInput, match=r"parameters\.top_k"):
+        task.request_parameters({"top_k": top_k})
+
+
+def test_a_nan_score_is_never_the_top_label():
+    wire = CLASSIFICATION.encode([[("a", 0.1), ("b", float("nan")), ("c", 0.9)]])
+    answer = CLASSIFICATION.native(wire, 1)[0]
+    assert answer["label"] == "c" and [s["label"] for s in answer["scores"]] == ["c", "a", "b"]
 
 
 # -- embeddings ---------------------------------------------------------------------------------------
@@ -99,6 +128,10 @@ def test_an_entity_without_its_fields_is_refused():
         ENTITIES.encode([[{"word": "x"}]])
     with pytest.raises(ContractError, match="list of entities"):
         ENTITIES.encode(["PER"])
+    with pytest.raises(ContractError, match="must be numbers"):  # a runtime of one's own that gives no offsets
+        ENTITIES.encode([[{**ALICE, "start": None, "end": None}]])
+    with pytest.raises(ContractError, match="must be numbers"):
+        ENTITIES.encode([[{**ALICE, "end": float("inf")}]])
 
 
 # -- tensors ------------------------------------------------------------------------------------------
@@ -217,8 +250,10 @@ def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not
         embed.request_parameters({"prompt_name": "query", "top_k": 3})
     with pytest.raises(InvalidInput, match=r"parameters\.prompt_name: Input should be a valid string"):
         embed.request_parameters({"prompt_name": 3})
-    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: none\)"):
+    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: top_k\)"):
         classify.request_parameters({"prompt_name": "query"})
+    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: none\)"):
+        catalog.get("image-feature-extraction").request_parameters({"prompt_name": "query"})
     with pytest.raises(InvalidInput) as long_key:  # a client's key is echoed bounded
         classify.request_parameters({"k" * 100_000: 1})
     assert len(str(long_key.value)) < 200 and len(long_key.value.details["field"]) < 100

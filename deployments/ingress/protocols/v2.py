@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, Field, StrictInt, ValidationError
 
 from deployments.ingress.bodies import check_json_budget, parse_bounded
-from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing
+from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, check_outputs
 from serve_app.core.errors import (
     InputOverLimit,
     InvalidInput,
@@ -294,6 +294,7 @@ class BodyParser:
             timeout_s=client_timeout_s(self.request),
             parameters=self.request.parameters,  # the task's among them (Triton's own, as timeout, are not)
             other_parameters=True,
+            outputs=[o.name for o in self.request.outputs or ()],
         )
 
 
@@ -302,13 +303,11 @@ def server_metadata(version: str) -> ServerMetadata:
 
 
 def chosen_outputs(result: InferenceResult, wanted: Collection[str] = ()) -> dict[str, np.ndarray]:
-    """The task's output tensors by name, or those of them the request names (none: every one)."""
+    """The task's output tensors by name, or those of them the request names (none: every one; the data plane
+    refused an unknown name before the model ran: ``check_outputs``)."""
     tensors = result.v2()
     if wanted:
-        unknown = set(wanted) - set(tensors)
-        if unknown:
-            named = ", ".join(echo(n, quote=False) for n in sorted(unknown)[:4]) + (", ..." if len(unknown) > 4 else "")
-            raise InvalidInput(f"unknown output(s): {named}; this model has {', '.join(tensors)}", field="outputs")
+        check_outputs(result.task, wanted)
         tensors = {name: array for name, array in tensors.items() if name in wanted}
     return tensors
 

@@ -123,7 +123,11 @@ def inference_request(request: pb.ModelInferRequest, max_items: int) -> Inferenc
     deadline = v2.timeout_from_parameters({"timeout": timeout.int64_param} if int64 else {})
     parameters = {name: parameter_value(p) for name, p in request.parameters.items() if name != "timeout"}
     return InferenceRequest(
-        inputs=input_elements(request, max_items), timeout_s=deadline, parameters=parameters, other_parameters=True
+        inputs=input_elements(request, max_items),
+        timeout_s=deadline,
+        parameters=parameters,
+        other_parameters=True,
+        outputs=[o.name for o in request.outputs],
     )
 
 
