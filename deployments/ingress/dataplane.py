@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -55,6 +55,9 @@ def replica_gone(exc: BaseException) -> bool:
 
 CLIENT_CLOSED = 499
 """The status recorded for a request whose client went away before the answer (nginx's convention)."""
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,11 @@ class ModelListing:
 
     @property
     def on_every_replica(self) -> bool:
-        """Whether every replica runs the registry this listing comes from: each worker replica reports it,
-        and no ingress replica is still being updated."""
+        """Whether every replica runs the registry this listing comes from: each worker replica reports it (at
+        least one is listed: none has confirmed anything while they all start), and no ingress replica is still
+        being updated."""
         versions = {r.registry.version if r.registry else None for r in self.replicas}
-        return not self.ingress_updating and versions <= {self.registry.version}
+        return bool(self.replicas) and not self.ingress_updating and versions <= {self.registry.version}
 
 
 def merge_model_status(
@@ -321,15 +325,47 @@ class DataPlane:
         call = self._call(
             WorkerCall.LOAD, model_id, registry_version=self.live.version, **{DECLARED_BYTES: spec.memory_bytes}
         )
-        await self._with_timeout(model_id, call)
+        try:
+            await self._with_timeout(model_id, call)
+        except BaseException:  # a failed load too: the next listing asks the replicas (it shows the failure)
+            self.replicas.changed()
+            raise
         return await self.model(model_id, fresh=True)
 
     async def unload(self, model_id: str) -> ModelStatus:
-        """Unload a model from every replica that holds it: one call to each holder, sent to it by name."""
+        """Unload a model from every replica that holds it: one call to each holder, sent to it by name, within
+        request_timeout_s (a replica that is loading a model unloads once that load is done: Serve's
+        multiplexing holds one lock over both, and a load is bounded by that timeout). ``ModelUnavailable``
+        (503) names the holders that did not confirm it (each unload may still happen there)."""
         self.registry.get(model_id)
         holders = [r.replica_id for r in await self.replicas.statuses(fresh=True) if model_id in r.held]
-        await asyncio.gather(*(self.replicas.unload(model_id, rid) for rid in holders))
+        answers = await asyncio.gather(
+            *(self.replicas.unload(model_id, rid, self.timeout_s) for rid in holders), return_exceptions=True
+        )
+        self.replicas.changed()
+        unconfirmed = []
+        for rid, answer in zip(holders, answers, strict=True):
+            if isinstance(answer, BaseException):
+                logger.warning("unloading %r on replica %s: no answer (%r)", model_id, rid, answer)
+                unconfirmed.append(rid)
+        if unconfirmed:
+            raise ModelUnavailable(
+                f"Model {model_id!r}: {len(unconfirmed)} of the {len(holders)} worker replicas that held it did not "
+                f"confirm its unload within {self.timeout_s:g}s ({', '.join(unconfirmed)}); it may still happen "
+                f"there (GET /models/{model_id} shows where the model is loaded)",
+                model_id=model_id,
+            )
         return await self.model(model_id, fresh=True)
+
+    async def parsed(self, api: str, parse: Awaitable[T]) -> T:
+        """A request's body parsed before its model is known (the native API's; gRPC's envelope); one that
+        cannot be is recorded in the metrics under the unknown model, as ``infer`` records the others."""
+        start = time.perf_counter()
+        try:
+            return await parse
+        except BaseException as e:
+            self.metrics.observe(UNKNOWN_MODEL, UNKNOWN_MODEL, api, status_of(e), time.perf_counter() - start)
+            raise
 
     # -- status -------------------------------------------------------------------------------------
 

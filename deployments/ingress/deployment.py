@@ -171,7 +171,7 @@ class Ingress:
     )
     async def predict(self, request: Request) -> native.PredictResponse:
         parse = functools.partial(native.parse_predict_request, max_items=self.max_items)
-        body = await parse_bounded(parse, await request.body())
+        body = await self.plane.parsed("native", parse_bounded(parse, await request.body()))
         result = await self.plane.infer(body.model_id, body.inference_request(), api="native")
         if result.elements > OFF_LOOP_ELEMENTS:
             return await asyncio.to_thread(_native_json, result)

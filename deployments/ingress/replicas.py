@@ -140,8 +140,9 @@ class ReplicaDirectory:
         app = status.applications.get(self._worker.app_name)
         return dict(app.deployments) if app else {}
 
-    async def unload(self, model_id: str, replica_id: str) -> bool:
-        """Unload a model from one replica (the router sends the call there and nowhere else)."""
+    async def unload(self, model_id: str, replica_id: str, timeout_s: float = ASK_TIMEOUT_S) -> bool:
+        """Unload a model from one replica (the router sends the call there and nowhere else), within
+        ``timeout_s`` (TimeoutError)."""
         handle = self._worker.options(multiplexed_model_id=model_id)
         call = getattr(handle, WorkerCall.UNLOAD.value).remote(**{ON_REPLICA: replica_id})
-        return await asyncio.wait_for(call, ASK_TIMEOUT_S)
+        return await asyncio.wait_for(call, timeout_s)

@@ -318,3 +318,78 @@ def test_a_client_that_goes_away_is_recorded_as_499_and_its_work_is_cancelled():
     asyncio.run(leave())
     assert worker.responses[0].cancelled
     assert metrics.observed == [("m", "text-classification", "native", CLIENT_CLOSED)]
+
+
+class Holders(FakeReplicas):
+    """The directory of worker replicas for an unload: ``answers`` says how each replica answers it (True, or an
+    exception; NEVER: it does not answer)."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.timeouts = answers, []
+
+    async def statuses(self, fresh=False):
+        return [replica(rid, state="loaded") for rid in self.answers]
+
+    async def unload(self, model_id, replica_id, timeout_s):
+        self.timeouts.append(timeout_s)
+        answer = self.answers[replica_id]
+        if answer is NEVER:
+            await asyncio.wait_for(asyncio.Event().wait(), 0.01)  # its deadline passes
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def test_an_unload_a_holder_does_not_confirm_is_a_503_naming_it_and_the_next_listing_asks_again():
+    """A replica loading a model unloads once that load is done (Serve's one lock over both), so each holder
+    has the request's timeout; a holder that does not confirm in time is named in a 503, not a 500, and the
+    others' unloads stand."""
+    from serve_app.core.errors import ModelUnavailable
+
+    p, _, _ = plane(timeout_s=42.0)
+    p.replicas = Holders({"r1": True, "r2": NEVER})
+    with pytest.raises(ModelUnavailable, match=r"1 of the 2 worker replicas that held it did not confirm") as e:
+        asyncio.run(p.unload("m"))
+    assert "r2" in e.value.message and "r1" not in e.value.message and e.value.status_code == 503
+    assert p.replicas.timeouts == [42.0, 42.0] and p.replicas.changes == 1
+    p.replicas = Holders({"r1": True, "r2": True})
+    assert asyncio.run(p.unload("m")).spec == SPEC and p.replicas.changes == 1
+
+
+def test_a_failed_explicit_load_makes_the_next_listing_ask_the_replicas():
+    from serve_app.core.errors import ModelUnavailable
+
+    p, _, _ = plane(ModelUnavailable("Model 'm' could not be loaded", model_id="m"))
+    with pytest.raises(ModelUnavailable):
+        asyncio.run(p.load("m"))
+    assert p.replicas.changes == 1
+
+
+def test_a_body_that_cannot_be_parsed_is_counted_under_the_unknown_model():
+    from serve_app.core.errors import InvalidInput
+
+    p, worker, metrics = plane()
+
+    async def bad_body():
+        raise InvalidInput("input_data: too many inputs", field="input_data")
+
+    with pytest.raises(InvalidInput):
+        asyncio.run(p.parsed("native", bad_body()))
+    assert worker.calls == [] and metrics.observed == [("(unknown)", "(unknown)", "native", 422)]
+
+
+def test_no_listed_worker_replica_has_confirmed_the_registry():
+    from deployments.ingress.dataplane import ModelListing
+
+    live = live_registry_of(SPEC)
+    none = ModelListing(models=[], replicas=[], registry=live.status())
+    assert not none.on_every_replica
+    confirmed = replica("r1").model_copy(update={"registry": live.status()})
+    assert ModelListing(models=[], replicas=[confirmed], registry=live.status()).on_every_replica
+
+
+def live_registry_of(*specs):
+    from tests.helpers import live_registry
+
+    return live_registry(*specs)

@@ -224,7 +224,7 @@ class FakeReplicas:
     def changed(self):
         pass
 
-    async def unload(self, model_id, replica_id):
+    async def unload(self, model_id, replica_id, timeout_s):
         self.status = self.status.model_copy(update={"models": {}})
         return True
 
@@ -252,6 +252,13 @@ def test_model_infer_is_one_data_plane_call_recorded_under_its_api():
     response, ctx = call(svc, "ModelInfer", request())
     assert ctx.code is None and triton.InferResult(response).as_numpy("label").tolist() == [b"pos", b"neg"]
     assert worker.calls == [("predict", "m")] and metrics.observed == [("m", "text-classification", "v2_grpc", 200)]
+
+
+def test_a_message_that_cannot_be_read_is_recorded_under_the_unknown_model():
+    svc, worker, metrics = service()
+    _, ctx = call(svc, "ModelInfer", b"\xff\xff\xff")
+    assert ctx.code is S.INVALID_ARGUMENT and worker.calls == []
+    assert metrics.observed == [("(unknown)", "(unknown)", "v2_grpc", 400)]
 
 
 def test_a_model_answers_at_its_one_version_and_another_version_is_not_found():

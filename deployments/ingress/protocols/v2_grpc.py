@@ -295,7 +295,7 @@ class V2Grpc:
         # the request holds. Its envelope (one pass over the message's top level) names the model; the rest is
         # counted and built from it once the model is known.
         decoder = self.decoders["ModelInfer"]
-        envelope = await parse_bounded(decoder.envelope, request)
+        envelope = await self.plane.parsed(API, parse_bounded(decoder.envelope, request))
         message = None
 
         def parse(_: bytes) -> InferenceRequest:
