@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.transformers import (
@@ -46,7 +46,7 @@ from deployments.runtimes.transformers import (
 )
 from serve_app.core.errors import InvalidInput, echo
 from serve_app.core.inputs import TEXT
-from serve_app.core.outputs import EMBEDDING
+from serve_app.core.outputs import EMBEDDING, EmbeddingOptions
 from serve_app.core.tasks import Task
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
@@ -388,8 +388,8 @@ class SentenceEmbeddingRuntime(ModelRuntime):
             return embedding_rows(vectors, self.normalize)
 
 
-class EmbeddingParameters(BaseModel):
-    """What a request for a sentence embedding may choose."""
+class EmbeddingParameters(EmbeddingOptions):
+    """What a request for a sentence embedding may choose (``dimensions``: the output kind's)."""
 
     model_config = ConfigDict(extra="forbid")
 

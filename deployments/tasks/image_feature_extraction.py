@@ -30,7 +30,7 @@ from deployments.runtimes.transformers import (
 )
 from deployments.tasks.feature_extraction import checked_flag
 from serve_app.core.inputs import IMAGE
-from serve_app.core.outputs import EMBEDDING
+from serve_app.core.outputs import EMBEDDING, EmbeddingOptions
 from serve_app.core.tasks import Task
 
 
@@ -101,5 +101,6 @@ TASK = Task(
     input=IMAGE,
     output=EMBEDDING,
     runtimes=(ImageEmbeddingRuntime,),
+    parameters=EmbeddingOptions,
     description="one embedding per image (similar-image search, deduplication)",
 )

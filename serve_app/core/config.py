@@ -168,7 +168,12 @@ class WorkerArgs(_Strict):
 
     @property
     def model_budget_bytes(self) -> int | None:
-        """The bytes a replica's models may take, as the registry check counts them (None: no budget)."""
+        """The bytes a replica's models may take, as the registry check counts them (None: none known before a
+        replica starts): with a GPU (``num_gpus``), where the models go, ``gpu_memory_bytes`` (unset: the
+        device's memory, which only a replica can measure), as the replica budgets (``MemoryBudget``); else
+        ``memory_bytes`` less ``baseline_bytes``."""
+        if self.num_gpus > 0:
+            return self.gpu_memory_bytes
         return None if self.memory_bytes is None else self.memory_bytes - self.baseline_bytes
 
 

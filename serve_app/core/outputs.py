@@ -155,14 +155,44 @@ class ClassificationParameters(BaseModel):
     )
 
 
+class EmbeddingOptions(BaseModel):
+    """What a request for embeddings may choose of their form (text and image embeddings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dimensions: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="each vector's first d values, for a model trained to embed in fewer dimensions too "
+        "(Matryoshka: nomic-embed, mxbai-embed, Arctic Embed); of unit length again where the model's vectors "
+        "are (default, or d not fewer than the model's: every value)",
+    )
+
+
 class Embedding(OutputKind):
     """One vector of floats per input, all of one length.
 
     A row is a 1-D sequence of numbers (a list, a numpy array or a torch tensor). Between the replicas
     and in v2: ``embedding``, FP32 ``[inputs, dimensions]``. Native: ``{"embedding": [...]}``."""
 
+    options = frozenset({"dimensions"})
+
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec("embedding", "FP32", (-1, -1))]
+
+    def apply(self, wire: dict[str, np.ndarray], dimensions: int | None = None) -> dict[str, np.ndarray]:
+        """``dimensions``: each vector's first d values (a Matryoshka model's smaller embedding, as
+        sentence-transformers' ``truncate_dim`` cuts it; every value when d is not fewer than the model's), of
+        unit length again where the model's whole vectors were (so that a dot product stays a cosine)."""
+        vectors = wire["embedding"]
+        if dimensions is None or dimensions >= vectors.shape[1]:
+            return wire
+        cut = vectors[:, :dimensions]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if len(vectors) and np.allclose(norms, 1.0, atol=1e-3):
+            cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        return {"embedding": np.ascontiguousarray(cut, dtype=np.float32)}
 
     def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
         vectors = [_floats(row, "an embedding") for row in rows]

@@ -110,6 +110,18 @@ def test_sentence_embeddings_over_every_protocol(client, demo_url, grpc_client, 
     )
     np.testing.assert_allclose(result.as_numpy("embedding")[0], vectors[0, 0], atol=1e-5)
 
+    # dimensions: each vector's first d values, of unit length again (the demo model's are), over each protocol
+    def cut(v, d):
+        return v[..., :d] / np.linalg.norm(v[..., :d], axis=-1, keepdims=True)
+
+    body = {"model_id": "embed", "input_data": texts[:2], "parameters": {"dimensions": 64}}
+    short = np.array([p["embedding"] for p in client.post(f"{demo_url}/predict", json=body).json()["predictions"]])
+    np.testing.assert_allclose(short, cut(vectors[0, :2], 64), atol=1e-5)
+    rest = v2_http.infer("embed", [tensor], parameters={"dimensions": 32})
+    np.testing.assert_allclose(rest.as_numpy("embedding"), cut(vectors[0, :2], 32), atol=1e-5)
+    result = grpc_client.infer("embed", [text_input(texts[0])], parameters={"dimensions": 16}, headers=DEMO)
+    np.testing.assert_allclose(result.as_numpy("embedding")[0], cut(vectors[0, 0], 16), atol=1e-5)
+
 
 # -- token-classification: named entities ------------------------------------------------------------------
 

@@ -213,6 +213,25 @@ def test_top_k_is_applied_to_each_requests_answer_and_never_reaches_the_runtime_
     assert [a["scores"].shape for a in answers] == [(1, 1), (2, 3), (1, 2)]
 
 
+def test_dimensions_reach_no_runtime_and_a_prompt_still_does():
+    calls = []
+
+    class Prompted(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs, prompt_name=None):
+            calls.append((list(inputs), prompt_name))
+            return [np.arange(4, dtype=np.float32) for _ in inputs]
+
+    spec = ModelSpec(id="e", task="feature-extraction", source={"path": "x"})
+    copy = ModelCopy(spec, Prompted(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    given = [{"prompt_name": "q", "dimensions": 2}, {"prompt_name": "q"}]
+    short, whole = copy.answer([["a"], ["b"]], parameters=given)
+    assert calls == [(["a", "b"], "q")]
+    assert short["embedding"].tolist() == [[0.0, 1.0]] and whole["embedding"].tolist() == [[0.0, 1.0, 2.0, 3.0]]
+
+
 def test_a_request_at_fault_gets_its_error_and_the_rest_of_its_batch_its_answers():
     """A prompt the model has not fails its own requests (a 422), not the batch; and a runtime of one's own
     whose predict does not take its task's parameters answers a request that gives one with a 422."""

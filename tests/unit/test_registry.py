@@ -163,6 +163,18 @@ def test_a_declared_size_over_a_replicas_model_budget_refuses_the_registry():
     assert Registry.from_dict(too_big).get("sentiment").memory_bytes  # no budget (count only): any size is taken
 
 
+def test_with_a_gpu_a_declared_size_is_counted_against_the_device_memory_where_the_models_go():
+    from serve_app.core.config import AppArgs
+
+    def budget(**worker):
+        return AppArgs.model_validate({"auth": {"mode": "off"}, "worker": worker}).registry_rules.model_budget_bytes
+
+    host = {"memory_bytes": 2 << 30, "baseline_bytes": 1 << 30}
+    assert budget(**host) == 1 << 30
+    assert budget(**host, num_gpus=1, gpu_memory_bytes=3 << 30) == 3 << 30
+    assert budget(**host, num_gpus=1) is None  # the device's memory: measured by each replica at start
+
+
 @pytest.mark.parametrize(
     "path", ["../../../../etc", "/etc", "models", "models/x/../../config", "samples/images", "models/../models/../x"]
 )

@@ -97,6 +97,26 @@ def test_an_embedding_is_one_fp32_vector_per_input():
     assert [(o.name, o.datatype, o.shape) for o in EMBEDDING.outputs()] == [("embedding", "FP32", (-1, -1))]
 
 
+def test_dimensions_cut_each_vector_and_keep_unit_vectors_of_unit_length():
+    unit = EMBEDDING.encode([np.array([0.6, 0.0, 0.8, 0.0]), np.array([0.0, 0.6, 0.0, 0.8])])
+    cut = EMBEDDING.apply(unit, dimensions=2)["embedding"]
+    assert cut.dtype == np.float32 and cut.shape == (2, 2)
+    np.testing.assert_allclose(cut, [[1.0, 0.0], [0.0, 1.0]], atol=1e-6)  # 0.6, 0 again of unit length
+    raw = EMBEDDING.encode([[3.0, 4.0, 12.0]])  # not of unit length: the first values as they are
+    np.testing.assert_allclose(EMBEDDING.apply(raw, dimensions=2)["embedding"], [[3.0, 4.0]])
+    assert EMBEDDING.apply(raw, dimensions=3) is raw and EMBEDDING.apply(raw, dimensions=99) is raw
+    task = TaskCatalog.load().get("feature-extraction")
+    assert task.request_parameters({"dimensions": 64, "prompt_name": "query"}) == {
+        "dimensions": 64,
+        "prompt_name": "query",
+    }
+    from serve_app.core.errors import InvalidInput
+
+    for bad in (0, "64", 1.5, True):
+        with pytest.raises(InvalidInput, match=r"parameters\.dimensions"):
+            task.request_parameters({"dimensions": bad})
+
+
 @pytest.mark.parametrize(
     "rows, match", [([[1.0, 2.0], [1.0]], "same length"), ([[[1.0], [2.0]]], "1-D"), ([["x"]], "numbers")]
 )
@@ -252,8 +272,11 @@ def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not
         embed.request_parameters({"prompt_name": 3})
     with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: top_k\)"):
         classify.request_parameters({"prompt_name": "query"})
-    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: none\)"):
+    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: dimensions\)"):
         catalog.get("image-feature-extraction").request_parameters({"prompt_name": "query"})
+    bare = Task(name="bare", input=TEXT, output=CLASSIFICATION, runtimes=(object,))
+    with pytest.raises(InvalidInput, match=r"takes no such parameter \(it takes: none\)"):
+        bare.request_parameters({"prompt_name": "query"})
     with pytest.raises(InvalidInput) as long_key:  # a client's key is echoed bounded
         classify.request_parameters({"k" * 100_000: 1})
     assert len(str(long_key.value)) < 200 and len(long_key.value.details["field"]) < 100
