@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from serve_app.core.config import AppArgs
-from serve_app.core.live_registry import content_version, registry_user_config
+from serve_app.core.live_registry import REGISTRY_KEY, content_version, registry_user_config
 from serve_app.core.paths import resolve_project_path
 from serve_app.core.registry import RegistryError, read_registry_file
 
@@ -133,6 +133,22 @@ def changed_args(address: str, app: dict[str, Any]) -> list[str]:
     return sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
 
 
+def running_registry(address: str, name: str) -> str | None:
+    """The version of the registry the running application's config carries (``serve config``: its registry
+    deployments' ``user_config``), or None when it cannot be read."""
+    result = _serve("config", "--address", address, "--name", name, check=False)
+    try:
+        running = yaml.safe_load(result.stdout)
+    except yaml.YAMLError:
+        return None
+    deployments = running.get("deployments") if isinstance(running, dict) else None
+    for d in deployments if isinstance(deployments, list) else []:
+        user_config = d.get("user_config") if isinstance(d, dict) else None
+        if d.get("name") in REGISTRY_DEPLOYMENTS and isinstance(user_config, dict) and REGISTRY_KEY in user_config:
+            return content_version(user_config[REGISTRY_KEY])
+    return None
+
+
 def refusal(status: dict[str, Any]) -> str:
     """What ``serve status`` says went wrong: the application's message and each failed deployment's, its
     first line and the error at the end of the traceback Serve quotes (a registry's: every bad field)."""
@@ -212,7 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     statuses = deploy(rendered, options.address, wait=not options.no_wait, timeout_s=options.timeout)
     failed = False
     for name, status in statuses.items():
-        if status.get("status") == "RUNNING":
+        ours = status.get("status") == "RUNNING" and name in versions  # an app of this code, with a registry
+        live = running_registry(options.address, name) if ours else None
+        if live is not None and live != versions.get(name):  # another deploy landed meanwhile
+            failed = True
+            print(f"reload: {name!r} RUNNING with registry {live}: a later deploy replaced {versions.get(name, '?')}")
+        elif status.get("status") == "RUNNING":
             print(f"reload: {name!r} RUNNING: every replica runs registry {versions.get(name, '?')}")
         else:
             failed = True

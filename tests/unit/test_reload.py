@@ -183,6 +183,34 @@ def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(reg
     )
 
 
+def test_a_deploy_that_a_later_one_replaced_is_not_reported_as_live(registry, monkeypatch, capsys):
+    """Two reloads a second apart: the first sees its application RUNNING, but with the second's registry
+    (`serve config`), and says so with exit 1, not that every replica runs its own."""
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    later = {"models": [{"id": "b", "task": "text-classification", "source": {"path": "models/b"}}]}
+
+    class Replaced(FakeServe):
+        def __init__(self, registry):
+            super().__init__({"status": "RUNNING", "last_deployed_time_s": 2.0})
+            self.registry = registry
+
+        def __call__(self, *a, check=True):
+            if a[0] == "config":
+                deployments = [{"name": "ModelWorker", "user_config": {"registry": self.registry, "origin": "x"}}]
+                return SimpleNamespace(stdout=yaml.safe_dump({"name": "multimodel", "deployments": deployments}))
+            return super().__call__(*a, check=check)
+
+    monkeypatch.setattr(reload.time, "sleep", lambda s: None)
+    monkeypatch.setattr(reload, "_serve", Replaced(later))
+    assert reload.main([str(config_path)]) == 1
+    ours = content_version(json.loads(registry.read_text()))
+    assert f"RUNNING with registry {content_version(later)}: a later deploy replaced {ours}" in capsys.readouterr().out
+    monkeypatch.setattr(reload, "_serve", Replaced(json.loads(registry.read_text())))  # its own: live
+    assert reload.main([str(config_path)]) == 0
+    assert f"every replica runs registry {ours}" in capsys.readouterr().out
+
+
 def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, monkeypatch, capsys):
     config_path = registry.parent / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config(registry)))
