@@ -118,30 +118,33 @@ def app_status(address: str, name: str) -> dict[str, Any] | None:
     return (out.get("applications") or {}).get(name)
 
 
-def changed_args(address: str, app: dict[str, Any]) -> list[str]:
-    """The args of ``app`` that differ from those the running application was deployed with (``serve config``):
-    a change of them makes Serve build the application again, every replica restarting. [] when none differ,
-    or when the running config cannot be read (no such application yet)."""
-    result = _serve("config", "--address", address, "--name", app.get("name", "default"), check=False)
+def running_config(address: str, name: str) -> dict[str, Any] | None:
+    """The config the running application was deployed with (``serve config``), or None when it cannot be
+    read (no such application yet)."""
+    result = _serve("config", "--address", address, "--name", name, check=False)
     try:
         running = yaml.safe_load(result.stdout)
     except yaml.YAMLError:
-        return []
-    if not isinstance(running, dict) or not isinstance(running.get("args"), dict):
+        return None
+    return running if isinstance(running, dict) else None
+
+
+def changed_args(address: str, app: dict[str, Any]) -> list[str]:
+    """The args of ``app`` that differ from those the running application was deployed with: a change of them
+    makes Serve build the application again, every replica restarting. [] when none differ, or when the running
+    config cannot be read."""
+    running = running_config(address, app.get("name", "default"))
+    if running is None or not isinstance(running.get("args"), dict):
         return []
     new, old = app.get("args") or {}, running["args"]
     return sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
 
 
 def running_registry(address: str, name: str) -> str | None:
-    """The version of the registry the running application's config carries (``serve config``: its registry
-    deployments' ``user_config``), or None when it cannot be read."""
-    result = _serve("config", "--address", address, "--name", name, check=False)
-    try:
-        running = yaml.safe_load(result.stdout)
-    except yaml.YAMLError:
-        return None
-    deployments = running.get("deployments") if isinstance(running, dict) else None
+    """The version of the registry the running application's config carries (its registry deployments'
+    ``user_config``), or None when it cannot be read."""
+    running = running_config(address, name)
+    deployments = running.get("deployments") if running is not None else None
     for d in deployments if isinstance(deployments, list) else []:
         user_config = d.get("user_config") if isinstance(d, dict) else None
         if d.get("name") in REGISTRY_DEPLOYMENTS and isinstance(user_config, dict) and REGISTRY_KEY in user_config:

@@ -86,9 +86,9 @@ def _v2_http(request: v2.InferRequest, result: InferenceResult, whole: bool = Fa
     """A v2 REST infer answer: its JSON (serialized here if ``whole``, else by FastAPI), or the JSON and the
     outputs' bytes of the binary data extension."""
     response, binary = v2.infer_response(request, result)
-    header = response.model_dump_json(exclude_none=True).encode() if binary or whole else None
-    if header is None:
+    if not binary and not whole:
         return response
+    header = response.model_dump_json(exclude_none=True).encode()
     if not binary:
         return Response(header, media_type="application/json")
     return Response(  # the binary data extension: the JSON, then the outputs' bytes

@@ -67,6 +67,22 @@ def bound_tokenizer(tokenizer: Any, model: Any) -> int | None:
     return limit
 
 
+def checked_flag(value: Any, what: str) -> bool:
+    """A registry parameter that is true or false (JSON's ``true``/``false``); ValueError for anything else: the
+    string ``"false"`` would be taken as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} {value!r}: true or false")
+    return value
+
+
+def checked_tokens(value: Any, what: str, least: int) -> int:
+    """A registry parameter that is a number of tokens, at least ``least``; ValueError for anything else (a
+    bool, a float, a string)."""
+    if type(value) is not int or value < least:
+        raise ValueError(f"{what} {value!r}: a number of tokens, {least} or more")
+    return value
+
+
 def trained_weights(info: dict[str, Any], may_lack: Callable[[str], bool] = lambda key: False) -> list[str]:
     """Check that a model's checkpoint holds its weights (``from_pretrained``'s ``output_loading_info``): a
     ValueError naming those it lacks, which transformers initialised at random, except those ``may_lack``

@@ -36,6 +36,8 @@ from pydantic import ConfigDict, Field
 from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.transformers import (
     bound_tokenizer,
+    checked_flag,
+    checked_tokens,
     embedding_rows,
     forward_batch,
     in_forward_passes,
@@ -81,21 +83,6 @@ def checked_modes(modes: Any, what: str) -> tuple[str, ...]:
     if not names or not all(isinstance(m, str) and m in _ST_MODES for m in names):
         raise ValueError(f"unknown {what} {modes!r}: one of {', '.join(POOLING_MODES)}, or a list of them")
     return tuple(_ST_MODES[m] for m in names)
-
-
-def checked_flag(value: Any, what: str) -> bool:
-    """A registry parameter that is true or false (JSON's ``true``/``false``); ValueError for anything else: the
-    string ``"false"`` would be taken as true."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{what} {value!r}: true or false")
-    return value
-
-
-def checked_length(value: Any, what: str) -> int:
-    """A registry parameter that is a number of tokens (at least 1); ValueError for anything else."""
-    if type(value) is not int or value < 1:
-        raise ValueError(f"{what} {value!r}: a number of tokens, 1 or more")
-    return value
 
 
 def _file(model: str, revision: str | None, name: str, folder: str = "") -> Path | None:
@@ -302,7 +289,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         if "normalize" in given:
             checked_flag(given["normalize"], "normalize")
         if "max_seq_length" in given:
-            checked_length(given["max_seq_length"], "max_seq_length")
+            checked_tokens(given["max_seq_length"], "max_seq_length", least=1)
         config.update(given)
         config["pooling"] = checked_modes(config["pooling"], "pooling")
         prompt = chosen_prompt(config["prompts"], config["prompt_name"], self.spec.parameters)

@@ -22,13 +22,13 @@ from deployments.runtimes.base import ModelRuntime
 from deployments.runtimes.images import decode_images
 from deployments.runtimes.transformers import (
     MAX_FORWARD_BATCH,
+    checked_flag,
     embedding_rows,
     in_forward_passes,
     joint_space,
     projected,
     trained_weights,
 )
-from deployments.tasks.feature_extraction import checked_flag
 from serve_app.core.inputs import IMAGE
 from serve_app.core.outputs import EMBEDDING, EmbeddingOptions
 from serve_app.core.tasks import Task

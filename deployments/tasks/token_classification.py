@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.runtimes.transformers import PipelineRuntime, forward_batch, in_forward_passes
+from deployments.runtimes.transformers import PipelineRuntime, checked_tokens, forward_batch, in_forward_passes
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import ENTITIES
 from serve_app.core.tasks import Task
@@ -44,8 +44,8 @@ class TokenClassificationRuntime(PipelineRuntime):
         if strategy not in STRATEGIES:
             raise ValueError(f"aggregation_strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         stride = self.spec.parameters.get("stride")
-        if stride is not None and (type(stride) is not int or stride < 0):
-            raise ValueError(f"stride {stride!r}: a number of tokens, 0 or more")
+        if stride is not None:
+            checked_tokens(stride, "stride", least=0)
         return {"aggregation_strategy": strategy, **({"stride": stride} if stride is not None else {})}
 
     def load(self) -> None:

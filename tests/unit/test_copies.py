@@ -46,42 +46,36 @@ def test_a_runtime_that_cannot_tell_its_size_is_measured_by_resident_memory(tiny
     assert copy.weights_bytes is None and copy.size_bytes == copy.rss_growth_bytes >= 8 << 20
 
 
+def copy_telling_its_size(told) -> ModelCopy:
+    """A copy of a runtime of one's own whose ``size_bytes()`` answers ``told``, not loaded yet."""
+
+    class Sized(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+        def size_bytes(self):
+            return told
+
+    spec = ModelSpec(id="s", task="text-classification", source={"path": "x"})
+    return ModelCopy(spec, Sized(spec, "cpu"), TaskCatalog.load().task_of(spec))
+
+
 @pytest.mark.parametrize(
     ("told", "counted"), [(np.int64(4096), 4096), (1234.5, 1235), (np.float32(8.0), 8), (None, None), (0, 0)]
 )
 def test_a_size_a_runtime_tells_as_a_number_is_counted_as_a_plain_int(told, counted):
     """The replica's report (JSON) and the router (whole bytes) carry it: a numpy integer or a float is taken."""
-
-    class Sized(ModelRuntime):
-        def load(self):
-            pass
-
-        def predict(self, inputs):
-            return [[("x", 1.0)] for _ in inputs]
-
-        def size_bytes(self):
-            return told
-
-    spec = ModelSpec(id="s", task="text-classification", source={"path": "x"})
-    copy = ModelCopy(spec, Sized(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    copy = copy_telling_its_size(told).load()
     assert copy.weights_bytes == counted and (counted is None or type(copy.weights_bytes) is int)
 
 
 @pytest.mark.parametrize("told", [-1, float("nan"), float("inf"), True, "4096", np.array([1, 2])])
 def test_a_size_that_is_no_number_of_bytes_fails_the_load_saying_so(told):
-    class Sized(ModelRuntime):
-        def load(self):
-            pass
-
-        def predict(self, inputs):
-            return [[("x", 1.0)] for _ in inputs]
-
-        def size_bytes(self):
-            return told
-
-    spec = ModelSpec(id="s", task="text-classification", source={"path": "x"})
     with pytest.raises(ContractError, match=r"size_bytes\(\) must answer a number of bytes"):
-        ModelCopy(spec, Sized(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+        copy_telling_its_size(told).load()
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch", "bfloat16"])

@@ -135,6 +135,21 @@ class FakeServe:
         return Result()
 
 
+class Running(FakeServe):
+    """`serve` after a deploy that took: the application RUNNING, and `serve config` giving the running
+    application's config (``running``: its args, its deployments)."""
+
+    def __init__(self, **running):
+        super().__init__({"status": "RUNNING", "last_deployed_time_s": 2.0})
+        self.running = running
+
+    def __call__(self, *a, check=True):
+        if a[0] == "config":
+            self.calls.append("config")
+            return SimpleNamespace(stdout=yaml.safe_dump({"name": "multimodel", **self.running}))
+        return super().__call__(*a, check=check)
+
+
 def test_it_follows_serve_status_until_the_update_is_over(registry, monkeypatch, capsys):
     config_path = registry.parent / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config(registry)))
@@ -160,23 +175,12 @@ def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(reg
     deployed = config(registry)
     config_path.write_text(yaml.safe_dump(deployed))
 
-    class Running(FakeServe):
-        def __init__(self, args):
-            super().__init__({"status": "RUNNING", "last_deployed_time_s": 2.0})
-            self.args = args
-
-        def __call__(self, *a, check=True):
-            if a[0] == "config":
-                self.calls.append("config")
-                return SimpleNamespace(stdout=yaml.safe_dump({"name": "multimodel", "args": self.args}))
-            return super().__call__(*a, check=check)
-
     monkeypatch.setattr(reload.time, "sleep", lambda s: None)
     app = next(a for a in deployed["applications"] if a["name"] == "multimodel")
-    monkeypatch.setattr(reload, "_serve", Running(app["args"]))
+    monkeypatch.setattr(reload, "_serve", Running(args=app["args"]))
     assert reload.main([str(config_path)]) == 0
     assert "args changed" not in capsys.readouterr().out
-    monkeypatch.setattr(reload, "_serve", Running({**app["args"], "request_timeout_s": 1, "tasks": ["x"]}))
+    monkeypatch.setattr(reload, "_serve", Running(args={**app["args"], "request_timeout_s": 1, "tasks": ["x"]}))
     assert reload.main([str(config_path)]) == 0
     assert "application 'multimodel': its args changed (request_timeout_s, tasks): Serve builds it again" in (
         capsys.readouterr().out
@@ -190,23 +194,15 @@ def test_a_deploy_that_a_later_one_replaced_is_not_reported_as_live(registry, mo
     config_path.write_text(yaml.safe_dump(config(registry)))
     later = {"models": [{"id": "b", "task": "text-classification", "source": {"path": "models/b"}}]}
 
-    class Replaced(FakeServe):
-        def __init__(self, registry):
-            super().__init__({"status": "RUNNING", "last_deployed_time_s": 2.0})
-            self.registry = registry
-
-        def __call__(self, *a, check=True):
-            if a[0] == "config":
-                deployments = [{"name": "ModelWorker", "user_config": {"registry": self.registry, "origin": "x"}}]
-                return SimpleNamespace(stdout=yaml.safe_dump({"name": "multimodel", "deployments": deployments}))
-            return super().__call__(*a, check=check)
+    def replaced(registry):
+        return Running(deployments=[{"name": "ModelWorker", "user_config": {"registry": registry, "origin": "x"}}])
 
     monkeypatch.setattr(reload.time, "sleep", lambda s: None)
-    monkeypatch.setattr(reload, "_serve", Replaced(later))
+    monkeypatch.setattr(reload, "_serve", replaced(later))
     assert reload.main([str(config_path)]) == 1
     ours = content_version(json.loads(registry.read_text()))
     assert f"RUNNING with registry {content_version(later)}: a later deploy replaced {ours}" in capsys.readouterr().out
-    monkeypatch.setattr(reload, "_serve", Replaced(json.loads(registry.read_text())))  # its own: live
+    monkeypatch.setattr(reload, "_serve", replaced(json.loads(registry.read_text())))  # its own: live
     assert reload.main([str(config_path)]) == 0
     assert f"every replica runs registry {ours}" in capsys.readouterr().out
 
