@@ -157,3 +157,23 @@ class Sized(ModelRuntime):
 
     def size_bytes(self) -> int:
         return int(self.spec.parameters["size"])
+
+
+class ExitsOnLoad(ModelRuntime):
+    """Its load ends in ``sys.exit``, as a library's command-line parsing does."""
+
+    def load(self) -> None:
+        sys.exit(2)
+
+    def predict(self, inputs):
+        raise AssertionError("never loaded")
+
+
+class InterruptsPredict(ModelRuntime):
+    """Loads, then raises ``KeyboardInterrupt`` from ``predict``."""
+
+    def load(self) -> None:
+        self.model = object()
+
+    def predict(self, inputs):
+        raise KeyboardInterrupt

@@ -34,7 +34,10 @@ the status of one of the app's errors (``InvalidInput``: 422), else 503.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from serve_app.core.registry import ModelSpec
@@ -72,6 +75,10 @@ class ModelRuntime(ABC):
     task: ClassVar[str | None] = None
     """The one task this class serves, or None for a class that serves whichever task its entry names."""
 
+    entry_parameters: ClassVar[frozenset[str] | None] = None
+    """The names of the registry entry's ``parameters`` this class reads: an entry with another one (a misspelt
+    ``normalise``) is a failed load that names it, not a model served without it. None: any (not checked)."""
+
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
         self.device = device or default_device()
@@ -98,14 +105,38 @@ class ModelRuntime(ABC):
         return torch_bytes(*vars(self).values())
 
 
+@contextmanager
+def runtime_code(what: str) -> Iterator[None]:
+    """Run a runtime's own code (``what`` names it): an exception that is no ``Exception`` (``SystemExit``, as a
+    library's command-line parsing raises it, or ``KeyboardInterrupt``) would end the replica's event loop,
+    and with it every model on the replica. It is a ``RuntimeError`` instead, which fails the load or the
+    request like any other."""
+    try:
+        yield
+    except Exception:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:
+        raise RuntimeError(f"{what} raised {type(e).__name__}: {e}") from e
+
+
 def runtime_for(spec: ModelSpec, catalog: TaskCatalog | None = None, device: str | None = None) -> ModelRuntime:
     """A runtime for a registry entry, not loaded yet: the class its entry names, else its task's default,
     from ``catalog`` (default: the shipped tasks). ``TypeError`` for a class that is no ModelRuntime, or that
     serves another task; ``RuntimeImportError`` for one that cannot be imported."""
     catalog = catalog or TaskCatalog.load()
-    cls = catalog.runtime_class(spec)
+    with runtime_code("importing the runtime's module"):
+        cls = catalog.runtime_class(spec)
     if not issubclass(cls, ModelRuntime):
         raise TypeError(f"{catalog.runtime_of(spec)} is not a subclass of deployments.runtimes.ModelRuntime")
     if cls.task is not None and cls.task != spec.task:
         raise TypeError(f"{catalog.runtime_of(spec)} serves {cls.task}, not {spec.task}")
-    return cls(spec, device)
+    unread = sorted(set(spec.parameters) - cls.entry_parameters) if cls.entry_parameters is not None else []
+    if unread:
+        reads = ", ".join(sorted(cls.entry_parameters or ())) or "none"
+        raise ValueError(
+            f"{catalog.runtime_of(spec)} reads no registry parameter {', '.join(map(repr, unread))} (it reads: {reads})"
+        )
+    with runtime_code("the runtime's __init__"):
+        return cls(spec, device)

@@ -143,6 +143,7 @@ class PipelineRuntime(ModelRuntime):
     preprocessor: ClassVar[str] = "tokenizer"
     """The pipeline's argument that takes its preprocessor (``image_processor`` for images), read from the
     model's files."""
+    entry_parameters: ClassVar[frozenset[str] | None] = frozenset()
 
     def __init__(self, spec, device: str | None = None) -> None:
         super().__init__(spec, device)

@@ -36,6 +36,7 @@ from serve_app.core.tasks import Task
 
 class ImageEmbeddingRuntime(ModelRuntime):
     task = "image-feature-extraction"
+    entry_parameters = frozenset({"normalize"})
 
     def load(self) -> None:
         from transformers import AutoImageProcessor, AutoModel

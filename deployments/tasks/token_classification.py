@@ -36,6 +36,7 @@ DEFAULT_STRATEGY: Strategy = "simple"
 
 class TokenClassificationRuntime(PipelineRuntime):
     task = "token-classification"
+    entry_parameters = frozenset({"aggregation_strategy", "stride"})
     pipeline_task = "token-classification"
     model_class = "AutoModelForTokenClassification"
 

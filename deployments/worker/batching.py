@@ -74,11 +74,15 @@ def model_failure(copy: ModelCopy, e: Exception, doing: str = "failed on this in
 
 
 def _timed_answer(
-    copy: ModelCopy, requests: list[list[Any]], threads: int | None, parameters: list[dict[str, Any] | None] | None
+    copy: ModelCopy,
+    requests: list[list[Any]],
+    threads: int | None,
+    parameters: list[dict[str, Any] | None] | None,
+    own_threads: int,
 ) -> tuple[list[Answer], float]:
     """``copy.answer`` on the copy's thread, and the seconds it took there (the replica's ``model_seconds``)."""
     start = time.perf_counter()
-    answers = copy.answer(requests, threads, parameters)
+    answers = copy.answer(requests, threads, parameters, own_threads)
     return answers, time.perf_counter() - start
 
 
@@ -160,7 +164,8 @@ class Batcher:
                 ]
             else:
                 try:
-                    lone = threads[indices[0]] if len(indices) == 1 else None
+                    # Two models' batches run at once (Serve splits a batch by model): the first takes the idle threads.
+                    lone = threads[indices[0]] if len(indices) == 1 and self.batches_running == 1 else None
                     given = [parameters[i] for i in indices]
                     answers = await self._run_now([requests[i] for i in indices], copy, lone, given)
                 finally:
@@ -232,7 +237,7 @@ class Batcher:
         ``measured``: a lone batch offered the idle threads, whose time per input the copy's rule records."""
         try:
             answers, seconds = await asyncio.get_running_loop().run_in_executor(
-                copy.thread, _timed_answer, copy, requests, threads, parameters
+                copy.thread, _timed_answer, copy, requests, threads, parameters, self.threads
             )
         except Exception as e:
             raise model_failure(copy, e) from None

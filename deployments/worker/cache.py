@@ -31,6 +31,7 @@ import logging
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from deployments.runtimes.base import runtime_for
@@ -40,8 +41,8 @@ from serve_app.core import ray_internals
 from serve_app.core.errors import ModelUnavailable, ServeAppError, error_text
 from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
 from serve_app.core.metrics import WorkerMetrics
-from serve_app.core.paths import PROJECT_ROOT
-from serve_app.core.registry import ModelSpec
+from serve_app.core.paths import PROJECT_ROOT, resolve_project_path
+from serve_app.core.registry import LocalSource, ModelSpec
 from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaMemory, ReplicaModelStatus, RouteHint
 
 logger = logging.getLogger("ray.serve")
@@ -63,16 +64,41 @@ class Owner(Protocol):
 def redact_paths(text: str, spec: ModelSpec) -> str:
     """An error message without the server's absolute paths: the model's files as the registry names them
     when that is a relative path, else as the model's files."""
-    resolved, _ = spec.source.reference()
-    named = spec.source.describe()
-    shown = named if not named.startswith("/") else f"<files of model {spec.id!r}>"
-    return text.replace(resolved, shown).replace(f"{PROJECT_ROOT}/", "")
+    if isinstance(spec.source, LocalSource):
+        named = spec.source.path
+        shown = named if not named.startswith("/") else f"<files of model {spec.id!r}>"
+        text = text.replace(str(resolve_project_path(named)), shown)
+    return text.replace(f"{PROJECT_ROOT}/", "")
 
 
 def failure_reason(e: BaseException, spec: ModelSpec) -> str:
     """Why a model's code failed, as a client may read it: the exception's type and message without server
     paths or object addresses, bounded (``errors.error_text``); the log has the whole of it."""
     return error_text(e, lambda text: redact_paths(text, spec))
+
+
+def _on_loop(callback: Callable[..., None]) -> Callable[..., None]:
+    """``callback``, run on this event loop whichever thread calls it: at once on the loop's own thread, else as
+    the loop's next callback (Serve's LRU unloads a copy from a thread of its executor, and the callback
+    comes before the loop hears that the unload is done). Dropped once the loop is closed (the replica is
+    stopping). Made outside an event loop (a test's), it runs the callback wherever it is called."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
+    def on_loop(*args: Any) -> None:
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:  # a thread with no event loop
+            here = False
+        if here or loop is None:
+            callback(*args)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(callback, *args)
+
+    return on_loop
 
 
 def build_copy(live: LiveRegistry, spec: ModelSpec) -> ModelCopy:
@@ -117,8 +143,14 @@ class ModelCache:
         if lingering is not None and same_model(lingering.spec, spec) and lingering.revive():  # no reload
             self._counters.revived += 1
             return self._hold(model_id, lingering)
+        self._refuse_in_backoff(model_id, status)  # requests that queued on the cache's lock behind a failed load
         hint = self._hints.pop(model_id, None)
         expected = next((b for b in (status.size_bytes, hint and hint.size_bytes, spec.memory_bytes) if b), 0)
+        budget = self.memory.budget
+        if budget is not None and expected > budget and status.weights_bytes:
+            # A resident memory growth over the budget may have caught other work of the process: refused before
+            # loading only for the weights' exact bytes, and the load measures the growth again.
+            expected = status.weights_bytes
         self._refuse_if_never_fits(spec, expected)
         previous, status.state = status.state, ModelState.LOADING
         try:
@@ -197,12 +229,14 @@ class ModelCache:
         while True:
             live = self.memory.live(self.copies)  # the new copy is not among them yet
             used = self.memory.used(live)
-            if len(live) + 1 <= LIVE_COPIES and self.memory.fits(used, size):
+            fits = self.memory.fits(used, size)
+            if len(live) + 1 <= LIVE_COPIES and fits:
                 return
-            # The least recently used copy that no request holds; else one that requests hold, which is freed
-            # when they are done (waited for below).
+            # The least recently used copy that no request holds; where bytes are short, else one that requests
+            # hold, which is freed when they are done (waited for below). Short of a copy only, the copies
+            # evicted in use are the ones to wait for: evicting another one in use would not free it sooner.
             cached = [m for m in ray_internals.cached_model_ids(self._owner) if m != model_id]
-            victim = next((m for m in cached if self._idle(m)), None) or next(iter(cached), None)
+            victim = next((m for m in cached if self._idle(m)), None) or (None if fits else next(iter(cached), None))
             if victim is not None:
                 self._counters.evicted_for_memory += 1
                 await self._evict_during_load(victim, cause="memory")
@@ -240,15 +274,9 @@ class ModelCache:
         if not copy.mark_unloaded():
             await asyncio.to_thread(copy.free)
 
-    def _released_callback(self):
+    def _released_callback(self) -> Callable[[], None]:
         """Set the freed event from whichever thread gives a copy's memory back."""
-        loop = asyncio.get_running_loop()
-
-        def released() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed (the replica is stopping)
-                loop.call_soon_threadsafe(self._freed.set)
-
-        return released
+        return _on_loop(self._freed.set)
 
     async def evict_for(self, model_id: str, victims: tuple[str, ...]) -> None:
         """Evict the copies the router chose for a load of ``model_id`` (a miss) before Serve's LRU makes room
@@ -265,7 +293,7 @@ class ModelCache:
         self.model_status(model_id).state = ModelState.LOADED
         self.held.add(model_id)
         copy.evicted_by = None  # held again (a revived copy): its next eviction names its own cause
-        copy.on_unload = lambda deferred: self._unloaded(model_id, copy, deferred)
+        copy.on_unload = _on_loop(lambda deferred: self._unloaded(model_id, copy, deferred))
         return copy
 
     def _unloaded(self, model_id: str, copy: ModelCopy, deferred: bool) -> None:
@@ -282,23 +310,28 @@ class ModelCache:
 
     def refuse_early(self, model_id: str) -> None:
         """The 503 a request for a model this replica does not hold gets before anything is evicted for it:
-        the model is in its back-off after a failed load, or its copy is known to be larger than the whole
+        the model is in its back-off after a failed load, or its weights are known to be larger than the whole
         budget (measured here: its load would be refused after Serve's LRU had made room by count, and the
         router's victims gone too); an id the registry does not have is ModelNotFound."""
         if model_id in self.held:
             return
         spec = self._live.registry.get(model_id)
         status = self.status.get(model_id)
-        if status is not None and status.retry_after is not None and time.time() < status.retry_after:
-            self._counters.refused_in_backoff += 1
-            left = status.retry_after - time.time()
-            raise ModelUnavailable(
-                f"Model {model_id!r} could not be loaded: {status.last_error} (not tried again for {left:.0f}s)",
-                model_id=model_id,
-                retry_after_s=left,
-            )
-        if status is not None and status.size_bytes:
-            self._refuse_if_never_fits(spec, status.size_bytes)
+        if status is not None:
+            self._refuse_in_backoff(model_id, status)
+            if status.weights_bytes:
+                self._refuse_if_never_fits(spec, status.weights_bytes)
+
+    def _refuse_in_backoff(self, model_id: str, status: ReplicaModelStatus) -> None:
+        """The 503 of a model whose last load failed less than ``load_failure_backoff_s`` ago."""
+        if status.retry_after is None or (left := status.retry_after - time.time()) <= 0:
+            return
+        self._counters.refused_in_backoff += 1
+        raise ModelUnavailable(
+            f"Model {model_id!r} could not be loaded: {status.last_error} (not tried again for {left:.0f}s)",
+            model_id=model_id,
+            retry_after_s=left,
+        )
 
     async def acquire(self, model_id: str) -> ModelCopy:
         """The request's model, loaded if need be, and held for the request (the caller releases it).

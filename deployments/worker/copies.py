@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.runtimes.base import ModelRuntime
+from deployments.runtimes.base import ModelRuntime, runtime_code
 from deployments.worker.threads import IdleThreadsRule
 from serve_app.core.errors import InvalidInput, ServeAppError
 from serve_app.core.outputs import ContractError
@@ -81,26 +81,37 @@ def trim_memory() -> bool:
     return True
 
 
+def _device_allocated(device: str) -> int | None:
+    """The memory torch has allocated on a CUDA device now; None on any other device."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.memory_allocated(torch.device(device))
+
+
 @contextmanager
-def with_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` torch intra-op threads, then go back to the count before. Called on the
-    copy's own thread, just before its forward pass: with torch's OpenMP, ``set_num_threads`` sets the calling
-    thread's own count (and the process's default), and a thread that has run keeps its count, so another
-    copy's thread running meanwhile is not changed."""
-    if threads is None:
+def with_threads(threads: int | None, own: int | None = None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: ``own``), then set ``own`` (None: the count
+    before). Called on the copy's own thread, just before its forward pass: with torch's OpenMP,
+    ``set_num_threads`` sets the calling thread's own count and the process's default, and a thread that has
+    run keeps its count, so another copy's thread running meanwhile is not changed. A thread that first ran
+    while another one's count was raised started with that count as its own: ``own`` sets it back."""
+    target = threads or own
+    if target is None:
         yield
         return
     import torch
 
     before = torch.get_num_threads()
-    if threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
+    after = own or before
+    if target != before:
+        torch.set_num_threads(target)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if torch.get_num_threads() != after:
+            torch.set_num_threads(after)
 
 
 def byte_count(size: Any) -> int | None:
@@ -134,6 +145,7 @@ class ModelCopy:
         self.load_seconds: float | None = None
         self.weights_bytes: int | None = None  # exact, from the runtime
         self.rss_growth_bytes: int | None = None  # the process's resident memory, after the load less before
+        self.device_growth_bytes: int | None = None  # on a CUDA device: its memory torch allocated, likewise
         self._state_lock = threading.Lock()
         self._in_use = 0
         self._unload_pending = False  # unloaded while requests held it: freed when the last one is done
@@ -168,18 +180,25 @@ class ModelCopy:
     @property
     def size_bytes(self) -> int | None:
         """What the copy takes, as the replica's budget counts it: the larger of its weights' exact bytes and
-        the growth of resident memory at its load (a tokenizer, allocator overhead); None before its load."""
-        sizes = [b for b in (self.weights_bytes, self.rss_growth_bytes) if b is not None]
+        the growth at its load (a tokenizer, allocator overhead) of the memory the budget is: the process's
+        resident memory on the CPU, the device's memory on a CUDA device (where the host's growth, a CUDA
+        context and the weights' staging, is not the budget's); None before its load."""
+        grown = self.device_growth_bytes if self.device.startswith("cuda") else self.rss_growth_bytes
+        sizes = [b for b in (self.weights_bytes, grown) if b is not None]
         return max(sizes) if sizes else None
 
     def load(self) -> ModelCopy:
         """Load the runtime's model and measure it (slow: call it off the event loop)."""
-        t0, before = time.perf_counter(), resident_bytes()
-        self.runtime.load()
+        t0, before, device_before = time.perf_counter(), resident_bytes(), _device_allocated(self.device)
+        with runtime_code("load()"):
+            self.runtime.load()
         self.load_seconds = time.perf_counter() - t0
-        after = resident_bytes()
+        after, device_after = resident_bytes(), _device_allocated(self.device)
         self.rss_growth_bytes = max(0, after - before) if after is not None and before is not None else None
-        self.weights_bytes = byte_count(self.runtime.size_bytes())
+        if device_before is not None and device_after is not None:
+            self.device_growth_bytes = max(0, device_after - device_before)
+        with runtime_code("size_bytes()"):
+            self.weights_bytes = byte_count(self.runtime.size_bytes())
         logger.info(
             "loaded model %r on %s in %.2fs: %s bytes of weights, resident memory +%s bytes",
             self.spec.id,
@@ -201,13 +220,15 @@ class ModelCopy:
             return self._thread
 
     def prepare(self, inputs: list[Any]) -> list[Any]:
-        return self.runtime.prepare(inputs)
+        with runtime_code("prepare()"):
+            return self.runtime.prepare(inputs)
 
     def answer(
         self,
         requests: Sequence[list[Any]],
         threads: int | None = None,
         parameters: Sequence[dict[str, Any] | None] | None = None,
+        own_threads: int | None = None,
     ) -> list[dict[str, np.ndarray] | Exception]:
         """One forward pass (or as few as the runtime makes) for the inputs of several requests, and each
         request's answer encoded by the task's output kind: one ``predict`` call for each set of request
@@ -217,7 +238,8 @@ class ModelCopy:
         the app's errors (a request's own fault: an input its runtime refuses, a prompt the model has not) is
         made again for each of its requests alone, so that only the requests at fault get an error, each its
         own. ``ContractError`` if the runtime's rows do not fit the task's contract. Runs on ``thread``;
-        ``threads``: the intra-op threads of this forward pass (``with_threads``)."""
+        ``threads``: the intra-op threads of this forward pass, ``own_threads`` the replica's share, which the
+        pass runs on without ``threads`` and which the thread keeps after (``with_threads``)."""
         given = [params or {} for params in parameters] if parameters is not None else [{}] * len(requests)
         kind = self.task.output
         options = [{k: v for k, v in params.items() if k in kind.options} for params in given]
@@ -226,6 +248,20 @@ class ModelCopy:
         for i, params in enumerate(given):
             groups.setdefault(json.dumps(params, sort_keys=True), []).append(i)
         out: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
+        with with_threads(threads, own_threads):
+            self._answer_groups(requests, given, options, groups, out)
+        return out  # type: ignore[return-value]  (every request answered)
+
+    def _answer_groups(
+        self,
+        requests: Sequence[list[Any]],
+        given: list[dict[str, Any]],
+        options: list[dict[str, Any]],
+        groups: dict[str, list[int]],
+        out: list[dict[str, np.ndarray] | Exception | None],
+    ) -> None:
+        """``answer``'s calls, one for each group of requests with the same parameters, into ``out``."""
+        kind = self.task.output
         for indices in groups.values():
             params = given[indices[0]]
             if self._refusal(params) is not None:  # the runtime takes no such parameter: none of them runs
@@ -234,23 +270,17 @@ class ModelCopy:
                 continue
             try:
                 answers: list[dict[str, np.ndarray] | Exception] = list(
-                    self._predict([requests[i] for i in indices], params, threads)
+                    self._predict([requests[i] for i in indices], params)
                 )
             except ServeAppError as e:
-                if len(indices) == 1:
-                    answers = [e]
-                else:
-                    answers = [self._predict_alone(requests[i], params, threads) for i in indices]
+                answers = [e] if len(indices) == 1 else [self._predict_alone(requests[i], params) for i in indices]
             for i, answer in zip(indices, answers, strict=True):
                 out[i] = kind.apply(answer, **options[i]) if options[i] and isinstance(answer, dict) else answer
-        return out  # type: ignore[return-value]  (every request answered)
 
-    def _predict(
-        self, requests: Sequence[list[Any]], params: dict[str, Any], threads: int | None
-    ) -> list[dict[str, np.ndarray]]:
+    def _predict(self, requests: Sequence[list[Any]], params: dict[str, Any]) -> list[dict[str, np.ndarray]]:
         """One ``predict`` call for the inputs of requests with the same parameters: each one's answer."""
         flat = [item for inputs in requests for item in inputs]
-        with with_threads(threads):
+        with runtime_code("predict()"):
             answer = self.runtime.predict(flat, **params)
         rows = one_per_input(answer, len(flat), "predict must answer one row per input")
         out, start = [], 0
@@ -259,11 +289,9 @@ class ModelCopy:
             start += len(inputs)
         return out
 
-    def _predict_alone(
-        self, inputs: list[Any], params: dict[str, Any], threads: int | None
-    ) -> dict[str, np.ndarray] | ServeAppError:
+    def _predict_alone(self, inputs: list[Any], params: dict[str, Any]) -> dict[str, np.ndarray] | ServeAppError:
         try:
-            return self._predict([inputs], params, threads)[0]
+            return self._predict([inputs], params)[0]
         except ServeAppError as e:
             return e
 
@@ -370,7 +398,8 @@ class ModelCopy:
         if runtime is None:
             return
         try:
-            runtime.unload()
+            with runtime_code("unload()"):
+                runtime.unload()
         except Exception:  # its references go with the runtime below, whatever its unload did
             logger.exception("unloading model %r raised; its runtime is dropped", self.spec.id)
         finally:

@@ -5,7 +5,8 @@ The budget counts every copy whose memory is not given back yet: the copies Serv
 evicted while requests still run on them (freed when the last one is done). A copy counts for
 ``ModelCopy.size_bytes``, as measured at its load. On a CUDA device (untested here: no GPU on the machines
 this was built on) the budget is device memory: ``worker.gpu_memory_bytes``, else the device's memory less
-what torch reserved at start.
+what torch reserved at start; a copy then counts for its weights or for what torch allocated on the device
+during its load, whichever is larger, not for the host memory its load took.
 """
 
 from __future__ import annotations

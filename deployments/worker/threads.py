@@ -1,9 +1,9 @@
 """Whether a lone request's forward pass runs on its node's idle threads: decided by measuring, per model copy.
 
 The router offers a request the node's idle threads when no worker replica of the node is busy
-(``RouteHint.threads``). Whether they help depends on the model and the machine: on one machine the demo
-sentiment model's pass took 4.6 to 5.0 ms on two threads against 6.3 to 6.5 on one; on a slower, shared one
-both demo text models took longer on two (docs/performance.md). A copy's ``IdleThreadsRule`` therefore
+(``RouteHint.threads``). Whether they help depends on the model and the machine: a second thread takes a
+fifth or more off a small text model's pass on one machine and adds to it on a slower, shared one
+(docs/performance.md has the figures). A copy's ``IdleThreadsRule`` therefore
 times its lone batches both ways and runs them on the idle threads only while that is measured faster:
 
 * **Trials.** The first ``TRIALS`` offers of each kind alternate, idle threads first.

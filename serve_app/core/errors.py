@@ -12,6 +12,7 @@ Errors raised in a worker replica travel back through Ray: they pickle with thei
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +71,17 @@ class ServeAppError(Exception):
         return (_rebuild, (type(self), self.message, self.details))
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.error, "message": self.message, **self.details}
+        """The error's JSON body: its kind, message and details. A detail JSON cannot hold (a numpy number, a NaN,
+        an object: a runtime's own error may carry any) is given as its text, bounded."""
+        return {"error": self.error, "message": self.message, **{k: _json_safe(v) for k, v in self.details.items()}}
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return bounded(str(value))
+    return value
 
 
 class InvalidInput(ServeAppError):

@@ -4,6 +4,8 @@ and in the worker (the one decode)."""
 from __future__ import annotations
 
 import io
+import re
+import struct
 
 from PIL import Image
 
@@ -38,6 +40,104 @@ BMP_RLE = frozenset({1, 2})
 """The BMP compressions Pillow decodes in Python (RLE8, RLE4), as its header names them (``info["compression"]``)."""
 
 
+MAX_SEGMENTS = 2_000
+"""Most pieces of an image's structure that Pillow reads one at a time in Python, holding the GIL: a JPEG's
+markers before its first scan, a PNG's chunks, a GIF's blocks and sub-blocks before its first picture. A
+file of a million empty ones stays within every byte and pixel limit and costs seconds of the ingress's CPU
+(an 8 x 8 JPEG after 1.3 million empty comments: 5.2 MB, 1.5 to 1.9 s). Encoders write tens of them before
+the pixels: a PNG of 8 MiB in libpng's 8 KB chunks has about 1,000."""
+
+MAX_JPEG_JUNK = 4_096
+"""Most bytes between a JPEG's markers before its first scan that are not part of one (fill bytes, junk),
+each of which Pillow skips by itself in Python."""
+
+_NOT_FF = re.compile(rb"[^\xff]")
+
+
+class TooManySegments(ValueError):
+    """An image of more pieces than ``MAX_SEGMENTS`` (or junk than ``MAX_JPEG_JUNK``) where Pillow reads them
+    one at a time: refused before Pillow reads it."""
+
+
+def check_segments(data: bytes) -> None:
+    """``TooManySegments`` if ``data`` is a JPEG, PNG or GIF of more pieces than Pillow should read one by one.
+    The walk stops at the limit, so it costs at most ``MAX_SEGMENTS`` steps of Python whatever the size; a file
+    it cannot follow (truncated, or not of these formats) is left to Pillow to refuse."""
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg(data)
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        _check_gif(data)
+
+
+def _over(pieces: int, what: str) -> None:
+    if pieces > MAX_SEGMENTS:
+        raise TooManySegments(f"{what} number more than the limit of {MAX_SEGMENTS} (each is read on its own)")
+
+
+def _check_jpeg(data: bytes) -> None:
+    """Markers up to the first scan (FF DA), where the C decoder takes over; the bytes between them that are
+    not part of one (junk, fill bytes, an escaped FF 00) are skipped here in C, and counted."""
+    pos, markers, junk = 2, 0, 0
+    while pos + 1 < len(data):
+        found = data.find(b"\xff", pos)  # junk up to the next FF
+        code_at = _NOT_FF.search(data, found) if found != -1 else None  # past the fill bytes
+        if code_at is None:
+            return
+        junk += code_at.start() - 1 - pos
+        pos = code_at.start() - 1  # the marker's FF
+        code = data[pos + 1]
+        if code == 0x00:
+            junk += 2
+            pos += 2
+        if junk > MAX_JPEG_JUNK:
+            raise TooManySegments(
+                f"a JPEG of more than {MAX_JPEG_JUNK} bytes outside its markers before its first scan"
+            )
+        if code == 0x00:
+            continue
+        markers += 1
+        _over(markers, "a JPEG's markers before its first scan")
+        if code == 0xDA:  # start of scan
+            return
+        if code == 0x01 or 0xD0 <= code <= 0xD9:  # markers without a length
+            pos += 2
+        elif pos + 4 <= len(data):
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+        else:
+            return
+
+
+def _check_png(data: bytes) -> None:
+    """Every chunk: Pillow reads those before the pixels one by one, and the pixels' chunks each on its own."""
+    pos, chunks = 8, 0
+    while pos + 8 <= len(data):
+        chunks += 1
+        _over(chunks, "a PNG's chunks")
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def _check_gif(data: bytes) -> None:
+    """The blocks and their sub-blocks before the first picture, which Pillow parses when it opens the file."""
+    if len(data) < 13:
+        return
+    flags = data[10]
+    pos, pieces = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0
+    while pos < len(data) and data[pos] == 0x21:  # an extension: its label, then sub-blocks up to an empty one
+        pos += 2
+        while pos < len(data):
+            pieces += 1
+            _over(pieces, "a GIF's blocks before its first picture")
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+
+
 def jpeg_scans(data: bytes) -> int:
     """How many scans a JPEG holds: its start-of-scan markers (FF DA), which its compressed data cannot hold
     (a FF there is followed by 00), counted in C. A thumbnail in its EXIF counts too: an upper bound."""
@@ -45,7 +145,9 @@ def jpeg_scans(data: bytes) -> int:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """A lazily opened image (its header read, its pixels not decoded), of an allowed format only."""
+    """A lazily opened image (its header read, its pixels not decoded), of an allowed format only, and of no
+    more pieces than Pillow should read one by one (``check_segments``)."""
+    check_segments(data)
     return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
 
 

@@ -53,6 +53,7 @@ from serve_app.core.images import (
     MAX_JPEG_SCANS,
     MAX_SLOW_DECODED_PIXELS,
     SHRUNK_WHILE_DECODED,
+    TooManySegments,
     decoder_error,
     jpeg_scans,
     open_image,
@@ -258,6 +259,8 @@ class ImageInput(InputKind):
                 return width * height
         except BadImage:
             raise
+        except TooManySegments as e:
+            raise ImageOverLimit(f"{where}: {e}") from None
         except Image.DecompressionBombError:  # Pillow's own limit, above this app's: its header claims more
             raise ImageOverLimit(
                 f"{where}: the image is more than the limit of {limits.max_image_pixels} pixels"

@@ -69,10 +69,26 @@ def _floats(values: Any, what: str) -> np.ndarray:
         if hasattr(values, "detach"):  # a torch tensor, on any device and of any float type (numpy has no bf16)
             values = values.detach().cpu()
             values = values.float() if values.is_floating_point() else values
-        array = np.asarray(values, dtype=np.float32)
+        given = np.asarray(values)
+        if given.dtype.kind in "USO" and given.size and any(isinstance(v, str | bytes) for v in given.flat):
+            raise TypeError("text is not a number")  # numpy would read "0.5" as 0.5
+        array = given.astype(np.float32)
     except (TypeError, ValueError) as e:
         raise ContractError(f"{what} must be numbers: {e}") from None
     return array
+
+
+def _number(value: Any, integral: bool = False) -> float | int:
+    """A runtime's number (a Python or numpy number, a tensor of one value) as a float, or an int where it must
+    be ``integral``; ``TypeError`` for text (which ``float`` would read) or a fraction where an int is due."""
+    if isinstance(value, str | bytes):
+        raise TypeError(f"text is not a number: {value!r:.40}")
+    number = float(value)
+    if not integral:
+        return number
+    if not number.is_integer():
+        raise TypeError(f"not a whole number: {number}")
+    return int(number)
 
 
 class Classification(OutputKind):
@@ -111,7 +127,7 @@ class Classification(OutputKind):
         if not items or any(len(p) != 2 for p in items):
             raise ContractError("a classification row is a non-empty list of (label, score) pairs")
         try:
-            pairs = [(str(label), float(score)) for label, score in items]
+            pairs = [(str(label), _number(score)) for label, score in items]
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # RuntimeError: a tensor of several
             raise ContractError(f"a classification score must be a number: {error_text(e)}") from None
         # Most likely first; a NaN score (null in the answers) last, where it cannot be taken for the top label.
@@ -188,11 +204,12 @@ class Embedding(OutputKind):
         vectors = wire["embedding"]
         if dimensions is None or dimensions >= vectors.shape[1]:
             return wire
-        cut = vectors[:, :dimensions]
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        if len(vectors) and np.allclose(norms, 1.0, atol=1e-3):
-            cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        return {"embedding": np.ascontiguousarray(cut, dtype=np.float32)}
+        cut = np.array(vectors[:, :dimensions], dtype=np.float32)
+        unit = np.isclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)  # each vector by its own length
+        if unit.any():
+            lengths = np.linalg.norm(cut[unit], axis=1, keepdims=True)
+            cut[unit] = cut[unit] / np.maximum(lengths, np.finfo(np.float32).tiny)
+        return {"embedding": cut}
 
     def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
         vectors = [_floats(row, "an embedding") for row in rows]
@@ -240,16 +257,20 @@ class Entities(OutputKind):
                     raise ContractError(f"an entity is a mapping with {', '.join(ENTITY_FIELDS)}")
                 found.append((i, entity))
         try:
-            return {
+            spans = [(_number(e["start"], integral=True), _number(e["end"], integral=True)) for _, e in found]
+            wire = {
                 "entity_group": bytes_array(str(e["entity_group"]) for _, e in found),
                 "word": bytes_array(str(e["word"]) for _, e in found),
-                "score": np.array([float(e["score"]) for _, e in found], dtype=np.float32),
-                "start": np.array([int(e["start"]) for _, e in found], dtype=np.int64),
-                "end": np.array([int(e["end"]) for _, e in found], dtype=np.int64),
+                "score": np.array([_number(e["score"]) for _, e in found], dtype=np.float32),
+                "start": np.array([start for start, _ in spans], dtype=np.int64),
+                "end": np.array([end for _, end in spans], dtype=np.int64),
                 "input": np.array([i for i, _ in found], dtype=np.int64),
             }
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise ContractError(f"an entity's score, start and end must be numbers: {error_text(e)}") from None
+        if any(not 0 <= start <= end for start, end in spans):
+            raise ContractError("an entity's start and end index its input text: 0 <= start <= end")
+        return wire
 
     def native(self, wire: Wire, count: int) -> list[Any]:
         inputs = wire["input"].tolist()

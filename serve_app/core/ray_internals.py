@@ -61,6 +61,7 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.models"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._push_multiplexed_replica_info"),
+    ("ray.serve.multiplex", "_ModelMultiplexWrapper.registered_model_gauge"),
     ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
     ("ray.serve.api", "delete:_blocking"),
     ("ray._private.worker", "_global_node"),
@@ -129,7 +130,7 @@ async def evict_multiplexed_model(
             return None
         model = wrapper.models.pop(model_id, None)
         if model is not None:
-            wrapper._push_multiplexed_replica_info = True
+            _evicted(wrapper, model_id)
             if on_evicted is not None:
                 on_evicted(model)
     return model
@@ -153,8 +154,15 @@ def evict_during_load(instance: object, model_id: str) -> Any | None:
         raise RuntimeError("evict_during_load is for the multiplexed loader, which runs under the cache's lock")
     model = wrapper.models.pop(model_id, None)
     if model is not None:
-        wrapper._push_multiplexed_replica_info = True
+        _evicted(wrapper, model_id)
     return model
+
+
+def _evicted(wrapper: Any, model_id: str) -> None:
+    """What Serve's own LRU does after an eviction: tell the router at the next push, and set the model's gauge
+    on this replica (``serve_registered_multiplexed_model_id``) to 0."""
+    wrapper._push_multiplexed_replica_info = True
+    wrapper.registered_model_gauge.set(0, tags={"model_id": model_id})
 
 
 # -- messages between replicas ----------------------------------------------------------------------

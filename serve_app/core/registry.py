@@ -19,6 +19,7 @@ module the app's args allow. A bad file is rejected with a message that names th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -69,13 +70,21 @@ class HubSource(BaseModel):
     """A Hugging Face hub repository, pinned to a commit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    hub_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    hub_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*$")
     revision: str = Field(
         pattern=r"^[0-9a-f]{40}$",
         description="the full 40-character commit hash: a branch or tag can move, a commit cannot",
     )
 
     def reference(self) -> tuple[str, str | None]:
+        """The hub id and the commit. ``ValueError`` where the id also names a file or folder of the working
+        directory: transformers would load that folder instead (whatever the revision), a way around the
+        model roots."""
+        if os.path.lexists(self.hub_id):
+            raise ValueError(
+                f"hub_id {self.hub_id!r} also names a folder of the server, which would be read instead of the "
+                "hub's files: a model in a folder is a source.path under the model roots"
+            )
         return self.hub_id, self.revision
 
     def describe(self) -> str:

@@ -327,6 +327,8 @@ def tasks_url(deploy, tiny_dir, own_models):
         entry("alpha", path=tiny_dir / "alpha", labels=labels_for("alpha")),
         entry("no-license", runtime=f"{own}:FailsToLoad"),
         entry("no-license-nor-unload", runtime=f"{own}:FailsToLoadAndToUnload"),
+        entry("exits", runtime=f"{own}:ExitsOnLoad"),
+        entry("misspelt", task="feature-extraction", path=prompted, parameters={"normalise": True}),
         entry("unprepared", runtime=f"{own}:FailsToPrepare"),
         entry("wrong", runtime=f"{own}:BreaksItsContract"),
         entry("noisy", runtime=f"{own}:FailsNoisily"),
@@ -413,6 +415,8 @@ def test_a_runtime_of_ones_own_is_served_batched_and_evicted_like_any_other(clie
     [
         ("no-license", "RuntimeError: the license server did not answer"),
         ("no-license-nor-unload", "RuntimeError: the license server did not answer"),
+        ("exits", "load() raised SystemExit: 2"),  # not the replica's end: the model after it is served
+        ("misspelt", "reads no registry parameter 'normalise'"),
         ("plain", "is not a subclass of deployments.runtimes.ModelRuntime"),
         ("missing", "module 'tests.byo_runtimes' has no class 'Missing'"),
     ],

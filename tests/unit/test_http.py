@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -16,7 +17,7 @@ from deployments.ingress.dataplane import merge_model_status
 from deployments.ingress.deployment import api
 from deployments.ingress.middleware import BodyLimitMiddleware
 from serve_app.core.config import Keys
-from serve_app.core.errors import BadImage, ModelNotFound, ModelUnavailable
+from serve_app.core.errors import BadImage, InvalidInput, ModelNotFound, ModelUnavailable
 from serve_app.core.registry import ModelSpec
 from tests.helpers import inference_result
 
@@ -42,6 +43,8 @@ class Plane:
             raise RuntimeError("secret detail /srv/models")
         if model_id == "image":
             raise BadImage("input_data[0]: not a readable image")
+        if model_id == "odd-details":  # a runtime's own error, with details JSON cannot hold
+            raise InvalidInput("input 3 is too long", index=np.int64(3), score=float("nan"), ok=[1, "a"])
         if model_id == "backoff":
             raise ModelUnavailable("Model 'backoff' could not be loaded (not tried again for 3s)", retry_after_s=2.4)
         if model_id not in ("ok", "many"):
@@ -347,3 +350,17 @@ def test_a_predict_body_is_read_through_the_data_plane_which_counts_one_that_can
         assert client.post("/predict", content=b"{not json").status_code == 400
         assert client.post("/predict", json={"model_id": "ok", "input_data": "x"}).status_code == 200
     assert plane.parsing == ["native", "native"] and plane.inferred == ["ok"]
+
+
+def test_an_error_whose_details_json_cannot_hold_is_answered_with_them_as_text(client):
+    """A runtime's own error may carry any details (a numpy number, a NaN): the answer is its 4xx with those as
+    text, not a 500 from the error handler."""
+    r = client.post("/predict", json={"model_id": "odd-details", "input_data": "x"})
+    assert r.status_code == 422
+    assert r.json() == {
+        "error": "invalid_input",
+        "message": "input 3 is too long",
+        "index": "3",
+        "score": "nan",
+        "ok": [1, "a"],
+    }

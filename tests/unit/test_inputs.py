@@ -1,6 +1,8 @@
 import asyncio
 import base64
 import io
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -332,3 +334,65 @@ def test_a_bmp_compressed_with_rle_which_decodes_in_python_has_at_most_a_million
     assert decoder.decode(IMAGE, [base64.b64encode(small).decode()]) == [small]
     with pytest.raises(BadImage, match="a BMP compressed with RLE of 1001x1001 pixels is more than the limit"):
         decoder.decode(IMAGE, [base64.b64encode(large).decode()])
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_in_chunks(size: int, empty: int = 0) -> bytes:
+    """A PNG of 1000 x 1000 noise with its pixels in IDAT chunks of ``size`` bytes, after ``empty`` empty chunks
+    of a kind Pillow does not know."""
+    data = _image_bytes(Image.effect_noise((1000, 1000), 64), "PNG")
+    pos, idat, head = 8, b"", []
+    while pos < len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body, pos = data[pos + 8 : pos + 8 + length], pos + 12 + length
+        if kind == b"IDAT":
+            idat += body
+        elif kind != b"IEND":
+            head.append(_chunk(kind, body))
+    pixels = [_chunk(b"IDAT", idat[i : i + size]) for i in range(0, len(idat), size)]
+    return data[:8] + b"".join(head) + _chunk(b"zzZz", b"") * empty + b"".join(pixels) + _chunk(b"IEND", b"")
+
+
+def _image_bytes(img: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def test_an_image_of_more_pieces_than_pillow_should_read_one_by_one_is_refused_before_it_reads_them():
+    """Pillow reads a JPEG's markers before its first scan, a PNG's chunks and a GIF's blocks before its first
+    picture one at a time in Python: a file of a million empty ones fits every byte and pixel limit and costs
+    seconds of the ingress's CPU. At most 2,000 of them; a PNG of 8 MiB in libpng's 8 KB chunks has about
+    1,000, and its encoders write tens before the pixels."""
+    decoder = _Sync(
+        InputDecoder(image_root="samples/images", max_image_bytes=8 << 20, max_image_pixels=25_000_000, max_items=4)
+    )
+    jpeg = _image_bytes(Image.new("RGB", (8, 8)), "JPEG")
+    gif = _image_bytes(Image.new("P", (8, 8)), "GIF")
+    first_picture = gif.index(b",")
+
+    def sent(data: bytes) -> list[bytes]:
+        return decoder.decode(IMAGE, [base64.b64encode(data).decode()])
+
+    png = _png_in_chunks(600)  # about 1,600 small chunks, as an encoder may write them
+    assert png.count(b"IDAT") > 1500 and sent(png) == [png]
+    many = {
+        "a JPEG's markers before its first scan": jpeg[:2] + b"\xff\xfe\x00\x02" * 300_000 + jpeg[2:],
+        "a PNG's chunks": _png_in_chunks(1 << 16, empty=300_000),
+        "a GIF's blocks before its first picture": gif[:first_picture]
+        + b"!\xfe"
+        + b"\x01a" * 300_000
+        + b"\x00"
+        + gif[first_picture:],
+    }
+    for what, data in many.items():
+        with pytest.raises(BadImage, match=f"{what} number more than the limit of 2000") as e:
+            sent(data)
+        assert e.value.status_code == 400
+    junk = jpeg[:2] + b"\xff" * 5000 + jpeg[2:]  # fill bytes, which Pillow skips one at a time as well
+    with pytest.raises(BadImage, match="a JPEG of more than 4096 bytes outside its markers before its first scan"):
+        sent(junk)
+    assert sent(jpeg[:2] + b"\xff" * 4000 + jpeg[2:]) != []

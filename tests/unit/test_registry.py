@@ -60,6 +60,7 @@ def test_unknown_model_lists_known_ids():
         (_with(0, id="has space"), "models.0.id"),
         (_with(1, source={"hub_id": "google/vit-base-patch16-224"}), "models.1.source"),
         (_with(1, source={"hub_id": "google/vit", "revision": "main"}), "revision"),
+        (_with(1, source={"hub_id": "models/..", "revision": "0" * 40}), "models.1.source"),
         (_with(0, trust_remote_code=True), "models.0.trust_remote_code"),
         (_with(0, labels="positive"), "models.0.labels"),
         (_with(0, runtime="not a path"), "models.0.runtime"),
@@ -198,3 +199,14 @@ def test_the_model_roots_are_the_operators_and_links_out_of_them_are_refused(tmp
     from serve_app.core.registry import ModelSpec
 
     assert ModelSpec(id="m", task="text-classification", source={"path": "/anywhere"}).source.path == "/anywhere"
+
+
+def test_a_hub_id_that_also_names_a_folder_of_the_server_is_not_read_from_it(tmp_path, monkeypatch):
+    """transformers reads a hub id that names a folder of the working directory from that folder, whatever the
+    revision: a way around the model roots. Such a source fails its load, saying why."""
+    (tmp_path / "samples" / "images").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    source = Registry.from_dict(_with(1, source={"hub_id": "samples/images", "revision": "0" * 40})).get("vit").source
+    with pytest.raises(ValueError, match="'samples/images' also names a folder of the server"):
+        source.reference()
+    assert HubSource(hub_id="google/vit", revision="0" * 40).reference() == ("google/vit", "0" * 40)

@@ -1103,3 +1103,20 @@ def test_a_vision_language_model_fails_the_image_embedding_load_as_it_cannot_emb
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     with pytest.raises(ValueError, match=r"LlavaModel does not embed an image alone \(its forward reads input_ids\)"):
         runtime_for(_spec("llava", "image-feature-extraction", folder)).load()
+
+
+def test_a_registry_parameter_the_runtime_does_not_read_fails_the_load_naming_it():
+    """A misspelt setting (``normalise``) would otherwise load and serve without it: vectors not normalised. A
+    runtime of one's own that declares no ``entry_parameters`` takes any."""
+
+    def entry(task: str, **parameters) -> ModelSpec:
+        return ModelSpec(id="m", task=task, source={"path": "models/x"}, parameters=parameters)
+
+    with pytest.raises(ValueError, match=r"reads no registry parameter 'normalise' \(it reads: max_seq_length, "):
+        runtime_for(entry("feature-extraction", normalise=True, pooling="mean"))
+    with pytest.raises(ValueError, match=r"reads no registry parameter 'top_k' \(it reads: none\)"):
+        runtime_for(entry("text-classification", top_k=2))  # a request's parameter, not the entry's
+    assert runtime_for(entry("token-classification", stride=16)).spec.parameters == {"stride": 16}
+    own = TaskCatalog.load(runtime_modules=["tests.byo_runtimes"])
+    spec = entry("text-classification", anything=1).model_copy(update={"runtime": "tests.byo_runtimes:Sized"})
+    assert runtime_for(spec, own).spec.parameters == {"anything": 1}

@@ -49,6 +49,7 @@ def test_classification_answers_as_the_seed_did_field_for_field():
         ([[{"label": "a"}]], r"\(label, score\) pairs"),
         ([[("a", 10**400)]], "score must be a number"),
         ([[("a", np.array([0.1, 0.2]))]], "score must be a number"),
+        ([[("a", "0.9")]], "score must be a number"),  # text that float() would read
     ],
 )
 def test_classification_rows_outside_the_contract_are_refused(rows, match):
@@ -102,6 +103,10 @@ def test_dimensions_cut_each_vector_and_keep_unit_vectors_of_unit_length():
     cut = EMBEDDING.apply(unit, dimensions=2)["embedding"]
     assert cut.dtype == np.float32 and cut.shape == (2, 2)
     np.testing.assert_allclose(cut, [[1.0, 0.0], [0.0, 1.0]], atol=1e-6)  # 0.6, 0 again of unit length
+    # Each vector by its own length: one that is not of unit length (a NaN, zeros) leaves the others' as they were.
+    mixed = EMBEDDING.encode([[0.6, 0.8, 0.0], [float("nan")] * 3, [0.0, 0.0, 0.0]])
+    cut = EMBEDDING.apply(mixed, dimensions=1)["embedding"]
+    assert cut[0].tolist() == [1.0] and np.isnan(cut[1, 0]) and cut[2].tolist() == [0.0]
     raw = EMBEDDING.encode([[3.0, 4.0, 12.0]])  # not of unit length: the first values as they are
     np.testing.assert_allclose(EMBEDDING.apply(raw, dimensions=2)["embedding"], [[3.0, 4.0]])
     assert EMBEDDING.apply(raw, dimensions=3) is raw and EMBEDDING.apply(raw, dimensions=99) is raw
@@ -118,7 +123,14 @@ def test_dimensions_cut_each_vector_and_keep_unit_vectors_of_unit_length():
 
 
 @pytest.mark.parametrize(
-    "rows, match", [([[1.0, 2.0], [1.0]], "same length"), ([[[1.0], [2.0]]], "1-D"), ([["x"]], "numbers")]
+    "rows, match",
+    [
+        ([[1.0, 2.0], [1.0]], "same length"),
+        ([[[1.0], [2.0]]], "1-D"),
+        ([["x"]], "numbers"),
+        ([["1", "2"]], "numbers"),  # text that numpy would read as numbers
+        ([np.array(["0.5", "1.5"], dtype=object)], "numbers"),
+    ],
 )
 def test_embeddings_outside_the_contract_are_refused(rows, match):
     with pytest.raises(ContractError, match=match):
@@ -152,6 +164,13 @@ def test_an_entity_without_its_fields_is_refused():
         ENTITIES.encode([[{**ALICE, "start": None, "end": None}]])
     with pytest.raises(ContractError, match="must be numbers"):
         ENTITIES.encode([[{**ALICE, "end": float("inf")}]])
+    for wrong in ({"score": "0.9"}, {"start": "0"}, {"end": 4.5}):  # text, or a fraction of a character
+        with pytest.raises(ContractError, match="must be numbers"):
+            ENTITIES.encode([[{**ALICE, **wrong}]])
+    for span in ((-1, 5), (5, 0)):  # start and end index the text
+        with pytest.raises(ContractError, match="0 <= start <= end"):
+            ENTITIES.encode([[{**ALICE, "start": span[0], "end": span[1]}]])
+    assert ENTITIES.encode([[{**ALICE, "start": np.int64(0), "end": 5.0}]])["end"].tolist() == [5]
 
 
 # -- tensors ------------------------------------------------------------------------------------------

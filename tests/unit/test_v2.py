@@ -109,8 +109,10 @@ def test_the_clients_timeout_parameter_is_its_deadline(timeout, expected):
         {"parameters": parameters, "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
     )
     assert client_timeout_s(request) == expected
-    with pytest.raises(InvalidInput, match=r"parameters\.timeout"):
-        client_timeout_s(request.model_copy(update={"parameters": {"timeout": "soon"}}))
+    for bad in ("soon", 0, 2**64, 10**400):  # a number of 400 digits overflows a float
+        with pytest.raises(InvalidInput, match=r"parameters\.timeout"):
+            client_timeout_s(request.model_copy(update={"parameters": {"timeout": bad}}))
+    assert client_timeout_s(request.model_copy(update={"parameters": {"timeout": 2**64 - 1}})) > 0
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,10 @@ class FakeCache:
         self.models = OrderedDict(models)
         self._model_cache_lock = asyncio.Lock()
         self._push_multiplexed_replica_info = False
+        self.gauge: dict[str, float] = {m: 1 for m in models}  # serve_registered_multiplexed_model_id, per model
+        self.registered_model_gauge = SimpleNamespace(
+            set=lambda value, tags: self.gauge.update({tags["model_id"]: value})
+        )
 
 
 class Owner:

@@ -256,13 +256,20 @@ def parse_infer_request(
     return request, elements
 
 
+MAX_TIMEOUT_US = 2**64 - 1
+"""The largest ``timeout`` Triton's clients send: an unsigned 64-bit count of microseconds."""
+
+
 def timeout_from_parameters(parameters: dict[str, Any] | None) -> float | None:
     """A request's own deadline, in seconds: Triton's ``timeout`` request parameter, in microseconds."""
     timeout = (parameters or {}).get("timeout")
     if timeout is None:
         return None
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-        raise InvalidInput("parameters.timeout must be a positive number of microseconds", field="parameters")
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT_US:
+        raise InvalidInput(
+            f"parameters.timeout must be a positive number of microseconds, at most {MAX_TIMEOUT_US}",
+            field="parameters",
+        )
     return timeout / 1e6
 
 
