@@ -62,6 +62,9 @@ that the rule applies where it matters (docs/performance.md). Past it, a holder 
 stuck, or full of requests that other routers (other ingress replicas) sent, cannot hold its model's
 requests back, nor can the requests Serve's few routing tasks are holding keep other models' requests from
 a free replica."""
+PRUNE_AT = 4096
+"""The size of the router's records (pairs of replica and model, requests in flight) past which it drops
+those of replicas that left."""
 
 
 class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
@@ -86,6 +89,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         # calls made for one ingress request share its id
         self._running: dict[str, list[tuple[str, str]]] = {}
         self._sent: dict[str, int] = {}  # replica -> model calls sent there, not completed yet
+        self._prune_at = PRUNE_AT  # the size of its records at which it drops those of replicas gone
         # Calls for one replica (status, unload) are no load: the send Serve counts next, and their completions.
         self._uncounted_send: str | None = None
         self._uncounted: set[tuple[str, str]] = set()
@@ -181,10 +185,17 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if cached is None or cached[0] is not stats:
             cached = (stats, ReplicaStatus.model_validate({**stats, "replica_id": rid}))
             self._reports[rid] = cached
-            for m, status in cached[1].models.items():
-                if status.size_bytes:
-                    self._sizes[m] = status.size_bytes
+            self._sizes = self._reported_sizes()
         return cached[1]
+
+    def _reported_sizes(self) -> dict[str, int]:
+        """Each model's bytes as the replicas' newest reports measured them, the newest report's where several
+        did. A registry change of a model's files clears its sizes on every replica (``ModelCache.apply``), and
+        so here: a size its old files measured is not the new files'."""
+        sizes: dict[str, int] = {}
+        for _, report in sorted(self._reports.values(), key=lambda cached: cached[1].at or 0.0):
+            sizes.update({m: status.size_bytes for m, status in report.models.items() if status.size_bytes})
+        return sizes
 
     def _size_of(self, model_id: str, pending: PendingRequest) -> int:
         """A copy's bytes: as a replica measured it, else as the registry declares it, else 0 (not known)."""
@@ -219,12 +230,13 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if order:
             top = view[order[0][0]]
             victims: tuple[Copy, ...] = ()
-            if top.copy_of(model_id) is None:  # a miss goes there: loading from now on, once its victims are out
+            refused = model_id in top.backoff or (top.budget is not None and size > top.budget)
+            if top.copy_of(model_id) is None and not refused:  # a miss goes there: loading from now on, once its
+                # victims are out (a model in its back-off there, or larger than its budget, is refused at once)
                 victims = eviction(top, model_id, size, worth_of(list(view.values()), demand)) or ()
                 for victim in victims:
                     self._evicting[top.replica_id][victim.model_id] = now
-                self._place(top.replica_id, model_id, now)
-                self._victims[(top.replica_id, model_id)] = (tuple(v.model_id for v in victims), top.budget is not None)
+                self._place(top.replica_id, model_id, now, tuple(v.model_id for v in victims), top.budget is not None)
                 holders = {r.replica_id: c.in_flight for r in view.values() if (c := r.copy_of(model_id)) is not None}
                 if holders:  # a hot model's copy on one more replica: an event the operator sees in the log
                     logger.info(
@@ -352,10 +364,13 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             hint = RouteHint(replica_id=rid, evict=self._placed_victims(rid, model_id), size_bytes=size)
         return replace(hint, threads=self._idle_threads(rid, self.replicas))
 
-    def _place(self, rid: str, model_id: str, now: float) -> None:
-        """A miss's copy on ``rid``: loading there from now on (evicted a moment ago or not)."""
+    def _place(self, rid: str, model_id: str, now: float, victims: tuple[str, ...] = (), named: bool = False) -> None:
+        """A miss's copy on ``rid``: loading there from now on (evicted a moment ago or not), once ``victims`` are
+        out (``named``: the replica has a budget, and the hint names them). A placement's victims are its own:
+        an earlier placement's there, expired, named copies the replica may hold again by now."""
         self._evicting.setdefault(rid, {}).pop(model_id, None)
         self._assigned.setdefault(rid, {})[model_id] = now
+        self._victims[(rid, model_id)] = (victims, named)
 
     def _unplace(self, pending: PendingRequest) -> None:
         """Undo the miss placement the request's ranking recorded (``_assigned``, its victims' ``_evicting``),
@@ -391,11 +406,20 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._fulfill(same_model or oldest, replica)
 
     def _fulfill(self, pending: PendingRequest, replica: RunningReplica) -> None:
-        """Give ``pending`` its replica, as Serve's own matching does."""
+        """Give ``pending`` its replica, as Serve's own matching does, and clear the answered requests from the
+        front of Serve's index of waiting requests by model, as its matching does when it looks one up
+        (``_get_pending_request_matching_multiplexed_model_id``, which the matching above replaces): else every
+        request, its inputs with it, would stay in that index for the ingress's life."""
         self._cancel_routing_task_for_pending_request(pending)
         self._record_queue_wait_time(pending)
         pending.future.set_result(replica)
         self._remove_pending_request_from_indices(pending)
+        model_id = pending.metadata.multiplexed_model_id
+        waiting = self._pending_requests_by_model_id.get(model_id) if model_id else None
+        while waiting and waiting[0].future.done():
+            waiting.popleft()
+        if waiting is not None and not waiting:
+            del self._pending_requests_by_model_id[model_id]
 
     def _sending(self, request_id: str, rid: str, model_id: str) -> None:
         now = time.time()
@@ -405,7 +429,7 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._last_used[(rid, model_id)] = now
         self._running.setdefault(request_id, []).append((rid, model_id))
         big = max(len(self._last_used), len(self._running), len(self._uncounted), len(self._victims))
-        if big > 4096:  # bounded
+        if big > self._prune_at:  # bounded
             live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
             self._uncounted = {k for k in self._uncounted if k[1] in live}
             self._running = {k: calls for k, calls in self._running.items() if all(r in live for r, _ in calls)}
@@ -418,6 +442,10 @@ class ModelAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._reports = {r: p for r, p in self._reports.items() if r in live}
             self._recent.keep_only(lambda key: key[0] in live)
             self._recent_all.keep_only(lambda rid: rid in live)
+            # What is left is live (a pool of many replicas and models): pruned again once it has doubled, not
+            # on every request.
+            left = max(len(self._last_used), len(self._running), len(self._uncounted), len(self._victims))
+            self._prune_at = max(PRUNE_AT, 2 * left)
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)

@@ -68,6 +68,7 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve._private.request_router.request_router", "RequestRouter._choose_replica_for_request"),
     ("ray.serve._private.request_router.request_router", "FIFOMixin._fulfill_next_pending_request"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._pending_requests_to_fulfill"),
+    ("ray.serve._private.request_router.request_router", "RequestRouter._pending_requests_by_model_id"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._cancel_routing_task_for_pending_request"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._record_queue_wait_time"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._remove_pending_request_from_indices"),

@@ -805,3 +805,86 @@ def test_a_miss_avoids_a_replica_whose_report_shows_a_load_under_way_until_a_cal
     # elsewhere, here where it evicts, until a call for the placed model completes.
     assert router._view(a, time.time()).copy_of("small2").loading
     assert routed(router, [a, b], request("small3", "predict"))[0] == "b"
+
+
+# -- what the router keeps --------------------------------------------------------------------------------
+
+
+def test_the_requests_it_placed_leave_serves_index_of_waiting_requests_by_model(clock):
+    """Serve indexes each waiting request by its model and clears the answered ones when its matching looks one
+    up; the matching here replaces Serve's, and clears them too: else every request, its inputs with it, would
+    stay in the ingress for its life."""
+    router = built_router()
+    a, b = ServedReplica("a", {"m"}), ServedReplica("b", {"n"})
+
+    async def scenario():
+        serve = Serve(router, [a, b])
+        for i in range(200):
+            replica, request_id = await serve.place("m" if i % 2 else "n")
+            serve.complete(replica, request_id)
+
+    asyncio.run(scenario())
+    assert sum(len(waiting) for waiting in router._pending_requests_by_model_id.values()) == 0
+
+
+def test_a_miss_placed_where_no_ranking_placed_it_names_no_victims_of_an_expired_placement(router, clock):
+    """A miss for m placed on x, naming a victim to evict, expires with its load grace. When Serve later hands
+    a request for m to x where its ranking chose another replica, that copy (which x may hold and need again by
+    then) is no victim of this placement."""
+    from serve_app.core.schemas import ROUTE
+
+    x = FakeReplica("x", {"v", "w"}, report(2 * MB, v=MB, w=MB))
+    pending = request("m", "predict", declared_bytes=MB)
+    assert routed(router, [x], pending) == ["x"]
+    (victim,) = pending.kwargs[ROUTE].evict
+    clock.now += router._load_grace_s + 60  # the placement expired; x holds the victim alone now
+    x.multiplexed_model_ids, x.routing_stats = {victim}, report(2 * MB, **{victim: MB})
+    later = request("m", "predict", declared_bytes=MB)
+    hint = router._hint_at_send(later, x)  # no ranking of this request placed it on x
+    assert (hint.replica_id, hint.evict) == ("x", ())
+
+
+def test_a_size_the_old_files_measured_is_forgotten_when_the_replicas_reset_it(router):
+    """A registry change of a model's files clears its measured sizes on every replica; the router then goes by
+    the size the registry declares, not the old files' (which a worker would refuse as over its budget)."""
+    from serve_app.core.schemas import ROUTE
+
+    x = FakeReplica("x", set(), report(300 * MB))
+    x.routing_stats["models"]["m"] = {"state": "failed", "size_bytes": 400 * MB, "retry_after": time.time() - 1}
+    routed(router, [x], first := request("m", "predict", declared_bytes=400 * MB))
+    assert first.kwargs[ROUTE].size_bytes == 400 * MB
+    x.routing_stats = {**report(300 * MB), "models": {"m": {"state": "not_loaded"}}}  # after the change
+    routed(router, [x], after := request("m", "predict", declared_bytes=100 * MB))
+    assert after.kwargs[ROUTE].size_bytes == 100 * MB
+
+
+@pytest.mark.parametrize("refusal", ["back-off", "over budget"])
+def test_a_miss_ranked_to_a_replica_that_refuses_it_at_once_evicts_nothing_there_in_the_routers_view(router, refusal):
+    """The replica answers 503 before evicting anything (a model in its load back-off, one larger than its
+    budget); its copies stay in the router's view, and a request for one of them is still a hit there."""
+    now = time.time()
+    models = {"a": {"state": "loaded", "last_used_at": now - 10}, "b": {"state": "loaded", "last_used_at": now - 5}}
+    if refusal == "back-off":
+        models["c"] = {"state": "failed", "retry_after": now + 30}
+    x = FakeReplica("x", {"a", "b"}, {"slots": 2, "memory": {"budget_bytes": 100 * MB}, "models": models})
+    y = FakeReplica("y", {"d"}, {"slots": 2, "models": {"d": {"state": "loaded", "last_used_at": now}}})
+    size, pool = (MB, [x, y]) if refusal == "back-off" else (400 * MB, [x])  # larger than every budget
+    assert routed(router, pool, request("c", "predict", declared_bytes=size))[0] == "x"
+    assert {c.model_id for c in router._view(x, time.time()).copies} == {"a", "b"}
+    assert routed(router, [x, y], request("a", "predict"))[0] == "x"
+
+
+def test_a_pool_of_many_live_pairs_is_not_pruned_again_on_every_request(router, send, routing_set, monkeypatch):
+    """Past PRUNE_AT records of live replicas and models (64 replicas of 70 models), pruning drops nothing:
+    it runs again once the records have doubled, not on every request (each a rebuild of its records)."""
+    from deployments.routing import router as module
+
+    monkeypatch.setattr(module, "PRUNE_AT", 8)
+    router._prune_at = 8
+    replicas = [FakeReplica(f"r{i}", {"m"}) for i in range(12)]
+    router.update_replicas(replicas)
+    pruned = []
+    keep_only = router._recent_all.keep_only
+    monkeypatch.setattr(router._recent_all, "keep_only", lambda f: pruned.append(1) or keep_only(f))
+    send.many((r, "m", f"{r.name}-{n}") for n in range(3) for r in replicas)  # 36 requests, 12 live pairs
+    assert len(router._last_used) == 12 and 1 <= len(pruned) <= 3
