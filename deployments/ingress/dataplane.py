@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -72,12 +73,18 @@ class InferenceRequest:
 
 
 def check_outputs(task: Task, wanted: Collection[str]) -> None:
-    """``InvalidInput`` (422) if a request names an output tensor its model's task has not."""
+    """``InvalidInput`` (422) if a request names an output tensor its model's task has not, or one twice (which
+    of its two forms, binary or JSON, would it get?)."""
     names = [o.name for o in task.output.outputs()]
     unknown = set(wanted) - set(names)
     if unknown:
         named = ", ".join(echo(n, quote=False) for n in sorted(unknown)[:4]) + (", ..." if len(unknown) > 4 else "")
         raise InvalidInput(f"unknown output(s): {named}; this model has {', '.join(names)}", field="outputs")
+    twice = sorted(name for name, n in Counter(wanted).items() if n > 1)
+    if twice:
+        raise InvalidInput(
+            f"output {echo(twice[0], quote=False)} is named twice: name each output once", field="outputs"
+        )
 
 
 RequestSource = InferenceRequest | Callable[[], Awaitable[InferenceRequest]]
@@ -245,7 +252,7 @@ class DataPlane:
 
     async def infer(self, model_id: str, request: RequestSource, api: str) -> InferenceResult:
         """One request through the named model; its metrics are recorded here, for every API."""
-        registry, version = self.registry, self.live.version
+        registry, version, applied_at = self.registry, self.live.version, self.live.applied_at
         known = model_id in registry
         tag = model_id if known else UNKNOWN_MODEL  # never a tag value from the request
         task_tag = registry.get(model_id).task if known else UNKNOWN_MODEL
@@ -265,6 +272,7 @@ class DataPlane:
                 decoded,
                 task=spec.task,
                 registry_version=version,
+                registry_applied_at=applied_at,
                 **{DECLARED_BYTES: spec.memory_bytes},
                 **({"parameters": parameters} if parameters else {}),
             )
@@ -323,7 +331,11 @@ class DataPlane:
     async def load(self, model_id: str) -> ModelStatus:
         spec = self.registry.get(model_id)
         call = self._call(
-            WorkerCall.LOAD, model_id, registry_version=self.live.version, **{DECLARED_BYTES: spec.memory_bytes}
+            WorkerCall.LOAD,
+            model_id,
+            registry_version=self.live.version,
+            registry_applied_at=self.live.applied_at,
+            **{DECLARED_BYTES: spec.memory_bytes},
         )
         try:
             await self._with_timeout(model_id, call)

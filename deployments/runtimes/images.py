@@ -32,6 +32,7 @@ def decode_image(data: bytes, where: str = "the image") -> Image.Image:
         img.info.pop("exif", None)
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE))
+    img.info.clear()  # its text, profile and EXIF: the pixels are what the model reads
     return img
 
 

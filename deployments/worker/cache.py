@@ -405,13 +405,13 @@ class ModelCache:
             except ServeAppError as e:  # a broken preload must not keep the replica from starting
                 logger.error("preloading %r failed: %s", spec.id, e.message)
 
-    async def catch_up(self, version: str | None) -> None:
+    async def catch_up(self, version: str | None, applied_at: float | None = None) -> None:
         """Wait, at most RELOAD_WAIT_S, until this replica runs the registry a request was sent under, when
-        it has not run it yet (the ingress applied it first)."""
-        if version is None or self._live.has_run(version):
+        it has yet to apply it (the ingress applied it first, at ``applied_at``: ``LiveRegistry.behind``)."""
+        if version is None or not self._live.behind(version, applied_at):
             return
         deadline = time.monotonic() + RELOAD_WAIT_S
-        while not self._live.has_run(version) and (left := deadline - time.monotonic()) > 0:
+        while self._live.behind(version, applied_at) and (left := deadline - time.monotonic()) > 0:
             await self._live.wait_for_change(left)
 
     # -- status ---------------------------------------------------------------------------------------

@@ -127,16 +127,18 @@ class ModelWorker:
         declared_bytes: int | None = None,
         route: RouteHint | None = None,
         parameters: dict[str, Any] | None = None,
+        registry_applied_at: float | None = None,
     ) -> WorkerResult:
         """Answer one request's inputs; concurrent requests for the same model are batched together.
-        ``task`` and ``registry_version``: what the ingress decoded the inputs for, under which registry;
+        ``task`` and ``registry_version``: what the ingress decoded the inputs for, under which registry (which
+        the ingress applied at ``registry_applied_at``);
         ``declared_bytes`` is for the router; ``route``: what the router tells this replica (RouteHint);
         ``parameters``: the request's parameters for its task, checked by the ingress."""
         model_id = serve.get_multiplexed_model_id()
         self._counters.requests += 1
         start = time.perf_counter()
         try:
-            await self._cache.catch_up(registry_version)
+            await self._cache.catch_up(registry_version, registry_applied_at)
             loaded = model_id not in self._cache.held
             self._cache.refuse_early(model_id)  # before the router's victims go for it
             route = await self._routed(model_id, route)
@@ -191,11 +193,15 @@ class ModelWorker:
     # -- explicit load and unload -------------------------------------------------------------------
 
     async def load(
-        self, registry_version: str | None = None, declared_bytes: int | None = None, route: RouteHint | None = None
+        self,
+        registry_version: str | None = None,
+        declared_bytes: int | None = None,
+        route: RouteHint | None = None,
+        registry_applied_at: float | None = None,
     ) -> None:
         """Load the request's model on this replica (the LRU cap and the memory budget still apply)."""
         model_id = serve.get_multiplexed_model_id()
-        await self._cache.catch_up(registry_version)
+        await self._cache.catch_up(registry_version, registry_applied_at)
         self._cache.refuse_early(model_id)
         await self._routed(model_id, route)
         (await self._cache.acquire(model_id)).release()

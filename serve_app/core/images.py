@@ -7,7 +7,7 @@ import io
 import re
 import struct
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from serve_app.core.errors import error_text
 
@@ -52,6 +52,23 @@ MAX_JPEG_JUNK = 4_096
 each of which Pillow skips by itself in Python."""
 
 _NOT_FF = re.compile(rb"[^\xff]")
+
+
+MAX_PNG_COMPRESSED_CHUNKS = 16
+"""Most chunks of a PNG that Pillow decompresses as it reads them (``zTXt``, ``iTXt``, ``iCCP``): each may
+unpack to ``MAX_PNG_TEXT_BYTES``, a thousand times its size. Encoders write a few (one colour profile, some
+text)."""
+
+MAX_PNG_TEXT_BYTES = 1 << 20
+"""Most bytes a PNG's text chunks may unpack to, all together, and one compressed chunk alone (Pillow's
+``MAX_TEXT_MEMORY``, 64 MiB by default, and ``MAX_TEXT_CHUNK``): 64 chunks of 1 KB each unpacking to 1 MiB
+cost 64 MiB and 0.2 s of CPU an image, in the ingress's header check and again in the worker's decode, and the
+worker kept the text with the pixels."""
+
+PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_TEXT_BYTES
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
+
+_PNG_COMPRESSED = frozenset({b"zTXt", b"iTXt", b"iCCP"})
 
 
 class TooManySegments(ValueError):
@@ -111,13 +128,19 @@ def _check_jpeg(data: bytes) -> None:
 
 def _check_png(data: bytes) -> None:
     """Every chunk: Pillow reads those before the pixels one by one, and the pixels' chunks each on its own."""
-    pos, chunks = 8, 0
+    pos, chunks, compressed = 8, 0, 0
     while pos + 8 <= len(data):
         chunks += 1
         _over(chunks, "a PNG's chunks")
         length, kind = struct.unpack_from(">I4s", data, pos)
         if kind == b"IEND":
             return
+        compressed += kind in _PNG_COMPRESSED
+        if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+            raise TooManySegments(
+                f"a PNG's compressed text and profile chunks number more than the limit of "
+                f"{MAX_PNG_COMPRESSED_CHUNKS} (each is decompressed)"
+            )
         pos += 12 + length
 
 

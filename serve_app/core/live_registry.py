@@ -146,6 +146,17 @@ class LiveRegistry:
         """Whether this replica has run that version (now or before)."""
         return version in self._seen
 
+    def behind(self, version: str, applied_at: float | None = None) -> bool:
+        """Whether a request sent under ``version``, which its sender applied at ``applied_at``, was sent under a
+        registry this replica has yet to apply: one it has never run, or one it ran before its current one that
+        its sender applied after this replica applied its current one (a change reverted, A to B and back to
+        A, whose versions are the same content hash: the sender is on the revert)."""
+        if version == self.version:
+            return False
+        if version not in self._seen:
+            return True
+        return applied_at is not None and self.applied_at is not None and applied_at > self.applied_at
+
     def apply(self, user_config: object) -> RegistryChange | None:
         """Apply a registry from ``user_config``: what changed, or None if it was refused (this replica keeps
         its registry). Raises ``RegistryError`` when there is no registry to keep. Synchronous, with no

@@ -188,7 +188,12 @@ def test_infer_dispatches_to_the_model_and_records_the_request():
     assert worker.calls == [("predict", "m")]
     # the worker learns what the inputs were decoded for, under which registry
     assert worker.kwargs == [
-        {"task": "text-classification", "registry_version": p.live.version, "declared_bytes": None}
+        {
+            "task": "text-classification",
+            "registry_version": p.live.version,
+            "registry_applied_at": p.live.applied_at,
+            "declared_bytes": None,
+        }
     ]
     assert metrics.observed == [("m", "text-classification", "native", 200)]
 

@@ -241,10 +241,13 @@ def test_every_node_answers_grpc_and_the_service_exposes_it(service, embedded, s
     # grpc_options, as serve_config.yaml has them: Serve's gRPC proxy on every node, on that port.
     assert embedded["grpc_options"] == serve_config["grpc_options"]
     port = embedded["grpc_options"]["port"]
+    # KubeRay builds the serve Service's ports from the head container's ports named "serve" or "serve-*"
+    # (ray-operator/controllers/ray/common/service.go, isServingPort) and drops any other of serveService's.
     for c in _containers(service):
-        assert {"containerPort": port, "name": "grpc"} in c["ports"], c["name"]
+        assert {"containerPort": port, "name": "serve-grpc"} in c["ports"], c["name"]
     ports = {p["name"]: p for p in service["spec"]["serveService"]["spec"]["ports"]}
-    assert ports["grpc"]["port"] == ports["grpc"]["targetPort"] == port
+    assert all(name == "serve" or name.startswith("serve-") for name in ports), sorted(ports)
+    assert ports["serve-grpc"]["port"] == ports["serve-grpc"]["targetPort"] == port
     assert ports["serve"]["port"] == ports["serve"]["targetPort"] == embedded["http_options"]["port"]
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(rf"^EXPOSE .*\b{port}\b", dockerfile, re.M)

@@ -5,7 +5,7 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from serve_app.core.errors import BadImage, ForbiddenPath, InvalidInput
 from serve_app.core.inputs import IMAGE, TEXT, InputDecoder
@@ -392,6 +392,26 @@ def test_an_image_of_more_pieces_than_pillow_should_read_one_by_one_is_refused_b
         with pytest.raises(BadImage, match=f"{what} number more than the limit of 2000") as e:
             sent(data)
         assert e.value.status_code == 400
+    # Chunks Pillow decompresses as it reads them: at most 16, unpacking to at most 1 MiB of text together.
+    png8 = _image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    pixels_at = png8.index(b"IDAT") - 4
+    unpacks = zlib.compress(b"A" * ((1 << 20) - 1), 9)  # 1 KB that unpacks to 1 MiB
+
+    def with_text(n: int) -> bytes:
+        return (
+            png8[:pixels_at]
+            + b"".join(_chunk(b"zTXt", b"k%d\x00\x00" % k + unpacks) for k in range(n))
+            + png8[pixels_at:]
+        )
+
+    with pytest.raises(BadImage, match="compressed text and profile chunks number more than the limit of 16"):
+        sent(with_text(17))
+    with pytest.raises(BadImage, match="Too much memory used in text chunks"):
+        sent(with_text(2))
+    text = PngImagePlugin.PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", "x" * 50_000, zip=True)
+    profiled = _image_bytes(Image.new("RGB", (8, 8)), "PNG", pnginfo=text, icc_profile=b"\0" * 300_000)
+    assert sent(profiled) == [profiled]
     junk = jpeg[:2] + b"\xff" * 5000 + jpeg[2:]  # fill bytes, which Pillow skips one at a time as well
     with pytest.raises(BadImage, match="a JPEG of more than 4096 bytes outside its markers before its first scan"):
         sent(junk)

@@ -3,6 +3,7 @@ and a bad registry refused whole with the messages of start-up (or, with nothing
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,6 +120,25 @@ def test_versions_run_before_are_remembered():
     v1 = live.apply(config(entry("a"))).version
     v2 = live.apply(config(entry("b"))).version
     assert live.has_run(v1) and live.has_run(v2) and not live.has_run("0123456789ab")
+
+
+def test_a_request_sent_under_a_reverted_registry_is_behind_until_the_revert_is_applied_here(monkeypatch):
+    """A to B and back to A: the revert's version is A's content hash again, which this replica has run. A
+    request its sender sent under A after applying the revert (later than this replica applied B) is behind;
+    one sent under A before the change to B is not (the change reached this replica since)."""
+    from serve_app.core import live_registry as module
+
+    clock = iter([100.0, 200.0, 300.0])
+    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: next(clock)))
+    live = LiveRegistry()
+    a = live.apply(config(entry("a"))).version  # applied at 100
+    b = live.apply(config(entry("b"))).version  # at 200
+    assert not live.behind(b) and live.behind("0123456789ab")
+    assert not live.behind(a, applied_at=150.0)  # sent under A before B reached this replica
+    assert live.behind(a, applied_at=250.0)  # sent under the revert to A, which this replica has not applied
+    assert not live.behind(a)  # a sender that says nothing of when: as before, a version run here is not waited for
+    live.apply(config(entry("a")))  # the revert, at 300
+    assert not live.behind(a, applied_at=250.0)
 
 
 def test_a_waiter_wakes_at_the_next_change_or_gives_up():

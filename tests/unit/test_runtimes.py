@@ -1120,3 +1120,26 @@ def test_a_registry_parameter_the_runtime_does_not_read_fails_the_load_naming_it
     own = TaskCatalog.load(runtime_modules=["tests.byo_runtimes"])
     spec = entry("text-classification", anything=1).model_copy(update={"runtime": "tests.byo_runtimes:Sized"})
     assert runtime_for(spec, own).spec.parameters == {"anything": 1}
+
+
+def test_a_png_whose_text_unpacks_past_the_limit_after_its_pixels_is_a_bad_image_in_the_worker_too():
+    """Text chunks after the pixels are read only when the pixels are (in the worker's decode, not in the
+    ingress's header check): they too unpack to at most 1 MiB, and the decoded image keeps none of them."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(out, "PNG")
+    png = out.getvalue()
+    unpacks = zlib.compress(b"A" * ((1 << 20) - 1), 9)
+    trailing = png[:-12] + b"".join(chunk(b"zTXt", b"k%d\x00\x00" % k + unpacks) for k in range(2)) + png[-12:]
+    with pytest.raises(BadImage, match="Too much memory used in text chunks"):
+        decode_image(trailing)
+    one = png[:-12] + chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"note")) + png[-12:]
+    assert decode_image(one).info == {}

@@ -32,6 +32,25 @@ def test_binary_tensor_extension():
     assert elements == [b"good", b"\xff\xd8 jpeg bytes"]
 
 
+def test_an_input_with_its_data_both_in_json_and_in_binary_form_is_refused():
+    """Which would it be? Triton refuses it; the binary elements were taken and the JSON dropped."""
+    data = _binary([b"good"])
+    tensor = {"name": "x", "shape": [1], "datatype": "BYTES", "data": ["x"], "parameters": {"binary_data_size": 8}}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    with pytest.raises(InvalidInput, match="has its data both in JSON and in binary form"):
+        parse_infer_request(header + data, str(len(header)))
+
+
+def test_an_output_named_twice_is_refused():
+    from deployments.ingress.dataplane import check_outputs
+    from serve_app.core.tasks import TaskCatalog
+
+    task = TaskCatalog.load().get("text-classification")
+    check_outputs(task, ["label", "score"])
+    with pytest.raises(InvalidInput, match="output label is named twice"):
+        check_outputs(task, ["label", "score", "label"])
+
+
 @pytest.mark.parametrize("size", [-1, 10_000, "12", 1.5])
 def test_a_binary_size_that_does_not_fit_is_refused(size):
     data = _binary([b"good"])

@@ -549,8 +549,18 @@ def test_the_servicer_function_hands_over_the_raw_rpcs_as_bytes_and_the_others_d
 def test_only_the_timeout_parameter_is_read():
     r = request(parameters={"timeout": pb.InferParameter(int64_param=2_000_000)})
     assert v2_grpc.inference_request(r, 32).timeout_s == 2.0
-    r = request(parameters={"timeout": pb.InferParameter(string_param="soon")})
-    assert v2_grpc.inference_request(r, 32).timeout_s is None  # of another type: ignored, as before
+    r = request(parameters={"timeout": pb.InferParameter(uint64_param=2**64 - 1)})  # an unsigned count too
+    assert v2_grpc.inference_request(r, 32).timeout_s > 0
+    # Of another type, a bad request, as over REST (it was ignored: the request ran without its deadline).
+    for bad in (
+        pb.InferParameter(string_param="100"),
+        pb.InferParameter(double_param=float("nan")),
+        pb.InferParameter(double_param=0.5),
+        pb.InferParameter(bool_param=True),
+        pb.InferParameter(int64_param=0),
+    ):
+        with pytest.raises(errors.InvalidInput, match=r"parameters\.timeout must be a positive number"):
+            v2_grpc.inference_request(request(parameters={"timeout": bad}), 32)
 
 
 def test_a_shape_that_disagrees_with_the_data_is_invalid_argument():

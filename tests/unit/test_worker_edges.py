@@ -271,3 +271,42 @@ def test_a_runtime_that_raises_system_exit_or_keyboard_interrupt_fails_its_load_
 
     assert asyncio.run(scenario()) == "the replica's other work"
     assert c.status["exits"].load_failures == 1
+
+
+def test_a_prediction_and_a_load_sent_under_a_reverted_registry_wait_for_the_revert_on_their_worker(monkeypatch):
+    """The registry goes A, B, then back to A; the ingress applied the revert, this worker has not yet. A
+    prediction (or a load) the ingress sent under A since waits for A here, where its model is back, instead
+    of being answered under B, where it is unknown."""
+    from ray import serve
+
+    from serve_app.core.live_registry import content_version
+    from tests.unit.test_worker import model_cache, worker_of
+
+    c, _ = model_cache()
+    w = worker_of(c)
+    first, second = registry(spec(), spec("back")), registry(spec())
+    asyncio.run(w.reconfigure(first))
+    asyncio.run(w.reconfigure(second))
+    monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "back")
+    seen: list[bool] = []
+
+    def known_then_stop(model_id: str) -> None:  # what the worker does once caught up: stop there
+        seen.append(model_id in c._live.registry)
+        raise ModelUnavailable("stop here")
+
+    monkeypatch.setattr(c, "refuse_early", known_then_stop)
+    sent = {"registry_version": content_version(first["registry"]), "registry_applied_at": time.time() + 60}
+
+    async def scenario():
+        calls = [
+            asyncio.ensure_future(w.predict(["x"], **sent)),
+            asyncio.ensure_future(w.load(**sent)),
+        ]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not any(call.done() for call in calls) and seen == []  # waiting for the revert
+        await w.reconfigure(first)  # the revert reaches this worker
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert seen == [True, True]

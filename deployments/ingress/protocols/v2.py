@@ -242,6 +242,11 @@ def parse_infer_request(
     tensor = request.inputs[0]
     check_input_tensor(len(request.inputs), tensor.name, tensor.datatype)
     binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None and tensor.data is not None:
+        raise MalformedRequest(
+            f"input {echo(tensor.name)} has its data both in JSON and in binary form (binary_data_size): one of them",
+            field="inputs",
+        )
     if binary_size is not None:
         if not isinstance(binary_size, int) or not 0 <= binary_size <= len(body) - json_end:
             raise MalformedRequest("binary_data_size does not fit the binary data sent", field="inputs")

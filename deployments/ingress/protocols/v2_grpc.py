@@ -116,11 +116,11 @@ class Context(Protocol):
 
 
 def inference_request(request: pb.ModelInferRequest, max_items: int) -> InferenceRequest:
-    """The request's one BYTES input tensor, its deadline (Triton's ``timeout`` parameter, an int64; a
-    ``timeout`` of another type is ignored, as before) and its parameters, the task's among them."""
+    """The request's one BYTES input tensor, its deadline (Triton's ``timeout`` parameter: microseconds, an
+    int64 or a uint64; of another type, a bad request, as over REST) and its parameters, the task's among
+    them."""
     timeout = request.parameters.get("timeout")
-    int64 = timeout is not None and timeout.WhichOneof("parameter_choice") == "int64_param"
-    deadline = v2.timeout_from_parameters({"timeout": timeout.int64_param} if int64 else {})
+    deadline = v2.timeout_from_parameters({"timeout": parameter_value(timeout)} if timeout is not None else {})
     parameters = {name: parameter_value(p) for name, p in request.parameters.items() if name != "timeout"}
     return InferenceRequest(
         inputs=input_elements(request, max_items),
