@@ -142,6 +142,7 @@ class ModelCache:
         lingering = self.lingering.pop(model_id, None)
         if lingering is not None and same_model(lingering.spec, spec) and lingering.revive():  # no reload
             self._counters.revived += 1
+            self._metrics.revived(model_id, spec.task, lingering.size_bytes)
             return self._hold(model_id, lingering)
         self._refuse_in_backoff(model_id, status)  # requests that queued on the cache's lock behind a failed load
         hint = self._hints.pop(model_id, None)
@@ -333,14 +334,14 @@ class ModelCache:
             retry_after_s=left,
         )
 
-    async def acquire(self, model_id: str) -> ModelCopy:
+    async def acquire(self, model_id: str, predicting: bool = True) -> ModelCopy:
         """The request's model, loaded if need be, and held for the request (the caller releases it).
 
         A load runs in a task of its own that a cancelled request does not cancel: the load finishes, its
         status is right, and the next request finds the model. The task holds the copy as soon as it has it,
         with no await in between, so that no eviction can free it before the request uses it."""
         self.refuse_early(model_id)
-        if model_id in self.held:
+        if predicting and model_id in self.held:  # a prediction's hit (an explicit load is none)
             self._metrics.cache_hit(model_id)
         load = asyncio.ensure_future(self._get_and_hold(model_id))
         try:

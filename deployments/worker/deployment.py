@@ -204,7 +204,7 @@ class ModelWorker:
         await self._cache.catch_up(registry_version, registry_applied_at)
         self._cache.refuse_early(model_id)
         await self._routed(model_id, route)
-        (await self._cache.acquire(model_id)).release()
+        (await self._cache.acquire(model_id, predicting=False)).release()
 
     async def _routed(self, model_id: str, route: RouteHint | None) -> RouteHint | None:
         """Act on the router's hint for a request of this replica's: for a miss, evict the copies it chose

@@ -37,7 +37,9 @@ MODEL_ROOTS = ("models",)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # An infinite timeout or back-off (YAML's .inf) would turn a guard off: a slow sender never cut, a failed
+    # model never tried again.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AutoscalingArgs(_Strict):

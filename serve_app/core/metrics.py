@@ -97,6 +97,10 @@ class WorkerMetrics:
     def load_failed(self, model_id: str, task: str) -> None:
         self._loads.inc(tags={"model": model_id, "task": task, "outcome": "error"})
 
+    def revived(self, model_id: str, task: str, size_bytes: int | None) -> None:
+        """A copy evicted while requests ran on it, taken back before it was freed: its size is held again."""
+        self._size.set(size_bytes or 0, tags={"model": model_id, "task": task})
+
     def unloaded(self, model_id: str, task: str) -> None:
         self._unloads.inc(tags={"model": model_id, "task": task})
         self._size.set(0, tags={"model": model_id, "task": task})

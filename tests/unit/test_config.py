@@ -282,3 +282,19 @@ def test_every_argument_is_documented():
     doc = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
     missing = [f for f in _fields(AppArgs) if f"`{f}`" not in doc and f"`{f}." not in doc]
     assert missing == [], f"docs/configuration.md has no row for {missing}"
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ({"body_timeout_s": float("inf")}, "body_timeout_s"),
+        ({"request_timeout_s": float("inf")}, "request_timeout_s"),
+        ({"worker": {"load_failure_backoff_s": float("inf")}}, "worker.load_failure_backoff_s"),
+        ({"worker": {"load_failure_backoff_s": float("nan")}}, "worker.load_failure_backoff_s"),
+    ],
+)
+def test_an_infinite_or_nan_setting_is_refused(args, field):
+    """YAML's .inf would turn a guard off: a slow sender never cut, a failed model never tried again."""
+    with pytest.raises(ValidationError) as e:
+        AppArgs.model_validate(args)
+    assert ("finite_number", field) in {(err["type"], ".".join(map(str, err["loc"]))) for err in e.value.errors()}

@@ -95,6 +95,12 @@ def test_the_status_a_failed_request_is_recorded_with():
     wrapped = RayTaskError("predict", "traceback", ModelNotFound("x", ["m"]))
     assert status_of(wrapped) == 404
     assert status_of(RuntimeError("boom")) == 500
+    # A /predict body that does not validate: recorded as the 422 FastAPI answers, not as a server error.
+    from deployments.ingress.protocols.native import parse_predict_request
+
+    with pytest.raises(Exception) as bad:
+        parse_predict_request(b'{"model_id": "ok"}', max_items=4)
+    assert status_of(bad.value) == 422
 
 
 NEVER = object()

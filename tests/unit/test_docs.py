@@ -1,5 +1,5 @@
-"""The docs name real things: each test docs/errors-and-limits.md names exists, and each link between the
-README and the docs leads to a file and a heading that exist."""
+"""The docs name real things: each test docs/errors-and-limits.md names exists, and each link of the
+README and the docs leads to a file (and a page's heading) that exists."""
 
 import re
 
@@ -52,14 +52,15 @@ def _anchor(heading: str) -> str:
 def test_links_between_the_pages_lead_to_a_file_and_a_heading(page):
     path = PROJECT_ROOT / page
     broken = []
-    for target, anchor in re.findall(r"\]\(((?!https?:)[^)#\s]*\.md)?(?:#([\w\-]+))?\)", path.read_text()):
+    # Every relative link (a page, an image, a file of the repo), and the heading of a page it names.
+    for target, anchor in re.findall(r"\]\(((?!https?:|mailto:)[^)#\s]+)?(?:#([\w\-]+))?\)", path.read_text()):
         if not target and not anchor:
             continue
         linked = (path.parent / target).resolve() if target else path
         if not linked.exists():
             broken.append(f"{target} (no such file)")
             continue
-        if anchor:
+        if anchor and linked.suffix == ".md":
             headings = {_anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), re.M)}
             if anchor not in headings:
                 broken.append(f"{target}#{anchor}")

@@ -310,3 +310,47 @@ def test_a_prediction_and_a_load_sent_under_a_reverted_registry_wait_for_the_rev
 
     asyncio.run(scenario())
     assert seen == [True, True]
+
+
+class RecordingMetrics:
+    """The worker's metrics calls, by name and model."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args[:1], *args[2:]))
+
+
+def test_an_explicit_load_is_no_cache_hit_and_a_revived_copy_holds_its_size_on_its_gauge_again():
+    """``ray_mms_model_cache_hits_total`` counts predictions that found their model; a revived copy (evicted
+    while a request ran on it, taken back before it was freed) is loaded, and its size gauge says so."""
+    c, owner, _ = sized_cache(10_000 * MB, a=MB)
+    c._metrics = metrics = RecordingMetrics()
+
+    async def scenario():
+        serve_wrapper(owner, c.load)
+        (await c.acquire("a")).release()
+        (await c.acquire("a", predicting=False)).release()  # POST /models/a/load, held already
+        assert [call for call in metrics.calls if call[0] == "cache_hit"] == []
+        (await c.acquire("a")).release()
+        assert [call for call in metrics.calls if call[0] == "cache_hit"] == [("cache_hit", "a")]
+        held = await c.acquire("a")
+        await c.evict("a")  # in use: it lingers
+        (await c.acquire("a")).release()  # taken back
+        held.release()
+
+    asyncio.run(scenario())
+    assert c._counters.revived == 1
+    sizes = [call for call in metrics.calls if call[0] in ("loaded", "unloaded", "revived")]
+    assert [call[0] for call in sizes] == ["loaded", "unloaded", "revived"] and sizes[-1][-1] == MB
+
+
+def test_a_models_failure_is_logged_without_the_servers_paths(caplog):
+    from deployments.worker.batching import model_failure
+    from serve_app.core.paths import PROJECT_ROOT
+
+    copy = fake_copy("m", path="models/x")
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        model_failure(copy, OSError(f"cannot read {PROJECT_ROOT}/models/x/vocab.txt"))
+    assert "models/x/vocab.txt" in caplog.text and str(PROJECT_ROOT) not in caplog.text

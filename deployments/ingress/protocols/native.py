@@ -60,6 +60,13 @@ class PredictRequest(BaseModel):
         return InferenceRequest(inputs=inputs, parameters=self.parameters)
 
 
+class InvalidPredictBody(RequestValidationError):
+    """A ``/predict`` body that does not validate: FastAPI's 422 naming the fields, which the data plane's
+    metrics record as the 422 it is (``status_code``), not as a server error."""
+
+    status_code = 422
+
+
 def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
     """The body of ``POST /predict``, bounded while it is parsed; a bad body is FastAPI's 422, naming the
     field. Runs through ``bodies.parse_bounded``."""
@@ -67,7 +74,7 @@ def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(body)
     except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False)) from None
+        raise InvalidPredictBody(e.errors(include_url=False)) from None
 
 
 class PredictResponse(BaseModel):
