@@ -24,7 +24,7 @@ class TfidfClassifier(ModelRuntime):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
-        folder, _ = self.spec.source.reference()
+        folder, _ = self.model_files()
         with open(Path(folder) / "train.tsv", encoding="utf-8") as f:
             rows = list(csv.reader(f, delimiter="\t"))
         self.model = make_pipeline(TfidfVectorizer(), LogisticRegression(C=10.0))

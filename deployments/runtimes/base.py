@@ -9,8 +9,8 @@ batching, holding a copy while requests run on it, measuring its size, and freei
 A runtime of your own (``"runtime": "package.module:Class"`` in a registry entry, from a module the
 operator lists in ``args.runtime_modules``) subclasses ``ModelRuntime``:
 
-* ``load()``: read the model from ``self.spec.source`` (``self.spec.source.reference()`` gives a local
-  folder, or a hub id and revision) and keep it on ``self``;
+* ``load()``: read the model from ``self.spec.source`` (``self.model_files()`` gives a local folder, and
+  fails saying so if it is not on this node, or a hub id and revision) and keep it on ``self``;
 * ``predict(inputs)``: one row per input, in input order (a list, or an array or tensor whose first axis
   is the inputs), in the form of the task's output kind (a text-classification row is label scores, a
   feature-extraction row a vector, ...: docs/models.md);
@@ -35,6 +35,7 @@ the status of one of the app's errors (``InvalidInput``: 422), else 503.
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,6 +83,14 @@ class ModelRuntime(ABC):
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
         self.device = device or default_device()
+
+    def model_files(self) -> tuple[str, str | None]:
+        """Where the entry's model is, for ``from_pretrained``: a local folder (``FileNotFoundError`` if it is not
+        on this node: transformers would take the path for a hub id, and say so), or a hub id and its commit."""
+        where, revision = self.spec.source.reference()
+        if revision is None and not os.path.exists(where):
+            raise FileNotFoundError(f"no model files at {self.spec.source.describe()!r} (source.path) on this node")
+        return where, revision
 
     @abstractmethod
     def load(self) -> None:

@@ -153,7 +153,7 @@ class PipelineRuntime(ModelRuntime):
         import transformers
 
         quiet_tokenizers()
-        model, revision = self.spec.source.reference()
+        model, revision = self.model_files()
         auto_class = getattr(transformers, self.model_class)
         loaded, info = auto_class.from_pretrained(
             model, revision=revision, trust_remote_code=False, output_loading_info=True

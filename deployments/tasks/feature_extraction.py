@@ -271,7 +271,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
         quiet_tokenizers()
-        model, revision = self.spec.source.reference()
+        model, revision = self.model_files()
         config = {
             "pooling": ("mean",),
             "normalize": False,

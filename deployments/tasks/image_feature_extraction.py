@@ -41,7 +41,7 @@ class ImageEmbeddingRuntime(ModelRuntime):
     def load(self) -> None:
         from transformers import AutoImageProcessor, AutoModel
 
-        model, revision = self.spec.source.reference()
+        model, revision = self.model_files()
         self.processor = AutoImageProcessor.from_pretrained(model, revision=revision)
         self.model, info = AutoModel.from_pretrained(
             model, revision=revision, trust_remote_code=False, output_loading_info=True

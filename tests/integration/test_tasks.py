@@ -328,6 +328,7 @@ def tasks_url(deploy, tiny_dir, own_models):
         entry("no-license", runtime=f"{own}:FailsToLoad"),
         entry("no-license-nor-unload", runtime=f"{own}:FailsToLoadAndToUnload"),
         entry("exits", runtime=f"{own}:ExitsOnLoad"),
+        entry("ghost", path=base / "no-such-model"),
         entry("misspelt", task="feature-extraction", path=prompted, parameters={"normalise": True}),
         entry("unprepared", runtime=f"{own}:FailsToPrepare"),
         entry("wrong", runtime=f"{own}:BreaksItsContract"),
@@ -416,6 +417,7 @@ def test_a_runtime_of_ones_own_is_served_batched_and_evicted_like_any_other(clie
         ("no-license", "RuntimeError: the license server did not answer"),
         ("no-license-nor-unload", "RuntimeError: the license server did not answer"),
         ("exits", "load() raised SystemExit: 2"),  # not the replica's end: the model after it is served
+        ("ghost", "no model files at"),  # not transformers' "Repo id must be in the form ..."
         ("misspelt", "reads no registry parameter 'normalise'"),
         ("plain", "is not a subclass of deployments.runtimes.ModelRuntime"),
         ("missing", "module 'tests.byo_runtimes' has no class 'Missing'"),

@@ -1143,3 +1143,12 @@ def test_a_png_whose_text_unpacks_past_the_limit_after_its_pixels_is_a_bad_image
         decode_image(trailing)
     one = png[:-12] + chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"note")) + png[-12:]
     assert decode_image(one).info == {}
+
+
+def test_a_local_source_missing_on_this_node_fails_its_load_saying_so():
+    """transformers takes a path that does not exist for a hub id ("Repo id must be in the form ..."): the
+    shipped runtimes say what is missing instead."""
+    for task in ("text-classification", "feature-extraction", "image-feature-extraction", "token-classification"):
+        spec = ModelSpec(id="ghost", task=task, source={"path": "models/no-such-model"})
+        with pytest.raises(FileNotFoundError, match=r"no model files at 'models/no-such-model' \(source.path\)"):
+            runtime_for(spec).load()
