@@ -122,9 +122,7 @@ def runtime_code(what: str) -> Iterator[None]:
     request like any other."""
     try:
         yield
-    except Exception:
-        raise
-    except asyncio.CancelledError:
+    except (Exception, asyncio.CancelledError):
         raise
     except BaseException as e:
         raise RuntimeError(f"{what} raised {type(e).__name__}: {e}") from e

@@ -3,6 +3,7 @@ before batching), within the limits the ingress checked on their headers."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -26,13 +27,13 @@ def decode_image(data: bytes, where: str = "the image") -> Image.Image:
         raise BadImage(
             f"{where}: not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): {decoder_error(e)}"
         ) from None
-    try:  # upright, as a camera's orientation tag says (as transformers' load_image turns it)
+    # Upright, as a camera's orientation tag says (as transformers' load_image turns it); EXIF that cannot be read
+    # leaves the pixels as stored.
+    with contextlib.suppress(Exception):
         ImageOps.exif_transpose(img, in_place=True)
-    except Exception:  # EXIF that cannot be read: the pixels as stored, and no EXIF left to trip on later
-        img.info.pop("exif", None)
+    img.info.clear()  # its text, profile and EXIF (none left to trip on later): the pixels are what the model reads
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE))
-    img.info.clear()  # its text, profile and EXIF: the pixels are what the model reads
     return img
 
 

@@ -34,13 +34,12 @@ import asyncio
 import logging
 import os
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from deployments.worker.cache import failure_reason, redact_paths
+from deployments.worker.cache import failure_reason, failure_trace
 from deployments.worker.copies import ModelCopy
 from serve_app.core.config import BatchingArgs
 from serve_app.core.errors import ModelFailed, ModelUnavailable, ServeAppError, bounded
@@ -70,9 +69,7 @@ def model_failure(copy: ModelCopy, e: Exception, doing: str = "failed on this in
             f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {bounded(str(e))}",
             model_id=copy.spec.id,
         )
-    # The whole text, for the operator, without the model's folder (as in every log line).
-    trace = redact_paths("".join(traceback.format_exception(e)).rstrip(), copy.spec)
-    logger.error("model %r %s:\n%s", copy.spec.id, doing, trace)
+    logger.error("model %r %s:\n%s", copy.spec.id, doing, failure_trace(e, copy.spec))
     return ModelFailed(f"Model {copy.spec.id!r} {doing}: {failure_reason(e, copy.spec)}", model_id=copy.spec.id)
 
 

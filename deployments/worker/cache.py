@@ -77,6 +77,12 @@ def failure_reason(e: BaseException, spec: ModelSpec) -> str:
     return error_text(e, lambda text: redact_paths(text, spec))
 
 
+def failure_trace(e: BaseException, spec: ModelSpec) -> str:
+    """The traceback of a model's failure, for the log (whoever debugs it), without server paths (as in every
+    log line)."""
+    return redact_paths("".join(traceback.format_exception(e)).rstrip(), spec)
+
+
 def _on_loop(callback: Callable[..., None]) -> Callable[..., None]:
     """``callback``, run on this event loop whichever thread calls it: at once on the loop's own thread, else as
     the loop's next callback (Serve's LRU unloads a copy from a thread of its executor, and the callback
@@ -166,10 +172,8 @@ class ModelCache:
         except Exception as e:
             if copy is not None:
                 await asyncio.to_thread(copy.free)  # what a half-done load holds
-            # The runtime's traceback, for whoever debugs it, without the model's folder (as in every log line).
-            trace = redact_paths("".join(traceback.format_exception(e)).rstrip(), spec)
             reason = redact_paths(f"{type(e).__name__}: {e}", spec)
-            logger.error("loading model %r failed: %s\n%s", model_id, reason, trace)
+            logger.error("loading model %r failed: %s\n%s", model_id, reason, failure_trace(e, spec))
             raise self._failed(spec, status, failure_reason(e, spec)) from None
         status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.size_bytes = copy.size_bytes

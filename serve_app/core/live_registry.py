@@ -153,7 +153,7 @@ class LiveRegistry:
         A, whose versions are the same content hash: the sender is on the revert)."""
         if version == self.version:
             return False
-        if version not in self._seen:
+        if not self.has_run(version):
             return True
         return applied_at is not None and self.applied_at is not None and applied_at > self.applied_at
 

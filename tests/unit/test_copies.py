@@ -167,8 +167,9 @@ def test_answers_are_split_per_request_and_encoded_by_the_task(tiny_dir):
     assert second["scores"].dtype == np.float32
 
 
-def test_requests_of_a_batch_with_other_parameters_get_a_model_call_each_in_request_order():
-    calls = []
+def prompted_copy(calls: list, row) -> ModelCopy:
+    """A loaded feature-extraction copy whose runtime takes ``prompt_name``, records each call's inputs and
+    prompt in ``calls``, and answers ``row(prompt_name)`` for each input."""
 
     class Prompted(ModelRuntime):
         def load(self):
@@ -176,10 +177,15 @@ def test_requests_of_a_batch_with_other_parameters_get_a_model_call_each_in_requ
 
         def predict(self, inputs, prompt_name=None):
             calls.append((list(inputs), prompt_name))
-            return [np.full(2, len(prompt_name or ""), dtype=np.float32) for _ in inputs]
+            return [row(prompt_name) for _ in inputs]
 
     spec = ModelSpec(id="e", task="feature-extraction", source={"path": "x"})
-    copy = ModelCopy(spec, Prompted(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    return ModelCopy(spec, Prompted(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+
+
+def test_requests_of_a_batch_with_other_parameters_get_a_model_call_each_in_request_order():
+    calls = []
+    copy = prompted_copy(calls, lambda prompt_name: np.full(2, len(prompt_name or ""), dtype=np.float32))
     given = [{"prompt_name": "query"}, None, {"prompt_name": "query"}, {"prompt_name": "doc"}]
     answers = copy.answer([["a"], ["b", "c"], ["d"], ["e"]], parameters=given)
     assert calls == [(["a", "d"], "query"), (["b", "c"], None), (["e"], "doc")]
@@ -209,17 +215,7 @@ def test_top_k_is_applied_to_each_requests_answer_and_never_reaches_the_runtime_
 
 def test_dimensions_reach_no_runtime_and_a_prompt_still_does():
     calls = []
-
-    class Prompted(ModelRuntime):
-        def load(self):
-            pass
-
-        def predict(self, inputs, prompt_name=None):
-            calls.append((list(inputs), prompt_name))
-            return [np.arange(4, dtype=np.float32) for _ in inputs]
-
-    spec = ModelSpec(id="e", task="feature-extraction", source={"path": "x"})
-    copy = ModelCopy(spec, Prompted(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    copy = prompted_copy(calls, lambda prompt_name: np.arange(4, dtype=np.float32))
     given = [{"prompt_name": "q", "dimensions": 2}, {"prompt_name": "q"}]
     short, whole = copy.answer([["a"], ["b"]], parameters=given)
     assert calls == [(["a", "b"], "q")]
