@@ -14,7 +14,7 @@ from collections.abc import Iterator, MutableMapping
 from dotenv import dotenv_values
 
 from serve_app.core.paths import PROJECT_ROOT
-from serve_app.launch import current, descendants
+from serve_app.launch import Proc, descendants, running
 
 ENV_FILE = PROJECT_ROOT / "config" / "serve.env"
 
@@ -81,24 +81,24 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port in {FREE_PORTS}")
 
 
-def _running_as(pid: int, name: str) -> bool:
-    proc = current(pid)  # None once it has ended (a zombie included)
-    return proc is not None and proc.name == name
+def _haproxies(root: int | None = None) -> list[Proc]:
+    return [p for p in descendants(root or os.getpid()) if p.name == "haproxy"]
 
 
 def haproxy_processes(root: int | None = None) -> list[int]:
     """The HAProxy processes below ``root`` (this process by default) in the process tree."""
-    return [p.pid for p in descendants(root or os.getpid()) if p.name == "haproxy"]
+    return [p.pid for p in _haproxies(root)]
 
 
-def stop_processes(pids: list[int], name: str = "haproxy", wait_s: float = 5.0) -> None:
-    """SIGTERM each of ``pids`` still running as ``name`` (a PID can be reused), then SIGKILL what is left."""
+def stop_processes(procs: list[Proc], wait_s: float = 5.0) -> None:
+    """SIGTERM each of ``procs`` still running (the same PID with the same start time: a PID can be reused),
+    then SIGKILL what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [p for p in pids if _running_as(p, name)]:
+        for proc in filter(running, procs):
             with contextlib.suppress(OSError):
-                os.kill(pid, sig)
+                os.kill(proc.pid, sig)
         deadline = time.monotonic() + wait_s
-        while any(_running_as(p, name) for p in pids) and time.monotonic() < deadline:
+        while any(map(running, procs)) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
@@ -107,10 +107,11 @@ def no_haproxy_left(root: int | None = None) -> Iterator[None]:
     """Around what shuts down a Ray instance that ``root`` (this process by default) started: stops the
     HAProxy processes it leaves running. Ray Serve starts HAProxy from an actor and stops it in its own
     shutdown; that shutdown first waits out the ingress replicas' drain (30 s), longer than Serve's shutdown
-    call waits, so Ray kills the actor and HAProxy is left behind. Only the processes found below ``root``
-    when the block starts are stopped: processes this session started."""
-    pids = haproxy_processes(root)
+    call waits, so Ray kills the actor and HAProxy is left behind. The processes stopped are those found below
+    ``root`` when the block starts and when it ends (Serve's graceful reloads start new ones meanwhile):
+    processes this session started, each known by its PID and start time."""
+    procs = _haproxies(root)
     try:
         yield
     finally:
-        stop_processes(pids)
+        stop_processes(procs + [p for p in _haproxies(root) if p not in procs])

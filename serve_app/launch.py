@@ -26,11 +26,13 @@ What this process does (Linux; elsewhere it runs ``serve run`` in its place, as 
 * Every second it records every process below it in the PID file (PID, start time, and the name for
   the messages), so that a run killed before it could clean up can be cleaned up by the next.
 * Stopping: SIGINT (Ctrl-C) is ``serve run``'s own shutdown, in which Serve drains the ingress replicas
-  for 30 s (``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``); a second SIGINT, SIGTERM and SIGHUP
-  stop it at once (SIGTERM to its process group; SIGKILL if it has not exited 15 s later). Once ``serve
-  run`` has exited, every process still below this one is stopped (SIGTERM, then SIGKILL after 5 s) and
+  for 30 s (``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``); a second SIGINT, SIGTERM, SIGHUP and
+  SIGQUIT (Ctrl-\\) stop it at once (SIGTERM to its process group; SIGKILL if it has not exited 15 s later).
+  A SIGHUP it was started ignoring (``nohup make run &``) stays ignored. Once ``serve run`` has exited, or
+  this process fails, every process still below this one is stopped (SIGTERM, then SIGKILL after 5 s) and
   reaped, the PID file is removed, and only then does this process exit: when ``make run`` returns,
-  nothing it started runs and the ports are free.
+  nothing it started runs and the ports are free. Its messages never stop it: a closed terminal or a
+  reader gone (``make run | tee``) only loses them.
 
 Usage: ``python -m serve_app.launch [--pid-file PATH] CONFIG`` (``make run`` passes ``serve_config.yaml``).
 """
@@ -75,11 +77,15 @@ SWEEP_S = 5.0
 """After SIGTERM to what is left below the launcher, how long before SIGKILL."""
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+"""SIGINT (Ctrl-C): Serve's own shutdown; the others (SIGQUIT is Ctrl-\\), or a second SIGINT: at once."""
 
 
 def log(message: str) -> None:
-    print(f"launch: {message}", file=sys.stderr, flush=True)
+    """A line on stderr, if it can still be written: a closed terminal (EIO) or a reader gone (``make run |
+    tee``, EPIPE) must not stop the launcher before it has stopped what it started."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"launch: {message}", file=sys.stderr, flush=True)
 
 
 class Refusal(Exception):
@@ -324,8 +330,36 @@ def listeners(port: int) -> list[int]:
     return sorted(pids)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    return " ".join(a.decode(errors="replace") for a in argv if a)
+
+
+def _started_by(pid: int) -> str | None:
+    """What started a process, where that is what to stop instead of it: another launcher of this project
+    (another config's ``make run``), whose app Serve restarts HAProxy for, or else a Ray instance's raylet
+    (``ray start``, a ``serve run`` of its own); None if neither is above it."""
+    for _ in range(64):  # up the process tree to init
+        stat = _stat(pid)
+        if stat is None or pid <= 1:
+            return None
+        if pid != os.getpid() and "serve_app.launch" in _cmdline(pid):
+            command = _cmdline(pid)
+            command = command if len(command) <= 100 else command[:97] + "..."
+            return f"the app of another launcher (PID {pid}: {command}): stop that app first (kill {pid})"
+        if stat[0] == "raylet":
+            return f"a Ray instance already running here (raylet PID {pid}): stop it (ray stop) or its Serve apps"
+        pid = stat[2]
+    return None
+
+
 def port_refusal(wanted: list[Port]) -> str | None:
-    """One line naming a port the app needs that something else holds, what holds it and how to end it."""
+    """One line naming a port the app needs that something else holds, what holds it and how to end it: where
+    another app of Serve holds it (its HAProxy, which Serve would start again if it were killed alone), that
+    app."""
     for port in wanted:
         if _bindable(port):
             continue
@@ -333,6 +367,9 @@ def port_refusal(wanted: list[Port]) -> str | None:
         if not holders:
             return f"port {port.port} is in use, by a process this user cannot see: free it or change {port.knob}"
         who = ", ".join(f"PID {p.pid} ({p.name})" for p in holders)
+        owner = next(filter(None, (_started_by(p.pid) for p in holders)), None)
+        if owner is not None:
+            return f"port {port.port} is in use by {who}, started by {owner}; or change {port.knob}"
         pids = " ".join(str(p.pid) for p in holders)
         return (
             f"port {port.port} is in use by {who}, which this launcher did not start: "
@@ -351,12 +388,24 @@ def _prctl(option: int, value: int) -> None:
 
 
 class Signals:
-    """The stop signals received, in order (handlers only record them; the main loop acts)."""
+    """The stop signals received, in order (handlers only record them; the main loop acts). A SIGHUP this
+    process was started ignoring (``nohup make run &``) stays ignored, as make keeps it: closing the terminal
+    then leaves the app running, as the user asked."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
         for sig in STOP_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+                continue
             signal.signal(sig, lambda signum, _frame: self.received.append(signum))
+
+    def stop_with_parent(self) -> None:
+        """SIGTERM to this process when its parent (make) dies, recorded like any stop signal; one that died
+        already is taken as such a SIGTERM. Set first of all: make may be killed during the start-up checks."""
+        parent = os.getppid()
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            self.received.append(signal.SIGTERM)
 
 
 def _serve_command(config: Path) -> list[str]:
@@ -369,11 +418,7 @@ def supervise(config: Path, pid_file: Path, signals: Signals) -> int:
     Returns the exit status: 128 + the first stop signal, or ``serve run``'s own."""
     me = current(os.getpid())
     assert me is not None
-    parent = os.getppid()
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the line above: act as if it had sent SIGTERM
-        signals.received.append(signal.SIGTERM)
     try:
         write_pid_file(pid_file, config, me, [])
     except OSError as e:
@@ -397,42 +442,44 @@ def supervise(config: Path, pid_file: Path, signals: Signals) -> int:
 
     graceful = at_once = False
     handled, deadline, recorded, stopping_since, next_record = 0, float("inf"), None, 0.0, 0.0
-    while True:
-        status = reap().get(child.pid)
-        if status is not None:
-            child.returncode = status
-            break
-        for sig in signals.received[handled:]:
-            handled += 1
-            if at_once:
-                continue
-            stopping_since = stopping_since or time.monotonic()
-            if sig == signal.SIGINT and not graceful:  # Ctrl-C: serve run's own shutdown
-                graceful, deadline = True, time.monotonic() + GRACEFUL_S
-                log("stopping: Serve shuts down, its ingress replicas drain for 30 s (Ctrl-C again: at once)")
-                signal_child(signal.SIGINT)
-            else:  # SIGTERM, SIGHUP, a second SIGINT: at once
-                at_once, deadline = True, time.monotonic() + TERM_S
-                log(f"stopping at once ({signal.Signals(sig).name}): serve run and every process it started")
-                signal_child(signal.SIGTERM)
-        if time.monotonic() > deadline:  # serve run outlasted its time: SIGTERM after SIGINT, else SIGKILL
-            if not at_once:
-                at_once, deadline = True, time.monotonic() + TERM_S
-                signal_child(signal.SIGTERM)
-            else:
-                deadline = float("inf")
-                signal_child(signal.SIGKILL)
-        if time.monotonic() >= next_record:
-            next_record = time.monotonic() + RECORD_S
-            procs = descendants(me.pid)
-            if procs != recorded:
-                write_pid_file(pid_file, config, me, procs)
-                recorded = procs
-        time.sleep(TICK_S)
-    left = stop(descendants(me.pid), SWEEP_S)
-    reap()
-    pid_file.unlink(missing_ok=True)
-    if signals.received:
+    try:
+        while True:
+            status = reap().get(child.pid)
+            if status is not None:
+                child.returncode = status
+                break
+            for sig in signals.received[handled:]:
+                handled += 1
+                if at_once:
+                    continue
+                stopping_since = stopping_since or time.monotonic()
+                if sig == signal.SIGINT and not graceful:  # Ctrl-C: serve run's own shutdown
+                    graceful, deadline = True, time.monotonic() + GRACEFUL_S
+                    signal_child(signal.SIGINT)
+                    log("stopping: Serve shuts down, its ingress replicas drain for 30 s (Ctrl-C again: at once)")
+                else:  # SIGTERM, SIGHUP, SIGQUIT, a second SIGINT: at once
+                    at_once, deadline = True, time.monotonic() + TERM_S
+                    signal_child(signal.SIGTERM)
+                    log(f"stopping at once ({signal.Signals(sig).name}): serve run and every process it started")
+            if time.monotonic() > deadline:  # serve run outlasted its time: SIGTERM after SIGINT, else SIGKILL
+                if not at_once:
+                    at_once, deadline = True, time.monotonic() + TERM_S
+                    signal_child(signal.SIGTERM)
+                else:
+                    deadline = float("inf")
+                    signal_child(signal.SIGKILL)
+            if time.monotonic() >= next_record:
+                next_record = time.monotonic() + RECORD_S
+                procs = descendants(me.pid)
+                if procs != recorded:
+                    write_pid_file(pid_file, config, me, procs)
+                    recorded = procs
+            time.sleep(TICK_S)
+    finally:  # whatever ended the loop (an error of this process too): nothing it started outlives it
+        left = stop(descendants(me.pid), SWEEP_S)
+        reap()
+        pid_file.unlink(missing_ok=True)
+    if handled:  # serve run stopped on a signal passed on (not one that came as it exited on its own)
         outlived = f", and {len(left)} processes that outlived it ({', '.join(sorted({p.name for p in left}))})"
         log(f"stopped in {time.monotonic() - stopping_since:.1f} s: serve run" + (outlived if left else ""))
         return 128 + signals.received[0]
@@ -449,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/stat").exists():  # no /proc (macOS): serve run alone, as before
         os.execv(_serve_command(config)[0], _serve_command(config))
     signals = Signals()
+    signals.stop_with_parent()
     pid_file = args.pid_file or default_pid_file(config)
     environ = dict(os.environ)
     try:

@@ -219,6 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.print:
         yaml.safe_dump(rendered, sys.stdout, sort_keys=False)
         return 0
+    try:
+        return _deploy_and_report(rendered, versions, options)
+    except (RuntimeError, TimeoutError, OSError) as e:  # the cluster refused or did not answer: one message
+        print(f"reload: {e}", file=sys.stderr)
+        return 1
+
+
+def _deploy_and_report(rendered: dict[str, Any], versions: dict[str, str], options: argparse.Namespace) -> int:
     apps = {a.get("name", "default"): a for a in rendered.get("applications") or []}
     for name, version in versions.items():
         print(f"reload: deploying registry {version} to application {name!r} ({options.address})")

@@ -124,19 +124,29 @@ class ReplicaDirectory:
         return _status(rid, replica.node_id, stats, set(replica.multiplexed_model_ids))
 
     async def running_count(self) -> int:
-        """Running worker replicas (a snapshot at most FRESH_S old)."""
+        """Running worker replicas (a snapshot at most FRESH_S old); none while Serve's status cannot be read."""
         deployments = await self._app.get()
-        worker = deployments.get(self._worker.deployment_name)
+        worker = deployments.get(self._worker.deployment_name) if deployments is not None else None
         return worker.replica_states.get("RUNNING", 0) if worker else 0
 
     async def ingress_updating(self) -> bool:
-        """Whether Serve is still updating ingress replicas (reconfigure included), as it last reported."""
-        ingress = (await self._app.get()).get(self._ingress) if self._ingress else None
+        """Whether Serve is still updating ingress replicas (reconfigure included), as it last reported; while
+        its status cannot be read, yes (that every replica runs a registry is then not known)."""
+        deployments = await self._app.get()
+        if deployments is None:
+            return True
+        ingress = deployments.get(self._ingress) if self._ingress else None
         return ingress is not None and ingress.status == "UPDATING"
 
-    async def _app_status(self, fresh: bool) -> dict[str, Any]:
-        """The app's deployments in Serve's public status (``serve.status()`` blocks: in a thread)."""
-        status = await asyncio.to_thread(serve.status)
+    async def _app_status(self, fresh: bool) -> dict[str, Any] | None:
+        """The app's deployments in Serve's public status (``serve.status()`` blocks: in a thread, for at most
+        ASK_TIMEOUT_S); None, logged, when Serve's controller does not answer it (it is restarting): the
+        probe says not ready (503), not a server error."""
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), ASK_TIMEOUT_S)
+        except Exception as e:
+            logger.warning("Serve's status could not be read (%s): no worker replica counted as running", e)
+            return None
         app = status.applications.get(self._worker.app_name)
         return dict(app.deployments) if app else {}
 

@@ -242,9 +242,12 @@ class ModelCache:
             # evicted in use are the ones to wait for: evicting another one in use would not free it sooner.
             cached = [m for m in ray_internals.cached_model_ids(self._owner) if m != model_id]
             victim = next((m for m in cached if self._idle(m)), None) or (None if fits else next(iter(cached), None))
-            if victim is not None:
-                self._counters.evicted_for_memory += 1
-                await self._evict_during_load(victim, cause="memory")
+            if victim is not None:  # for bytes, or (one copy lingering) for a copy's room, as the LRU would
+                if fits:
+                    self._counters.evicted_by_lru += 1
+                else:
+                    self._counters.evicted_for_memory += 1
+                await self._evict_during_load(victim, cause="memory" if not fits else "count")
                 continue
             left = deadline - time.monotonic()
             if left <= 0:

@@ -109,7 +109,11 @@ class ReplicaCounters(BaseModel):
     revived: int = Field(0, description="evicted models taken back by a new request before they were freed")
     refused_in_backoff: int = Field(0, description="requests answered 503 from a failed load's back-off")
     live_models: int = Field(0, description="models whose weights are in memory now (held or still in use)")
-    evicted_by_lru: int = Field(0, description="copies Ray's LRU evicted for room by count")
+    evicted_by_lru: int = Field(
+        0,
+        description="copies evicted, least recently used first, for room by count: by Ray's LRU, or by the "
+        "replica's load while a copy evicted in use still lingers",
+    )
     evicted_by_router: int = Field(0, description="copies evicted because the router chose them for a miss")
     router_victim_not_lru: int = Field(
         0, description="of those, the copies Ray's LRU would not have chosen (the router's choice differed)"

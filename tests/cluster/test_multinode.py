@@ -95,9 +95,13 @@ def test_mixed_traffic_across_nodes_keeps_the_cap_and_the_models_straight(client
 
 
 def test_requests_for_a_model_go_to_the_node_that_holds_it(client, spread_url):
+    """Held by one replica of the two (unloaded everywhere first: the test before may have left it on both),
+    it stays on that one: no other replica loads it, however many requests come one after another."""
+    assert client.post(f"{spread_url}/models/alpha/unload").status_code == 200
     assert client.post(f"{spread_url}/predict", json={"model_id": "alpha", "input_data": "hi"}).status_code == 200
     assert wait_for(lambda: client.get(f"{spread_url}/models/alpha").json()["loaded"])
     before = client.get(f"{spread_url}/models/alpha").json()
+    assert len(before["replicas"]) == 1
     for _ in range(30):
         assert client.post(f"{spread_url}/predict", json={"model_id": "alpha", "input_data": "hi"}).status_code == 200
     after = client.get(f"{spread_url}/models/alpha").json()

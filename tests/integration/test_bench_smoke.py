@@ -184,7 +184,6 @@ def test_benchmark_smoke_run(bench_app, grpc_target, tmp_path):
     assert a["requested_bytes"] == sum(fleet["sizes"][fleet["models"][m]] for m in trace)
     assert 0 <= a["byte_hit_ratio"] <= 1 and a["bytes_per_1000"] == pytest.approx(1000 * a["loaded_bytes"] / n)
     assert a["miss_p50_ms"] <= a["miss_p99_ms"] and a["p50_ms"] <= a["p99_ms"]
-    assert a["least_gap_ms"] >= 0  # each model's misses: its slowest requests, as many as its loads
     assert a["counters"]["refused_over_budget"] == 0
     # the budget: memory_bytes less each replica's own baseline; the processes found and their peak read
     assert len(fleet["budgets"]) == 2

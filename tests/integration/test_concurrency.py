@@ -119,7 +119,14 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
         sender.join(120)
         assert wait_for(lambda: len(replica_pids("mixed")) == 2 and victim_id not in replica_pids("mixed"))
         served_when_replaced = len(traffic.results)
+        (new_id,) = set(replica_pids("mixed")) - set(before)
+
+        def served_by_new_replica() -> int:
+            replicas = client.get(f"{mixed_url}/models").json()["replicas"]
+            return next((r["counters"]["requests"] for r in replicas if r["replica_id"] == new_id), 0)
+
         traffic.wait_until(served_when_replaced + 40)  # and traffic flows on the new replica too
+        assert wait_for(lambda: served_by_new_replica() > 0)
     statuses = Counter(status for _, status, _ in traffic.results)
     print(f"\nreplica {victim_id} killed; {len(traffic.results)} text requests meanwhile: {dict(statuses)}")
     assert statuses == {200: len(traffic.results)}, [b for _, s, b in traffic.results if s != 200][:3]

@@ -362,8 +362,10 @@ def test_slow_senders_are_cut_off_at_the_body_deadline_and_a_probe_is_answered_m
     """As many connections as the ingress replica takes requests at once (max_ongoing_requests, 64) each
     announce a 60,000-byte body and send a byte a second: each holds one of those requests until
     body_timeout_s (2 s here). A probe of the app's own route, sent once every slow request has reached the
-    ingress, is answered while the senders go on sending, and every one of them is answered 408. (Without the
-    deadline, the probe waits until the senders stop: here, when the test gives up on it.)"""
+    ingress, is answered while the senders go on sending, and the server ends every one of them: answered 408
+    (at least half seen so), or its connection closed (a byte the sender sends just after the answer resets
+    the connection, which discards the answer). (Without the deadline, the probe waits until the senders
+    stop: here, when the test gives up on it.)"""
     url = httpx.URL(limits_url)
     senders = 64
     head = (

@@ -114,6 +114,8 @@ def test_model_repository_extension(v2, demo_url, client):
     assert holders and {r["replica_id"] for r in client.get(f"{demo_url}/models").json()["replicas"]} >= set(holders)
     index, native = _states(v2, demo_url, client)
     assert index["spam"] == "READY" and index == native
+    ready_index = client.post(f"{demo_url}/v2/repository/index", json={"ready": True}).json()
+    assert "spam" in {m["name"] for m in ready_index} and {m["state"] for m in ready_index} == {"READY"}
     refused = client.post(f"{demo_url}/v2/repository/index", json={"ready": "maybe"})
     assert refused.status_code == 422 and "ready" in refused.json()["error"]
 
@@ -121,7 +123,8 @@ def test_model_repository_extension(v2, demo_url, client):
     assert wait_for(lambda: not v2.is_model_ready("spam"))
     assert {m["name"]: m for m in v2.get_model_repository_index()}["spam"]["state"] == "UNAVAILABLE"
     assert wait_for(lambda: all("spam" not in r["models"] for r in client.get(f"{demo_url}/models").json()["replicas"]))
-    # The protocol's {"ready": true} lists the ready models only, as the gRPC index's ready flag does.
+    # The protocol's {"ready": true} lists the ready models only (spam among them while it was loaded, above),
+    # as the gRPC index's ready flag does.
     ready = client.post(f"{demo_url}/v2/repository/index", json={"ready": True}).json()
     assert "spam" not in {m["name"] for m in ready} and {m["state"] for m in ready} <= {"READY"}
     assert "spam" in {m["name"] for m in client.post(f"{demo_url}/v2/repository/index").json()}

@@ -43,7 +43,7 @@ time.sleep(600)
 """
 
 LAUNCH = (
-    "import sys; from serve_app import launch; "
+    "import sys; import serve_app.launch as launch; "
     "launch._serve_command = lambda config: [sys.executable, sys.argv[1]]; "
     "sys.exit(launch.main(sys.argv[2:]))"
 )
@@ -52,7 +52,8 @@ LAUNCH = (
 class Launched:
     """``python -m serve_app.launch CONFIG`` with the stand-in for serve run, in a session of its own."""
 
-    def __init__(self, base: Path, port: int, name: str = "launch") -> None:
+    def __init__(self, base: Path, port: int, name: str = "launch", stderr_pipe: bool = False, **popen) -> None:
+        """``stderr_pipe``: its stderr a pipe whose reader the test may close (``make run | tee``, tee gone)."""
         self.base, self.port = base, port
         self.config, self.pid_file = base / "serve_config.yaml", base / "run.pid"
         self.signals, self.stderr = base / "signals.log", base / f"{name}.err"
@@ -61,7 +62,14 @@ class Launched:
         env = {**os.environ, "FAKE_PORT": str(port), "FAKE_LOG": str(self.signals), "RAY_SERVE_ENABLE_HA_PROXY": "0"}
         argv = [sys.executable, "-c", LAUNCH, str(fake), str(self.config), "--pid-file", str(self.pid_file)]
         with self.stderr.open("w") as err:
-            self.proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=PROJECT_ROOT,
+                env=env,
+                stderr=subprocess.PIPE if stderr_pipe else err,
+                start_new_session=True,
+                **popen,
+            )
 
     def lines(self) -> list[str]:
         return [line for line in self.stderr.read_text().splitlines() if line.startswith("launch:")]
@@ -96,8 +104,8 @@ def app(tmp_path):
     write_config(tmp_path, port)
     started: list[Launched] = []
 
-    def start(name: str = "launch") -> Launched:
-        started.append(Launched(tmp_path, port, name))
+    def start(name: str = "launch", **options) -> Launched:
+        started.append(Launched(tmp_path, port, name, **options))
         return started[-1]
 
     yield start
@@ -112,7 +120,9 @@ def _free(port: int) -> bool:
     return launch._bindable(launch.Port(port, "127.0.0.1", "http_options.port"))
 
 
-@pytest.mark.parametrize("sig, serve_run_got", [(signal.SIGTERM, "TERM"), (signal.SIGINT, "INT")])  # HUP: as TERM
+@pytest.mark.parametrize(
+    "sig, serve_run_got", [(signal.SIGTERM, "TERM"), (signal.SIGINT, "INT"), (signal.SIGQUIT, "TERM")]
+)  # HUP: as TERM; SIGQUIT is Ctrl-\
 def test_a_stop_signal_stops_serve_run_and_what_outlived_it_before_the_launcher_exits(app, sig, serve_run_got):
     launched = app()
     listener = launched.listener()
@@ -125,6 +135,49 @@ def test_a_stop_signal_stops_serve_run_and_what_outlived_it_before_the_launcher_
     assert not launched.pid_file.exists()
     assert len(launched.lines()) == 2 and launched.lines()[-1].startswith("launch: stopped in")
     assert "1 processes that outlived it (python)" in launched.lines()[-1]
+
+
+def test_a_launcher_whose_stderr_reader_is_gone_still_stops_everything_it_started(app):
+    """``make run | tee log``, then Ctrl-C ends tee before the launcher writes its "stopping" line: the write
+    fails (EPIPE), and the launcher still stops serve run and what outlived it, and removes its PID file."""
+    launched = app(stderr_pipe=True)
+    listener = launched.listener()
+    launched.proc.stderr.close()
+    os.kill(launched.proc.pid, signal.SIGTERM)
+    assert launched.wait() == 128 + signal.SIGTERM
+    assert launched.signals.read_text().split() == ["TERM"]
+    assert not launch.running(listener) and _free(launched.port) and not launched.pid_file.exists()
+
+
+def test_a_sighup_the_launcher_was_started_ignoring_stays_ignored(app):
+    """``nohup make run &``: the terminal closes (SIGHUP) and the app runs on; a later SIGTERM stops it."""
+    launched = app(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    listener = launched.listener()
+    os.kill(launched.proc.pid, signal.SIGHUP)
+    time.sleep(1.0)  # four of the launcher's ticks: a HUP it took would have stopped serve run by now
+    assert launch.running(listener) and launched.proc.poll() is None
+    os.kill(launched.proc.pid, signal.SIGTERM)
+    assert launched.wait() == 128 + signal.SIGTERM  # the first stop signal it took: TERM, not the HUP
+    assert launched.signals.read_text().split() == ["TERM"] and _free(launched.port)
+
+
+def test_the_launcher_asks_for_sigterm_at_its_parents_death_before_its_checks(tmp_path):
+    """make killed while the launcher clears what an earlier run left (seconds) must not leave it to start
+    serve run with no parent: its parent-death signal is set before the first check runs."""
+    write_config(tmp_path, free_port())
+    probe = (
+        "import ctypes, signal, sys; from serve_app import launch\n"
+        "def check(*a):\n"
+        "    got = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(got), 0, 0, 0)  # PR_GET_PDEATHSIG\n"
+        "    print(got.value); raise launch.Refusal('probed')\n"
+        "launch.clear_stale = check\n"
+        "sys.exit(launch.main(sys.argv[1:]))\n"
+    )
+    config, pid_file = str(tmp_path / "serve_config.yaml"), str(tmp_path / "run.pid")
+    result = subprocess.run(
+        [sys.executable, "-c", probe, config, "--pid-file", pid_file], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and result.stdout.split() == [str(int(signal.SIGTERM))], result.stderr
 
 
 def test_after_a_sigkill_the_next_launch_clears_what_was_left_and_starts(app):
@@ -165,6 +218,28 @@ def test_a_second_launch_of_a_running_config_and_a_port_held_by_another_process_
         f"launcher did not start: end it (kill {holder.pid}) or change http_options.port"
     ]
     assert launch.running(holder)  # left alone: not ours
+
+
+def test_a_port_held_by_another_configs_app_names_that_apps_launcher(app, tmp_path):
+    """Another config's ``make run`` holds the port (its HAProxy, which Serve would start again if it alone
+    were killed): the refusal names that launcher, the one to stop, not the listener."""
+    running = app("running")
+    holder = running.listener()
+    (tmp_path / "other").mkdir()
+    write_config(tmp_path / "other", running.port)
+    other = Launched(tmp_path / "other", running.port, "other")
+    try:
+        assert other.wait() == 1
+    finally:
+        if other.proc.poll() is None:
+            os.killpg(other.proc.pid, signal.SIGKILL)
+    (line,) = other.lines()
+    assert line.startswith(
+        f"launch: refusing to start: port {running.port} is in use by PID {holder.pid} (python), started by the "
+        f"app of another launcher (PID {running.proc.pid}: "
+    )
+    assert line.endswith(f"stop that app first (kill {running.proc.pid}); or change http_options.port")
+    assert launch.running(holder)
 
 
 def test_a_recorded_process_is_recognised_by_its_start_time_and_boot_not_its_pid(tmp_path):

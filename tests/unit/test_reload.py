@@ -252,3 +252,17 @@ def test_render_leaves_its_input_alone(registry):
     kept = copy.deepcopy(original)
     reload.render(original)
     assert original == kept
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(registry, monkeypatch, capsys):
+    """The dashboard down (``serve`` fails), or no answer: one ``reload:`` line naming it, no traceback."""
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+
+    def unreachable(*args, check=True):
+        raise RuntimeError("serve status failed (1):\nConnectionError: http://localhost:8265 is not reachable")
+
+    monkeypatch.setattr(reload, "_serve", unreachable)
+    assert reload.main([str(config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reload: serve status failed (1):") and "Traceback" not in err

@@ -124,6 +124,7 @@ def test_probes_and_listings_share_one_snapshot_a_second(router, monkeypatch):
     directory = ReplicaDirectory(worker)
     reads = []
     monkeypatch.setattr(replicas_module, "_status", lambda *a: reads.append(a) or a)
+    monkeypatch.setattr(replicas_module, "FRESH_S", 3600.0)  # one look, however slowly the twenty calls run
 
     async def many():
         for _ in range(20):
@@ -156,3 +157,20 @@ def test_while_no_worker_replica_answers_yet_the_listing_has_no_replicas_instead
 
     monkeypatch.setattr(replicas_module, "ASK_TIMEOUT_S", 0.05)
     assert asyncio.run(ReplicaDirectory(StartingWorker()).statuses()) == []
+
+
+def test_while_serves_status_cannot_be_read_readiness_counts_no_replica_and_no_rollout_is_known_done(monkeypatch):
+    """Serve's controller restarting: ``serve.status()`` raises (or hangs). The readiness probe counts no
+    running worker replica (a 503, not a 500 with a traceback each probe), and the listing does not claim
+    that every replica runs its registry."""
+
+    def unreachable():
+        raise ConnectionError("the controller is restarting")
+
+    monkeypatch.setattr(replicas_module.serve, "status", unreachable)
+    directory = ReplicaDirectory(FakeWorker({}), ingress="Ingress")
+
+    async def scenario():
+        return await directory.running_count(), await directory.ingress_updating()
+
+    assert asyncio.run(scenario()) == (0, True)

@@ -73,8 +73,12 @@ def test_text_scores_are_the_text_classification_pipelines(tiny_dir, tmp_path, c
     expected = pipeline("text-classification", model=str(folder), device="cpu")(TEXTS, top_k=None, truncation=True)
     rt = runtime_for(_spec("alpha", "text-classification", folder), device="cpu")
     rt.load()
+    passes: list[int] = []
+    rt.pipeline.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: passes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     got = rt.predict(TEXTS)
-    assert len(got) == len(TEXTS)
+    assert len(got) == len(TEXTS) and passes == [32, 13]
     for scores, want in zip(got, expected, strict=True):
         assert [label for label, _ in scores] == [w["label"] for w in want]
         assert [s for _, s in scores] == pytest.approx([w["score"] for w in want], abs=1e-6)
@@ -780,9 +784,16 @@ def test_the_simple_strategy_runs_without_the_pipeline_and_answers_as_it_does(ta
     cover."""
     rt, pipe = tagger
     want = [pipe(text) for text in texts]
+    passes: list[int] = []
+    hook = rt.pipeline.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: passes.append(len((args or [kwargs["input_ids"]])[0])), with_kwargs=True
+    )
     with _pipeline_refuses(rt.pipeline, *PIPELINE_STEPS):
         alone = [rt.predict([text])[0] for text in texts]
         batch = rt.predict(texts)
+    hook.remove()
+    batched = len(texts) if rt.pipeline.tokenizer.pad_token_id is not None else 1
+    assert passes == [1] * len(texts) + [batched] * (len(texts) // batched)
     for ours, theirs in zip(alone, want, strict=True):
         assert _spans(ours) == _spans(theirs)
         assert [float(e["score"]) for e in ours] == [float(e["score"]) for e in theirs]

@@ -384,6 +384,8 @@ def test_the_ready_filter_of_the_repository_index():
     svc, _, _ = service()
     assert [m.name for m in call(svc, "RepositoryIndex", pb.RepositoryIndexRequest())[0].models] == ["m"]
     assert not call(svc, "RepositoryIndex", pb.RepositoryIndexRequest(ready=True))[0].models
+    held, _, _ = service(held=["m"])
+    assert [m.name for m in call(held, "RepositoryIndex", pb.RepositoryIndexRequest(ready=True))[0].models] == ["m"]
 
 
 # -- the deployment and the transport -------------------------------------------------------------------

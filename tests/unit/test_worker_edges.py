@@ -133,6 +133,27 @@ def test_a_load_short_of_a_copy_waits_for_the_copies_evicted_in_use_and_evicts_n
     assert c._counters.evicted_for_memory == 0
 
 
+def test_a_load_short_of_a_copy_only_evicts_the_idle_copy_and_counts_it_with_the_lrus_not_for_memory():
+    """a and b evicted while requests hold them, c held and idle: a load of d is short of a copy, not of
+    bytes. It evicts c at once, as the LRU would, and counts it among the LRU's evictions: the budget had
+    room (``evicted_for_memory`` counts evictions for bytes only)."""
+    c, owner, _ = sized_cache(10_000 * MB, a=MB, b=MB, c=MB, d=MB)
+
+    async def scenario():
+        w = serve_wrapper(owner, c.load)
+        held = [await c.acquire(m) for m in "ab"]
+        (await c.acquire("c")).release()  # Serve's LRU evicted a for c: it lingers; c idle
+        await c.evict("b")  # lingers too
+        (await c.acquire("d")).release()
+        for copy in held:
+            copy.release()
+        return w
+
+    w = asyncio.run(scenario())
+    assert sorted(w.models) == ["d"]
+    assert (c._counters.evicted_by_lru, c._counters.evicted_for_memory) == (2, 0)
+
+
 def test_a_model_thread_that_first_ran_beside_a_raised_thread_count_runs_on_the_replicas_share():
     """With torch's OpenMP a thread takes the process's default count when it first runs, and a pass on the
     idle threads raises that default while it runs. A new copy's thread that first ran then still runs its
