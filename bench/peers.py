@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from bench import cpu
-from bench.scenarios import Run
+from bench.scenarios import Run, body_for
 from demo.tiny_models import (
     build_bert,
     build_image_model,
@@ -403,6 +403,7 @@ class Direct:
     def __init__(self, registry: Path, model: str = "sentiment") -> None:
         import torch
 
+        self.model = model
         from deployments.runtimes import runtime_for
         from deployments.worker.threads import IdleThreadsRule
 
@@ -417,16 +418,19 @@ class Direct:
         self.runtime.predict(["warm up"])
 
     def round(self, n: int) -> Run:
-        """`n` predictions one after the other, each timed alone, each on the threads the rule chooses."""
+        """`n` predictions one after the other, each timed alone, each on the threads the rule chooses: the
+        inputs a round of the servers' sends, in its order (``scenarios.body_for``), so that the floor's p50
+        and theirs are taken over the same sentences."""
         from deployments.worker.copies import with_threads
 
         run = Run()
         start = time.perf_counter()
-        for _ in range(n):
+        for i in range(n):
+            text = body_for(self.model, {}, i)["input_data"]
             on_idle = self.rule.use()
             with with_threads(self.idle_threads if on_idle else None):
                 t0 = time.perf_counter()
-                self.runtime.predict(["This movie was great!"])
+                self.runtime.predict([text])
                 took = time.perf_counter() - t0
             self.rule.record(on_idle, took)
             run.latencies.append(took)

@@ -11,8 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench import loadgen
+from bench import cpu, loadgen
 from bench.scenarios import Run
+from serve_app.launch import descendants
 
 # Innermost frames of threads that wait in C (select, futex) with no deeper Python frame.
 WAITING_FRAMES = (
@@ -27,11 +28,12 @@ WAITING_FRAMES = (
 )
 
 
-def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> tuple[dict, dict]:
-    """py-spy samples of the proxy, ingress and worker processes while `clients` clients send requests for
-    one model (the load generator's, for `seconds` and 3 more around the samples): how busy each process is
-    and where its time goes (top functions by samples, idle excluded). Also returns the load's figures,
-    the generator's CPU per request among them."""
+def profile_load(url: str, root: int, clients: int = 16, seconds: float = 10.0) -> tuple[dict, dict]:
+    """py-spy samples of the proxy, ingress and worker processes of the app below ``root`` (the ``serve run``
+    this run started: not another app's on the same machine) while `clients` clients send requests for one
+    model (the load generator's, for `seconds` and 3 more around the samples): how busy each process is and
+    where its time goes (top functions by samples, idle excluded). Also returns the load's figures, the
+    generator's CPU per request among them."""
 
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     procs = {
@@ -39,9 +41,11 @@ def profile_load(url: str, clients: int = 16, seconds: float = 10.0) -> tuple[di
         "ingress": "ray::ServeReplica:multimodel:Ingress",
         "worker": "ray::ServeReplica:multimodel:ModelWorker",
     }
+    below = sorted(p.pid for p in descendants(root))
+    titles = {pid: cpu.title(pid) or "" for pid in below}
     pids = {}
     for name, title in procs.items():
-        found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
+        found = [str(pid) for pid in below if titles[pid].split(" ", 1)[0].split(".", 1)[0] == title]
         for k, pid in enumerate(found):
             pids[f"{name} {k + 1}" if len(found) > 1 else name] = pid
     body = json.dumps({"model_id": "sentiment", "input_data": "This movie was great!"}).encode()

@@ -269,7 +269,7 @@ def run(
         report.cold["app"] = cold.summary()
         if not smoke and not app_url:
             print("profile at 16 clients", flush=True)
-            report.profile, report.generator["profile_load"] = profile_load(url)
+            report.profile, report.generator["profile_load"] = profile_load(url, root=app.proc.pid)
 
         if not smoke and not app_url:
             # The fleet app's budgets from the replicas' measured baseline (the same code, the same machine), else

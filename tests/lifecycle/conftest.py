@@ -158,6 +158,9 @@ class MakeRun:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # As a terminal starts it: SIGHUP at its default, even where this session ignores it (run
+                # under nohup), which make and the launcher would keep ignoring, as they do for nohup make run.
+                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
             )
         self.pid = self.proc.pid  # `ip netns exec` execs make: this is make's PID and its session's id
 

@@ -57,9 +57,11 @@ def test_zipf_trace_follows_zipfs_law(s):
     assert counts[0] > 2 * counts[7]
 
 
-def test_run_percentiles_and_rate():
+def test_run_percentiles_are_by_nearest_rank_and_its_rate_is_requests_over_time():
     run = Run(latencies=[i / 1000 for i in range(1, 101)], elapsed=2.0)
-    assert run.pct(50) == 0.051 and run.pct(99) == 0.1
+    assert run.pct(50) == 0.05 and run.pct(99) == 0.099 and run.pct(100) == 0.1
+    assert Run(latencies=[4, 1, 3, 2]).pct(50) == 2 and Run(latencies=list(range(1, 201))).pct(99) == 198
+    assert Run(latencies=[5]).pct(1) == 5 and math.isnan(Run().pct(50))
     assert run.rps == 50
 
 
