@@ -14,10 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
+from deployments.ingress.dataplane import CLIENT_CLOSED
 from serve_app.core import errors
 from serve_app.core.errors import ServeAppError, field_path, retry_after_s, unwrap
 
@@ -102,6 +104,13 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return _json(request, 422, {"error": "invalid_request", "message": message, "problems": problems})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """The client closed its connection before its body had all arrived: nothing to answer it, and nothing
+        of the server's failed (no 500, no error log; anyone could fill the log and the 5xx count with it).
+        Its status, nginx's 499, is what Serve's request log and metrics record."""
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -119,7 +119,7 @@ class ReplicaDirectory:
                 raise RuntimeError(f"replica {stats.get('replica_id')} answered instead")
             self._asked[rid] = stats
         except Exception as e:  # a replica that is starting or dying: what it last reported
-            logger.warning("replica %s did not report its models: %s", rid, e)
+            logger.warning("replica %s did not report its models: %r", rid, e)  # repr: a TimeoutError has no text
             stats = later(replica.routing_stats or {}, self._asked.get(rid, {}))
         return _status(rid, replica.node_id, stats, set(replica.multiplexed_model_ids))
 

@@ -413,14 +413,24 @@ class ModelCache:
             except ServeAppError as e:  # a broken preload must not keep the replica from starting
                 logger.error("preloading %r failed: %s", spec.id, e.message)
 
-    async def catch_up(self, version: str | None, applied_at: float | None = None) -> None:
+    async def catch_up(self, model_id: str, version: str | None, applied_at: float | None = None) -> None:
         """Wait, at most RELOAD_WAIT_S, until this replica runs the registry a request was sent under, when
-        it has yet to apply it (the ingress applied it first, at ``applied_at``: ``LiveRegistry.behind``)."""
+        it has yet to apply it (the ingress applied it first, at ``applied_at``: ``LiveRegistry.behind``).
+        Still behind then (Serve reconfigures it late: a replica that died during the rollout is being
+        replaced meanwhile), the request gets a 503 to send again: never an answer under the registry it was
+        not sent under (a changed model's old files, a 404 for a model just added)."""
         if version is None or not self._live.behind(version, applied_at):
             return
         deadline = time.monotonic() + RELOAD_WAIT_S
         while self._live.behind(version, applied_at) and (left := deadline - time.monotonic()) > 0:
             await self._live.wait_for_change(left)
+        if self._live.behind(version, applied_at):
+            raise ModelUnavailable(
+                f"this worker replica has not applied registry {version} within {RELOAD_WAIT_S:g}s (Serve is still "
+                f"updating it); send the request for {model_id!r} again",
+                model_id=model_id,
+                retry_after_s=1,
+            )
 
     # -- status ---------------------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class ModelWorker:
         self._counters.requests += 1
         start = time.perf_counter()
         try:
-            await self._cache.catch_up(registry_version, registry_applied_at)
+            await self._cache.catch_up(model_id, registry_version, registry_applied_at)
             loaded = model_id not in self._cache.held
             self._cache.refuse_early(model_id)  # before the router's victims go for it
             route = await self._routed(model_id, route)
@@ -201,7 +201,7 @@ class ModelWorker:
     ) -> None:
         """Load the request's model on this replica (the LRU cap and the memory budget still apply)."""
         model_id = serve.get_multiplexed_model_id()
-        await self._cache.catch_up(registry_version, registry_applied_at)
+        await self._cache.catch_up(model_id, registry_version, registry_applied_at)
         self._cache.refuse_early(model_id)
         await self._routed(model_id, route)
         (await self._cache.acquire(model_id, predicting=False)).release()

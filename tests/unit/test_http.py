@@ -370,3 +370,40 @@ def test_an_error_whose_details_json_cannot_hold_is_answered_with_them_as_text(c
         "score": "nan",
         "ok": [1, "a"],
     }
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v2/models/a/infer"])
+def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_server_error(path, caplog):
+    """Content-Length promised more than came, then the connection closed: the route reading the body sees the
+    disconnect. Nothing of the server failed: 499, and no error in the log (before: a 500 and two tracebacks
+    for each such request)."""
+    import asyncio
+    import logging
+
+    sent: list[dict] = []
+    messages = iter([{"type": "http.request", "body": b'{"model_id": "a', "more_body": True}])
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"60")],
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+    }
+    with ingress_api(max_body_bytes=1000), caplog.at_level(logging.ERROR):
+        asyncio.run(api(scope, receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -286,19 +286,23 @@ def test_a_request_sent_under_a_registry_this_replica_has_not_applied_waits_for_
     version = content_version(newer["registry"])
 
     async def scenario():
-        waiting = asyncio.ensure_future(c.catch_up(version))
+        waiting = asyncio.ensure_future(c.catch_up("added", version))
         for _ in range(10):
             await asyncio.sleep(0)
         assert not waiting.done()
         await w.reconfigure(newer)
         await asyncio.wait_for(waiting, 1)
-        await asyncio.wait_for(c.catch_up(version), 0.01)  # run here already: no wait
-        await asyncio.wait_for(c.catch_up(None), 0.01)
+        await asyncio.wait_for(c.catch_up("added", version), 0.01)  # run here already: no wait
+        await asyncio.wait_for(c.catch_up("added", None), 0.01)
 
     asyncio.run(scenario())
     assert "added" in c._live.registry
-    monkeypatch.setattr(cache, "RELOAD_WAIT_S", 0.05)  # a version that never comes: the wait is bounded
-    asyncio.run(asyncio.wait_for(c.catch_up("0123456789ab"), 1))
+    # A version that does not come within the wait (Serve reconfigures this replica late): a 503 to send the
+    # request again, not an answer under the registry this replica still runs.
+    monkeypatch.setattr(cache, "RELOAD_WAIT_S", 0.05)
+    with pytest.raises(ModelUnavailable, match="has not applied registry 0123456789ab") as refused:
+        asyncio.run(asyncio.wait_for(c.catch_up("added", "0123456789ab"), 1))
+    assert refused.value.status_code == 503 and refused.value.details.get("retry_after_s") == 1
 
 
 # -- the deployment -------------------------------------------------------------------------------------
