@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.ingress.replicas import ReplicaDirectory
+from deployments.ingress.replicas import ReplicaDirectory, ReplicaGone
 from serve_app.core.config import AppArgs
 from serve_app.core.errors import InvalidInput, ModelUnavailable, RequestTimeout, ServeAppError, echo, unwrap
 from serve_app.core.inputs import InputDecoder
@@ -357,14 +357,21 @@ class DataPlane:
         self.replicas.changed()
         unconfirmed = []
         for rid, answer in zip(holders, answers, strict=True):
+            if isinstance(answer, ReplicaGone):  # the replica stopped before it answered: its copy is gone with it
+                continue
             if isinstance(answer, BaseException):
                 logger.warning("unloading %r on replica %s: no answer (%r)", model_id, rid, answer)
-                unconfirmed.append(rid)
+                why = (
+                    f"no answer within {self.timeout_s:g}s"
+                    if isinstance(answer, TimeoutError)
+                    else type(answer).__name__
+                )
+                unconfirmed.append(f"{rid}: {why}")
         if unconfirmed:
             raise ModelUnavailable(
                 f"Model {model_id!r}: {len(unconfirmed)} of the {len(holders)} worker replicas that held it did not "
-                f"confirm its unload within {self.timeout_s:g}s ({', '.join(unconfirmed)}); it may still happen "
-                f"there (GET /models/{model_id} shows where the model is loaded)",
+                f"confirm its unload ({', '.join(unconfirmed)}); it may still happen there (GET /models/{model_id} "
+                "shows where the model is loaded)",
                 model_id=model_id,
             )
         return await self.model(model_id, fresh=True)

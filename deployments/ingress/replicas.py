@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.routing import views
+from serve_app.core import ray_internals
 from serve_app.core.schemas import ON_REPLICA, ReplicaStatus, WorkerCall
 
 logger = logging.getLogger("ray.serve")
@@ -31,6 +32,15 @@ logger = logging.getLogger("ray.serve")
 ASK_TIMEOUT_S = 5.0
 FRESH_S = 1.0
 """How long one look at the replicas answers probes and listings."""
+GONE_CHECK_S = 1.0
+"""How often a call sent to one replica by name, once that replica is out of the router's set, asks Serve's
+controller whether it still runs."""
+LIVE_REPLICA_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION"})
+
+
+class ReplicaGone(Exception):
+    """The replica a call was sent to by name left the running replicas (it died, or Serve stopped it) before
+    it answered: the router, which sends such a call there and nowhere else, would hold it until its timeout."""
 
 
 class _Snapshot:
@@ -114,7 +124,7 @@ class ReplicaDirectory:
         rid = replica.replica_id.unique_id
         try:
             call = getattr(self._worker, WorkerCall.STATUS.value).remote(**{ON_REPLICA: rid})
-            stats = await asyncio.wait_for(call, ASK_TIMEOUT_S)
+            stats = await self._pinned(call, rid, ASK_TIMEOUT_S)
             if stats.get("replica_id") != rid:  # never another replica's report under this one's id
                 raise RuntimeError(f"replica {stats.get('replica_id')} answered instead")
             self._asked[rid] = stats
@@ -152,7 +162,46 @@ class ReplicaDirectory:
 
     async def unload(self, model_id: str, replica_id: str, timeout_s: float = ASK_TIMEOUT_S) -> bool:
         """Unload a model from one replica (the router sends the call there and nowhere else), within
-        ``timeout_s`` (TimeoutError)."""
+        ``timeout_s`` (TimeoutError); ReplicaGone if that replica leaves the running ones first (its copy went
+        with it)."""
         handle = self._worker.options(multiplexed_model_id=model_id)
         call = getattr(handle, WorkerCall.UNLOAD.value).remote(**{ON_REPLICA: replica_id})
-        return await asyncio.wait_for(call, timeout_s)
+        return await self._pinned(call, replica_id, timeout_s)
+
+    def _routed(self, replica_id: str) -> bool:
+        router = views.view_of(self._worker.app_name, self._worker.deployment_name)
+        return router is None or any(r.replica_id.unique_id == replica_id for r in router.replicas)
+
+    async def _stopped(self, replica_id: str) -> bool:
+        """Whether Serve's controller no longer lists the replica as running (it died, or was stopped). One that
+        applies a registry change is out of the router's set for a while, and still runs; where the controller
+        cannot be asked, it is taken to run."""
+        try:
+            details = await asyncio.to_thread(ray_internals.serve_instance_details)
+            app = details["applications"][self._worker.app_name]
+            replicas = app["deployments"][self._worker.deployment_name]["replicas"]
+        except Exception as e:
+            logger.warning("Serve's replicas could not be read (%r): replica %s taken to run", e, replica_id)
+            return False
+        return not any(r.get("replica_id") == replica_id and r.get("state") in LIVE_REPLICA_STATES for r in replicas)
+
+    async def _pinned(self, call: Any, replica_id: str, timeout_s: float) -> Any:
+        """A call sent to one replica by name: its answer within ``timeout_s`` (TimeoutError), or ReplicaGone
+        as soon as the replica has stopped (out of the router's set, and no longer running by Serve's
+        controller, asked every GONE_CHECK_S): the router would hold the call until its timeout. Either way
+        the call is cancelled."""
+        task = asyncio.ensure_future(call)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise TimeoutError
+                done, _ = await asyncio.wait({task}, timeout=min(GONE_CHECK_S, left))
+                if done:
+                    return task.result()
+                if not self._routed(replica_id) and await self._stopped(replica_id):
+                    raise ReplicaGone(replica_id)
+        finally:
+            if not task.done():
+                task.cancel()

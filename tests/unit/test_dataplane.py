@@ -362,10 +362,25 @@ def test_an_unload_a_holder_does_not_confirm_is_a_503_naming_it_and_the_next_lis
     p.replicas = Holders({"r1": True, "r2": NEVER})
     with pytest.raises(ModelUnavailable, match=r"1 of the 2 worker replicas that held it did not confirm") as e:
         asyncio.run(p.unload("m"))
-    assert "r2" in e.value.message and "r1" not in e.value.message and e.value.status_code == 503
+    assert "r2: no answer within 42s" in e.value.message and "r1" not in e.value.message and e.value.status_code == 503
     assert p.replicas.timeouts == [42.0, 42.0] and p.replicas.changes == 1
     p.replicas = Holders({"r1": True, "r2": True})
     assert asyncio.run(p.unload("m")).spec == SPEC and p.replicas.changes == 1
+
+
+def test_an_unload_whose_holder_stopped_before_it_answered_stands_and_another_error_is_named():
+    """A holder killed just before or during the unload: the router would hold the call (sent to it by name)
+    until the timeout; it is given up as soon as the replica leaves the running ones, and its copy went with
+    it, so the unload stands. An unload refused at once is named by its error, not as a timeout."""
+    from deployments.ingress.replicas import ReplicaGone
+    from serve_app.core.errors import ModelUnavailable
+
+    p, _, _ = plane(timeout_s=42.0)
+    p.replicas = Holders({"r1": True, "r2": ReplicaGone("r2")})
+    assert asyncio.run(p.unload("m")).spec == SPEC
+    p.replicas = Holders({"r1": ConnectionError("refused")})
+    with pytest.raises(ModelUnavailable, match=r"did not confirm its unload \(r1: ConnectionError\)"):
+        asyncio.run(p.unload("m"))
 
 
 def test_a_failed_explicit_load_makes_the_next_listing_ask_the_replicas():

@@ -174,3 +174,43 @@ def test_while_serves_status_cannot_be_read_readiness_counts_no_replica_and_no_r
         return await directory.running_count(), await directory.ingress_updating()
 
     assert asyncio.run(scenario()) == (0, True)
+
+
+def test_a_call_to_a_replica_by_name_ends_when_that_replica_has_stopped_and_not_while_it_updates(router, monkeypatch):
+    """The router sends a call pinned to a replica there and nowhere else; once that replica has died, nothing
+    would answer until the call's timeout (an unload: 60 s). It ends with ReplicaGone once the replica is out
+    of the router's set and Serve's controller no longer lists it running; out of the set while it applies a
+    registry change (the controller lists it UPDATING), the call waits on."""
+    monkeypatch.setattr(replicas_module, "GONE_CHECK_S", 0.01)
+    listed = [{"replica_id": "r1", "state": "UPDATING"}, {"replica_id": "r2", "state": "RUNNING"}]
+    details = {"applications": {"app": {"deployments": {"ModelWorker": {"replicas": listed}}}}}
+    monkeypatch.setattr(replicas_module.ray_internals, "serve_instance_details", lambda: details)
+
+    class Silent:
+        app_name, deployment_name = "app", "ModelWorker"
+
+        def options(self, **_):
+            return self
+
+        @property
+        def unload(self):
+            class _Method:
+                async def remote(self, on_replica=None):
+                    await asyncio.sleep(3600)  # the dead replica never answers
+
+            return _Method()
+
+    directory = ReplicaDirectory(Silent())
+
+    async def scenario():
+        call = asyncio.ensure_future(directory.unload("alpha", "r1", timeout_s=3600))
+        await asyncio.sleep(0.05)
+        assert not call.done()  # r1 still running: the call waits
+        router.replicas = [r for r in router.replicas if r.replica_id.unique_id != "r1"]  # r1 updates
+        await asyncio.sleep(0.1)
+        assert not call.done()  # still running, by the controller: the call waits
+        del listed[0]  # r1 died: the controller no longer lists it
+        with pytest.raises(replicas_module.ReplicaGone):
+            await asyncio.wait_for(call, 5)
+
+    asyncio.run(scenario())
