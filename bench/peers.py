@@ -403,10 +403,10 @@ class Direct:
     def __init__(self, registry: Path, model: str = "sentiment") -> None:
         import torch
 
-        self.model = model
         from deployments.runtimes import runtime_for
         from deployments.worker.threads import IdleThreadsRule
 
+        self.model = model
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(1)  # a replica's own share (worker.torch_threads)
         self.idle_threads = min(2, cores)

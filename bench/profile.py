@@ -37,15 +37,15 @@ def profile_load(url: str, root: int, clients: int = 16, seconds: float = 10.0) 
 
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     procs = {
-        "proxy": "ray::ProxyActor",
-        "ingress": "ray::ServeReplica:multimodel:Ingress",
-        "worker": "ray::ServeReplica:multimodel:ModelWorker",
+        "proxy": lambda title: title.startswith("ray::ProxyActor"),
+        "ingress": lambda title: cpu.serve_replica(title) == ("multimodel", "Ingress"),
+        "worker": lambda title: cpu.serve_replica(title) == ("multimodel", "ModelWorker"),
     }
     below = sorted(p.pid for p in descendants(root))
     titles = {pid: cpu.title(pid) or "" for pid in below}
     pids = {}
-    for name, title in procs.items():
-        found = [str(pid) for pid in below if titles[pid].split(" ", 1)[0].split(".", 1)[0] == title]
+    for name, matches in procs.items():
+        found = [str(pid) for pid in below if matches(titles[pid])]
         for k, pid in enumerate(found):
             pids[f"{name} {k + 1}" if len(found) > 1 else name] = pid
     body = json.dumps({"model_id": "sentiment", "input_data": "This movie was great!"}).encode()

@@ -346,8 +346,8 @@ def _started_by(pid: int) -> str | None:
         stat = _stat(pid)
         if stat is None or pid <= 1:
             return None
-        if pid != os.getpid() and "serve_app.launch" in _cmdline(pid):
-            command = _cmdline(pid)
+        command = _cmdline(pid)
+        if pid != os.getpid() and "serve_app.launch" in command:
             command = command if len(command) <= 100 else command[:97] + "..."
             return f"the app of another launcher (PID {pid}: {command}): stop that app first (kill {pid})"
         if stat[0] == "raylet":

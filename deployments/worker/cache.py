@@ -242,12 +242,14 @@ class ModelCache:
             # evicted in use are the ones to wait for: evicting another one in use would not free it sooner.
             cached = [m for m in ray_internals.cached_model_ids(self._owner) if m != model_id]
             victim = next((m for m in cached if self._idle(m)), None) or (None if fits else next(iter(cached), None))
-            if victim is not None:  # for bytes, or (one copy lingering) for a copy's room, as the LRU would
-                if fits:
+            if victim is not None:
+                if fits:  # short of a copy only (one lingering): room by count, as the LRU makes it
                     self._counters.evicted_by_lru += 1
+                    cause = "count"
                 else:
                     self._counters.evicted_for_memory += 1
-                await self._evict_during_load(victim, cause="memory" if not fits else "count")
+                    cause = "memory"
+                await self._evict_during_load(victim, cause=cause)
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
