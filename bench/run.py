@@ -147,9 +147,11 @@ def run(
     app_name: str | None = None,
     generator: str | None = None,
     keep_runs: int = 0,
+    first_of_series: bool = True,
 ) -> Report:
     """Measure every peer and write the report (``keep_runs``: one of a series of that many runs, kept in
-    OUT/bench/runs/, whose targets the report gives side by side). With `app_url`, the app running there must serve
+    OUT/bench/runs/, whose targets the report gives side by side; ``first_of_series``: this run starts the
+    series, and the runs kept from an earlier one are removed). With `app_url`, the app running there must serve
     `registry` (see bench_registry), over gRPC at `grpc_target` if given (`app_name`: its Serve application,
     where several run); otherwise this run starts it with `serve run`. `generator` is the HTTP load
     generator, "wrk" or "rawhttp" (by default wrk where it is installed)."""
@@ -307,7 +309,7 @@ def run(
         for s in servers:
             s.stop()
     shutil.rmtree(work, ignore_errors=True)  # its models and logs: a finished run leaves nothing behind
-    write_report(report, out, smoke, runs=keep_run(report, out, keep_runs) if keep_runs else None)
+    write_report(report, out, smoke, runs=keep_run(report, out, keep_runs, first_of_series) if keep_runs else None)
     return report
 
 
@@ -387,19 +389,23 @@ def runs_folder(out: Path) -> Path:
     return out / "bench" / "runs"
 
 
-def earlier_runs(out: Path, latest: Path | None = None) -> list[Report]:
-    """The runs kept in OUT/bench/runs/, oldest first, but the one at ``latest``."""
+def earlier_runs(out: Path, latest: Path) -> list[Report]:
+    """The runs kept in OUT/bench/runs/, oldest first, but ``latest`` (a benchmarks.json), which is kept there
+    too under another name: a run is known by its measurements, not by its path."""
+    own = json.loads(latest.read_text())
     paths = sorted(runs_folder(out).glob("run-*.json"))
-    return [read_report(p) for p in paths if latest is None or p.resolve() != latest.resolve()]
+    return [read_report(p) for p in paths if json.loads(p.read_text()) != own]
 
 
-def keep_run(report: Report, out: Path, series: int) -> list[Report]:
-    """Keep this run in OUT/bench/runs/ as the newest of a series of ``series`` runs (the oldest beyond it
-    removed); returns the earlier ones, oldest first."""
+def keep_run(report: Report, out: Path, series: int, first: bool) -> list[Report]:
+    """Keep this run in OUT/bench/runs/ as the newest of a series of ``series`` runs; returns the earlier runs
+    of the series, oldest first. The ``first`` run of a series removes the runs kept there before (an earlier
+    series', finished or not: its runs were measured on another day, maybe another machine, or by other code),
+    and a run beyond ``series`` the oldest."""
     folder = runs_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = sorted(folder.glob("run-*.json"))
-    for old in paths[: max(0, len(paths) - (series - 1))]:
+    for old in paths if first else paths[: max(0, len(paths) - (series - 1))]:
         old.unlink()
     earlier = [read_report(p) for p in sorted(folder.glob("run-*.json"))]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -444,6 +450,7 @@ def main() -> None:
             app_name=args.app_name,
             generator=args.generator,
             keep_runs=args.runs if args.runs > 1 else 0,
+            first_of_series=i == 1,
         )
 
 

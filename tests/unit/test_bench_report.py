@@ -1,8 +1,10 @@
 """The benchmark's report over a series of runs (a target is met only where every run met it), and the in-process
 floor timed on what the servers are sent."""
 
+import json
+
 from bench.report import every_run, targets
-from bench.run import Report
+from bench.run import Report, earlier_runs, keep_run, runs_folder
 
 
 def run_with_hot_path(app_ms: float, seed_ms: float = 10.0, direct_ms: float = 8.0) -> Report:
@@ -104,3 +106,24 @@ def test_the_in_process_floor_times_the_sentences_a_servers_round_is_sent_in_its
     run = direct.round(8)
     sent = [json.loads(predict_request("sentiment", {}, i).body)["input_data"] for i in range(8)]
     assert seen == sent == TEXT * 2 and len(set(TEXT)) == 4 and run.sent == len(run.latencies) == 8
+
+
+def test_a_series_judges_its_own_runs_only_and_a_rendered_run_is_not_counted_twice(tmp_path, monkeypatch):
+    """A new series (``make bench``: 3 runs) starts from none of the runs an earlier series kept, finished or
+    aborted; ``--render`` of the last run's benchmarks.json gives it once, beside the series' others."""
+    stamps = iter(f"2026010{i}-000000" for i in range(1, 10))
+    monkeypatch.setattr("bench.run.time.strftime", lambda *_: next(stamps))
+    old = [run_with_hot_path(app_ms) for app_ms in (11.0, 12.0)]  # a series aborted after its second run
+    assert keep_run(old[0], tmp_path, 3, first=True) == []
+    assert keep_run(old[1], tmp_path, 3, first=True) == []  # ... then started again
+    assert keep_run(old[0], tmp_path, 3, first=False) == [old[1]]
+    new = [run_with_hot_path(app_ms) for app_ms in (13.0, 14.0, 15.0)]
+    assert keep_run(new[0], tmp_path, 3, first=True) == []
+    assert keep_run(new[1], tmp_path, 3, first=False) == [new[0]]
+    assert keep_run(new[2], tmp_path, 3, first=False) == new[:2]
+    assert len(list(runs_folder(tmp_path).glob("run-*.json"))) == 3
+    assert keep_run(run_with_hot_path(16.0), tmp_path, 3, first=False) == new[1:]  # a fourth: the oldest goes
+
+    rendered = tmp_path / "benchmarks.json"
+    rendered.write_text(json.dumps(new[2].__dict__, indent=1, default=str))
+    assert earlier_runs(tmp_path, rendered) == [new[1], run_with_hot_path(16.0)]
