@@ -33,6 +33,7 @@ from serve_app.core.errors import InvalidInput, ModelUnavailable, RequestTimeout
 from serve_app.core.inputs import InputDecoder
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
+from serve_app.core.outputs import output_code
 from serve_app.core.registry import ModelSpec, Registry
 from serve_app.core.schemas import DECLARED_BYTES, ModelState, RegistryStatus, ReplicaStatus, WorkerCall, WorkerResult
 from serve_app.core.tasks import Task, TaskCatalog
@@ -109,11 +110,13 @@ class InferenceResult:
 
     def native(self) -> list[Any]:
         """One native prediction per input, in input order."""
-        return self.task.output.native(self.outputs, self.count)
+        with output_code(self.spec.id, self.task.name, "shape its answer for the native API"):
+            return self.task.output.native(self.outputs, self.count)
 
     def v2(self) -> dict[str, np.ndarray]:
         """The Open Inference Protocol's output tensors, by name, in the order of the task's metadata."""
-        return self.task.output.v2(self.outputs)
+        with output_code(self.spec.id, self.task.name, "shape its answer as v2 output tensors"):
+            return self.task.output.v2(self.outputs)
 
 
 @dataclass(frozen=True)

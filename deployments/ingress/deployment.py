@@ -103,7 +103,7 @@ def _v2_http(request: v2.InferRequest, result: InferenceResult, whole: bool = Fa
 class Ingress:
     def __init__(self, worker: DeploymentHandle, registry_check: DeploymentHandle, args: AppArgs) -> None:
         """``registry_check``: bound here only so that Serve deploys it with the app; never called."""
-        logs.flush_every(1.0)
+        logs.in_replica()
         # The registry is set by reconfigure, which Serve calls before the replica takes requests.
         self.live = LiveRegistry.from_rules(args.registry_rules)
         self.max_items = args.max_list_items

@@ -25,6 +25,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.core import logs
 from serve_app.core.config import RegistryRules
 from serve_app.core.live_registry import parse_user_config
 
@@ -34,6 +35,7 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class RegistryCheck:
     def __init__(self, rules: RegistryRules | None = None) -> None:
+        logs.in_replica()
         self.rules = rules or RegistryRules()  # the app's tasks, allowed runtime modules and model budget
         self.version: str | None = None
 

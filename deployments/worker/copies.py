@@ -43,7 +43,7 @@ import numpy as np
 from deployments.runtimes.base import ModelRuntime, runtime_code
 from deployments.worker.threads import IdleThreadsRule
 from serve_app.core.errors import InvalidInput, ServeAppError
-from serve_app.core.outputs import ContractError
+from serve_app.core.outputs import ContractError, output_code
 from serve_app.core.registry import ModelSpec
 from serve_app.core.tasks import Task
 
@@ -261,7 +261,6 @@ class ModelCopy:
         out: list[dict[str, np.ndarray] | Exception | None],
     ) -> None:
         """``answer``'s calls, one for each group of requests with the same parameters, into ``out``."""
-        kind = self.task.output
         for indices in groups.values():
             params = given[indices[0]]
             if self._refusal(params) is not None:  # the runtime takes no such parameter: none of them runs
@@ -275,7 +274,7 @@ class ModelCopy:
             except ServeAppError as e:
                 answers = [e] if len(indices) == 1 else [self._predict_alone(requests[i], params) for i in indices]
             for i, answer in zip(indices, answers, strict=True):
-                out[i] = kind.apply(answer, **options[i]) if options[i] and isinstance(answer, dict) else answer
+                out[i] = self._applied(answer, options[i]) if options[i] and isinstance(answer, dict) else answer
 
     def _predict(self, requests: Sequence[list[Any]], params: dict[str, Any]) -> list[dict[str, np.ndarray]]:
         """One ``predict`` call for the inputs of requests with the same parameters: each one's answer."""
@@ -285,9 +284,18 @@ class ModelCopy:
         rows = one_per_input(answer, len(flat), "predict must answer one row per input")
         out, start = [], 0
         for inputs in requests:
-            out.append(self.task.output.encode(rows[start : start + len(inputs)]))
+            with output_code(self.spec.id, self.task.name, "encode its answer"):
+                out.append(self.task.output.encode(rows[start : start + len(inputs)]))
             start += len(inputs)
         return out
+
+    def _applied(self, answer: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, np.ndarray] | ServeAppError:
+        """One request's answer with its output options applied (classification's ``top_k``)."""
+        try:
+            with output_code(self.spec.id, self.task.name, "apply its options"):
+                return self.task.output.apply(answer, **options)
+        except ServeAppError as e:
+            return e
 
     def _predict_alone(self, inputs: list[Any], params: dict[str, Any]) -> dict[str, np.ndarray] | ServeAppError:
         try:

@@ -72,7 +72,7 @@ class ModelWorker:
     ) -> None:
         args = args or WorkerArgs()
         configure_torch(args.torch_threads)
-        logs.flush_every(1.0)
+        logs.in_replica()
         memory = MemoryBudget(args.memory_bytes, args.gpu_memory_bytes)  # measures the baseline: after the imports
         # The registry is set by reconfigure, which Serve calls before the replica takes requests.
         self._live = LiveRegistry.from_rules(rules)

@@ -22,6 +22,15 @@ def _buffers() -> list[logging.handlers.MemoryHandler]:
     return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.handlers.MemoryHandler)]
 
 
+def in_replica(flush_every_s: float = 1.0) -> None:
+    """A replica's logs: its buffered records written within ``flush_every_s`` (``flush_every``), and the
+    tracebacks it logs readable (``ray_internals.print_to_files_as_print_does``)."""
+    from serve_app.core import ray_internals
+
+    ray_internals.print_to_files_as_print_does()
+    flush_every(flush_every_s)
+
+
 def flush_every(interval_s: float = 1.0) -> None:
     """Start (once per process) a daemon thread that flushes the buffered log handlers."""
     global _started

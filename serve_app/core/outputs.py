@@ -18,15 +18,18 @@ spans of the input text (token classification). A task module may define a kind 
 
 from __future__ import annotations
 
+import logging
 import math
+import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.core.errors import error_text
+from serve_app.core.errors import ModelFailed, ServeAppError, error_text
 from serve_app.core.tensors import TensorSpec, bytes_array
 
 Wire = Mapping[str, np.ndarray]
@@ -35,6 +38,28 @@ Wire = Mapping[str, np.ndarray]
 
 class ContractError(ValueError):
     """A runtime answered outside its task's output contract."""
+
+
+logger = logging.getLogger("ray.serve")
+
+
+@contextmanager
+def output_code(model_id: str, task: str, step: str) -> Iterator[None]:
+    """Run one ``step`` of a task's output kind (``encode``, ``apply``, ``native``, ``v2``): the code of the task's
+    module, which a task of one's own brings as a runtime of one's own brings a model's. Where it raises other than
+    this app's errors or a ``ContractError`` (the runtime's answer is out of the contract), the fault is the
+    task's, not the request's: a 503 naming the task and the step (``ModelFailed``), its traceback in the log,
+    as for a runtime that raises; never a 500."""
+    try:
+        yield
+    except (ServeAppError, ContractError):
+        raise
+    except Exception as e:
+        trace = "".join(traceback.format_exception(e)).rstrip()
+        logger.error("task %r failed to %s for model %r:\n%s", task, step, model_id, trace)
+        raise ModelFailed(
+            f"Model {model_id!r}: its task {task!r} failed to {step}: {error_text(e)}", model_id=model_id
+        ) from None
 
 
 class OutputKind(ABC):

@@ -10,6 +10,8 @@ Public APIs are used wherever Ray has one; what is left has no public equivalent
   replicas);
 * ``serve_instance_details`` / ``logs_dir``: what the tests read about a running Serve instance;
 * ``delete_app_in_background``: the tests remove an app without waiting out its ingress replica's drain.
+* ``print_to_files_as_print_does``: Serve's ``print`` in a replica passes a print to a file of its own as one
+  tuple, which made every traceback in a replica's log unreadable; the replicas put a correct one in its place.
 * ``serve_http_host``: the address the running Serve instance listens on (``http_options.host``), which
   the builder checks against the app's auth settings; ``haproxy_ports``: Ray's defaults for the ports
   HAProxy binds beside it, which ``make run``'s launcher checks before it starts (without importing Ray).
@@ -65,6 +67,9 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
     ("ray.serve.api", "delete:_blocking"),
     ("ray._private.worker", "_global_node"),
+    ("ray.serve._private.logging_utils", "redirected_print"),
+    ("ray.serve._private.logging_utils", "buildin_print"),
+    ("ray.serve._private.constants", "SERVE_LOGGER_NAME"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._choose_replica_for_request"),
     ("ray.serve._private.request_router.request_router", "FIFOMixin._fulfill_next_pending_request"),
     ("ray.serve._private.request_router.request_router", "RequestRouter._pending_requests_to_fulfill"),
@@ -241,3 +246,40 @@ def delete_app_in_background(name: str) -> None:
     from ray import serve
 
     serve.delete(name, _blocking=False)
+
+
+# -- a replica's print ------------------------------------------------------------------------------
+
+
+def serves_replica_print() -> Callable[..., None]:
+    """The ``print`` Serve puts in each replica (what ``print_to_files_as_print_does`` replaces; for the tests)."""
+    from ray.serve._private import logging_utils
+
+    return logging_utils.redirected_print
+
+
+def print_to_files_as_print_does() -> None:
+    """In each replica Serve replaces ``print`` with ``logging_utils.redirected_print``, which sends what is
+    printed to stdout or stderr to Serve's logger, and hands a print to any other file to the builtin print as
+    one tuple (``print(objects, ...)``, not ``print(*objects, ...)``). Python's traceback module prints each
+    line of a traceback to a file of its own that way, and ``logging`` formats every logged exception with it:
+    each traceback in a replica's log read ``('Traceback (most recent call last):\n',)('  File ...',)``, on one
+    line. This puts in its place a print that does what Serve's means to do; a print already replaced (by this,
+    or by someone else) is left as it is."""
+    import builtins
+    import sys
+
+    from ray.serve._private import logging_utils
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+    if builtins.print is not logging_utils.redirected_print:
+        return
+    builtin, serve_logger = logging_utils.buildin_print, logging.getLogger(SERVE_LOGGER_NAME)
+
+    def redirected_print(*objects: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None, flush=False):
+        if file not in (sys.stdout, sys.stderr, None):
+            return builtin(*objects, sep=sep, end=end, file=file, flush=flush)
+        message = (" " if sep is None else sep).join(map(str, objects)) + ("\n" if end is None else end)
+        serve_logger.log(logging.INFO, message, stacklevel=2)  # the line that printed, as Serve's print logs it
+
+    builtins.print = redirected_print

@@ -23,6 +23,7 @@ from demo.tiny_models import build_clip_model, build_sentence_model, labels_for
 from serve_app.core.config import SHIPPED_TASKS
 from serve_app.core.paths import PROJECT_ROOT
 from tests.byo_runtimes import KEYWORDS, write_training_data
+from tests.faulty_task import ENCODE_FAILS, NATIVE_FAILS
 from tests.helpers import MODEL_ROOTS, wait_for
 
 pytestmark = pytest.mark.integration
@@ -324,6 +325,7 @@ def tasks_url(deploy, tiny_dir, own_models):
     models = [
         entry("tickets", path=tickets, runtime=f"{own}:TfidfClassifier", parameters={"delay_s": 0.3}),
         entry("stats", task="text-statistics"),
+        entry("faulty", task="faulty-statistics"),
         entry("alpha", path=tiny_dir / "alpha", labels=labels_for("alpha")),
         entry("no-license", runtime=f"{own}:FailsToLoad"),
         entry("no-license-nor-unload", runtime=f"{own}:FailsToLoadAndToUnload"),
@@ -346,7 +348,7 @@ def tasks_url(deploy, tiny_dir, own_models):
         "registry_path": str(registry),
         "auth": {"mode": "off"},
         "model_roots": MODEL_ROOTS,
-        "tasks": [*SHIPPED_TASKS, "tests.text_stats_task"],
+        "tasks": [*SHIPPED_TASKS, "tests.text_stats_task", "tests.faulty_task"],
         "runtime_modules": [own],
         "worker": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 8, "torch_threads": 1},
     }
@@ -434,6 +436,41 @@ def test_a_runtime_that_fails_to_load_is_a_503_with_its_reason_and_shows_failed(
         grpc_client.infer(model_id, [text_input("hello")], headers=TASKS)
     assert e.value.status() == "StatusCode.UNAVAILABLE" and reason in e.value.message()
     assert predict(client, tasks_url, "stats", "still served").status_code == 200
+
+
+def test_a_task_whose_own_code_fails_is_a_503_naming_the_task_and_the_step_never_a_500(client, tasks_url):
+    """A task module's output kind is its own code, as a runtime is a model's (tests/faulty_task.py)."""
+    failed = "Model 'faulty': its task 'faulty-statistics' failed to"
+    r = predict(client, tasks_url, "faulty", NATIVE_FAILS)  # in the ingress
+    assert (r.status_code, r.json()["error"]) == (503, "model_unavailable"), r.text
+    assert (
+        r.json()["message"]
+        == f"{failed} shape its answer for the native API: RuntimeError: no native form for this answer"
+    )
+    v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [NATIVE_FAILS]}]}
+    assert client.post(f"{tasks_url}/v2/models/faulty/infer", json=v2).status_code == 200  # v2 reads no native form
+    r = predict(client, tasks_url, "faulty", ENCODE_FAILS)  # in the worker replica
+    assert (r.status_code, r.json()["error"]) == (503, "model_unavailable"), r.text
+    assert r.json()["message"] == f"{failed} encode its answer: KeyError: 'chars'"
+    assert predict(client, tasks_url, "faulty", "two words").json()["predictions"] == [{"chars": 9, "words": 2}]
+
+
+def test_a_traceback_in_a_replicas_log_reads_as_python_prints_it(client, tasks_url):
+    """Serve's print in a replica passed a print to a file as one tuple, and logging formats a traceback that way
+    (ray_internals.print_to_files_as_print_does): the worker logs the traceback of a runtime's failed unload."""
+    from serve_app.core import ray_internals
+
+    assert predict(client, tasks_url, "no-license-nor-unload", "hello").status_code == 503  # a load, then an unload
+
+    def worker_log() -> str:
+        logs = (ray_internals.logs_dir() / "serve").glob("replica_tasks_ModelWorker_*.log")
+        return "".join(path.read_text(errors="replace") for path in logs)
+
+    unload = "unloading model 'no-license-nor-unload' raised; its runtime is dropped\n"
+    assert wait_for(lambda: unload in worker_log())
+    trace = worker_log().split(unload, 1)[1]
+    assert trace.startswith("Traceback (most recent call last):\n  File "), trace[:300]
+    assert "AttributeError: 'FailsToLoadAndToUnload' object has no attribute 'model'" in trace.split("\n\n")[0]
 
 
 def test_a_runtime_that_fails_on_its_input_is_a_503_naming_the_failure_without_addresses(client, tasks_url):

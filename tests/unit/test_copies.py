@@ -352,3 +352,18 @@ def test_a_forward_pass_with_more_threads_runs_with_them_and_the_count_is_undone
     with pytest.raises(ValueError):
         copy.thread.submit(copy.answer, [["x"]], 2).result()
     assert copy.thread.submit(torch.get_num_threads).result() == 1
+
+
+def test_a_tasks_own_code_that_raises_fails_the_request_naming_the_task_and_the_step():
+    """A task module's output kind is its own code: its ``encode`` raising is a 503 (ModelFailed) that names the
+    task and the step, for each request of the batch alone; a ContractError is still the runtime's fault."""
+    from serve_app.core.errors import ModelFailed
+    from tests.faulty_task import ENCODE_FAILS, TASK, FaultyRuntime
+
+    entry = {"id": "f", "task": TASK.name, "source": {"path": "models/f"}}
+    spec = ModelSpec.model_validate(entry, context={"catalog": TaskCatalog.load(["tests.faulty_task"])})
+    copy = ModelCopy(spec, FaultyRuntime(spec, "cpu"), TASK).load()
+    failed, fine = copy.answer([[ENCODE_FAILS], ["two words"]])
+    assert isinstance(failed, ModelFailed) and failed.status_code == 503
+    assert str(failed) == "Model 'f': its task 'faulty-statistics' failed to encode its answer: KeyError: 'chars'"
+    assert fine["words"].tolist() == [2]

@@ -419,3 +419,23 @@ def live_registry_of(*specs):
     from tests.helpers import live_registry
 
     return live_registry(*specs)
+
+
+def test_a_tasks_own_shaping_of_an_answer_that_raises_is_a_503_naming_the_task_and_the_step():
+    """The native form and the v2 tensors come from the task's output kind, in the ingress: a task of one's own
+    that raises there fails the request with a 503 (ModelFailed) naming it, never a 500."""
+    from deployments.ingress.dataplane import InferenceResult
+    from serve_app.core.errors import ModelFailed
+    from tests.faulty_task import NATIVE_FAILS, TASK
+
+    spec = SPEC.model_copy(update={"task": TASK.name})  # checked against the shipped tasks when SPEC was made
+    failing = InferenceResult(spec, TASK, TASK.output.encode([{"chars": len(NATIVE_FAILS), "words": 3}]), 1)
+    with pytest.raises(ModelFailed) as e:
+        failing.native()
+    assert e.value.status_code == 503 and str(e.value) == (
+        "Model 'm': its task 'faulty-statistics' failed to shape its answer for the native API: "
+        "RuntimeError: no native form for this answer"
+    )
+    assert failing.v2()["chars"].tolist() == [len(NATIVE_FAILS)]
+    fine = InferenceResult(spec, TASK, TASK.output.encode([{"chars": 9, "words": 2}]), 1)
+    assert fine.native() == [{"chars": 9, "words": 2}]

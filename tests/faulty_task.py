@@ -1,0 +1,44 @@
+"""A task of the tests' own whose output kind fails as a task module's own code may: its ``encode`` (in the
+worker replica) raises on a text as long as ``ENCODE_FAILS``, its ``native`` (in the ingress) on one as long as
+``NATIVE_FAILS``. Otherwise it answers as ``text-statistics`` does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from serve_app.core.inputs import TEXT
+from serve_app.core.outputs import Wire
+from serve_app.core.tasks import Task
+from tests.text_stats_task import CountingRuntime, Counts
+
+ENCODE_FAILS = "fails in encode, in the worker"
+NATIVE_FAILS = "fails in native"
+
+
+class FaultyCounts(Counts):
+    def encode(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+        if any(row["chars"] == len(ENCODE_FAILS) for row in rows):
+            return {}["chars"]  # a KeyError, as a bug in a task's code raises one
+        return super().encode(rows)
+
+    def native(self, wire: Wire, count: int) -> list[Any]:
+        if len(NATIVE_FAILS) in wire["chars"].tolist():
+            raise RuntimeError("no native form for this answer")
+        return super().native(wire, count)
+
+
+class FaultyRuntime(CountingRuntime):
+    task = "faulty-statistics"
+
+
+TASK = Task(
+    name="faulty-statistics",
+    input=TEXT,
+    output=FaultyCounts(),
+    runtimes=(FaultyRuntime,),
+    description="characters and words of a text, failing on two lengths of text",
+    platform="python",
+)
