@@ -24,8 +24,11 @@ run: install models
 # Deploys an edited config/models.json to the app `make run` (or `serve deploy`) runs, without restarting
 # a replica: checks it, writes it into $(SERVE_CONFIG)'s deployments as their user_config, `serve deploy`s
 # that, and waits for `serve status`. A bad registry is refused with the messages of start-up; nothing changes.
-# RAY_DASHBOARD_ADDRESS (default http://localhost:8265) names another cluster.
-reload: install
+# RAY_DASHBOARD_ADDRESS (default http://localhost:8265) names another cluster. It installs nothing (the venv only
+# where there is none): the running app imports from that venv, so a pull that changed pyproject.toml does not
+# reinstall beneath it; `make install` does that, and `make run` starts the app again.
+reload:
+	@test -f $(STAMP) || $(MAKE) --no-print-directory install
 	$(PY) -m serve_app.reload $(SERVE_CONFIG)
 
 # Three pytest sessions: one node for unit and integration tests, then a three-node cluster

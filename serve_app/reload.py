@@ -41,6 +41,7 @@ from serve_app.core.config import AppArgs
 from serve_app.core.live_registry import REGISTRY_KEY, content_version, registry_user_config
 from serve_app.core.paths import resolve_project_path
 from serve_app.core.registry import RegistryError, read_registry_file
+from serve_app.core.tasks import TaskConfigError
 
 IMPORT_PATH = "serve_app.app:build_app"
 REGISTRY_DEPLOYMENTS = ("Ingress", "ModelWorker", "RegistryCheck")
@@ -85,7 +86,11 @@ def _read(path: str, check: bool, args: AppArgs) -> object:
     try:
         if check:
             rules = args.registry_rules
-            return read_registry_file(path, rules.catalog(), rules.model_budget_bytes)[0]
+            try:
+                catalog = rules.catalog()
+            except TaskConfigError as e:  # the config's args.tasks, not the registry
+                raise ReloadError(f"args.tasks: {e}; nothing was deployed") from None
+            return read_registry_file(path, catalog, rules.model_budget_bytes)[0]
         return json.loads(resolve_project_path(path).read_text(encoding="utf-8"))
     except RegistryError as e:
         raise ReloadError(f"the registry is refused, nothing was deployed:\n{e}") from None

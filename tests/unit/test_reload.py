@@ -76,8 +76,13 @@ def test_the_deployments_named_are_the_builders():
 
 
 def test_make_reload_runs_this_command_on_the_config_make_run_runs():
-    recipe = re.search(r"^reload:.*\n((?:\t.*\n)+)", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
-    assert recipe.strip() == "$(PY) -m serve_app.reload $(SERVE_CONFIG)"  # serve_config.yaml unless told
+    rule = re.search(r"^reload:(.*)\n((?:\t.*\n)+)", (PROJECT_ROOT / "Makefile").read_text(), re.M)
+    # It installs nothing into the venv the running app imports from, unless there is none yet.
+    assert rule.group(1).strip() == ""
+    assert [line.strip() for line in rule.group(2).splitlines()] == [
+        "@test -f $(STAMP) || $(MAKE) --no-print-directory install",
+        "$(PY) -m serve_app.reload $(SERVE_CONFIG)",  # serve_config.yaml unless told
+    ]
     _, versions = reload.render(yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text()))
     assert list(versions) == ["multimodel"]  # the shipped config and registry render
 
@@ -105,6 +110,17 @@ def test_a_bad_registry_stops_it_before_anything_is_deployed(registry, monkeypat
     # --no-check sends it anyway (to see the cluster refuse it); the check is the cluster's then
     rendered, _ = reload.render(config(registry), check=False)
     assert rendered["applications"][0]["deployments"][0]["user_config"]["registry"] == data
+
+
+def test_a_task_module_the_args_name_that_cannot_be_imported_is_refused_as_the_configs_fault(registry, capsys):
+    config_path = registry.parent / "serve_config.yaml"
+    bad = config(registry)
+    bad["applications"][0]["args"]["tasks"] = ["deployments.tasks.text_classification", "nowhere.tasks"]
+    config_path.write_text(yaml.safe_dump(bad))
+    assert reload.main([str(config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reload: args.tasks: task module 'nowhere.tasks' cannot be imported: "), err
+    assert err.rstrip().endswith("nothing was deployed") and str(registry) not in err
 
 
 def test_a_missing_registry_or_a_config_without_the_app_is_refused(registry):
