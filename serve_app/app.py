@@ -108,6 +108,7 @@ def build_app(args: AppArgs) -> Application:
         # run longer than request_timeout_s, so none that could still be answered is cut off (Serve's 20 s
         # default would cut a request, and the load it waits for, short).
         graceful_shutdown_timeout_s=args.request_timeout_s + GRACE_OVER_TIMEOUT_S,
+        health_check_period_s=args.health_check_period_s,
         ray_actor_options=actor,
         request_router_config=router,
         user_config=registry,
@@ -118,6 +119,7 @@ def build_app(args: AppArgs) -> Application:
     return Ingress.options(
         num_replicas=i.num_replicas,
         max_ongoing_requests=i.max_ongoing_requests,
+        health_check_period_s=args.health_check_period_s,
         ray_actor_options={"num_cpus": i.num_cpus},
         user_config=registry,
     ).bind(worker, check, args)

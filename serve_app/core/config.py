@@ -307,6 +307,12 @@ class AppArgs(_Strict):
     )
     max_text_chars: int = Field(20_000, ge=1, description="longest text input, in characters")
     request_timeout_s: float = Field(60.0, gt=0, description="time a prediction may take, load included")
+    health_check_period_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often Serve's controller checks that each replica still runs: one that died (a crash, the "
+        "OOM killer) is dropped from routing and GET /models, and replaced, within about this (Serve's default: 10 s)",
+    )
     body_timeout_s: float = Field(
         30.0,
         gt=0,

@@ -76,6 +76,11 @@ def _retries(app: str, model_id: str) -> int:
     return sum(path.read_text(errors="replace").count(f"{RETRIED} {model_id!r}") for path in logs)
 
 
+def _listed(client: httpx.Client, url: str) -> set[str]:
+    """The worker replicas GET /models lists."""
+    return {r["replica_id"] for r in client.get(f"{url}/models").json()["replicas"]}
+
+
 def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answered(mixed_url, client):
     """Kill the worker replica on which a request is loading its model ('sleeper', whose load takes 8 s):
     the data plane runs that request again on another replica (the ingress's log says so), Serve starts a
@@ -85,9 +90,16 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
     import signal
     import threading
 
+    from serve_app.core import ray_internals
+
     before = replica_pids("mixed")
     assert len(before) == 2
     retried = _retries("mixed", "sleeper")
+    # Serve's controller finds a dead replica at its next check of it: every health_check_period_s (the app's
+    # 2 s, not Serve's 10), which is when the router and GET /models drop it and its replacement starts.
+    deployments = ray_internals.serve_instance_details()["applications"]["mixed"]["deployments"]
+    checks = {name: d["deployment_config"]["health_check_period_s"] for name, d in deployments.items()}
+    assert {name: checks[name] for name in ("Ingress", "ModelWorker")} == {"Ingress": 2.0, "ModelWorker": 2.0}
 
     def text(c: httpx.Client, i: int):
         model_id = MODELS[i % 3]  # thread 3 sends what thread 0 does: three text models, no more in flight
@@ -116,6 +128,7 @@ def test_a_killed_worker_replica_is_replaced_and_every_request_meanwhile_is_answ
         assert wait_for(found_loading)
         victim_id = loading[0]
         os.kill(before[victim_id], signal.SIGKILL)  # a replica process this test session's Ray started
+        assert wait_for(lambda: victim_id not in _listed(client, mixed_url))  # the dead replica leaves the listing
         sender.join(120)
         assert wait_for(lambda: len(replica_pids("mixed")) == 2 and victim_id not in replica_pids("mixed"))
         served_when_replaced = len(traffic.results)
