@@ -75,6 +75,15 @@ MAX_JPEG_PHOTOSHOP_BYTES = 128 * 1024
 MAX_EXIF_ENTRIES = MAX_SEGMENTS
 """The most entries of the first directory of an image's EXIF data, which Pillow reads one by one (for a JPEG's
 resolution, and for its orientation)."""
+MAX_EXIF_BYTES = 64 * 1024
+"""The most bytes of a JPEG's EXIF data: one APP1 segment's, as the EXIF standard has it. Pillow joins every EXIF
+segment, and reads each value of the tags it looks at (a resolution of 600,000 numbers in 5 MB: 1.4 s)."""
+_EXIF_READ = frozenset({0x0112, 0x011A, 0x011B, 0x0128})
+"""The EXIF tags whose values Pillow (a JPEG's resolution, at open) and the worker (the orientation) read, each
+value one by one: orientation, resolution across and down, the resolution's unit. Each has one value."""
+_JPEG_NO_LENGTH = frozenset({0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
+"""The markers Pillow reads no length after (``JpegImagePlugin.MARKER``: no handler); it reads the next bytes as
+a marker. Those under ``0xC0`` it refuses (but the fill byte FF and the escaped FF 00)."""
 
 
 MAX_PNG_COMPRESSED_CHUNKS = 16
@@ -142,7 +151,9 @@ def _check_jpeg(data: bytes) -> None:
         _over(markers, "a JPEG's markers before its first scan")
         if code == 0xDA:  # start of scan
             break
-        if code == 0x01 or 0xD0 <= code <= 0xD9:  # markers without a length
+        if code < 0xC0:  # no marker: Pillow refuses the file
+            return
+        if code in _JPEG_NO_LENGTH:
             pos += 2
         elif pos + 4 <= len(data):
             length = struct.unpack_from(">H", data, pos + 2)[0]
@@ -161,43 +172,59 @@ class _JpegSegments:
         self.exif = b""
 
     def add(self, code: int, data: bytes, start: int, length: int) -> None:
-        """One segment: ``length`` (its length field, which counts itself) bytes of ``data`` less 2, at ``start``."""
+        """One segment: ``length`` (its length field, which counts itself) bytes of ``data`` less 2, at ``start``
+        (Pillow reads a length under 2 as none)."""
+        size = max(0, length - 2)
         if code in _JPEG_FRAMES and length > MAX_JPEG_FRAME_BYTES:
             raise TooManySegments(
                 f"a JPEG frame header of {length} bytes: a frame of at most 4 components has {MAX_JPEG_FRAME_BYTES}"
             )
         if code == 0xDB:
-            self.tables += length - 2
+            self.tables += size
             if self.tables > MAX_JPEG_TABLE_BYTES:
                 raise TooManySegments(
                     f"a JPEG of more than {MAX_JPEG_TABLE_BYTES} bytes of quantization tables before its first scan"
                 )
         elif code == 0xED and data.startswith(b"Photoshop 3.0\x00", start):
-            self.photoshop += length - 2
+            self.photoshop += size
             if self.photoshop > MAX_JPEG_PHOTOSHOP_BYTES:
                 raise TooManySegments(
                     f"a JPEG of more than {MAX_JPEG_PHOTOSHOP_BYTES} bytes of Photoshop blocks before its first scan"
                 )
-        elif code == 0xE1 and data.startswith(b"Exif\x00\x00", start) and len(self.exif) < 1 << 16:
-            # Pillow joins them; the first directory comes early
-            self.exif += data[start + 6 : start + length - 2]
+        elif code == 0xE1 and data.startswith(b"Exif\x00\x00", start):
+            # Pillow joins them: the first whole, the others after their "Exif\0\0"
+            self.exif += data[start + (6 if self.exif else 0) : start + size]
+            if len(self.exif) > MAX_EXIF_BYTES:
+                check_exif(self.exif)  # refuses it, saying so
 
     def check_exif(self) -> None:
-        """The first directory of the EXIF data (a TIFF header, then the directory at its offset): its count of
-        entries, read here in two lookups."""
-        tiff = self.exif
-        order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-        if order is None or len(tiff) < 8:
-            return
-        offset = struct.unpack_from(order + "I", tiff, 4)[0]
-        if offset + 2 > len(tiff):
-            return
-        entries = struct.unpack_from(order + "H", tiff, offset)[0]
-        if entries > MAX_EXIF_ENTRIES:
-            raise TooManySegments(
-                f"EXIF data of {entries} entries in its first directory, more than the limit of {MAX_EXIF_ENTRIES} "
-                "(each is read on its own)"
-            )
+        check_exif(self.exif)
+
+
+def check_exif(exif: bytes) -> None:
+    """``TooManySegments`` if an image's EXIF data (Pillow's ``info["exif"]``: a JPEG's joined APP1 segments, a PNG's
+    ``eXIf`` chunk, a WebP's ``EXIF``) is over ``MAX_EXIF_BYTES`` or its first directory (a TIFF header, then the
+    directory at its offset) over ``MAX_EXIF_ENTRIES``, read in two lookups. Pillow strips one or two
+    "Exif\0\0" before the header."""
+    if len(exif) > MAX_EXIF_BYTES:
+        raise TooManySegments(f"EXIF data of more than {MAX_EXIF_BYTES} bytes (a JPEG segment's)")
+    tiff = re.sub(rb"^(Exif\x00\x00){1,2}", b"", exif)
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return
+    offset = struct.unpack_from(order + "I", tiff, 4)[0]
+    if offset + 2 > len(tiff):
+        return
+    entries = struct.unpack_from(order + "H", tiff, offset)[0]
+    if entries > MAX_EXIF_ENTRIES:
+        raise TooManySegments(
+            f"EXIF data of {entries} entries in its first directory, more than the limit of {MAX_EXIF_ENTRIES} "
+            "(each is read on its own)"
+        )
+    table = tiff[offset + 2 : offset + 2 + 12 * entries]
+    for tag, _, count, _ in struct.iter_unpack(order + "HHLL", table[: len(table) - len(table) % 12]):
+        if tag in _EXIF_READ and count > 1:
+            raise TooManySegments(f"EXIF tag 0x{tag:04X} of {count} values: it has one")
 
 
 def _check_png(data: bytes) -> None:
@@ -209,6 +236,8 @@ def _check_png(data: bytes) -> None:
         length, kind = struct.unpack_from(">I4s", data, pos)
         if kind == b"IEND":
             return
+        if kind == b"eXIf":  # Pillow keeps it, and the worker reads its orientation
+            check_exif(data[pos + 8 : pos + 8 + length])
         compressed += kind in _PNG_COMPRESSED
         if compressed > MAX_PNG_COMPRESSED_CHUNKS:
             raise TooManySegments(

@@ -412,11 +412,16 @@ def _segment(marker: int, payload: bytes) -> bytes:
     return struct.pack(">HH", marker, len(payload) + 2) + payload
 
 
-def _exif(entries: int) -> bytes:
-    """EXIF data (APP1 segments of at most 64 KB, as Pillow joins them) whose first directory has ``entries``."""
-    tiff = b"II*\x00" + struct.pack("<IH", 8, entries) + struct.pack("<HHL4s", 0x010F, 2, 4, b"cam\0") * entries
-    payload, chunk = tiff + b"\0\0\0\0", 65533 - 6
-    return b"".join(_segment(0xFFE1, b"Exif\0\0" + payload[i : i + chunk]) for i in range(0, len(payload), chunk))
+def _tiff(entries: int, *extra: bytes) -> bytes:
+    """EXIF data: a TIFF header, then a first directory of ``entries`` tags of their own (and ``extra`` ones)."""
+    tags = [struct.pack("<HHL4s", 0x1000 + k, 2, 4, b"cam\0") for k in range(entries)]
+    return b"II*\x00" + struct.pack("<IH", 8, entries + len(extra)) + b"".join([*extra, *tags]) + b"\0\0\0\0"
+
+
+def _exif(entries: int, prefix: bytes = b"Exif\0\0") -> bytes:
+    """APP1 segments of at most 64 KB each, as Pillow joins them, whose first directory has ``entries``."""
+    payload, chunk = _tiff(entries), 65533 - 6
+    return b"".join(_segment(0xFFE1, prefix + payload[i : i + chunk]) for i in range(0, len(payload), chunk))
 
 
 def test_an_image_whose_segments_pillow_reads_item_by_item_is_refused_past_what_encoders_write():
@@ -442,6 +447,16 @@ def test_an_image_whose_segments_pillow_reads_item_by_item_is_refused_past_what_
         "a JPEG of more than 2064 bytes of quantization tables before its first scan": [tables],
         "a JPEG of more than 131072 bytes of Photoshop blocks before its first scan": [photoshop] * 3,
         "EXIF data of 3000 entries in its first directory, more than the limit of 2000": [_exif(3000)],
+        # Pillow strips "Exif\0\0" twice, and joins every EXIF segment
+        "EXIF data of 3000 entries in its first directory, more": [_exif(3000, prefix=b"Exif\0\0Exif\0\0")],
+        "EXIF data of more than 65536 bytes": [_exif(6000)],
+        # one resolution, read at open, of 8,000 numbers (a table of 8 bytes each): 41 ms for an image of 64 KB
+        "EXIF tag 0x011A of 8000 values: it has one": [
+            _segment(0xFFE1, b"Exif\0\0" + _tiff(0, struct.pack("<HHLL", 0x011A, 5, 8000, 26)) + b"\1" * 64000)
+        ],
+        # Pillow reads no length after FF F0 to FF FD, nor FF C8, and takes the next bytes as a marker
+        "a JPEG of more than 2064 bytes of quantization tables": [b"\xff\xf0" + tables, b"\xff\xc8" + tables],
+        "a JPEG frame header of 9008 bytes": [b"\xff\xfd" + frame],
     }
     for what, segments in refused.items():
         with pytest.raises(BadImage, match=what) as e:
@@ -450,6 +465,17 @@ def test_an_image_whose_segments_pillow_reads_item_by_item_is_refused_past_what_
     # What encoders write passes: tens of EXIF entries, a full Photoshop block, a camera's 2,000 entries at most.
     assert len(sent(_exif(2000), photoshop, photoshop, image=jpeg[:2] + jpeg[jfif:])) == 1
     assert len(sent(_segment(0xFFDB, (b"\x00" + b"\x01" * 64) * 4), _exif(30))) == 1
+    # 29 tables, and the image's own 2: 2,015 bytes of 2,064; one more table is too many. A length under 2, which
+    # Pillow reads as none, counts as none (not as less than none: 100 of them would have made room for 3 tables).
+    tables_of_29, empty = _segment(0xFFDB, (b"\x00" + b"\x01" * 64) * 29), b"\xff\xdb\x00\x00"
+    with pytest.raises(BadImage, match="quantization tables"):
+        sent(empty * 100, tables_of_29, _segment(0xFFDB, (b"\x00" + b"\x01" * 64)))
+    assert len(sent(empty * 100, tables_of_29)) == 1
+    png = _image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    pixels_at = png.index(b"IDAT") - 4
+    exif_chunk = _tiff(3000)
+    with pytest.raises(BadImage, match="EXIF data of 3000 entries in its first directory"):
+        sent(_chunk(b"eXIf", exif_chunk), image=png, at=pixels_at)
     gif = _image_bytes(Image.new("P", (8, 8)), "GIF")
     before_picture = gif.index(b",")
     with pytest.raises(BadImage, match="a GIF of more than 4096 bytes outside its blocks before its first picture"):

@@ -254,6 +254,39 @@ def test_an_image_whose_exif_cannot_be_read_is_decoded_as_stored():
     assert ImageOps.exif_transpose(decoded).size == (20, 10)
 
 
+@pytest.mark.parametrize("orientation, size", [(1, (200, 100)), (3, (200, 100)), (6, (100, 200)), (8, (100, 200))])
+def test_each_orientation_turns_the_photo_as_pillows_exif_transpose_does(orientation, size):
+    """The worker reads the orientation tag alone (``exif_transpose`` reads and writes every EXIF directory)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    img, exif = Image.new("RGB", (200, 100), "white"), Image.Exif()
+    img.paste((255, 0, 0), (0, 0, 20, 30))  # a red corner
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    decoded, expected = decode_image(buf.getvalue()), ImageOps.exif_transpose(Image.open(buf).convert("RGB"))
+    assert decoded.size == expected.size == size
+    assert decoded.tobytes() == expected.tobytes()
+
+
+def test_a_webps_exif_of_more_entries_than_the_limit_is_refused_before_its_orientation_is_read():
+    """A JPEG's and a PNG's EXIF are checked with their structure in the ingress; a WebP's, which its decoder
+    hands over whole, here."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    entries = [struct.pack("<HHL4s", 0x1000 + k, 2, 4, b"cam\0") for k in range(3000)]
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 3000) + b"".join(entries) + b"\0\0\0\0"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="WEBP", exif=b"Exif\x00\x00" + tiff)
+    with pytest.raises(BadImage, match="EXIF data of 3000 entries in its first directory"):
+        decode_image(buf.getvalue())
+
+
 def test_only_the_allowed_image_formats_are_decoded():
     import io
 
