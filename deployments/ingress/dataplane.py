@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -88,6 +88,9 @@ def check_outputs(task: Task, wanted: Collection[str]) -> None:
         )
 
 
+NATIVE_API = "native"
+"""The API tag of ``POST /predict`` (metrics' ``api``); the others answer with v2 output tensors."""
+
 RequestSource = InferenceRequest | Callable[[], Awaitable[InferenceRequest]]
 """A request, or a coroutine function that parses it out of its body, called once the model is known, so
 that an unknown model is a 404 whatever the body holds (the adapter bounds the parse, or runs it in a
@@ -102,6 +105,7 @@ class InferenceResult:
     task: Task
     outputs: dict[str, np.ndarray]
     count: int
+    _shaped: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def elements(self) -> int:
@@ -110,13 +114,17 @@ class InferenceResult:
 
     def native(self) -> list[Any]:
         """One native prediction per input, in input order."""
-        with output_code(self.spec.id, self.task.name, "shape its answer for the native API"):
-            return self.task.output.native(self.outputs, self.count)
+        if "native" not in self._shaped:
+            with output_code(self.spec.id, self.task.name, "shape its answer for the native API"):
+                self._shaped["native"] = self.task.output.native(self.outputs, self.count)
+        return self._shaped["native"]
 
     def v2(self) -> dict[str, np.ndarray]:
         """The Open Inference Protocol's output tensors, by name, in the order of the task's metadata."""
-        with output_code(self.spec.id, self.task.name, "shape its answer as v2 output tensors"):
-            return self.task.output.v2(self.outputs)
+        if "v2" not in self._shaped:
+            with output_code(self.spec.id, self.task.name, "shape its answer as v2 output tensors"):
+                self._shaped["v2"] = self.task.output.v2(self.outputs)
+        return self._shaped["v2"]
 
 
 @dataclass(frozen=True)
@@ -282,7 +290,13 @@ class DataPlane:
             result: WorkerResult = await self._with_timeout(model_id, call, timeout_s)
             if result.loaded:
                 self.replicas.changed()
-            return InferenceResult(spec=spec, task=task, outputs=result.outputs, count=len(decoded))
+            answer = InferenceResult(spec=spec, task=task, outputs=result.outputs, count=len(decoded))
+            # Shaped for its API here, where a failure of the task's own code is counted as this request's status.
+            if api == NATIVE_API:
+                answer.native()
+            else:
+                answer.v2()
+            return answer
         except BaseException as e:
             status = status_of(e)
             if isinstance(e, ModelUnavailable):  # a load that failed, most likely: the listing shows it now

@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from tritonclient.grpc import service_pb2 as pb
 
 from deployments.ingress.bodies import parse_bounded
-from deployments.ingress.dataplane import DataPlane, InferenceResult
+from deployments.ingress.dataplane import NATIVE_API, DataPlane, InferenceResult
 from deployments.ingress.http_errors import install_error_handlers
 from deployments.ingress.middleware import AuthMiddleware, BodyLimitMiddleware
 from deployments.ingress.protocols import native, v2, v2_grpc
@@ -171,8 +171,8 @@ class Ingress:
     )
     async def predict(self, request: Request) -> native.PredictResponse:
         parse = functools.partial(native.parse_predict_request, max_items=self.max_items)
-        body = await self.plane.parsed("native", parse_bounded(parse, await request.body()))
-        result = await self.plane.infer(body.model_id, body.inference_request(), api="native")
+        body = await self.plane.parsed(NATIVE_API, parse_bounded(parse, await request.body()))
+        result = await self.plane.infer(body.model_id, body.inference_request(), api=NATIVE_API)
         if result.elements > OFF_LOOP_ELEMENTS:
             return await asyncio.to_thread(_native_json, result)
         return native.predict_response(result)

@@ -276,24 +276,30 @@ class ModelCopy:
             for i, answer in zip(indices, answers, strict=True):
                 out[i] = self._applied(answer, options[i]) if options[i] and isinstance(answer, dict) else answer
 
-    def _predict(self, requests: Sequence[list[Any]], params: dict[str, Any]) -> list[dict[str, np.ndarray]]:
-        """One ``predict`` call for the inputs of requests with the same parameters: each one's answer."""
+    def _predict(
+        self, requests: Sequence[list[Any]], params: dict[str, Any]
+    ) -> list[dict[str, np.ndarray] | ServeAppError]:
+        """One ``predict`` call for the inputs of requests with the same parameters: each one's answer, or the
+        error of its task's own code (``output_code``), which fails that request alone: the model has run."""
         flat = [item for inputs in requests for item in inputs]
         with runtime_code("predict()"):
             answer = self.runtime.predict(flat, **params)
         rows = one_per_input(answer, len(flat), "predict must answer one row per input")
         out, start = [], 0
         for inputs in requests:
-            with output_code(self.spec.id, self.task.name, "encode its answer"):
-                out.append(self.task.output.encode(rows[start : start + len(inputs)]))
+            out.append(self._task_step("encode its answer", self.task.output.encode, rows[start : start + len(inputs)]))
             start += len(inputs)
         return out
 
     def _applied(self, answer: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, np.ndarray] | ServeAppError:
         """One request's answer with its output options applied (classification's ``top_k``)."""
+        return self._task_step("apply its options", self.task.output.apply, answer, **options)
+
+    def _task_step(self, step: str, run: Callable[..., dict[str, np.ndarray]], *args: Any, **kwargs: Any) -> Any:
+        """A step of the task's output kind for one request: its answer, or its error (``output_code``)."""
         try:
-            with output_code(self.spec.id, self.task.name, "apply its options"):
-                return self.task.output.apply(answer, **options)
+            with output_code(self.spec.id, self.task.name, step):
+                return run(*args, **kwargs)
         except ServeAppError as e:
             return e
 

@@ -252,10 +252,11 @@ def delete_app_in_background(name: str) -> None:
 
 
 def serves_replica_print() -> Callable[..., None]:
-    """The ``print`` Serve puts in each replica (what ``print_to_files_as_print_does`` replaces; for the tests)."""
+    """The ``print`` Serve puts in each replica, as Serve wrote it (what ``print_to_files_as_print_does`` replaces;
+    for the tests)."""
     from ray.serve._private import logging_utils
 
-    return logging_utils.redirected_print
+    return getattr(logging_utils.redirected_print, "serves", logging_utils.redirected_print)
 
 
 def print_to_files_as_print_does() -> None:
@@ -264,15 +265,17 @@ def print_to_files_as_print_does() -> None:
     one tuple (``print(objects, ...)``, not ``print(*objects, ...)``). Python's traceback module prints each
     line of a traceback to a file of its own that way, and ``logging`` formats every logged exception with it:
     each traceback in a replica's log read ``('Traceback (most recent call last):\n',)('  File ...',)``, on one
-    line. This puts in its place a print that does what Serve's means to do; a print already replaced (by this,
-    or by someone else) is left as it is."""
+    line. This puts a print that does what Serve's means to do in its place, both in ``builtins`` (where Serve's
+    is in force) and in Serve's module (which Serve installs again when a deployment's ``logging_config``
+    changes); a print already replaced (by this, or by someone else) is left as it is."""
     import builtins
     import sys
 
     from ray.serve._private import logging_utils
     from ray.serve._private.constants import SERVE_LOGGER_NAME
 
-    if builtins.print is not logging_utils.redirected_print:
+    serves = logging_utils.redirected_print
+    if hasattr(serves, "serves"):  # replaced already
         return
     builtin, serve_logger = logging_utils.buildin_print, logging.getLogger(SERVE_LOGGER_NAME)
 
@@ -282,4 +285,7 @@ def print_to_files_as_print_does() -> None:
         message = (" " if sep is None else sep).join(map(str, objects)) + ("\n" if end is None else end)
         serve_logger.log(logging.INFO, message, stacklevel=2)  # the line that printed, as Serve's print logs it
 
-    builtins.print = redirected_print
+    redirected_print.serves = serves  # type: ignore[attr-defined]
+    logging_utils.redirected_print = redirected_print
+    if builtins.print is serves:
+        builtins.print = redirected_print

@@ -214,8 +214,9 @@ def _load(modules: tuple[str, ...], runtime_modules: tuple[str, ...], model_root
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except ImportError as e:
-            raise TaskConfigError(f"task module {name!r} cannot be imported: {e}") from None
+        except Exception as e:  # not found, or its own code failed (a SyntaxError, a setting it lacks): the args' fault
+            reason = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+            raise TaskConfigError(f"task module {name!r} cannot be imported: {reason}") from None
         task = getattr(module, "TASK", None)
         if not isinstance(task, Task):
             raise TaskConfigError(f"task module {name!r} defines no TASK (a serve_app.core.tasks.Task)")

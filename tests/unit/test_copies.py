@@ -360,10 +360,18 @@ def test_a_tasks_own_code_that_raises_fails_the_request_naming_the_task_and_the_
     from serve_app.core.errors import ModelFailed
     from tests.faulty_task import ENCODE_FAILS, TASK, FaultyRuntime
 
+    calls = []
+
+    class Counted(FaultyRuntime):
+        def predict(self, inputs):
+            calls.append(list(inputs))
+            return super().predict(inputs)
+
     entry = {"id": "f", "task": TASK.name, "source": {"path": "models/f"}}
     spec = ModelSpec.model_validate(entry, context={"catalog": TaskCatalog.load(["tests.faulty_task"])})
-    copy = ModelCopy(spec, FaultyRuntime(spec, "cpu"), TASK).load()
-    failed, fine = copy.answer([[ENCODE_FAILS], ["two words"]])
+    copy = ModelCopy(spec, Counted(spec, "cpu"), TASK).load()
+    failed, fine, also = copy.answer([[ENCODE_FAILS], ["two words"], ["one"]])
     assert isinstance(failed, ModelFailed) and failed.status_code == 503
     assert str(failed) == "Model 'f': its task 'faulty-statistics' failed to encode its answer: KeyError: 'chars'"
-    assert fine["words"].tolist() == [2]
+    assert fine["words"].tolist() == [2] and also["words"].tolist() == [1]
+    assert calls == [[ENCODE_FAILS, "two words", "one"]]  # the model ran once: the task's failure is the request's

@@ -439,3 +439,23 @@ def test_a_tasks_own_shaping_of_an_answer_that_raises_is_a_503_naming_the_task_a
     assert failing.v2()["chars"].tolist() == [len(NATIVE_FAILS)]
     fine = InferenceResult(spec, TASK, TASK.output.encode([{"chars": 9, "words": 2}]), 1)
     assert fine.native() == [{"chars": 9, "words": 2}]
+
+
+def test_a_request_whose_answer_its_task_fails_to_shape_is_recorded_as_the_503_it_gets():
+    from deployments.ingress.dataplane import DataPlane
+    from serve_app.core.config import SHIPPED_TASKS, AppArgs
+    from serve_app.core.errors import ModelFailed
+    from serve_app.core.live_registry import LiveRegistry, registry_user_config
+    from serve_app.core.tasks import TaskCatalog
+    from tests.faulty_task import NATIVE_FAILS, TASK
+
+    live = LiveRegistry(TaskCatalog.load([*SHIPPED_TASKS, "tests.faulty_task"]))
+    entry = {"id": "f", "task": TASK.name, "source": {"path": "models/f"}}
+    live.apply(registry_user_config({"models": [entry]}, origin="test"))
+    answer = WorkerResult(outputs=TASK.output.encode([{"chars": len(NATIVE_FAILS), "words": 3}]))
+    metrics, worker = FakeMetrics(), FakeWorker(answer, answer)
+    p = DataPlane(live, worker, AppArgs(auth={"mode": "off"}), metrics=metrics, replicas=FakeReplicas())
+    with pytest.raises(ModelFailed, match="failed to shape its answer for the native API"):
+        asyncio.run(p.infer("f", InferenceRequest([NATIVE_FAILS]), api="native"))
+    assert asyncio.run(p.infer("f", InferenceRequest([NATIVE_FAILS]), api="v2")).v2()["words"].tolist() == [3]
+    assert metrics.observed == [("f", TASK.name, "native", 503), ("f", TASK.name, "v2", 200)]

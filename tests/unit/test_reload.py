@@ -112,14 +112,27 @@ def test_a_bad_registry_stops_it_before_anything_is_deployed(registry, monkeypat
     assert rendered["applications"][0]["deployments"][0]["user_config"]["registry"] == data
 
 
-def test_a_task_module_the_args_name_that_cannot_be_imported_is_refused_as_the_configs_fault(registry, capsys):
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        (None, "No module named 'broken_tasks'"),  # not there
+        ("TASK = (", "SyntaxError: '(' was never closed"),
+        ("import os\nTASK = os.environ['NO_SUCH_SETTING']", "KeyError: 'NO_SUCH_SETTING'"),
+    ],
+)
+def test_a_task_module_the_args_name_that_cannot_be_imported_is_refused_as_the_configs_fault(
+    registry, capsys, monkeypatch, tmp_path, source, reason
+):
+    if source is not None:
+        (tmp_path / "broken_tasks.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
     config_path = registry.parent / "serve_config.yaml"
     bad = config(registry)
-    bad["applications"][0]["args"]["tasks"] = ["deployments.tasks.text_classification", "nowhere.tasks"]
+    bad["applications"][0]["args"]["tasks"] = ["deployments.tasks.text_classification", "broken_tasks"]
     config_path.write_text(yaml.safe_dump(bad))
     assert reload.main([str(config_path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("reload: args.tasks: task module 'nowhere.tasks' cannot be imported: "), err
+    assert err.startswith(f"reload: args.tasks: task module 'broken_tasks' cannot be imported: {reason}"), err
     assert err.rstrip().endswith("nothing was deployed") and str(registry) not in err
 
 

@@ -2,6 +2,7 @@
 replaced ``print`` in the replica."""
 
 import builtins
+import inspect
 import io
 import logging
 import traceback
@@ -19,10 +20,14 @@ def _printed_traceback() -> str:
 
 
 def test_a_traceback_in_a_replica_reads_as_python_prints_it_and_prints_still_reach_serves_log(monkeypatch):
-    monkeypatch.setattr(builtins, "print", ray_internals.serves_replica_print())  # what Serve sets in each replica
+    serves = ray_internals.serves_replica_print()
+    serves_module = inspect.getmodule(serves)  # Serve's logging module, which installs it again on a config change
+    monkeypatch.setattr(serves_module, "redirected_print", serves)
+    monkeypatch.setattr(builtins, "print", serves)  # what Serve sets in each replica
     assert _printed_traceback().startswith("('Traceback (most recent call last):\\n',)")  # Serve's: one tuple a line
     ray_internals.print_to_files_as_print_does()
     fixed = builtins.print
+    assert serves_module.redirected_print is fixed  # what Serve installs after a logging_config change
     assert _printed_traceback().startswith("Traceback (most recent call last):\n  File ")
     assert _printed_traceback().endswith("ValueError: boom\n")
 
