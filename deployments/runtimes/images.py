@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from serve_app.core.errors import BadImage
-from serve_app.core.images import IMAGE_FORMATS, check_exif, decoder_error, open_image
+from serve_app.core.images import IMAGE_FORMATS, RAW_PROFILE_EXIF, check_exif, decoder_error, open_image
 from serve_app.core.inputs import item_where
 
 MAX_SIDE = 1024
@@ -39,7 +39,11 @@ def decode_image(data: bytes, where: str = "the image") -> Image.Image:
         img = open_image(data)
         img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # cheap downscale while decoding a JPEG
         img = img.convert("RGB")  # a truncated or corrupt image fails here
-        check_exif(img.info.get("exif") or b"")  # a WebP's (a JPEG's and a PNG's were checked with their structure)
+        raw = img.info.pop(RAW_PROFILE_EXIF, None)  # a PNG's text, which getexif would read for want of EXIF
+        if "exif" not in img.info and raw is not None:
+            with contextlib.suppress(ValueError, TypeError):  # unreadable, as getexif would find it: none
+                img.info["exif"] = bytes.fromhex("".join(str(raw).split("\n")[3:]))
+        check_exif(img.info.get("exif") or b"")  # a WebP's, that text's (a JPEG's and eXIf were checked already)
     except Exception as e:
         raise BadImage(
             f"{where}: not a readable image of an allowed format ({', '.join(IMAGE_FORMATS)}): {decoder_error(e)}"

@@ -57,6 +57,7 @@ from serve_app.core.images import (
     decoder_error,
     jpeg_scans,
     open_image,
+    rle_bytes_at_most,
 )
 from serve_app.core.paths import resolve_project_path
 
@@ -254,6 +255,11 @@ class ImageInput(InputKind):
                     raise ImageOverLimit(
                         f"{where}: a BMP compressed with RLE of {width}x{height} pixels is more than the limit of "
                         f"{MAX_SLOW_DECODED_PIXELS} pixels for it (it decodes slowly): send it as PNG"
+                    )
+                if rle and len(data) > (most := rle_bytes_at_most(width, height)):
+                    raise ImageOverLimit(
+                        f"{where}: a BMP compressed with RLE of {width}x{height} pixels in {len(data)} bytes, more "
+                        f"than the {most} its pixels take however they are encoded (it decodes slowly): send it as PNG"
                     )
                 img.verify()  # the file's structure, where the format allows it (PNG chunks), no decoding
                 return width * height

@@ -285,13 +285,13 @@ def _jpeg_of_scans(extra: int, format: str = "JPEG") -> bytes:
     return data[: starts[1]] + first * extra + data[starts[1] :]
 
 
-def _rle_bmp(side: int) -> bytes:
+def _rle_bmp(side: int, idle_runs: int = 0) -> bytes:
     """A grey BMP of ``side`` x ``side`` pixels compressed with RLE4 (Pillow writes none): each row runs of
-    255 pixels of one value."""
+    255 pixels of one value; after the first row, ``idle_runs`` runs that the row's end cuts to nothing."""
     import struct
 
-    row = b"".join(bytes([min(255, side - x), 0x5A]) for x in range(0, side, 255)) + b"\x00\x00"
-    body = row * side
+    row = b"".join(bytes([min(255, side - x), 0x5A]) for x in range(0, side, 255))
+    body = row + b"\xff\x5a" * idle_runs + b"\x00\x00" + (row + b"\x00\x00") * (side - 1)
     palette = b"".join(bytes([i * 16, i * 16, i * 16, 0]) for i in range(16))
     offset = 14 + 40 + len(palette)
     header = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 4, 2, len(body), 2835, 2835, 16, 0)
@@ -324,6 +324,13 @@ def test_a_bmp_compressed_with_rle_which_decodes_in_python_has_at_most_a_million
     assert decoder.decode(IMAGE, [base64.b64encode(small).decode()]) == [small]
     with pytest.raises(BadImage, match="a BMP compressed with RLE of 1001x1001 pixels is more than the limit"):
         decoder.decode(IMAGE, [base64.b64encode(large).decode()])
+    # Pillow reads RLE two bytes at a time, in Python, and a run past a row's end draws nothing: at most the bytes
+    # of a pixel a run (2), a row's end and a move (4 a row) and the headers (4,096): 506,096 for 500 x 500.
+    stuffed = _rle_bmp(500, idle_runs=300_000)  # 600 KB of nothing
+    with pytest.raises(BadImage, match=r"of 500x500 pixels in 6\d{5} bytes, more than the 506096 its pixels take"):
+        decoder.decode(IMAGE, [base64.b64encode(stuffed).decode()])
+    within = _rle_bmp(500, idle_runs=1_000)
+    assert decoder.decode(IMAGE, [base64.b64encode(within).decode()]) == [within]
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:

@@ -287,6 +287,31 @@ def test_a_webps_exif_of_more_entries_than_the_limit_is_refused_before_its_orien
         decode_image(buf.getvalue())
 
 
+def test_a_pngs_exif_in_imagemagicks_text_is_read_for_its_orientation_within_the_same_limits():
+    """ImageMagick writes a PNG's EXIF as hex in the text "Raw profile type exif", which Pillow's getexif reads
+    for want of other EXIF: upright as it says, and refused as any EXIF over the limits (its text may hold 1 MiB)."""
+    import io
+    import struct
+
+    from PIL import Image, PngImagePlugin
+
+    def png_with(entries: list[bytes]) -> bytes:
+        tiff = b"II*\x00" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + b"\0\0\0\0"
+        text = PngImagePlugin.PngInfo()
+        text.add_text("Raw profile type exif", f"\nexif\n{len(tiff)}\n" + tiff.hex(), zip=True)
+        img = Image.new("RGB", (20, 10), "white")
+        img.paste((255, 0, 0), (0, 0, 4, 10))  # a red band along the stored image's left edge
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", pnginfo=text)
+        return buf.getvalue()
+
+    turned = decode_image(png_with([struct.pack("<HHLL", 0x0112, 3, 1, 6)]))  # orientation 6
+    assert turned.size == (10, 20) and turned.getpixel((5, 1))[1] < 80  # the band is now on top
+    many = [struct.pack("<HHL4s", 0x1000 + k, 2, 4, b"cam\0") for k in range(3000)]
+    with pytest.raises(BadImage, match="EXIF data of 3000 entries in its first directory"):
+        decode_image(png_with(many))
+
+
 def test_only_the_allowed_image_formats_are_decoded():
     import io
 
