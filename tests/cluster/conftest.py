@@ -39,8 +39,9 @@ def cluster_url() -> Iterator[str]:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
+        # Ray's shutdown ends Serve's actors, and no_haproxy_left the HAProxy processes: Serve's own shutdown would
+        # first wait out the ingress replicas' drain (30 s), for load balancers this session has none of.
         with no_haproxy_left():  # no process of this session outlives it
-            serve.shutdown()
             ray.shutdown()
             cluster.shutdown()
 
