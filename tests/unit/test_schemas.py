@@ -52,6 +52,35 @@ def test_a_body_of_at_most_4_kib_is_parsed_on_the_event_loop_and_a_larger_one_in
     assert threads[1] is not threading.main_thread()
 
 
+def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_meanwhile():
+    """A parse holds the GIL and what it builds: more at once are no faster, and hold more memory."""
+    import asyncio
+    import threading
+
+    from deployments.ingress.bodies import INLINE_PARSE_BYTES, MAX_PARSES_AT_ONCE, parse_bounded
+
+    running, most, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    def parse(body: bytes) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(10)  # each large parse waits until the small ones below have run
+        with lock:
+            running[0] -= 1
+        return len(body)
+
+    async def at_once() -> list[int]:
+        large = [asyncio.create_task(parse_bounded(parse, b"x" * (INLINE_PARSE_BYTES + 1))) for _ in range(4)]
+        await asyncio.sleep(0.05)  # the first large parse is running, the others wait their turn
+        small = await parse_bounded(len, b"abc")  # on the event loop, not behind the large ones
+        release.set()
+        return [small, *await asyncio.gather(*large)]
+
+    assert asyncio.run(at_once()) == [3, *[INLINE_PARSE_BYTES + 1] * 4]
+    assert MAX_PARSES_AT_ONCE == 1 and most[0] == 1
+
+
 class CountedReads:
     """A body source for the tokenizer that counts its reads: the bytes ``check_json_budget`` hands over,
     read as ijson reads them (a body given as bytes, in reads of ijson's default size)."""
