@@ -14,6 +14,7 @@ registry that was, so that a worker that has not applied it yet waits for it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -114,17 +115,20 @@ class InferenceResult:
 
     def native(self) -> list[Any]:
         """One native prediction per input, in input order."""
-        if "native" not in self._shaped:
-            with output_code(self.spec.id, self.task.name, "shape its answer for the native API"):
-                self._shaped["native"] = self.task.output.native(self.outputs, self.count)
-        return self._shaped["native"]
+        shape = functools.partial(self.task.output.native, self.outputs, self.count)
+        return self._shape("native", "shape its answer for the native API", shape)
 
     def v2(self) -> dict[str, np.ndarray]:
         """The Open Inference Protocol's output tensors, by name, in the order of the task's metadata."""
-        if "v2" not in self._shaped:
-            with output_code(self.spec.id, self.task.name, "shape its answer as v2 output tensors"):
-                self._shaped["v2"] = self.task.output.v2(self.outputs)
-        return self._shaped["v2"]
+        shape = functools.partial(self.task.output.v2, self.outputs)
+        return self._shape("v2", "shape its answer as v2 output tensors", shape)
+
+    def _shape(self, form: str, step: str, shape: Callable[[], Any]) -> Any:
+        """The answer in one ``form``, shaped once by the task's own code (``output_code``: ``step`` names it)."""
+        if form not in self._shaped:
+            with output_code(self.spec.id, self.task.name, step):
+                self._shaped[form] = shape()
+        return self._shaped[form]
 
 
 @dataclass(frozen=True)

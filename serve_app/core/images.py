@@ -174,7 +174,7 @@ def _check_jpeg(data: bytes) -> None:
             pos += 2 + length
         else:
             break
-    segments.check_exif()
+    check_exif(segments.exif)
 
 
 class _JpegSegments:
@@ -209,9 +209,6 @@ class _JpegSegments:
             self.exif += data[start + (6 if self.exif else 0) : start + size]
             if len(self.exif) > MAX_EXIF_BYTES:
                 check_exif(self.exif)  # refuses it, saying so
-
-    def check_exif(self) -> None:
-        check_exif(self.exif)
 
 
 def check_exif(exif: bytes) -> None:
