@@ -13,9 +13,10 @@ So this command writes the registry into the config it deploys. For each applica
 ``serve_app.app:build_app`` builds, it reads the registry the way the builder does (``registry_path``,
 relative to the project root), checks it, and sets it as the ``user_config`` of the deployments that
 hold it (``deployments:`` in the config; anything else there is kept). A bad registry stops it here with
-the messages of start-up, and nothing is deployed. Then ``serve deploy`` sends the config to the
-cluster's dashboard (``--address``, as for ``serve deploy``), and the command follows ``serve status``
-until the update is over: RUNNING (exit 0), or refused (exit 1, with Serve's message).
+the messages of start-up, and nothing is deployed. Then it sends the config to the cluster's dashboard as
+``serve deploy`` does (``--address``, as for ``serve deploy``), and follows the application's status, as
+``serve status`` gives it, until the update is over: RUNNING (exit 0), or refused (exit 1, with Serve's
+message).
 
 ``--print`` writes the config it would deploy and stops: the ``serveConfigV2`` of a RayService carries the
 registry the same way (``deploy/rayservice.yaml``).
@@ -27,11 +28,10 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +99,9 @@ def _read(path: str, check: bool, args: AppArgs) -> object:
 
 
 def serve_env() -> dict[str, str]:
-    """The environment of the ``serve`` commands: with Ray's token authentication on when a token is at hand
-    and RAY_AUTH_MODE does not say otherwise (as the ``ray`` command does), since a cluster started with
-    ``serve run`` or ``ray start`` asks for it."""
+    """The environment of Ray's Serve clients (the ``serve`` command, ``Cluster``): with Ray's token
+    authentication on when a token is at hand and RAY_AUTH_MODE does not say otherwise (as the ``ray`` command
+    does), since a cluster started with ``serve run`` or ``ray start`` asks for it."""
     env = dict(os.environ)
     token = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray/auth_token").exists()
     if "RAY_AUTH_MODE" not in env and token:
@@ -109,46 +109,77 @@ def serve_env() -> dict[str, str]:
     return env
 
 
-def _serve(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).with_name("serve")), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=serve_env())
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:2])} failed ({result.returncode}):\n{result.stderr or result.stdout}")
-    return result
+class ClusterError(RuntimeError):
+    """The cluster's dashboard could not be reached, refused the token, or refused the deploy."""
 
 
-def app_status(address: str, name: str) -> dict[str, Any] | None:
-    """The application's entry of ``serve status`` (status, message, last_deployed_time_s, deployments)."""
-    out = yaml.safe_load(_serve("status", "--address", address).stdout) or {}
-    return (out.get("applications") or {}).get(name)
-
-
-def running_config(address: str, name: str) -> dict[str, Any] | None:
-    """The config the running application was deployed with (``serve config``), or None when it cannot be
-    read (no such application yet)."""
-    result = _serve("config", "--address", address, "--name", name, check=False)
+@contextmanager
+def _asking(address: str) -> Iterator[None]:
     try:
-        running = yaml.safe_load(result.stdout)
-    except yaml.YAMLError:
-        return None
-    return running if isinstance(running, dict) else None
+        yield
+    except Exception as e:  # Ray's client: ConnectionError, AuthenticationError, ValueError, RuntimeError (a refusal)
+        raise ClusterError(f"{address}: {type(e).__name__}: {e}") from None
 
 
-def changed_args(address: str, app: dict[str, Any]) -> list[str]:
+class Cluster:
+    """The cluster's Serve, through its dashboard's REST API (``/api/serve/applications/``) with the client
+    Ray's ``serve deploy``, ``serve status`` and ``serve config`` use (``ServeSubmissionClient``, which sends
+    Ray's token), in this process: a call is one HTTP request. Each ``serve`` command was a process of its own
+    that imported Ray, about 2.5 s here, and a reload ran five or more. Ray is imported only when a cluster
+    is asked (``--print`` and a refused registry need none)."""
+
+    def __init__(self, address: str) -> None:
+        mode = serve_env().get("RAY_AUTH_MODE")
+        if mode is not None:  # read by Ray when the client is made: a token is sent where there is one
+            os.environ.setdefault("RAY_AUTH_MODE", mode)
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        self.address = address
+        with _asking(address):
+            self._client = ServeSubmissionClient(address)
+
+    def _application(self, name: str) -> dict[str, Any] | None:
+        with _asking(self.address):
+            return (self._client.get_serve_details().get("applications") or {}).get(name)
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        """The application's status as ``serve status`` gives it (status, message, last_deployed_time_s, and
+        each deployment's status and message), or None when there is no such application."""
+        app = self._application(name)
+        if app is None:
+            return None
+        deployments = app.get("deployments") or {}
+        shown = {d: {k: v.get(k) for k in ("status", "message")} for d, v in deployments.items()}
+        return {k: app.get(k) for k in ("status", "message", "last_deployed_time_s")} | {"deployments": shown}
+
+    def config(self, name: str) -> dict[str, Any] | None:
+        """The config the running application was deployed with (``serve config``), or None (no such
+        application yet)."""
+        app = self._application(name)
+        config = app.get("deployed_app_config") if app else None
+        return config if isinstance(config, dict) else None
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        """``serve deploy`` the config (ClusterError with the dashboard's message when it refuses it)."""
+        with _asking(self.address):
+            self._client.deploy_applications(config)
+
+
+def changed_args(cluster: Cluster, app: dict[str, Any]) -> list[str]:
     """The args of ``app`` that differ from those the running application was deployed with: a change of them
     makes Serve build the application again, every replica restarting. [] when none differ, or when the running
     config cannot be read."""
-    running = running_config(address, app.get("name", "default"))
+    running = cluster.config(app.get("name", "default"))
     if running is None or not isinstance(running.get("args"), dict):
         return []
     new, old = app.get("args") or {}, running["args"]
     return sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
 
 
-def running_registry(address: str, name: str) -> str | None:
+def running_registry(cluster: Cluster, name: str) -> str | None:
     """The version of the registry the running application's config carries (its registry deployments'
     ``user_config``), or None when it cannot be read."""
-    running = running_config(address, name)
+    running = cluster.config(name)
     deployments = running.get("deployments") if running is not None else None
     for d in deployments if isinstance(deployments, list) else []:
         user_config = d.get("user_config") if isinstance(d, dict) else None
@@ -173,29 +204,28 @@ def refusal(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def deploy(config: dict[str, Any], address: str, wait: bool = True, timeout_s: float = 300.0) -> dict[str, Any]:
-    """``serve deploy`` the config, then, with ``wait``, follow ``serve status`` until every application
-    of it has taken the deploy (RUNNING) or failed it; returns the final statuses by application."""
+POLL_S = 0.25
+"""How often the command asks for the application's status while an update runs."""
+
+
+def deploy(cluster: Cluster, config: dict[str, Any], wait: bool = True, timeout_s: float = 300.0) -> dict[str, Any]:
+    """``serve deploy`` the config, then, with ``wait``, follow the applications' status until every one of
+    them has taken the deploy (RUNNING) or failed it; returns the final statuses by application."""
     names = [a.get("name", "default") for a in config.get("applications") or []]
-    before = {n: (app_status(address, n) or {}).get("last_deployed_time_s") for n in names} if wait else {}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve-reload-", delete=False) as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    try:
-        _serve("deploy", f.name, "--address", address)
-    finally:
-        os.unlink(f.name)
+    before = {n: (cluster.status(n) or {}).get("last_deployed_time_s") for n in names} if wait else {}
+    cluster.deploy(config)
     statuses: dict[str, Any] = {}
     deadline = time.monotonic() + timeout_s
     for name in names if wait else []:
         while True:
-            status = app_status(address, name) or {}
+            status = cluster.status(name) or {}
             taken = status.get("last_deployed_time_s") != before[name]
             if taken and status.get("status") in SETTLED:
                 statuses[name] = status
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"application {name!r} is still {status.get('status')} after {timeout_s:g}s")
-            time.sleep(1.0)
+            time.sleep(POLL_S)
     return statuses
 
 
@@ -232,20 +262,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _deploy_and_report(rendered: dict[str, Any], versions: dict[str, str], options: argparse.Namespace) -> int:
+    cluster = Cluster(options.address)
     apps = {a.get("name", "default"): a for a in rendered.get("applications") or []}
     for name, version in versions.items():
         print(f"reload: deploying registry {version} to application {name!r} ({options.address})")
-        changed = changed_args(options.address, apps[name])
+        changed = changed_args(cluster, apps[name])
         if changed:
             print(
                 f"reload: application {name!r}: its args changed ({', '.join(changed)}): Serve builds it again and "
                 "every replica restarts, its loaded models gone (a registry change alone restarts none)"
             )
-    statuses = deploy(rendered, options.address, wait=not options.no_wait, timeout_s=options.timeout)
+    statuses = deploy(cluster, rendered, wait=not options.no_wait, timeout_s=options.timeout)
     failed = False
     for name, status in statuses.items():
         ours = status.get("status") == "RUNNING" and name in versions  # an app of this code, with a registry
-        live = running_registry(options.address, name) if ours else None
+        live = running_registry(cluster, name) if ours else None
         if live is not None and live != versions.get(name):  # another deploy landed meanwhile
             failed = True
             print(f"reload: {name!r} RUNNING with registry {live}: a later deploy replaced {versions.get(name, '?')}")

@@ -1,12 +1,13 @@
 """`make reload`'s command without a cluster: the config it writes (the registry as the deployments'
 user_config, nothing else changed), a bad registry stopped before anything is deployed, and how it follows
-`serve status` to the end of the update. The `serve` commands are stood in for here; the integration tests
-run them against a real dashboard (tests/integration/test_registry_reload.py)."""
+the application's status to the end of the update. The cluster's dashboard is stood in for here (``Cluster``),
+except where none answers; the integration tests run the command against a real dashboard
+(tests/integration/test_registry_reload.py)."""
 
 import copy
 import json
 import re
-from types import SimpleNamespace
+import socket
 
 import pytest
 import yaml
@@ -102,7 +103,7 @@ def test_a_bad_registry_stops_it_before_anything_is_deployed(registry, monkeypat
     config_path = registry.parent / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config(registry)))
     called = []
-    monkeypatch.setattr(reload, "_serve", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(reload, "Cluster", called.append)
     assert reload.main([str(config_path)]) == 1
     err = capsys.readouterr().err
     assert "nothing was deployed" in err and f"{registry}: {message}" in err
@@ -143,58 +144,64 @@ def test_a_missing_registry_or_a_config_without_the_app_is_refused(registry):
         reload.render({"applications": [{"name": "x", "import_path": "a:b"}]})
 
 
-class FakeServe:
-    """`serve status` answers in turn, after `serve deploy`."""
+class FakeCluster:
+    """The cluster's Serve: once the config is deployed, each application's status goes through ``after`` in
+    turn, staying at the last; no running config. Called with the dashboard's address, as the class it
+    stands in for."""
 
     def __init__(self, *after):
         self.before = {"status": "RUNNING", "last_deployed_time_s": 1.0}
-        self.after, self.deployed, self.calls = list(after), None, []
+        self.after, self.deployed, self.calls, self.asked = list(after), None, [], {}
 
-    def __call__(self, *args, check=True):
-        self.calls.append(args[0])
-        if args[0] == "deploy":
-            with open(args[1]) as f:
-                self.deployed = yaml.safe_load(f)
-            return None
-        status = self.before if self.deployed is None else self.after.pop(0) if len(self.after) > 1 else self.after[0]
+    def __call__(self, address):
+        return self
 
-        class Result:
-            stdout = yaml.safe_dump({"applications": {"multimodel": status, "other": status}})
+    def deploy(self, config):
+        self.calls.append("deploy")
+        self.deployed = copy.deepcopy(config)
 
-        return Result()
+    def status(self, name):
+        self.calls.append("status")
+        if self.deployed is None:
+            return self.before
+        self.asked[name] = self.asked.get(name, 0) + 1
+        return self.after[min(self.asked[name], len(self.after)) - 1]
+
+    def config(self, name):
+        self.calls.append("config")
+        return None
 
 
-class Running(FakeServe):
-    """`serve` after a deploy that took: the application RUNNING, and `serve config` giving the running
-    application's config (``running``: its args, its deployments)."""
+class Running(FakeCluster):
+    """A deploy that took: the application RUNNING, and its running config (``running``: its args, its
+    deployments), as ``serve config`` gives it."""
 
     def __init__(self, **running):
         super().__init__({"status": "RUNNING", "last_deployed_time_s": 2.0})
         self.running = running
 
-    def __call__(self, *a, check=True):
-        if a[0] == "config":
-            self.calls.append("config")
-            return SimpleNamespace(stdout=yaml.safe_dump({"name": "multimodel", **self.running}))
-        return super().__call__(*a, check=check)
+    def config(self, name):
+        self.calls.append("config")
+        return {"name": "multimodel", **self.running}
 
 
 def test_it_follows_serve_status_until_the_update_is_over(registry, monkeypatch, capsys):
     config_path = registry.parent / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config(registry)))
-    serve = FakeServe(
+    serve = FakeCluster(
         {"status": "RUNNING", "last_deployed_time_s": 1.0},  # not taken yet
         {"status": "DEPLOYING", "last_deployed_time_s": 2.0},
         {"status": "RUNNING", "last_deployed_time_s": 2.0},
     )
-    monkeypatch.setattr(reload, "_serve", serve)
+    monkeypatch.setattr(reload, "Cluster", serve)
     monkeypatch.setattr(reload.time, "sleep", lambda s: None)
     assert reload.main([str(config_path)]) == 0
     out = capsys.readouterr().out
     version = content_version(json.loads(registry.read_text()))
     assert f"every replica runs registry {version}" in out
     assert serve.deployed == reload.render(config(registry))[0]
-    assert serve.calls.count("status") >= 5  # before (2 apps), then until RUNNING
+    # Before (2 apps), then each app until it has taken the deploy and settled: 3 times each.
+    assert [c for c in serve.calls if c != "config"] == ["status"] * 2 + ["deploy"] + ["status"] * 6
 
 
 def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(registry, monkeypatch, capsys):
@@ -206,10 +213,10 @@ def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(reg
 
     monkeypatch.setattr(reload.time, "sleep", lambda s: None)
     app = next(a for a in deployed["applications"] if a["name"] == "multimodel")
-    monkeypatch.setattr(reload, "_serve", Running(args=app["args"]))
+    monkeypatch.setattr(reload, "Cluster", Running(args=app["args"]))
     assert reload.main([str(config_path)]) == 0
     assert "args changed" not in capsys.readouterr().out
-    monkeypatch.setattr(reload, "_serve", Running(args={**app["args"], "request_timeout_s": 1, "tasks": ["x"]}))
+    monkeypatch.setattr(reload, "Cluster", Running(args={**app["args"], "request_timeout_s": 1, "tasks": ["x"]}))
     assert reload.main([str(config_path)]) == 0
     assert "application 'multimodel': its args changed (request_timeout_s, tasks): Serve builds it again" in (
         capsys.readouterr().out
@@ -227,11 +234,11 @@ def test_a_deploy_that_a_later_one_replaced_is_not_reported_as_live(registry, mo
         return Running(deployments=[{"name": "ModelWorker", "user_config": {"registry": registry, "origin": "x"}}])
 
     monkeypatch.setattr(reload.time, "sleep", lambda s: None)
-    monkeypatch.setattr(reload, "_serve", replaced(later))
+    monkeypatch.setattr(reload, "Cluster", replaced(later))
     assert reload.main([str(config_path)]) == 1
     ours = content_version(json.loads(registry.read_text()))
     assert f"RUNNING with registry {content_version(later)}: a later deploy replaced {ours}" in capsys.readouterr().out
-    monkeypatch.setattr(reload, "_serve", replaced(json.loads(registry.read_text())))  # its own: live
+    monkeypatch.setattr(reload, "Cluster", replaced(json.loads(registry.read_text())))  # its own: live
     assert reload.main([str(config_path)]) == 0
     assert f"every replica runs registry {ours}" in capsys.readouterr().out
 
@@ -253,7 +260,7 @@ def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, m
             "Ingress": {"status": "HEALTHY", "message": ""},
         },
     }
-    monkeypatch.setattr(reload, "_serve", FakeServe(failed))
+    monkeypatch.setattr(reload, "Cluster", FakeCluster(failed))
     monkeypatch.setattr(reload.time, "sleep", lambda s: None)
     assert reload.main([str(config_path), "--no-check"]) == 1
     out = capsys.readouterr().out
@@ -283,15 +290,38 @@ def test_render_leaves_its_input_alone(registry):
     assert original == kept
 
 
-def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(registry, monkeypatch, capsys):
-    """The dashboard down (``serve`` fails), or no answer: one ``reload:`` line naming it, no traceback."""
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "address, error",
+    [
+        (f"http://127.0.0.1:{closed_port()}", "ConnectionError: Failed to connect to Ray at address"),
+        ("127.0.0.1:8265", "ValueError: Got an unexpected address"),  # the dashboard's address is http(s)
+    ],
+)
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(registry, capsys, address, error):
+    """The dashboard down, or an address that is not one: one ``reload:`` line naming it, no traceback (Ray's
+    own client, with nothing standing in for it)."""
     config_path = registry.parent / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config(registry)))
-
-    def unreachable(*args, check=True):
-        raise RuntimeError("serve status failed (1):\nConnectionError: http://localhost:8265 is not reachable")
-
-    monkeypatch.setattr(reload, "_serve", unreachable)
-    assert reload.main([str(config_path)]) == 1
+    assert reload.main([str(config_path), "--address", address]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("reload: serve status failed (1):") and "Traceback" not in err
+    assert err.startswith(f"reload: {address}: {error}") and "Traceback" not in err, err
+
+
+def test_the_cluster_is_asked_with_rays_token_when_there_is_one(monkeypatch, tmp_path):
+    """Ray's client sends the token only with RAY_AUTH_MODE=token in this process's environment, which a
+    cluster started with `serve run` asks for."""
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray/auth_token").write_text("t")
+    with pytest.raises(reload.ClusterError):
+        reload.Cluster(f"http://127.0.0.1:{closed_port()}")
+    assert reload.os.environ["RAY_AUTH_MODE"] == "token"
