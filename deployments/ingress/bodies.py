@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import ijson
+from pydantic import ValidationError
 
 from serve_app.core.errors import InvalidInput, MalformedRequest
 
@@ -87,6 +88,17 @@ the costliest 8 MiB gRPC messages (4 million empty tensors) at once peaked at 64
 own, one after another at 120 MiB, in the same 0.6 to 0.7 s."""
 
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def not_json(e: ValidationError) -> MalformedRequest | None:
+    """The 400 of a body that pydantic's JSON parser refuses after ``check_json_budget`` read it (a string
+    with a lone high surrogate, ``"\\ud800"``, which yajl decodes and jiter does not), as for any body that
+    is not JSON; None when the body is JSON and only its fields are wrong (the caller's 422)."""
+    problem = next((p for p in e.errors(include_url=False) if p["type"] == "json_invalid"), None)
+    if problem is None:
+        return None
+    reason = str(problem["msg"]).removeprefix("Invalid JSON: ")
+    return MalformedRequest(f"the request body is not valid JSON: {reason}", field="body")
 
 
 async def parse_bounded(parse: Callable[[bytes], T], body: bytes) -> T:

@@ -305,6 +305,8 @@ class DataPlane:
             status = status_of(e)
             if isinstance(e, ModelUnavailable):  # a load that failed, most likely: the listing shows it now
                 self.replicas.changed()
+            if known and isinstance(e, ServeAppError):  # its answer names the model, whichever step refused
+                e.details.setdefault("model_id", model_id)
             raise
         finally:
             self.metrics.observe(tag, task_tag, api, status, time.perf_counter() - start)

@@ -109,7 +109,8 @@ class InputKind(ABC):
 
 
 class TextInput(InputKind):
-    """UTF-8 text, at most ``max_text_chars`` characters an item (bytes from v2's binary form are decoded)."""
+    """UTF-8 text, at least one character and at most ``max_text_chars`` an item (bytes from v2's binary form
+    are decoded)."""
 
     name = "text"
     accepts = "a string or a list of strings"
@@ -128,6 +129,8 @@ class TextInput(InputKind):
                 raise InvalidInput(f"{where}: text must be UTF-8", field="input_data") from None
         if len(item) > max_chars:
             raise self._too_long(where, len(item), max_chars)
+        if not item:  # as the native API's schema refuses "": no protocol sends a model an empty text
+            raise InvalidInput(f"{where}: an empty text (send at least one character)", field="input_data")
         if item.startswith("data:") and _DATA_URI.match(item[:256]):
             raise InvalidInput(
                 f"{where}: this model takes text, and was sent a data URI (an image or file)", field="input_data"

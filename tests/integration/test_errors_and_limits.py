@@ -86,16 +86,23 @@ def test_missing_empty_or_wrongly_typed_fields_are_422_naming_the_field(authed, 
 
 
 def test_malformed_json_is_400(authed, limits_url):
-    # Refused by the bounded reader of the body, which never hands what it cannot read to the full parse.
-    for body in (b'{"model_id": "alpha", "input_data": ', b'{"model_id": "alpha", "input_data": NaN}'):
+    # Refused by the bounded reader of the body, which never hands what it cannot read to the full parse; a
+    # lone surrogate, which that reader takes and the full parse does not, is refused as not JSON all the same.
+    for body in (
+        b'{"model_id": "alpha", "input_data": ',
+        b'{"model_id": "alpha", "input_data": NaN}',
+        b'{"model_id": "alpha", "input_data": "\\ud800"}',
+    ):
         r = authed.post(f"{limits_url}/predict", content=body, headers={"content-type": "application/json"})
         assert_error(r, 400, "malformed_request", "not valid JSON")
 
 
-def test_text_to_an_image_model_and_an_image_to_a_text_model_are_422(authed, limits_url):
-    assert_error(post(authed, limits_url, "pixels", "This movie was great!"), 422, "invalid_input", "takes an image")
+def test_text_to_an_image_model_and_an_image_to_a_text_model_are_422_naming_the_model(authed, limits_url):
+    text = post(authed, limits_url, "pixels", "This movie was great!")
+    assert assert_error(text, 422, "invalid_input", "takes an image")["model_id"] == "pixels"
     png = b64((PROJECT_ROOT / "samples/images/square.jpg").read_bytes())
-    assert_error(post(authed, limits_url, "alpha", f"data:image/jpeg;base64,{png}"), 422, "invalid_input", "takes text")
+    image = post(authed, limits_url, "alpha", f"data:image/jpeg;base64,{png}")
+    assert assert_error(image, 422, "invalid_input", "takes text")["model_id"] == "alpha"
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_parsed(authed, limits_url):

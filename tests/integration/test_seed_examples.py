@@ -132,6 +132,7 @@ def test_path_outside_the_image_root_is_a_403(client, demo_url):
     assert r.json() == {
         "error": "forbidden_path",
         "message": "input_data[0]: image paths must lie under the image root (image_root)",
+        "model_id": "image",
     }
 
 

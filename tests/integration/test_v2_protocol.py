@@ -81,6 +81,13 @@ def test_errors_have_the_protocol_shape(v2, demo_url, client):
     assert r.status_code == 422 and set(r.json()) == {"error"} and "BYTES" in r.json()["error"]
     r = client.post(f"{demo_url}/v2/models/sentiment/infer", json={"inputs": []})
     assert r.status_code == 422 and set(r.json()) == {"error"}
+    # An empty text, in JSON or in binary form, as the native API refuses it (the native 422 names the model).
+    empty = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["hi", ""]}]}
+    r = client.post(f"{demo_url}/v2/models/sentiment/infer", json=empty)
+    assert r.status_code == 422 and r.json() == {"error": "input_data[1]: an empty text (send at least one character)"}
+    inp.set_data_from_numpy(np.array([b""], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match=r"input_data\[0\]: an empty text"):
+        v2.infer("sentiment", [inp])
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,15 @@ def test_text_passes_through_as_a_list(decoder):
     assert decoder.decode(TEXT, ["a", "b"]) == ["a", "b"]
 
 
+def test_an_empty_text_is_refused_whichever_protocol_sent_it(decoder):
+    """The native API's schema refuses ``""``; v2 sends its text here as a JSON string or as binary bytes."""
+    for empty in ("", b""):
+        with pytest.raises(InvalidInput, match=r"input_data\[1\]: an empty text") as e:
+            decoder.decode(TEXT, ["a", empty])
+        assert e.value.status_code == 422
+    assert decoder.decode(TEXT, [" ", b"x"]) == [" ", "x"]  # one character is a text
+
+
 def test_image_from_path_base64_and_data_uri_give_the_same_bytes(decoder, tmp_path):
     from serve_app.core.paths import PROJECT_ROOT
 

@@ -161,6 +161,24 @@ def test_a_body_that_is_not_json_is_refused_by_the_bounded_reader(body):
     assert e.value.status_code == 400
 
 
+@pytest.mark.parametrize("escape", [rb"\ud800", rb"\udc00", rb"a\ud800b"])
+def test_a_lone_surrogate_is_a_body_that_is_not_json_for_both_apis(escape):
+    """yajl reads a lone high surrogate and pydantic's parser does not (a lone low one neither reads): each
+    is the 400 of a body that is not JSON, never the 422 of a field."""
+    from deployments.ingress.protocols.native import parse_predict_request
+    from serve_app.core.errors import MalformedRequest
+
+    native = b'{"model_id": "m", "input_data": "' + escape + b'"}'
+    v2 = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["' + escape + b'"]}]}'
+    for parse in (lambda: parse_predict_request(native, 32), lambda: parse_infer_request(v2, None, 32)):
+        with pytest.raises(MalformedRequest, match="the request body is not valid JSON") as e:
+            parse()
+        assert e.value.status_code == 400
+    pair = rb"\ud800\udc00"  # a surrogate pair is one character
+    assert parse_predict_request(native.replace(escape, pair), 32).input_data == "\U00010000"
+    assert parse_infer_request(v2.replace(escape, pair), None, 32)[1] == ["\U00010000"]
+
+
 @pytest.mark.parametrize("binary_data_output", [True, False])
 def test_outputs_asked_for_in_binary_form_come_as_tritonclient_reads_them(binary_data_output):
     """tritonclient asks for every output in binary form by default (``binary_data_output``, and each output's

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
 
-from deployments.ingress.bodies import check_json_budget
+from deployments.ingress.bodies import check_json_budget, not_json
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, ModelStatus, Readiness
 from serve_app.core.schemas import (
     IdleThreadsReport,
@@ -74,7 +74,7 @@ def parse_predict_request(body: bytes, max_items: int) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(body)
     except ValidationError as e:
-        raise InvalidPredictBody(e.errors(include_url=False)) from None
+        raise not_json(e) or InvalidPredictBody(e.errors(include_url=False)) from None
 
 
 class PredictResponse(BaseModel):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, StrictInt, ValidationError
 
-from deployments.ingress.bodies import check_json_budget, parse_bounded
+from deployments.ingress.bodies import check_json_budget, not_json, parse_bounded
 from deployments.ingress.dataplane import InferenceRequest, InferenceResult, ModelListing, check_outputs
 from serve_app.core.errors import (
     InputOverLimit,
@@ -238,7 +238,7 @@ def parse_infer_request(
     try:
         request = InferRequest.model_validate_json(body[:json_end])
     except ValidationError as e:
-        raise first_invalid(e) from None
+        raise not_json(e) or first_invalid(e) from None
     tensor = request.inputs[0]
     check_input_tensor(len(request.inputs), tensor.name, tensor.datatype)
     binary_size = (tensor.parameters or {}).get("binary_data_size")
@@ -366,7 +366,7 @@ def parse_repository_index_request(body: bytes) -> RepositoryIndexRequest:
     try:
         return RepositoryIndexRequest.model_validate_json(body)
     except ValidationError as e:
-        raise first_invalid(e) from None
+        raise not_json(e) or first_invalid(e) from None
 
 
 def repository_index(listing: ModelListing, ready_only: bool = False) -> list[RepositoryModel]:
