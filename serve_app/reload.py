@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -121,21 +122,30 @@ def _asking(address: str) -> Iterator[None]:
         raise ClusterError(f"{address}: {type(e).__name__}: {e}") from None
 
 
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def _plain(message: object) -> object:
+    """A status message without the terminal colours of Ray's error texts (as ``serve status`` prints it)."""
+    return _ANSI.sub("", message) if isinstance(message, str) else message
+
+
 class Cluster:
     """The cluster's Serve, through its dashboard's REST API (``/api/serve/applications/``) with the client
     Ray's ``serve deploy``, ``serve status`` and ``serve config`` use (``ServeSubmissionClient``, which sends
     Ray's token), in this process: a call is one HTTP request. Each ``serve`` command was a process of its own
     that imported Ray, about 2.5 s here, and a reload ran five or more. Ray is imported only when a cluster
-    is asked (``--print`` and a refused registry need none)."""
+    is asked (``--print`` and a refused registry need none). Ray reads its auth mode once in a process, so
+    this is made in a process of its own (the command's), before anything else of Ray has run."""
 
     def __init__(self, address: str) -> None:
         mode = serve_env().get("RAY_AUTH_MODE")
-        if mode is not None:  # read by Ray when the client is made: a token is sent where there is one
+        if mode is not None:  # Ray reads it once in a process, when a client first asks: a token is sent
             os.environ.setdefault("RAY_AUTH_MODE", mode)
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
         self.address = address
         with _asking(address):
+            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
             self._client = ServeSubmissionClient(address)
 
     def _application(self, name: str) -> dict[str, Any] | None:
@@ -149,8 +159,13 @@ class Cluster:
         if app is None:
             return None
         deployments = app.get("deployments") or {}
-        shown = {d: {k: v.get(k) for k in ("status", "message")} for d, v in deployments.items()}
-        return {k: app.get(k) for k in ("status", "message", "last_deployed_time_s")} | {"deployments": shown}
+        shown = {d: {"status": v.get("status"), "message": _plain(v.get("message"))} for d, v in deployments.items()}
+        return {
+            "status": app.get("status"),
+            "message": _plain(app.get("message")),
+            "last_deployed_time_s": app.get("last_deployed_time_s"),
+            "deployments": shown,
+        }
 
     def config(self, name: str) -> dict[str, Any] | None:
         """The config the running application was deployed with (``serve config``), or None (no such

@@ -297,6 +297,28 @@ def test_an_application_error_from_the_worker_is_not_retried():
     assert len(worker.calls) == 1 and metrics.observed == [("m", "text-classification", "native", 400)]
 
 
+def test_the_error_of_a_request_for_a_registered_model_names_it_whichever_step_refused_it():
+    """Refused by the ingress's own checks (an output the task has not) or by the worker (its runtime's 422):
+    the body names the model. An unknown model's 404 names the id asked for, as before."""
+    from serve_app.core.errors import InvalidInput
+
+    p, _, _ = plane(RayTaskError("predict", "tb", InvalidInput("input_data[0]: too short", field="input_data")))
+    with pytest.raises(InvalidInput) as ingress:
+        asyncio.run(p.infer("m", InferenceRequest(["x"], outputs=["probabilities"]), api="v2"))
+    with pytest.raises(InvalidInput) as worker:
+        asyncio.run(p.infer("m", InferenceRequest(["x"]), api="native"))
+    assert ingress.value.body()["model_id"] == "m" and ingress.value.body()["field"] == "outputs"
+    assert worker.value.body() == {
+        "error": "invalid_input",
+        "message": "input_data[0]: too short",
+        "field": "input_data",
+        "model_id": "m",
+    }
+    with pytest.raises(ModelNotFound) as unknown:
+        asyncio.run(p.infer("x" * 100, InferenceRequest(["x"]), api="native"))
+    assert unknown.value.body()["model_id"] == "x" * 80 + "..."
+
+
 def test_a_client_deadline_shorter_than_the_configured_timeout_applies():
     p, worker, metrics = plane(NEVER, timeout_s=30.0)
     with pytest.raises(RequestTimeout, match=r"within 0\.05s"):

@@ -6,8 +6,13 @@ except where none answers; the integration tests run the command against a real 
 
 import copy
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -296,6 +301,127 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+class FakeDashboard(ThreadingHTTPServer):
+    """A Ray dashboard's Serve REST API over HTTP, as the command's client (Ray's own) talks to it: the version,
+    the applications' details as the controller gives them, a deploy. After a deploy the application is
+    DEPLOYING for one look, then ``settles`` as (status, message); it records each request's Authorization
+    header, and answers 401 without a token when ``token`` is set."""
+
+    def __init__(self, token=None, settles=("RUNNING", "")):
+        self.token, self.settles, self.auth, self.deployed, self.looks = token, settles, [], None, 0
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def details(self):
+        """Every application of the config: RUNNING before the deploy, then DEPLOYING for one look, then as it
+        ``settles``."""
+        if self.deployed is None:
+            return {"applications": {"multimodel": {"status": "RUNNING", "message": "", "last_deployed_time_s": 1.0}}}
+        self.looks += 1
+        status, message = ("DEPLOYING", "") if self.looks == 1 else self.settles
+        apps = {}
+        for config in self.deployed["applications"]:
+            deployments = {d["name"]: {"status": "HEALTHY", "message": ""} for d in config.get("deployments", [])}
+            apps[config["name"]] = {
+                "status": status,
+                "message": message,
+                "last_deployed_time_s": 2.0,
+                "deployments": deployments,
+                "deployed_app_config": config,
+            }
+        return {"applications": apps}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _allowed(self):
+            self.server.auth.append(self.headers.get("authorization"))
+            if self.server.token and self.headers.get("authorization") != f"Bearer {self.server.token}":
+                self._answer(401, {"error": "Unauthorized: Missing authentication token"})
+                return False
+            return True
+
+        def do_GET(self):
+            if self._allowed():
+                body = {"ray_version": "2.60.0"} if self.path == "/api/ray/version" else self.server.details()
+                self._answer(200, body)
+
+        def do_PUT(self):
+            if self._allowed():
+                self.server.deployed = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                self._answer(200, {})
+
+
+def run_reload(config_path, address, home, **env):
+    """The command in a process of its own, as `make reload` runs it: Ray reads its auth mode once a process."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home), **env}
+    command = [sys.executable, "-m", "serve_app.reload", str(config_path), "--address", address]
+    return subprocess.run(command, capture_output=True, text=True, env=environ, cwd=PROJECT_ROOT, timeout=120)
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A home with Ray's token in it, as `serve run` leaves one (~/.ray/auth_token)."""
+    (tmp_path / "home/.ray").mkdir(parents=True)
+    (tmp_path / "home/.ray/auth_token").write_text(TOKEN)
+    return tmp_path / "home"
+
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def test_it_deploys_through_the_dashboards_api_with_rays_token_and_follows_the_status(registry, home):
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    dashboard = FakeDashboard(token=TOKEN)
+    try:
+        done = run_reload(config_path, dashboard.url, home)
+    finally:
+        dashboard.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = content_version(json.loads(registry.read_text()))
+    assert f"'multimodel' RUNNING: every replica runs registry {version}" in done.stdout
+    assert dashboard.deployed == json.loads(json.dumps(reload.render(config(registry))[0]))  # the config, as rendered
+    assert dashboard.looks >= 2  # DEPLOYING, then RUNNING
+    assert set(dashboard.auth) == {f"Bearer {TOKEN}"}  # every request carried the token from ~/.ray
+    # Told not to send one, the command gets the dashboard's 401 as one line.
+    dashboard = FakeDashboard(token=TOKEN)
+    try:
+        refused = run_reload(config_path, dashboard.url, home, RAY_AUTH_MODE="disabled")
+    finally:
+        dashboard.shutdown()
+    assert refused.returncode == 1 and dashboard.deployed is None
+    assert refused.stderr.startswith(f"reload: {dashboard.url}: AuthenticationError: Authentication required")
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_refusal_is_reported_from_the_dashboards_status_without_terminal_colours(registry, home):
+    config_path = registry.parent / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config(registry)))
+    dashboard = FakeDashboard(settles=("DEPLOY_FAILED", "\x1b[36mray::build_app\x1b[39m failed: ValueError: bad"))
+    try:
+        done = run_reload(config_path, dashboard.url, home)
+    finally:
+        dashboard.shutdown()
+    assert done.returncode == 1
+    assert "did not take registry" in done.stdout
+    assert "DEPLOY_FAILED: ray::build_app failed: ValueError: bad" in done.stdout
+    assert "\x1b" not in done.stdout
+
+
 @pytest.mark.parametrize(
     "address, error",
     [
@@ -303,25 +429,10 @@ def closed_port() -> int:
         ("127.0.0.1:8265", "ValueError: Got an unexpected address"),  # the dashboard's address is http(s)
     ],
 )
-def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(registry, capsys, address, error):
-    """The dashboard down, or an address that is not one: one ``reload:`` line naming it, no traceback (Ray's
-    own client, with nothing standing in for it)."""
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(registry, home, address, error):
+    """The dashboard down, or an address that is not one: one ``reload:`` line naming it, no traceback."""
     config_path = registry.parent / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config(registry)))
-    assert reload.main([str(config_path), "--address", address]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"reload: {address}: {error}") and "Traceback" not in err, err
-
-
-def test_the_cluster_is_asked_with_rays_token_when_there_is_one(monkeypatch, tmp_path):
-    """Ray's client sends the token only with RAY_AUTH_MODE=token in this process's environment, which a
-    cluster started with `serve run` asks for."""
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray/auth_token").write_text("t")
-    with pytest.raises(reload.ClusterError):
-        reload.Cluster(f"http://127.0.0.1:{closed_port()}")
-    assert reload.os.environ["RAY_AUTH_MODE"] == "token"
+    done = run_reload(config_path, address, home)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"reload: {address}: {error}") and "Traceback" not in done.stderr, done.stderr
