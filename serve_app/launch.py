@@ -12,7 +12,8 @@ What this process does (Linux; elsewhere it runs ``serve run`` in its place, as 
 * Before anything starts, three checks, each refusing in one line: a config that would listen on an
   address other than the loopback with auth off (``listen_refusal``, the builder's own rule); a run of the
   same config still going (its launcher alive); a port the app binds (HTTP, gRPC, HAProxy's stats and
-  metrics) held by a process this launcher did not start, named with its PID and how to end it. What an
+  metrics, the fallback proxy's HTTP and gRPC) held by a process this launcher did not start, named with its
+  PID and how to end it. What an
   earlier run of the same config left behind (its launcher killed with SIGKILL, a crash) is stopped first.
   "Left behind" means recorded in that run's PID file (``.run/<config>.pid`` beside the config) with the
   same PID, the same start time (``/proc/PID/stat``) and the same boot: a process that reuses a PID is
@@ -63,6 +64,11 @@ from serve_app.core.config import CONFIG_FILE_HTTP_HOST, AuthArgs, listen_refusa
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 """The ports HAProxy binds beside Serve's, by the variable that moves each, with Ray's defaults (a unit test
 keeps them equal to Ray's, so that the launcher does not import Ray)."""
+FALLBACK_HTTP_PORT = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500)
+FALLBACK_GRPC_PORT = ("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", 9500)
+"""With HAProxy, Serve runs a proxy of its own on the head node behind it (the fallback proxy: for requests
+while no ingress replica runs). It binds HTTP where the HTTP entry does and, with gRPC on, gRPC on every
+interface; one of them held, ``serve run`` fails with Ray's traceback (``Failed to bind to address``)."""
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8000, 9000
 
 TICK_S = 0.25
@@ -293,6 +299,11 @@ def ports(config: dict[str, Any], environ: dict[str, str]) -> list[Port]:
             found.append(Port(int(grpc.get("port", DEFAULT_GRPC_PORT)), host, "grpc_options.port"))
     if environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # HAProxy binds these on every interface
         found += [Port(int(environ.get(var, default)), "", var) for var, default in HAPROXY_PORTS.items()]
+        (http_var, http_port), (grpc_var, grpc_port) = FALLBACK_HTTP_PORT, FALLBACK_GRPC_PORT
+        if host is not None:
+            found.append(Port(int(environ.get(http_var, http_port)), host, http_var))
+            if grpc.get("grpc_servicer_functions"):
+                found.append(Port(int(environ.get(grpc_var, grpc_port)), "", grpc_var))
     return found
 
 

@@ -220,6 +220,17 @@ def haproxy_ports() -> dict[str, int]:
     }
 
 
+def fallback_proxy_ports() -> dict[str, int]:
+    """The HTTP and gRPC ports of the proxy Serve runs behind HAProxy on the head node, by the variable that
+    moves each: Ray's defaults, or the values set in this process's environment."""
+    from ray.serve._private import constants
+
+    return {
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": constants.RAY_SERVE_FALLBACK_PROXY_HTTP_PORT,
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": constants.RAY_SERVE_FALLBACK_PROXY_GRPC_PORT,
+    }
+
+
 # -- what the tests read -----------------------------------------------------------------------------
 
 

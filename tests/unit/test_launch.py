@@ -306,12 +306,21 @@ def test_the_ports_it_checks_are_the_ones_serve_binds():
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
     found = {(p.port, p.host, p.knob) for p in launch.ports(config, env)}
+    fallback_http, fallback_grpc = ray_internals.fallback_proxy_ports().items()
     assert found == {
         (8000, "127.0.0.1", "http_options.port"),
         (9000, "127.0.0.1", "grpc_options.port"),
         *((port, "", var) for var, port in ray_internals.haproxy_ports().items()),
+        (fallback_http[1], "127.0.0.1", fallback_http[0]),  # Serve's own proxy behind HAProxy, on the head node
+        (fallback_grpc[1], "", fallback_grpc[0]),  # its gRPC on every interface, as Serve's gRPC servers bind
     }
     assert launch.ports(config, {**env, "RAY_SERVE_ENABLE_HA_PROXY": "0"})[2:] == []  # no HAProxy, no stats
+    no_grpc = {k: v for k, v in config.items() if k != "grpc_options"}
+    assert {p.knob for p in launch.ports(no_grpc, env)} == {
+        "http_options.port",
+        *ray_internals.haproxy_ports(),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    }
 
 
 def test_make_run_is_the_launcher_on_serve_config_yaml():
