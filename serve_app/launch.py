@@ -13,8 +13,8 @@ What this process does (Linux; elsewhere it runs ``serve run`` in its place, as 
   address other than the loopback with auth off (``listen_refusal``, the builder's own rule); a run of the
   same config still going (its launcher alive); a port the app binds (HTTP, gRPC, HAProxy's stats and
   metrics, the fallback proxy's HTTP and gRPC) held by a process this launcher did not start, named with its
-  PID and how to end it. What an
-  earlier run of the same config left behind (its launcher killed with SIGKILL, a crash) is stopped first.
+  PID and how to end it. What an earlier run of the same config left behind (its launcher killed with
+  SIGKILL, a crash) is stopped first.
   "Left behind" means recorded in that run's PID file (``.run/<config>.pid`` beside the config) with the
   same PID, the same start time (``/proc/PID/stat``) and the same boot: a process that reuses a PID is
   never taken for one of ours, and no process is ever recognised by its name.

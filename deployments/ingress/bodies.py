@@ -66,12 +66,13 @@ def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
     except Exception as e:  # ijson's JSONError, or what a value it cannot convert raises (SystemError, ValueError)
         reason = str(e).strip().splitlines()[0][:100] if isinstance(e, ijson.JSONError) and str(e).strip() else ""
         nan = b"NaN" in body or b"Infinity" in body  # the likely cause, named (a scan in C, once refused)
-        raise MalformedRequest(
-            "the request body is not valid JSON"
-            + (" (NaN and Infinity are not JSON)" if nan else "")
-            + (f": {reason}" if reason else ""),
-            field="body",
-        ) from None
+        named = " (NaN and Infinity are not JSON)" if nan else ""
+        raise _not_valid_json(named + (f": {reason}" if reason else "")) from None
+
+
+def _not_valid_json(detail: str) -> MalformedRequest:
+    """The 400 of a body that is not JSON, whichever parser found it out: ``detail`` says what it saw."""
+    return MalformedRequest(f"the request body is not valid JSON{detail}", field="body")
 
 
 T = TypeVar("T")
@@ -97,8 +98,7 @@ def not_json(e: ValidationError) -> MalformedRequest | None:
     problem = next((p for p in e.errors(include_url=False) if p["type"] == "json_invalid"), None)
     if problem is None:
         return None
-    reason = str(problem["msg"]).removeprefix("Invalid JSON: ")
-    return MalformedRequest(f"the request body is not valid JSON: {reason}", field="body")
+    return _not_valid_json(": " + str(problem["msg"]).removeprefix("Invalid JSON: "))
 
 
 async def parse_bounded(parse: Callable[[bytes], T], body: bytes) -> T:

@@ -1,8 +1,9 @@
 """`make reload`'s command without a cluster: the config it writes (the registry as the deployments'
 user_config, nothing else changed), a bad registry stopped before anything is deployed, and how it follows
-the application's status to the end of the update. The cluster's dashboard is stood in for here (``Cluster``),
-except where none answers; the integration tests run the command against a real dashboard
-(tests/integration/test_registry_reload.py)."""
+the application's status to the end of the update. The cluster is stood in for by a fake ``Cluster`` in this
+process, or by a fake dashboard over HTTP with the command in a process of its own, as `make reload` runs it
+(Ray's client keeps the auth mode it first reads for the life of a process); the integration tests run the
+command against a real dashboard (tests/integration/test_registry_reload.py)."""
 
 import copy
 import json
@@ -28,6 +29,14 @@ def registry(tmp_path):
     path.write_text(
         json.dumps({"models": [{"id": "a", "task": "text-classification", "source": {"path": "models/a"}}]})
     )
+    return path
+
+
+@pytest.fixture
+def config_path(registry):
+    """serve_config.yaml beside the registry, holding ``config(registry)``."""
+    path = registry.parent / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config(registry)))
     return path
 
 
@@ -66,9 +75,7 @@ def test_the_registry_becomes_the_user_config_of_the_deployments_that_hold_it_an
     assert original["applications"][0]["deployments"] == [{"name": "ModelWorker", "num_replicas": 3}]  # not mutated
 
 
-def test_the_written_config_holds_the_registry_once(registry, capsys):
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
+def test_the_written_config_holds_the_registry_once(registry, config_path, capsys):
     assert reload.main([str(config_path), "--print"]) == 0
     out = capsys.readouterr().out
     assert out.count('"models/a"') + out.count(" models/a") == 1 and len(re.findall(r"\*id\d+", out)) == 2
@@ -101,12 +108,12 @@ def test_make_reload_runs_this_command_on_the_config_make_run_runs():
         ({"source": {"hub_id": "org/name", "revision": "main"}}, "models.0.source"),
     ],
 )
-def test_a_bad_registry_stops_it_before_anything_is_deployed(registry, monkeypatch, capsys, change, message):
+def test_a_bad_registry_stops_it_before_anything_is_deployed(
+    registry, config_path, monkeypatch, capsys, change, message
+):
     data = json.loads(registry.read_text())
     data["models"][0].update(change)
     registry.write_text(json.dumps(data))
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
     called = []
     monkeypatch.setattr(reload, "Cluster", called.append)
     assert reload.main([str(config_path)]) == 1
@@ -127,12 +134,11 @@ def test_a_bad_registry_stops_it_before_anything_is_deployed(registry, monkeypat
     ],
 )
 def test_a_task_module_the_args_name_that_cannot_be_imported_is_refused_as_the_configs_fault(
-    registry, capsys, monkeypatch, tmp_path, source, reason
+    registry, config_path, capsys, monkeypatch, tmp_path, source, reason
 ):
     if source is not None:
         (tmp_path / "broken_tasks.py").write_text(source)
         monkeypatch.syspath_prepend(str(tmp_path))
-    config_path = registry.parent / "serve_config.yaml"
     bad = config(registry)
     bad["applications"][0]["args"]["tasks"] = ["deployments.tasks.text_classification", "broken_tasks"]
     config_path.write_text(yaml.safe_dump(bad))
@@ -190,9 +196,7 @@ class Running(FakeCluster):
         return {"name": "multimodel", **self.running}
 
 
-def test_it_follows_serve_status_until_the_update_is_over(registry, monkeypatch, capsys):
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
+def test_it_follows_serve_status_until_the_update_is_over(registry, config_path, monkeypatch, capsys):
     serve = FakeCluster(
         {"status": "RUNNING", "last_deployed_time_s": 1.0},  # not taken yet
         {"status": "DEPLOYING", "last_deployed_time_s": 2.0},
@@ -209,10 +213,11 @@ def test_it_follows_serve_status_until_the_update_is_over(registry, monkeypatch,
     assert [c for c in serve.calls if c != "config"] == ["status"] * 2 + ["deploy"] + ["status"] * 6
 
 
-def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(registry, monkeypatch, capsys):
+def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(
+    registry, config_path, monkeypatch, capsys
+):
     """`serve config` gives the running application's args: when the config's differ, Serve builds the app
     again, and the reload says so before it deploys; a registry change alone says nothing of the kind."""
-    config_path = registry.parent / "serve_config.yaml"
     deployed = config(registry)
     config_path.write_text(yaml.safe_dump(deployed))
 
@@ -228,11 +233,9 @@ def test_a_change_of_the_apps_args_is_announced_since_every_replica_restarts(reg
     )
 
 
-def test_a_deploy_that_a_later_one_replaced_is_not_reported_as_live(registry, monkeypatch, capsys):
+def test_a_deploy_that_a_later_one_replaced_is_not_reported_as_live(registry, config_path, monkeypatch, capsys):
     """Two reloads a second apart: the first sees its application RUNNING, but with the second's registry
     (`serve config`), and says so with exit 1, not that every replica runs its own."""
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
     later = {"models": [{"id": "b", "task": "text-classification", "source": {"path": "models/b"}}]}
 
     def replaced(registry):
@@ -248,9 +251,7 @@ def test_a_deploy_that_a_later_one_replaced_is_not_reported_as_live(registry, mo
     assert f"every replica runs registry {ours}" in capsys.readouterr().out
 
 
-def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, monkeypatch, capsys):
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
+def test_a_refused_update_is_reported_with_serves_message_and_exit_1(registry, config_path, monkeypatch, capsys):
     failed = {
         "status": "DEPLOY_FAILED",
         "message": "Failed to update the deployments ['RegistryCheck'].",
@@ -315,6 +316,10 @@ class FakeDashboard(ThreadingHTTPServer):
     @property
     def url(self):
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        return super().__exit__(*exc)
 
     def details(self):
         """Every application of the config: RUNNING before the deploy, then DEPLOYING for one look, then as it
@@ -383,14 +388,9 @@ def home(tmp_path):
 TOKEN = "0123456789abcdef0123456789abcdef"
 
 
-def test_it_deploys_through_the_dashboards_api_with_rays_token_and_follows_the_status(registry, home):
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
-    dashboard = FakeDashboard(token=TOKEN)
-    try:
+def test_it_deploys_through_the_dashboards_api_with_rays_token_and_follows_the_status(registry, config_path, home):
+    with FakeDashboard(token=TOKEN) as dashboard:
         done = run_reload(config_path, dashboard.url, home)
-    finally:
-        dashboard.shutdown()
     assert done.returncode == 0, done.stdout + done.stderr
     version = content_version(json.loads(registry.read_text()))
     assert f"'multimodel' RUNNING: every replica runs registry {version}" in done.stdout
@@ -398,24 +398,17 @@ def test_it_deploys_through_the_dashboards_api_with_rays_token_and_follows_the_s
     assert dashboard.looks >= 2  # DEPLOYING, then RUNNING
     assert set(dashboard.auth) == {f"Bearer {TOKEN}"}  # every request carried the token from ~/.ray
     # Told not to send one, the command gets the dashboard's 401 as one line.
-    dashboard = FakeDashboard(token=TOKEN)
-    try:
+    with FakeDashboard(token=TOKEN) as dashboard:
         refused = run_reload(config_path, dashboard.url, home, RAY_AUTH_MODE="disabled")
-    finally:
-        dashboard.shutdown()
     assert refused.returncode == 1 and dashboard.deployed is None
     assert refused.stderr.startswith(f"reload: {dashboard.url}: AuthenticationError: Authentication required")
     assert "Traceback" not in refused.stderr
 
 
-def test_a_refusal_is_reported_from_the_dashboards_status_without_terminal_colours(registry, home):
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
-    dashboard = FakeDashboard(settles=("DEPLOY_FAILED", "\x1b[36mray::build_app\x1b[39m failed: ValueError: bad"))
-    try:
+def test_a_refusal_is_reported_from_the_dashboards_status_without_terminal_colours(config_path, home):
+    coloured = "\x1b[36mray::build_app\x1b[39m failed: ValueError: bad"  # as Ray's task errors are
+    with FakeDashboard(settles=("DEPLOY_FAILED", coloured)) as dashboard:
         done = run_reload(config_path, dashboard.url, home)
-    finally:
-        dashboard.shutdown()
     assert done.returncode == 1
     assert "did not take registry" in done.stdout
     assert "DEPLOY_FAILED: ray::build_app failed: ValueError: bad" in done.stdout
@@ -429,10 +422,8 @@ def test_a_refusal_is_reported_from_the_dashboards_status_without_terminal_colou
         ("127.0.0.1:8265", "ValueError: Got an unexpected address"),  # the dashboard's address is http(s)
     ],
 )
-def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(registry, home, address, error):
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_1(config_path, home, address, error):
     """The dashboard down, or an address that is not one: one ``reload:`` line naming it, no traceback."""
-    config_path = registry.parent / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config(registry)))
     done = run_reload(config_path, address, home)
     assert done.returncode == 1
     assert done.stderr.startswith(f"reload: {address}: {error}") and "Traceback" not in done.stderr, done.stderr
