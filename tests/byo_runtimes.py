@@ -103,6 +103,16 @@ class NotARuntime:
     """A class that does not subclass ModelRuntime."""
 
 
+class AsyncPredict(ModelRuntime):
+    """A runtime whose ``predict`` is a coroutine function, which the worker's threads cannot run."""
+
+    def load(self) -> None:
+        pass
+
+    async def predict(self, inputs: list[str]) -> list[list[tuple[str, float]]]:
+        return [[("x", 1.0)] for _ in inputs]
+
+
 def write_training_data(folder: Path, rows: list[tuple[str, str]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.tsv", "w", encoding="utf-8", newline="") as f:

@@ -34,7 +34,7 @@ from serve_app.core.errors import InvalidInput, ModelUnavailable, RequestTimeout
 from serve_app.core.inputs import InputDecoder
 from serve_app.core.live_registry import LiveRegistry
 from serve_app.core.metrics import UNKNOWN_MODEL, IngressMetrics
-from serve_app.core.outputs import output_code
+from serve_app.core.outputs import native_answer, output_code, v2_tensors
 from serve_app.core.registry import ModelSpec, Registry
 from serve_app.core.schemas import DECLARED_BYTES, ModelState, RegistryStatus, ReplicaStatus, WorkerCall, WorkerResult
 from serve_app.core.tasks import Task, TaskCatalog
@@ -122,13 +122,14 @@ class InferenceResult:
         return sum(int(array.size) for array in self.outputs.values())
 
     def native(self) -> list[Any]:
-        """One native prediction per input, in input order."""
-        shape = functools.partial(self.task.output.native, self.outputs, self.count)
+        """One native prediction per input, in input order (``outputs.native_answer``: checked)."""
+        shape = functools.partial(native_answer, self.task.output, self.outputs, self.count)
         return self._shape("native", "shape its answer for the native API", shape)
 
     def v2(self) -> dict[str, np.ndarray]:
-        """The Open Inference Protocol's output tensors, by name, in the order of the task's metadata."""
-        shape = functools.partial(self.task.output.v2, self.outputs)
+        """The Open Inference Protocol's output tensors, by name, in the order of the task's metadata
+        (``outputs.v2_tensors``: checked against it)."""
+        shape = functools.partial(v2_tensors, self.task.output, self.outputs)
         return self._shape("v2", "shape its answer as v2 output tensors", shape)
 
     def _shape(self, form: str, step: str, shape: Callable[[], Any]) -> Any:
@@ -289,7 +290,8 @@ class DataPlane:
                 request = await request()
             parameters = task.request_parameters(request.parameters, others=request.other_parameters)
             check_outputs(task, request.outputs)
-            decoded = await self.decoder.decode(task.input, request.inputs)
+            with output_code(model_id, task.name, "decode its inputs"):  # a task module's input kind is its own code
+                decoded = await self.decoder.decode(task.input, request.inputs)
             timeout_s = min(self.timeout_s, request.timeout_s or self.timeout_s)
             call = self._call(
                 WorkerCall.PREDICT,

@@ -35,6 +35,7 @@ the status of one of the app's errors (``InvalidInput``: 422), else 503.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -114,6 +115,10 @@ class ModelRuntime(ABC):
         return torch_bytes(*vars(self).values())
 
 
+CALLED_IN_THREADS = ("load", "predict", "prepare", "unload", "size_bytes")
+"""The methods of a runtime the worker calls, each in a thread (never awaited)."""
+
+
 @contextmanager
 def runtime_code(what: str) -> Iterator[None]:
     """Run a runtime's own code (``what`` names it): an exception that is no ``Exception`` (``SystemExit``, as a
@@ -139,11 +144,18 @@ def runtime_for(spec: ModelSpec, catalog: TaskCatalog | None = None, device: str
         raise TypeError(f"{catalog.runtime_of(spec)} is not a subclass of deployments.runtimes.ModelRuntime")
     if cls.task is not None and cls.task != spec.task:
         raise TypeError(f"{catalog.runtime_of(spec)} serves {cls.task}, not {spec.task}")
-    unread = sorted(set(spec.parameters) - cls.entry_parameters) if cls.entry_parameters is not None else []
+    asynchronous = [name for name in CALLED_IN_THREADS if inspect.iscoroutinefunction(getattr(cls, name, None))]
+    if asynchronous:
+        raise TypeError(
+            f"{catalog.runtime_of(spec)}.{asynchronous[0]} is an async def: the worker calls a runtime's methods "
+            "in threads of their own, and would get a coroutine that never runs; make it a plain def"
+        )
+    reads = frozenset(cls.entry_parameters) if cls.entry_parameters is not None else None
+    unread = sorted(set(spec.parameters) - reads) if reads is not None else []
     if unread:
-        reads = ", ".join(sorted(cls.entry_parameters or ())) or "none"
+        named = ", ".join(sorted(reads or ())) or "none"
         raise ValueError(
-            f"{catalog.runtime_of(spec)} reads no registry parameter {', '.join(map(repr, unread))} (it reads: {reads})"
+            f"{catalog.runtime_of(spec)} reads no registry parameter {', '.join(map(repr, unread))} (it reads: {named})"
         )
     with runtime_code("the runtime's __init__"):
         return cls(spec, device)

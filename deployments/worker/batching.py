@@ -40,7 +40,7 @@ import numpy as np
 from ray import serve
 
 from deployments.worker.cache import failure_reason, failure_trace
-from deployments.worker.copies import ModelCopy
+from deployments.worker.copies import ModelCopy, own_status
 from serve_app.core.config import BatchingArgs
 from serve_app.core.errors import ModelFailed, ModelUnavailable, ServeAppError, bounded
 from serve_app.core.outputs import ContractError
@@ -63,7 +63,7 @@ def model_failure(copy: ModelCopy, e: Exception, doing: str = "failed on this in
     """What a request gets when the model's code raised ``e``: itself for the app's own errors, else a 503
     naming the reason (a ``ContractError``: the task's contract it broke)."""
     if isinstance(e, ServeAppError):
-        return e
+        return own_status(copy.spec.id, e, doing)
     if isinstance(e, ContractError):
         return ModelFailed(
             f"Model {copy.spec.id!r} answered outside the {copy.spec.task} contract: {bounded(str(e))}",

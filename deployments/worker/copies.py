@@ -42,7 +42,7 @@ import numpy as np
 
 from deployments.runtimes.base import ModelRuntime, runtime_code
 from deployments.worker.threads import IdleThreadsRule
-from serve_app.core.errors import InvalidInput, ServeAppError
+from serve_app.core.errors import InvalidInput, ModelFailed, ServeAppError, bounded
 from serve_app.core.outputs import ContractError, output_code
 from serve_app.core.registry import ModelSpec
 from serve_app.core.tasks import Task
@@ -134,6 +134,16 @@ def one_per_input(values: Any, count: int, what: str) -> list[Any]:
         got = len(values) if isinstance(values, list) else type(values).__name__
         raise ContractError(f"{what}: {count} input{'s' if count != 1 else ''}, got {got}")
     return values
+
+
+def own_status(model_id: str, e: ServeAppError, doing: str = "failed on this input") -> ServeAppError:
+    """One of the app's errors that a model's or a task's own code raised, as its request gets it: with its own
+    status where it has one (an input the model refuses: 422, 400; the model unavailable: 503), but the app's
+    base error, ``ServeAppError`` itself, is a 500, the app's own fault: from a model's code it is the model's
+    failure, a 503 naming it, as for any other exception the model's code raises."""
+    if e.status_code != 500:
+        return e
+    return ModelFailed(f"Model {model_id!r} {doing}: {type(e).__name__}: {bounded(e.message)}", model_id=model_id)
 
 
 class ModelCopy:
@@ -250,7 +260,8 @@ class ModelCopy:
         out: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
         with with_threads(threads, own_threads):
             self._answer_groups(requests, given, options, groups, out)
-        return out  # type: ignore[return-value]  (every request answered)
+        # Every request answered; an error of the model's own code with its status (own_status).
+        return [own_status(self.spec.id, a) if isinstance(a, ServeAppError) else a for a in out]  # type: ignore[misc]
 
     def _answer_groups(
         self,

@@ -27,10 +27,11 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.core.errors import ModelFailed, ServeAppError, error_text
-from serve_app.core.tensors import TensorSpec, bytes_array
+from serve_app.core.tensors import TensorSpec, bytes_array, datatype_of
 
 Wire = Mapping[str, np.ndarray]
 """One request's answer between the replicas: named arrays (``WorkerResult.outputs``)."""
@@ -45,11 +46,11 @@ logger = logging.getLogger("ray.serve")
 
 @contextmanager
 def output_code(model_id: str, task: str, step: str) -> Iterator[None]:
-    """Run one ``step`` of a task's output kind (``encode``, ``apply``, ``native``, ``v2``): the code of the task's
-    module, which a task of one's own brings as a runtime of one's own brings a model's. Where it raises other than
-    this app's errors or a ``ContractError`` (the runtime's answer is out of the contract), the fault is the
-    task's, not the request's: a 503 naming the task and the step (``ModelFailed``), its traceback in the log,
-    as for a runtime that raises; never a 500."""
+    """Run one ``step`` of a task's output kind (``encode``, ``apply``, ``native``, ``v2``), or its input kind's
+    ``decode``: the code of the task's module, which a task of one's own brings as a runtime of one's own brings
+    a model's. Where it raises other than this app's errors or a ``ContractError`` (the runtime's answer is out
+    of the contract), the fault is the task's, not the request's: a 503 naming the task and the step
+    (``ModelFailed``), its traceback in the log, as for a runtime that raises; never a 500."""
     try:
         yield
     except (ServeAppError, ContractError):
@@ -87,6 +88,43 @@ class OutputKind(ABC):
     def v2(self, wire: Wire) -> dict[str, np.ndarray]:
         """The v2 output tensors by name, in the order of ``outputs`` (by default, the arrays of that name)."""
         return {spec.name: wire[spec.name] for spec in self.outputs()}
+
+
+def native_answer(kind: OutputKind, wire: Wire, count: int) -> list[Any]:
+    """``kind.native(wire, count)``, checked: one prediction per input, and, from an output kind's ``native`` that
+    this app does not ship, only values JSON holds (a numpy number, say, is none: pydantic's serializer, which
+    writes the answer, would fail on it after the request had been answered 200). A ``ValueError`` otherwise,
+    which the caller's ``output_code`` makes the 503 of the task's failed step. The shipped kinds' answers are
+    plain values by construction (``tolist``), and skip the check: it would cost as much as writing the answer
+    (0.8 ms for 32 embeddings of 384 floats on a slow machine)."""
+    rows = kind.native(wire, count)
+    if not isinstance(rows, list) or len(rows) != count:
+        given = f"{len(rows)} items" if isinstance(rows, list) else type(rows).__name__
+        raise ValueError(f"native must answer a list of one prediction per input: {count} inputs, got {given}")
+    if type(kind).native.__module__ != __name__:
+        try:
+            pydantic_core.to_json(rows)
+        except pydantic_core.PydanticSerializationError as e:
+            raise ValueError(f"native answered a value JSON cannot hold: {e}") from None
+    return rows
+
+
+def v2_tensors(kind: OutputKind, wire: Wire) -> dict[str, np.ndarray]:
+    """``kind.v2(wire)``, checked against the model metadata ``kind.outputs()`` declares: the tensors it names, each
+    a numpy array of the datatype declared, so that what a client reads in the metadata is what infer answers
+    and every protocol can write it. A ``ValueError`` otherwise, as for ``native_answer``."""
+    tensors = kind.v2(wire)
+    declared = {spec.name: spec.datatype for spec in kind.outputs()}
+    if not isinstance(tensors, Mapping) or set(tensors) != set(declared):
+        named = sorted(map(str, tensors)) if isinstance(tensors, Mapping) else type(tensors).__name__
+        raise ValueError(f"v2 must answer the output tensors the metadata declares, {sorted(declared)}: got {named}")
+    for name, datatype in declared.items():
+        array = tensors[name]
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"v2 output {name!r} is a {type(array).__name__}, not a numpy array")
+        if (given := datatype_of(array)) != datatype:
+            raise ValueError(f"v2 output {name!r} is {given}; the model metadata declares {datatype}")
+    return {name: tensors[name] for name in declared}
 
 
 def _floats(values: Any, what: str) -> np.ndarray:

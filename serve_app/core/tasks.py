@@ -64,8 +64,20 @@ class Task:
     takes none."""
 
     def __post_init__(self) -> None:
+        """Each field of the kind it must be, checked when the task module is imported (the app does not start
+        with it), not at each request (a class where an instance belongs would fail every one of them)."""
+        for what, value, kind in (("input", self.input, InputKind), ("output", self.output, OutputKind)):
+            if not isinstance(value, kind):
+                hint = f" (a class: write {value.__name__}())" if isinstance(value, type) else ""
+                raise TaskConfigError(f"task {self.name!r}: its {what} must be an instance of {kind.__name__}{hint}")
         if not self.runtimes:
             raise TaskConfigError(f"task {self.name!r} names no runtime class")
+        if not isinstance(self.runtimes, tuple) or not all(isinstance(cls, type) for cls in self.runtimes):
+            raise TaskConfigError(f"task {self.name!r}: its runtimes must be a tuple of classes")
+        if self.parameters is not None and not (
+            isinstance(self.parameters, type) and issubclass(self.parameters, BaseModel)
+        ):
+            raise TaskConfigError(f"task {self.name!r}: its parameters must be a pydantic model class, or None")
 
     def request_parameters(self, given: Mapping[str, Any] | None, others: bool = False) -> dict[str, Any]:
         """A request's parameters for this task, checked (InvalidInput naming the field), without those left
@@ -113,8 +125,15 @@ class TaskCatalog:
     """The tasks the app serves, by name, and the modules runtime classes may come from."""
 
     def __init__(
-        self, tasks: Iterable[Task], runtime_modules: Iterable[str] = (), model_roots: Iterable[str] = MODEL_ROOTS
+        self,
+        tasks: Iterable[Task],
+        runtime_modules: Iterable[str] = (),
+        model_roots: Iterable[str] = MODEL_ROOTS,
+        task_modules: Iterable[str] = (),
     ) -> None:
+        """A registry entry may name a runtime class from a module of ``runtime_modules``, from one of the task
+        modules (``task_modules``: those that declared ``tasks``), or from a module that defines one of their
+        runtime classes (a task module may import its runtimes from another), by the module's exact name."""
         self.model_roots = tuple(resolve_project_path(root).resolve() for root in model_roots)
         self._tasks: dict[str, Task] = {}
         for task in tasks:
@@ -122,7 +141,8 @@ class TaskCatalog:
                 raise TaskConfigError(f"two task modules declare the task {task.name!r}")
             self._tasks[task.name] = task
         self.runtime_modules = frozenset(runtime_modules)
-        self._allowed = self.runtime_modules | {cls.__module__ for t in self._tasks.values() for cls in t.runtimes}
+        runtimes_defined_in = {cls.__module__ for t in self._tasks.values() for cls in t.runtimes}
+        self._allowed = self.runtime_modules | frozenset(task_modules) | runtimes_defined_in
 
     @classmethod
     def load(
@@ -221,4 +241,4 @@ def _load(modules: tuple[str, ...], runtime_modules: tuple[str, ...], model_root
         if not isinstance(task, Task):
             raise TaskConfigError(f"task module {name!r} defines no TASK (a serve_app.core.tasks.Task)")
         tasks.append(task)
-    return TaskCatalog(tasks, runtime_modules, model_roots)
+    return TaskCatalog(tasks, runtime_modules, model_roots, task_modules=modules)

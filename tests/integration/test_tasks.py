@@ -23,7 +23,7 @@ from demo.tiny_models import build_clip_model, build_sentence_model, labels_for
 from serve_app.core.config import SHIPPED_TASKS
 from serve_app.core.paths import PROJECT_ROOT
 from tests.byo_runtimes import KEYWORDS, write_training_data
-from tests.faulty_task import ENCODE_FAILS, NATIVE_FAILS
+from tests.faulty_task import ENCODE_FAILS, FLOAT_COUNTS, NATIVE_FAILS, NUMPY_NATIVE
 from tests.helpers import MODEL_ROOTS, wait_for
 
 pytestmark = pytest.mark.integration
@@ -336,6 +336,7 @@ def tasks_url(deploy, tiny_dir, own_models):
         entry("wrong", runtime=f"{own}:BreaksItsContract"),
         entry("noisy", runtime=f"{own}:FailsNoisily"),
         entry("plain", runtime=f"{own}:NotARuntime"),
+        entry("async", runtime=f"{own}:AsyncPredict"),
         entry("missing", runtime=f"{own}:Missing"),
         entry("clip-text", task="feature-extraction", path=clip),
         entry("clip-image", task="image-feature-extraction", path=clip),
@@ -422,6 +423,7 @@ def test_a_runtime_of_ones_own_is_served_batched_and_evicted_like_any_other(clie
         ("ghost", "no model files at"),  # not transformers' "Repo id must be in the form ..."
         ("misspelt", "reads no registry parameter 'normalise'"),
         ("plain", "is not a subclass of deployments.runtimes.ModelRuntime"),
+        ("async", "tests.byo_runtimes:AsyncPredict.predict is an async def"),
         ("missing", "module 'tests.byo_runtimes' has no class 'Missing'"),
     ],
 )
@@ -438,7 +440,7 @@ def test_a_runtime_that_fails_to_load_is_a_503_with_its_reason_and_shows_failed(
     assert predict(client, tasks_url, "stats", "still served").status_code == 200
 
 
-def test_a_task_whose_own_code_fails_is_a_503_naming_the_task_and_the_step_never_a_500(client, tasks_url):
+def test_a_task_whose_own_code_fails_is_a_503_naming_the_task_and_the_step_never_a_500(client, tasks_url, grpc_client):
     """A task module's output kind is its own code, as a runtime is a model's (tests/faulty_task.py)."""
     failed = "Model 'faulty': its task 'faulty-statistics' failed to"
     r = predict(client, tasks_url, "faulty", NATIVE_FAILS)  # in the ingress
@@ -453,6 +455,18 @@ def test_a_task_whose_own_code_fails_is_a_503_naming_the_task_and_the_step_never
     assert (r.status_code, r.json()["error"]) == (503, "model_unavailable"), r.text
     assert r.json()["message"] == f"{failed} encode its answer: KeyError: 'chars'"
     assert predict(client, tasks_url, "faulty", "two words").json()["predictions"] == [{"chars": 9, "words": 2}]
+    # An answer no protocol could write: before, a serializer failed after the model had answered (a 500).
+    r = predict(client, tasks_url, "faulty", NUMPY_NATIVE)  # numpy numbers in its native form
+    assert (r.status_code, r.json()["error"]) == (503, "model_unavailable"), r.text
+    assert r.json()["message"].startswith(f"{failed} shape its answer for the native API: ValueError: native answered")
+    floats = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [FLOAT_COUNTS]}]}
+    r = client.post(f"{tasks_url}/v2/models/faulty/infer", json=floats)  # FP64 tensors, declared INT64
+    declared = "v2 output 'chars' is FP64; the model metadata declares INT64"
+    assert r.status_code == 503 and r.json()["error"].endswith(declared), r.text
+    with pytest.raises(InferenceServerException) as e:
+        grpc_client.infer("faulty", [text_input(FLOAT_COUNTS)], headers=TASKS)
+    assert e.value.status() == "StatusCode.UNAVAILABLE" and declared in e.value.message()
+    assert predict(client, tasks_url, "faulty", FLOAT_COUNTS).json()["predictions"] == [{"chars": 28.0, "words": 5.0}]
 
 
 def test_a_traceback_in_a_replicas_log_reads_as_python_prints_it(client, tasks_url):

@@ -375,3 +375,29 @@ def test_a_tasks_own_code_that_raises_fails_the_request_naming_the_task_and_the_
     assert str(failed) == "Model 'f': its task 'faulty-statistics' failed to encode its answer: KeyError: 'chars'"
     assert fine["words"].tolist() == [2] and also["words"].tolist() == [1]
     assert calls == [[ENCODE_FAILS, "two words", "one"]]  # the model ran once: the task's failure is the request's
+
+
+def test_the_apps_base_error_raised_by_a_model_is_its_503_and_the_errors_of_a_status_keep_it():
+    """``ServeAppError`` itself is a 500, the app's own fault: raised by a model's code (its ``predict`` or its
+    ``prepare``) it is the model's failure, a 503 naming it; ``InvalidInput`` and the like keep their status."""
+    from deployments.worker.batching import model_failure
+    from serve_app.core.errors import InvalidInput, ModelFailed, ServeAppError
+
+    class Raises(ModelRuntime):
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            if "base" in inputs:
+                raise ServeAppError("the scorer is not ready")
+            raise InvalidInput("input_data[0]: refused", field="input_data[0]")
+
+    spec = ModelSpec(id="r", task="text-classification", source={"path": "x"})
+    copy = ModelCopy(spec, Raises(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    base, refused = copy.answer([["base"], ["other"]])
+    assert isinstance(base, ModelFailed) and base.status_code == 503
+    assert base.message == "Model 'r' failed on this input: ServeAppError: the scorer is not ready"
+    assert isinstance(refused, InvalidInput) and refused.status_code == 422
+    prepared = model_failure(copy, ServeAppError("no such file"), "failed to prepare this input")
+    assert isinstance(prepared, ModelFailed) and prepared.message.startswith("Model 'r' failed to prepare this input:")
+    assert model_failure(copy, refused) is refused

@@ -535,3 +535,62 @@ def test_a_request_whose_answer_its_task_fails_to_shape_is_recorded_as_the_503_i
         asyncio.run(p.infer("f", InferenceRequest([NATIVE_FAILS]), api="native"))
     assert asyncio.run(p.infer("f", InferenceRequest([NATIVE_FAILS]), api="v2")).v2()["words"].tolist() == [3]
     assert metrics.observed == [("f", TASK.name, "native", 503), ("f", TASK.name, "v2", 200)]
+
+
+def test_an_answer_its_task_shapes_into_what_no_protocol_writes_is_the_503_of_that_step():
+    """A task's native form of numpy numbers, or v2 tensors of another datatype than its metadata declares,
+    fails in the task's own step, recorded as the 503 it is; before, a serializer failed after the request was
+    counted a 200, and the client got a 500."""
+    from deployments.ingress.dataplane import DataPlane
+    from serve_app.core.config import SHIPPED_TASKS, AppArgs
+    from serve_app.core.errors import ModelFailed
+    from serve_app.core.live_registry import LiveRegistry, registry_user_config
+    from serve_app.core.tasks import TaskCatalog
+    from tests.faulty_task import FLOAT_COUNTS, NUMPY_NATIVE, TASK
+
+    live = LiveRegistry(TaskCatalog.load([*SHIPPED_TASKS, "tests.faulty_task"]))
+    entry = {"id": "f", "task": TASK.name, "source": {"path": "models/f"}}
+    live.apply(registry_user_config({"models": [entry]}, origin="test"))
+    numpy_native = WorkerResult(outputs=TASK.output.encode([{"chars": len(NUMPY_NATIVE), "words": 4}]))
+    floats = WorkerResult(outputs=TASK.output.encode([{"chars": len(FLOAT_COUNTS), "words": 5}]))
+    metrics, worker = FakeMetrics(), FakeWorker(numpy_native, numpy_native, floats, floats)
+    p = DataPlane(live, worker, AppArgs(auth={"mode": "off"}), metrics=metrics, replicas=FakeReplicas())
+    failed = "Model 'f': its task 'faulty-statistics' failed to"
+    with pytest.raises(ModelFailed) as e:
+        asyncio.run(p.infer("f", InferenceRequest([NUMPY_NATIVE]), api="native"))
+    assert str(e.value).startswith(f"{failed} shape its answer for the native API: ValueError: native answered a")
+    assert asyncio.run(p.infer("f", InferenceRequest([NUMPY_NATIVE]), api="v2")).v2()["chars"].tolist() == [31]
+    with pytest.raises(ModelFailed) as e:
+        asyncio.run(p.infer("f", InferenceRequest([FLOAT_COUNTS]), api="v2"))
+    assert str(e.value) == (
+        f"{failed} shape its answer as v2 output tensors: "
+        "ValueError: v2 output 'chars' is FP64; the model metadata declares INT64"
+    )
+    assert asyncio.run(p.infer("f", InferenceRequest([FLOAT_COUNTS]), api="native")).native() == [
+        {"chars": 28.0, "words": 5.0}
+    ]
+    assert [status for *_, status in metrics.observed] == [503, 200, 503, 200]
+
+
+def test_an_input_kind_that_raises_is_the_503_of_its_tasks_decode_step():
+    """A task module's input kind is its own code too: an exception other than the app's errors is a 503
+    naming the task and the step, never a 500; the app's own errors keep their status."""
+    from serve_app.core.errors import InvalidInput, ModelFailed
+
+    p, worker, metrics = plane()
+
+    async def decode(kind, inputs):
+        if inputs == ["refused"]:
+            raise InvalidInput("input_data[0]: refused", field="input_data[0]")
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    p.decoder.decode = decode
+    with pytest.raises(ModelFailed) as e:
+        asyncio.run(p.infer("m", InferenceRequest(["x"]), api="native"))
+    assert str(e.value) == (
+        "Model 'm': its task 'text-classification' failed to decode its inputs: "
+        "TypeError: 'NoneType' object is not subscriptable"
+    )
+    with pytest.raises(InvalidInput):
+        asyncio.run(p.infer("m", InferenceRequest(["refused"]), api="native"))
+    assert worker.calls == [] and [status for *_, status in metrics.observed] == [503, 422]

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shutil
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -1221,3 +1222,42 @@ def test_a_local_source_missing_on_this_node_fails_its_load_saying_so():
         spec = ModelSpec(id="ghost", task=task, source={"path": "models/no-such-model"})
         with pytest.raises(FileNotFoundError, match=r"no model files at 'models/no-such-model' \(source.path\)"):
             runtime_for(spec).load()
+
+
+def test_a_runtime_of_async_methods_fails_its_load_saying_they_must_be_plain_functions():
+    """The worker calls a runtime's methods in threads: an ``async def predict`` would hand it a coroutine that
+    never runs, an ``async def load`` would leave the model shown loaded and every request failing. Refused
+    when the runtime is made, as a failed load that says why; ``entry_parameters`` may be any collection."""
+
+    class AsyncPredict(ModelRuntime):
+        def load(self):
+            pass
+
+        async def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+    class AsyncLoad(ModelRuntime):
+        entry_parameters: ClassVar = ["anything"]  # a list, not the frozenset the base declares
+
+        async def load(self):
+            pass
+
+        def predict(self, inputs):
+            return [[("x", 1.0)] for _ in inputs]
+
+    spec = ModelSpec(id="m", task="text-classification", source={"path": "models/x"}, parameters={"anything": 1})
+
+    def naming(cls: type) -> TaskCatalog:  # a catalog whose registry entry names ``cls``
+        catalog = TaskCatalog([TaskCatalog.load().task_of(spec)])
+        catalog.runtime_class = lambda _spec: cls
+        return catalog
+
+    for cls, method in ((AsyncPredict, "predict"), (AsyncLoad, "load")):
+        with pytest.raises(TypeError, match=rf"\.{method} is an async def: .* make it a plain def"):
+            runtime_for(spec, naming(cls))
+
+    class SyncLoad(AsyncLoad):
+        def load(self):
+            pass
+
+    assert runtime_for(spec, naming(SyncLoad)).spec.parameters == {"anything": 1}

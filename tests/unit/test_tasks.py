@@ -309,3 +309,99 @@ def test_a_request_gives_only_the_parameters_its_task_takes_and_defaults_are_not
     # v2 and gRPC requests carry the protocol's own parameters beside the task's: those are left to it.
     assert embed.request_parameters({"timeout": 5, "prompt_name": "query"}, others=True) == {"prompt_name": "query"}
     assert classify.request_parameters({"timeout": 5, "priority": 1}, others=True) == {}
+
+
+# -- what a task module declares, checked ---------------------------------------------------------------
+
+
+def test_a_task_declared_with_fields_of_the_wrong_kind_stops_the_app_naming_the_field():
+    """A class where an instance belongs (``output=Counts``) would otherwise fail every request of the task; it
+    is refused when the task module is imported."""
+    output_class = type(CLASSIFICATION)
+    for kwargs, match in [
+        (
+            {"output": output_class},
+            rf"its output must be an instance of OutputKind \(a class: write {output_class.__name__}\(\)\)",
+        ),
+        ({"input": type(TEXT)}, r"its input must be an instance of InputKind \(a class: write"),
+        ({"input": "text"}, r"its input must be an instance of InputKind$"),
+        ({"runtimes": [object]}, "its runtimes must be a tuple of classes"),
+        ({"runtimes": (object, "x")}, "its runtimes must be a tuple of classes"),
+        ({"parameters": dict}, "its parameters must be a pydantic model class, or None"),
+    ]:
+        with pytest.raises(TaskConfigError, match=match):
+            Task(**{"name": "t", "input": TEXT, "output": CLASSIFICATION, "runtimes": (object,), **kwargs})
+
+
+def test_a_registry_entry_may_name_a_class_of_a_task_module_or_of_the_module_defining_its_runtimes(fake_module):
+    """The operator's modules are those of ``runtime_modules``, the task modules, and the modules their runtime
+    classes come from (a task module may import them from another), each by its exact name."""
+    from tests.text_stats_task import CountingRuntime
+
+    fake_module(
+        "tests_fake_task_module",
+        TASK=Task("fake-counts", TEXT, CLASSIFICATION, runtimes=(CountingRuntime,)),
+        Other=CountingRuntime,
+    )
+    catalog = TaskCatalog.load(["tests_fake_task_module"], runtime_modules=["tests"])
+    assert catalog.check_runtime("tests_fake_task_module:Other") is None  # a class of the task module
+    assert catalog.check_runtime("tests.text_stats_task:CountingRuntime") is None  # where its runtime is defined
+    assert "is not in args.runtime_modules" in catalog.check_runtime("tests.byo_runtimes:Sized")  # not a prefix
+
+
+class _OwnKind(type(ENTITIES)):
+    """An output kind of one's own: its ``native`` and ``v2`` are not the app's, and get checked."""
+
+    def __init__(self, native=None, v2=None) -> None:
+        self._native, self._v2 = native, v2
+
+    def native(self, wire, count):
+        return self._native if self._native is not None else super().native(wire, count)
+
+    def v2(self, wire):
+        return self._v2 if self._v2 is not None else super().v2(wire)
+
+
+def test_an_answer_no_protocol_could_write_fails_in_its_tasks_own_step_not_in_a_serializer():
+    """A task's ``native`` must answer one prediction per input, of values JSON holds, and its ``v2`` the
+    tensors its model metadata declares, of the datatypes declared: otherwise the step fails (a 503 naming the
+    task and the step, below), where before a serializer failed after the request was counted a 200 and
+    answered a 500."""
+    from serve_app.core.outputs import native_answer, v2_tensors
+
+    wire = ENTITIES.encode([[{"entity_group": "PER", "score": 0.9, "word": "Ann", "start": 0, "end": 3}]])
+    assert native_answer(_OwnKind(), wire, 1) == ENTITIES.native(wire, 1)
+    assert v2_tensors(_OwnKind(), wire).keys() == {spec.name for spec in ENTITIES.outputs()}
+    for kind, match in [
+        (_OwnKind(native=[{"score": np.float32(0.9)}]), "native answered a value JSON cannot hold: .*numpy.float32"),
+        (_OwnKind(native=[[], []]), "one prediction per input: 1 inputs, got 2 items"),
+        (_OwnKind(native={"a": 1}), "one prediction per input: 1 inputs, got dict"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            native_answer(kind, wire, 1)
+    some, datatype = "score", "FP32"
+    assert {spec.name: spec.datatype for spec in ENTITIES.outputs()}[some] == datatype
+    tensors = ENTITIES.v2(wire)
+    for changed, match in [
+        (
+            {**tensors, some: tensors[some].astype(np.float64)},
+            rf"v2 output '{some}' is FP64; the model metadata declares {datatype}",
+        ),
+        ({**tensors, some: np.array(["x"])}, "no v2 datatype holds numpy <U1"),
+        ({**tensors, some: [1]}, f"v2 output '{some}' is a list, not a numpy array"),
+        ({k: v for k, v in tensors.items() if k != some}, "v2 must answer the output tensors the metadata declares"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            v2_tensors(_OwnKind(v2=changed), wire)
+
+
+def test_every_shipped_output_kind_answers_within_its_own_metadata():
+    from serve_app.core.outputs import native_answer, v2_tensors
+
+    for kind, rows in [
+        (CLASSIFICATION, [[("a", 0.75), ("b", 0.25)], [("b", 1.0), ("a", 0.0)]]),
+        (EMBEDDING, [[0.6, 0.8], [1.0, 0.0]]),
+        (ENTITIES, [[], [{"entity_group": "LOC", "score": 0.5, "word": "Paris", "start": 4, "end": 9}]]),
+    ]:
+        wire = kind.encode(rows)
+        assert len(native_answer(kind, wire, 2)) == 2 and v2_tensors(kind, wire).keys() == kind.v2(wire).keys()
