@@ -56,14 +56,6 @@ def replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _GRPC_GONE
 
 
-WORKER_SERIALIZATION = "pickle"
-"""How the data plane's calls to the worker replicas, and their answers, are serialized over Serve's gRPC
-between replicas (``DeploymentHandle.options``' ``request_serialization`` and ``response_serialization``;
-Serve's default is cloudpickle, whose pickler runs in Python). What crosses is plain data of importable
-classes (inputs, parameters, ``RouteHint``, ``WorkerResult``'s arrays, the app's errors), which pickle
-carries as cloudpickle does: serializing a hot-path answer in the worker replica took 0.13 ms against 0.21,
-and the call 0.15 ms against 0.19, on a slow machine (docs/performance.md)."""
-
 CLIENT_CLOSED = 499
 """The status recorded for a request whose client went away before the answer (nginx's convention)."""
 
@@ -251,9 +243,7 @@ class DataPlane:
         replicas: ReplicaDirectory | None = None,
     ) -> None:
         self.live = live
-        self.worker = worker.options(
-            request_serialization=WORKER_SERIALIZATION, response_serialization=WORKER_SERIALIZATION
-        )
+        self.worker = worker
         self.timeout_s = args.request_timeout_s
         self.decoder = InputDecoder(
             image_root=args.image_root,

@@ -144,7 +144,11 @@ def runtime_for(spec: ModelSpec, catalog: TaskCatalog | None = None, device: str
         raise TypeError(f"{catalog.runtime_of(spec)} is not a subclass of deployments.runtimes.ModelRuntime")
     if cls.task is not None and cls.task != spec.task:
         raise TypeError(f"{catalog.runtime_of(spec)} serves {cls.task}, not {spec.task}")
-    asynchronous = [name for name in CALLED_IN_THREADS if inspect.iscoroutinefunction(getattr(cls, name, None))]
+    asynchronous = [
+        name
+        for name in CALLED_IN_THREADS
+        if inspect.iscoroutinefunction(method := getattr(cls, name, None)) or inspect.isasyncgenfunction(method)
+    ]
     if asynchronous:
         raise TypeError(
             f"{catalog.runtime_of(spec)}.{asynchronous[0]} is an async def: the worker calls a runtime's methods "

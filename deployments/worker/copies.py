@@ -309,7 +309,7 @@ class ModelCopy:
     def _task_step(self, step: str, run: Callable[..., dict[str, np.ndarray]], *args: Any, **kwargs: Any) -> Any:
         """A step of the task's output kind for one request: its answer, or its error (``output_code``)."""
         try:
-            with output_code(self.spec.id, self.task.name, step):
+            with output_code(self.spec.id, self.task.name, step, runtime_answers=True):
                 return run(*args, **kwargs)
         except ServeAppError as e:
             return e

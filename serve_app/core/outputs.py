@@ -31,6 +31,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.core.errors import ModelFailed, ServeAppError, error_text
+from serve_app.core.paths import PROJECT_ROOT
 from serve_app.core.tensors import TensorSpec, bytes_array, datatype_of
 
 Wire = Mapping[str, np.ndarray]
@@ -45,22 +46,32 @@ logger = logging.getLogger("ray.serve")
 
 
 @contextmanager
-def output_code(model_id: str, task: str, step: str) -> Iterator[None]:
+def output_code(model_id: str, task: str, step: str, runtime_answers: bool = False) -> Iterator[None]:
     """Run one ``step`` of a task's output kind (``encode``, ``apply``, ``native``, ``v2``), or its input kind's
     ``decode``: the code of the task's module, which a task of one's own brings as a runtime of one's own brings
-    a model's. Where it raises other than this app's errors or a ``ContractError`` (the runtime's answer is out
-    of the contract), the fault is the task's, not the request's: a 503 naming the task and the step
-    (``ModelFailed``), its traceback in the log, as for a runtime that raises; never a 500."""
+    a model's. Where it raises other than one of this app's errors of a status of its own, the fault is the
+    task's, not the request's: a 503 naming the task and the step (``ModelFailed``, without the project's
+    paths), its traceback in the log, as for a runtime that raises; never a 500. The app's base error,
+    ``ServeAppError`` itself (a 500), is such a fault too. ``runtime_answers``: the step reads a runtime's
+    answer (``encode``, ``apply``), so a ``ContractError`` it raises is the runtime's fault, which the caller
+    names; in any other step it is the task's."""
     try:
         yield
-    except (ServeAppError, ContractError):
-        raise
+        return
+    except ServeAppError as e:
+        if e.status_code != 500:
+            raise
+        failure: Exception = e
+    except ContractError as e:
+        if runtime_answers:
+            raise
+        failure = e
     except Exception as e:
-        trace = "".join(traceback.format_exception(e)).rstrip()
-        logger.error("task %r failed to %s for model %r:\n%s", task, step, model_id, trace)
-        raise ModelFailed(
-            f"Model {model_id!r}: its task {task!r} failed to {step}: {error_text(e)}", model_id=model_id
-        ) from None
+        failure = e
+    trace = "".join(traceback.format_exception(failure)).rstrip()
+    logger.error("task %r failed to %s for model %r:\n%s", task, step, model_id, trace)
+    reason = error_text(failure, lambda text: text.replace(f"{PROJECT_ROOT}/", ""))
+    raise ModelFailed(f"Model {model_id!r}: its task {task!r} failed to {step}: {reason}", model_id=model_id) from None
 
 
 class OutputKind(ABC):
@@ -91,17 +102,19 @@ class OutputKind(ABC):
 
 
 def native_answer(kind: OutputKind, wire: Wire, count: int) -> list[Any]:
-    """``kind.native(wire, count)``, checked: one prediction per input, and, from an output kind's ``native`` that
-    this app does not ship, only values JSON holds (a numpy number, say, is none: pydantic's serializer, which
-    writes the answer, would fail on it after the request had been answered 200). A ``ValueError`` otherwise,
-    which the caller's ``output_code`` makes the 503 of the task's failed step. The shipped kinds' answers are
-    plain values by construction (``tolist``), and skip the check: it would cost as much as writing the answer
-    (0.8 ms for 32 embeddings of 384 floats on a slow machine)."""
+    """``kind.native(wire, count)``, checked: one prediction per input, and, from an output kind this app does not
+    ship, only values JSON holds (a numpy number, say, is none: pydantic's serializer, which writes the answer,
+    would fail on it after the request had been answered 200). A ``ValueError`` otherwise, which the caller's
+    ``output_code`` makes the 503 of the task's failed step. The shipped kinds' answers are plain values by
+    construction (``tolist``), and skip the check: it would cost as much as writing the answer (0.8 ms for 32
+    embeddings of 384 floats on a slow machine). A kind of one's own that subclasses one of them is checked:
+    its ``encode`` may give arrays of other items."""
     rows = kind.native(wire, count)
-    if not isinstance(rows, list) or len(rows) != count:
-        given = f"{len(rows)} items" if isinstance(rows, list) else type(rows).__name__
+    if not isinstance(rows, list | tuple) or len(rows) != count:
+        given = f"{len(rows)} items" if isinstance(rows, list | tuple) else type(rows).__name__
         raise ValueError(f"native must answer a list of one prediction per input: {count} inputs, got {given}")
-    if type(kind).native.__module__ != __name__:
+    rows = list(rows)
+    if type(kind) not in _SHIPPED_KINDS:
         try:
             pydantic_core.to_json(rows)
         except pydantic_core.PydanticSerializationError as e:
@@ -351,6 +364,9 @@ class Entities(OutputKind):
             out[i].append({"entity_group": group, "score": score, "word": word, "start": start, "end": end})
         return out
 
+
+_SHIPPED_KINDS = (Classification, Embedding, Entities)
+"""The output kinds this app ships, whose native answers are plain values by construction (``native_answer``)."""
 
 CLASSIFICATION = Classification()
 EMBEDDING = Embedding()

@@ -72,8 +72,9 @@ class Task:
                 raise TaskConfigError(f"task {self.name!r}: its {what} must be an instance of {kind.__name__}{hint}")
         if not self.runtimes:
             raise TaskConfigError(f"task {self.name!r} names no runtime class")
-        if not isinstance(self.runtimes, tuple) or not all(isinstance(cls, type) for cls in self.runtimes):
-            raise TaskConfigError(f"task {self.name!r}: its runtimes must be a tuple of classes")
+        if not isinstance(self.runtimes, list | tuple) or not all(isinstance(cls, type) for cls in self.runtimes):
+            raise TaskConfigError(f"task {self.name!r}: its runtimes must be classes, in a tuple or a list")
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))  # frozen: hashable, as a tuple
         if self.parameters is not None and not (
             isinstance(self.parameters, type) and issubclass(self.parameters, BaseModel)
         ):

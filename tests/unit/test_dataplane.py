@@ -2,25 +2,16 @@
 failed request is recorded with."""
 
 import asyncio
-import pickle
 
 import grpc
-import numpy as np
 import pytest
 from ray.exceptions import RayTaskError
 
 from deployments.ingress.dataplane import CLIENT_CLOSED, InferenceRequest, merge_model_status, status_of
-from serve_app.core.errors import (
-    InvalidInput,
-    ModelChanged,
-    ModelFailed,
-    ModelNotFound,
-    ModelUnavailable,
-    RequestTimeout,
-)
+from serve_app.core.errors import ModelNotFound, RequestTimeout
 from serve_app.core.outputs import CLASSIFICATION
 from serve_app.core.registry import ModelSpec
-from serve_app.core.schemas import ModelState, ReplicaModelStatus, ReplicaStatus, RouteHint, WorkerResult
+from serve_app.core.schemas import ModelState, ReplicaModelStatus, ReplicaStatus, WorkerResult
 
 SPEC = ModelSpec(id="m", task="text-classification", source={"path": "models/m"})
 
@@ -146,12 +137,9 @@ class FakeWorker:
         self.kwargs: list[dict] = []
         self.responses: list[FakeResponse] = []
         self._model = None
-        self.handle_options: dict[str, str] = {}  # what options() set besides the model
-        self.call_options: list[dict[str, str]] = []  # those options, at each call
 
-    def options(self, multiplexed_model_id=None, **options):
-        self._model = multiplexed_model_id or self._model
-        self.handle_options.update(options)
+    def options(self, multiplexed_model_id):
+        self._model = multiplexed_model_id
         return self
 
     def __getattr__(self, method):
@@ -161,7 +149,6 @@ class FakeWorker:
             def remote(self, *args, **kwargs):
                 worker.calls.append((method, worker._model))
                 worker.kwargs.append(kwargs)
-                worker.call_options.append(dict(worker.handle_options))
                 worker.responses.append(FakeResponse(worker.outcomes.pop(0)))
                 return worker.responses[-1]
 
@@ -215,47 +202,6 @@ def test_infer_dispatches_to_the_model_and_records_the_request():
         }
     ]
     assert metrics.observed == [("m", "text-classification", "native", 200)]
-
-
-def test_calls_to_the_worker_and_their_answers_travel_as_pickle_not_cloudpickle():
-    """Serve serializes calls between replicas over gRPC, and their answers, with cloudpickle unless the handle
-    asks otherwise; the data plane's carry plain data (tests/unit/test_schemas.py), which pickle carries for
-    less, and asks for it on every call."""
-    p, worker, _ = plane(ANSWER, ANSWER)
-    asyncio.run(p.infer("m", InferenceRequest(["hello"]), api="native"))
-    asyncio.run(p.infer("m", InferenceRequest(["again"]), api="v2"))
-    pickled = {"request_serialization": "pickle", "response_serialization": "pickle"}
-    assert worker.call_options == [pickled, pickled]
-
-
-def test_what_a_worker_call_carries_comes_back_from_plain_pickle_as_it_left():
-    """Pickle, unlike cloudpickle, carries classes by name only: every kind of value a prediction sends the
-    worker (its inputs, parameters and the router's hint) and gets back (its answer, the app's errors with their
-    details) must be of an importable class, and come back whole."""
-    sent = (
-        ["a text", b"\x89PNG image bytes"],
-        {
-            "task": "text-classification",
-            "parameters": {"aggregation_strategy": "max", "top_k": [1, 2.5, None]},
-            "route": RouteHint(replica_id="r1", evict=("old",), size_bytes=10, threads=2),
-        },
-    )
-    assert pickle.loads(pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)) == sent
-    answer = WorkerResult(outputs=CLASSIFICATION.encode([[("a", 3.2e-05), ("b", 0.99996)]]), loaded=True)
-    back = pickle.loads(pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
-    assert back.loaded and back.outputs.keys() == answer.outputs.keys()
-    for name, array in answer.outputs.items():
-        assert back.outputs[name].dtype == array.dtype and np.array_equal(back.outputs[name], array)
-    errors = [
-        ModelFailed("Model 'm' failed on this input: ValueError: bad", model_id="m"),
-        ModelUnavailable("Model 'm' could not be loaded (not tried again for 3s)", model_id="m", retry_after_s=2.4),
-        ModelChanged("Model 'm' is a token-classification model now", model_id="m"),
-        ModelNotFound("gone", ["a", "b"]),
-        InvalidInput("input 3 is too long", field="input_data[3]", index=3),
-    ]
-    for error in errors:
-        again = pickle.loads(pickle.dumps(error, pickle.HIGHEST_PROTOCOL))
-        assert (type(again), again.status_code, again.body()) == (type(error), error.status_code, error.body())
 
 
 def test_a_request_that_loaded_its_model_or_failed_to_makes_the_next_listing_ask_the_replicas():

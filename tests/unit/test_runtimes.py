@@ -1261,3 +1261,19 @@ def test_a_runtime_of_async_methods_fails_its_load_saying_they_must_be_plain_fun
             pass
 
     assert runtime_for(spec, naming(SyncLoad)).spec.parameters == {"anything": 1}
+
+
+def test_an_async_generator_method_is_refused_as_an_async_def_is():
+    class StreamsPredictions(ModelRuntime):
+        def load(self):
+            pass
+
+        async def predict(self, inputs):
+            for _ in inputs:
+                yield [("x", 1.0)]
+
+    spec = ModelSpec(id="m", task="text-classification", source={"path": "models/x"})
+    catalog = TaskCatalog([TaskCatalog.load().task_of(spec)])
+    catalog.runtime_class = lambda _spec: StreamsPredictions
+    with pytest.raises(TypeError, match=r"\.predict is an async def"):
+        runtime_for(spec, catalog)

@@ -325,12 +325,13 @@ def test_a_task_declared_with_fields_of_the_wrong_kind_stops_the_app_naming_the_
         ),
         ({"input": type(TEXT)}, r"its input must be an instance of InputKind \(a class: write"),
         ({"input": "text"}, r"its input must be an instance of InputKind$"),
-        ({"runtimes": [object]}, "its runtimes must be a tuple of classes"),
-        ({"runtimes": (object, "x")}, "its runtimes must be a tuple of classes"),
+        ({"runtimes": (object, "x")}, "its runtimes must be classes, in a tuple or a list"),
+        ({"runtimes": object}, "its runtimes must be classes, in a tuple or a list"),
         ({"parameters": dict}, "its parameters must be a pydantic model class, or None"),
     ]:
         with pytest.raises(TaskConfigError, match=match):
             Task(**{"name": "t", "input": TEXT, "output": CLASSIFICATION, "runtimes": (object,), **kwargs})
+    assert Task("t", TEXT, CLASSIFICATION, runtimes=[object]).runtimes == (object,)  # a list is taken as a tuple
 
 
 def test_a_registry_entry_may_name_a_class_of_a_task_module_or_of_the_module_defining_its_runtimes(fake_module):
@@ -372,6 +373,7 @@ def test_an_answer_no_protocol_could_write_fails_in_its_tasks_own_step_not_in_a_
     wire = ENTITIES.encode([[{"entity_group": "PER", "score": 0.9, "word": "Ann", "start": 0, "end": 3}]])
     assert native_answer(_OwnKind(), wire, 1) == ENTITIES.native(wire, 1)
     assert v2_tensors(_OwnKind(), wire).keys() == {spec.name for spec in ENTITIES.outputs()}
+    assert native_answer(_OwnKind(native=({"a": 1},)), wire, 1) == [{"a": 1}]  # a tuple is taken as a list
     for kind, match in [
         (_OwnKind(native=[{"score": np.float32(0.9)}]), "native answered a value JSON cannot hold: .*numpy.float32"),
         (_OwnKind(native=[[], []]), "one prediction per input: 1 inputs, got 2 items"),
@@ -405,3 +407,46 @@ def test_every_shipped_output_kind_answers_within_its_own_metadata():
     ]:
         wire = kind.encode(rows)
         assert len(native_answer(kind, wire, 2)) == 2 and v2_tensors(kind, wire).keys() == kind.v2(wire).keys()
+
+
+def test_a_kind_of_ones_own_that_subclasses_a_shipped_one_has_its_native_answer_checked():
+    """The shipped kinds skip the JSON check, by their exact class: a subclass's ``encode`` may give arrays whose
+    items the shipped ``native`` passes on as they are (numpy numbers in an object array)."""
+    from serve_app.core.outputs import native_answer
+
+    class NumpyLabels(type(CLASSIFICATION)):
+        def encode(self, rows):
+            wire = super().encode(rows)
+            labels = np.empty(wire["labels"].shape, dtype=object)
+            labels[...] = np.int64(7)  # label ids as numpy numbers
+            return {**wire, "labels": labels}
+
+    wire = NumpyLabels().encode([[("a", 1.0)]])
+    with pytest.raises(ValueError, match="native answered a value JSON cannot hold"):
+        native_answer(NumpyLabels(), wire, 1)
+
+
+def test_a_tasks_own_step_that_raises_the_apps_base_error_or_a_contract_error_is_its_503_without_our_paths():
+    """In the ingress's steps (decode, native, v2) the app's base error, a 500, and a ``ContractError`` are the
+    task's own failure too; the worker's steps that read a runtime's answer leave a ContractError to their
+    caller, which names the runtime. The project's paths are not shown to the client."""
+    from serve_app.core.errors import InvalidInput, ModelFailed, ServeAppError
+    from serve_app.core.outputs import output_code
+    from serve_app.core.paths import PROJECT_ROOT
+
+    raised = [
+        (ServeAppError("the table is not ready"), "ServeAppError: the table is not ready"),
+        (ContractError("no such label"), "ContractError: no such label"),
+        (FileNotFoundError(f"{PROJECT_ROOT}/vocab/missing.txt"), "FileNotFoundError: vocab/missing.txt"),
+    ]
+    for error, reason in raised:
+        with pytest.raises(ModelFailed) as e, output_code("m", "t", "shape its answer for the native API"):
+            raise error
+        assert e.value.status_code == 503
+        assert e.value.message == f"Model 'm': its task 't' failed to shape its answer for the native API: {reason}"
+    with pytest.raises(InvalidInput), output_code("m", "t", "decode its inputs"):
+        raise InvalidInput("input_data[0]: refused")
+    with pytest.raises(ContractError), output_code("m", "t", "encode its answer", runtime_answers=True):
+        raise ContractError("a row is label scores")
+    with output_code("m", "t", "decode its inputs"):
+        pass  # nothing raised: nothing to say
