@@ -157,7 +157,7 @@ def runtime_for(spec: ModelSpec, catalog: TaskCatalog | None = None, device: str
     reads = frozenset(cls.entry_parameters) if cls.entry_parameters is not None else None
     unread = sorted(set(spec.parameters) - reads) if reads is not None else []
     if unread:
-        named = ", ".join(sorted(reads or ())) or "none"
+        named = ", ".join(sorted(reads)) or "none"
         raise ValueError(
             f"{catalog.runtime_of(spec)} reads no registry parameter {', '.join(map(repr, unread))} (it reads: {named})"
         )

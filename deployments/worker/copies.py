@@ -141,7 +141,7 @@ def own_status(model_id: str, e: ServeAppError, doing: str = "failed on this inp
     status where it has one (an input the model refuses: 422, 400; the model unavailable: 503), but the app's
     base error, ``ServeAppError`` itself, is a 500, the app's own fault: from a model's code it is the model's
     failure, a 503 naming it, as for any other exception the model's code raises."""
-    if e.status_code != 500:
+    if not e.internal:
         return e
     return ModelFailed(f"Model {model_id!r} {doing}: {type(e).__name__}: {bounded(e.message)}", model_id=model_id)
 

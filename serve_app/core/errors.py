@@ -70,6 +70,12 @@ class ServeAppError(Exception):
     def __reduce__(self):
         return (_rebuild, (type(self), self.message, self.details))
 
+    @property
+    def internal(self) -> bool:
+        """Whether it has no status of its own: the base error's 500, which blames the app. Raised by a model's
+        or a task's code, it is that code's failure instead (a 503 naming it)."""
+        return self.status_code == ServeAppError.status_code
+
     def body(self) -> dict[str, Any]:
         """The error's JSON body: its kind, message and details. A detail JSON cannot hold (a numpy number, a NaN,
         an object: a runtime's own error may carry any) is given as its text, bounded."""

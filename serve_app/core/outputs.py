@@ -59,7 +59,7 @@ def output_code(model_id: str, task: str, step: str, runtime_answers: bool = Fal
         yield
         return
     except ServeAppError as e:
-        if e.status_code != 500:
+        if not e.internal:
             raise
         failure: Exception = e
     except ContractError as e:

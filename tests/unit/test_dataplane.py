@@ -463,20 +463,29 @@ def test_a_tasks_own_shaping_of_an_answer_that_raises_is_a_503_naming_the_task_a
     assert fine.native() == [{"chars": 9, "words": 2}]
 
 
-def test_a_request_whose_answer_its_task_fails_to_shape_is_recorded_as_the_503_it_gets():
+def faulty_plane(*rows: dict):
+    """A data plane of one model, ``f``, of the tests' faulty task (tests/faulty_task.py), whose worker answers
+    each of ``rows`` in turn, encoded by the task; and its metrics."""
     from deployments.ingress.dataplane import DataPlane
     from serve_app.core.config import SHIPPED_TASKS, AppArgs
-    from serve_app.core.errors import ModelFailed
     from serve_app.core.live_registry import LiveRegistry, registry_user_config
     from serve_app.core.tasks import TaskCatalog
-    from tests.faulty_task import NATIVE_FAILS, TASK
+    from tests.faulty_task import TASK
 
     live = LiveRegistry(TaskCatalog.load([*SHIPPED_TASKS, "tests.faulty_task"]))
     entry = {"id": "f", "task": TASK.name, "source": {"path": "models/f"}}
     live.apply(registry_user_config({"models": [entry]}, origin="test"))
-    answer = WorkerResult(outputs=TASK.output.encode([{"chars": len(NATIVE_FAILS), "words": 3}]))
-    metrics, worker = FakeMetrics(), FakeWorker(answer, answer)
-    p = DataPlane(live, worker, AppArgs(auth={"mode": "off"}), metrics=metrics, replicas=FakeReplicas())
+    metrics = FakeMetrics()
+    worker = FakeWorker(*(WorkerResult(outputs=TASK.output.encode([row])) for row in rows))
+    return DataPlane(live, worker, AppArgs(auth={"mode": "off"}), metrics=metrics, replicas=FakeReplicas()), metrics
+
+
+def test_a_request_whose_answer_its_task_fails_to_shape_is_recorded_as_the_503_it_gets():
+    from serve_app.core.errors import ModelFailed
+    from tests.faulty_task import NATIVE_FAILS, TASK
+
+    answer = {"chars": len(NATIVE_FAILS), "words": 3}
+    p, metrics = faulty_plane(answer, answer)
     with pytest.raises(ModelFailed, match="failed to shape its answer for the native API"):
         asyncio.run(p.infer("f", InferenceRequest([NATIVE_FAILS]), api="native"))
     assert asyncio.run(p.infer("f", InferenceRequest([NATIVE_FAILS]), api="v2")).v2()["words"].tolist() == [3]
@@ -487,20 +496,11 @@ def test_an_answer_its_task_shapes_into_what_no_protocol_writes_is_the_503_of_th
     """A task's native form of numpy numbers, or v2 tensors of another datatype than its metadata declares,
     fails in the task's own step, recorded as the 503 it is; before, a serializer failed after the request was
     counted a 200, and the client got a 500."""
-    from deployments.ingress.dataplane import DataPlane
-    from serve_app.core.config import SHIPPED_TASKS, AppArgs
     from serve_app.core.errors import ModelFailed
-    from serve_app.core.live_registry import LiveRegistry, registry_user_config
-    from serve_app.core.tasks import TaskCatalog
-    from tests.faulty_task import FLOAT_COUNTS, NUMPY_NATIVE, TASK
+    from tests.faulty_task import FLOAT_COUNTS, NUMPY_NATIVE
 
-    live = LiveRegistry(TaskCatalog.load([*SHIPPED_TASKS, "tests.faulty_task"]))
-    entry = {"id": "f", "task": TASK.name, "source": {"path": "models/f"}}
-    live.apply(registry_user_config({"models": [entry]}, origin="test"))
-    numpy_native = WorkerResult(outputs=TASK.output.encode([{"chars": len(NUMPY_NATIVE), "words": 4}]))
-    floats = WorkerResult(outputs=TASK.output.encode([{"chars": len(FLOAT_COUNTS), "words": 5}]))
-    metrics, worker = FakeMetrics(), FakeWorker(numpy_native, numpy_native, floats, floats)
-    p = DataPlane(live, worker, AppArgs(auth={"mode": "off"}), metrics=metrics, replicas=FakeReplicas())
+    numpy_native, floats = {"chars": len(NUMPY_NATIVE), "words": 4}, {"chars": len(FLOAT_COUNTS), "words": 5}
+    p, metrics = faulty_plane(numpy_native, numpy_native, floats, floats)
     failed = "Model 'f': its task 'faulty-statistics' failed to"
     with pytest.raises(ModelFailed) as e:
         asyncio.run(p.infer("f", InferenceRequest([NUMPY_NATIVE]), api="native"))

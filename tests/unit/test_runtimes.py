@@ -1224,6 +1224,13 @@ def test_a_local_source_missing_on_this_node_fails_its_load_saying_so():
             runtime_for(spec).load()
 
 
+def naming(spec: ModelSpec, cls: type) -> TaskCatalog:
+    """A catalog of ``spec``'s task in which its registry entry names ``cls`` as its runtime class."""
+    catalog = TaskCatalog([TaskCatalog.load().task_of(spec)])
+    catalog.runtime_class = lambda _spec: cls
+    return catalog
+
+
 def test_a_runtime_of_async_methods_fails_its_load_saying_they_must_be_plain_functions():
     """The worker calls a runtime's methods in threads: an ``async def predict`` would hand it a coroutine that
     never runs, an ``async def load`` would leave the model shown loaded and every request failing. Refused
@@ -1246,21 +1253,15 @@ def test_a_runtime_of_async_methods_fails_its_load_saying_they_must_be_plain_fun
             return [[("x", 1.0)] for _ in inputs]
 
     spec = ModelSpec(id="m", task="text-classification", source={"path": "models/x"}, parameters={"anything": 1})
-
-    def naming(cls: type) -> TaskCatalog:  # a catalog whose registry entry names ``cls``
-        catalog = TaskCatalog([TaskCatalog.load().task_of(spec)])
-        catalog.runtime_class = lambda _spec: cls
-        return catalog
-
     for cls, method in ((AsyncPredict, "predict"), (AsyncLoad, "load")):
         with pytest.raises(TypeError, match=rf"\.{method} is an async def: .* make it a plain def"):
-            runtime_for(spec, naming(cls))
+            runtime_for(spec, naming(spec, cls))
 
     class SyncLoad(AsyncLoad):
         def load(self):
             pass
 
-    assert runtime_for(spec, naming(SyncLoad)).spec.parameters == {"anything": 1}
+    assert runtime_for(spec, naming(spec, SyncLoad)).spec.parameters == {"anything": 1}
 
 
 def test_an_async_generator_method_is_refused_as_an_async_def_is():
@@ -1273,7 +1274,5 @@ def test_an_async_generator_method_is_refused_as_an_async_def_is():
                 yield [("x", 1.0)]
 
     spec = ModelSpec(id="m", task="text-classification", source={"path": "models/x"})
-    catalog = TaskCatalog([TaskCatalog.load().task_of(spec)])
-    catalog.runtime_class = lambda _spec: StreamsPredictions
     with pytest.raises(TypeError, match=r"\.predict is an async def"):
-        runtime_for(spec, catalog)
+        runtime_for(spec, naming(spec, StreamsPredictions))
