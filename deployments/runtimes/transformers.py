@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from deployments.runtimes.base import ModelRuntime
+from deployments.runtimes.packing import Packing
 
 MAX_FORWARD_BATCH = 32
 """Most inputs in one forward pass (a batch of requests times their list inputs can be larger)."""
@@ -35,13 +36,11 @@ def _token_embeddings(model: Any) -> Any | None:
         return getattr(embeddings, "token_embedding", None) or getattr(embeddings, "word_embeddings", None)
 
 
-def position_limit(model: Any) -> int | None:
-    """The most tokens ``model`` takes: the rows of the table of absolute position embeddings beside its
-    token embeddings (in the same module), less those before the first position for a model whose position
-    ids start after the padding token's (RoBERTa and its kin: ``padding_idx + 1``, as sentence-transformers
-    counts them). Only that table counts: a model of texts and images (CLIP, SigLIP) has one of image
-    patches too, wherever its image tower is. None for a model without such a table (relative or rotary
-    positions: DeBERTa v2 and v3, ModernBERT, T5), which takes any length."""
+def position_table(model: Any) -> Any | None:
+    """The table of absolute position embeddings beside ``model``'s token embeddings (in the same module), or
+    None. Only that table counts: a model of texts and images (CLIP, SigLIP) has one of image patches too,
+    wherever its image tower is. A model of relative or rotary positions (DeBERTa v2 and v3, ModernBERT, T5)
+    has none."""
     import torch
 
     tokens = _token_embeddings(model)
@@ -51,10 +50,21 @@ def position_limit(model: Any) -> int | None:
         if any(child is tokens for child in module.children()):
             for name, table in module.named_children():
                 if name in POSITION_TABLES and isinstance(table, torch.nn.Embedding):
-                    offset = table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
-                    return table.num_embeddings - offset
+                    return table
             return None
     return None
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens ``model`` takes: the rows of its table of absolute positions (``position_table``), less
+    those before the first position for a model whose position ids start after the padding token's (RoBERTa
+    and its kin: ``padding_idx + 1``, as sentence-transformers counts them). None for a model without such a
+    table, which takes any length."""
+    table = position_table(model)
+    if table is None:
+        return None
+    offset = table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
+    return table.num_embeddings - offset
 
 
 def bound_tokenizer(tokenizer: Any, model: Any) -> int | None:
@@ -148,6 +158,8 @@ class PipelineRuntime(ModelRuntime):
     def __init__(self, spec, device: str | None = None) -> None:
         super().__init__(spec, device)
         self.pipeline: Any = None
+        self.packing: Packing | None = None
+        """Its batches of texts packed (``deployments.runtimes.packing``), for a task that sets it at load."""
 
     def load(self) -> None:
         import transformers
@@ -179,7 +191,8 @@ class PipelineRuntime(ModelRuntime):
         return {}
 
     def unload(self) -> None:
-        self.pipeline = None
+        # The packing's hook stays on the model, which a call may still run on, and goes with it.
+        self.pipeline = self.packing = None
 
     @property
     def loaded_pipeline(self) -> Any:

@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from deployments.runtimes.base import ModelRuntime
+from deployments.runtimes.packing import Packing, run_batch
 from deployments.runtimes.transformers import (
     bound_tokenizer,
     checked_flag,
@@ -265,6 +266,7 @@ def without_prompt(mask: Any, prompt_tokens: int) -> Any:
 class SentenceEmbeddingRuntime(ModelRuntime):
     task = "feature-extraction"
     entry_parameters = frozenset({"pooling", "normalize", "max_seq_length", "prompt", "prompt_name"})
+    packing: Packing | None = None
 
     def load(self) -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
@@ -322,6 +324,15 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         self.include_prompt = config["include_prompt"]
         self.prompt = prompt  # the entry's: the model's default, or the registry's choice
         self._prompt_tokens: dict[str, int] = {}
+        # Batches packed without their padding where the model answers the same (not a joint-space model's
+        # text features, nor texts padded to a length on purpose).
+        self.packing = (
+            None
+            if self.joint or self.pad_to_length
+            else Packing.checked(
+                self.model, self.tokenizer, lambda output: output.last_hidden_state, self.tokenizer.padding_side
+            )
+        )
 
     def prompt_tokens(self, prompt: str, tokenizer: Any) -> int:
         """The tokens the prompt takes at the start of a text, as sentence-transformers counts them: the prompt
@@ -335,7 +346,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
         return self._prompt_tokens[prompt]
 
     def unload(self) -> None:
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.packing = None  # the packing's hook goes with the model
 
     def predict(self, inputs: list[str], prompt_name: str | None = None) -> list[Any]:
         """``prompt_name``: a request's choice among the model's prompts, in place of the entry's prompt."""
@@ -349,11 +360,13 @@ class SentenceEmbeddingRuntime(ModelRuntime):
                 f"{known_prompts(self.prompts)})",
                 field="parameters.prompt_name",
             )
-        skip = self.prompt_tokens(prompt, tokenizer)
-        embed = lambda texts: self._embed(model, tokenizer, texts, prompt, skip)  # noqa: E731
+        skip, packing = self.prompt_tokens(prompt, tokenizer), self.packing
+        embed = lambda texts: self._embed(model, tokenizer, packing, texts, prompt, skip)  # noqa: E731
         return in_forward_passes(inputs, forward_batch(tokenizer), embed)
 
-    def _embed(self, model: Any, tokenizer: Any, texts: list[str], prompt: str, prompt_tokens: int) -> list[Any]:
+    def _embed(
+        self, model: Any, tokenizer: Any, packing: Packing | None, texts: list[str], prompt: str, prompt_tokens: int
+    ) -> list[Any]:
         import torch
 
         with torch.inference_mode():
@@ -368,7 +381,7 @@ class SentenceEmbeddingRuntime(ModelRuntime):
                 )
                 vectors = projected(features)
             else:
-                hidden = model(**encoded).last_hidden_state
+                hidden = run_batch(packing, model, encoded).last_hidden_state
                 attention = encoded["attention_mask"]
                 vectors = pool(hidden, without_prompt(attention, prompt_tokens), self.pooling, attention)
             for layer in self.dense:

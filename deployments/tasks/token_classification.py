@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.runtimes.packing import Packing, run_batch
 from deployments.runtimes.transformers import PipelineRuntime, checked_tokens, forward_batch, in_forward_passes
 from serve_app.core.inputs import TEXT
 from serve_app.core.outputs import ENTITIES
@@ -61,6 +62,7 @@ class TokenClassificationRuntime(PipelineRuntime):
         # Batches (the pipeline's and simple_entities') are padded on the tokenizer's side: on the right, a model
         # of absolute positions reads each text at the positions it has alone.
         self.pipeline.tokenizer.padding_side = "right"
+        self.packing = Packing.checked(self.pipeline.model, self.pipeline.tokenizer, lambda output: output["logits"])
         # The model's length less its two special tokens; windows overlap by at most half of it, so that a text
         # of max_text_chars takes at most about twice the passes it would take without overlap.
         stride, room = self.spec.parameters.get("stride"), self.pipeline.tokenizer.model_max_length - 2
@@ -75,13 +77,15 @@ class TokenClassificationRuntime(PipelineRuntime):
         pipe = self.loaded_pipeline
         strategy = aggregation_strategy or self.spec.parameters.get("aggregation_strategy", DEFAULT_STRATEGY)
         if strategy == "simple" and self.spec.parameters.get("stride") is None:
-            return in_forward_passes(inputs, forward_batch(pipe.tokenizer), lambda texts: simple_entities(pipe, texts))
+            packing = self.packing
+            find = lambda texts: simple_entities(pipe, texts, packing)  # noqa: E731
+            return in_forward_passes(inputs, forward_batch(pipe.tokenizer), find)
         return self.run_pipeline(
             inputs, **({"aggregation_strategy": aggregation_strategy} if aggregation_strategy else {})
         )
 
 
-def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
+def simple_entities(pipe: Any, texts: list[str], packing: Packing | None = None) -> list[list[dict[str, Any]]]:
     """The entities of each text as ``pipe`` (transformers' token-classification pipeline, with a fast
     tokenizer) finds them with ``aggregation_strategy="simple"`` and no stride, in one forward pass: the texts
     tokenized and truncated as its ``preprocess`` does them, padded together on the tokenizer's side (the
@@ -90,7 +94,8 @@ def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     them); the text's tokens grouped in runs by the pipeline's own ``get_tag`` rule (a token joins the run before it if
     it has the same tag and is not a ``B-``); a run of ``O`` dropped before it is made into an entity, which
     the pipeline does after. An entity's score, ``word`` and span are computed as the pipeline computes them
-    (a unit test holds the answers to the pipeline's)."""
+    (a unit test holds the answers to the pipeline's). The batch runs packed where ``packing`` finds it worth it.
+    """
     import torch
 
     tokenizer, model = pipe.tokenizer, pipe.model
@@ -107,7 +112,7 @@ def simple_entities(pipe: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     if "attention_mask" in encoded:  # padding (a tokenizer may return no mask; it then pads nothing)
         skip |= encoded["attention_mask"] == 0
     with torch.inference_mode():
-        output = model(**{k: v.to(model.device) for k, v in encoded.items()})
+        output = run_batch(packing, model, {k: v.to(model.device) for k, v in encoded.items()})
     logits = output["logits"] if isinstance(output, dict) else output[0]  # a tuple with return_dict false
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.to(torch.float32)

@@ -460,6 +460,7 @@ class ModelCache:
             copy, status = self._held_copy(model_id), self.status.get(model_id)
             if copy is not None and status is not None:
                 status.idle_threads = copy.idle_threads.report()
+                status.packed_batches = copy.packed_batches
         return {model_id: s.model_dump(mode="json") for model_id, s in self.status.items()}
 
     def memory_report(self) -> ReplicaMemory:

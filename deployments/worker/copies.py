@@ -188,6 +188,13 @@ class ModelCopy:
         return self._runtime is not None
 
     @property
+    def packed_batches(self) -> int | None:
+        """The batches of texts its runtime ran packed (``deployments.runtimes.packing``); None where its batches
+        run padded (its packing refused at load, a runtime that packs none) or it is not loaded."""
+        packing = getattr(self._runtime, "packing", None)
+        return packing.passes if packing is not None else None
+
+    @property
     def size_bytes(self) -> int | None:
         """What the copy takes, as the replica's budget counts it: the larger of its weights' exact bytes and
         the growth at its load (a tokenizer, allocator overhead) of the memory the budget is: the process's

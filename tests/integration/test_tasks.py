@@ -127,18 +127,26 @@ def test_sentence_embeddings_over_every_protocol(client, demo_url, grpc_client, 
 # -- token-classification: named entities ------------------------------------------------------------------
 
 
+def packed_batches(client, url: str, model_id: str) -> int:
+    """The batches of ``model_id`` its replicas ran packed, without their padding (GET /models)."""
+    return sum(r["packed_batches"].get(model_id, 0) for r in client.get(f"{url}/models").json()["replicas"])
+
+
 def test_named_entities_over_every_protocol_are_the_pipelines_on_held_out_names(client, demo_url, grpc_client, v2_http):
     """The app's entities on the build's 40 held-out sentences (names not in the training lists) are what
-    transformers' pipeline finds with the same model files in this process, at the F1 the build checked."""
+    transformers' pipeline finds with the same model files in this process, at the F1 the build checked,
+    each text alone; the app ran them in batches of 8 sentences of different lengths, packed without their
+    padding."""
     from transformers import pipeline
 
     held_out = entities.sentences(40, entities.HELD_OUT_NAMES, seed=2)
     texts = [s.text for s in held_out]
-    answers = []
+    answers, packed = [], packed_batches(client, demo_url, "ner")
     for i in range(0, len(texts), 8):
         r = predict(client, demo_url, "ner", texts[i : i + 8])
         assert r.status_code == 200, r.text
         answers += r.json()["predictions"]
+    assert wait_for(lambda: packed_batches(client, demo_url, "ner") >= packed + 5)
     want = pipeline("token-classification", model=str(PROJECT_ROOT / "models/ner"), aggregation_strategy="simple")(
         texts
     )

@@ -52,6 +52,13 @@ def test_text_runtime_loads_and_answers_label_scores(tiny_dir):
 TEXTS = ["hello world", "win a free iphone now", "this movie was great " * 40, "bad", "the movie"] * 9
 
 
+def texts_in(kwargs) -> int:
+    """The texts of one forward pass, padded (one row each) or packed (one sequence, each text's positions
+    from 0: deployments.runtimes.packing)."""
+    positions = kwargs.get("position_ids")
+    return kwargs["input_ids"].shape[0] if positions is None else int((positions == 0).sum())
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -76,7 +83,7 @@ def test_text_scores_are_the_text_classification_pipelines(tiny_dir, tmp_path, c
     rt.load()
     passes: list[int] = []
     rt.pipeline.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: passes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        lambda _m, args, kwargs: passes.append(texts_in(kwargs)), with_kwargs=True
     )
     got = rt.predict(TEXTS)
     assert len(got) == len(TEXTS) and passes == [32, 13]
@@ -845,7 +852,7 @@ def test_the_simple_strategy_runs_without_the_pipeline_and_answers_as_it_does(ta
     want = [pipe(text) for text in texts]
     passes: list[int] = []
     hook = rt.pipeline.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: passes.append(len((args or [kwargs["input_ids"]])[0])), with_kwargs=True
+        lambda _m, args, kwargs: passes.append(len(args[0]) if args else texts_in(kwargs)), with_kwargs=True
     )
     with _pipeline_refuses(rt.pipeline, *PIPELINE_STEPS):
         alone = [rt.predict([text])[0] for text in texts]

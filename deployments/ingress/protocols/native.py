@@ -100,6 +100,11 @@ class ReplicaModels(BaseModel):
         description="for each model it holds, its lone requests on an idle node timed on these threads and on "
         "the node's idle threads as well, and which it now uses",
     )
+    packed_batches: dict[str, int] = Field(
+        default_factory=dict,
+        description="for each model it holds whose batches of texts run packed, without their padding "
+        "(docs/models.md), the batches run so; a model whose batches run padded is not listed",
+    )
     memory: ReplicaMemory = Field(description="its memory: the budget its models may take, what they take")
     counters: ReplicaCounters = Field(description="what this replica has done since it started")
     registry: RegistryStatus | None = Field(None, description="the registry this replica runs (null: not reported yet)")
@@ -205,6 +210,9 @@ def model_list(listing: ModelListing, replica_id: str | None = None) -> ModelLis
                 slots=r.slots,
                 threads=r.threads,
                 idle_threads={m: r.models[m].idle_threads for m in r.held if r.models[m].idle_threads is not None},
+                packed_batches={
+                    m: r.models[m].packed_batches for m in r.held if r.models[m].packed_batches is not None
+                },
                 memory=r.memory,
                 counters=r.counters,
                 registry=r.registry,

@@ -1,0 +1,199 @@
+"""Batches of texts run without their padding: the texts' tokens packed into one sequence.
+
+A batch of texts is padded to its longest, and a text encoder then computes every padded position as it
+computes a token: its linear layers, most of its time, run on ``batch × longest`` positions. Packed, the
+texts' tokens are one sequence of ``sum of lengths`` positions, each text at the positions it has alone
+(``position_ids``), an attention mask that keeps each text to its own tokens (block-diagonal, 4-D); the
+encoder's output is put back in the padded layout before the model's head reads it (a forward hook on the
+encoder, ``model.base_model``: a pooler on the first token, a classifier per token or per text, pooling
+over the mask), so that the runtime reads the same tensors as from the padded batch.
+
+On the demo text models (6 layers, 384 wide; one torch thread), a batch of 3 of the benchmark's four
+sentences (7 to 12 tokens) took 0.86× the padded batch's time, 16 of them 0.82×, and 3 of the same length
+0.99× (docs/performance.md). The attention then spans the whole packed sequence, so a batch is packed only
+where its estimated cost is lower (``worth``). A lone text is never padded, so never packed.
+
+Packing is used for a model only where its answers are the padded batch's (``Packing.checked``, at load,
+on texts of different lengths): a model of absolute positions whose forward takes ``position_ids`` and a
+4-D attention mask. A model that reads positions otherwise (rotary or relative ones), a decoder (its mask
+is causal), or one whose answers differ is left to padded batches.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXTS = ("a b c d e f g h i j", "x", "hello world, again")
+"""The texts of the check at load: three lengths, so that every one but the longest is padded."""
+
+RTOL, ATOL = 1e-3, 1e-4
+"""How close the packed batch's outputs must be to the padded one's at the check (float32; the order of the
+sums differs, about 1e-7 apart on the demo models)."""
+HALF_TOL = 2e-2
+"""The same for a model in half precision."""
+
+
+class PackingRefused(Exception):
+    """A model whose batches cannot be packed (why, for the log)."""
+
+
+class Packing:
+    """Packs the batches of one model copy. It holds a forward hook on the model's encoder, which puts a
+    packed output back in the padded layout for the calls that ``run`` makes in the same thread (a copy may
+    run in several threads: its check at load, then its batches)."""
+
+    def __init__(self, model: Any, position_offset: int, positions: int) -> None:
+        self.offset = position_offset
+        self.positions = positions  # the rows of its position table past the offset: the most tokens packed
+        self.width = int(getattr(model.config, "hidden_size", 0) or 0)
+        self.passes = 0  # batches run packed, for the tests and the curious
+        self._local = threading.local()
+        self._handle = model.base_model.register_forward_hook(self._unpack)
+
+    @classmethod
+    def checked(
+        cls, model: Any, tokenizer: Any, read: Callable[[Any], Any], padding_side: str = "right", **kwargs: Any
+    ) -> Packing | None:
+        """A packing of ``model``'s batches, or None where its answers would not be the padded batch's.
+        ``read`` takes the tensor the runtime reads from the model's output (logits, the last hidden state);
+        ``padding_side`` is the side the runtime's batches are padded on; ``kwargs`` go to every call of
+        ``model``, as the runtime passes them."""
+        try:
+            if padding_side != "right":  # a text's positions then depend on its batch's longest (the padded
+                # batch's answer, which sentence-transformers gives too); packed, each text has its own
+                raise PackingRefused("its batches are padded on the left")
+            packing = cls(model, *_positions(model))
+        except PackingRefused as e:
+            logger.info("batches of %s run padded: %s", type(model).__name__, e)
+            return None
+        try:
+            packing._check(model, tokenizer, read, kwargs)
+        except Exception as e:  # a model whose forward refuses the packed inputs, or answers otherwise
+            packing.close()
+            logger.info("batches of %s run padded: %s", type(model).__name__, e)
+            return None
+        packing.passes = 0
+        return packing
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def worth(self, mask: Any) -> bool:
+        """Whether a batch of this attention mask ``[batch, longest]`` runs faster packed: its linear layers
+        cost in proportion to the positions, its attention to the pairs of positions it spans, about one
+        ``6 × width``-th of a position's cost each (a layer of width w and feed-forward 4w: 24w² per
+        position for the layers, 4w per pair for the attention). The padded batch's pairs are each text's
+        own, ``batch × longest²``; the packed sequence's, its length squared (the mask's zeros are computed
+        too). So a lone text, or texts of one length, which save nothing, are never packed; nor a sequence
+        longer than the model's positions."""
+        batch, longest = mask.shape
+        tokens = int(mask.sum())
+        if self.width <= 0 or tokens > self.positions:
+            return False
+        pair = 1 / (6 * self.width)
+        return tokens + tokens * tokens * pair < batch * longest * (1 + longest * pair)
+
+    def run(self, model: Any, encoded: Any, **kwargs: Any) -> Any:
+        """``model(**encoded, **kwargs)``, packed where it is worth it: the output as the padded batch's."""
+        mask = encoded.get("attention_mask") if hasattr(encoded, "get") else None
+        if mask is None or not self.worth(mask):
+            return model(**encoded, **kwargs)
+        return self._packed(model, encoded, mask.bool(), kwargs)
+
+    def _packed(self, model: Any, encoded: Any, mask: Any, kwargs: dict[str, Any]) -> Any:
+        import torch
+
+        lengths = mask.sum(dim=1)
+        text = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(len(text), device=mask.device) - starts[text] + self.offset
+        inputs = {
+            key: value[mask].unsqueeze(0)
+            for key, value in encoded.items()
+            if key != "attention_mask" and getattr(value, "shape", None) is not None and value.shape[:2] == mask.shape
+        }
+        inputs["position_ids"] = positions.unsqueeze(0)
+        inputs["attention_mask"] = (text[:, None] == text[None, :])[None, None]
+        self._local.mask = mask
+        try:
+            output = model(**inputs, **kwargs)
+        finally:
+            self._local.mask = None
+        self.passes += 1
+        return output
+
+    def _unpack(self, module: Any, args: Any, output: Any) -> Any:
+        mask = getattr(self._local, "mask", None)
+        if mask is None:  # a call of the padded batch, or another thread's
+            return None
+        hidden = output["last_hidden_state"]
+        padded = hidden.new_zeros((*mask.shape, hidden.shape[-1]))
+        padded[mask] = hidden[0]
+        output["last_hidden_state"] = padded
+        if output.get("pooler_output") is not None:
+            pooler = getattr(module, "pooler", None)
+            if pooler is None:
+                raise PackingRefused("its encoder pools the sequence without a pooler module of its own")
+            output["pooler_output"] = pooler(padded)
+        return output
+
+    def _check(self, model: Any, tokenizer: Any, read: Callable[[Any], Any], kwargs: dict[str, Any]) -> None:
+        import torch
+
+        encoded = tokenizer(list(PROBE_TEXTS), padding=True, padding_side="right", return_tensors="pt")
+        encoded = encoded.to(model.device)
+        mask = encoded["attention_mask"].bool()
+        if bool(mask.all()):
+            raise PackingRefused("its tokenizer gave the check's texts one length")
+        # What the runtime reads, and the encoder's output at every token of the texts (seen after the unpacking):
+        # a head that reads one token (a classifier's first) could hide a difference at the others.
+        tokens: list[Any] = []
+        seen = model.base_model.register_forward_hook(lambda _m, _a, output: tokens.append(output[0]))
+        try:
+            with torch.inference_mode():
+                padded = read(model(**encoded, **kwargs))
+                packed = read(self._packed(model, encoded, mask, kwargs))
+        finally:
+            seen.remove()
+        if padded.shape != packed.shape:
+            shapes = f"{tuple(packed.shape)}, not {tuple(padded.shape)}"
+            raise PackingRefused(f"packed, it answered a tensor of shape {shapes}")
+        half = model.dtype in (torch.float16, torch.bfloat16)
+        rtol, atol = (HALF_TOL, HALF_TOL) if half else (RTOL, ATOL)
+        for want, got in ((padded, packed), tokens):
+            if want.dim() >= 2 and want.shape[:2] == mask.shape:  # one row per token: the texts' own tokens
+                want, got = want[mask], got[mask]
+            want, got = want.float(), got.float()
+            if not torch.allclose(got, want, rtol=rtol, atol=atol):
+                gap = float((got - want).abs().max())
+                raise PackingRefused(f"packed, its answers differ from the padded batch's (by up to {gap:.3g})")
+
+
+def _positions(model: Any) -> tuple[int, int]:
+    """The first position id of a text in ``model`` (0, or ``padding_idx + 1`` for RoBERTa and its kin), and
+    the positions its table holds past it: no packed sequence is longer, since a model may keep buffers of
+    that length (``token_type_ids``' default). PackingRefused for a model of no table of absolute positions
+    (``transformers.position_table``), or whose forward takes no ``position_ids``."""
+    from deployments.runtimes.transformers import position_table
+
+    table = position_table(model)
+    if table is None:
+        raise PackingRefused("it has no table of absolute positions")
+    for forward in (model.forward, model.base_model.forward):
+        parameters = inspect.signature(forward).parameters
+        if "position_ids" not in parameters:
+            raise PackingRefused(f"{type(forward.__self__).__name__}.forward takes no position_ids")
+    offset = table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
+    return offset, table.num_embeddings - offset
+
+
+def run_batch(packing: Packing | None, model: Any, encoded: Any, **kwargs: Any) -> Any:
+    """``model(**encoded, **kwargs)`` for a batch of texts: packed where ``packing`` (the copy's, None where its
+    check refused it) finds it worth it."""
+    return model(**encoded, **kwargs) if packing is None else packing.run(model, encoded, **kwargs)

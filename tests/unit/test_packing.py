@@ -1,0 +1,177 @@
+"""Batches of texts packed without their padding (deployments/runtimes/packing.py): the same answers as the
+padded batch, in one forward pass over the texts' own tokens, and only for models where that holds."""
+
+import numpy as np
+import pytest
+import transformers
+
+from demo.tiny_models import build_sentence_model, build_text_model, build_token_model
+from deployments.runtimes import packing as packing_module
+from deployments.runtimes import runtime_for
+from deployments.runtimes.packing import Packing
+from serve_app.core.registry import ModelSpec
+
+TEXTS = ["hello world", "win a free iphone now", "bad", "this movie was great this movie was great", "the movie"]
+"""Five lengths (3 to 10 tokens with the tiny tokenizer's two special ones), so every text but one is padded."""
+
+
+def _tokens_in(kwargs) -> int:
+    """The positions one forward pass computes: batch × longest padded, the texts' own tokens packed."""
+    return int(np.prod(kwargs["input_ids"].shape))
+
+
+def _runtime(tmp_path, task):
+    text = build_text_model(tmp_path / "text", "text")
+    folder = {
+        "text-classification": lambda: text,
+        "token-classification": lambda: build_token_model(tmp_path / "ner", "ner"),
+        "feature-extraction": lambda: build_sentence_model(tmp_path / "embed", text, prompts={}),
+    }[task]()
+    rt = runtime_for(ModelSpec(id="m", task=task, source={"path": str(folder)}), device="cpu")
+    rt.load()
+    return rt
+
+
+def _model(rt):
+    return rt.pipeline.model if hasattr(rt, "pipeline") else rt.model
+
+
+def _same(got, want):
+    """Answers equal to float precision: labels, spans and words exactly, numbers within 1e-5."""
+    if isinstance(got, dict):
+        assert got.keys() == want.keys()
+        for key in got:
+            _same(got[key], want[key])
+    elif isinstance(got, list | tuple):
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _same(g, w)
+    elif isinstance(got, str | int):
+        assert got == want
+    else:
+        np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float), atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "token-classification", "feature-extraction"])
+def test_a_batch_of_texts_of_several_lengths_runs_packed_and_answers_as_the_padded_batch(tmp_path, task):
+    """Each text task's runtime packs a batch of five texts of different lengths into one forward pass over
+    their 28 tokens (50 padded), and answers what the padded batch answers, which is what each text gets
+    alone (``test_runtimes``)."""
+    rt = _runtime(tmp_path, task)
+    assert rt.packing is not None and rt.packing.passes == 0
+    computed: list[int] = []
+    _model(rt).register_forward_pre_hook(lambda _m, _a, kwargs: computed.append(_tokens_in(kwargs)), with_kwargs=True)
+    packed = rt.predict(TEXTS)
+    assert rt.packing.passes == 1 and computed == [28]
+    rt.packing = None
+    padded = rt.predict(TEXTS)
+    assert computed == [28, 50]
+    _same(packed, padded)
+
+
+def test_a_lone_text_and_texts_of_one_length_are_not_packed(tmp_path):
+    """A lone text is never padded, and texts of one length would gain nothing: both run as they are."""
+    rt = _runtime(tmp_path, "text-classification")
+    rt.predict(["hello world"])
+    rt.predict(["hello world", "bad movie", "the spam"])
+    assert rt.packing.passes == 0
+    rt.predict(["hello world", "bad"])
+    assert rt.packing.passes == 1
+
+
+def _mask(*lengths, longest=None):
+    import torch
+
+    longest = longest or max(lengths)
+    return torch.tensor([[1] * n + [0] * (longest - n) for n in lengths])
+
+
+def test_a_batch_is_packed_only_where_its_estimated_cost_is_lower():
+    """The linear layers cost per position, the attention per pair of positions it spans (1/(6 × width) of a
+    position each): short texts of several lengths are packed; long ones whose packed sequence's attention
+    would cost more than the padding saves are not, nor a sequence longer than the model's positions."""
+    wide = Packing.__new__(Packing)
+    wide.width, wide.positions = 384, 512
+    assert wide.worth(_mask(7, 8, 8, 12))
+    assert not wide.worth(_mask(12))  # alone
+    assert not wide.worth(_mask(9, 9, 9))  # nothing to save
+    assert not wide.worth(_mask(300, 300, 10))  # 610 tokens: more than the model's 512 positions
+    assert not wide.worth(_mask(*[500] * 15, 400))  # its attention: 7,900² pairs against 16 × 500²
+    wide.positions = 10**6
+    assert wide.worth(_mask(300, 300, 10))
+    assert wide.worth(_mask(20, 20, 20, 4))
+    assert not wide.worth(_mask(*[20] * 15, 4))  # 16 positions saved, against the attention over 304
+    narrow = Packing.__new__(Packing)
+    narrow.width, narrow.positions = 16, 512
+    assert wide.worth(_mask(*[20] * 8, 4)) and not narrow.worth(_mask(*[20] * 8, 4))  # its attention weighs more
+
+
+def _tiny(head, config_class, **extra):
+    config = config_class(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=40, pad_token_id=0, **extra,
+    )  # fmt: skip
+    return getattr(transformers, head)(config).eval()
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return transformers.AutoTokenizer.from_pretrained(build_text_model(tmp_path / "t", "t"))
+
+
+def test_a_roberta_models_texts_are_packed_at_the_positions_after_its_padding_tokens(tokenizer, monkeypatch):
+    """RoBERTa and its kin count a text's positions from the padding token's id + 1, which the packed
+    sequence gives each text; from 0, its answers would differ and the check at load would refuse it."""
+    model = _tiny("RobertaForSequenceClassification", transformers.RobertaConfig)
+    packing = Packing.checked(model, tokenizer, lambda output: output.logits)
+    assert packing is not None and packing.offset == 1
+    packing.close()
+    positions = packing_module._positions
+    monkeypatch.setattr(packing_module, "_positions", lambda m: (0, positions(m)[1]))
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+
+
+@pytest.mark.parametrize(
+    ("head", "config_class", "why"),
+    [
+        ("DebertaV2ForSequenceClassification", transformers.DebertaV2Config, "relative positions"),
+        ("ModernBertForSequenceClassification", transformers.ModernBertConfig, "rotary positions"),
+        ("MPNetForSequenceClassification", transformers.MPNetConfig, "a position bias over the whole sequence"),
+        ("AlbertForSequenceClassification", transformers.AlbertConfig, "a pooler of two modules"),
+    ],
+)
+def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(tokenizer, head, config_class, why):
+    """The check at load runs texts of three lengths both ways and packs only a model whose answers, and its
+    encoder's output at every token, are the padded batch's: one that reads positions otherwise than from
+    an absolute table, or whose head does not read the encoder's output where the packing puts it back, is
+    left to padded batches."""
+    extra = {"embedding_size": 8} if config_class is transformers.AlbertConfig else {}
+    model = _tiny(head, config_class, **extra)
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is None, why
+    assert not model.base_model._forward_hooks  # the refused packing's hook is gone
+
+
+def test_batches_padded_on_the_left_are_not_packed(tokenizer):
+    """A model of absolute positions reads a text padded on the left at other positions than alone, and
+    sentence-transformers answers it so: the packing, which gives each text its own, would answer otherwise."""
+    model = _tiny("BertModel", transformers.BertConfig)
+    assert Packing.checked(model, tokenizer, lambda output: output.last_hidden_state, "left") is None
+    assert Packing.checked(model, tokenizer, lambda output: output.last_hidden_state, "right") is not None
+
+
+def test_a_packed_call_leaves_a_padded_call_of_the_same_model_as_it_was(tokenizer):
+    """The hook that puts a packed output back in the padded layout acts on the packed calls only."""
+    import torch
+
+    model = _tiny("BertForTokenClassification", transformers.BertConfig)
+    packing = Packing.checked(model, tokenizer, lambda output: output.logits)
+    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**encoded).logits
+        packed = packing.run(model, encoded).logits
+        after = model(**encoded).logits
+    assert packing.passes == 1
+    assert before.shape == packed.shape == after.shape == (5, 10, 2)
+    assert torch.equal(before, after)
+    mask = encoded["attention_mask"].bool()
+    torch.testing.assert_close(packed[mask], before[mask], rtol=1e-4, atol=1e-5)
