@@ -189,7 +189,7 @@ class ModelCopy:
 
     @property
     def packed_batches(self) -> int | None:
-        """The batches of texts its runtime ran packed (``deployments.runtimes.packing``); None where its batches
+        """The forward passes its runtime ran packed (``deployments.runtimes.packing``); None where its batches
         run padded (its packing refused at load, a runtime that packs none) or it is not loaded."""
         packing = getattr(self._runtime, "packing", None)
         return packing.passes if packing is not None else None

@@ -96,7 +96,7 @@ class ReplicaModelStatus(BaseModel):
     weights_bytes: int | None = None  # the loaded copy's weights and buffers, exactly, as its runtime reports
     rss_growth_bytes: int | None = None  # how much the replica's resident memory grew while the copy loaded
     idle_threads: IdleThreadsReport | None = None  # the loaded copy's lone requests, by thread count
-    packed_batches: int | None = None  # the loaded copy's batches run packed (None: its batches run padded)
+    packed_batches: int | None = None  # the loaded copy's forward passes run packed (None: it runs them padded)
 
 
 class ReplicaCounters(BaseModel):

@@ -103,7 +103,7 @@ class ReplicaModels(BaseModel):
     packed_batches: dict[str, int] = Field(
         default_factory=dict,
         description="for each model it holds whose batches of texts run packed, without their padding "
-        "(docs/models.md), the batches run so; a model whose batches run padded is not listed",
+        "(docs/models.md), the forward passes run so; a model whose batches run padded is not listed",
     )
     memory: ReplicaMemory = Field(description="its memory: the budget its models may take, what they take")
     counters: ReplicaCounters = Field(description="what this replica has done since it started")
