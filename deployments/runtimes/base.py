@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+from deployments.runtimes.packing import Packing
 from serve_app.core.registry import ModelSpec
 from serve_app.core.tasks import TaskCatalog
 
@@ -80,6 +81,10 @@ class ModelRuntime(ABC):
     entry_parameters: ClassVar[frozenset[str] | None] = None
     """The names of the registry entry's ``parameters`` this class reads: an entry with another one (a misspelt
     ``normalise``) is a failed load that names it, not a model served without it. None: any (not checked)."""
+
+    packing: Packing | None = None
+    """Its batches of texts packed without their padding (``deployments.runtimes.packing``): set at load by a
+    runtime that packs them (``Packing.checked``), counted in GET /models (``packed_batches``)."""
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec

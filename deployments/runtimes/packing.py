@@ -64,21 +64,18 @@ class Packing:
         ``read`` takes the tensor the runtime reads from the model's output (logits, the last hidden state);
         ``padding_side`` is the side the runtime's batches are padded on; ``kwargs`` go to every call of
         ``model``, as the runtime passes them."""
+        packing = None
         try:
             if padding_side != "right":  # a text's positions then depend on its batch's longest (the padded
                 # batch's answer, which sentence-transformers gives too); packed, each text has its own
                 raise PackingRefused("its batches are padded on the left")
             packing = cls(model, *_positions(model))
-        except PackingRefused as e:
-            logger.info("batches of %s run padded: %s", type(model).__name__, e)
-            return None
-        try:
             packing._check(model, tokenizer, read, kwargs)
-        except Exception as e:  # a model whose forward refuses the packed inputs, or answers otherwise
-            packing.close()
+        except Exception as e:  # refused, a forward that refuses the packed inputs, or answers that differ
+            if packing is not None:
+                packing.close()
             logger.info("batches of %s run padded: %s", type(model).__name__, e)
             return None
-        packing.passes = 0
         return packing
 
     def close(self) -> None:
@@ -101,10 +98,12 @@ class Packing:
 
     def run(self, model: Any, encoded: Any, **kwargs: Any) -> Any:
         """``model(**encoded, **kwargs)``, packed where it is worth it: the output as the padded batch's."""
-        mask = encoded.get("attention_mask") if hasattr(encoded, "get") else None
+        mask = encoded.get("attention_mask")
         if mask is None or not self.worth(mask):
             return model(**encoded, **kwargs)
-        return self._packed(model, encoded, mask.bool(), kwargs)
+        output = self._packed(model, encoded, mask.bool(), kwargs)
+        self.passes += 1
+        return output
 
     def _packed(self, model: Any, encoded: Any, mask: Any, kwargs: dict[str, Any]) -> Any:
         import torch
@@ -125,7 +124,6 @@ class Packing:
             output = model(**inputs, **kwargs)
         finally:
             self._local.mask = None
-        self.passes += 1
         return output
 
     @staticmethod
@@ -192,11 +190,11 @@ class Packing:
 
 
 def _positions(model: Any) -> tuple[int, int]:
-    """The first position id of a text in ``model`` (0, or ``padding_idx + 1`` for RoBERTa and its kin), and
+    """The first position id of a text in ``model`` (``transformers.first_position``), and
     the positions its table holds past it: no packed sequence is longer, since a model may keep buffers of
     that length (``token_type_ids``' default). PackingRefused for a model of no table of absolute positions
     (``transformers.position_table``), or whose forward takes no ``position_ids``."""
-    from deployments.runtimes.transformers import position_table
+    from deployments.runtimes.transformers import first_position, position_table
 
     table = position_table(model)
     if table is None:
@@ -205,7 +203,7 @@ def _positions(model: Any) -> tuple[int, int]:
         parameters = inspect.signature(forward).parameters
         if "position_ids" not in parameters:
             raise PackingRefused(f"{type(forward.__self__).__name__}.forward takes no position_ids")
-    offset = table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
+    offset = first_position(table)
     return offset, table.num_embeddings - offset
 
 

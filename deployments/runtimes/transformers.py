@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from deployments.runtimes.base import ModelRuntime
-from deployments.runtimes.packing import Packing
 
 MAX_FORWARD_BATCH = 32
 """Most inputs in one forward pass (a batch of requests times their list inputs can be larger)."""
@@ -55,16 +54,20 @@ def position_table(model: Any) -> Any | None:
     return None
 
 
+def first_position(table: Any) -> int:
+    """The first position id of a text in a table of absolute positions: 0, or ``padding_idx + 1`` for a model
+    whose position ids start after the padding token's (RoBERTa and its kin)."""
+    return table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
+
+
 def position_limit(model: Any) -> int | None:
     """The most tokens ``model`` takes: the rows of its table of absolute positions (``position_table``), less
-    those before the first position for a model whose position ids start after the padding token's (RoBERTa
-    and its kin: ``padding_idx + 1``, as sentence-transformers counts them). None for a model without such a
-    table, which takes any length."""
+    those before the first position (``first_position``, as sentence-transformers counts them). None for a
+    model without such a table, which takes any length."""
     table = position_table(model)
     if table is None:
         return None
-    offset = table.padding_idx + 1 if isinstance(table.padding_idx, int) else 0
-    return table.num_embeddings - offset
+    return table.num_embeddings - first_position(table)
 
 
 def bound_tokenizer(tokenizer: Any, model: Any) -> int | None:
@@ -158,8 +161,6 @@ class PipelineRuntime(ModelRuntime):
     def __init__(self, spec, device: str | None = None) -> None:
         super().__init__(spec, device)
         self.pipeline: Any = None
-        self.packing: Packing | None = None
-        """Its batches of texts packed (``deployments.runtimes.packing``), for a task that sets it at load."""
 
     def load(self) -> None:
         import transformers

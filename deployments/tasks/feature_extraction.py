@@ -266,7 +266,6 @@ def without_prompt(mask: Any, prompt_tokens: int) -> Any:
 class SentenceEmbeddingRuntime(ModelRuntime):
     task = "feature-extraction"
     entry_parameters = frozenset({"pooling", "normalize", "max_seq_length", "prompt", "prompt_name"})
-    packing: Packing | None = None
 
     def load(self) -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer

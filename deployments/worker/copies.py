@@ -191,7 +191,7 @@ class ModelCopy:
     def packed_batches(self) -> int | None:
         """The forward passes its runtime ran packed (``deployments.runtimes.packing``); None where its batches
         run padded (its packing refused at load, a runtime that packs none) or it is not loaded."""
-        packing = getattr(self._runtime, "packing", None)
+        packing = self._runtime.packing if self._runtime is not None else None
         return packing.passes if packing is not None else None
 
     @property

@@ -1,7 +1,6 @@
 """Batches of texts packed without their padding (deployments/runtimes/packing.py): the same answers as the
 padded batch, in one forward pass over the texts' own tokens, and only for models where that holds."""
 
-import contextlib
 import logging
 import threading
 
@@ -137,23 +136,6 @@ def test_a_roberta_models_texts_are_packed_at_the_positions_after_its_padding_to
     assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
 
 
-@contextlib.contextmanager
-def replica_log():
-    """The lines logged to the replica's log (the ``ray.serve`` logger, at INFO) meanwhile."""
-    lines: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    log = logging.getLogger("ray.serve")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-
-
 @pytest.mark.parametrize(
     ("head", "config_class", "extra", "reason"),
     [
@@ -169,16 +151,18 @@ def replica_log():
         ("AlbertForSequenceClassification", transformers.AlbertConfig, {"embedding_size": 8}, "tensor of shape"),
     ],
 )
-def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(tokenizer, head, config_class, extra, reason):
+def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(
+    tokenizer, caplog, head, config_class, extra, reason
+):
     """The check at load packs only a model of absolute positions (DeBERTa's are relative, ModernBERT's rotary)
     whose answers, and its encoder's output at every token, are the padded batch's with texts of three lengths
     run both ways: MPNet's position bias over the whole sequence and ConvBERT's convolutions reach across
     texts, ALBERT's pooler is a bare linear layer that the unpacking applies to every token. Each is left to
     padded batches, saying why in the replica's log, and without the refused packing's hook."""
     model = _tiny(head, config_class, **extra)
-    with replica_log() as lines:
+    with caplog.at_level(logging.INFO, logger="ray.serve"):  # the replica's log
         assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
-    assert any(f"batches of {head} run padded" in line and reason in line for line in lines), lines
+    assert any(f"batches of {head} run padded" in r.message and reason in r.message for r in caplog.records)
     assert not model.base_model._forward_hooks
 
 
@@ -293,11 +277,11 @@ def test_a_packed_call_and_a_padded_call_of_one_model_in_two_threads_each_get_th
     torch.testing.assert_close(got["packed"][mask], want[mask], rtol=1e-4, atol=1e-5)
 
 
-def test_the_check_at_load_needs_texts_its_tokenizer_pads(tokenizer, monkeypatch):
+def test_the_check_at_load_needs_texts_its_tokenizer_pads(tokenizer, monkeypatch, caplog):
     """Texts of one length would test no padding: a tokenizer that gives the check's texts one length leaves
     the model to padded batches."""
     monkeypatch.setattr(packing_module, "PROBE_TEXTS", ("hello world", "bad movie", "the spam"))
     model = _tiny("BertModel", transformers.BertConfig)
-    with replica_log() as lines:
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
         assert Packing.checked(model, tokenizer, lambda output: output.last_hidden_state) is None
-    assert any("gave the check's texts one length" in line for line in lines), lines
+    assert any("gave the check's texts one length" in r.message for r in caplog.records)
