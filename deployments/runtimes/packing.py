@@ -15,8 +15,9 @@ where its estimated cost is lower (``worth``). A lone text is never padded, so n
 
 Packing is used for a model only where its answers are the padded batch's (``Packing.checked``, at load,
 on texts of different lengths): a model of absolute positions whose forward takes ``position_ids`` and a
-4-D attention mask. A model that reads positions otherwise (rotary or relative ones), a decoder (its mask
-is causal), or one whose answers differ is left to padded batches.
+4-D attention mask (a bias by relative position besides, as MPNet's, is the same within a packed text). A
+model of rotary or relative positions only, a decoder (its mask is causal), or one whose answers differ is
+left to padded batches.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Packing:
         lengths = mask.sum(dim=1)
         text = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
-        positions = torch.arange(len(text), device=mask.device) - starts[text] + self.offset
+        positions = self._positions_of(encoded["input_ids"][mask], text, starts)
         inputs = {
             key: value[mask].unsqueeze(0)
             for key, value in encoded.items()
@@ -125,6 +126,21 @@ class Packing:
         finally:
             self._local.mask = None
         return output
+
+    def _positions_of(self, ids: Any, text: Any, starts: Any) -> Any:
+        """The position id of each packed token (``ids``; ``text``: each token's text, ``starts``: where each
+        text begins), the one it has alone. A model whose positions start after the padding token's
+        (``offset`` > 0: RoBERTa and its kin, MPNet) numbers them as transformers does from the token ids
+        (``create_position_ids_from_input_ids``): a padding token inside a text (a text that spells the
+        tokenizer's ``<pad>``) takes the padding position and is not counted. Others count from 0."""
+        import torch
+
+        if not self.offset:
+            return torch.arange(len(text), device=ids.device) - starts[text]
+        padding = self.offset - 1
+        counted = (ids != padding).long()
+        before = torch.cumsum(counted, 0) - counted  # the tokens counted before each, over the whole sequence
+        return (torch.cumsum(counted, 0) - before[starts][text]) * counted + padding
 
     @staticmethod
     def _block_mask(model: Any, text: Any) -> Any:
