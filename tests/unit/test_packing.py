@@ -93,10 +93,11 @@ def _mask(*lengths, longest=None):
 
 def test_a_batch_is_packed_only_where_its_estimated_cost_is_lower():
     """The linear layers cost per position, the attention per pair of positions it spans (1/(6 × width) of a
-    position each): short texts of several lengths are packed; long ones whose packed sequence's attention
-    would cost more than the padding saves are not, nor a sequence longer than the model's positions."""
+    position each in BERT's layers): short texts of several lengths are packed; long ones whose packed
+    sequence's attention would cost more than the padding saves are not, nor a sequence longer than the model's
+    positions."""
     wide = Packing.__new__(Packing)
-    wide.width, wide.positions = 384, 512
+    wide.pair, wide.positions = 1 / (6 * 384), 512
     assert wide.worth(_mask(7, 8, 8, 12))
     assert not wide.worth(_mask(12))  # alone
     assert not wide.worth(_mask(9, 9, 9))  # nothing to save
@@ -107,8 +108,30 @@ def test_a_batch_is_packed_only_where_its_estimated_cost_is_lower():
     assert wide.worth(_mask(20, 20, 20, 4))
     assert not wide.worth(_mask(*[20] * 15, 4))  # 16 positions saved, against the attention over 304
     narrow = Packing.__new__(Packing)
-    narrow.width, narrow.positions = 16, 512
+    narrow.pair, narrow.positions = 1 / (6 * 16), 512
     assert wide.worth(_mask(*[20] * 8, 4)) and not narrow.worth(_mask(*[20] * 8, 4))  # its attention weighs more
+
+
+def test_a_pair_of_positions_weighs_what_the_models_own_layers_make_it():
+    """A position goes through every weight of the encoder's linear layers, a pair through two products of
+    the width in each layer: 1/(6 × width) of a position in BERT's layers (a feed-forward 4 times as wide),
+    more in ModernBERT's (a gated feed-forward 1.5 times as wide: 1/(4.25 × width)). Of two models 768 wide,
+    8 texts of 80 to 299 tokens pack in BERT's, not in ModernBERT's (where they took 1.05× the padded batch's
+    time packed, docs/performance.md)."""
+    from deployments.runtimes.packing import _pair_weight
+
+    shape = {"vocab_size": 64, "pad_token_id": 0, "hidden_size": 768, "num_hidden_layers": 1, "num_attention_heads": 12}
+    bert = transformers.BertModel(transformers.BertConfig(**shape, intermediate_size=3072), add_pooling_layer=False)
+    modern = transformers.ModernBertModel(transformers.ModernBertConfig(**shape, intermediate_size=1152))
+    assert _pair_weight(bert) == pytest.approx(1 / (6 * 768), rel=1e-6)
+    assert _pair_weight(modern) == pytest.approx(1 / (4.25 * 768), rel=1e-6)
+    lengths = _mask(299, 192, 288, 209, 296, 103, 273, 80)
+    packing = Packing.__new__(Packing)
+    packing.positions = 8192
+    packing.pair = _pair_weight(bert)
+    assert packing.worth(lengths)
+    packing.pair = _pair_weight(modern)
+    assert not packing.worth(lengths)
 
 
 def _tiny(head, config_class, **extra):
@@ -180,6 +203,42 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
     np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_modernbert_model_is_packed_with_a_mask_for_each_kind_of_layer(tokenizer, monkeypatch, attention):
+    """ModernBERT has rotary positions (they weigh the distance between two tokens, the same within a packed
+    text), and attends globally in every third layer and within a window in the others. Its packed batch has a
+    mask for each kind of layer, the window's as transformers builds it, and answers as the padded batch. With
+    one mask for every layer, its sliding layers would attend past their window: the check at load finds its
+    answers differ, and runs it padded."""
+    import torch
+
+    config = {"local_attention": 4, "attn_implementation": attention}  # 2 tokens either way: inside the texts
+    model = _tiny("ModernBertForSequenceClassification", transformers.ModernBertConfig, **config)
+    packing = Packing.checked(model, tokenizer, lambda output: output.logits)
+    assert packing is not None and packing.offset == 0
+    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        packed, padded = packing.run(model, encoded).logits, model(**encoded).logits
+    assert packing.passes == 1
+    np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-6)
+    packing.close()
+    monkeypatch.setattr(packing_module, "_sliding_window", lambda _model: None)  # one mask for every layer
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+
+
+def test_the_check_at_load_sees_a_window_longer_than_its_texts_apply(tokenizer, monkeypatch, caplog):
+    """A window of 12 tokens either way spans each of the check's three texts whole, so the check adds a text
+    past it: a packed batch whose sliding layers attended past their window (here, given no window) is found
+    to answer otherwise, and runs padded."""
+    model = _tiny("ModernBertForSequenceClassification", transformers.ModernBertConfig, local_attention=24)
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is not None
+    block_mask = Packing.__dict__["_block_mask"].__func__
+    monkeypatch.setattr(Packing, "_block_mask", staticmethod(lambda model, text, window=None: block_mask(model, text)))
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+    assert any("answers differ" in r.message for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     ("head", "config_class", "extra", "reason"),
     [
@@ -187,9 +246,15 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
             "DebertaV2ForSequenceClassification",
             transformers.DebertaV2Config,
             {"relative_attention": True, "position_biased_input": False},  # as DeBERTa v3 is
-            "no table of absolute positions",
+            "refused the packed inputs",
         ),
-        ("ModernBertForSequenceClassification", transformers.ModernBertConfig, {}, "no table of absolute positions"),
+        (
+            "ModernBertForSequenceClassification",
+            transformers.ModernBertConfig,
+            {"classifier_pooling": "mean"},
+            "refused the packed inputs",
+        ),
+        ("T5EncoderModel", transformers.T5Config, {}, "takes no position_ids"),
         ("ConvBertForSequenceClassification", transformers.ConvBertConfig, {"embedding_size": 16}, "answers differ"),
         ("AlbertForSequenceClassification", transformers.AlbertConfig, {"embedding_size": 8}, "tensor of shape"),
     ],
@@ -197,11 +262,12 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
 def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(
     tokenizer, caplog, head, config_class, extra, reason
 ):
-    """The check at load packs only a model of absolute positions (DeBERTa's are relative, ModernBERT's rotary)
+    """The check at load packs only a model whose forward takes ``position_ids`` (T5's encoder does not) and
     whose answers, and its encoder's output at every token, are the padded batch's with texts of three lengths
-    run both ways: ConvBERT's convolutions reach across texts, ALBERT's pooler is a bare linear layer that the
-    unpacking applies to every token. Each is left to padded batches, saying why in the replica's log, and
-    without the refused packing's hook."""
+    run both ways: DeBERTa's embeddings and ModernBERT's mean pooling read the mask as the padded batch's,
+    ConvBERT's convolutions reach across texts, ALBERT's pooler is a bare linear layer that the unpacking
+    applies to every token. Each is left to padded batches, saying why in the replica's log, and without the
+    refused packing's hook."""
     model = _tiny(head, config_class, **extra)
     with caplog.at_level(logging.INFO, logger="ray.serve"):  # the replica's log
         assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
