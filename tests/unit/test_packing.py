@@ -134,12 +134,74 @@ def test_a_pair_of_positions_weighs_what_the_models_own_layers_make_it():
     assert not packing.worth(lengths)
 
 
-def _tiny(head, config_class, **extra):
-    config = config_class(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=40, **{"pad_token_id": 0, **extra},
+def test_eager_attention_and_heads_wider_than_the_model_weigh_a_pair_of_positions_more():
+    """Eager attention writes each head's scores out, adds the mask and runs a softmax on them
+    (``EAGER_PAIR_PER_HEAD`` a head, in multiply-adds' time), where SDPA fuses them: BERT's 768 wide, 12
+    heads, weigh a pair 1/(6 × 768) of a position with SDPA, 2.6 times that eager. A model whose heads are
+    wider together than its hidden size (Gemma's) computes its products at their width."""
+    import torch
+
+    from deployments.runtimes.packing import EAGER_PAIR_PER_HEAD, _pair_weight
+
+    shape = {"vocab_size": 64, "pad_token_id": 0, "hidden_size": 768, "num_hidden_layers": 1, "num_attention_heads": 12}
+    eager = transformers.BertConfig(**shape, intermediate_size=3072, attn_implementation="eager")
+    bert = transformers.BertModel(eager, add_pooling_layer=False)
+    assert _pair_weight(bert) == pytest.approx((2 * 768 + 12 * EAGER_PAIR_PER_HEAD) / (12 * 768**2), rel=1e-6)
+    gemma = {"vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    gemma.update(num_key_value_heads=1, intermediate_size=128, attn_implementation="sdpa")
+    narrow, wide = (
+        transformers.Gemma3TextModel(transformers.Gemma3TextConfig(**gemma, head_dim=head_dim)) for head_dim in (32, 64)
+    )
+    assert _pair_weight(wide) > 1.4 * _pair_weight(narrow)  # heads of 128 wide in all, against 64
+    # Layers that differ (transformers' per_layer_config): EmbeddingGemma2's last attends with heads of 512.
+    config = transformers.EmbeddingGemma2TextConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, layer_types=["sliding_attention"] * 2 + ["full_attention"],
+        per_layer_config={"02": {"head_dim": 128}}, attn_implementation="sdpa",
     )  # fmt: skip
+    model = transformers.EmbeddingGemma2TextModel(config)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    products = sum(2 * layer.self_attn.q_proj.out_features for layer in model.layers)  # 2 × (64, 64, 256)
+    assert _pair_weight(model) == pytest.approx(products / weights, rel=1e-9)
+
+
+def test_a_model_whose_every_layer_attends_within_a_window_is_packed_with_that_window(tokenizer, monkeypatch):
+    """A model whose every layer attends within a window names no kinds of layer (transformers'
+    OpenAIPrivacyFilter, a token classifier, says only ``sliding_window``). Its packed batch's one mask has the
+    window, and the check at load, with a text longer than the window, finds the padded batch's answers; with
+    no window the mask would let a token attend to its whole text, and the check runs it padded."""
+    config = transformers.OpenAIPrivacyFilterConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        max_position_embeddings=40, pad_token_id=0, num_labels=3, initializer_range=0.3,
+    )  # fmt: skip
+    model = transformers.OpenAIPrivacyFilterForTokenClassification(config).eval()
+    assert getattr(model.config, "layer_types", None) is None
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is not None
+    monkeypatch.setattr(packing_module, "_sliding_window", lambda _model: None)
+    assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+
+
+def test_the_check_at_load_needs_a_text_longer_than_the_window_in_tokens(tokenizer, caplog):
+    """Words are not tokens: where the tokenizer gives the check's long text no more tokens than the window
+    (here it truncates at 12, the window's size), the check could not see the window apply, and the model runs
+    padded, saying why."""
+    model = _tiny("ModernBertForSequenceClassification", transformers.ModernBertConfig, local_attention=24)
+    tokenizer.model_max_length = 12
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+    assert any("no more tokens than its window, 12" in r.message for r in caplog.records)
+
+
+def _tiny(head, config_class, **extra):
+    shape = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
+    config = config_class(vocab_size=64, max_position_embeddings=40, **{**shape, "pad_token_id": 0, **extra})
     return getattr(transformers, head)(config).eval()
+
+
+WIDE = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
+"""A real model's width (MiniLM's), for a model of eager attention: at 16 wide its attention weighs so much
+more than its layers (``EAGER_PAIR_PER_HEAD``) that no batch of the tests' texts would pack."""
 
 
 @pytest.fixture
@@ -172,7 +234,7 @@ def test_an_mpnet_model_is_packed_at_the_positions_after_its_padding_token(mpnet
     """MPNet (all-mpnet-base-v2's kind) has a table of absolute positions from its padding token's id + 1 and
     a bias by relative position, which a packed text has as it has alone (its own tokens, in their order):
     its batches pack, with the padded batch's answers."""
-    model = _tiny("MPNetForSequenceClassification", transformers.MPNetConfig, pad_token_id=1)
+    model = _tiny("MPNetForSequenceClassification", transformers.MPNetConfig, pad_token_id=1, **WIDE)  # eager
     packing = Packing.checked(model, mpnet_tokenizer, lambda output: output.logits)
     assert packing is not None and packing.offset == 2
     encoded = mpnet_tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -192,7 +254,7 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
         "roberta": ("RobertaForSequenceClassification", transformers.RobertaConfig, tokenizer),
         "mpnet": ("MPNetForSequenceClassification", transformers.MPNetConfig, mpnet_tokenizer),
     }[kind]
-    model = _tiny(head, config_class, pad_token_id=tok.pad_token_id)
+    model = _tiny(head, config_class, pad_token_id=tok.pad_token_id, **WIDE)  # MPNet's attention is eager
     packing = Packing.checked(model, tok, lambda output: output.logits)
     texts = [f"hello {tok.pad_token} world this is", "the movie", "a b"]
     encoded = tok(texts, padding=True, return_tensors="pt")
@@ -212,7 +274,7 @@ def test_a_modernbert_model_is_packed_with_a_mask_for_each_kind_of_layer(tokeniz
     answers differ, and runs it padded."""
     import torch
 
-    config = {"local_attention": 4, "attn_implementation": attention}  # 2 tokens either way: inside the texts
+    config = {"local_attention": 4, "attn_implementation": attention, **WIDE}  # a window of 2 tokens either way
     model = _tiny("ModernBertForSequenceClassification", transformers.ModernBertConfig, **config)
     packing = Packing.checked(model, tokenizer, lambda output: output.logits)
     assert packing is not None and packing.offset == 0
