@@ -17,8 +17,10 @@ where its estimated cost is lower (``worth``). A lone text is never padded, so n
 Packing is used for a model only where its answers are the padded batch's (``Packing.checked``, at load,
 on texts of different lengths): a model whose forward takes ``position_ids`` and a 4-D attention mask. Its
 positions may be absolute (BERT), relative (MPNet's bias) or rotary (ModernBERT): the last two weigh the
-distance between two tokens, which is the same within a packed text. A model whose forward refuses the
-packed inputs, a decoder (its mask is causal), or one whose answers differ is left to padded batches.
+distance between two tokens, which is the same within a packed text. A model whose own layers read the
+mask as the padded batch's (DeBERTa's embeddings) gets a mask of ones, and its encoder the block mask. A
+model whose forward refuses the packed inputs, a decoder (its mask is causal), or one whose answers differ
+is left to padded batches.
 """
 
 from __future__ import annotations
@@ -45,18 +47,26 @@ class PackingRefused(Exception):
     """A model whose batches cannot be packed (why, for the log)."""
 
 
+class ForwardRefused(PackingRefused):
+    """A model whose forward raised on the packed inputs at the check."""
+
+
 class Packing:
     """Packs the batches of one model copy. It holds a forward hook on the model's encoder, which puts a
     packed output back in the padded layout for the calls that ``run`` makes in the same thread (a copy may
     run in several threads: its check at load, then its batches)."""
 
-    def __init__(self, model: Any, position_offset: int, positions: int) -> None:
+    def __init__(self, model: Any, position_offset: int, positions: int, to_encoder: bool = False) -> None:
         self.offset = position_offset
         self.positions = positions  # the rows of its position table past the offset: the most tokens packed
         self.pair = _pair_weight(model)  # a pair of positions in the attention, in positions' cost
         self.passes = 0  # forward passes run packed (GET /models: packed_batches); a copy runs one at a time
+        self.to_encoder = to_encoder  # the block mask goes to the encoder (``_to_encoder``), the model gets ones
         self._local = threading.local()
-        self._handle = model.base_model.register_forward_hook(self._unpack)
+        self._handles = [model.base_model.register_forward_hook(self._unpack)]
+        if to_encoder:
+            encoder = model.base_model.encoder
+            self._handles.append(encoder.register_forward_pre_hook(self._to_encoder, with_kwargs=True))
 
     @classmethod
     def checked(
@@ -66,22 +76,30 @@ class Packing:
         ``read`` takes the tensor the runtime reads from the model's output (logits, the last hidden state);
         ``padding_side`` is the side the runtime's batches are padded on; ``kwargs`` go to every call of
         ``model``, as the runtime passes them."""
-        packing = None
-        try:
-            if padding_side != "right":  # a text's positions then depend on its batch's longest (the padded
-                # batch's answer, which sentence-transformers gives too); packed, each text has its own
-                raise PackingRefused("its batches are padded on the left")
-            packing = cls(model, *_positions(model))
-            packing._check(model, tokenizer, read, kwargs)
-        except Exception as e:  # refused, a forward that refuses the packed inputs, or answers that differ
-            if packing is not None:
-                packing.close()
-            logger.info("batches of %s run padded: %s", type(model).__name__, e)
-            return None
-        return packing
+        reasons: list[str] = []
+        # A model whose own layers read the mask as the padded batch's [batch, longest] (DeBERTa's embeddings
+        # multiply by it) refuses the packed inputs: it is tried again with the block mask given to its encoder.
+        for to_encoder in (False, True) if _encoder(model) is not None else (False,):
+            packing = None
+            try:
+                if padding_side != "right":  # a text's positions then depend on its batch's longest (the padded
+                    # batch's answer, which sentence-transformers gives too); packed, each text has its own
+                    raise PackingRefused("its batches are padded on the left")
+                packing = cls(model, *_positions(model), to_encoder=to_encoder)
+                packing._check(model, tokenizer, read, kwargs)
+                return packing
+            except Exception as e:  # refused, a forward that refuses the packed inputs, or answers that differ
+                if packing is not None:
+                    packing.close()
+                reasons.append(f"with the mask given to its encoder, {e}" if to_encoder else str(e))
+                if not isinstance(e, ForwardRefused):
+                    break
+        logger.info("batches of %s run padded: %s", type(model).__name__, "; ".join(reasons))
+        return None
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def worth(self, mask: Any) -> bool:
         """Whether a batch of this attention mask ``[batch, longest]`` runs faster packed: its linear layers
@@ -118,13 +136,29 @@ class Packing:
             if key != "attention_mask" and getattr(value, "shape", None) is not None and value.shape[:2] == mask.shape
         }
         inputs["position_ids"] = positions.unsqueeze(0)
-        inputs["attention_mask"] = self._attention_mask(model, text)
+        if self.to_encoder:  # every packed token is a text's own: the model's mask is ones, its encoder's the block
+            inputs["attention_mask"] = torch.ones((1, len(text)), dtype=torch.long, device=mask.device)
+            self._local.encoder_mask = (text[:, None] == text[None, :])[None]
+        else:
+            inputs["attention_mask"] = self._attention_mask(model, text)
         self._local.mask = mask
         try:
             output = model(**inputs, **kwargs)
         finally:
-            self._local.mask = None
+            self._local.mask = self._local.encoder_mask = None
         return output
+
+    def _to_encoder(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The encoder's mask, where the model's own layers read the mask as the padded batch's: the block mask
+        ``[1, tokens, tokens]``, boolean, as DeBERTa's encoder takes one (``get_attention_mask``)."""
+        mask = getattr(self._local, "encoder_mask", None)
+        if mask is None:  # a call of the padded batch, or another thread's
+            return None
+        if "attention_mask" in kwargs:
+            return args, {**kwargs, "attention_mask": mask}
+        if len(args) < 2:
+            raise ForwardRefused("its encoder was called without a mask")
+        return (args[0], mask, *args[2:]), kwargs
 
     def _positions_of(self, ids: Any, text: Any, starts: Any) -> Any:
         """The position id of each packed token (``ids``; ``text``: each token's text, ``starts``: where each
@@ -217,7 +251,7 @@ class Packing:
                 try:
                     packed = read(self._packed(model, encoded, mask, kwargs))
                 except Exception as e:  # e.g. a layer that reads the mask as the padded batch's [batch, longest]
-                    raise PackingRefused(f"its forward refused the packed inputs ({type(e).__name__}: {e})") from e
+                    raise ForwardRefused(f"its forward refused the packed inputs ({type(e).__name__}: {e})") from e
         finally:
             seen.remove()
         if padded.shape != packed.shape:
@@ -263,6 +297,14 @@ head's scores out, adds the mask to them and runs a softmax over them, where SDP
 shape of MiniLM-L12 (384 wide, 12 heads; one thread), 6 texts of 50 to 90 tokens packed took 1.21× the padded
 batch's time eager and 0.94× with SDPA, where the cost rule without it said 0.90× (about 210 a head fits
 both); on base-size MPNet (eager, 12 heads), 8 texts of 6 to 65 tokens 0.70× measured, 0.70× estimated."""
+
+
+def _encoder(model: Any) -> Any | None:
+    """The encoder module of ``model``'s base model (``encoder``, as BERT's and DeBERTa's are), or None."""
+    import torch
+
+    encoder = getattr(model.base_model, "encoder", None)
+    return encoder if isinstance(encoder, torch.nn.Module) else None
 
 
 def _pair_weight(model: Any) -> float:

@@ -265,6 +265,32 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
     np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("v3", [True, False])
+def test_a_deberta_model_is_packed_with_the_block_mask_given_to_its_encoder(tokenizer, caplog, monkeypatch, v3):
+    """DeBERTa's embeddings multiply by the mask as the padded batch's ``[batch, longest]``, so they refuse the
+    packed block mask. Its relative positions (v3's alone; v2's beside a table of absolute ones) weigh the
+    distance between two tokens, the same within a packed text: it packs with a mask of ones to the model and
+    the block mask to its encoder, and answers as the padded batch."""
+    import torch
+
+    positions = {"relative_attention": True, "position_biased_input": False} if v3 else {}
+    model = _tiny("DebertaV2ForSequenceClassification", transformers.DebertaV2Config, **positions, **WIDE)
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        packing = Packing.checked(model, tokenizer, lambda output: output.logits)
+    assert packing is not None and packing.to_encoder and not caplog.records
+    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        packed, padded = packing.run(model, encoded).logits, model(**encoded).logits
+    assert packing.passes == 1
+    np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-6)
+    packing.close()
+    assert not model.base_model.encoder._forward_pre_hooks
+    monkeypatch.setattr(packing_module, "_encoder", lambda _model: None)  # no second try
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
+    assert any("refused the packed inputs" in r.message for r in caplog.records)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_modernbert_model_is_packed_with_a_mask_for_each_kind_of_layer(tokenizer, monkeypatch, attention):
     """ModernBERT has rotary positions (they weigh the distance between two tokens, the same within a packed
@@ -307,8 +333,8 @@ def test_the_check_at_load_sees_a_window_longer_than_its_texts_apply(tokenizer, 
         (
             "DebertaV2ForSequenceClassification",
             transformers.DebertaV2Config,
-            {"relative_attention": True, "position_biased_input": False},  # as DeBERTa v3 is
-            "refused the packed inputs",
+            {"relative_attention": True, "position_biased_input": False, "conv_kernel_size": 3},  # v2 xlarge's
+            "with the mask given to its encoder, its forward refused the packed inputs",
         ),
         (
             "ModernBertForSequenceClassification",
@@ -326,15 +352,16 @@ def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(
 ):
     """The check at load packs only a model whose forward takes ``position_ids`` (T5's encoder does not) and
     whose answers, and its encoder's output at every token, are the padded batch's with texts of three lengths
-    run both ways: DeBERTa's embeddings and ModernBERT's mean pooling read the mask as the padded batch's,
-    ConvBERT's convolutions reach across texts, ALBERT's pooler is a bare linear layer that the unpacking
-    applies to every token. Each is left to padded batches, saying why in the replica's log, and without the
-    refused packing's hook."""
+    run both ways: ModernBERT's mean pooling reads the mask as the padded batch's, DeBERTa v2's convolution
+    (its xlarge models') reads it too, and would reach across texts, as ConvBERT's convolutions do; ALBERT's
+    pooler is a bare linear layer that the unpacking applies to every token. Each is left to padded batches,
+    saying why in the replica's log, and without the refused packing's hooks."""
     model = _tiny(head, config_class, **extra)
     with caplog.at_level(logging.INFO, logger="ray.serve"):  # the replica's log
         assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
     assert any(f"batches of {head} run padded" in r.message and reason in r.message for r in caplog.records)
     assert not model.base_model._forward_hooks
+    assert not getattr(model.base_model, "encoder", model.base_model)._forward_pre_hooks
 
 
 def test_a_model_of_eager_attention_is_packed_with_an_additive_mask(tokenizer):
