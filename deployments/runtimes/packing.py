@@ -17,8 +17,8 @@ where its estimated cost is lower (``worth``). A lone text is never padded, so n
 Packing is used for a model only where its answers are the padded batch's (``Packing.checked``, at load,
 on texts of different lengths): a model whose forward takes ``position_ids`` and a 4-D attention mask. Its
 positions may be absolute (BERT), relative (MPNet's bias) or rotary (ModernBERT): the last two weigh the
-distance between two tokens, which is the same within a packed text. A model whose own layers read the
-mask as the padded batch's (DeBERTa's embeddings) gets a mask of ones, and its encoder the block mask. A
+distance between two tokens, which is the same within a packed text. DeBERTa, whose embeddings read the
+mask as the padded batch's, gets a mask of ones, and its encoder the block mask (``MASK_TO_ENCODER``). A
 model whose forward refuses the packed inputs, a decoder (its mask is causal), or one whose answers differ
 is left to padded batches.
 """
@@ -78,7 +78,8 @@ class Packing:
         ``model``, as the runtime passes them."""
         reasons: list[str] = []
         # A model whose own layers read the mask as the padded batch's [batch, longest] (DeBERTa's embeddings
-        # multiply by it) refuses the packed inputs: it is tried again with the block mask given to its encoder.
+        # multiply by it) refuses the packed inputs: DeBERTa is tried again with the block mask given to its
+        # encoder (MASK_TO_ENCODER).
         for to_encoder in (False, True) if _encoder(model) is not None else (False,):
             packing = None
             try:
@@ -299,10 +300,21 @@ batch's time eager and 0.94× with SDPA, where the cost rule without it said 0.9
 both); on base-size MPNet (eager, 12 heads), 8 texts of 6 to 65 tokens 0.70× measured, 0.70× estimated."""
 
 
+MASK_TO_ENCODER = ("deberta", "deberta-v2")
+"""The kinds of model (``config.model_type``) whose block mask may go to their encoder alone, the model getting a
+mask of ones: DeBERTa's embeddings multiply by the mask, and nothing else of it reads the mask. Not every model
+whose forward refuses the block mask: ESM's embeddings scale each text by its share of ``<mask>`` tokens over
+the mask, which a mask of ones would take over the whole packed sequence (a review found its answers 8.8e-4
+apart in a batch with a ``<mask>``, where the check's texts have none)."""
+
+
 def _encoder(model: Any) -> Any | None:
-    """The encoder module of ``model``'s base model (``encoder``, as BERT's and DeBERTa's are), or None."""
+    """The encoder module of ``model``'s base model where its block mask may go to it (``MASK_TO_ENCODER``),
+    else None."""
     import torch
 
+    if getattr(model.config, "model_type", None) not in MASK_TO_ENCODER:
+        return None
     encoder = getattr(model.base_model, "encoder", None)
     return encoder if isinstance(encoder, torch.nn.Module) else None
 

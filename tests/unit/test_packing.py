@@ -265,16 +265,27 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
     np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("v3", [True, False])
-def test_a_deberta_model_is_packed_with_the_block_mask_given_to_its_encoder(tokenizer, caplog, monkeypatch, v3):
+RELATIVE = {"relative_attention": True, "position_biased_input": False}
+
+
+@pytest.mark.parametrize(
+    ("head", "config_class", "positions"),
+    [
+        ("DebertaV2ForSequenceClassification", transformers.DebertaV2Config, RELATIVE),  # v3
+        ("DebertaV2ForSequenceClassification", transformers.DebertaV2Config, {}),  # v2: absolute and relative
+        ("DebertaForSequenceClassification", transformers.DebertaConfig, RELATIVE),  # v1
+    ],
+)
+def test_a_deberta_model_is_packed_with_the_block_mask_given_to_its_encoder(
+    tokenizer, caplog, monkeypatch, head, config_class, positions
+):
     """DeBERTa's embeddings multiply by the mask as the padded batch's ``[batch, longest]``, so they refuse the
     packed block mask. Its relative positions (v3's alone; v2's beside a table of absolute ones) weigh the
     distance between two tokens, the same within a packed text: it packs with a mask of ones to the model and
     the block mask to its encoder, and answers as the padded batch."""
     import torch
 
-    positions = {"relative_attention": True, "position_biased_input": False} if v3 else {}
-    model = _tiny("DebertaV2ForSequenceClassification", transformers.DebertaV2Config, **positions, **WIDE)
+    model = _tiny(head, config_class, **positions, **WIDE)
     with caplog.at_level(logging.INFO, logger="ray.serve"):
         packing = Packing.checked(model, tokenizer, lambda output: output.logits)
     assert packing is not None and packing.to_encoder and not caplog.records
@@ -343,6 +354,12 @@ def test_the_check_at_load_sees_a_window_longer_than_its_texts_apply(tokenizer, 
             "refused the packed inputs",
         ),
         ("T5EncoderModel", transformers.T5Config, {}, "takes no position_ids"),
+        (
+            "EsmForSequenceClassification",
+            transformers.EsmConfig,
+            {"token_dropout": True, "mask_token_id": 4},
+            "refused the packed inputs",
+        ),
         ("ConvBertForSequenceClassification", transformers.ConvBertConfig, {"embedding_size": 16}, "answers differ"),
         ("AlbertForSequenceClassification", transformers.AlbertConfig, {"embedding_size": 8}, "tensor of shape"),
     ],
@@ -352,8 +369,9 @@ def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(
 ):
     """The check at load packs only a model whose forward takes ``position_ids`` (T5's encoder does not) and
     whose answers, and its encoder's output at every token, are the padded batch's with texts of three lengths
-    run both ways: ModernBERT's mean pooling reads the mask as the padded batch's, DeBERTa v2's convolution
-    (its xlarge models') reads it too, and would reach across texts, as ConvBERT's convolutions do; ALBERT's
+    run both ways: ModernBERT's mean pooling reads the mask as the padded batch's, and so do ESM's embeddings
+    (which a mask of ones to the model would not keep to each text: only DeBERTa gets that second try), DeBERTa
+    v2's convolution (its xlarge models') reads it too, and would reach across texts, as ConvBERT's do; ALBERT's
     pooler is a bare linear layer that the unpacking applies to every token. Each is left to padded batches,
     saying why in the replica's log, and without the refused packing's hooks."""
     model = _tiny(head, config_class, **extra)
