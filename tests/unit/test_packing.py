@@ -193,6 +193,17 @@ def test_the_check_at_load_needs_a_text_longer_than_the_window_in_tokens(tokeniz
     assert any("no more tokens than its window, 12" in r.message for r in caplog.records)
 
 
+def _packs_as_padded(packing, model, tokenizer, texts=TEXTS, atol=1e-6):
+    """One batch of ``texts`` run packed (one forward pass) answers the padded batch's logits within ``atol``."""
+    import torch
+
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        packed, padded = packing.run(model, encoded).logits, model(**encoded).logits
+    assert packing.passes == 1
+    np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=atol)
+
+
 def _tiny(head, config_class, **extra):
     shape = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
     config = config_class(vocab_size=64, max_position_embeddings=40, **{**shape, "pad_token_id": 0, **extra})
@@ -248,8 +259,6 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
     transformers does: a padding token that the text itself spells takes the padding position and is not
     counted. Packed, such a text keeps the positions it has alone, so its answer is the padded batch's to
     float precision (1e-9 apart here; counted, it would be about 4e-6 apart)."""
-    import torch
-
     head, config_class, tok = {
         "roberta": ("RobertaForSequenceClassification", transformers.RobertaConfig, tokenizer),
         "mpnet": ("MPNetForSequenceClassification", transformers.MPNetConfig, mpnet_tokenizer),
@@ -257,12 +266,8 @@ def test_a_text_that_spells_the_padding_token_is_packed_at_the_positions_it_has_
     model = _tiny(head, config_class, pad_token_id=tok.pad_token_id, **WIDE)  # MPNet's attention is eager
     packing = Packing.checked(model, tok, lambda output: output.logits)
     texts = [f"hello {tok.pad_token} world this is", "the movie", "a b"]
-    encoded = tok(texts, padding=True, return_tensors="pt")
-    assert int((encoded["input_ids"][0] == tok.pad_token_id).sum()) == 1  # spelled: one token of the text
-    with torch.inference_mode():
-        packed, padded = packing.run(model, encoded).logits, model(**encoded).logits
-    assert packing.passes == 1
-    np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-7)
+    assert tok(texts)["input_ids"][0].count(tok.pad_token_id) == 1  # spelled: one token of the text
+    _packs_as_padded(packing, model, tok, texts, atol=1e-7)
 
 
 RELATIVE = {"relative_attention": True, "position_biased_input": False}
@@ -283,17 +288,11 @@ def test_a_deberta_model_is_packed_with_the_block_mask_given_to_its_encoder(
     packed block mask. Its relative positions (v3's alone; v2's beside a table of absolute ones) weigh the
     distance between two tokens, the same within a packed text: it packs with a mask of ones to the model and
     the block mask to its encoder, and answers as the padded batch."""
-    import torch
-
     model = _tiny(head, config_class, **positions, **WIDE)
     with caplog.at_level(logging.INFO, logger="ray.serve"):
         packing = Packing.checked(model, tokenizer, lambda output: output.logits)
     assert packing is not None and packing.to_encoder and not caplog.records
-    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        packed, padded = packing.run(model, encoded).logits, model(**encoded).logits
-    assert packing.passes == 1
-    np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-6)
+    _packs_as_padded(packing, model, tokenizer)
     packing.close()
     assert not model.base_model.encoder._forward_pre_hooks
     monkeypatch.setattr(packing_module, "_encoder", lambda _model: None)  # no second try
@@ -309,17 +308,11 @@ def test_a_modernbert_model_is_packed_with_a_mask_for_each_kind_of_layer(tokeniz
     mask for each kind of layer, the window's as transformers builds it, and answers as the padded batch. With
     one mask for every layer, its sliding layers would attend past their window: the check at load finds its
     answers differ, and runs it padded."""
-    import torch
-
     config = {"local_attention": 4, "attn_implementation": attention, **WIDE}  # a window of 2 tokens either way
     model = _tiny("ModernBertForSequenceClassification", transformers.ModernBertConfig, **config)
     packing = Packing.checked(model, tokenizer, lambda output: output.logits)
     assert packing is not None and packing.offset == 0
-    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        packed, padded = packing.run(model, encoded).logits, model(**encoded).logits
-    assert packing.passes == 1
-    np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=1e-6)
+    _packs_as_padded(packing, model, tokenizer)
     packing.close()
     monkeypatch.setattr(packing_module, "_sliding_window", lambda _model: None)  # one mask for every layer
     assert Packing.checked(model, tokenizer, lambda output: output.logits) is None
