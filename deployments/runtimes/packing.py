@@ -62,6 +62,8 @@ class Packing:
         self.pair = _pair_weight(model)  # a pair of positions in the attention, in positions' cost
         self.passes = 0  # forward passes run packed (GET /models: packed_batches); a copy runs one at a time
         self.to_encoder = to_encoder  # the block mask goes to the encoder (``_to_encoder``), the model gets ones
+        self.window = _sliding_window(model)  # its layers' sliding window, if any
+        self.by_kind = bool(getattr(model.config, "layer_types", None))  # a mask for each kind of layer
         self._local = threading.local()
         self._handles = [model.base_model.register_forward_hook(self._unpack)]
         if to_encoder:
@@ -76,16 +78,17 @@ class Packing:
         ``read`` takes the tensor the runtime reads from the model's output (logits, the last hidden state);
         ``padding_side`` is the side the runtime's batches are padded on; ``kwargs`` go to every call of
         ``model``, as the runtime passes them."""
-        reasons: list[str] = []
         # A model whose own layers read the mask as the padded batch's [batch, longest] (DeBERTa's embeddings
         # multiply by it) refuses the packed inputs: DeBERTa is tried again with the block mask given to its
         # encoder (MASK_TO_ENCODER).
-        for to_encoder in (False, True) if _encoder(model) is not None else (False,):
+        tries = (False, True) if _encoder(model) is not None else (False,)
+        reasons: list[str] = []
+        if padding_side != "right":  # a text's positions then depend on its batch's longest (the padded batch's
+            # answer, which sentence-transformers gives too); packed, each text has its own
+            tries, reasons = (), ["its batches are padded on the left"]
+        for to_encoder in tries:
             packing = None
             try:
-                if padding_side != "right":  # a text's positions then depend on its batch's longest (the padded
-                    # batch's answer, which sentence-transformers gives too); packed, each text has its own
-                    raise PackingRefused("its batches are padded on the left")
                 packing = cls(model, *_positions(model), to_encoder=to_encoder)
                 packing._check(model, tokenizer, read, kwargs)
                 return packing
@@ -176,19 +179,17 @@ class Packing:
         before = torch.cumsum(counted, 0) - counted  # the tokens counted before each, over the whole sequence
         return (torch.cumsum(counted, 0) - before[starts][text]) * counted + padding
 
-    @classmethod
-    def _attention_mask(cls, model: Any, text: Any) -> Any:
+    def _attention_mask(self, model: Any, text: Any) -> Any:
         """The packed sequence's mask: one for every layer, windowed where every layer attends within a window;
         a mask for each kind of layer where some do (``config.layer_types``), as transformers builds them."""
-        window = _sliding_window(model)
-        if window is None:
-            return cls._block_mask(model, text)
-        if getattr(model.config, "layer_types", None):
+        if self.window is None:
+            return self._block_mask(model, text)
+        if self.by_kind:
             return {
-                "full_attention": cls._block_mask(model, text),
-                "sliding_attention": cls._block_mask(model, text, window),
+                "full_attention": self._block_mask(model, text),
+                "sliding_attention": self._block_mask(model, text, self.window),
             }
-        return cls._block_mask(model, text, window)
+        return self._block_mask(model, text, self.window)
 
     @staticmethod
     def _block_mask(model: Any, text: Any, window: int | None = None) -> Any:
@@ -230,7 +231,7 @@ class Packing:
         import torch
 
         texts = list(PROBE_TEXTS)
-        window = _sliding_window(model)
+        window = self.window
         reach = window is not None and window + 1 < self.positions  # a text may be longer than the window
         if reach:  # a text past the window, so that the check sees a layer's window apply
             words = PROBE_TEXTS[0].split()
