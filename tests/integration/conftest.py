@@ -7,6 +7,7 @@ of the session, which stops every Ray process it started.
 """
 
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,7 +85,26 @@ def grpc_target(serve_url) -> str:
 
 
 @pytest.fixture(scope="session")
-def deploy(serve_url) -> Callable[..., str]:
+def silent_connection(serve_url) -> Iterator[tuple[socket.socket, float]]:
+    """A connection to Serve's HTTP port that never sends a byte, and when it was opened: as soon as Serve is up
+    (``deploy`` asks for it), so that test_shipped_mode's check, minutes later, finds it closed without
+    waiting."""
+    host, port = serve_url.removeprefix("http://").split(":")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with sock:
+        yield sock, time.monotonic()
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_url, silent_connection) -> Callable[..., str]:
     """Deploy an application under /<name> (or the given route prefix) with the given args; returns its base URL.
     (Apps are deleted by the fixtures that deploy them, or with Serve at the end of the session.)"""
 

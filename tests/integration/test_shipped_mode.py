@@ -6,6 +6,7 @@ throughput-optimised mode and HAProxy on, and an HAProxy below this session's Ra
 gRPC ports."""
 
 import os
+import time
 
 import pytest
 
@@ -61,3 +62,22 @@ def test_haproxy_below_this_sessions_ray_holds_serves_http_and_grpc_ports(demo_u
         return all(pids and pids <= haproxies for pids in holders.values())
 
     assert wait_for(held_by_haproxy, timeout=30), seen
+
+
+SILENT_CLOSED_WITHIN_S = 75
+"""A connection that sends nothing is closed within this long: HAProxy's client timeout (config/serve.env, 30 s),
+and the time HAProxy takes to notice it."""
+
+
+def test_a_connection_that_sends_nothing_is_closed_within_a_minute(silent_connection):
+    """With Ray's default client timeout (an hour), 4,200 such connections held all 4,096 that HAProxy takes,
+    and no request or gRPC call was answered until they closed (docs/errors-and-limits.md)."""
+    sock, opened = silent_connection
+    sock.settimeout(max(0.1, opened + SILENT_CLOSED_WITHIN_S - time.monotonic()))
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):  # HAProxy may answer 408 before it closes
+            answer += chunk
+    except TimeoutError:
+        pytest.fail(f"still open {time.monotonic() - opened:.0f}s after it was opened, having sent nothing")
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
