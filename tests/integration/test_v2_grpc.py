@@ -258,6 +258,17 @@ def test_the_fields_of_a_message_are_counted_before_it_is_built(raw_infer):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid ModelInferRequest" in details, details
 
 
+@pytest.mark.parametrize("rpc", ["ModelMetadata", "ServerLive"])
+def test_bytes_that_are_not_the_message_of_any_rpc_are_invalid_argument(grpc_target, demo_url, rpc):
+    """Those of the RPCs that grpc decodes as well as those the app decodes itself (ModelInfer, above)."""
+    with grpc.insecure_channel(grpc_target) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{rpc}", request_serializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\xff\xff\xff", metadata=tuple(DEMO.items()), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert e.value.details() == f"the request is not a valid {rpc}Request message"
+
+
 def _worst_within_the_limits() -> bytes:
     """8 MiB that the app decodes and builds whole: 16 input tensors and 16 outputs of 64 parameters each, 64
     parameters, and about 4 million one-byte-key unknown fields (answered: the model takes one input tensor)."""

@@ -527,8 +527,20 @@ def test_bytes_that_are_not_a_message_are_invalid_argument():
     assert grpc_status(errors.MalformedRequest("x")) is S.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    "rpc, message", [("ModelMetadata", pb.ModelMetadataRequest), ("ServerLive", pb.ServerLiveRequest)]
+)
+def test_bytes_that_are_not_the_message_of_an_rpc_of_scalars_are_invalid_argument(rpc, message):
+    from deployments.ingress.protocols.grpc_wire import NotAMessage
+
+    svc, _, _ = service()
+    _, ctx = call(svc, rpc, NotAMessage(message))
+    assert ctx.code is S.INVALID_ARGUMENT
+    assert ctx.details == f"the request is not a valid {message.DESCRIPTOR.name} message"
+
+
 def test_the_servicer_function_hands_over_the_raw_rpcs_as_bytes_and_the_others_decoded():
-    from deployments.ingress.protocols.grpc_wire import RAW_RPCS, add_servicer
+    from deployments.ingress.protocols.grpc_wire import RAW_RPCS, NotAMessage, add_servicer
 
     class Server:
         def add_generic_rpc_handlers(self, handlers):
@@ -543,8 +555,9 @@ def test_the_servicer_function_hands_over_the_raw_rpcs_as_bytes_and_the_others_d
     for method, handler in server.handlers.items():
         if method in RAW_RPCS:
             assert handler.request_deserializer is None, method
-        else:
-            assert handler.request_deserializer is not None, method
+        else:  # decoded, and bytes that are not the message handed over as such (protobuf would raise)
+            assert isinstance(handler.request_deserializer(b"\xff\xff\xff"), NotAMessage), method
+            assert not isinstance(handler.request_deserializer(b""), NotAMessage), method
     assert v2_grpc.SERVICER_FUNCTION == "deployments.ingress.protocols.grpc_wire.add_servicer"
 
 

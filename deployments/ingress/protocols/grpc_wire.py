@@ -74,12 +74,38 @@ def add_servicer(servicer: Any, server: Any) -> None:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorder)
     name, handlers = recorder.registered
     handlers = {
-        method: handler._replace(request_deserializer=None) if method in RAW_RPCS else handler
+        method: handler._replace(
+            request_deserializer=None if method in RAW_RPCS else _or_not_a_message(handler.request_deserializer)
+        )
         for method, handler in handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpcio 1.63 and later
         server.add_registered_method_handlers(name, handlers)
+
+
+class NotAMessage:
+    """What an RPC of scalar fields gets for bytes that are not its message. grpc answers an exception of the
+    deserializer ``UNKNOWN``, naming protobuf's exception class; the RPC answers this ``INVALID_ARGUMENT``
+    (``error``), as the raw RPCs answer theirs."""
+
+    def __init__(self, message: type[Message]) -> None:
+        self.message = message
+
+    def error(self) -> MalformedRequest:
+        return MalformedRequest(f"the request is not a valid {self.message.DESCRIPTOR.name} message", field="request")
+
+
+def _or_not_a_message(deserialize: Callable[[bytes], Message]) -> Callable[[bytes], Message | NotAMessage]:
+    """A generated ``Message.FromString``, answering NotAMessage where it would raise."""
+
+    def decode(data: bytes) -> Message | NotAMessage:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return NotAMessage(deserialize.__self__)  # type: ignore[attr-defined]  (a bound classmethod)
+
+    return decode
 
 
 class _Recorder:

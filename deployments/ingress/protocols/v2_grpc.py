@@ -42,7 +42,7 @@ from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorize, require_l
 from deployments.ingress.bodies import parse_bounded
 from deployments.ingress.dataplane import DataPlane, InferenceRequest, InferenceResult
 from deployments.ingress.protocols import v2
-from deployments.ingress.protocols.grpc_wire import RAW_RPCS, BoundedDecoder
+from deployments.ingress.protocols.grpc_wire import RAW_RPCS, BoundedDecoder, NotAMessage
 from serve_app.core.config import Keys
 from serve_app.core.errors import (
     AdminKeyRequired,
@@ -222,6 +222,8 @@ def rpc(response: type[Message]) -> Callable[[_Rpc], _Rpc]:
                 require_loopback(self.keys, context.peer())
                 if name not in OPEN_RPCS:
                     authorize(self.keys, dict(context.invocation_metadata()).get("authorization"), name in ADMIN_RPCS)
+                if isinstance(request, NotAMessage):
+                    raise request.error()
                 if name in RAW_RPCS and isinstance(request, Message):  # an in-process caller's message
                     request = request.SerializeToString()
                 size = len(request) if isinstance(request, bytes) else request.ByteSize()
