@@ -59,7 +59,7 @@ from serve_app.core.images import (
     open_image,
     rle_bytes_at_most,
 )
-from serve_app.core.paths import resolve_project_path
+from serve_app.core.paths import resolve_client_path, resolve_project_path
 
 _DATA_URI = re.compile(r"data:(?:[\w.+-]+/[\w.+-]+)?(?:;base64)?,")  # matched on a bounded prefix only
 # Linear on input without whitespace: "=" is not in the class, so nothing backtracks.
@@ -217,7 +217,7 @@ class ImageInput(InputKind):
         if "\0" in item:
             raise InvalidInput(f"{where}: a path cannot contain a NUL character", field="input_data")
         try:
-            path = resolve_project_path(item).resolve()
+            path = resolve_client_path(item).resolve()
             if not path.is_relative_to(limits.image_root):
                 raise ForbiddenPath(f"{where}: image paths must lie under the image root (image_root)")
             if not path.is_file():
@@ -225,8 +225,8 @@ class ImageInput(InputKind):
             _check_size(where, path.stat().st_size, limits)
             return path.read_bytes()
         except (OSError, RuntimeError) as e:  # too long a name, a loop of links, no permission: the client's bad path
-            # (On Python 3.11 Path.resolve raises RuntimeError for a loop of links, and expanduser for a user with
-            # no home; its text names server paths, so it is not echoed.)
+            # (On Python 3.11 Path.resolve raises RuntimeError for a loop of links; its text names server paths,
+            # so it is not echoed.)
             reason = e.strerror if isinstance(e, OSError) else "the path cannot be resolved"
             raise InvalidInput(
                 f"{where}: no readable image file at {_quote(item)} ({reason})", field="input_data"

@@ -11,3 +11,11 @@ def resolve_project_path(path: str | Path) -> Path:
     """An absolute path stays as it is; a relative one is taken from the project root."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def resolve_client_path(path: str) -> Path:
+    """A path a client sent, as ``resolve_project_path`` takes the operator's, but never with ``~`` expanded: a
+    client's ``~name/x.jpg`` is a folder named ``~name`` under the project root, so that its answer cannot tell
+    whether an account ``name`` exists on the server."""
+    p = Path(path)
+    return p if p.is_absolute() else PROJECT_ROOT / p

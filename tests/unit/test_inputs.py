@@ -68,6 +68,18 @@ def test_paths_outside_the_image_root_are_forbidden(decoder, path):
         decoder.decode(IMAGE, path)
 
 
+@pytest.mark.parametrize("path", ["~root/x.jpg", "~no-such-user-here/x.jpg", "~/x.jpg"])
+def test_a_tilde_in_a_path_is_a_name_not_a_home_so_no_answer_tells_which_accounts_exist(decoder, path):
+    """Expanded, ``~root`` would be a home outside the image root (403) and an unknown user's a path that
+    cannot be resolved (422): two answers that tell the accounts apart. Taken as written, each is a file
+    that is not there."""
+    with pytest.raises(InvalidInput, match="no image file at") as e:
+        decoder.decode(IMAGE, f"samples/images/{path}")
+    assert e.value.status_code == 422
+    with pytest.raises(ForbiddenPath):  # a folder under the project root, outside the image root, whoever it names
+        decoder.decode(IMAGE, path)
+
+
 def test_symlink_out_of_the_root_is_forbidden(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
