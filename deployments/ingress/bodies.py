@@ -64,10 +64,20 @@ def check_json_budget(body: bytes, max_values: int, limit_hint: str) -> None:
     except InvalidInput:
         raise
     except Exception as e:  # ijson's JSONError, or what a value it cannot convert raises (SystemError, ValueError)
-        reason = str(e).strip().splitlines()[0][:100] if isinstance(e, ijson.JSONError) and str(e).strip() else ""
+        reason = _yajl_reason(e) if isinstance(e, ijson.JSONError) else ""
         nan = b"NaN" in body or b"Infinity" in body  # the likely cause, named (a scan in C, once refused)
         named = " (NaN and Infinity are not JSON)" if nan else ""
         raise _not_valid_json(named + (f": {reason}" if reason else "")) from None
+
+
+def _yajl_reason(e: Exception) -> str:
+    """The first line of the tokenizer's error ("lexical error: invalid char in json text."): yajl's message
+    goes on to quote the body around the fault, as bytes, which the client's answer does not echo."""
+    message = e.args[0] if e.args else ""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    lines = str(message).strip().splitlines()
+    return lines[0][:100] if lines else ""
 
 
 def _not_valid_json(detail: str) -> MalformedRequest:

@@ -126,6 +126,24 @@ def test_a_long_string_reaches_the_tokenizer_in_a_few_reads_that_double_so_it_co
 
 
 @pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b'\xff\xfe{"model_id": "m", "input_data": "x"}', "lexical error: invalid char in json text."),
+        (b'{"model_id": "m", "input_data": "\xff secret"}', "lexical error: invalid bytes in UTF8 string."),
+        (b'{"model_id": "m", "input_data": "x"', "parse error: premature EOF"),
+    ],
+)
+def test_a_body_that_is_not_json_is_refused_with_the_reason_alone_not_the_bytes_around_it(body, reason):
+    """yajl's message quotes the body around the fault, as Python bytes; the client's answer has its first
+    line only."""
+    from deployments.ingress import bodies
+
+    with pytest.raises(bodies.MalformedRequest) as e:
+        bodies.check_json_budget(body, 10, "a test")
+    assert e.value.message == f"the request body is not valid JSON: {reason}"
+
+
+@pytest.mark.parametrize(
     "body, named",
     [(b'{"input_data": NaN}', True), (b'{"input_data": Infinity}', True), (b'{"input_data": "x"', False)],
 )
