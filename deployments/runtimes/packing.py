@@ -224,7 +224,11 @@ class Packing:
             pooler = getattr(module, "pooler", None)
             if pooler is None:
                 raise PackingRefused("its encoder pools the sequence without a pooler module of its own")
-            output["pooler_output"] = pooler(padded)
+            pooled = pooler(padded)
+            # A pooler module that pools (BERT's: first token, dense, tanh) gives one vector a text; a bare
+            # layer whose model pools around it (ALBERT's, BigBird's) gives one a token, without the pooling:
+            # that pooler output is dropped, and a head or runtime that reads it fails instead of reading it.
+            output["pooler_output"] = pooled if pooled.shape == (mask.shape[0], hidden.shape[-1]) else None
         return output
 
     def _check(self, model: Any, tokenizer: Any, read: Callable[[Any], Any], kwargs: dict[str, Any]) -> None:

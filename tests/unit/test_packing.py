@@ -204,6 +204,25 @@ def _packs_as_padded(packing, model, tokenizer, texts=TEXTS, atol=1e-6):
     np.testing.assert_allclose(packed.numpy(), padded.numpy(), rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("base, config_class", [("BertModel", "BertConfig"), ("AlbertModel", "AlbertConfig")])
+def test_a_packed_batchs_pooler_output_is_the_padded_batchs_or_none(tokenizer, base, config_class):
+    """BERT's pooler module pools (first token, dense, tanh) and is run again on the unpacked output; ALBERT's
+    is a bare layer its model pools around, which run on every token would give the wrong tensor: dropped."""
+    import torch
+
+    model = _tiny(base, getattr(transformers, config_class))
+    packing = Packing.checked(model, tokenizer, lambda output: output.last_hidden_state)
+    assert packing is not None
+    encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        packed, padded = packing.run(model, encoded), model(**encoded)
+    assert packing.passes == 1
+    if base == "BertModel":
+        np.testing.assert_allclose(packed.pooler_output.numpy(), padded.pooler_output.numpy(), rtol=0, atol=1e-6)
+    else:
+        assert packed.pooler_output is None
+
+
 def _tiny(head, config_class, **extra):
     shape = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
     config = config_class(vocab_size=64, max_position_embeddings=40, **{**shape, "pad_token_id": 0, **extra})
@@ -354,7 +373,12 @@ def test_the_check_at_load_sees_a_window_longer_than_its_texts_apply(tokenizer, 
             "refused the packed inputs",
         ),
         ("ConvBertForSequenceClassification", transformers.ConvBertConfig, {"embedding_size": 16}, "answers differ"),
-        ("AlbertForSequenceClassification", transformers.AlbertConfig, {"embedding_size": 8}, "tensor of shape"),
+        (
+            "AlbertForSequenceClassification",
+            transformers.AlbertConfig,
+            {"embedding_size": 8},
+            "must be Tensor, not None",
+        ),
     ],
 )
 def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(
@@ -365,7 +389,8 @@ def test_a_model_whose_packed_batch_would_answer_otherwise_runs_padded(
     run both ways: ModernBERT's mean pooling reads the mask as the padded batch's, and so do ESM's embeddings
     (which a mask of ones to the model would not keep to each text: only DeBERTa gets that second try), DeBERTa
     v2's convolution (its xlarge models') reads it too, and would reach across texts, as ConvBERT's do; ALBERT's
-    pooler is a bare linear layer that the unpacking applies to every token. Each is left to padded batches,
+    pooler is a bare linear layer its model pools around, whose output the unpacking drops (its classifier
+    then fails on None). Each is left to padded batches,
     saying why in the replica's log, and without the refused packing's hooks."""
     model = _tiny(head, config_class, **extra)
     with caplog.at_level(logging.INFO, logger="ray.serve"):  # the replica's log
