@@ -209,6 +209,9 @@ def test_bad_input_is_invalid_argument(client):
         client.infer, "sentiment", [bytes_input("text", b"hi")], outputs=unknown_output, headers=DEMO
     )
     assert status == "StatusCode.INVALID_ARGUMENT" and "unknown output(s): probabilities" in message
+    top_two = [triton.InferRequestedOutput("label", class_count=2)]  # Triton's classification extension
+    status, message = error_of(client.infer, "sentiment", [bytes_input("text", b"hi")], outputs=top_two, headers=DEMO)
+    assert status == "StatusCode.INVALID_ARGUMENT" and "parameter 'classification' is not supported" in message
 
 
 def test_up_to_max_body_bytes_reaches_the_app_and_more_is_resource_exhausted(client):

@@ -61,6 +61,16 @@ def test_text_inference_with_the_standard_client(v2, binary):
     assert response["model_name"] == "sentiment" and response["id"] == "req-42"
 
 
+def test_an_output_asked_of_a_triton_extension_this_server_lacks_is_422_not_ignored(v2):
+    """tritonclient's ``class_count`` asks for Triton's classification extension (the top classes as strings);
+    answered as if not asked, the client got the top label where it expected two."""
+    inp = triton.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"This movie was great!"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as e:
+        v2.infer("sentiment", [inp], outputs=[triton.InferRequestedOutput("label", class_count=2)])
+    assert e.value.status() == "422" and "parameter 'classification' is not supported" in e.value.message()
+
+
 def test_image_inference_with_encoded_bytes(v2):
     raw = (PROJECT_ROOT / "samples/images/triangle.jpg").read_bytes()
     inp = triton.InferInput("image", [1], "BYTES")

@@ -51,6 +51,24 @@ def test_an_output_named_twice_is_refused():
         check_outputs(task, ["label", "score", "label"])
 
 
+@pytest.mark.parametrize("parameters", [{"classification": 2}, {"shared_memory_region": "r", "binary_data": True}])
+def test_an_output_asked_with_a_parameter_of_a_triton_extension_this_server_lacks_is_refused(parameters):
+    """Triton's classification extension, shared memory: honoured by Triton, not here, so refused, not
+    answered as if not asked; ``binary_data`` alone is read."""
+    import asyncio
+
+    from deployments.ingress.protocols.v2 import BodyParser
+
+    def parse(output: dict) -> list[str]:
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "outputs": [output]}
+        return asyncio.run(BodyParser(json.dumps(body).encode(), None, 32)()).outputs
+
+    name = next(iter(sorted(set(parameters) - {"binary_data"})))
+    with pytest.raises(InvalidInput, match=f"output 'label': parameter '{name}' is not supported"):
+        parse({"name": "label", "parameters": parameters})
+    assert parse({"name": "label", "parameters": {"binary_data": True}}) == ["label"]
+
+
 @pytest.mark.parametrize("size", [-1, 10_000, "12", 1.5])
 def test_a_binary_size_that_does_not_fit_is_refused(size):
     data = _binary([b"good"])

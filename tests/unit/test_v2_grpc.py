@@ -19,7 +19,14 @@ from tritonclient.grpc import service_pb2 as pb
 from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.http_errors import PayloadTooLarge as HttpPayloadTooLarge
 from deployments.ingress.protocols import v2_grpc
-from deployments.ingress.protocols.v2_grpc import GRPC_STATUS, V2Grpc, grpc_status, infer_response, input_elements
+from deployments.ingress.protocols.v2_grpc import (
+    GRPC_STATUS,
+    V2Grpc,
+    grpc_status,
+    infer_response,
+    inference_request,
+    input_elements,
+)
 from serve_app.core import errors
 from serve_app.core.config import AppArgs, Keys
 from serve_app.core.outputs import CLASSIFICATION
@@ -186,6 +193,15 @@ def test_only_the_outputs_asked_for_and_an_unknown_one_is_refused():
     assert [o.name for o in response.outputs] == ["score"] and len(response.raw_output_contents) == 1
     with pytest.raises(errors.InvalidInput, match="unknown output"):
         infer_response(request(outputs=["probabilities"]), RESULT)
+
+
+@pytest.mark.parametrize("parameter", ["classification", "shared_memory_region"])
+def test_an_output_asked_with_a_parameter_of_a_triton_extension_this_server_lacks_is_invalid_input(parameter):
+    message = request(outputs=["label"])
+    message.outputs[0].parameters[parameter].int64_param = 2
+    with pytest.raises(errors.InvalidInput, match=f"output 'label': parameter '{parameter}' is not supported"):
+        inference_request(message, 32)
+    assert inference_request(request(outputs=["label"]), 32).outputs == ["label"]
 
 
 # -- the service over the data plane ------------------------------------------------------------------

@@ -265,6 +265,26 @@ MAX_TIMEOUT_US = 2**64 - 1
 """The largest ``timeout`` Triton's clients send: an unsigned 64-bit count of microseconds."""
 
 
+OUTPUT_PARAMETERS = frozenset({"binary_data"})
+"""The parameters of a requested output this server reads. Triton's others ask for what it does not do: the
+classification extension (``classification``: the top classes as ``score:index:label`` strings) and shared
+memory (``shared_memory_region``...), whose client would read its answer from a region this server never
+writes; answered as if they were not there, such a request got a 200 it did not ask for."""
+
+
+def check_output_parameters(outputs: Iterable[tuple[str, Collection[str]]]) -> None:
+    """``InvalidInput`` (422) for a requested output (its name, its parameters' names) with a parameter of
+    Triton's that this server does not honour (OUTPUT_PARAMETERS)."""
+    for name, parameters in outputs:
+        other = sorted(set(parameters) - OUTPUT_PARAMETERS)
+        if other:
+            raise InvalidInput(
+                f"output {echo(name)}: parameter {echo(other[0])} is not supported: every output is answered "
+                "whole, in the response (no classification extension, no shared memory)",
+                field="outputs",
+            )
+
+
 def timeout_from_parameters(parameters: dict[str, Any] | None) -> float | None:
     """A request's own deadline, in seconds: Triton's ``timeout`` request parameter, in microseconds."""
     timeout = (parameters or {}).get("timeout")
@@ -301,6 +321,7 @@ class BodyParser:
 
     def _parse(self, body: bytes) -> InferenceRequest:
         self.request, elements = parse_infer_request(body, self._header_length, self._max_items)
+        check_output_parameters((o.name, o.parameters or {}) for o in self.request.outputs or ())
         return InferenceRequest(
             inputs=elements,
             timeout_s=client_timeout_s(self.request),
