@@ -122,9 +122,10 @@ def inference_request(request: pb.ModelInferRequest, max_items: int) -> Inferenc
     timeout = request.parameters.get("timeout")
     deadline = v2.timeout_from_parameters({"timeout": parameter_value(timeout)} if timeout is not None else {})
     parameters = {name: parameter_value(p) for name, p in request.parameters.items() if name != "timeout"}
-    v2.check_output_parameters((o.name, o.parameters) for o in request.outputs)
+    inputs = input_elements(request, max_items)
+    v2.check_output_parameters((o.name, o.parameters) for o in request.outputs)  # after the inputs, as over REST
     return InferenceRequest(
-        inputs=input_elements(request, max_items),
+        inputs=inputs,
         timeout_s=deadline,
         parameters=parameters,
         other_parameters=True,
