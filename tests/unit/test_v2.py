@@ -54,7 +54,7 @@ def test_an_output_named_twice_is_refused():
 @pytest.mark.parametrize("parameters", [{"classification": 2}, {"shared_memory_region": "r", "binary_data": True}])
 def test_an_output_asked_with_a_parameter_of_a_triton_extension_this_server_lacks_is_refused(parameters):
     """Triton's classification extension, shared memory: honoured by Triton, not here, so refused, not
-    answered as if not asked; ``binary_data`` alone is read."""
+    answered as if not asked; ``binary_data`` is read, and a hint such as MLServer's ``content_type`` let be."""
     import asyncio
 
     from deployments.ingress.protocols.v2 import BodyParser
@@ -67,6 +67,7 @@ def test_an_output_asked_with_a_parameter_of_a_triton_extension_this_server_lack
     with pytest.raises(InvalidInput, match=f"output 'label': parameter '{name}' is not supported"):
         parse({"name": "label", "parameters": parameters})
     assert parse({"name": "label", "parameters": {"binary_data": True}}) == ["label"]
+    assert parse({"name": "label", "parameters": {"content_type": "str"}}) == ["label"]  # MLServer's codec hint
 
 
 @pytest.mark.parametrize("size", [-1, 10_000, "12", 1.5])

@@ -265,18 +265,21 @@ MAX_TIMEOUT_US = 2**64 - 1
 """The largest ``timeout`` Triton's clients send: an unsigned 64-bit count of microseconds."""
 
 
-OUTPUT_PARAMETERS = frozenset({"binary_data"})
-"""The parameters of a requested output this server reads. Triton's others ask for what it does not do: the
-classification extension (``classification``: the top classes as ``score:index:label`` strings) and shared
-memory (``shared_memory_region``...), whose client would read its answer from a region this server never
-writes; answered as if they were not there, such a request got a 200 it did not ask for."""
+UNSERVED_OUTPUT_PARAMETERS = frozenset(
+    {"classification", "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"}
+)
+"""Parameters of a requested output that ask for what this server does not do: Triton's classification
+extension (``classification``: the top classes as ``score:index:label`` strings) and shared memory, whose
+client would read its answer from a region this server never writes. Answered as if they were not there,
+such a request got a 200 it did not ask for. Others are read (``binary_data``) or are hints an answer of
+fixed datatypes does without (MLServer's ``content_type``)."""
 
 
 def check_output_parameters(outputs: Iterable[tuple[str, Collection[str]]]) -> None:
-    """``InvalidInput`` (422) for a requested output (its name, its parameters' names) with a parameter of
-    Triton's that this server does not honour (OUTPUT_PARAMETERS)."""
+    """``InvalidInput`` (422) for a requested output (its name, its parameters' names) with a parameter that
+    asks for what this server does not do (UNSERVED_OUTPUT_PARAMETERS)."""
     for name, parameters in outputs:
-        other = sorted(set(parameters) - OUTPUT_PARAMETERS)
+        other = sorted(set(parameters) & UNSERVED_OUTPUT_PARAMETERS)
         if other:
             raise InvalidInput(
                 f"output {echo(name)}: parameter {echo(other[0])} is not supported: every output is answered "
