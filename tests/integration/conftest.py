@@ -6,6 +6,7 @@ Ray starts once (about 25 s on a 2-core machine) and is shut down at the end
 of the session, which stops every Ray process it started.
 """
 
+import contextlib
 import os
 import socket
 import time
@@ -24,7 +25,7 @@ from serve_app.app import build_app
 from serve_app.core.config import AppArgs
 from serve_app.core.paths import PROJECT_ROOT
 from serve_app.devtools import free_port, no_haproxy_left
-from tests.helpers import ADMIN_KEY, API_KEY, MODEL_ROOTS, tiny_args
+from tests.helpers import ADMIN_KEY, API_KEY, MODEL_ROOTS, tiny_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,16 +91,15 @@ def silent_connection(serve_url) -> Iterator[tuple[socket.socket, float]]:
     (``deploy`` asks for it), so that test_shipped_mode's check, minutes later, finds it closed without
     waiting."""
     host, port = serve_url.removeprefix("http://").split(":")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            sock = socket.create_connection((host, int(port)), timeout=5)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    with sock:
+    opened: list[socket.socket] = []
+
+    def connect() -> bool:
+        with contextlib.suppress(OSError):
+            opened.append(socket.create_connection((host, int(port)), timeout=5))
+        return bool(opened)
+
+    assert wait_for(connect, timeout=60, interval=0.5), f"nothing accepts connections at {serve_url}"
+    with opened[0] as sock:
         yield sock, time.monotonic()
 
 
