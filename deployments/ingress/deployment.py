@@ -127,7 +127,7 @@ class Ingress:
         one is refused and this replica keeps its registry; while starting it has none to keep, and the error
         stops the start. (``rank`` is unused: asking for it makes Serve call this at start even without a
         user_config, so that a replica without a registry does not start.)"""
-        self.live.apply(user_config)
+        await self.live.apply_checked_off_loop(user_config)
 
     # -- health -------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,7 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deployments.ingress.auth import OPEN_PATHS, authorize, is_admin_path
 from deployments.ingress.http_errors import BodyError, BodyTimeout, PayloadTooLarge, error_body, route_path
 from serve_app.core.config import Keys
-from serve_app.core.errors import ServeAppError, Unauthorized
+from serve_app.core.errors import MalformedRequest, ServeAppError, Unauthorized
+
+# C0 control characters and DEL. No route's path has one, and a path that does is not checked as the router
+# reads it: Starlette's route patterns end in ``$``, which matches before a final newline, so
+# ``/models/m/load%0A`` reaches the load route while a full match of the admin routes misses it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 async def _send_json(
@@ -38,12 +44,16 @@ async def _send_json(
 
 class AuthMiddleware:
     """``Authorization: Bearer <key>`` on every route but the health probes, and the admin key on load and
-    unload, when auth is on (``app.state.keys``)."""
+    unload, when auth is on (``app.state.keys``). First, whatever the auth mode, a path with a control
+    character is 400: the admin check must see the path as the router will."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _CONTROL.search(scope.get("path", "")):
+            refused = MalformedRequest("the request path has a control character (a percent-encoded %00 to %1F or %7F)")
+            return await _send_json(send, scope, refused.status_code, refused.body())
         keys: Keys | None = getattr(scope["app"].state, "keys", None) if scope["type"] == "http" else None
         path = route_path(scope).rstrip("/") if keys is not None and keys.on else ""
         if not path or path in OPEN_PATHS:

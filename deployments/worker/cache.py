@@ -10,6 +10,10 @@ and what the replica keeps around it:
   status never stays "loading" and a second request never starts a second load (``acquire``);
 * a copy evicted while requests still hold it is freed when they are done, and taken back, not loaded
   again, if a new request wants it meanwhile (``lingering``): at most one copy of a model per replica;
+* a load runs on a thread of its own and may take ``load_timeout_s``: one that has not finished by then
+  fails (a 503 naming the timeout, then the back-off) and frees Serve's cache lock, which the load holds,
+  so that the replica's other models load meanwhile; its thread, which nothing can stop, goes on, and the
+  copy is freed when its load returns. The model is not loaded again from the same files before then;
 * a failed load is remembered for ``load_failure_backoff_s``: requests meanwhile get a 503 at once,
   without evicting a healthy model to make room for a load that would fail again;
 * a registry change takes the models it made stale out of the cache (``apply``): changed ones load their
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import threading
 import time
 import traceback
 import weakref
@@ -107,6 +113,34 @@ def _on_loop(callback: Callable[..., None]) -> Callable[..., None]:
     return on_loop
 
 
+def on_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
+    """``fn()`` on a new daemon thread (with the caller's context), as a future of the event loop. Not the
+    loop's default executor: a load that never returns would keep one of its few threads for good, and the
+    frees that run there would queue behind such loads."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = context.run(fn), None
+        except BaseException as e:  # handed to the future, as an executor does
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the replica is stopping
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 def build_copy(live: LiveRegistry, spec: ModelSpec) -> ModelCopy:
     """A copy of the entry's model, not loaded yet, on the runtime class its entry or its task names; any
     failure (a class that cannot be imported, or that is no ModelRuntime of this task) is a load failure."""
@@ -123,11 +157,14 @@ class ModelCache:
         load_failure_backoff_s: float = 30.0,
         memory: MemoryBudget | None = None,
         memory_wait_s: float = 60.0,
+        load_timeout_s: float = 300.0,
     ) -> None:
         self._owner, self._live, self._counters, self._metrics = owner, live, counters, metrics
         self._backoff_s = load_failure_backoff_s
         self.memory = memory or MemoryBudget(None, device="cpu")
         self._memory_wait_s = memory_wait_s
+        self._load_timeout_s = load_timeout_s
+        self.abandoned: dict[str, ModelCopy] = {}  # model -> its copy whose load timed out and still runs
         self.status: dict[str, ReplicaModelStatus] = {}
         self.held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
         self.lingering: dict[str, ModelCopy] = {}  # evicted while in use, not freed yet
@@ -151,6 +188,11 @@ class ModelCache:
             self._metrics.revived(model_id, spec.task, lingering.size_bytes)
             return self._hold(model_id, lingering)
         self._refuse_in_backoff(model_id, status)  # requests that queued on the cache's lock behind a failed load
+        running = self.abandoned.get(model_id)
+        if running is not None and same_model(running.spec, spec):
+            raise self._failed(
+                spec, status, f"its last load did not finish within {self._load_timeout_s:g}s and is still running"
+            )
         hint = self._hints.pop(model_id, None)
         expected = next((b for b in (status.size_bytes, hint and hint.size_bytes, spec.memory_bytes) if b), 0)
         budget = self.memory.budget
@@ -166,15 +208,24 @@ class ModelCache:
             status.state = previous
             raise
         copy: ModelCopy | None = None
+        finished = True
         try:
             copy = build_copy(self._live, spec)
-            await asyncio.to_thread(copy.load)  # reads files and builds tensors: off the event loop
+            loading = on_own_thread(copy.load, f"load-{model_id}")  # reads files, builds tensors: off the loop
+            finished = bool((await asyncio.wait({loading}, timeout=self._load_timeout_s))[0])
+            if finished:
+                loading.result()
         except Exception as e:
             if copy is not None:
                 await asyncio.to_thread(copy.free)  # what a half-done load holds
             reason = redact_paths(f"{type(e).__name__}: {e}", spec)
             logger.error("loading model %r failed: %s\n%s", model_id, reason, failure_trace(e, spec))
             raise self._failed(spec, status, failure_reason(e, spec)) from None
+        if not finished:
+            raise self._abandon(spec, status, copy, loading)
+        if model_id not in self._live.registry:  # removed while it loaded (a registry change waits for no load)
+            await asyncio.to_thread(copy.free)
+            self._live.registry.get(model_id)  # ModelNotFound
         status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.size_bytes = copy.size_bytes
         try:
@@ -193,6 +244,25 @@ class ModelCache:
         self.copies.add(copy)
         copy.on_released = self._released_callback()
         return self._hold(model_id, copy)
+
+    def _abandon(
+        self, spec: ModelSpec, status: ReplicaModelStatus, copy: ModelCopy, loading: asyncio.Future[Any]
+    ) -> ModelUnavailable:
+        """A load past ``load_timeout_s``: a failed load (the 503 its request gets, and the back-off), whose
+        thread goes on; the copy is freed when its load returns, whatever it returns."""
+        self._counters.load_timeouts += 1
+        self.abandoned[spec.id] = copy
+
+        def returned(_: asyncio.Future[Any]) -> None:
+            if self.abandoned.get(spec.id) is copy:
+                del self.abandoned[spec.id]
+            logger.info("the timed-out load of model %r returned; freeing its copy", spec.id)
+            copy.free_soon()
+
+        loading.add_done_callback(returned)
+        reason = f"its load did not finish within {self._load_timeout_s:g}s (worker.load_timeout_s)"
+        logger.error("loading model %r failed: %s; its thread goes on, and frees it when it returns", spec.id, reason)
+        return self._failed(spec, status, reason)
 
     def expect(self, model_id: str, hint: RouteHint | None) -> None:
         """What the router said of a model whose request is on its way to ``load``: its size as the router
@@ -277,7 +347,7 @@ class ModelCache:
         return copy is not None and copy.in_use == 0
 
     async def _evict_during_load(self, model_id: str, cause: str) -> None:
-        copy = ray_internals.evict_during_load(self._owner, model_id)
+        copy = ray_internals.evict_multiplexed_model(self._owner, model_id)
         if copy is None:
             return
         copy.evicted_by = cause
@@ -374,13 +444,13 @@ class ModelCache:
     async def evict(self, model_id: str, only: ModelCopy | None = None, cause: str = "explicit") -> bool:
         """Take a model out of Serve's cache and free it, or, if requests still hold it, once they are done;
         False if the cache did not hold it (or held another copy than ``only``). ``cause``: who asked."""
-        deferred: list[bool] = []  # marked under Serve's cache lock, so that a reload right after is recorded after it
+        deferred: list[bool] = []  # marked as it leaves Serve's cache: a reload right after is recorded after it
 
         def mark(copy: ModelCopy) -> None:
             copy.evicted_by = cause
             deferred.append(copy.mark_unloaded())
 
-        copy = await ray_internals.evict_multiplexed_model(self._owner, model_id, mark, only=only)
+        copy = ray_internals.evict_multiplexed_model(self._owner, model_id, mark, only=only)  # waits for no load
         if copy is None:
             return False
         if not deferred[0]:

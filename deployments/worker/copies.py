@@ -358,7 +358,7 @@ class ModelCopy:
             if free:
                 self._unload_pending, self._freed = False, True
         if free:
-            self._free_soon()
+            self.free_soon()
 
     @property
     def in_use(self) -> int:
@@ -409,7 +409,7 @@ class ModelCopy:
         vars(self).pop("__del__", None)
         return True
 
-    def _free_soon(self) -> None:
+    def free_soon(self) -> None:
         """Free in a worker thread when called on an event loop (gc.collect can take a while)."""
         try:
             future = asyncio.get_running_loop().run_in_executor(None, self.free)

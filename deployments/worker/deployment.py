@@ -85,6 +85,7 @@ class ModelWorker:
             args.load_failure_backoff_s,
             memory=memory,
             memory_wait_s=request_timeout_s,
+            load_timeout_s=args.load_timeout_s,
         )
         self._threads = args.torch_threads or torch_threads()
         self._reports = itertools.count(1)  # each report's number: which of two reports is the later
@@ -103,7 +104,7 @@ class ModelWorker:
         the error stops the start. (``rank`` is unused: asking for it makes Serve call this at start even
         when the deployment has no user_config, so that a replica without a registry does not start.)"""
         first = not self._live.ready
-        change = self._live.apply(user_config)
+        change = await self._live.apply_checked_off_loop(user_config)
         if change is None:
             return
         await self._cache.apply(change)

@@ -134,6 +134,12 @@ class WorkerArgs(_Strict):
     load_failure_backoff_s: float = Field(
         30.0, ge=0, description="after a failed load, requests for that model get 503 for this long, evicting nothing"
     )
+    load_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a model load that has not finished in this long fails (a 503 naming it, then the back-off), "
+        "and the replica's other models load meanwhile; its thread goes on and frees the copy when it returns",
+    )
     memory_bytes: int | None = Field(
         None,
         gt=0,

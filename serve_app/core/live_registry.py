@@ -161,16 +161,31 @@ class LiveRegistry:
         """Apply a registry from ``user_config``: what changed, or None if it was refused (this replica keeps
         its registry). Raises ``RegistryError`` when there is no registry to keep. Synchronous, with no
         await: no request sees half of a change."""
+        return self._commit(user_config, self._check(user_config))
+
+    async def apply_checked_off_loop(self, user_config: object) -> RegistryChange | None:
+        """``apply``, with the registry checked on a thread: a registry of thousands of entries takes seconds
+        to validate, and its checks read the disk (the model roots), which a replica's event loop must not
+        wait for. Only the change itself runs on the loop, with no await: no request sees half of it."""
+        return self._commit(user_config, await asyncio.to_thread(self._check, user_config))
+
+    def _check(self, user_config: object) -> tuple[Registry, str] | RegistryError:
         try:
-            new, version = parse_user_config(user_config, self.catalog, self.budget_bytes)
+            return parse_user_config(user_config, self.catalog, self.budget_bytes)
         except RegistryError as e:
+            return e
+
+    def _commit(self, user_config: object, checked: tuple[Registry, str] | RegistryError) -> RegistryChange | None:
+        if isinstance(checked, RegistryError):
+            e = checked
             if self._registry is None:
-                raise
+                raise e
             data = user_config.get(REGISTRY_KEY) if isinstance(user_config, Mapping) else user_config
             self.refused = RefusedRegistry(version=content_version(data), message=str(e), at=time.time())
             logger.error("registry change refused, still serving registry %s:\n%s", self.version, e)
             self._notify()
             return None
+        new, version = checked
         change = diff(self._registry, new, version, previous=self.version)
         if version != self.version:
             self.applied_at = time.time()

@@ -2,9 +2,8 @@
 
 Public APIs are used wherever Ray has one; what is left has no public equivalent in Ray 2.60:
 
-* ``evict_multiplexed_model``: explicit unload takes a model out of ``@serve.multiplexed``'s LRU cache;
-  ``evict_during_load`` does so from inside a load (to keep a replica within its memory budget), and
-  ``cached_model_ids`` reads the cache's LRU order;
+* ``evict_multiplexed_model``: explicit unload, a registry change and a load that makes room take a model
+  out of ``@serve.multiplexed``'s LRU cache, and ``cached_model_ids`` reads the cache's LRU order;
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
 * ``grpc_entry_max_message_bytes``: the cap on request messages of Serve's gRPC entry (proxy and ingress
   replicas);
@@ -61,7 +60,6 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_STATS_PORT"),
     ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_METRICS_PORT"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.models"),
-    ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._push_multiplexed_replica_info"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.registered_model_gauge"),
     ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
@@ -120,25 +118,30 @@ def check() -> None:
 # -- the worker's multiplexed model cache ----------------------------------------------------------
 
 
-async def evict_multiplexed_model(
+def evict_multiplexed_model(
     instance: object, model_id: str, on_evicted: Callable[[Any], None] | None = None, only: object | None = None
 ) -> Any | None:
     """Take a model out of ``@serve.multiplexed``'s LRU cache on this replica and tell the router at its
     next push; returns the evicted model, or None if the replica does not hold it (or, with ``only``, holds
-    another object under that id). ``on_evicted`` runs under the cache's lock, so that a load of the same
-    model right after is ordered after it. Ray has no public API for an explicit unload. The caller frees
-    the model."""
+    another object under that id). Ray has no public API for an explicit unload. The caller frees the model.
+
+    Call it on the replica's event loop. It does not take the cache's lock, which a load holds for as long as
+    it runs (a load that hangs, for as long as it hangs): the cache is a dict that only the event loop changes,
+    and each of Serve's changes to it (a hit's move to the end, the LRU's pop, a load's insert) is made with no
+    await in between, so a pop between two of them is safe. A load under way is not waited for: a registry
+    change, an explicit unload or the router's victim takes effect at once, and a load of the same model that
+    starts after it finds it gone. From inside a load it makes room (the loader runs under the lock).
+    ``on_evicted`` is told of the model at once."""
     wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
     if wrapper is None:  # created lazily on the first load: nothing is held yet
         return None
-    async with wrapper._model_cache_lock:
-        if only is not None and wrapper.models.get(model_id) is not only:
-            return None
-        model = wrapper.models.pop(model_id, None)
-        if model is not None:
-            _evicted(wrapper, model_id)
-            if on_evicted is not None:
-                on_evicted(model)
+    if only is not None and wrapper.models.get(model_id) is not only:
+        return None
+    model = wrapper.models.pop(model_id, None)
+    if model is not None:
+        _evicted(wrapper, model_id)
+        if on_evicted is not None:
+            on_evicted(model)
     return model
 
 
@@ -147,21 +150,6 @@ def cached_model_ids(instance: object) -> list[str]:
     which Ray's LRU evicts them)."""
     wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
     return list(wrapper.models) if wrapper is not None else []
-
-
-def evict_during_load(instance: object, model_id: str) -> Any | None:
-    """Take a model out of ``@serve.multiplexed``'s cache from inside a load (the multiplexed loader runs under
-    the cache's lock, which ``evict_multiplexed_model`` would take again: a deadlock), and tell the router at
-    the next push; returns the model, or None if the cache does not hold it. The caller frees it."""
-    wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
-    if wrapper is None:
-        return None
-    if not wrapper._model_cache_lock.locked():
-        raise RuntimeError("evict_during_load is for the multiplexed loader, which runs under the cache's lock")
-    model = wrapper.models.pop(model_id, None)
-    if model is not None:
-        _evicted(wrapper, model_id)
-    return model
 
 
 def _evicted(wrapper: Any, model_id: str) -> None:

@@ -158,6 +158,11 @@ class ModelSpec(BaseModel):
         return size
 
 
+MAX_ERRORS_SHOWN = 20
+"""The errors a refused registry's message lists (one line each), then how many more: the message is kept
+on every replica and shown by ``GET /models`` and ``make reload``."""
+
+
 class RegistryError(ValueError):
     """The registry file is missing, not JSON, or does not match the schema."""
 
@@ -173,10 +178,14 @@ def _format_validation_error(origin: str, err: ValidationError, data: object = N
         model_id = entry.get("id") if isinstance(entry, dict) else None
         return f" (model {echo(model_id)})" if isinstance(model_id, str) and model_id else ""
 
-    return "\n".join(
+    errors = err.errors()
+    lines = [
         f"{origin}: {field_path(e['loc']) if e['loc'] else '(root)'}: {e['msg']}{entry_id(e['loc'])}"
-        for e in err.errors()
-    )
+        for e in errors[:MAX_ERRORS_SHOWN]
+    ]
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"{origin}: and {len(errors) - MAX_ERRORS_SHOWN} more errors")
+    return "\n".join(lines)
 
 
 class Registry(BaseModel):

@@ -109,6 +109,9 @@ class ReplicaCounters(BaseModel):
     evicted_in_use: int = Field(0, description="LRU evictions of a model that requests still held")
     revived: int = Field(0, description="evicted models taken back by a new request before they were freed")
     refused_in_backoff: int = Field(0, description="requests answered 503 from a failed load's back-off")
+    load_timeouts: int = Field(
+        0, description="loads that did not finish within worker.load_timeout_s (failed; freed once they return)"
+    )
     live_models: int = Field(0, description="models whose weights are in memory now (held or still in use)")
     evicted_by_lru: int = Field(
         0,

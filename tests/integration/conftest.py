@@ -7,6 +7,7 @@ of the session, which stops every Ray process it started.
 """
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -233,11 +234,23 @@ def limits_env(tiny_dir, tmp_path_factory):
     (cracked / "config.json").write_text("{ cracked")
     models["cracked"] = ("text-classification", cracked)
     registry = write_registry(base / "registry.json", models, preload=["beta"])
-    return {"base": base, "root": root, "broken": broken, "registry": registry}
+    # 'stuck': a model of the tests' own whose load returns only once the file stuck_gate exists
+    entries = json.loads(registry.read_text())
+    gate = base / "stuck-gate"
+    stuck = {"size": 1000, "load_gate": str(gate)}
+    source = {"path": str(base)}
+    entries["models"].append(
+        {"id": "stuck", "task": "text-classification", "source": source, "runtime": SIZED, "parameters": stuck}
+    )
+    registry.write_text(json.dumps(entries, indent=1))
+    return {"base": base, "root": root, "broken": broken, "registry": registry, "stuck_gate": gate}
 
 
 LIMITS_BODY_TIMEOUT_S = 2
 """The 'limits' app's body_timeout_s: short, so that the slow senders' test is short."""
+LIMITS_LOAD_TIMEOUT_S = 6
+"""The 'limits' app's worker.load_timeout_s: short, so that the test of a load that hangs is short."""
+SIZED = "tests.byo_runtimes:Sized"
 
 
 @pytest.fixture(scope="session")
@@ -257,12 +270,14 @@ def limits_url(deploy, limits_env, image_server) -> str:
             "max_text_chars": 12_000,
             "max_list_items": 8,
             "url_fetch": {"enabled": True, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"], "timeout_s": 5},
+            "runtime_modules": ["tests.byo_runtimes"],
             "worker": {
                 "num_replicas": 1,
                 "num_cpus": 0.5,
                 "max_ongoing_requests": 8,
                 "torch_threads": 1,
                 "load_failure_backoff_s": 5,
+                "load_timeout_s": LIMITS_LOAD_TIMEOUT_S,
             },
         },
     )

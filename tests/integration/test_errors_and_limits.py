@@ -21,7 +21,7 @@ from tests.helpers import API_KEY, png_claiming, replicas, wait_for
 
 pytestmark = pytest.mark.integration
 
-KNOWN = ["alpha", "beta", "gamma", "delta", "pixels", "broken", "epsilon", "cracked"]
+KNOWN = ["alpha", "beta", "gamma", "delta", "pixels", "broken", "epsilon", "cracked", "stuck"]
 
 
 def post(client, url, model_id, input_data):
@@ -296,6 +296,28 @@ def test_a_broken_model_is_503_without_evicting_a_healthy_one_and_loads_once_fix
     assert wait_for(lambda: model("broken")["state"] == "loaded")
 
 
+def test_a_load_that_hangs_fails_at_its_timeout_and_the_replicas_other_models_load_meanwhile(
+    authed, admin, limits_url, limits_env
+):
+    """'stuck' loads only once the file stuck_gate exists (tests.byo_runtimes:Sized). A load holds the replica's
+    model cache while it runs: past worker.load_timeout_s (6 s here) it fails with a 503 that says so, and a
+    cold load of another model on the same (only) replica is answered while the stuck load's thread goes on."""
+    from tests.integration.conftest import LIMITS_LOAD_TIMEOUT_S
+
+    def model(model_id):
+        return authed.get(f"{limits_url}/models/{model_id}").json()
+
+    try:
+        r = post(authed, limits_url, "stuck", "hello")
+        assert_error(r, 503, "model_unavailable", f"did not finish within {LIMITS_LOAD_TIMEOUT_S}s", "load_timeout_s")
+        assert admin.post(f"{limits_url}/models/delta/unload").status_code == 200  # delta's next request loads it
+        assert post(authed, limits_url, "delta", "hello").status_code == 200
+        assert model("stuck")["state"] == "failed" and "load_timeout_s" in model("stuck")["last_error"]
+        assert replicas(authed, limits_url)[0]["counters"]["load_timeouts"] >= 1
+    finally:
+        limits_env["stuck_gate"].touch()  # the stuck thread returns, and its copy is freed
+
+
 # -- security --------------------------------------------------------------------------------------
 
 
@@ -331,6 +353,10 @@ def test_load_and_unload_need_the_admin_key(authed, admin, limits_url):
     for path in ["/v2/repository/models/gamma/load", "/v2/repository/models/gamma/unload"]:
         r = authed.post(f"{limits_url}{path}")
         assert r.status_code == 403 and "needs the admin key" in r.json()["error"]
+    for char in ["%0A", "%0D", "%00"]:  # the router would read each as the route itself
+        for path in ["/models/gamma/load", "/models/gamma/unload", "/v2/repository/models/gamma/unload"]:
+            r = authed.post(f"{limits_url}{path}{char}")
+            assert r.status_code == 400 and "control character" in r.text, (path, char)
     assert admin.post(f"{limits_url}/models/gamma/load").json()["state"] == "loaded"
     assert admin.post(f"{limits_url}/predict", json={"model_id": "gamma", "input_data": "hi"}).status_code == 200
 

@@ -17,7 +17,7 @@ def test_health_and_readiness(limits_url):
         assert c.get(f"{limits_url}/healthz").json() == {"status": "ok"}
         ready = c.get(f"{limits_url}/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"ready": True, "models": 8, "worker_replicas": 1}
+        assert ready.json() == {"ready": True, "models": 9, "worker_replicas": 1}
         assert c.get(f"{limits_url}/v2/health/ready").json() == {"ready": True}
 
 

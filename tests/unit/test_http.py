@@ -202,6 +202,21 @@ def test_load_and_unload_need_the_admin_key_which_also_opens_every_other_route()
         assert client.post("/predict", json=body, headers=admin_key).status_code == 200
 
 
+@pytest.mark.parametrize("char", ["%0A", "%0D", "%00", "%09", "%7F"])
+def test_a_path_with_a_control_character_is_400_before_the_key_is_checked(char):
+    """The router matches ``/models/ok/load%0A`` as the load route (a pattern's ``$`` matches before a final
+    newline): were such a path let through, the API key would load and unload models."""
+    with ingress_api(api_key=b"s3cret", admin_key=b"admin-s3cret") as (client, _):
+        user = {"Authorization": "Bearer s3cret"}
+        for path in ["/models/ok/load", "/models/ok/unload", "/v2/repository/models/ok/load", "/predict"]:
+            variants = {path + char, path + "/" + char, path.replace("/ok/", f"/ok{char}/")} - {path}
+            for variant in variants:
+                r = client.post(variant, headers=user)
+                assert r.status_code == 400, variant
+                assert "control character" in json.dumps(r.json()), variant
+        assert client.post("/models/ok/load", headers=user).status_code == 403
+
+
 def test_with_auth_off_every_route_is_open(client):
     assert client.post("/predict", json={"model_id": "ok", "input_data": "x"}).status_code == 200
     assert client.post("/models/ok/load").status_code == 200

@@ -159,3 +159,44 @@ def test_a_waiter_wakes_at_the_next_change_or_gives_up():
 def test_diff_of_nothing_adds_everything():
     new = Registry.from_dict({"models": [entry("a")]})
     assert diff(None, new, "v").added == ["a"]
+
+
+def test_a_replica_checks_a_registry_on_a_thread_and_its_event_loop_answers_meanwhile(monkeypatch):
+    """A registry of thousands of entries takes seconds to check (a review: 20,000 held /healthz 4.3 s):
+    the check runs off the loop; here it waits for the loop to run something first, which a check on the
+    loop would never see."""
+    import threading
+
+    from serve_app.core import live_registry
+
+    real = live_registry.parse_user_config
+    loop_ran = threading.Event()
+    threads = []
+
+    def slow_check(*args, **kwargs):
+        threads.append(threading.current_thread())
+        assert loop_ran.wait(5), "the event loop did not run while the registry was checked"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(live_registry, "parse_user_config", slow_check)
+
+    async def scenario():
+        live = LiveRegistry()
+        applying = asyncio.ensure_future(live.apply_checked_off_loop(config(entry("a"))))
+        await asyncio.sleep(0.01)
+        loop_ran.set()
+        change = await applying
+        refused = await live.apply_checked_off_loop(config(entry("a", task="nope")))
+        return live, change, refused
+
+    live, change, refused = asyncio.run(scenario())
+    assert change.added == ["a"] and refused is None and "unknown task" in live.refused.message
+    assert threading.main_thread() not in threads and len(threads) == 2
+
+
+def test_a_registry_of_many_errors_is_refused_with_the_first_twenty_and_a_count():
+    entries = [entry(f"m{i}", task="nope") for i in range(100)]
+    with pytest.raises(RegistryError) as e:
+        parse_user_config(config(*entries))
+    lines = str(e.value).splitlines()
+    assert len(lines) == 21 and "models.0.task" in lines[0] and lines[-1].endswith("and 80 more errors")

@@ -19,7 +19,7 @@ from deployments.worker.cache import ModelCache
 from deployments.worker.copies import ModelCopy
 from deployments.worker.deployment import ModelWorker
 from serve_app.core import ray_internals
-from serve_app.core.errors import ModelChanged, ModelUnavailable
+from serve_app.core.errors import ModelChanged, ModelNotFound, ModelUnavailable
 from serve_app.core.live_registry import LiveRegistry, content_version, registry_user_config
 from serve_app.core.registry import ModelSpec, RegistryError
 from serve_app.core.schemas import ModelState, ReplicaCounters, ReplicaModelStatus
@@ -971,20 +971,26 @@ def test_a_revived_copy_evicted_later_by_serves_lru_is_counted_as_the_lrus():
     assert (c._counters.revived, c._counters.evicted_by_lru) == (1, 1)
 
 
-def test_a_victim_serves_lru_took_first_is_not_counted_as_the_routers_too():
+def test_an_eviction_does_not_wait_for_a_load_that_holds_serves_cache_lock():
+    """A load holds the lock for as long as it runs, one that hangs for as long as it hangs: the router's
+    victim, an explicit unload and a registry change take their model out at once, each counted once."""
     c, owner = cached()
     serve_cache = getattr(owner, ray_internals._MULTIPLEX_ATTR)
 
     async def scenario():
         async with serve_cache._model_cache_lock:  # a load under way, under Serve's cache lock
-            task = asyncio.ensure_future(c.evict_for("new", ("m",)))
-            await asyncio.sleep(0)
-            serve_cache.models.pop("m")  # Serve's LRU takes m meanwhile
-            owner.copy.__del__()
-        await task
+            await asyncio.wait_for(c.evict_for("new", ("m",)), 5)
+            assert "m" not in serve_cache.models and not owner.copy.loaded
+            serve_cache.models["m"] = owner.copy = fake_copy()
+            c._hold("m", owner.copy)
+            assert await asyncio.wait_for(c.evict("m"), 5) and not owner.copy.loaded
+            serve_cache.models["m"] = owner.copy = fake_copy()
+            c._hold("m", owner.copy)
+            await asyncio.wait_for(c.apply(c._live.apply(registry(spec("o")))), 5)  # m removed
+            assert serve_cache.models == {} and not owner.copy.loaded
 
     asyncio.run(scenario())
-    assert (c._counters.evicted_by_router, c._counters.evicted_by_lru) == (0, 1)
+    assert (c._counters.evicted_by_router, c._counters.evicted_by_lru) == (1, 0)
 
 
 def test_a_model_removed_while_a_request_ran_on_it_does_not_come_back_in_the_report():
@@ -1010,3 +1016,67 @@ def test_the_replicas_report_runs_on_its_event_loop_where_the_cache_changes():
 
     worker = ModelWorker.func_or_class
     assert inspect.iscoroutinefunction(worker.record_routing_stats) and inspect.iscoroutinefunction(worker.status)
+
+
+# -- a load that hangs ----------------------------------------------------------------------------------
+
+
+def gated_cache(gate, load_timeout_s: float = 0.3, backoff_s: float = 0.0) -> tuple[ModelCache, Owner]:
+    """A cache over Ray's own multiplexed wrapper whose registry has 'stuck' (tests.byo_runtimes:Sized, its
+    load waiting until the file ``gate`` exists) and 'a' and 'b', which load at once."""
+    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"]))
+    sized = {"runtime": "tests.byo_runtimes:Sized"}
+    live.apply(
+        registry(
+            spec("stuck", **sized, parameters={"size": 10, "load_gate": str(gate)}),
+            *[spec(m, **sized, parameters={"size": 10}) for m in ("a", "b")],
+        )
+    )
+    owner = Owner(fake_copy())
+    c = ModelCache(owner, live, ReplicaCounters(), FakeMetrics(), backoff_s, load_timeout_s=load_timeout_s)
+    serve_wrapper(owner, c.load)
+    return c, owner
+
+
+def test_a_load_past_its_timeout_fails_and_the_replicas_other_models_load_meanwhile(tmp_path):
+    gate = tmp_path / "gate"
+    c, owner = gated_cache(gate)
+    w = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+
+    async def scenario():
+        with pytest.raises(ModelUnavailable, match=r"did not finish within 0.3s \(worker.load_timeout_s\)"):
+            await asyncio.wait_for(c.acquire("stuck"), 10)  # the gate stays shut: without the timeout, a hang
+        assert c.status["stuck"].state is ModelState.FAILED and "stuck" in c.abandoned
+        (await asyncio.wait_for(c.acquire("a"), 5)).release()  # Serve's cache lock is free again
+        with pytest.raises(ModelUnavailable, match="still running"):  # no second thread for the same files
+            await c.acquire("stuck")
+        stuck = c.abandoned["stuck"]
+        gate.touch()  # the load returns at last: its copy is freed
+        await until(lambda: "stuck" not in c.abandoned and stuck.released.is_set())
+        copy = await c.acquire("stuck")  # the back-off (0 s here) is over: loaded again, now at once
+        copy.release()
+        return stuck, copy
+
+    stuck, copy = asyncio.run(scenario())
+    assert not stuck.loaded and copy.loaded and copy is not stuck
+    assert list(w.models) == ["a", "stuck"] and c._counters.load_timeouts == 1
+
+
+def test_a_registry_change_does_not_wait_for_a_load_under_way_and_a_model_removed_meanwhile_is_not_kept(tmp_path):
+    gate = tmp_path / "gate"
+    c, owner = gated_cache(gate, load_timeout_s=30)
+    w = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+
+    async def scenario():
+        (await c.acquire("a")).release()
+        loading = asyncio.ensure_future(c.acquire("stuck"))
+        await until(lambda: c.status.get("stuck") and c.status["stuck"].state is ModelState.LOADING)
+        change = c._live.apply(registry(spec("b", runtime="tests.byo_runtimes:Sized", parameters={"size": 10})))
+        await asyncio.wait_for(c.apply(change), 5)  # a and stuck removed, while stuck's load holds the lock
+        assert "a" not in w.models
+        gate.touch()
+        with pytest.raises(ModelNotFound):
+            await loading
+        return list(w.models)
+
+    assert asyncio.run(scenario()) == [] and not [copy for copy in c.copies if copy.loaded]
