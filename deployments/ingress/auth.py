@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Iterable
+from typing import TypeVar
 from urllib.parse import unquote
 
 from serve_app.core.config import Keys, is_loopback
-from serve_app.core.errors import AdminKeyRequired, LoopbackOnly, Unauthorized
+from serve_app.core.errors import AdminKeyRequired, LoopbackOnly, MalformedRequest, Unauthorized
 
 # HTTP routes that answer without a key: liveness and readiness probes.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -32,6 +34,20 @@ ADMIN_RPCS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 def is_admin_path(path: str) -> bool:
     return _ADMIN_PATH.fullmatch(path) is not None
+
+
+K = TypeVar("K", str, bytes)
+V = TypeVar("V", str, bytes)
+
+
+def authorization_of(pairs: Iterable[tuple[K, V]], name: K) -> V | None:
+    """The one ``Authorization`` header of an HTTP request (``name`` b"authorization"), or the one
+    ``authorization`` metadata of a gRPC call; MalformedRequest for two or more: which of them a proxy in
+    front and the app would each read is not for the client to choose."""
+    found = [value for key, value in pairs if key == name]
+    if len(found) > 1:
+        raise MalformedRequest(f"the request has {len(found)} Authorization headers: send one")
+    return found[0] if found else None
 
 
 def _bearer(authorization: str | bytes | None) -> bytes | None:

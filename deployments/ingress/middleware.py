@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.ingress.auth import OPEN_PATHS, authorize, is_admin_path
+from deployments.ingress.auth import OPEN_PATHS, authorization_of, authorize, is_admin_path
 from deployments.ingress.http_errors import BodyError, BodyTimeout, PayloadTooLarge, error_body, route_path
 from serve_app.core.config import Keys
 from serve_app.core.errors import MalformedRequest, ServeAppError, Unauthorized
@@ -59,7 +59,8 @@ class AuthMiddleware:
         if not path or path in OPEN_PATHS:
             return await self.app(scope, receive, send)
         try:
-            authorize(keys, dict(scope.get("headers", [])).get(b"authorization"), admin=is_admin_path(path))
+            authorization = authorization_of(scope.get("headers", []), b"authorization")
+            authorize(keys, authorization, admin=is_admin_path(path))
         except ServeAppError as e:
             headers = [(b"www-authenticate", b"Bearer")] if isinstance(e, Unauthorized) else []
             return await _send_json(send, scope, e.status_code, e.body(), headers)

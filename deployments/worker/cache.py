@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -44,7 +45,7 @@ from deployments.runtimes.base import runtime_for
 from deployments.worker.copies import ModelCopy
 from deployments.worker.memory import MemoryBudget
 from serve_app.core import ray_internals
-from serve_app.core.errors import ModelUnavailable, ServeAppError, error_text
+from serve_app.core.errors import ForbiddenPath, ModelUnavailable, ServeAppError, error_text
 from serve_app.core.live_registry import LiveRegistry, RegistryChange, same_model
 from serve_app.core.metrics import WorkerMetrics
 from serve_app.core.paths import PROJECT_ROOT, resolve_project_path
@@ -211,7 +212,7 @@ class ModelCache:
         finished = True
         try:
             copy = build_copy(self._live, spec)
-            loading = on_own_thread(copy.load, f"load-{model_id}")  # reads files, builds tensors: off the loop
+            loading = on_own_thread(functools.partial(self._load_in_roots, copy), f"load-{model_id}")  # off the loop
             finished = bool((await asyncio.wait({loading}, timeout=self._load_timeout_s))[0])
             if finished:
                 loading.result()
@@ -244,6 +245,15 @@ class ModelCache:
         self.copies.add(copy)
         copy.on_released = self._released_callback()
         return self._hold(model_id, copy)
+
+    def _load_in_roots(self, copy: ModelCopy) -> ModelCopy:
+        """Load the copy (reads files, builds tensors: on a thread), its local source checked against the model
+        roots once more first: a link under a root may have been pointed elsewhere since the registry was
+        checked."""
+        source = copy.spec.source
+        if isinstance(source, LocalSource) and (problem := self._live.catalog.check_path(source.path)):
+            raise ForbiddenPath(f"{problem}, checked again at load")
+        return copy.load()
 
     def _abandon(
         self, spec: ModelSpec, status: ReplicaModelStatus, copy: ModelCopy, loading: asyncio.Future[Any]

@@ -217,6 +217,21 @@ def test_a_path_with_a_control_character_is_400_before_the_key_is_checked(char):
         assert client.post("/models/ok/load", headers=user).status_code == 403
 
 
+def test_two_authorization_headers_are_400_whichever_key_comes_last():
+    """Which of two a proxy in front and the app would each read is not for the client to choose: the API key
+    and then the admin key must not load a model, nor a wrong key and then the right one predict."""
+    with ingress_api(api_key=b"s3cret", admin_key=b"admin-s3cret") as (client, plane):
+        for first, last, path in [
+            ("s3cret", "admin-s3cret", "/models/ok/load"),
+            ("wrong", "s3cret", "/predict"),
+            ("admin-s3cret", "s3cret", "/predict"),
+        ]:
+            headers = [("authorization", f"Bearer {first}"), ("authorization", f"Bearer {last}")]
+            r = client.post(path, headers=headers, json={"model_id": "ok", "input_data": "x"})
+            assert r.status_code == 400 and "2 Authorization headers" in r.json()["message"], (first, last)
+        assert plane.inferred == []
+
+
 def test_with_auth_off_every_route_is_open(client):
     assert client.post("/predict", json={"model_id": "ok", "input_data": "x"}).status_code == 200
     assert client.post("/models/ok/load").status_code == 200

@@ -338,6 +338,16 @@ def test_the_key_is_checked_as_rest_checks_it():
     assert ctx.code is S.PERMISSION_DENIED and "admin key" in ctx.details
 
 
+def test_two_authorization_metadata_are_refused_whichever_comes_last():
+    """Which of two a proxy in front and the app would each read is not for the caller to choose."""
+    svc, _, _ = service(held=["m"])
+    for keys in (["api-key", "admin-key"], ["wrong", "admin-key"], ["admin-key", "api-key"]):
+        ctx = Context()
+        ctx.metadata = [("authorization", f"Bearer {k}") for k in keys]
+        asyncio.run(svc.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="m"), ctx))
+        assert ctx.code is S.INVALID_ARGUMENT and "2 Authorization headers" in ctx.details, keys
+
+
 def test_auth_off_lets_every_call_through():
     svc, _, _ = service(keys=Keys(api=None, admin=None))
     _, ctx = call(svc, "ServerMetadata", pb.ServerMetadataRequest(), key=None)

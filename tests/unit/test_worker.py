@@ -181,6 +181,25 @@ def test_a_load_of_a_runtime_of_ones_own_records_its_sizes(tmp_path):
     assert answer["labels"][0, 0] == "billing"
 
 
+def test_a_link_pointed_out_of_the_model_roots_after_the_registry_was_checked_fails_the_load(tmp_path):
+    """The registry's check resolves links when it is applied; a link under a root swapped later is caught
+    when the model loads, before its files are read."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(root / "real")
+    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"], model_roots=[str(root)]))
+    live.apply(registry(spec(path=str(root / "link"), runtime="tests.byo_runtimes:Sized", parameters={"size": 1})))
+    c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 0.0)
+    (root / "link").unlink()
+    (root / "link").symlink_to(outside)
+    with pytest.raises(ModelUnavailable, match=r"outside the model roots.*checked again at load"):
+        asyncio.run(c.load("m"))
+    (root / "link").unlink()
+    (root / "link").symlink_to(root / "real")
+    assert asyncio.run(c.load("m")).loaded and c.status["m"].load_failures == 1
+
+
 def test_a_changed_model_leaves_the_cache_at_once_and_is_freed_when_its_request_is_done():
     c, owner = cached()
     c.status["m"].retry_after, c.status["m"].last_error_at = time.time() + 30, time.time()

@@ -38,7 +38,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
-from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorize, require_loopback
+from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorization_of, authorize, require_loopback
 from deployments.ingress.bodies import parse_bounded
 from deployments.ingress.dataplane import DataPlane, InferenceRequest, InferenceResult
 from deployments.ingress.protocols import v2
@@ -223,7 +223,8 @@ def rpc(response: type[Message]) -> Callable[[_Rpc], _Rpc]:
             try:
                 require_loopback(self.keys, context.peer())
                 if name not in OPEN_RPCS:
-                    authorize(self.keys, dict(context.invocation_metadata()).get("authorization"), name in ADMIN_RPCS)
+                    authorization = authorization_of(context.invocation_metadata(), "authorization")
+                    authorize(self.keys, authorization, name in ADMIN_RPCS)
                 if isinstance(request, NotAMessage):
                     raise request.error()
                 if name in RAW_RPCS and isinstance(request, Message):  # an in-process caller's message
