@@ -371,8 +371,8 @@ class DataPlane:
 
     async def unload(self, model_id: str) -> ModelStatus:
         """Unload a model from every replica that holds it: one call to each holder, sent to it by name, within
-        request_timeout_s (a replica that is loading a model unloads once that load is done: Serve's
-        multiplexing holds one lock over both, and a load is bounded by that timeout). ``ModelUnavailable``
+        request_timeout_s (a replica takes the model out of its cache at once, without waiting for a load under
+        way: a replica still loading it holds no copy yet, and keeps the one that load brings). ``ModelUnavailable``
         (503) names the holders that did not confirm it (each unload may still happen there)."""
         self.registry.get(model_id)
         holders = [r.replica_id for r in await self.replicas.statuses(fresh=True) if model_id in r.held]
