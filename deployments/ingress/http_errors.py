@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette._utils import get_route_path  # private, but the router's own reading of a path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Scope
@@ -63,10 +64,10 @@ class BodyTimeout(BodyError):
 
 
 def route_path(scope: Scope) -> str:
-    """The request path inside the application (its route prefix removed)."""
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    """The request path inside the application (its route prefix removed), as Starlette's router reads it: a
+    check that read it otherwise (``/models/x/load`` under the prefix ``/m``, say) would not check the route
+    that runs."""
+    return get_route_path(scope)
 
 
 def error_body(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ and what the replica keeps around it:
   status never stays "loading" and a second request never starts a second load (``acquire``);
 * a copy evicted while requests still hold it is freed when they are done, and taken back, not loaded
   again, if a new request wants it meanwhile (``lingering``): at most one copy of a model per replica;
-* a load runs on a thread of its own and may take ``load_timeout_s``: one that has not finished by then
+* a load runs on a thread of the replica's loads and may take ``load_timeout_s``: one that has not finished by then
   fails (a 503 naming the timeout, then the back-off) and frees Serve's cache lock, which the load holds,
   so that the replica's other models load meanwhile; its thread, which nothing can stop, goes on, and the
   copy is freed when its load returns. The model is not loaded again from the same files before then;
@@ -34,11 +34,11 @@ import contextlib
 import contextvars
 import functools
 import logging
-import threading
 import time
 import traceback
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from deployments.runtimes.base import runtime_for
@@ -114,32 +114,25 @@ def _on_loop(callback: Callable[..., None]) -> Callable[..., None]:
     return on_loop
 
 
-def on_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
-    """``fn()`` on a new daemon thread (with the caller's context), as a future of the event loop. Not the
-    loop's default executor: a load that never returns would keep one of its few threads for good, and the
-    frees that run there would queue behind such loads."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
+LOAD_THREADS = 8
+"""Threads a replica loads models on: one load runs at a time (under Serve's cache lock), and a load that
+timed out keeps its thread until it returns; past this many such loads still running, a load waits for a
+thread, within its own timeout."""
+
+
+def on_thread(pool: Executor, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    """``fn()`` on a thread of ``pool``, with the caller's context, as a future of the running loop. A
+    StopIteration it raises (a ``next()`` on nothing) arrives as a RuntimeError: a future cannot hold one, and
+    would never be settled."""
     context = contextvars.copy_context()
 
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
+    def run() -> Any:
         try:
-            result, error = context.run(fn), None
-        except BaseException as e:  # handed to the future, as an executor does
-            result, error = None, e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the replica is stopping
-            loop.call_soon_threadsafe(settle, result, error)
+            return context.run(fn)
+        except StopIteration as e:
+            raise RuntimeError(f"StopIteration: {e}") from e
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+    return asyncio.get_running_loop().run_in_executor(pool, run)
 
 
 def build_copy(live: LiveRegistry, spec: ModelSpec) -> ModelCopy:
@@ -165,6 +158,9 @@ class ModelCache:
         self.memory = memory or MemoryBudget(None, device="cpu")
         self._memory_wait_s = memory_wait_s
         self._load_timeout_s = load_timeout_s
+        # Not the loop's default executor, whose few threads the frees use: a load that never returns keeps its
+        # thread. Threads of its own, reused (a new thread for each load grew the replica's memory).
+        self._load_threads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="load")
         self.abandoned: dict[str, ModelCopy] = {}  # model -> its copy whose load timed out and still runs
         self.status: dict[str, ReplicaModelStatus] = {}
         self.held: set[str] = set()  # the models Serve's LRU cache holds loaded on this replica
@@ -180,7 +176,37 @@ class ModelCache:
 
     async def load(self, model_id: str) -> ModelCopy:
         """Serve's LRU calls this (through ``get_model``) on a miss, after it has made room by count, under its
-        cache's lock: loads are one at a time."""
+        cache's lock: loads are one at a time. An entry that a registry change changed while its files loaded
+        (a change waits for no load) is loaded again from its new files; one it removed is ModelNotFound."""
+        for _ in range(3):
+            copy = await self._load_entry(model_id)
+            if copy is not None:
+                return copy
+        raise ModelUnavailable(
+            f"Model {model_id!r} changed in the registry three times while it loaded; send the request again",
+            model_id=model_id,
+            retry_after_s=1,
+        )
+
+    def _current(self, spec: ModelSpec) -> bool:
+        """Whether the registry in force still has this entry as it was (a registry change waits for no load)."""
+        return spec.id in self._live.registry and same_model(spec, self._live.registry.get(spec.id))
+
+    def _outdated(self, spec: ModelSpec, status: ReplicaModelStatus) -> None:
+        """A load whose entry changed or went while it ran: its outcome is not the entry's as it is now. Raises
+        ModelNotFound if the entry went; else the status is as a registry change leaves it, to load again."""
+        self._live.registry.get(spec.id)  # ModelNotFound
+        if status.state is ModelState.LOADING:
+            status.state = ModelState.NOT_LOADED
+
+    async def _outdated_copy(self, copy: ModelCopy, status: ReplicaModelStatus) -> None:
+        """Free a copy whose entry changed or went while it loaded; then as ``_outdated``, by the registry as it
+        is after the free (an entry may come back meanwhile: it is loaded again, never this freed copy)."""
+        await asyncio.to_thread(copy.free)
+        return self._outdated(copy.spec, status)
+
+    async def _load_entry(self, model_id: str) -> ModelCopy | None:
+        """One load of the model's entry as the registry has it now; None if the entry changed meanwhile."""
         spec = self._live.registry.get(model_id)
         status = self.model_status(model_id)
         lingering = self.lingering.pop(model_id, None)
@@ -189,11 +215,7 @@ class ModelCache:
             self._metrics.revived(model_id, spec.task, lingering.size_bytes)
             return self._hold(model_id, lingering)
         self._refuse_in_backoff(model_id, status)  # requests that queued on the cache's lock behind a failed load
-        running = self.abandoned.get(model_id)
-        if running is not None and same_model(running.spec, spec):
-            raise self._failed(
-                spec, status, f"its last load did not finish within {self._load_timeout_s:g}s and is still running"
-            )
+        self._refuse_while_abandoned(spec)
         hint = self._hints.pop(model_id, None)
         expected = next((b for b in (status.size_bytes, hint and hint.size_bytes, spec.memory_bytes) if b), 0)
         budget = self.memory.budget
@@ -212,7 +234,7 @@ class ModelCache:
         finished = True
         try:
             copy = build_copy(self._live, spec)
-            loading = on_own_thread(functools.partial(self._load_in_roots, copy), f"load-{model_id}")  # off the loop
+            loading = on_thread(self._load_threads, functools.partial(self._load_in_roots, copy))  # off the loop
             finished = bool((await asyncio.wait({loading}, timeout=self._load_timeout_s))[0])
             if finished:
                 loading.result()
@@ -221,12 +243,16 @@ class ModelCache:
                 await asyncio.to_thread(copy.free)  # what a half-done load holds
             reason = redact_paths(f"{type(e).__name__}: {e}", spec)
             logger.error("loading model %r failed: %s\n%s", model_id, reason, failure_trace(e, spec))
+            if not self._current(spec):  # the failure of files the entry no longer names
+                return self._outdated(spec, status)
             raise self._failed(spec, status, failure_reason(e, spec)) from None
         if not finished:
-            raise self._abandon(spec, status, copy, loading)
-        if model_id not in self._live.registry:  # removed while it loaded (a registry change waits for no load)
-            await asyncio.to_thread(copy.free)
-            self._live.registry.get(model_id)  # ModelNotFound
+            reason = self._abandon(spec, copy, loading, expected)
+            if not self._current(spec):
+                return self._outdated(spec, status)
+            raise self._failed(spec, status, reason)
+        if not self._current(spec):  # changed or removed while it loaded
+            return await self._outdated_copy(copy, status)
         status.weights_bytes, status.rss_growth_bytes = copy.weights_bytes, copy.rss_growth_bytes
         status.size_bytes = copy.size_bytes
         try:
@@ -237,6 +263,8 @@ class ModelCache:
             if status.state is ModelState.LOADING:  # no room now (not a failed load): as it was before
                 status.state = previous
             raise
+        if not self._current(spec):  # changed or removed while it made room (the change cleared the sizes)
+            return await self._outdated_copy(copy, status)
         status.load_count += 1
         status.last_loaded_at = time.time()
         status.last_load_seconds = copy.load_seconds
@@ -255,24 +283,42 @@ class ModelCache:
             raise ForbiddenPath(f"{problem}, checked again at load")
         return copy.load()
 
-    def _abandon(
-        self, spec: ModelSpec, status: ReplicaModelStatus, copy: ModelCopy, loading: asyncio.Future[Any]
-    ) -> ModelUnavailable:
-        """A load past ``load_timeout_s``: a failed load (the 503 its request gets, and the back-off), whose
-        thread goes on; the copy is freed when its load returns, whatever it returns."""
+    def _abandon(self, spec: ModelSpec, copy: ModelCopy, loading: asyncio.Future[Any], expected: int) -> str:
+        """A load past ``load_timeout_s``, whose thread goes on: its copy counts in the replica's memory for the
+        bytes the load was expected to take until it returns, and is freed then, whatever it returns. Returns
+        the failure's reason."""
         self._counters.load_timeouts += 1
         self.abandoned[spec.id] = copy
+        copy.expected_bytes = expected
+        self.copies.add(copy)
+        copy.on_released = self._released_callback()
 
-        def returned(_: asyncio.Future[Any]) -> None:
+        def returned(future: asyncio.Future[Any]) -> None:
             if self.abandoned.get(spec.id) is copy:
                 del self.abandoned[spec.id]
-            logger.info("the timed-out load of model %r returned; freeing its copy", spec.id)
+            error = None if future.cancelled() else future.exception()
+            outcome = f"failed: {failure_reason(error, spec)}" if error is not None else "returned"
+            logger.info("the timed-out load of model %r %s; freeing its copy", spec.id, outcome)
             copy.free_soon()
 
         loading.add_done_callback(returned)
         reason = f"its load did not finish within {self._load_timeout_s:g}s (worker.load_timeout_s)"
         logger.error("loading model %r failed: %s; its thread goes on, and frees it when it returns", spec.id, reason)
-        return self._failed(spec, status, reason)
+        return reason
+
+    def _refuse_while_abandoned(self, spec: ModelSpec) -> None:
+        """The 503 of a model whose last load timed out and still runs, from the same files: another load of
+        them would start a second thread beside it (not recorded as a failure, and nothing evicted for it)."""
+        running = self.abandoned.get(spec.id)
+        if running is None or not same_model(running.spec, spec):
+            return
+        again = {"retry_after_s": self._backoff_s} if self._backoff_s > 0 else {}
+        raise ModelUnavailable(
+            f"Model {spec.id!r} could not be loaded: its last load did not finish within {self._load_timeout_s:g}s "
+            "(worker.load_timeout_s) and is still running",
+            model_id=spec.id,
+            **again,
+        )
 
     def expect(self, model_id: str, hint: RouteHint | None) -> None:
         """What the router said of a model whose request is on its way to ``load``: its size as the router
@@ -375,7 +421,7 @@ class ModelCache:
             return
         lru = ray_internals.cached_model_ids(self._owner)
         for victim in victims:
-            if victim != model_id and victim in self.held and await self.evict(victim, cause="router"):
+            if victim != model_id and victim in self.held and await self.evict(victim, "router", between_loads=True):
                 self._counters.evicted_by_router += 1
                 self._counters.router_victim_not_lru += bool(lru) and victim != lru[0]
 
@@ -400,12 +446,14 @@ class ModelCache:
 
     def refuse_early(self, model_id: str) -> None:
         """The 503 a request for a model this replica does not hold gets before anything is evicted for it:
-        the model is in its back-off after a failed load, or its weights are known to be larger than the whole
-        budget (measured here: its load would be refused after Serve's LRU had made room by count, and the
-        router's victims gone too); an id the registry does not have is ModelNotFound."""
+        the model is in its back-off after a failed load, its last load timed out and still runs, or its
+        weights are known to be larger than the whole budget (measured here: its load would be refused after
+        Serve's LRU had made room by count, and the router's victims gone too); an id the registry does not
+        have is ModelNotFound."""
         if model_id in self.held:
             return
         spec = self._live.registry.get(model_id)
+        self._refuse_while_abandoned(spec)
         status = self.status.get(model_id)
         if status is not None:
             self._refuse_in_backoff(model_id, status)
@@ -451,16 +499,23 @@ class ModelCache:
 
     # -- unloading ------------------------------------------------------------------------------------
 
-    async def evict(self, model_id: str, only: ModelCopy | None = None, cause: str = "explicit") -> bool:
+    async def evict(
+        self, model_id: str, cause: str = "explicit", only: ModelCopy | None = None, between_loads: bool = False
+    ) -> bool:
         """Take a model out of Serve's cache and free it, or, if requests still hold it, once they are done;
-        False if the cache did not hold it (or held another copy than ``only``). ``cause``: who asked."""
+        False if the cache did not hold it (or held another copy than ``only``). ``cause``: who asked. At once,
+        whatever load is under way; ``between_loads``: once no load holds Serve's cache lock (the router's
+        victims)."""
         deferred: list[bool] = []  # marked as it leaves Serve's cache: a reload right after is recorded after it
 
         def mark(copy: ModelCopy) -> None:
             copy.evicted_by = cause
             deferred.append(copy.mark_unloaded())
 
-        copy = ray_internals.evict_multiplexed_model(self._owner, model_id, mark, only=only)  # waits for no load
+        if between_loads:
+            copy = await ray_internals.evict_multiplexed_model_between_loads(self._owner, model_id, mark)
+        else:
+            copy = ray_internals.evict_multiplexed_model(self._owner, model_id, mark, only=only)
         if copy is None:
             return False
         if not deferred[0]:

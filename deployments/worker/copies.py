@@ -156,6 +156,7 @@ class ModelCopy:
         self.weights_bytes: int | None = None  # exact, from the runtime
         self.rss_growth_bytes: int | None = None  # the process's resident memory, after the load less before
         self.device_growth_bytes: int | None = None  # on a CUDA device: its memory torch allocated, likewise
+        self.expected_bytes: int | None = None  # a load that timed out and still runs: what it was expected to take
         self._state_lock = threading.Lock()
         self._in_use = 0
         self._unload_pending = False  # unloaded while requests held it: freed when the last one is done
@@ -199,10 +200,11 @@ class ModelCopy:
         """What the copy takes, as the replica's budget counts it: the larger of its weights' exact bytes and
         the growth at its load (a tokenizer, allocator overhead) of the memory the budget is: the process's
         resident memory on the CPU, the device's memory on a CUDA device (where the host's growth, a CUDA
-        context and the weights' staging, is not the budget's); None before its load."""
+        context and the weights' staging, is not the budget's). Before its load: the bytes it was expected to
+        take if its load timed out and still runs (``expected_bytes``), else None."""
         grown = self.device_growth_bytes if self.device.startswith("cuda") else self.rss_growth_bytes
         sizes = [b for b in (self.weights_bytes, grown) if b is not None]
-        return max(sizes) if sizes else None
+        return max(sizes) if sizes else self.expected_bytes
 
     def load(self) -> ModelCopy:
         """Load the runtime's model and measure it (slow: call it off the event loop)."""

@@ -3,7 +3,8 @@
 Public APIs are used wherever Ray has one; what is left has no public equivalent in Ray 2.60:
 
 * ``evict_multiplexed_model``: explicit unload, a registry change and a load that makes room take a model
-  out of ``@serve.multiplexed``'s LRU cache, and ``cached_model_ids`` reads the cache's LRU order;
+  out of ``@serve.multiplexed``'s LRU cache at once; ``evict_multiplexed_model_between_loads`` once no load
+  holds the cache's lock (the router's victims); ``cached_model_ids`` reads the cache's LRU order;
 * ``replica_grpc_max_message_bytes``: the cap on messages between replicas in throughput-optimized mode;
 * ``grpc_entry_max_message_bytes``: the cap on request messages of Serve's gRPC entry (proxy and ingress
   replicas);
@@ -60,6 +61,7 @@ _REQUIRED: list[tuple[str, str]] = [
     ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_STATS_PORT"),
     ("ray.serve._private.constants", "RAY_SERVE_HAPROXY_METRICS_PORT"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.models"),
+    ("ray.serve.multiplex", "_ModelMultiplexWrapper._model_cache_lock"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper._push_multiplexed_replica_info"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper.registered_model_gauge"),
     ("ray.serve.api", f"multiplexed:{_MULTIPLEX_ATTR}"),
@@ -129,9 +131,9 @@ def evict_multiplexed_model(
     it runs (a load that hangs, for as long as it hangs): the cache is a dict that only the event loop changes,
     and each of Serve's changes to it (a hit's move to the end, the LRU's pop, a load's insert) is made with no
     await in between, so a pop between two of them is safe. A load under way is not waited for: a registry
-    change, an explicit unload or the router's victim takes effect at once, and a load of the same model that
-    starts after it finds it gone. From inside a load it makes room (the loader runs under the lock).
-    ``on_evicted`` is told of the model at once."""
+    change or an explicit unload takes effect at once, and a load of the same model that starts after it finds
+    it gone. From inside a load it makes room (the loader runs under the lock). ``on_evicted`` is told of the
+    model at once."""
     wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
     if wrapper is None:  # created lazily on the first load: nothing is held yet
         return None
@@ -143,6 +145,19 @@ def evict_multiplexed_model(
         if on_evicted is not None:
             on_evicted(model)
     return model
+
+
+async def evict_multiplexed_model_between_loads(
+    instance: object, model_id: str, on_evicted: Callable[[Any], None] | None = None
+) -> Any | None:
+    """``evict_multiplexed_model`` once no load holds the cache's lock: the router's victims for a miss, whose
+    copies keep serving hits while the load before it runs (evicted at once, they would leave their requests
+    to wait behind that load as misses)."""
+    wrapper = getattr(instance, _MULTIPLEX_ATTR, None)
+    if wrapper is None:
+        return None
+    async with wrapper._model_cache_lock:
+        return evict_multiplexed_model(instance, model_id, on_evicted)
 
 
 def cached_model_ids(instance: object) -> list[str]:

@@ -307,6 +307,7 @@ def test_a_load_that_hangs_fails_at_its_timeout_and_the_replicas_other_models_lo
     def model(model_id):
         return authed.get(f"{limits_url}/models/{model_id}").json()
 
+    assert not limits_env["stuck_gate"].exists()  # shut, so that the load hangs
     try:
         r = post(authed, limits_url, "stuck", "hello")
         assert_error(r, 503, "model_unavailable", f"did not finish within {LIMITS_LOAD_TIMEOUT_S}s", "load_timeout_s")

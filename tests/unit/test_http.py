@@ -217,6 +217,36 @@ def test_a_path_with_a_control_character_is_400_before_the_key_is_checked(char):
         assert client.post("/models/ok/load", headers=user).status_code == 403
 
 
+@pytest.mark.parametrize(
+    ("root_path", "path"), [("/m", "/models/ok/load"), ("/m", "/m/models/ok/load"), ("", "/models/ok/load")]
+)
+def test_the_admin_check_reads_the_path_under_a_route_prefix_as_the_router_does(root_path, path):
+    """Under the route prefix /m, the router reads /models/ok/load as the load route (a path that does not start
+    with the prefix and a slash is taken whole): so must the admin check."""
+    import asyncio
+
+    from deployments.ingress.middleware import AuthMiddleware
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    state = SimpleNamespace(keys=Keys(api=b"s3cret", admin=b"admin-s3cret"))
+    scope = {
+        "type": "http",
+        "path": path,
+        "root_path": root_path,
+        "headers": [(b"authorization", b"Bearer s3cret")],
+        "app": SimpleNamespace(state=state),
+    }
+    asyncio.run(AuthMiddleware(app)(scope, None, send))
+    assert reached == [] and sent[0]["status"] == 403
+
+
 def test_two_authorization_headers_are_400_whichever_key_comes_last():
     """Which of two a proxy in front and the app would each read is not for the client to choose: the API key
     and then the admin key must not load a model, nor a wrong key and then the right one predict."""

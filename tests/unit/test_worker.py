@@ -990,18 +990,32 @@ def test_a_revived_copy_evicted_later_by_serves_lru_is_counted_as_the_lrus():
     assert (c._counters.revived, c._counters.evicted_by_lru) == (1, 1)
 
 
-def test_an_eviction_does_not_wait_for_a_load_that_holds_serves_cache_lock():
-    """A load holds the lock for as long as it runs, one that hangs for as long as it hangs: the router's
-    victim, an explicit unload and a registry change take their model out at once, each counted once."""
+def test_a_victim_serves_lru_took_first_is_not_counted_as_the_routers_too():
+    """The router's victims wait for a load under way (their copies serve hits meanwhile)."""
     c, owner = cached()
     serve_cache = getattr(owner, ray_internals._MULTIPLEX_ATTR)
 
     async def scenario():
         async with serve_cache._model_cache_lock:  # a load under way, under Serve's cache lock
-            await asyncio.wait_for(c.evict_for("new", ("m",)), 5)
-            assert "m" not in serve_cache.models and not owner.copy.loaded
-            serve_cache.models["m"] = owner.copy = fake_copy()
-            c._hold("m", owner.copy)
+            task = asyncio.ensure_future(c.evict_for("new", ("m",)))
+            await asyncio.sleep(0.05)
+            assert "m" in serve_cache.models and owner.copy.loaded  # still serving
+            serve_cache.models.pop("m")  # Serve's LRU takes m meanwhile
+            owner.copy.__del__()
+        await task
+
+    asyncio.run(scenario())
+    assert (c._counters.evicted_by_router, c._counters.evicted_by_lru) == (0, 1)
+
+
+def test_an_unload_and_a_registry_change_do_not_wait_for_a_load_that_holds_serves_cache_lock():
+    """A load holds the lock for as long as it runs, one that hangs for as long as it hangs: an explicit unload
+    and a registry change take their model out at once."""
+    c, owner = cached()
+    serve_cache = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+
+    async def scenario():
+        async with serve_cache._model_cache_lock:  # a load under way, under Serve's cache lock
             assert await asyncio.wait_for(c.evict("m"), 5) and not owner.copy.loaded
             serve_cache.models["m"] = owner.copy = fake_copy()
             c._hold("m", owner.copy)
@@ -1009,7 +1023,6 @@ def test_an_eviction_does_not_wait_for_a_load_that_holds_serves_cache_lock():
             assert serve_cache.models == {} and not owner.copy.loaded
 
     asyncio.run(scenario())
-    assert (c._counters.evicted_by_router, c._counters.evicted_by_lru) == (1, 0)
 
 
 def test_a_model_removed_while_a_request_ran_on_it_does_not_come_back_in_the_report():
@@ -1040,19 +1053,24 @@ def test_the_replicas_report_runs_on_its_event_loop_where_the_cache_changes():
 # -- a load that hangs ----------------------------------------------------------------------------------
 
 
-def gated_cache(gate, load_timeout_s: float = 0.3, backoff_s: float = 0.0) -> tuple[ModelCache, Owner]:
+def gated_cache(
+    gate, load_timeout_s: float = 0.3, backoff_s: float = 0.0, budget: int | None = None, stuck_size: int = 10
+) -> tuple[ModelCache, Owner]:
     """A cache over Ray's own multiplexed wrapper whose registry has 'stuck' (tests.byo_runtimes:Sized, its
     load waiting until the file ``gate`` exists) and 'a' and 'b', which load at once."""
     live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"]))
     sized = {"runtime": "tests.byo_runtimes:Sized"}
     live.apply(
         registry(
-            spec("stuck", **sized, parameters={"size": 10, "load_gate": str(gate)}),
+            spec("stuck", **sized, parameters={"size": stuck_size, "load_gate": str(gate)}),
             *[spec(m, **sized, parameters={"size": 10}) for m in ("a", "b")],
         )
     )
     owner = Owner(fake_copy())
-    c = ModelCache(owner, live, ReplicaCounters(), FakeMetrics(), backoff_s, load_timeout_s=load_timeout_s)
+    memory = Budget(budget).real if budget is not None else None
+    c = ModelCache(
+        owner, live, ReplicaCounters(), FakeMetrics(), backoff_s, memory=memory, load_timeout_s=load_timeout_s
+    )
     serve_wrapper(owner, c.load)
     return c, owner
 
@@ -1099,3 +1117,121 @@ def test_a_registry_change_does_not_wait_for_a_load_under_way_and_a_model_remove
         return list(w.models)
 
     assert asyncio.run(scenario()) == [] and not [copy for copy in c.copies if copy.loaded]
+
+
+SIZED = {"runtime": "tests.byo_runtimes:Sized"}
+
+
+def test_a_load_whose_entry_changed_while_it_hung_loads_the_new_files_without_a_back_off(tmp_path):
+    """The operator's fix for a model whose load hangs: its entry pointed at other files. The request waiting on
+    the old load gets the new files' copy; the old files' timeout puts nothing in the back-off."""
+    gate = tmp_path / "gate"
+    c, _ = gated_cache(gate, load_timeout_s=0.5, backoff_s=30)
+
+    async def scenario():
+        loading = asyncio.ensure_future(c.acquire("stuck"))
+        await until(lambda: c.status.get("stuck") and c.status["stuck"].state is ModelState.LOADING)
+        fixed = registry(spec("stuck", **SIZED, parameters={"size": 20}), spec("a", **SIZED, parameters={"size": 10}))
+        await c.apply(c._live.apply(fixed))
+        copy = await asyncio.wait_for(loading, 10)
+        copy.release()
+        return copy
+
+    try:
+        copy = asyncio.run(scenario())
+    finally:
+        gate.touch()
+    status = c.status["stuck"]
+    assert copy.spec.parameters == {"size": 20} and status.state is ModelState.LOADED
+    assert status.retry_after is None and status.load_failures == 0 and c._counters.load_timeouts == 1
+
+
+def test_a_model_removed_while_its_load_made_room_is_not_kept(tmp_path):
+    c, owner = gated_cache(tmp_path / "gate", load_timeout_s=30)
+    (tmp_path / "gate").touch()
+    w = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+    make_room, calls = c._make_room, []
+
+    async def making_room_meanwhile(model_id, size):  # the second, after the load: a registry change meanwhile
+        calls.append(model_id)
+        if len(calls) == 2:
+            await c.apply(c._live.apply(registry(spec("b", **SIZED, parameters={"size": 10}))))
+        await make_room(model_id, size)
+
+    c._make_room = making_room_meanwhile
+
+    async def scenario():
+        with pytest.raises(ModelNotFound):
+            await c.acquire("a")
+
+    asyncio.run(scenario())
+    assert list(w.models) == [] and c.held == set() and "a" not in c.status
+    assert not [copy for copy in c.copies if copy.loaded]
+
+
+def test_while_a_timed_out_load_runs_its_model_is_refused_before_anything_is_evicted_and_its_bytes_count(tmp_path):
+    gate = tmp_path / "gate"
+    c, owner = gated_cache(gate, load_timeout_s=0.3, backoff_s=0)
+    w = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+    c._live.apply(  # stuck declares its size: what its timed-out copy counts for
+        registry(
+            spec("stuck", **SIZED, parameters={"size": 10, "load_gate": str(gate)}, memory_bytes=5000),
+            *[spec(m, **SIZED, parameters={"size": 10}) for m in ("a", "b")],
+        )
+    )
+
+    async def scenario():
+        for m in ("a", "b"):
+            (await c.acquire(m)).release()
+        with pytest.raises(ModelUnavailable, match="did not finish within"):
+            await c.acquire("stuck")  # Serve's LRU made room by count for this one: a went
+        (await c.acquire("a")).release()
+        before, used = list(w.models), c.memory_report().used_bytes
+        held = sum(w.models[m].size_bytes for m in before)
+        with pytest.raises(ModelUnavailable, match="still running"):
+            await c.acquire("stuck")
+        return before, list(w.models), used - held
+
+    try:
+        before, after, used = asyncio.run(scenario())
+    finally:
+        gate.touch()
+    assert before == after == ["b", "a"] and c.status["stuck"].load_failures == 1
+    assert used == 5000  # the timed-out copy counts for its declared bytes until its load returns
+
+
+def test_a_load_that_raises_stopiteration_is_a_failed_load_not_a_hang():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments.worker.cache import on_thread
+
+    def load():
+        return next(iter([]))
+
+    async def scenario():
+        return await asyncio.wait_for(on_thread(ThreadPoolExecutor(1), load), 5)
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(scenario())
+
+
+def test_a_load_whose_entry_changed_meanwhile_is_not_judged_by_its_old_files_size(tmp_path):
+    """Its old files turn out larger than the whole budget: the entry, which now names files that fit, is
+    loaded from them, and no failure of the old ones is recorded against it."""
+    gate = tmp_path / "gate"
+    c, _ = gated_cache(gate, load_timeout_s=30, backoff_s=30, budget=1000, stuck_size=5000)
+
+    async def scenario():
+        loading = asyncio.ensure_future(c.acquire("stuck"))
+        await until(lambda: c.status.get("stuck") and c.status["stuck"].state is ModelState.LOADING)
+        fixed = registry(spec("stuck", **SIZED, parameters={"size": 20, "load_gate": str(gate)}))
+        await c.apply(c._live.apply(fixed))
+        gate.touch()
+        copy = await asyncio.wait_for(loading, 10)
+        copy.release()
+        return copy
+
+    copy = asyncio.run(scenario())
+    status = c.status["stuck"]
+    assert copy.spec.parameters["size"] == 20 and status.state is ModelState.LOADED
+    assert status.load_failures == 0 and status.retry_after is None and c._counters.refused_over_budget == 0
