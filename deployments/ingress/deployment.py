@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
-from tritonclient.grpc import service_pb2 as pb
 
 from deployments.ingress.bodies import parse_bounded
 from deployments.ingress.dataplane import NATIVE_API, DataPlane, InferenceResult
@@ -249,30 +248,31 @@ class Ingress:
         return Response(status_code=200)
 
     # -- Open Inference Protocol over gRPC (inference.GRPCInferenceService) --------------------------------
-    # The message annotations are strings: the generated classes are named after a module that does not
-    # exist ("grpc_service_pb2"), so cloudpickle, which pickles this class with the FastAPI app, cannot
-    # pickle them by reference. ModelInfer and the repository's load and unload get their message as bytes,
-    # which the adapter decodes within bounds (protocols/grpc_wire.py).
+    # Every RPC gets its request message as bytes, which the adapter decodes (protocols/grpc_wire.py: within
+    # bounds for ModelInfer and the repository's load and unload). tritonclient's generated classes name a
+    # module that pickle cannot import ("grpc_service_pb2"): neither this class (cloudpickled with the FastAPI
+    # app) nor Serve's gRPC proxy, which pickles a request on its way to a replica without direct ingress,
+    # could carry one.
 
-    async def ServerLive(self, request: "pb.ServerLiveRequest", grpc_context: RayServegRPCContext):
+    async def ServerLive(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ServerLive(request, grpc_context)
 
-    async def ServerReady(self, request: "pb.ServerReadyRequest", grpc_context: RayServegRPCContext):
+    async def ServerReady(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ServerReady(request, grpc_context)
 
-    async def ServerMetadata(self, request: "pb.ServerMetadataRequest", grpc_context: RayServegRPCContext):
+    async def ServerMetadata(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ServerMetadata(request, grpc_context)
 
-    async def ModelReady(self, request: "pb.ModelReadyRequest", grpc_context: RayServegRPCContext):
+    async def ModelReady(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ModelReady(request, grpc_context)
 
-    async def ModelMetadata(self, request: "pb.ModelMetadataRequest", grpc_context: RayServegRPCContext):
+    async def ModelMetadata(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ModelMetadata(request, grpc_context)
 
     async def ModelInfer(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.ModelInfer(request, grpc_context)
 
-    async def RepositoryIndex(self, request: "pb.RepositoryIndexRequest", grpc_context: RayServegRPCContext):
+    async def RepositoryIndex(self, request: bytes, grpc_context: RayServegRPCContext):
         return await self.grpc.RepositoryIndex(request, grpc_context)
 
     async def RepositoryModelLoad(self, request: bytes, grpc_context: RayServegRPCContext):

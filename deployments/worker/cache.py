@@ -276,10 +276,10 @@ class ModelCache:
 
     def _load_in_roots(self, copy: ModelCopy) -> ModelCopy:
         """Load the copy (reads files, builds tensors: on a thread), its local source checked against the model
-        roots once more first: a link under a root may have been pointed elsewhere since the registry was
-        checked."""
+        roots first, the links among its files included: the registry's check resolved the folder alone, and a
+        link under a root may have been pointed elsewhere since."""
         source = copy.spec.source
-        if isinstance(source, LocalSource) and (problem := self._live.catalog.check_path(source.path)):
+        if isinstance(source, LocalSource) and (problem := self._live.catalog.check_files(source.path)):
             raise ForbiddenPath(f"{problem}, checked again at load")
         return copy.load()
 
@@ -355,13 +355,15 @@ class ModelCache:
         """Evict, from inside the load, the least recently used copies (those no request holds first) until at
         most LIVE_COPIES are alive with the new one and ``size`` more bytes fit the budget; a copy in use
         lingers until its requests are done, and the load waits for it to be freed, up to memory_wait_s
-        (then a 503 that says so)."""
+        (then a 503 that says so). A copy whose load timed out and still runs counts for its bytes, not
+        against LIVE_COPIES: it is in no cache, so no eviction could make room for it."""
         deadline, waited = time.monotonic() + self._memory_wait_s, False
         while True:
             live = self.memory.live(self.copies)  # the new copy is not among them yet
             used = self.memory.used(live)
             fits = self.memory.fits(used, size)
-            if len(live) + 1 <= LIVE_COPIES and fits:
+            timed_out = [c for c in live if c in self.abandoned.values()]
+            if len(live) - len(timed_out) + 1 <= LIVE_COPIES and fits:
                 return
             # The least recently used copy that no request holds; where bytes are short, else one that requests
             # hold, which is freed when they are done (waited for below). Short of a copy only, the copies
@@ -379,10 +381,11 @@ class ModelCache:
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
+                stuck = f" and {len(timed_out)} whose timed-out loads still run" if timed_out else ""
                 raise ModelUnavailable(
                     f"Model {model_id!r} does not fit now: this replica's models take {used} of its "
-                    f"{self.memory.budget} bytes, in {len(live)} copies that requests still run on; send the "
-                    "request again",
+                    f"{self.memory.budget} bytes, in {len(live) - len(timed_out)} copies that requests still run "
+                    f"on{stuck}; send the request again",
                     model_id=model_id,
                 )
             if not waited:

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
@@ -42,6 +44,8 @@ from serve_app.core.paths import resolve_project_path
 if TYPE_CHECKING:
     from serve_app.core.registry import ModelSpec
 
+MAX_MODEL_FILES = 10_000
+"""The most files and folders of one model folder that a load checks for links out of the model roots."""
 RUNTIME_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 """``package.module:Class``."""
 
@@ -202,6 +206,27 @@ class TaskCatalog:
             f"path {echo(path)} is outside the model roots, the folders the operator allows models from "
             "(args.model_roots)"
         )
+
+    def check_files(self, path: str) -> str | None:
+        """Why a model folder may not be loaded, or None: the folder, and every link among its files and
+        subfolders, must resolve under the model roots (a folder under a root whose files link out of it would
+        read them from anywhere). At most ``MAX_MODEL_FILES`` entries are looked at; a folder of more is
+        refused."""
+        if problem := self.check_path(path):
+            return problem
+        folder = resolve_project_path(path).resolve()
+        seen = 0
+        for parent, dirs, files in os.walk(folder):
+            for name in (*dirs, *files):
+                seen += 1
+                if seen > MAX_MODEL_FILES:
+                    return f"path {echo(path)} holds more than {MAX_MODEL_FILES} files and folders"
+                entry = Path(parent) / name
+                if entry.is_symlink() and self.check_path(str(entry)):
+                    return (
+                        f"path {echo(path)} has a link out of the model roots: {echo(str(entry.relative_to(folder)))}"
+                    )
+        return None
 
     def runtime_of(self, spec: ModelSpec) -> str:
         """The runtime class a model runs on: its entry's, or its task's default."""

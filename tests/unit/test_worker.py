@@ -200,6 +200,25 @@ def test_a_link_pointed_out_of_the_model_roots_after_the_registry_was_checked_fa
     assert asyncio.run(c.load("m")).loaded and c.status["m"].load_failures == 1
 
 
+def test_a_model_folder_whose_files_link_out_of_the_model_roots_fails_its_load(tmp_path):
+    """The folder lies under a root, its weights do not (a hostile review): each link among its files and
+    subfolders is resolved before any file is read; links within the roots are fine."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "m" / "1_Pooling").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"weights")
+    (root / "shared.json").write_text("{}")
+    (root / "m" / "config.json").symlink_to(root / "shared.json")  # within the roots
+    live = LiveRegistry(TaskCatalog.load(runtime_modules=["tests.byo_runtimes"], model_roots=[str(root)]))
+    live.apply(registry(spec(path=str(root / "m"), runtime="tests.byo_runtimes:Sized", parameters={"size": 1})))
+    c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 0.0)
+    assert asyncio.run(c.load("m")).loaded
+    c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 0.0)
+    (root / "m" / "1_Pooling" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(ModelUnavailable, match=r"has a link out of the model roots: '1_Pooling/model.safetensors'"):
+        asyncio.run(c.load("m"))
+
+
 def test_a_changed_model_leaves_the_cache_at_once_and_is_freed_when_its_request_is_done():
     c, owner = cached()
     c.status["m"].retry_after, c.status["m"].last_error_at = time.time() + 30, time.time()
@@ -1235,3 +1254,26 @@ def test_a_load_whose_entry_changed_meanwhile_is_not_judged_by_its_old_files_siz
     status = c.status["stuck"]
     assert copy.spec.parameters["size"] == 20 and status.state is ModelState.LOADED
     assert status.load_failures == 0 and status.retry_after is None and c._counters.refused_over_budget == 0
+
+
+def test_loads_that_timed_out_and_still_run_do_not_take_the_replicas_copies_from_its_other_models(tmp_path):
+    """A hostile review: three of them filled the count of live copies, and every load after waited out the
+    memory wait under Serve's lock, then failed. They count for their bytes, and are in no cache to evict."""
+    gate = tmp_path / "gate"
+    c, owner = gated_cache(gate, load_timeout_s=0.2)
+    stuck = [spec(f"stuck{k}", **SIZED, parameters={"size": 10, "load_gate": str(gate)}) for k in range(3)]
+    c._live.apply(registry(*stuck, *[spec(m, **SIZED, parameters={"size": 10}) for m in ("a", "b")]))
+    w = getattr(owner, ray_internals._MULTIPLEX_ATTR)
+
+    async def scenario():
+        for k in range(3):
+            with pytest.raises(ModelUnavailable, match="did not finish within"):
+                await c.acquire(f"stuck{k}")
+        for m in ("a", "b"):
+            (await asyncio.wait_for(c.acquire(m), 5)).release()
+        return list(w.models)
+
+    try:
+        assert asyncio.run(scenario()) == ["a", "b"] and len(c.abandoned) == 3
+    finally:
+        gate.touch()

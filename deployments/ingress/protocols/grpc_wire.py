@@ -44,8 +44,21 @@ RAW_RPCS = {
     "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
     "RepositoryModelUnload": pb.RepositoryModelUnloadRequest,
 }
-"""The RPCs whose request message reaches the Ingress as bytes (the others hold scalars only: decoding them
-costs what their size allows, as reading them does)."""
+"""The RPCs whose request messages hold repeated fields: decoded within bounds (``BoundedDecoder``). The others
+hold scalars only, so decoding them costs what their size allows, as reading them does (``decode_scalars``)."""
+
+
+def decode_scalars(rpc: str, data: bytes) -> Message:
+    """The request of an RPC of scalar fields (``ServerLive``, ``ModelMetadata``, ...), from its bytes;
+    MalformedRequest (INVALID_ARGUMENT) for bytes that are not its message."""
+    message: type[Message] = getattr(pb, f"{rpc}Request")
+    try:
+        return message.FromString(data)
+    except DecodeError:
+        raise MalformedRequest(
+            f"the request is not a valid {message.DESCRIPTOR.name} message", field="request"
+        ) from None
+
 
 MAX_TENSORS = 16
 """Most input tensors, output tensors or ``raw_input_contents`` entries of one request (a model takes one
@@ -68,44 +81,19 @@ _CONTENTS = "inference.InferTensorContents"
 
 def add_servicer(servicer: Any, server: Any) -> None:
     """Register ``inference.GRPCInferenceService`` on a gRPC server as tritonclient's generated function does,
-    with the request of each RPC of ``RAW_RPCS`` handed over as its bytes (Serve's servicer function:
-    serve_config.yaml's ``grpc_options.grpc_servicer_functions``)."""
+    with every RPC's request handed over as its bytes (Serve's servicer function: serve_config.yaml's
+    ``grpc_options.grpc_servicer_functions``). The RPCs of ``RAW_RPCS`` are decoded within bounds, the others
+    whole (``decode_scalars``), by the app. Bytes also cross from Serve's gRPC proxy to an ingress replica
+    where a message could not: without direct ingress (``serve run serve_config.yaml`` without
+    config/serve.env) the proxy pickles the request, and tritonclient's classes name a module,
+    ``grpc_service_pb2``, that pickle cannot import."""
     recorder = _Recorder()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorder)
     name, handlers = recorder.registered
-    handlers = {
-        method: handler._replace(
-            request_deserializer=None if method in RAW_RPCS else _or_not_a_message(handler.request_deserializer)
-        )
-        for method, handler in handlers.items()
-    }
+    handlers = {method: handler._replace(request_deserializer=None) for method, handler in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpcio 1.63 and later
         server.add_registered_method_handlers(name, handlers)
-
-
-class NotAMessage:
-    """What an RPC of scalar fields gets for bytes that are not its message. grpc answers an exception of the
-    deserializer ``UNKNOWN``, naming protobuf's exception class; the RPC answers this ``INVALID_ARGUMENT``
-    (``error``), as the raw RPCs answer theirs."""
-
-    def __init__(self, message: type[Message]) -> None:
-        self.message = message
-
-    def error(self) -> MalformedRequest:
-        return MalformedRequest(f"the request is not a valid {self.message.DESCRIPTOR.name} message", field="request")
-
-
-def _or_not_a_message(deserialize: Callable[[bytes], Message]) -> Callable[[bytes], Message | NotAMessage]:
-    """A generated ``Message.FromString``, answering NotAMessage where it would raise."""
-
-    def decode(data: bytes) -> Message | NotAMessage:
-        try:
-            return deserialize(data)
-        except DecodeError:
-            return NotAMessage(deserialize.__self__)  # type: ignore[attr-defined]  (a bound classmethod)
-
-    return decode
 
 
 class _Recorder:

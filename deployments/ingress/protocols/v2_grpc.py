@@ -42,7 +42,7 @@ from deployments.ingress.auth import ADMIN_RPCS, OPEN_RPCS, authorization_of, au
 from deployments.ingress.bodies import parse_bounded
 from deployments.ingress.dataplane import DataPlane, InferenceRequest, InferenceResult
 from deployments.ingress.protocols import v2
-from deployments.ingress.protocols.grpc_wire import RAW_RPCS, BoundedDecoder, NotAMessage
+from deployments.ingress.protocols.grpc_wire import RAW_RPCS, BoundedDecoder, decode_scalars
 from serve_app.core.config import Keys
 from serve_app.core.errors import (
     AdminKeyRequired,
@@ -225,13 +225,13 @@ def rpc(response: type[Message]) -> Callable[[_Rpc], _Rpc]:
                 if name not in OPEN_RPCS:
                     authorization = authorization_of(context.invocation_metadata(), "authorization")
                     authorize(self.keys, authorization, name in ADMIN_RPCS)
-                if isinstance(request, NotAMessage):
-                    raise request.error()
                 if name in RAW_RPCS and isinstance(request, Message):  # an in-process caller's message
                     request = request.SerializeToString()
                 size = len(request) if isinstance(request, bytes) else request.ByteSize()
                 if size > self.max_message_bytes:
                     raise PayloadTooLarge(self.max_message_bytes)
+                if name not in RAW_RPCS and isinstance(request, bytes):
+                    request = decode_scalars(name, request)
                 return await method(self, request, context)
             except Exception as e:
                 inner = unwrap(e)
@@ -335,7 +335,7 @@ class V2Grpc:
 IMPLEMENTED = frozenset(name for name, value in vars(V2Grpc).items() if hasattr(value, "__wrapped__"))
 
 
-async def unimplemented(self: Any, request: Message, grpc_context: Context) -> Message:
+async def unimplemented(self: Any, request: bytes, grpc_context: Context) -> Message:
     """The service's RPCs this app does not serve (model configuration and statistics, shared memory,
     trace and log settings): UNIMPLEMENTED, as a gRPC server answers an RPC it lacks."""
     grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
