@@ -289,7 +289,7 @@ class ModelCache:
         the failure's reason."""
         self._counters.load_timeouts += 1
         self.abandoned[spec.id] = copy
-        copy.expected_bytes = expected
+        copy.expected_bytes, copy.timed_out = expected, True
         self.copies.add(copy)
         copy.on_released = self._released_callback()
 
@@ -362,7 +362,7 @@ class ModelCache:
             live = self.memory.live(self.copies)  # the new copy is not among them yet
             used = self.memory.used(live)
             fits = self.memory.fits(used, size)
-            timed_out = [c for c in live if c in self.abandoned.values()]
+            timed_out = [c for c in live if c.timed_out]
             if len(live) - len(timed_out) + 1 <= LIVE_COPIES and fits:
                 return
             # The least recently used copy that no request holds; where bytes are short, else one that requests

@@ -157,6 +157,7 @@ class ModelCopy:
         self.rss_growth_bytes: int | None = None  # the process's resident memory, after the load less before
         self.device_growth_bytes: int | None = None  # on a CUDA device: its memory torch allocated, likewise
         self.expected_bytes: int | None = None  # a load that timed out and still runs: what it was expected to take
+        self.timed_out = False  # its load timed out: it is in no cache, and is freed once its load returns
         self._state_lock = threading.Lock()
         self._in_use = 0
         self._unload_pending = False  # unloaded while requests held it: freed when the last one is done

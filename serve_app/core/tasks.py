@@ -210,22 +210,33 @@ class TaskCatalog:
     def check_files(self, path: str) -> str | None:
         """Why a model folder may not be loaded, or None: the folder, and every link among its files and
         subfolders, must resolve under the model roots (a folder under a root whose files link out of it would
-        read them from anywhere). At most ``MAX_MODEL_FILES`` entries are looked at; a folder of more is
-        refused."""
+        read them from anywhere). Links to folders are followed, each folder read once; a folder that cannot
+        be listed, or more than ``MAX_MODEL_FILES`` entries in all, refuse the load."""
         if problem := self.check_path(path):
             return problem
         folder = resolve_project_path(path).resolve()
-        seen = 0
-        for parent, dirs, files in os.walk(folder):
-            for name in (*dirs, *files):
-                seen += 1
-                if seen > MAX_MODEL_FILES:
-                    return f"path {echo(path)} holds more than {MAX_MODEL_FILES} files and folders"
-                entry = Path(parent) / name
-                if entry.is_symlink() and self.check_path(str(entry)):
-                    return (
-                        f"path {echo(path)} has a link out of the model roots: {echo(str(entry.relative_to(folder)))}"
-                    )
+        if not folder.is_dir():  # a single file, checked above; or none there, which the load reports
+            return None
+        seen, visited = 0, {folder}
+
+        def unreadable(error: OSError) -> None:
+            raise error
+
+        try:
+            for parent, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+                for name in (*dirs, *files):
+                    seen += 1
+                    if seen > MAX_MODEL_FILES:
+                        return f"path {echo(path)} holds more than {MAX_MODEL_FILES} files and folders"
+                    entry = Path(parent) / name
+                    if entry.is_symlink() and self.check_path(str(entry)):
+                        link = echo(str(entry.relative_to(folder)))
+                        return f"path {echo(path)} has a link out of the model roots: {link}"
+                unseen = [d for d in dirs if (Path(parent) / d).resolve() not in visited]
+                visited.update((Path(parent) / d).resolve() for d in unseen)
+                dirs[:] = unseen  # a folder reached twice (by a link) is walked once: no loop
+        except OSError as e:
+            return f"path {echo(path)} has a folder that cannot be listed: {type(e).__name__}"
         return None
 
     def runtime_of(self, spec: ModelSpec) -> str:

@@ -210,3 +210,23 @@ def test_a_hub_id_that_also_names_a_folder_of_the_server_is_not_read_from_it(tmp
     with pytest.raises(ValueError, match="'samples/images' also names a folder of the server"):
         source.reference()
     assert HubSource(hub_id="google/vit", revision="0" * 40).reference() == ("google/vit", "0" * 40)
+
+
+def test_a_model_folder_with_a_subfolder_that_cannot_be_listed_is_refused_at_load(tmp_path, monkeypatch):
+    """Its links could not be checked, while the loader may still open a file in it by name."""
+    import os
+
+    root = tmp_path / "root"
+    (root / "m" / "hid").mkdir(parents=True)
+    catalog = TaskCatalog.load(model_roots=[str(root)])
+    assert catalog.check_files(str(root / "m")) is None
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("hid"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert "has a folder that cannot be listed: PermissionError" in catalog.check_files(str(root / "m"))
+    assert catalog.check_files(str(root / "missing")) is None  # no folder: the load says its files are missing

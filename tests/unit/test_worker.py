@@ -217,6 +217,17 @@ def test_a_model_folder_whose_files_link_out_of_the_model_roots_fails_its_load(t
     (root / "m" / "1_Pooling" / "model.safetensors").symlink_to(outside / "model.safetensors")
     with pytest.raises(ModelUnavailable, match=r"has a link out of the model roots: '1_Pooling/model.safetensors'"):
         asyncio.run(c.load("m"))
+    # Through a link to a folder within the roots, and in a loop of links: each folder is read once.
+    (root / "m" / "1_Pooling" / "model.safetensors").unlink()
+    (root / "other" / "deeper").mkdir(parents=True)
+    (root / "other" / "deeper" / "again").symlink_to(root / "other")  # a loop
+    (root / "m" / "sub").symlink_to(root / "other")
+    c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 0.0)
+    assert asyncio.run(c.load("m")).loaded
+    (root / "other" / "w.bin").symlink_to(outside / "model.safetensors")
+    c = ModelCache(Owner(fake_copy()), live, ReplicaCounters(), FakeMetrics(), 0.0)
+    with pytest.raises(ModelUnavailable, match=r"has a link out of the model roots: 'sub/w.bin'"):
+        asyncio.run(c.load("m"))
 
 
 def test_a_changed_model_leaves_the_cache_at_once_and_is_freed_when_its_request_is_done():

@@ -6,8 +6,9 @@ turns 8 MiB of small fields (a million ``parameters`` entries, four million empt
 many objects: about 0.2 to 1.2 s of the ingress's CPU, measured, before the app could count anything, and
 the app's own reading of the parameters (``MessageToDict`` per entry) cost as much again. So the app
 registers the service itself (``add_servicer``, the servicer function in serve_config.yaml's
-``grpc_options``): tritonclient's handlers, except that the RPCs whose messages hold repeated fields
-(``RAW_RPCS``) hand their message to the Ingress as bytes. The transport refuses a message over
+``grpc_options``): tritonclient's handlers, except that every RPC hands its message to the Ingress as
+bytes, and the app decodes it: whole for the RPCs of scalar fields, and as below for those whose messages
+hold repeated fields (``RAW_RPCS``). The transport refuses a message over
 ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` (config/serve.env: ``max_body_bytes``) before it is read; the app
 refuses one over ``max_body_bytes`` by its length; ``BoundedDecoder`` decodes the rest in one pass:
 
