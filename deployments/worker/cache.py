@@ -289,7 +289,7 @@ class ModelCache:
         the failure's reason."""
         self._counters.load_timeouts += 1
         self.abandoned[spec.id] = copy
-        copy.expected_bytes, copy.timed_out = expected, True
+        copy.expected_bytes = expected
         self.copies.add(copy)
         copy.on_released = self._released_callback()
 

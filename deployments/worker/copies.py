@@ -157,7 +157,6 @@ class ModelCopy:
         self.rss_growth_bytes: int | None = None  # the process's resident memory, after the load less before
         self.device_growth_bytes: int | None = None  # on a CUDA device: its memory torch allocated, likewise
         self.expected_bytes: int | None = None  # a load that timed out and still runs: what it was expected to take
-        self.timed_out = False  # its load timed out: it is in no cache, and is freed once its load returns
         self._state_lock = threading.Lock()
         self._in_use = 0
         self._unload_pending = False  # unloaded while requests held it: freed when the last one is done
@@ -195,6 +194,12 @@ class ModelCopy:
         run padded (its packing refused at load, a runtime that packs none) or it is not loaded."""
         packing = self._runtime.packing if self._runtime is not None else None
         return packing.passes if packing is not None else None
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether its load timed out (``expected_bytes`` set then): it is in no cache, and is freed once its
+        load returns."""
+        return self.expected_bytes is not None
 
     @property
     def size_bytes(self) -> int | None:

@@ -177,12 +177,11 @@ class LiveRegistry:
 
     def _commit(self, user_config: object, checked: tuple[Registry, str] | RegistryError) -> RegistryChange | None:
         if isinstance(checked, RegistryError):
-            e = checked
             if self._registry is None:
-                raise e
+                raise checked
             data = user_config.get(REGISTRY_KEY) if isinstance(user_config, Mapping) else user_config
-            self.refused = RefusedRegistry(version=content_version(data), message=str(e), at=time.time())
-            logger.error("registry change refused, still serving registry %s:\n%s", self.version, e)
+            self.refused = RefusedRegistry(version=content_version(data), message=str(checked), at=time.time())
+            logger.error("registry change refused, still serving registry %s:\n%s", self.version, checked)
             self._notify()
             return None
         new, version = checked
